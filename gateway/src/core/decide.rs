@@ -1,0 +1,217 @@
+//! The routing decision for one request: which route, where the client is, which regions in what order.
+
+use std::net::IpAddr;
+
+use meridian_geoip::{CountryCode, Location};
+
+use super::route_match::MatchError;
+use super::select::{order_regions, RegionOrder};
+use super::snapshot::Snapshot;
+
+/// What the core needs to know about a request (built by each transport adapter, borrowed).
+#[derive(Clone, Copy, Debug)]
+pub struct RequestView<'a> {
+    /// `Host` header (HTTP/1.1) or `:authority` (HTTP/2, HTTP/3).
+    pub host: &'a str,
+    pub path: &'a str,
+    /// The client address, already resolved through trusted proxies (see `core::client`).
+    pub client: IpAddr,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct RouteDecision {
+    pub route: usize,
+    pub country: Option<CountryCode>,
+    pub located: bool,
+    pub candidates: RegionOrder,
+}
+
+/// Why a request is answered by the edge itself instead of an upstream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No route claims the host: `421`, and no upstream is contacted (no open proxy).
+    UnknownHost,
+    /// The host is ours, the path is not: `404`.
+    NoRoute,
+    /// Strict residency leaves no region for this client's country: `503`.
+    Residency { route: usize, country: CountryCode },
+}
+
+impl Refusal {
+    pub fn status(&self) -> u16 {
+        match self {
+            Refusal::UnknownHost => 421,
+            Refusal::NoRoute => 404,
+            Refusal::Residency { .. } => 503,
+        }
+    }
+}
+
+pub fn decide(
+    snapshot: &Snapshot,
+    view: &RequestView<'_>,
+    locate: impl Fn(IpAddr) -> Option<Location>,
+) -> Result<RouteDecision, Refusal> {
+    let route_index = snapshot
+        .hosts
+        .find(view.host, view.path)
+        .map_err(|e| match e {
+            MatchError::UnknownHost => Refusal::UnknownHost,
+            MatchError::NoPath => Refusal::NoRoute,
+        })?;
+    let route = &snapshot.routes[route_index];
+    let location = locate(view.client);
+    let country = location.and_then(|l| l.country);
+    let residency = country.and_then(|c| snapshot.residency.get(&c));
+    let coordinates = location.and_then(|l| l.coordinates);
+    let candidates = order_regions(snapshot, route, coordinates, residency);
+    if candidates.is_empty() {
+        if let Some(country) = country {
+            return Err(Refusal::Residency {
+                route: route_index,
+                country,
+            });
+        }
+    }
+    Ok(RouteDecision {
+        route: route_index,
+        country,
+        located: coordinates.is_some(),
+        candidates,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::core::select::pick_upstream;
+    use crate::core::snapshot::{SnapshotMeta, UpstreamStates};
+    use meridian_config::Config;
+    use meridian_geoip::test_world::PLACES;
+
+    const LOCAL: &str = include_str!("../../../examples/local.toml");
+
+    fn snapshot(text: &str) -> Snapshot {
+        let config = Config::from_toml_str(text).expect("config");
+        Snapshot::compile(config, SnapshotMeta::default(), &UpstreamStates::default())
+            .expect("compile")
+    }
+
+    fn world(ip: IpAddr) -> Option<Location> {
+        let v4 = match ip {
+            IpAddr::V4(v4) => v4,
+            IpAddr::V6(_) => return None,
+        };
+        PLACES
+            .iter()
+            .find(|p| {
+                p.client_addr(1) == IpAddr::V4(std::net::Ipv4Addr::new(127, v4.octets()[1], 0, 1))
+            })
+            .map(|p| Location {
+                country: CountryCode::parse(p.country),
+                continent: CountryCode::parse(p.continent),
+                coordinates: Some((p.latitude, p.longitude)),
+            })
+    }
+
+    fn region_for(snap: &Snapshot, client: &str) -> Result<String, Refusal> {
+        let view = RequestView {
+            host: "api.example.test",
+            path: "/hello",
+            client: client.parse().expect("ip"),
+        };
+        let d = decide(snap, &view, world)?;
+        Ok(snap.regions[d.candidates.get(0).expect("a candidate")]
+            .name
+            .clone())
+    }
+
+    #[test]
+    fn every_test_world_country_reaches_its_region() {
+        let snap = snapshot(LOCAL);
+        for place in PLACES {
+            let client = place.client_addr(9).to_string();
+            assert_eq!(
+                region_for(&snap, &client).as_deref(),
+                Ok(place.expected_region),
+                "{}",
+                place.country
+            );
+        }
+    }
+
+    #[test]
+    fn unknown_location_gets_default_region_first() {
+        let snap = snapshot(LOCAL);
+        assert_eq!(region_for(&snap, "127.0.0.1").as_deref(), Ok("us-east"));
+    }
+
+    #[test]
+    fn strict_residency_keeps_kr_home_or_refuses() {
+        let snap = snapshot(LOCAL);
+        let view = RequestView {
+            host: "api.example.test",
+            path: "/v1/x",
+            client: "127.15.0.3".parse().expect("ip"),
+        };
+        let d = decide(&snap, &view, world).expect("decision");
+        assert_eq!(d.candidates.len(), 1, "KR may only use ap-northeast-2");
+        // A route whose regions exclude ap-northeast-2 cannot serve KR at all.
+        let view = RequestView {
+            host: "eu.example.test",
+            ..view
+        };
+        assert!(matches!(
+            decide(&snap, &view, world),
+            Err(Refusal::Residency { .. })
+        ));
+    }
+
+    #[test]
+    fn fallback_order_is_by_distance() {
+        let snap = snapshot(LOCAL);
+        let view = RequestView {
+            host: "api.example.test",
+            path: "/",
+            client: "127.12.0.3".parse().expect("ip"),
+        };
+        let d = decide(&snap, &view, world).expect("decision");
+        let names: Vec<&str> = d
+            .candidates
+            .as_slice()
+            .iter()
+            .map(|&i| snap.regions[usize::from(i)].name.as_str())
+            .collect();
+        assert_eq!(
+            &names[..3],
+            ["ap-southeast-1", "ap-southeast-3", "ap-southeast-7"]
+        );
+    }
+
+    #[test]
+    fn unknown_host_and_path_are_refused() {
+        let snap = snapshot(LOCAL);
+        let mut view = RequestView {
+            host: "nobody.invalid",
+            path: "/",
+            client: "127.12.0.3".parse().expect("ip"),
+        };
+        assert_eq!(decide(&snap, &view, world), Err(Refusal::UnknownHost));
+        view.host = "eu.example.test";
+        view.path = "/elsewhere";
+        assert_eq!(decide(&snap, &view, world), Err(Refusal::NoRoute));
+    }
+
+    #[test]
+    fn upstream_choice_is_least_outstanding_per_weight() {
+        let snap = snapshot(LOCAL);
+        let region = &snap.regions[snap.region_index("us-east").expect("us-east")];
+        assert_eq!(region.upstreams.len(), 2);
+        let first = pick_upstream(region, 0, |_| false).expect("pick");
+        let _busy = region.upstreams[first].state.begin();
+        let second = pick_upstream(region, 0, |_| false).expect("pick");
+        assert_ne!(first, second, "the idle upstream wins");
+        assert_eq!(pick_upstream(region, 0, |i| i == second), Some(first));
+        assert_eq!(pick_upstream(region, 0, |_| true), None);
+    }
+}

@@ -1,0 +1,120 @@
+//! Region order and upstream choice.
+//!
+//! Regions: eligible ∩ residency-allowed, nearest first by great-circle distance from the client.
+//! Upstreams: weighted least-outstanding (fewest in-flight per unit of weight), rotating ties.
+
+use super::geo::distance_km;
+use super::snapshot::{CompiledRegion, CompiledRoute, ResidencyRule, Snapshot};
+
+/// How many candidate regions a decision carries (enough for any retry budget; nearest kept).
+pub const MAX_CANDIDATES: usize = 16;
+
+/// Ordered candidate regions (indices into `Snapshot::regions`), held inline: no allocation per request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RegionOrder {
+    len: u8,
+    regions: [u16; MAX_CANDIDATES],
+}
+
+impl RegionOrder {
+    pub const fn empty() -> Self {
+        Self {
+            len: 0,
+            regions: [0; MAX_CANDIDATES],
+        }
+    }
+    pub fn as_slice(&self) -> &[u16] {
+        &self.regions[..usize::from(self.len)]
+    }
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn get(&self, pos: usize) -> Option<usize> {
+        self.as_slice().get(pos).map(|&r| usize::from(r))
+    }
+}
+
+impl Default for RegionOrder {
+    fn default() -> Self {
+        Self::empty()
+    }
+}
+
+/// Orders `route`'s eligible regions for a client at `from` (None: unknown location).
+/// Residency narrows the set (strict) or moves allowed regions first (preferred).
+pub fn order_regions(
+    snapshot: &Snapshot,
+    route: &CompiledRoute,
+    from: Option<(f64, f64)>,
+    residency: Option<&ResidencyRule>,
+) -> RegionOrder {
+    // Unknown location: measure from the route's default region, so it comes first and the
+    // fallbacks are its neighbours.
+    let origin =
+        from.unwrap_or_else(|| snapshot.regions[usize::from(route.default_region)].location);
+    let mut scored: [(u8, f64, u16); MAX_CANDIDATES] = [(0, 0.0, 0); MAX_CANDIDATES];
+    let mut len = 0usize;
+    for &idx in &route.eligible {
+        let region: &CompiledRegion = &snapshot.regions[usize::from(idx)];
+        // Preference tier: 0 = allowed by residency (or no rule), 1 = only tolerated (preferred rule).
+        let tier = match residency {
+            None => 0,
+            Some(rule) if rule.allowed[usize::from(idx)] => 0,
+            Some(rule) if rule.strict => continue,
+            Some(_) => 1,
+        };
+        let candidate = (tier, distance_km(origin, region.location), idx);
+        if len < MAX_CANDIDATES {
+            scored[len] = candidate;
+            len += 1;
+        } else if let Some(worst) = (0..len).max_by(|&a, &b| cmp(&scored[a], &scored[b])) {
+            if cmp(&candidate, &scored[worst]).is_lt() {
+                scored[worst] = candidate;
+            }
+        }
+    }
+    scored[..len].sort_unstable_by(cmp);
+    let mut order = RegionOrder::empty();
+    for (slot, (_, _, idx)) in order.regions.iter_mut().zip(&scored[..len]) {
+        *slot = *idx;
+    }
+    order.len = len as u8;
+    order
+}
+
+fn cmp(a: &(u8, f64, u16), b: &(u8, f64, u16)) -> std::cmp::Ordering {
+    a.0.cmp(&b.0)
+        .then_with(|| a.1.total_cmp(&b.1))
+        .then_with(|| a.2.cmp(&b.2))
+}
+
+/// Picks the upstream with the fewest in-flight requests per unit of weight, skipping weight 0 and
+/// those `excluded` says were already tried. `rotation` breaks ties so equal upstreams share load.
+pub fn pick_upstream(
+    region: &CompiledRegion,
+    rotation: usize,
+    excluded: impl Fn(usize) -> bool,
+) -> Option<usize> {
+    let n = region.upstreams.len();
+    let mut best: Option<(u64, u64, usize)> = None; // (inflight+1, weight, index): compare a/b by cross-multiplying
+    for k in 0..n {
+        let i = (rotation + k) % n;
+        let upstream = &region.upstreams[i];
+        if upstream.weight == 0 || excluded(i) {
+            continue;
+        }
+        let load = u64::from(upstream.state.inflight()) + 1;
+        let weight = u64::from(upstream.weight);
+        let better = match best {
+            None => true,
+            Some((best_load, best_weight, _)) => load * best_weight < best_load * weight,
+        };
+        if better {
+            best = Some((load, weight, i));
+        }
+    }
+    best.map(|(_, _, i)| i)
+}

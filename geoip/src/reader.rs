@@ -1,0 +1,106 @@
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+use crate::location::{CountryCode, Location};
+
+#[derive(Debug, thiserror::Error)]
+pub enum GeoIpError {
+    #[error("geoip database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: maxminddb::MaxMindDbError,
+    },
+    #[error("geoip database: {0}")]
+    Invalid(#[from] maxminddb::MaxMindDbError),
+    #[error("geoip writer: {0}")]
+    Write(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One opened MaxMind-format database (GeoLite2-City or -Country structure).
+pub struct GeoDb {
+    reader: maxminddb::Reader<Vec<u8>>,
+}
+
+impl GeoDb {
+    pub fn open(path: &Path) -> Result<Self, GeoIpError> {
+        let reader = maxminddb::Reader::open_readfile(path).map_err(|source| GeoIpError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Self { reader })
+    }
+
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Self, GeoIpError> {
+        Ok(Self {
+            reader: maxminddb::Reader::from_source(bytes)?,
+        })
+    }
+
+    pub fn database_type(&self) -> &str {
+        &self.reader.metadata().database_type
+    }
+
+    /// Looks an address up. `Ok(None)` when the database has no record for it; a corrupt record is an error.
+    pub fn lookup(&self, ip: IpAddr) -> Result<Option<Location>, GeoIpError> {
+        let result = self.reader.lookup(ip)?;
+        // City is a superset of Country: decoding as City reads either structure.
+        let Some(city) = result.decode::<maxminddb::geoip2::City>()? else {
+            return Ok(None);
+        };
+        let coordinates = match (city.location.latitude, city.location.longitude) {
+            (Some(lat), Some(lon)) => Some((lat, lon)),
+            _ => None,
+        };
+        let location = Location {
+            country: city.country.iso_code.and_then(CountryCode::parse),
+            continent: city.continent.code.and_then(CountryCode::parse),
+            coordinates,
+        };
+        Ok(location.is_known().then_some(location))
+    }
+}
+
+/// A reloadable database handle: lookups take one atomic load; `reload` swaps in a new file.
+pub struct GeoIp {
+    db: ArcSwap<Option<GeoDb>>,
+}
+
+impl GeoIp {
+    /// A handle with no database: every lookup answers "unknown location".
+    pub fn empty() -> Self {
+        Self {
+            db: ArcSwap::from_pointee(None),
+        }
+    }
+
+    pub fn open(path: &Path) -> Result<Self, GeoIpError> {
+        Ok(Self {
+            db: ArcSwap::from_pointee(Some(GeoDb::open(path)?)),
+        })
+    }
+
+    /// Replaces the database; on error the previous one stays in service.
+    pub fn reload(&self, path: &Path) -> Result<(), GeoIpError> {
+        let db = GeoDb::open(path)?;
+        self.db.store(Arc::new(Some(db)));
+        Ok(())
+    }
+
+    /// Unknown (`None`) when there is no database, no record, or the record is unreadable:
+    /// a bad record must never fail a request, only lose its location.
+    pub fn lookup(&self, ip: IpAddr) -> Option<Location> {
+        let guard = self.db.load();
+        let db = guard.as_ref().as_ref()?;
+        db.lookup(ip).ok().flatten()
+    }
+}
