@@ -2,7 +2,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 /// One semantic problem in a config document, with the path of the offending value.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ValidationError {
     pub path: String,
     pub message: String,

@@ -1,1 +1,183 @@
-fn main() {}
+//! The `meridian` command line. Only argument parsing and process glue live here.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use meridian_config::{Config, ConfigError};
+use meridian_gateway::core::SnapshotMeta;
+use meridian_gateway::edge::{EdgeOptions, RunningEdge};
+
+#[derive(Parser)]
+#[command(
+    name = "meridian",
+    version,
+    about = "Meridian: global edge gateway and multi-region traffic router"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole local world: simulated regions, the edge, admin, and print a tour.
+    Demo,
+    /// Run an edge from a config file.
+    Serve {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Work with config documents.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// GeoIP databases.
+    Geoip {
+        #[command(subcommand)]
+        command: GeoipCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Check a document: print every error with its path (exit 1), or a one-line summary (exit 0).
+    Validate { file: PathBuf },
+}
+
+#[derive(Subcommand)]
+enum GeoipCommand {
+    /// Write the local geo test world (loopback ranges → countries) as a MaxMind-format database.
+    BuildTestWorld { out: PathBuf },
+    /// Look an address up.
+    Lookup {
+        ip: IpAddr,
+        /// Database to read (default: the test world, built in memory).
+        #[arg(long)]
+        db: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    init_tracing();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Demo => {
+            let demo =
+                meridian_gateway::demo::start(Default::default()).context("starting the demo")?;
+            println!("{}", meridian_gateway::demo::tour(&demo));
+            let meridian_gateway::demo::Demo { edge, .. } = demo;
+            edge.wait();
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve { config } => {
+            let source = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let parsed = Config::from_toml_str(&source)
+                .with_context(|| format!("loading {}", config.display()))?;
+            let meta = SnapshotMeta {
+                version: 0,
+                hash: meridian_config::content_hash(&source),
+            };
+            let edge = RunningEdge::start(EdgeOptions {
+                config: parsed,
+                meta,
+                handle_signals: true,
+            })?;
+            tracing::info!(http = %edge.http_addr, admin = %edge.admin_addr, "edge serving");
+            edge.wait();
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config { command } => match command {
+            ConfigCommand::Validate { file } => validate(&file),
+        },
+        Command::Geoip { command } => match command {
+            GeoipCommand::BuildTestWorld { out } => {
+                meridian_geoip::test_world::write(&out)?;
+                println!(
+                    "wrote {} ({} test-world ranges)",
+                    out.display(),
+                    meridian_geoip::test_world::PLACES.len()
+                );
+                Ok(ExitCode::SUCCESS)
+            }
+            GeoipCommand::Lookup { ip, db } => {
+                let db = match db {
+                    Some(path) => meridian_geoip::GeoDb::open(&path)?,
+                    None => {
+                        meridian_geoip::GeoDb::from_bytes(meridian_geoip::test_world::build()?)?
+                    }
+                };
+                match db.lookup(ip)? {
+                    Some(location) => {
+                        let json = serde_json::json!({
+                            "ip": ip.to_string(),
+                            "country": location.country.map(|c| c.to_string()),
+                            "continent": location.continent.map(|c| c.to_string()),
+                            "latitude": location.coordinates.map(|c| c.0),
+                            "longitude": location.coordinates.map(|c| c.1),
+                        });
+                        println!("{json}");
+                        Ok(ExitCode::SUCCESS)
+                    }
+                    None => {
+                        println!("{{\"ip\":\"{ip}\",\"country\":null}}");
+                        Ok(ExitCode::from(3))
+                    }
+                }
+            }
+        },
+    }
+}
+
+fn validate(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let source =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    match Config::from_toml_str(&source) {
+        Ok(config) => {
+            println!(
+                "{}: ok (schema {}, {} regions, {} routes, {} residency rules, sha256 {})",
+                file.display(),
+                config.schema,
+                config.regions.len(),
+                config.routes.len(),
+                config.residency.len(),
+                &meridian_config::content_hash(&source)[..12]
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(ConfigError::Invalid(errors)) => {
+            for error in &errors {
+                eprintln!("{}: {error}", file.display());
+            }
+            eprintln!("{}: {} error(s)", file.display(), errors.len());
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e) => {
+            eprintln!("{}: {e}", file.display());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

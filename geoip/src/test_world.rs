@@ -35,6 +35,8 @@ impl Place {
     }
 }
 
+// Kuala Lumpur sits at latitude 3.14: a coordinate, not an approximation of pi.
+#[allow(clippy::approx_constant)]
 pub const PLACES: &[Place] = &[
     place(
         "127.10.0.0/16",

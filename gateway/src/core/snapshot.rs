@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use http::HeaderValue;
 use ipnet::IpNet;
 use meridian_config::{Config, Limits, RegionSet, RouteKind, ValidationError};
 use meridian_geoip::CountryCode;
@@ -31,6 +32,8 @@ pub enum CompileError {
 pub struct Snapshot {
     pub meta: SnapshotMeta,
     pub pop: String,
+    /// `pop` ready to put in `x-meridian-pop` (cloning a `HeaderValue` does not allocate).
+    pub pop_header: HeaderValue,
     pub regions: Vec<CompiledRegion>,
     pub routes: Vec<CompiledRoute>,
     pub hosts: HostTable,
@@ -43,6 +46,8 @@ pub struct Snapshot {
 
 pub struct CompiledRegion {
     pub name: String,
+    /// `name` ready to put in `x-meridian-region`.
+    pub header: HeaderValue,
     /// (latitude, longitude) in degrees.
     pub location: (f64, f64),
     pub upstreams: Vec<CompiledUpstream>,
@@ -153,6 +158,7 @@ impl Snapshot {
                     })
                     .collect();
                 CompiledRegion {
+                    header: header_value(&region.name),
                     name: region.name.clone(),
                     location: (region.location.lat, region.location.lon),
                     upstreams,
@@ -232,6 +238,7 @@ impl Snapshot {
 
         Ok(Snapshot {
             meta,
+            pop_header: header_value(&config.edge.pop),
             pop: config.edge.pop.clone(),
             regions,
             routes,
@@ -246,4 +253,9 @@ impl Snapshot {
     pub fn region_index(&self, name: &str) -> Option<usize> {
         self.regions.iter().position(|r| r.name == name)
     }
+}
+
+/// Names are validated to `[a-z0-9_-]`, always a valid header value.
+fn header_value(name: &str) -> HeaderValue {
+    HeaderValue::from_str(name).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }

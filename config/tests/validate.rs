@@ -1,0 +1,172 @@
+//! Every class of validation error is reported, together, each with the path of its value.
+
+use meridian_config::{Config, ConfigError};
+
+const BROKEN: &str = r#"
+schema = 2
+
+[edge]
+pop = "Local 1"
+http = "127.0.0.1"
+admin = "0.0.0.0:9901"
+threads = 0
+
+[edge.limits]
+max_header_bytes = 10
+max_headers = 0
+
+[geoip]
+trusted_proxies = ["10.0.0.0/8", "not-a-cidr"]
+
+[[regions]]
+name = "us-east"
+location = { lat = 95.0, lon = -77.0 }
+upstreams = [{ address = "127.1.2.1:7001" }, { address = "127.1.2.1:7001" }]
+
+[[regions]]
+name = "us-east"
+location = { lat = 38.9, lon = -181.0 }
+upstreams = []
+
+[[regions]]
+name = "eu-central-1"
+location = { lat = 50.1, lon = 8.68 }
+upstreams = [{ address = "localhost" }, { address = "127.1.8.1:0", weight = 20000 }]
+
+[[routes]]
+name = "api"
+hosts = ["api.example.test"]
+regions = "*"
+
+[[routes]]
+name = "api"
+hosts = ["api.example.test", "bad host!", "*.ok.test"]
+path_prefix = "v1"
+regions = ["ap-sout-1", "eu-central-1", "eu-central-1"]
+default_region = "nowhere"
+retry = { attempts = 0 }
+
+[[routes]]
+name = "eu"
+hosts = ["eu.example.test"]
+regions = ["eu-central-1"]
+default_region = "us-east"
+
+[[routes]]
+name = "star"
+hosts = ["star.example.test"]
+regions = "all"
+
+[[residency]]
+countries = ["KR", "KOR"]
+regions = ["ap-northeast-2"]
+
+[[residency]]
+countries = ["kr"]
+regions = ["eu-central-1"]
+"#;
+
+fn errors_of(text: &str) -> Vec<String> {
+    match Config::from_toml_str(text) {
+        Err(ConfigError::Invalid(errors)) => errors.iter().map(ToString::to_string).collect(),
+        other => panic!("expected validation errors, got {other:?}"),
+    }
+}
+
+#[test]
+fn every_error_is_reported_with_its_path() {
+    let errors = errors_of(BROKEN);
+    let expect = [
+        "schema: unsupported schema version 2",
+        "edge.pop: bad name \"Local 1\"",
+        "edge.http: bad address \"127.0.0.1\"",
+        "edge.admin: admin listener 0.0.0.0:9901 must be a loopback address",
+        "edge.threads: must be between 1 and 256",
+        "edge.limits.max_header_bytes: must be between",
+        "edge.limits.max_headers: must be between",
+        "geoip.trusted_proxies[1]: bad CIDR \"not-a-cidr\"",
+        "regions[0].location.lat: latitude 95 is out of range",
+        "regions[0].upstreams[1].address: duplicate upstream 127.1.2.1:7001",
+        "regions[1].name: duplicate region name \"us-east\" (first defined at regions[0])",
+        "regions[1].location.lon: longitude -181 is out of range",
+        "regions[1].upstreams: a region needs at least one upstream",
+        "regions[2].upstreams[0].address: bad address \"localhost\"",
+        "regions[2].upstreams[1].address: bad address \"127.1.8.1:0\": port 0",
+        "regions[2].upstreams[1].weight: must be between 0 and 10000",
+        "routes[1].name: duplicate route name \"api\"",
+        "routes[1].path_prefix: \"v1\" must start with '/'",
+        "routes[1].hosts[1]: bad host \"bad host!\"",
+        "routes[1].regions[0]: unknown region \"ap-sout-1\"",
+        "routes[1].regions[2]: region \"eu-central-1\" listed twice",
+        "routes[1].default_region: unknown region \"nowhere\"",
+        "routes[1].retry.attempts: must be between 1 and 10",
+        "routes[2].default_region: region \"us-east\" is not one of this route's regions",
+        "routes[3].regions: expected \"*\" or a list of region names, got \"all\"",
+        "residency[0].countries[1]: \"KOR\" is not an ISO 3166-1 alpha-2 code",
+        "residency[0].regions[0]: unknown region \"ap-northeast-2\"",
+        "residency[1].countries[0]: country \"kr\" already has a rule (residency[0])",
+    ];
+    for wanted in expect {
+        assert!(
+            errors.iter().any(|e| e.starts_with(wanted)),
+            "missing {wanted:?} in:\n{}",
+            errors.join("\n")
+        );
+    }
+    assert_eq!(
+        errors.len(),
+        expect.len(),
+        "unexpected extra errors:\n{}",
+        errors.join("\n")
+    );
+}
+
+#[test]
+fn overlapping_host_and_prefix_is_rejected_but_different_prefixes_are_fine() {
+    let text = r#"
+schema = 1
+[[regions]]
+name = "r"
+location = { lat = 0.0, lon = 0.0 }
+upstreams = [{ address = "127.0.0.1:1" }]
+[[routes]]
+name = "a"
+hosts = ["x.test"]
+[[routes]]
+name = "b"
+hosts = ["X.test"]
+[[routes]]
+name = "c"
+hosts = ["x.test"]
+path_prefix = "/v1"
+"#;
+    let errors = errors_of(text);
+    assert_eq!(
+        errors,
+        vec!["routes[1].hosts[0]: host \"X.test\" with path_prefix \"/\" is already claimed by routes[0] (\"a\")"]
+    );
+}
+
+#[test]
+fn unknown_fields_and_type_errors_are_parse_errors_with_location() {
+    let text = "schema = 1\n[edge]\npopp = \"x\"\n";
+    match Config::from_toml_str(text) {
+        Err(ConfigError::Parse(message)) => {
+            assert!(message.contains("popp"), "{message}");
+            assert!(message.contains("line 3"), "{message}");
+        }
+        other => panic!("expected a parse error, got {other:?}"),
+    }
+    let text = "schema = 1\n[[routes]]\nname = \"a\"\nhosts = [\"a.test\"]\ntimeouts = { connect = \"5 parsecs\" }\n";
+    assert!(
+        matches!(Config::from_toml_str(text), Err(ConfigError::Parse(m)) if m.contains("unknown unit"))
+    );
+}
+
+#[test]
+fn the_demo_config_is_valid() {
+    let text = include_str!("../../examples/local.toml");
+    let config = Config::from_toml_str(text).expect("local.toml validates");
+    assert_eq!(config.regions.len(), 8);
+    assert_eq!(config.edge.limits.max_header_bytes, 32 * 1024);
+}

@@ -1,0 +1,216 @@
+//! `meridian demo`: the whole local world in one process — simulated regional origins, the edge on
+//! the embedded `examples/local.toml`, the admin listener, a control API to break regions — and a tour.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::{Method, Request, StatusCode};
+use meridian_config::Config;
+use meridian_geoip::test_world::PLACES;
+use tokio::sync::watch;
+
+use crate::core::SnapshotMeta;
+use crate::edge::{EdgeOptions, RunningEdge};
+use crate::httpd;
+use crate::origin::{self, OriginControl};
+
+pub const LOCAL_CONFIG: &str = include_str!("../../examples/local.toml");
+pub const CONTROL_ADDR: &str = "127.0.0.1:7071";
+
+/// Origins of each region, by region name.
+pub type Regions = Arc<BTreeMap<String, Vec<Arc<OriginControl>>>>;
+
+pub struct DemoOptions {
+    pub data_dir: PathBuf,
+    pub control: SocketAddr,
+}
+
+impl Default for DemoOptions {
+    fn default() -> Self {
+        Self {
+            data_dir: std::env::temp_dir().join("meridian-demo"),
+            control: CONTROL_ADDR
+                .parse()
+                .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7071))),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error("embedded demo config: {0}")]
+    Config(#[from] meridian_config::ConfigError),
+    #[error(transparent)]
+    GeoIp(#[from] meridian_geoip::GeoIpError),
+    #[error(transparent)]
+    Start(#[from] crate::edge::StartError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+pub struct Demo {
+    pub edge: RunningEdge,
+    pub regions: Regions,
+    pub geoip_db: PathBuf,
+    _runtime: tokio::runtime::Runtime,
+    _stop: watch::Sender<bool>,
+}
+
+pub fn start(options: DemoOptions) -> Result<Demo, DemoError> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| DemoError::Io { what, source }
+    };
+    let geoip_db = options.data_dir.join("test-world.mmdb");
+    meridian_geoip::test_world::write(&geoip_db)?;
+    let mut config = Config::from_toml_str(LOCAL_CONFIG)?;
+    config.geoip.database = Some(geoip_db.display().to_string());
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("meridian-demo")
+        .enable_all()
+        .build()
+        .map_err(io("demo runtime"))?;
+    let (stop, stop_rx) = watch::channel(false);
+    let mut regions: BTreeMap<String, Vec<Arc<OriginControl>>> = BTreeMap::new();
+    for region in &config.regions {
+        for upstream in &region.upstreams {
+            let addr: SocketAddr = upstream.address.parse().map_err(|_| {
+                io("upstream address")(std::io::Error::other(upstream.address.clone()))
+            })?;
+            let control = runtime
+                .block_on(origin::spawn(&region.name, addr, stop_rx.clone()))
+                .map_err(io(&format!("origin {addr} of {}", region.name)))?;
+            regions
+                .entry(region.name.clone())
+                .or_default()
+                .push(control);
+        }
+    }
+    let regions = Arc::new(regions);
+
+    let control_listener = runtime
+        .block_on(tokio::net::TcpListener::bind(options.control))
+        .map_err(io(&format!("demo control API {}", options.control)))?;
+    let handler_regions = Arc::clone(&regions);
+    runtime.spawn(httpd::serve(
+        control_listener,
+        move |req| control(Arc::clone(&handler_regions), req),
+        stop_rx,
+    ));
+
+    let hash = meridian_config::content_hash(LOCAL_CONFIG);
+    let edge = RunningEdge::start(EdgeOptions {
+        config,
+        meta: SnapshotMeta { version: 0, hash },
+        handle_signals: true,
+    })?;
+    Ok(Demo {
+        edge,
+        regions,
+        geoip_db,
+        _runtime: runtime,
+        _stop: stop,
+    })
+}
+
+/// The demo control API: `POST /regions/{name}/down|up|slow?ms=N`, `GET /regions`.
+async fn control(
+    regions: Regions,
+    req: Request<hyper::body::Incoming>,
+) -> hyper::Response<httpd::Body> {
+    let path = req.uri().path().trim_end_matches('/');
+    let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+    match (req.method(), parts.as_slice()) {
+        (&Method::GET, ["regions"]) | (&Method::GET, []) => {
+            let state: BTreeMap<&String, serde_json::Value> = regions
+                .iter()
+                .map(|(name, origins)| {
+                    let list: Vec<_> = origins
+                        .iter()
+                        .map(|o| serde_json::json!({"address": o.address.to_string(), "up": o.is_up(), "requests": o.requests()}))
+                        .collect();
+                    (name, serde_json::Value::from(list))
+                })
+                .collect();
+            httpd::json(StatusCode::OK, &serde_json::json!(state))
+        }
+        (&Method::POST, ["regions", name, action]) => {
+            let Some(origins) = regions.get(*name) else {
+                return httpd::json(
+                    StatusCode::NOT_FOUND,
+                    &serde_json::json!({"error": format!("unknown region {name:?}")}),
+                );
+            };
+            match *action {
+                "down" => origins.iter().for_each(|o| o.set_up(false)),
+                "up" => origins.iter().for_each(|o| {
+                    o.set_delay(Duration::ZERO);
+                    o.set_up(true)
+                }),
+                "slow" => {
+                    let ms = req
+                        .uri()
+                        .query()
+                        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("ms=")))
+                        .and_then(|v| v.parse::<u64>().ok());
+                    let Some(ms) = ms else {
+                        return httpd::json(
+                            StatusCode::BAD_REQUEST,
+                            &serde_json::json!({"error": "slow needs ?ms=N"}),
+                        );
+                    };
+                    origins
+                        .iter()
+                        .for_each(|o| o.set_delay(Duration::from_millis(ms)));
+                }
+                other => {
+                    return httpd::json(
+                        StatusCode::NOT_FOUND,
+                        &serde_json::json!({"error": format!("unknown action {other:?} (down, up, slow?ms=N)")}),
+                    )
+                }
+            }
+            httpd::json(
+                StatusCode::OK,
+                &serde_json::json!({"region": name, "action": action}),
+            )
+        }
+        _ => httpd::json(
+            StatusCode::NOT_FOUND,
+            &serde_json::json!({"error": "try GET /regions or POST /regions/{name}/down|up|slow?ms=N"}),
+        ),
+    }
+}
+
+/// What to try, printed once everything listens.
+pub fn tour(demo: &Demo) -> String {
+    let http = demo.edge.http_addr;
+    let admin = demo.edge.admin_addr;
+    let mut out = String::new();
+    out.push_str(&format!(
+        "\nMeridian demo is running.\n\n  edge (HTTP/1.1 + h2c)  http://{http}\n  admin + /metrics       http://{admin}/metrics\n  demo control API       http://{CONTROL_ADDR}/regions\n  test-world GeoIP db    {}\n\n",
+        demo.geoip_db.display()
+    ));
+    out.push_str("Clients in each test-world country (source address picks the country):\n");
+    for place in PLACES {
+        out.push_str(&format!(
+            "  curl -s --interface {:<11} -H 'Host: api.example.test' http://{http}/hello   # {} -> {}\n",
+            place.client_addr(1).to_string(),
+            place.country,
+            place.expected_region
+        ));
+    }
+    out.push_str(&format!(
+        "\nMore:\n  curl -si -H 'Host: api.example.test' http://{http}/hello                         # unknown location -> default region us-east\n  curl -si --interface 127.15.0.1 -H 'Host: eu.example.test' http://{http}/v1/x  # KR residency is strict -> 503\n  curl -si -H 'Host: nobody.test' http://{http}/                                  # no route claims it -> 421\n  curl -s -H 'Host: api.example.test' -H 'X-Forwarded-For: 127.12.0.9' http://{http}/  # XFF trusted from 127.0.0.1 -> ap-southeast-1\n  curl -s --http2-prior-knowledge --interface 127.17.0.1 -H 'Host: api.example.test' http://{http}/  # h2c\n  curl -s -X POST http://{CONTROL_ADDR}/regions/mx-central/down                  # break a region; /up to heal\n  curl -s http://{admin}/admin/snapshot\n\nCtrl-C stops everything.\n"
+    ));
+    out
+}

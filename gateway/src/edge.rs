@@ -1,0 +1,262 @@
+//! Starting and stopping a whole edge: the Pingora proxy service on its own thread, and a small
+//! "sidecar" tokio runtime for everything off the proxy path (admin listener, demo helpers).
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use meridian_config::Config;
+use meridian_geoip::{GeoIp, GeoIpError};
+use pingora::apps::HttpServerOptions;
+use pingora::server::configuration::ServerConf;
+use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
+use tokio::sync::{mpsc, watch};
+
+use crate::core::{CompileError, SnapshotMeta};
+use crate::metrics::EdgeMetrics;
+use crate::proxy::EdgeProxy;
+use crate::reload::SnapshotStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] CompileError),
+    #[error(transparent)]
+    GeoIp(#[from] GeoIpError),
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("{what} {addr}: {source}")]
+    Listen {
+        what: &'static str,
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("the proxy did not start listening on {0} within {1:?}")]
+    NotReady(SocketAddr, Duration),
+}
+
+pub struct EdgeOptions {
+    pub config: Config,
+    pub meta: SnapshotMeta,
+    /// React to SIGINT (fast stop) and SIGTERM (graceful stop). Off for in-process test edges.
+    pub handle_signals: bool,
+}
+
+/// A running edge. Dropping it stops everything (fast shutdown).
+pub struct RunningEdge {
+    pub http_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub store: Arc<SnapshotStore>,
+    pub geoip: Arc<GeoIp>,
+    shutdown: mpsc::UnboundedSender<ShutdownSignal>,
+    server: Option<JoinHandle<()>>,
+    stop_sidecar: watch::Sender<bool>,
+    sidecar: Option<tokio::runtime::Runtime>,
+}
+
+impl RunningEdge {
+    pub fn start(options: EdgeOptions) -> Result<Self, StartError> {
+        let EdgeOptions {
+            config,
+            meta,
+            handle_signals,
+        } = options;
+        let geoip = Arc::new(match &config.geoip.database {
+            Some(path) => GeoIp::open(std::path::Path::new(path))?,
+            None => GeoIp::empty(),
+        });
+        let http_addr: SocketAddr = parse_listen("edge.http", &config.edge.http)?;
+        let admin_addr: SocketAddr = parse_listen("edge.admin", &config.edge.admin)?;
+        let edge = config.edge.clone();
+        let metrics = Arc::new(EdgeMetrics::new()?);
+        let store = Arc::new(SnapshotStore::new(config, meta, metrics)?);
+
+        // The sidecar runtime: admin listener now, more off-path services later.
+        let sidecar = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("meridian-sidecar")
+            .enable_all()
+            .build()
+            .map_err(StartError::Runtime)?;
+        let (stop_sidecar, stop_rx) = watch::channel(false);
+        let admin_listener =
+            std::net::TcpListener::bind(admin_addr).map_err(|source| StartError::Listen {
+                what: "admin listener",
+                addr: admin_addr.to_string(),
+                source,
+            })?;
+        let admin_addr = admin_listener.local_addr().map_err(StartError::Runtime)?;
+        admin_listener
+            .set_nonblocking(true)
+            .map_err(StartError::Runtime)?;
+        {
+            let _guard = sidecar.enter();
+            let listener =
+                tokio::net::TcpListener::from_std(admin_listener).map_err(StartError::Runtime)?;
+            sidecar.spawn(crate::admin::serve(listener, Arc::clone(&store), stop_rx));
+        }
+
+        // Fail early and clearly if the proxy port is taken (Pingora would exit the process).
+        drop(
+            std::net::TcpListener::bind(http_addr).map_err(|source| StartError::Listen {
+                what: "http listener",
+                addr: http_addr.to_string(),
+                source,
+            })?,
+        );
+
+        let conf = ServerConf {
+            threads: edge.threads,
+            grace_period_seconds: Some(edge.shutdown_grace.as_duration().as_secs()),
+            graceful_shutdown_timeout_seconds: Some(
+                edge.shutdown_timeout.as_duration().as_secs().max(1),
+            ),
+            ..ServerConf::default()
+        };
+        let mut server = Server::new_with_opt_and_conf(None, conf);
+        server.bootstrap();
+        let proxy = EdgeProxy::new(Arc::clone(&store), Arc::clone(&geoip));
+        let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
+        if let Some(app) = service.app_logic_mut() {
+            let mut options = HttpServerOptions::default();
+            options.h2c = true;
+            app.server_options = Some(options);
+        }
+        service.add_tcp(&http_addr.to_string());
+        server.add_service(service);
+
+        let (shutdown, shutdown_rx) = mpsc::unbounded_channel();
+        let watch = ChannelShutdown {
+            rx: tokio::sync::Mutex::new(shutdown_rx),
+            handle_signals,
+        };
+        let thread = std::thread::Builder::new()
+            .name("meridian-proxy".into())
+            .spawn(move || {
+                server.run(RunArgs {
+                    shutdown_signal: Box::new(watch),
+                })
+            })
+            .map_err(StartError::Runtime)?;
+
+        let running = Self {
+            http_addr,
+            admin_addr,
+            store,
+            geoip,
+            shutdown,
+            server: Some(thread),
+            stop_sidecar,
+            sidecar: Some(sidecar),
+        };
+        wait_until_listening(http_addr, Duration::from_secs(20))?;
+        Ok(running)
+    }
+
+    /// Blocks until the proxy stops (after a signal, or `stop` from another handle).
+    pub fn wait(mut self) {
+        if let Some(thread) = self.server.take() {
+            let _ = thread.join();
+        }
+    }
+
+    /// Stops the proxy: `graceful` lets in-flight requests finish (bounded by `edge.shutdown_*`).
+    pub fn stop(mut self, graceful: bool) {
+        let signal = if graceful {
+            ShutdownSignal::GracefulTerminate
+        } else {
+            ShutdownSignal::FastShutdown
+        };
+        let _ = self.shutdown.send(signal);
+        if let Some(thread) = self.server.take() {
+            let _ = thread.join();
+        }
+    }
+
+    /// Runs `future` on the sidecar runtime (off the proxy path).
+    pub fn spawn_sidecar<F>(&self, future: F)
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        if let Some(rt) = &self.sidecar {
+            rt.spawn(future);
+        }
+    }
+
+    pub fn sidecar_stop_signal(&self) -> watch::Receiver<bool> {
+        self.stop_sidecar.subscribe()
+    }
+}
+
+impl Drop for RunningEdge {
+    fn drop(&mut self) {
+        let _ = self.shutdown.send(ShutdownSignal::FastShutdown);
+        if let Some(thread) = self.server.take() {
+            let _ = thread.join();
+        }
+        self.stop_sidecar.send_replace(true);
+        if let Some(rt) = self.sidecar.take() {
+            // Never blocks, so an edge may be dropped from async code (tests) too.
+            rt.shutdown_background();
+        }
+    }
+}
+
+fn parse_listen(what: &'static str, addr: &str) -> Result<SocketAddr, StartError> {
+    addr.parse().map_err(|_| StartError::Listen {
+        what,
+        addr: addr.to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "expected ip:port"),
+    })
+}
+
+/// Readiness: the proxy accepts TCP connections.
+fn wait_until_listening(addr: SocketAddr, limit: Duration) -> Result<(), StartError> {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(StartError::NotReady(addr, limit))
+}
+
+/// Shutdown requests from the owning handle and, optionally, from Unix signals.
+struct ChannelShutdown {
+    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<ShutdownSignal>>,
+    handle_signals: bool,
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for ChannelShutdown {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut rx = self.rx.lock().await;
+        if !self.handle_signals {
+            return rx.recv().await.unwrap_or(ShutdownSignal::FastShutdown);
+        }
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return rx.recv().await.unwrap_or(ShutdownSignal::FastShutdown);
+        };
+        tokio::select! {
+            requested = rx.recv() => requested.unwrap_or(ShutdownSignal::FastShutdown),
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: graceful shutdown");
+                ShutdownSignal::GracefulTerminate
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: shutting down");
+                ShutdownSignal::FastShutdown
+            }
+        }
+    }
+}

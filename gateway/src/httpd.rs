@@ -1,0 +1,77 @@
+//! A small hyper-based HTTP/1.1 server loop shared by the admin listener, the demo control API and the
+//! simulated origins (none of them is on the proxy path, so hyper's simplicity wins over Pingora here).
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub type Body = Full<Bytes>;
+
+/// Serves `handler` on `listener` until `stop` turns true; open connections are closed gracefully.
+pub async fn serve<H, F>(listener: TcpListener, handler: H, mut stop: watch::Receiver<bool>)
+where
+    H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let handler = Arc::new(handler);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::debug!("accept failed: {e}");
+                    continue;
+                }
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let handler = Arc::clone(&handler);
+        let mut stop = stop.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |req| {
+                let handler = Arc::clone(&handler);
+                async move { Ok::<_, Infallible>(handler(req).await) }
+            });
+            let conn = http1::Builder::new()
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(conn);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
+            }
+        });
+    }
+}
+
+pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    respond(status, "text/plain; charset=utf-8", body)
+}
+
+pub fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    respond(status, "application/json", value.to_string())
+}
+
+pub fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Body> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    response
+}

@@ -1,0 +1,171 @@
+//! Edge metrics, registered into an explicit registry (never the global default). Label values are
+//! resolved when a snapshot is compiled, so the request path only bumps pre-resolved counters.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry,
+};
+
+use crate::core::Snapshot;
+
+pub const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
+
+/// Region label for requests answered before any region was chosen (refusals, bad requests).
+pub const NO_REGION: &str = "none";
+/// Route label for requests no route claimed.
+pub const NO_ROUTE: &str = "none";
+
+pub struct EdgeMetrics {
+    registry: Registry,
+    requests: IntCounterVec,
+    duration: HistogramVec,
+    pub upstream_attempts: IntCounterVec,
+}
+
+impl EdgeMetrics {
+    pub fn new() -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "meridian_requests_total",
+                "Requests answered by the edge, by route, serving region and status class.",
+            ),
+            &["route", "region", "status_class"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "meridian_request_duration_seconds",
+                "Time from request start to the end of the response, by route and serving region.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ]),
+            &["route", "region"],
+        )?;
+        let upstream_attempts = IntCounterVec::new(
+            Opts::new(
+                "meridian_upstream_attempts_total",
+                "Connection attempts to upstreams, by region and result (ok, connect_error).",
+            ),
+            &["region", "result"],
+        )?;
+        let build_info = IntGaugeVec::new(
+            Opts::new(
+                "meridian_build_info",
+                "Always 1; the version label says which build runs.",
+            ),
+            &["version"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(upstream_attempts.clone()))?;
+        registry.register(Box::new(build_info.clone()))?;
+        build_info
+            .with_label_values(&[env!("CARGO_PKG_VERSION")])
+            .set(1);
+        Ok(Self {
+            registry,
+            requests,
+            duration,
+            upstream_attempts,
+        })
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// Prometheus text exposition of everything registered.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(16 * 1024);
+        let encoder = prometheus::TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut out) {
+            tracing::warn!("metrics encoding failed: {e}");
+        }
+        out
+    }
+
+    fn series(&self, route: &str, region: &str) -> RequestSeries {
+        RequestSeries {
+            by_class: STATUS_CLASSES
+                .map(|class| self.requests.with_label_values(&[route, region, class])),
+            duration: self.duration.with_label_values(&[route, region]),
+        }
+    }
+
+    /// Resolves every (route, region) series a snapshot can produce.
+    pub fn compile(&self, snapshot: &Snapshot) -> SnapshotMetrics {
+        let routes = snapshot
+            .routes
+            .iter()
+            .map(|route| RouteSeries {
+                by_region: snapshot
+                    .regions
+                    .iter()
+                    .map(|r| self.series(&route.name, &r.name))
+                    .collect(),
+                no_region: self.series(&route.name, NO_REGION),
+            })
+            .collect();
+        let attempts = snapshot
+            .regions
+            .iter()
+            .map(|r| AttemptSeries {
+                ok: self.upstream_attempts.with_label_values(&[&r.name, "ok"]),
+                connect_error: self
+                    .upstream_attempts
+                    .with_label_values(&[&r.name, "connect_error"]),
+            })
+            .collect();
+        SnapshotMetrics {
+            routes,
+            unmatched: self.series(NO_ROUTE, NO_REGION),
+            attempts,
+        }
+    }
+}
+
+/// The counters one request touches, already labelled.
+pub struct RequestSeries {
+    by_class: [IntCounter; 6],
+    duration: Histogram,
+}
+
+impl RequestSeries {
+    pub fn observe(&self, status: u16, seconds: f64) {
+        let class = match status {
+            100..=599 => usize::from(status / 100 - 1),
+            _ => 5,
+        };
+        self.by_class[class].inc();
+        self.duration.observe(seconds);
+    }
+}
+
+pub struct RouteSeries {
+    by_region: Vec<RequestSeries>,
+    no_region: RequestSeries,
+}
+
+pub struct AttemptSeries {
+    pub ok: IntCounter,
+    pub connect_error: IntCounter,
+}
+
+/// Pre-resolved series for one snapshot, indexed like the snapshot's routes and regions.
+pub struct SnapshotMetrics {
+    routes: Vec<RouteSeries>,
+    unmatched: RequestSeries,
+    pub attempts: Vec<AttemptSeries>,
+}
+
+impl SnapshotMetrics {
+    pub fn request(&self, route: Option<usize>, region: Option<usize>) -> &RequestSeries {
+        let Some(series) = route.and_then(|r| self.routes.get(r)) else {
+            return &self.unmatched;
+        };
+        region
+            .and_then(|r| series.by_region.get(r))
+            .unwrap_or(&series.no_region)
+    }
+}

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Meridian's whole test suite, as CI runs it: install missing system packages, then lint and test
+# the workspace with one shared build.
+set -euo pipefail
+cd "$(dirname "$0")"
+source scripts/ensure-packages.sh
+ensure_packages cmake
+if ! cargo nextest --version >/dev/null 2>&1; then
+  cargo install --locked cargo-nextest
+fi
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo nextest run --workspace --no-fail-fast

@@ -1,0 +1,106 @@
+//! HTTP clients that choose their source address (the test world places clients by it).
+
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpSocket;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    /// HTTP/2 over cleartext with prior knowledge.
+    H2c,
+}
+
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+    pub version: http::Version,
+}
+
+impl Reply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.text()))
+    }
+    /// The region that served the request, as the edge says.
+    pub fn region(&self) -> Option<&str> {
+        self.header("x-meridian-region")
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    target: SocketAddr,
+}
+
+impl Client {
+    pub fn new(target: SocketAddr) -> Self {
+        Self { target }
+    }
+
+    /// One request on a fresh connection from `source`.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn request(
+        &self,
+        protocol: Protocol,
+        source: IpAddr,
+        method: &str,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> anyhow::Result<Reply> {
+        let socket = if source.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(source, 0))?;
+        let stream = socket.connect(self.target).await?;
+        let io = TokioIo::new(stream);
+        let mut builder = Request::builder().method(method);
+        builder = match protocol {
+            Protocol::Http1 => builder.uri(path).header("host", host),
+            Protocol::H2c => builder.uri(format!("http://{host}{path}")),
+        };
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let request = builder.body(Full::new(Bytes::from(body)))?;
+        let response = match protocol {
+            Protocol::Http1 => {
+                let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+                tokio::spawn(conn);
+                sender.send_request(request).await?
+            }
+            Protocol::H2c => {
+                let (mut sender, conn) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+                tokio::spawn(conn);
+                sender.send_request(request).await?
+            }
+        };
+        let status = response.status().as_u16();
+        let version = response.version();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok(Reply {
+            status,
+            headers,
+            body,
+            version,
+        })
+    }
+}
