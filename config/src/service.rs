@@ -1,0 +1,592 @@
+//! The config service's HTTP API (HTTP/1.1, hyper 1):
+//!
+//! | request | answer |
+//! |---|---|
+//! | `GET /v1/config` | 200 TOML + `ETag: "<n>"`, `X-Meridian-Version`, `X-Meridian-Sha256`; 404 when empty |
+//! | `GET /v1/config?after=N&wait=30s` | long-poll: 200 as soon as a version > N exists, else 304 |
+//! | `PUT /v1/config` (token) | 201 VersionMeta; 409 on `If-Match` mismatch; 413; 422 with every error |
+//! | `GET /v1/history` | VersionMeta array, newest first |
+//! | `GET /v1/versions/{n}` | 200 TOML as above, or 404 |
+//! | `POST /v1/rollback/{n}` (token) | 201 VersionMeta of the new version, or 404 |
+//! | `GET /healthz` | 200 `ok` |
+//!
+//! Every error body is JSON `{"error": "..."}`.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::store::{ConfigStore, PutError, StoredVersion};
+use crate::wire::{self, header_text, parse_version_tag};
+use crate::HumanDuration;
+
+/// Longest long-poll a client may ask for; longer `wait`s are capped to this.
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
+/// Long-poll duration when `after` is given without `wait`.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
+/// How long a client may take to send its request headers (also the keep-alive idle limit).
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client may take to send a request body.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long open connections get to finish after shutdown was requested.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// An oversized body is read and discarded up to this many bytes (so the client reliably sees
+/// the 413 instead of a reset); beyond it the connection is simply closed.
+const DISCARD_LIMIT: u64 = 16 * 1024 * 1024;
+
+type Body = Full<Bytes>;
+
+pub struct ServiceState {
+    pub store: ConfigStore,
+    /// Bearer token required for writes. An empty token disables every write (401).
+    pub token: String,
+    /// Largest accepted `PUT /v1/config` body; more is answered `413`.
+    pub max_body_bytes: usize,
+}
+
+impl ServiceState {
+    pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+
+    pub fn new(store: ConfigStore, token: impl Into<String>) -> Self {
+        Self {
+            store,
+            token: token.into(),
+            max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
+        }
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then stops accepting, ends pending
+/// long-polls (503) and lets open connections finish (bounded by a timeout).
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ServiceState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => {
+                    connections.spawn(serve_connection(stream, state.clone(), stop_rx.clone()));
+                }
+                Err(e) => {
+                    // Typically EMFILE or an aborted handshake: keep serving, but do not spin.
+                    tracing::warn!(error = %e, "config service accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    drop(listener);
+    stop_tx.send_replace(true);
+    while connections.join_next().await.is_some() {}
+    Ok(())
+}
+
+async fn serve_connection(
+    stream: TcpStream,
+    state: Arc<ServiceState>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let handler_stop = stop.clone();
+    let service = service_fn(move |request| {
+        let state = state.clone();
+        let stop = handler_stop.clone();
+        async move { Ok::<_, Infallible>(handle(request, state, stop).await) }
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .serve_connection(TokioIo::new(stream), service);
+    let mut connection = std::pin::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "config service connection ended with an error");
+            }
+        }
+        () = stopping(&mut stop) => {
+            connection.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(SHUTDOWN_TIMEOUT, connection).await;
+        }
+    }
+}
+
+/// Completes once shutdown has begun (the watch `Ref` is not held across any await).
+async fn stopping(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopping| *stopping).await;
+}
+
+async fn handle(
+    request: Request<Incoming>,
+    state: Arc<ServiceState>,
+    stop: watch::Receiver<bool>,
+) -> Response<Body> {
+    let path = request.uri().path().to_owned();
+    let method = request.method().clone();
+    match path.as_str() {
+        "/healthz" => match method {
+            Method::GET => text(StatusCode::OK, "ok"),
+            _ => not_allowed("GET"),
+        },
+        "/v1/config" => match method {
+            Method::GET => get_config(request.uri().query(), request.headers(), &state, stop).await,
+            Method::PUT => put_config(request, state).await,
+            _ => not_allowed("GET, PUT"),
+        },
+        "/v1/history" => match method {
+            Method::GET => json_response(StatusCode::OK, &state.store.history()),
+            _ => not_allowed("GET"),
+        },
+        _ => {
+            if let Some(n) = path.strip_prefix("/v1/versions/") {
+                match method {
+                    Method::GET => match parse_path_version(n) {
+                        Ok(n) => match state.store.get(n) {
+                            Some(version) => document(&version),
+                            None => error(StatusCode::NOT_FOUND, &format!("no version {n}")),
+                        },
+                        Err(reject) => reject.into_response(),
+                    },
+                    _ => not_allowed("GET"),
+                }
+            } else if let Some(n) = path.strip_prefix("/v1/rollback/") {
+                match method {
+                    Method::POST => match parse_path_version(n) {
+                        Ok(n) => rollback(request, state, n).await,
+                        Err(reject) => reject.into_response(),
+                    },
+                    _ => not_allowed("POST"),
+                }
+            } else {
+                error(StatusCode::NOT_FOUND, "not found")
+            }
+        }
+    }
+}
+
+async fn get_config(
+    query: Option<&str>,
+    headers: &http::HeaderMap,
+    state: &ServiceState,
+    mut stop: watch::Receiver<bool>,
+) -> Response<Body> {
+    let (after, wait) = match parse_watch_query(query) {
+        Ok(Some(watch)) => watch,
+        Ok(None) => {
+            let Some(current) = state.store.current() else {
+                return error(StatusCode::NOT_FOUND, "no config version stored yet");
+            };
+            let if_none_match = headers
+                .get(header::IF_NONE_MATCH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_version_tag);
+            if if_none_match == Some(current.meta.version) {
+                return not_modified();
+            }
+            return document(&current);
+        }
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+    };
+    // Subscribe before looking: a put that lands in between is then seen by `wait_for`.
+    let mut latest = state.store.subscribe();
+    let newer = async { latest.wait_for(|&version| version > after).await.is_ok() };
+    tokio::select! {
+        waited = tokio::time::timeout(wait, newer) => {
+            if waited != Ok(true) {
+                return not_modified();
+            }
+        }
+        () = stopping(&mut stop) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "config service is shutting down");
+        }
+    }
+    match state.store.current() {
+        Some(current) => document(&current),
+        None => not_modified(),
+    }
+}
+
+/// `None` for a plain GET; `Some((after, wait))` for a long-poll.
+fn parse_watch_query(query: Option<&str>) -> Result<Option<(u64, Duration)>, String> {
+    let mut after = None;
+    let mut wait = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        match key {
+            "after" => {
+                let n = value
+                    .parse::<u64>()
+                    .map_err(|_| format!("after={value:?} is not a version number"))?;
+                after = Some(n);
+            }
+            "wait" => {
+                let duration = HumanDuration::parse(value).map_err(|e| format!("wait: {e}"))?;
+                wait = Some(duration.as_duration().min(MAX_WAIT));
+            }
+            other => return Err(format!("unknown query parameter {other:?}")),
+        }
+    }
+    match (after, wait) {
+        (None, None) => Ok(None),
+        (None, Some(_)) => Err("wait needs after=<version>".into()),
+        (Some(after), wait) => Ok(Some((after, wait.unwrap_or(DEFAULT_WAIT)))),
+    }
+}
+
+async fn put_config(request: Request<Incoming>, state: Arc<ServiceState>) -> Response<Body> {
+    if !authorized(request.headers(), &state.token) {
+        return unauthorized();
+    }
+    let if_match = match request.headers().get(header::IF_MATCH) {
+        None => None,
+        Some(value) => match value.to_str().map(str::trim) {
+            Ok("*") => None,
+            Ok(tag) => match parse_version_tag(tag) {
+                Some(n) => Some(n),
+                None => return error(StatusCode::BAD_REQUEST, "If-Match must be a version"),
+            },
+            Err(_) => return error(StatusCode::BAD_REQUEST, "If-Match must be a version"),
+        },
+    };
+    let author = author(&request);
+    let message = header_text(request.headers(), wire::MESSAGE).unwrap_or_default();
+    let body = match read_body(request, state.max_body_bytes).await {
+        Ok(body) => body,
+        Err(reject) => return reject.into_response(),
+    };
+    let Ok(document) = String::from_utf8(body.to_vec()) else {
+        return error(StatusCode::BAD_REQUEST, "the document is not UTF-8");
+    };
+    let store_state = state.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        store_state
+            .store
+            .put(&document, &author, &message, if_match)
+    })
+    .await;
+    put_response(result)
+}
+
+async fn rollback(
+    request: Request<Incoming>,
+    state: Arc<ServiceState>,
+    version: u64,
+) -> Response<Body> {
+    if !authorized(request.headers(), &state.token) {
+        return unauthorized();
+    }
+    let author = author(&request);
+    let store_state = state.clone();
+    let result =
+        tokio::task::spawn_blocking(move || store_state.store.rollback(version, &author)).await;
+    put_response(result)
+}
+
+fn put_response(
+    result: Result<Result<crate::VersionMeta, PutError>, tokio::task::JoinError>,
+) -> Response<Body> {
+    let result = match result {
+        Ok(result) => result,
+        Err(e) => {
+            tracing::error!(error = %e, "config store write task failed");
+            return error(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
+        }
+    };
+    match result {
+        Ok(meta) => {
+            let mut response = json_response(StatusCode::CREATED, &meta);
+            set_header(&mut response, "etag", &format!("\"{}\"", meta.version));
+            set_header(
+                &mut response,
+                "location",
+                &format!("/v1/versions/{}", meta.version),
+            );
+            response
+        }
+        Err(PutError::Parse(message)) => invalid(json!([{ "path": "", "message": message }])),
+        Err(PutError::Invalid(errors)) => invalid(json!(errors)),
+        Err(PutError::Conflict { current }) => json_response(
+            StatusCode::CONFLICT,
+            &json!({ "error": "conflict", "current": current }),
+        ),
+        Err(PutError::NoSuchVersion(n)) => error(StatusCode::NOT_FOUND, &format!("no version {n}")),
+        Err(PutError::Io(e)) => {
+            tracing::error!(error = %e, "config store write failed");
+            error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "config store write failed",
+            )
+        }
+    }
+}
+
+fn author(request: &Request<Incoming>) -> String {
+    header_text(request.headers(), wire::AUTHOR)
+        .filter(|a| !a.trim().is_empty())
+        .unwrap_or_else(|| "anonymous".into())
+}
+
+/// Reads the whole body, answering 413 past `max` bytes and 408 when the client stalls.
+async fn read_body(request: Request<Incoming>, max: usize) -> Result<Bytes, Reject> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let expects_continue = request
+        .headers()
+        .get(header::EXPECT)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"));
+    let mut body = request.into_body();
+    if declared.is_some_and(|n| n > max as u64) {
+        // A 100-continue client has sent nothing yet: answer without making it upload.
+        if !expects_continue {
+            discard(body).await;
+        }
+        return Err(Reject::too_large(max));
+    }
+    let collect = async {
+        let mut collected = Vec::new();
+        while let Some(frame) = body.frame().await {
+            let Ok(data) = frame?.into_data() else {
+                continue; // trailers
+            };
+            if collected.len() + data.len() > max {
+                return Ok(None);
+            }
+            collected.extend_from_slice(&data);
+        }
+        Ok::<_, hyper::Error>(Some(collected))
+    };
+    match tokio::time::timeout(BODY_READ_TIMEOUT, collect).await {
+        Err(_) => Err(Reject::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "timed out reading the request body",
+        )),
+        Ok(Ok(Some(collected))) => Ok(Bytes::from(collected)),
+        Ok(Ok(None)) => {
+            discard(body).await;
+            Err(Reject::too_large(max))
+        }
+        Ok(Err(_)) => Err(Reject::new(
+            StatusCode::BAD_REQUEST,
+            "cannot read the request body",
+        )),
+    }
+}
+
+async fn discard(mut body: Incoming) {
+    let drain = async {
+        let mut seen = 0u64;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |data| data.len() as u64);
+            if seen > DISCARD_LIMIT {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(BODY_READ_TIMEOUT, drain).await;
+}
+
+/// `Authorization: Bearer <token>`, compared in constant time (over digests, so the length of
+/// the token does not leak either).
+fn authorized(headers: &http::HeaderMap, token: &str) -> bool {
+    if token.is_empty() {
+        return false;
+    }
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return false;
+    };
+    let value = value.as_bytes();
+    let Some(presented) = value
+        .get(..7)
+        .filter(|scheme| scheme.eq_ignore_ascii_case(b"bearer "))
+        .and_then(|_| value.get(7..))
+    else {
+        return false;
+    };
+    let presented = Sha256::digest(presented.trim_ascii());
+    let expected = Sha256::digest(token.as_bytes());
+    presented
+        .iter()
+        .zip(expected.iter())
+        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+        == 0
+}
+
+fn parse_path_version(text: &str) -> Result<u64, Reject> {
+    if text.contains('/') {
+        return Err(Reject::new(StatusCode::NOT_FOUND, "not found"));
+    }
+    text.parse()
+        .map_err(|_| Reject::new(StatusCode::BAD_REQUEST, "the version must be a number"))
+}
+
+/// An error answer decided by a helper (kept small; turned into a response at the end).
+struct Reject {
+    status: StatusCode,
+    message: String,
+}
+
+impl Reject {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    fn too_large(max: usize) -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the document is larger than {max} bytes"),
+        )
+    }
+
+    fn into_response(self) -> Response<Body> {
+        let mut response = error(self.status, &self.message);
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // Whatever is left of the body is not worth reading.
+            set_header(&mut response, "connection", "close");
+        }
+        response
+    }
+}
+
+fn document(version: &StoredVersion) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from(version.document.clone())));
+    set_header(&mut response, "content-type", "application/toml");
+    set_header(&mut response, "cache-control", "no-cache");
+    for (name, value) in wire::version_headers(&version.meta) {
+        set_header(&mut response, name, &value);
+    }
+    response
+}
+
+fn invalid(errors: serde_json::Value) -> Response<Body> {
+    json_response(
+        StatusCode::UNPROCESSABLE_ENTITY,
+        &json!({ "error": "invalid config", "errors": errors }),
+    )
+}
+
+fn unauthorized() -> Response<Body> {
+    let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+    set_header(&mut response, "www-authenticate", "Bearer");
+    response
+}
+
+fn not_allowed(allow: &str) -> Response<Body> {
+    let mut response = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    set_header(&mut response, "allow", allow);
+    response
+}
+
+fn not_modified() -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::new()));
+    *response.status_mut() = StatusCode::NOT_MODIFIED;
+    response
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Body> {
+    json_response(status, &json!({ "error": message }))
+}
+
+fn json_response<T: serde::Serialize>(status: StatusCode, value: &T) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_else(|_| b"{\"error\":\"internal\"}".to_vec());
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    set_header(&mut response, "content-type", "application/json");
+    response
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
+    set_header(&mut response, "content-type", "text/plain");
+    response
+}
+
+fn set_header(response: &mut Response<Body>, name: &'static str, value: &str) {
+    match HeaderValue::from_str(value) {
+        Ok(value) => {
+            response
+                .headers_mut()
+                .insert(HeaderName::from_static(name), value);
+        }
+        Err(_) => tracing::warn!(header = name, "dropping a header value that is not valid"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn watch_query() {
+        assert_eq!(parse_watch_query(None), Ok(None));
+        assert_eq!(parse_watch_query(Some("")), Ok(None));
+        assert_eq!(
+            parse_watch_query(Some("after=3&wait=50ms")),
+            Ok(Some((3, Duration::from_millis(50))))
+        );
+        assert_eq!(
+            parse_watch_query(Some("after=3")),
+            Ok(Some((3, DEFAULT_WAIT)))
+        );
+        assert_eq!(
+            parse_watch_query(Some("after=3&wait=1h")),
+            Ok(Some((3, MAX_WAIT)))
+        );
+        assert!(parse_watch_query(Some("wait=5s")).is_err());
+        assert!(parse_watch_query(Some("after=x")).is_err());
+        assert!(parse_watch_query(Some("after=1&wait=5")).is_err());
+        assert!(parse_watch_query(Some("after=1&colour=red")).is_err());
+    }
+
+    #[test]
+    fn bearer_token() {
+        let mut headers = http::HeaderMap::new();
+        assert!(!authorized(&headers, "s3cret"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer s3cret"),
+        );
+        assert!(authorized(&headers, "s3cret"));
+        assert!(!authorized(&headers, "s3cret2"));
+        assert!(!authorized(&headers, ""));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("bearer s3cret"),
+        );
+        assert!(authorized(&headers, "s3cret"));
+        headers.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Basic s3cret"),
+        );
+        assert!(!authorized(&headers, "s3cret"));
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer "));
+        assert!(!authorized(&headers, "s3cret"));
+    }
+}
