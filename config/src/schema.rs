@@ -21,6 +21,35 @@ pub struct Config {
     pub routes: Vec<Route>,
     #[serde(default)]
     pub residency: Vec<Residency>,
+    /// Points of presence that GeoDNS steers end users to.
+    #[serde(default)]
+    pub pops: Vec<Pop>,
+    /// The authoritative GeoDNS server; absent: no DNS listener.
+    #[serde(default)]
+    pub dns: Option<DnsSection>,
+    /// Follow a config service instead of (only) the local file. Process-level: read from the file
+    /// an edge boots with; the same section in a pushed document is ignored by running edges.
+    #[serde(default)]
+    pub control: Option<Control>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Control {
+    /// Base URL of the config service, e.g. `http://127.0.0.1:7070`.
+    pub url: String,
+    /// Bearer token file (reads need none today; kept for services that require it).
+    #[serde(default)]
+    pub token_file: Option<String>,
+    /// Where the last good version is kept, so the edge can start while the service is down.
+    pub cache_dir: String,
+    /// Long-poll wait per request to the service.
+    #[serde(default = "default_control_wait")]
+    pub wait: HumanDuration,
+}
+
+fn default_control_wait() -> HumanDuration {
+    HumanDuration::secs(30)
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -215,4 +244,141 @@ pub struct Residency {
 
 fn default_strict() -> bool {
     true
+}
+
+/// A point of presence: an edge that end users reach, answered by GeoDNS.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pop {
+    pub name: String,
+    pub location: GeoPoint,
+    /// IPv4 and IPv6 addresses GeoDNS hands out for this PoP (A and AAAA records).
+    pub addresses: Vec<String>,
+    /// `http://host:port/healthz`: probed by GeoDNS; absent: the PoP is always considered healthy.
+    #[serde(default)]
+    pub health: Option<String>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsSection {
+    /// UDP and TCP listener (same address for both).
+    #[serde(default = "default_dns_listen")]
+    pub listen: String,
+    /// The zone this server is authoritative for, e.g. `example.test`.
+    pub zone: String,
+    /// TTL of steered answers, seconds.
+    #[serde(default = "default_dns_ttl")]
+    pub ttl: u32,
+    #[serde(default)]
+    pub soa: Soa,
+    /// Name servers of the zone (NS at the apex). Empty: `ns1.<zone>`.
+    #[serde(default)]
+    pub ns: Vec<String>,
+    /// How many PoPs one answer carries (the N nearest healthy ones).
+    #[serde(default = "default_dns_answers")]
+    pub answers: usize,
+    /// PoPs answered when the client's location is unknown. Empty: the first PoPs in document order.
+    #[serde(default)]
+    pub default_pops: Vec<String>,
+    /// Names in the zone steered to PoPs.
+    #[serde(default)]
+    pub records: Vec<DnsRecord>,
+    #[serde(default)]
+    pub health: DnsHealth,
+    #[serde(default)]
+    pub limits: DnsLimits,
+}
+
+fn default_dns_listen() -> String {
+    "127.0.0.1:5353".into()
+}
+
+fn default_dns_ttl() -> u32 {
+    30
+}
+
+fn default_dns_answers() -> usize {
+    1
+}
+
+/// A steered name: `api` (relative to the zone), `@` for the apex.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsRecord {
+    pub name: String,
+    /// PoPs this name may be answered with. Empty: every PoP.
+    #[serde(default)]
+    pub pops: Vec<String>,
+    /// Bias by PoP name: a weight of 2 makes a PoP look half as far away (default 1).
+    #[serde(default)]
+    pub weights: std::collections::BTreeMap<String, u32>,
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Soa {
+    /// Primary name server. Empty: the first NS.
+    pub mname: String,
+    /// Responsible mailbox as a name. Empty: `hostmaster.<zone>`.
+    pub rname: String,
+    pub serial: u32,
+    pub refresh: u32,
+    pub retry: u32,
+    pub expire: u32,
+    /// Negative-caching TTL (RFC 2308), seconds.
+    pub minimum: u32,
+}
+
+impl Default for Soa {
+    fn default() -> Self {
+        Self {
+            mname: String::new(),
+            rname: String::new(),
+            serial: 1,
+            refresh: 3600,
+            retry: 600,
+            expire: 86400,
+            minimum: 60,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsHealth {
+    /// Time between two probes of a PoP's health URL.
+    pub interval: HumanDuration,
+    /// One probe's deadline (connect + response head).
+    pub timeout: HumanDuration,
+}
+
+impl Default for DnsHealth {
+    fn default() -> Self {
+        Self {
+            interval: HumanDuration::secs(2),
+            timeout: HumanDuration::secs(1),
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsLimits {
+    /// Largest UDP response we send to an EDNS client (RFC 9715 suggests 1232).
+    pub max_udp_payload: u16,
+    /// Concurrent TCP connections; more wait in the kernel backlog.
+    pub max_tcp_connections: usize,
+    /// A TCP connection with no complete query for this long is closed.
+    pub tcp_idle_timeout: HumanDuration,
+}
+
+impl Default for DnsLimits {
+    fn default() -> Self {
+        Self {
+            max_udp_payload: 1232,
+            max_tcp_connections: 256,
+            tcp_idle_timeout: HumanDuration::secs(10),
+        }
+    }
 }

@@ -32,6 +32,10 @@ impl Config {
         let regions = validate_regions(&self.regions, &mut errors);
         validate_routes(&self.routes, &regions, &mut errors);
         validate_residency(&self.residency, &regions, &mut errors);
+        validate_dns(&self.pops, self.dns.as_ref(), &mut errors);
+        if let Some(control) = &self.control {
+            validate_control(control, &mut errors);
+        }
         if errors.0.is_empty() {
             Ok(())
         } else {
@@ -298,6 +302,214 @@ fn validate_residency(rules: &[Residency], regions: &HashSet<&str>, errors: &mut
                 );
             }
         }
+    }
+}
+
+fn validate_control(control: &Control, errors: &mut Errors) {
+    let rest = control.url.strip_prefix("http://");
+    let authority = rest.map(|r| r.split('/').next().unwrap_or(""));
+    if authority.is_none_or(str::is_empty) {
+        errors.push(
+            "control.url",
+            format!("bad URL {:?} (expected http://host:port)", control.url),
+        );
+    }
+    if control.cache_dir.trim().is_empty() {
+        errors.push("control.cache_dir", "must not be empty");
+    }
+    if control.wait.as_duration().is_zero() || control.wait.as_duration().as_secs() > 60 {
+        errors.push("control.wait", "must be between 1ms and 60s");
+    }
+}
+
+/// `[[pops]]` and `[dns]`: addresses, health URLs, the zone, and every PoP a record names.
+fn validate_dns(pops: &[Pop], dns: Option<&DnsSection>, errors: &mut Errors) {
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    for (i, pop) in pops.iter().enumerate() {
+        let path = format!("pops[{i}]");
+        if !is_name(&pop.name) {
+            errors.push(format!("{path}.name"), name_rule(&pop.name));
+        } else if let Some(first) = names.insert(&pop.name, i) {
+            errors.push(
+                format!("{path}.name"),
+                format!(
+                    "duplicate pop name {:?} (first defined at pops[{first}])",
+                    pop.name
+                ),
+            );
+            names.insert(&pop.name, first);
+        }
+        check_point(&format!("{path}.location"), pop.location, errors);
+        if pop.addresses.is_empty() {
+            errors.push(
+                format!("{path}.addresses"),
+                "a pop needs at least one address",
+            );
+        }
+        if pop.addresses.len() > 64 {
+            errors.push(format!("{path}.addresses"), "at most 64 addresses per pop");
+        }
+        let mut seen = HashMap::new();
+        for (j, address) in pop.addresses.iter().enumerate() {
+            let apath = format!("{path}.addresses[{j}]");
+            match address.parse::<IpAddr>() {
+                Err(_) => errors.push(
+                    apath,
+                    format!("bad address {address:?} (expected an IPv4 or IPv6 address, no port)"),
+                ),
+                Ok(ip) => {
+                    if let Some(first) = seen.insert(ip, j) {
+                        errors.push(
+                            apath,
+                            format!("duplicate address {ip} (also {path}.addresses[{first}])"),
+                        );
+                    }
+                }
+            }
+        }
+        if let Some(url) = &pop.health {
+            if let Err(message) = check_http_url(url) {
+                errors.push(format!("{path}.health"), message);
+            }
+        }
+    }
+    let Some(dns) = dns else { return };
+    if pops.is_empty() {
+        errors.push(
+            "pops",
+            "[dns] needs at least one [[pops]] entry to answer with",
+        );
+    }
+    if dns.listen.parse::<SocketAddr>().is_err() {
+        errors.push(
+            "dns.listen",
+            format!(
+                "bad address {:?} (expected ip:port, e.g. \"127.0.0.1:5353\")",
+                dns.listen
+            ),
+        );
+    }
+    if dns.zone.starts_with("*.") || check_host(dns.zone.trim_end_matches('.')).is_err() {
+        errors.push(
+            "dns.zone",
+            format!(
+                "bad zone {:?} (expected a DNS name like \"example.com\")",
+                dns.zone
+            ),
+        );
+    }
+    if dns.ttl > 86_400 {
+        errors.push("dns.ttl", "must be at most 86400 seconds");
+    }
+    for (i, ns) in dns.ns.iter().enumerate() {
+        if ns.starts_with("*.") || check_host(ns.trim_end_matches('.')).is_err() {
+            errors.push(
+                format!("dns.ns[{i}]"),
+                format!("bad name server name {ns:?}"),
+            );
+        }
+    }
+    for (field, value) in [("mname", &dns.soa.mname), ("rname", &dns.soa.rname)] {
+        if !value.is_empty()
+            && (value.starts_with("*.") || check_host(value.trim_end_matches('.')).is_err())
+        {
+            errors.push(format!("dns.soa.{field}"), format!("bad name {value:?}"));
+        }
+    }
+    if dns.soa.minimum > 86_400 {
+        errors.push("dns.soa.minimum", "must be at most 86400 seconds");
+    }
+    if !(1..=16).contains(&dns.answers) {
+        errors.push("dns.answers", "must be between 1 and 16");
+    }
+    let known = |name: &str| names.contains_key(name);
+    for (i, name) in dns.default_pops.iter().enumerate() {
+        if !known(name) {
+            errors.push(
+                format!("dns.default_pops[{i}]"),
+                format!("unknown pop {name:?}"),
+            );
+        }
+    }
+    let mut records: HashMap<String, usize> = HashMap::new();
+    for (i, record) in dns.records.iter().enumerate() {
+        let path = format!("dns.records[{i}]");
+        if record.name != "@"
+            && (record.name.ends_with('.')
+                || record.name.starts_with("*.")
+                || check_host(&record.name).is_err())
+        {
+            errors.push(
+                format!("{path}.name"),
+                format!(
+                    "bad record name {:?} (a name relative to the zone like \"api\", or \"@\" for the apex)",
+                    record.name
+                ),
+            );
+        } else if let Some(first) = records.insert(record.name.to_ascii_lowercase(), i) {
+            errors.push(
+                format!("{path}.name"),
+                format!(
+                    "duplicate record {:?} (first defined at dns.records[{first}])",
+                    record.name
+                ),
+            );
+        }
+        for (j, name) in record.pops.iter().enumerate() {
+            if !known(name) {
+                errors.push(format!("{path}.pops[{j}]"), format!("unknown pop {name:?}"));
+            }
+        }
+        for (name, weight) in &record.weights {
+            if !known(name) {
+                errors.push(
+                    format!("{path}.weights.{name}"),
+                    format!("unknown pop {name:?}"),
+                );
+            } else if !record.pops.is_empty() && !record.pops.contains(name) {
+                errors.push(
+                    format!("{path}.weights.{name}"),
+                    format!("pop {name:?} is not one of this record's pops"),
+                );
+            }
+            if !(1..=100).contains(weight) {
+                errors.push(
+                    format!("{path}.weights.{name}"),
+                    "must be between 1 and 100",
+                );
+            }
+        }
+    }
+    if dns.health.interval.as_duration().is_zero() {
+        errors.push("dns.health.interval", "must be greater than 0");
+    }
+    if dns.health.timeout.as_duration().is_zero() {
+        errors.push("dns.health.timeout", "must be greater than 0");
+    }
+    let limits = &dns.limits;
+    if !(512..=4096).contains(&limits.max_udp_payload) {
+        errors.push("dns.limits.max_udp_payload", "must be between 512 and 4096");
+    }
+    if !(1..=65_536).contains(&limits.max_tcp_connections) {
+        errors.push(
+            "dns.limits.max_tcp_connections",
+            "must be between 1 and 65536",
+        );
+    }
+    if limits.tcp_idle_timeout.as_duration().is_zero() {
+        errors.push("dns.limits.tcp_idle_timeout", "must be greater than 0");
+    }
+}
+
+/// `http://host:port/path` (what the GeoDNS health prober can fetch: plain HTTP/1.1).
+fn check_http_url(url: &str) -> Result<(), String> {
+    let rest = url.strip_prefix("http://");
+    let authority = rest.map(|r| r.split('/').next().unwrap_or(""));
+    match authority {
+        Some(a) if a.parse::<SocketAddr>().is_ok() => Ok(()),
+        _ => Err(format!(
+            "bad health URL {url:?} (expected http://ip:port/path, e.g. \"http://10.0.0.5:8080/healthz\")"
+        )),
     }
 }
 

@@ -170,3 +170,59 @@ fn the_demo_config_is_valid() {
     assert_eq!(config.regions.len(), 8);
     assert_eq!(config.edge.limits.max_header_bytes, 32 * 1024);
 }
+
+#[test]
+fn dns_and_pop_errors_are_reported_with_their_paths() {
+    let text = r#"
+schema = 1
+[[regions]]
+name = "r"
+location = { lat = 0.0, lon = 0.0 }
+upstreams = [{ address = "127.1.1.1:7001" }]
+
+[dns]
+listen = "127.0.0.1"
+zone = "bad zone!"
+answers = 0
+default_pops = ["nowhere"]
+limits = { max_udp_payload = 100 }
+[[dns.records]]
+name = "api"
+pops = ["seoul", "atlantis"]
+weights = { seoul = 0 }
+[[dns.records]]
+name = "api"
+
+[[pops]]
+name = "seoul"
+location = { lat = 37.57, lon = 126.98 }
+addresses = ["127.2.6.1"]
+health = "https://127.1.6.1/healthz"
+[[pops]]
+name = "tokyo"
+location = { lat = 35.68, lon = 239.69 }
+addresses = ["x", "127.2.7.1", "127.2.7.1"]
+[[pops]]
+name = "seoul"
+location = { lat = 0.0, lon = 0.0 }
+addresses = []
+"#;
+    let errors = errors_of(text);
+    let expected = [
+        "pops[0].health: bad health URL \"https://127.1.6.1/healthz\" (expected http://ip:port/path, e.g. \"http://10.0.0.5:8080/healthz\")",
+        "pops[1].location.lon: longitude 239.69 is out of range [-180, 180]",
+        "pops[1].addresses[0]: bad address \"x\" (expected an IPv4 or IPv6 address, no port)",
+        "pops[1].addresses[2]: duplicate address 127.2.7.1 (also pops[1].addresses[1])",
+        "pops[2].name: duplicate pop name \"seoul\" (first defined at pops[0])",
+        "pops[2].addresses: a pop needs at least one address",
+        "dns.listen: bad address \"127.0.0.1\" (expected ip:port, e.g. \"127.0.0.1:5353\")",
+        "dns.zone: bad zone \"bad zone!\" (expected a DNS name like \"example.com\")",
+        "dns.answers: must be between 1 and 16",
+        "dns.default_pops[0]: unknown pop \"nowhere\"",
+        "dns.records[0].pops[1]: unknown pop \"atlantis\"",
+        "dns.records[0].weights.seoul: must be between 1 and 100",
+        "dns.records[1].name: duplicate record \"api\" (first defined at dns.records[0])",
+        "dns.limits.max_udp_payload: must be between 512 and 4096",
+    ];
+    assert_eq!(errors, expected);
+}

@@ -26,12 +26,14 @@ pub type Regions = Arc<BTreeMap<String, Vec<Arc<OriginControl>>>>;
 pub struct DemoOptions {
     pub data_dir: PathBuf,
     pub control: SocketAddr,
+    pub config_service: SocketAddr,
 }
 
 impl Default for DemoOptions {
     fn default() -> Self {
         Self {
             data_dir: std::env::temp_dir().join("meridian-demo"),
+            config_service: SocketAddr::from(([127, 0, 0, 1], 7070)),
             control: CONTROL_ADDR
                 .parse()
                 .unwrap_or_else(|_| SocketAddr::from(([127, 0, 0, 1], 7071))),
@@ -59,6 +61,10 @@ pub struct Demo {
     pub edge: RunningEdge,
     pub regions: Regions,
     pub geoip_db: PathBuf,
+    /// Write token of the demo's config service (also in `token_file`).
+    pub token: String,
+    pub token_file: PathBuf,
+    pub config_service: SocketAddr,
     _runtime: tokio::runtime::Runtime,
     _stop: watch::Sender<bool>,
 }
@@ -68,10 +74,10 @@ pub fn start(options: DemoOptions) -> Result<Demo, DemoError> {
         let what = what.to_string();
         move |source| DemoError::Io { what, source }
     };
+    // `geoip.database = "test-world.mmdb"` in local.toml resolves against the data directory.
     let geoip_db = options.data_dir.join("test-world.mmdb");
     meridian_geoip::test_world::write(&geoip_db)?;
     let mut config = Config::from_toml_str(LOCAL_CONFIG)?;
-    config.geoip.database = Some(geoip_db.display().to_string());
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -104,22 +110,86 @@ pub fn start(options: DemoOptions) -> Result<Demo, DemoError> {
     runtime.spawn(httpd::serve(
         control_listener,
         move |req| control(Arc::clone(&handler_regions), req),
-        stop_rx,
+        stop_rx.clone(),
     ));
+
+    // The config service, holding the embedded config as version 1; the edge follows it.
+    let token = start_config_service(&runtime, &options, stop_rx.clone())?;
+    config.control = Some(meridian_config::Control {
+        url: format!("http://{}", options.config_service),
+        token_file: None,
+        cache_dir: options.data_dir.join("edge-cache").display().to_string(),
+        wait: meridian_config::HumanDuration::secs(30),
+    });
 
     let hash = meridian_config::content_hash(LOCAL_CONFIG);
     let edge = RunningEdge::start(EdgeOptions {
         config,
         meta: SnapshotMeta { version: 0, hash },
         handle_signals: true,
+        watch_file: None,
+        base_dir: Some(options.data_dir.clone()),
     })?;
     Ok(Demo {
         edge,
         regions,
         geoip_db,
+        token,
+        token_file: options.data_dir.join("token"),
+        config_service: options.config_service,
         _runtime: runtime,
         _stop: stop,
     })
+}
+
+/// Starts `meridian config-server` in-process on a fresh store holding the embedded config as
+/// version 1. Returns the write token (also written to `<data_dir>/token`).
+fn start_config_service(
+    runtime: &tokio::runtime::Runtime,
+    options: &DemoOptions,
+    mut stop: watch::Receiver<bool>,
+) -> Result<String, DemoError> {
+    let io = |what: &str| {
+        let what = what.to_string();
+        move |source| DemoError::Io { what, source }
+    };
+    let store_dir = options.data_dir.join("config-store");
+    // The demo always starts on the embedded defaults.
+    if store_dir.exists() {
+        std::fs::remove_dir_all(&store_dir).map_err(io("clearing the demo config store"))?;
+    }
+    let store = meridian_config::ConfigStore::open(&store_dir)
+        .map_err(|e| io("config store")(std::io::Error::other(e.to_string())))?;
+    store
+        .put(
+            LOCAL_CONFIG,
+            "meridian demo",
+            "embedded examples/local.toml",
+            None,
+        )
+        .map_err(|e| io("config store")(std::io::Error::other(format!("{e:?}"))))?;
+    let token = format!("demo-{:016x}", demo_token_seed());
+    std::fs::write(options.data_dir.join("token"), &token).map_err(io("demo token file"))?;
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind(options.config_service))
+        .map_err(io(&format!("config service {}", options.config_service)))?;
+    let state = Arc::new(meridian_config::ServiceState::new(store, token.clone()));
+    runtime.spawn(async move {
+        let shutdown = async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        if let Err(e) = meridian_config::serve(listener, state, shutdown).await {
+            tracing::error!("config service stopped: {e}");
+        }
+    });
+    Ok(token)
+}
+
+fn demo_token_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ (u64::from(std::process::id()) << 32)
 }
 
 /// The demo control API: `POST /regions/{name}/down|up|slow?ms=N`, `GET /regions`.
@@ -209,8 +279,17 @@ pub fn tour(demo: &Demo) -> String {
             place.expected_region
         ));
     }
+    // GeoDNS (issue 9): the nearest healthy PoP for a client subnet.
+    if let Some(dns) = demo.edge.dns_addr {
+        let (ip, port) = (dns.ip(), dns.port());
+        out.push_str(&format!(
+            "\nGeoDNS (authoritative for example.test, udp+tcp on {dns}):\n  dig @{ip} -p {port} api.example.test +subnet=127.15.0.0/24   # a client in Seoul -> seoul PoP 127.2.6.1\n  dig @{ip} -p {port} api.example.test AAAA +subnet=127.17.0.0/24  # Frankfurt, IPv6\n  dig @{ip} -p {port} nope.example.test                          # NXDOMAIN (SOA in authority); other zones: REFUSED\n  curl -s -X POST http://{CONTROL_ADDR}/regions/ap-northeast-2/down  # Seoul's health check fails -> Seoul clients get manila\n"
+        ));
+    }
+    let svc = demo.config_service;
+    let token = demo.token_file.display();
     out.push_str(&format!(
-        "\nMore:\n  curl -si -H 'Host: api.example.test' http://{http}/hello                         # unknown location -> default region us-east\n  curl -si --interface 127.15.0.1 -H 'Host: eu.example.test' http://{http}/v1/x  # KR residency is strict -> 503\n  curl -si -H 'Host: nobody.test' http://{http}/                                  # no route claims it -> 421\n  curl -s -H 'Host: api.example.test' -H 'X-Forwarded-For: 127.12.0.9' http://{http}/  # XFF trusted from 127.0.0.1 -> ap-southeast-1\n  curl -s --http2-prior-knowledge --interface 127.17.0.1 -H 'Host: api.example.test' http://{http}/  # h2c\n  curl -s -X POST http://{CONTROL_ADDR}/regions/mx-central/down                  # break a region; /up to heal\n  curl -s http://{admin}/admin/snapshot\n\nCtrl-C stops everything.\n"
+        "\nMore:\n  curl -si -H 'Host: api.example.test' http://{http}/hello                         # unknown location -> default region us-east\n  curl -si --interface 127.15.0.1 -H 'Host: eu.example.test' http://{http}/v1/x  # KR residency is strict -> 503\n  curl -si -H 'Host: nobody.test' http://{http}/                                  # no route claims it -> 421\n  curl -s -H 'Host: api.example.test' -H 'X-Forwarded-For: 127.12.0.9' http://{http}/  # XFF trusted from 127.0.0.1 -> ap-southeast-1\n  curl -s --http2-prior-knowledge --interface 127.17.0.1 -H 'Host: api.example.test' http://{http}/  # h2c\n  curl -s -X POST http://{CONTROL_ADDR}/regions/mx-central/down                  # break a region; /up to heal\n  curl -s http://{admin}/admin/snapshot\n\nChange routing live (the edge follows the config service on {svc}):\n  export MERIDIAN_TOKEN=$(cat {token})\n  $EDITOR examples/local.toml            # e.g. set default_region = \"eu-central-1\" on route api\n  meridian config diff examples/local.toml\n  meridian config push examples/local.toml -m 'send unknown clients to Frankfurt'\n  curl -si -H 'Host: api.example.test' http://{http}/hello | grep x-meridian-region\n  meridian config history; meridian config rollback 1\n  (meridian = cargo run --release --)\n\nCtrl-C stops everything.\n"
     ));
     out
 }

@@ -17,6 +17,7 @@ use tokio::sync::{mpsc, watch};
 use crate::core::{CompileError, SnapshotMeta};
 use crate::metrics::EdgeMetrics;
 use crate::proxy::EdgeProxy;
+use crate::reload::control::{self, ControlSettings};
 use crate::reload::SnapshotStore;
 
 #[derive(Debug, thiserror::Error)]
@@ -27,6 +28,8 @@ pub enum StartError {
     GeoIp(#[from] GeoIpError),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error("GeoDNS: {0}")]
+    Dns(#[from] crate::dns::DnsError),
     #[error("{what} {addr}: {source}")]
     Listen {
         what: &'static str,
@@ -45,12 +48,18 @@ pub struct EdgeOptions {
     pub meta: SnapshotMeta,
     /// React to SIGINT (fast stop) and SIGTERM (graceful stop). Off for in-process test edges.
     pub handle_signals: bool,
+    /// File mode: reload this file on SIGHUP and when it changes (ignored with `[control]`).
+    pub watch_file: Option<std::path::PathBuf>,
+    /// Directory that relative paths in the config are resolved against (the config file's).
+    pub base_dir: Option<std::path::PathBuf>,
 }
 
 /// A running edge. Dropping it stops everything (fast shutdown).
 pub struct RunningEdge {
     pub http_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// GeoDNS (UDP and TCP) when the config has `[dns]`.
+    pub dns_addr: Option<SocketAddr>,
     pub store: Arc<SnapshotStore>,
     pub geoip: Arc<GeoIp>,
     shutdown: mpsc::UnboundedSender<ShutdownSignal>,
@@ -65,7 +74,52 @@ impl RunningEdge {
             config,
             meta,
             handle_signals,
+            watch_file,
+            base_dir,
         } = options;
+        // The sidecar runtime: admin listener, config following, and other off-path services.
+        let sidecar = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("meridian-sidecar")
+            .enable_all()
+            .build()
+            .map_err(StartError::Runtime)?;
+        let (stop_sidecar, stop_rx) = watch::channel(false);
+
+        // With a [control] section the config service is the source of truth: start from its
+        // current version, else the cached last good one, else the boot file itself.
+        let following = config.control.is_some();
+        let control = match &config.control {
+            Some(section) => {
+                Some(ControlSettings::from_config(section).map_err(StartError::Runtime)?)
+            }
+            None => None,
+        };
+        let (config, meta) = match control
+            .as_ref()
+            .and_then(|c| sidecar.block_on(control::bootstrap(c)))
+        {
+            Some(stored) => {
+                let mut fetched = Config::from_toml_str(&stored.document).map_err(|e| {
+                    StartError::Config(CompileError::Unusable {
+                        path: "control".into(),
+                        message: e.to_string(),
+                    })
+                })?;
+                // [edge] and [control] belong to this process (see SnapshotStore::pinned_edge).
+                fetched.edge = config.edge.clone();
+                fetched.control = config.control.clone();
+                let meta = SnapshotMeta {
+                    version: stored.meta.version,
+                    hash: meridian_config::content_hash(&stored.document),
+                };
+                (fetched, meta)
+            }
+            None => (config, meta),
+        };
+
+        let mut config = config;
+        crate::reload::resolve_paths(&mut config, base_dir.as_deref());
         let geoip = Arc::new(match &config.geoip.database {
             Some(path) => GeoIp::open(std::path::Path::new(path))?,
             None => GeoIp::empty(),
@@ -74,16 +128,10 @@ impl RunningEdge {
         let admin_addr: SocketAddr = parse_listen("edge.admin", &config.edge.admin)?;
         let edge = config.edge.clone();
         let metrics = Arc::new(EdgeMetrics::new()?);
-        let store = Arc::new(SnapshotStore::new(config, meta, metrics)?);
+        let store = Arc::new(SnapshotStore::new(
+            config, meta, metrics, base_dir, following,
+        )?);
 
-        // The sidecar runtime: admin listener now, more off-path services later.
-        let sidecar = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .thread_name("meridian-sidecar")
-            .enable_all()
-            .build()
-            .map_err(StartError::Runtime)?;
-        let (stop_sidecar, stop_rx) = watch::channel(false);
         let admin_listener =
             std::net::TcpListener::bind(admin_addr).map_err(|source| StartError::Listen {
                 what: "admin listener",
@@ -98,7 +146,43 @@ impl RunningEdge {
             let _guard = sidecar.enter();
             let listener =
                 tokio::net::TcpListener::from_std(admin_listener).map_err(StartError::Runtime)?;
-            sidecar.spawn(crate::admin::serve(listener, Arc::clone(&store), stop_rx));
+            sidecar.spawn(crate::admin::serve(
+                listener,
+                Arc::clone(&store),
+                stop_rx.clone(),
+            ));
+        }
+
+        // GeoDNS (issue 9): with `[dns]` in the config, the authoritative DNS server runs on the
+        // sidecar runtime, registers its metrics in this edge's registry and rebuilds its zone on
+        // every reload of `store`.
+        let dns_addr = {
+            let _guard = sidecar.enter();
+            crate::dns::start_for_edge(&store, &geoip, stop_rx.clone())?
+        };
+
+        // Where new config versions come from.
+        match (control, watch_file) {
+            (Some(settings), watch_file) => {
+                if watch_file.is_some() {
+                    tracing::info!(
+                        "following the config service; local file changes are not watched"
+                    );
+                }
+                let (store, geoip) = (Arc::clone(&store), Arc::clone(&geoip));
+                sidecar.spawn(control::follow(store, geoip, settings, stop_rx.clone()));
+            }
+            (None, Some(path)) => {
+                let (store, geoip) = (Arc::clone(&store), Arc::clone(&geoip));
+                let hangup = {
+                    let _guard = sidecar.enter();
+                    crate::reload::file::hangup_signal()
+                };
+                let watcher =
+                    crate::reload::file::watch_file(store, geoip, path, hangup, stop_rx.clone());
+                sidecar.spawn(watcher);
+            }
+            (None, None) => {}
         }
 
         // Fail early and clearly if the proxy port is taken (Pingora would exit the process).
@@ -147,6 +231,7 @@ impl RunningEdge {
         let running = Self {
             http_addr,
             admin_addr,
+            dns_addr,
             store,
             geoip,
             shutdown,

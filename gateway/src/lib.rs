@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod core;
 pub mod demo;
+pub mod dns;
 pub mod edge;
 pub mod httpd;
 pub mod metrics;

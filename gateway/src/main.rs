@@ -10,6 +10,8 @@ use meridian_config::{Config, ConfigError};
 use meridian_gateway::core::SnapshotMeta;
 use meridian_gateway::edge::{EdgeOptions, RunningEdge};
 
+mod operator;
+
 #[derive(Parser)]
 #[command(
     name = "meridian",
@@ -30,6 +32,22 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Run only the GeoDNS server of a config file (`[dns]` + `[[pops]]`); SIGHUP reloads the file.
+    Dns {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Run the config service: versioned store on local disk, HTTP API, long-poll watch.
+    ConfigServer {
+        /// Directory holding every version (created if missing).
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, default_value = "127.0.0.1:7070")]
+        listen: std::net::SocketAddr,
+        /// File holding the bearer token that writes must present.
+        #[arg(long)]
+        token_file: PathBuf,
+    },
     /// Work with config documents.
     Config {
         #[command(subcommand)]
@@ -46,6 +64,68 @@ enum Command {
 enum ConfigCommand {
     /// Check a document: print every error with its path (exit 1), or a one-line summary (exit 0).
     Validate { file: PathBuf },
+    /// Print the live document (or `--version N`) from the config service.
+    Get {
+        #[arg(long)]
+        version: Option<u64>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Validate and push a document; prints the new version.
+    Push {
+        file: PathBuf,
+        #[arg(short, long, default_value = "")]
+        message: String,
+        #[arg(long)]
+        author: Option<String>,
+        /// Refuse (409) unless the live version is this one.
+        #[arg(long)]
+        if_match: Option<u64>,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Structural diff between the live version and a local file.
+    Diff {
+        file: PathBuf,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Versions, newest first.
+    History {
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+    /// Make version N live again (as a new version).
+    Rollback {
+        version: u64,
+        #[command(flatten)]
+        server: ServerArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// Config service URL.
+    #[arg(long, env = "MERIDIAN_SERVER", default_value = "http://127.0.0.1:7070")]
+    server: String,
+    /// Token file for writes (default: the MERIDIAN_TOKEN environment variable).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+}
+
+impl ServerArgs {
+    fn client(&self) -> anyhow::Result<meridian_config::ConfigClient> {
+        let token = match &self.token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => std::env::var("MERIDIAN_TOKEN").ok(),
+        };
+        Ok(meridian_config::ConfigClient::new(&self.server, token)?)
+    }
 }
 
 #[derive(Subcommand)]
@@ -92,6 +172,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             edge.wait();
             Ok(ExitCode::SUCCESS)
         }
+        Command::Dns { config } => {
+            meridian_gateway::dns::run_standalone(&config)
+                .with_context(|| format!("GeoDNS from {}", config.display()))?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Serve { config } => {
             let source = std::fs::read_to_string(&config)
                 .with_context(|| format!("reading {}", config.display()))?;
@@ -105,6 +190,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 config: parsed,
                 meta,
                 handle_signals: true,
+                watch_file: Some(config.clone()),
+                base_dir: config.parent().map(std::path::Path::to_path_buf),
             })?;
             tracing::info!(http = %edge.http_addr, admin = %edge.admin_addr, "edge serving");
             edge.wait();
@@ -112,7 +199,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Config { command } => match command {
             ConfigCommand::Validate { file } => validate(&file),
+            other => runtime()?.block_on(operator::run(other)),
         },
+        Command::ConfigServer {
+            data,
+            listen,
+            token_file,
+        } => runtime()?.block_on(operator::config_server(data, listen, token_file)),
         Command::Geoip { command } => match command {
             GeoipCommand::BuildTestWorld { out } => {
                 meridian_geoip::test_world::write(&out)?;
@@ -150,6 +243,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
     }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
 }
 
 fn validate(file: &std::path::Path) -> anyhow::Result<ExitCode> {

@@ -2,8 +2,8 @@
 //! resolved when a snapshot is compiled, so the request path only bumps pre-resolved counters.
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry,
 };
 
 use crate::core::Snapshot;
@@ -20,6 +20,62 @@ pub struct EdgeMetrics {
     requests: IntCounterVec,
     duration: HistogramVec,
     pub upstream_attempts: IntCounterVec,
+    pub config: ConfigMetrics,
+}
+
+/// How this edge follows its configuration.
+pub struct ConfigMetrics {
+    pub version: IntGauge,
+    pub reloads: IntCounterVec,
+    pub last_reload: Gauge,
+    pub fetch_errors: IntCounter,
+}
+
+impl ConfigMetrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let version = IntGauge::new(
+            "meridian_config_version",
+            "Config version this edge serves (0: a local file).",
+        )?;
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "meridian_config_reloads_total",
+                "Config reload attempts by result (ok, invalid, error).",
+            ),
+            &["result"],
+        )?;
+        let last_reload = Gauge::new(
+            "meridian_config_last_reload_timestamp_seconds",
+            "Unix time of the last successful config install.",
+        )?;
+        let fetch_errors = IntCounter::new(
+            "meridian_config_fetch_errors_total",
+            "Failed requests to the config service.",
+        )?;
+        registry.register(Box::new(version.clone()))?;
+        registry.register(Box::new(reloads.clone()))?;
+        registry.register(Box::new(last_reload.clone()))?;
+        registry.register(Box::new(fetch_errors.clone()))?;
+        for result in ["ok", "invalid", "error"] {
+            reloads.with_label_values(&[result]);
+        }
+        Ok(Self {
+            version,
+            reloads,
+            last_reload,
+            fetch_errors,
+        })
+    }
+
+    /// Records a successful install of `version`.
+    pub fn installed(&self, version: u64) {
+        self.version.set(i64::try_from(version).unwrap_or(i64::MAX));
+        self.reloads.with_label_values(&["ok"]).inc();
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.last_reload.set(now);
+    }
 }
 
 impl EdgeMetrics {
@@ -63,7 +119,9 @@ impl EdgeMetrics {
         build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        let config = ConfigMetrics::new(&registry)?;
         Ok(Self {
+            config,
             registry,
             requests,
             duration,

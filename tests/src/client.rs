@@ -104,3 +104,44 @@ impl Client {
         })
     }
 }
+
+/// One HTTP/1.1 keep-alive connection, reused for every request (a reset shows up as an error).
+pub struct KeepAlive {
+    sender: hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+}
+
+impl Client {
+    pub async fn keep_alive(&self, source: IpAddr) -> anyhow::Result<KeepAlive> {
+        let socket = if source.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.bind(SocketAddr::new(source, 0))?;
+        let stream = socket.connect(self.target).await?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        Ok(KeepAlive { sender })
+    }
+}
+
+impl KeepAlive {
+    pub async fn get(&mut self, host: &str, path: &str) -> anyhow::Result<Reply> {
+        self.sender.ready().await?;
+        let request = Request::builder()
+            .uri(path)
+            .header("host", host)
+            .body(Full::new(Bytes::new()))?;
+        let response = self.sender.send_request(request).await?;
+        let status = response.status().as_u16();
+        let version = response.version();
+        let headers = response.headers().clone();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok(Reply {
+            status,
+            headers,
+            body,
+            version,
+        })
+    }
+}

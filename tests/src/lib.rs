@@ -16,7 +16,7 @@ use meridian_gateway::edge::{EdgeOptions, RunningEdge};
 use meridian_gateway::origin::{self, OriginControl};
 use tokio::sync::watch;
 
-pub use client::{Client, Protocol, Reply};
+pub use client::{Client, KeepAlive, Protocol, Reply};
 pub use meridian_geoip::test_world::{place_for_country, PLACES};
 
 /// One region's simulated origins.
@@ -25,6 +25,9 @@ pub type Origins = BTreeMap<String, Vec<Arc<OriginControl>>>;
 /// A running test world: origins, an edge, a client runtime. Everything stops on drop.
 pub struct World {
     pub edge: RunningEdge,
+    /// The config the edge started with, upstreams rewritten to the live origins.
+    pub config: Config,
+    pub config_service: Option<ConfigService>,
     pub origins: Origins,
     pub client: Client,
     pub runtime: tokio::runtime::Runtime,
@@ -40,7 +43,17 @@ pub fn local_config() -> Config {
 impl World {
     /// Starts origins for every region of `config` (on 127.1.X.Y with ephemeral ports, rewriting the
     /// upstream addresses), a test-world GeoIP database, and an edge on an ephemeral port.
-    pub fn start(mut config: Config) -> World {
+    pub fn start(config: Config) -> World {
+        Self::start_with(config, false)
+    }
+
+    /// Like [`World::start`], plus a config service holding the config as version 1, which the
+    /// edge follows (`[control]`).
+    pub fn start_following(config: Config) -> World {
+        Self::start_with(config, true)
+    }
+
+    fn start_with(mut config: Config, follow: bool) -> World {
         let dir = tempfile::tempdir().expect("tempdir");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -71,27 +84,98 @@ impl World {
         let db = dir.path().join("test-world.mmdb");
         meridian_geoip::test_world::write(&db).expect("geoip db");
         config.geoip.database = Some(db.display().to_string());
-        config.edge.http = free_local_addr().to_string();
-        config.edge.admin = "127.0.0.1:0".into();
         config.edge.threads = 1;
-        let edge = RunningEdge::start(EdgeOptions {
-            config,
-            meta: SnapshotMeta {
-                version: 1,
-                hash: "test".into(),
-            },
-            handle_signals: false,
-        })
-        .expect("edge starts");
+        // GeoDNS on an ephemeral port (examples/local.toml asks for 5353). Done on the shared
+        // config, not per edge, because following edges take [dns] from the pushed document.
+        if let Some(dns) = config.dns.as_mut() {
+            dns.listen = "127.0.0.1:0".into();
+        }
+        let config_service = follow.then(|| {
+            let service = ConfigService::start(&runtime, &dir.path().join("config-store"));
+            let document = toml::to_string(&config).expect("config serializes");
+            runtime
+                .block_on(service.client().push(&document, "test", "version 1", None))
+                .expect("push version 1");
+            service
+        });
+        let edge = start_edge(
+            &config,
+            config_service.as_ref(),
+            &dir.path().join("edge-0-cache"),
+        );
         let client = Client::new(edge.http_addr);
         World {
             edge,
+            config,
+            config_service,
             origins,
             client,
             runtime,
             dir,
             _stop: stop,
         }
+    }
+
+    /// Another edge on the same origins (following the config service when there is one), with
+    /// its own last-good cache in `cache_dir`.
+    pub fn start_edge(&self, cache_dir: &str) -> RunningEdge {
+        start_edge(
+            &self.config,
+            self.config_service.as_ref(),
+            &self.path(cache_dir),
+        )
+    }
+
+    pub fn service(&self) -> &ConfigService {
+        self.config_service
+            .as_ref()
+            .expect("World::start_following")
+    }
+
+    /// Pushes `config` to the config service; returns the new version.
+    pub fn push(&self, config: &Config, message: &str) -> u64 {
+        let document = toml::to_string(config).expect("config serializes");
+        self.runtime
+            .block_on(
+                self.service()
+                    .client()
+                    .push(&document, "test", message, None),
+            )
+            .expect("push accepted")
+            .version
+    }
+
+    /// `/admin/snapshot` version of `edge`, once it reaches `version` (bounded wait; returns the
+    /// last seen value so the caller's assertion says what happened).
+    pub fn wait_for_version(&self, edge: &RunningEdge, version: u64) -> u64 {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let seen = self
+                .runtime
+                .block_on(admin_get(edge.admin_addr, "/admin/snapshot"))
+                .json()["version"]
+                .as_u64()
+                .unwrap_or(0);
+            if seen >= version || std::time::Instant::now() > deadline {
+                return seen;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
+
+    /// A request to a specific edge.
+    pub fn request_to(&self, edge: &RunningEdge, country: &str, host: &str, path: &str) -> Reply {
+        self.runtime
+            .block_on(Client::new(edge.http_addr).request(
+                Protocol::Http1,
+                source_for(country),
+                "GET",
+                host,
+                path,
+                &[],
+                Vec::new(),
+            ))
+            .expect("request completes")
     }
 
     /// Sends a request from `source` (a test-world address) and waits for the whole reply.
@@ -164,21 +248,105 @@ impl World {
     }
 
     pub fn admin_get(&self, path: &str) -> Reply {
-        self.runtime
-            .block_on(Client::new(self.edge.admin_addr).request(
-                Protocol::Http1,
-                IpAddr::V4(Ipv4Addr::LOCALHOST),
-                "GET",
-                "localhost",
-                path,
-                &[],
-                Vec::new(),
-            ))
-            .expect("admin request")
+        self.runtime.block_on(admin_get(self.edge.admin_addr, path))
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
+    }
+}
+
+async fn admin_get(admin: SocketAddr, path: &str) -> Reply {
+    Client::new(admin)
+        .request(
+            Protocol::Http1,
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            "GET",
+            "localhost",
+            path,
+            &[],
+            Vec::new(),
+        )
+        .await
+        .expect("admin request")
+}
+
+/// Starts an edge on fresh ephemeral ports for `config` (already rewritten to live origins).
+fn start_edge(
+    config: &Config,
+    service: Option<&ConfigService>,
+    cache_dir: &std::path::Path,
+) -> RunningEdge {
+    let mut config = config.clone();
+    config.edge.http = free_local_addr().to_string();
+    config.edge.admin = "127.0.0.1:0".into();
+    config.control = service.map(|s| meridian_config::Control {
+        url: s.url(),
+        token_file: None,
+        cache_dir: cache_dir.display().to_string(),
+        wait: meridian_config::HumanDuration::secs(30),
+    });
+    RunningEdge::start(EdgeOptions {
+        config,
+        meta: SnapshotMeta {
+            version: 0,
+            hash: "test".into(),
+        },
+        handle_signals: false,
+        watch_file: None,
+        base_dir: None,
+    })
+    .expect("edge starts")
+}
+
+/// An in-process `meridian config-server` on an ephemeral port.
+pub struct ConfigService {
+    pub addr: SocketAddr,
+    pub token: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl ConfigService {
+    pub fn start(runtime: &tokio::runtime::Runtime, dir: &std::path::Path) -> ConfigService {
+        let store = meridian_config::ConfigStore::open(dir).expect("config store");
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind config service");
+        let addr = listener.local_addr().expect("addr");
+        let token = "test-token".to_string();
+        let state = Arc::new(meridian_config::ServiceState::new(store, token.clone()));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = runtime.spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            let _ = meridian_config::serve(listener, state, shutdown).await;
+        });
+        ConfigService {
+            addr,
+            token,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn client(&self) -> meridian_config::ConfigClient {
+        meridian_config::ConfigClient::new(&self.url(), Some(self.token.clone())).expect("client")
+    }
+
+    /// Stops the service (its port stops answering) and waits for it to finish.
+    pub fn stop(&mut self, runtime: &tokio::runtime::Runtime) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = runtime.block_on(task);
+        }
     }
 }
 

@@ -1,0 +1,140 @@
+//! GeoDNS: an authoritative DNS server (built on hickory-proto's message types) that answers each
+//! client with the nearest healthy PoP.
+//!
+//! - [`zone`]: `[dns]` + `[[pops]]` compiled into a read-only [`Zone`].
+//! - [`answer`]: the protocol logic, a pure function from query bytes to answer bytes.
+//! - [`health`]: active probes of each PoP's health URL.
+//! - [`server`]: UDP and TCP on one address, both calling the same handler; zone hot reload.
+
+pub mod answer;
+pub mod health;
+pub mod metrics;
+pub mod server;
+pub mod zone;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use meridian_geoip::GeoIp;
+use tokio::sync::watch;
+
+pub use answer::{answer, steer, Answer, Steering, Transport};
+pub use server::RunningDns;
+pub use zone::{Zone, ZoneError};
+
+use crate::reload::SnapshotStore;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    #[error(transparent)]
+    Zone(#[from] ZoneError),
+    #[error("dns listener {addr}: {source}")]
+    Listen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metrics registry: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("{0}")]
+    Config(#[from] meridian_config::ConfigError),
+    #[error("geoip: {0}")]
+    GeoIp(#[from] meridian_geoip::GeoIpError),
+    #[error("runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+}
+
+/// For an edge: when the current snapshot has `[dns]`, start GeoDNS on the current runtime (the
+/// edge's sidecar), metrics in the edge's registry, and rebuild the zone on every reload.
+pub fn start_for_edge(
+    store: &Arc<SnapshotStore>,
+    geoip: &Arc<GeoIp>,
+    stop: watch::Receiver<bool>,
+) -> Result<Option<SocketAddr>, DnsError> {
+    let loaded = store.load();
+    if loaded.snapshot.config.dns.is_none() {
+        return Ok(None);
+    }
+    let running = RunningDns::start(
+        &loaded.snapshot.config,
+        Arc::clone(geoip),
+        store.metrics().registry(),
+        1,
+        stop.clone(),
+    )?;
+    let addr = running.addr;
+    tokio::spawn(follow(Arc::clone(store), running, stop));
+    Ok(Some(addr))
+}
+
+/// Rebuilds the zone whenever the store installs a new snapshot.
+async fn follow(store: Arc<SnapshotStore>, running: RunningDns, mut stop: watch::Receiver<bool>) {
+    let mut generation = store.subscribe();
+    loop {
+        tokio::select! {
+            changed = generation.changed() => if changed.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let loaded = store.load();
+        if loaded.snapshot.config.dns.is_none() {
+            tracing::warn!(
+                "[dns] was removed from the config: GeoDNS keeps the last zone until restart"
+            );
+            continue;
+        }
+        match running.reload(&loaded.snapshot.config) {
+            Ok(()) => tracing::info!(
+                version = loaded.snapshot.meta.version,
+                "GeoDNS zone reloaded"
+            ),
+            Err(e) => tracing::warn!("GeoDNS zone reload failed, keeping the previous zone: {e}"),
+        }
+    }
+}
+
+/// `meridian dns --config FILE`: GeoDNS alone, on its own runtime, until SIGINT/SIGTERM. SIGHUP
+/// re-reads the file and rebuilds the zone.
+pub fn run_standalone(path: &Path) -> Result<(), DnsError> {
+    let read = |path: &Path| -> Result<meridian_config::Config, DnsError> {
+        let source =
+            std::fs::read_to_string(path).map_err(|source| meridian_config::ConfigError::Io {
+                path: path.to_path_buf(),
+                source,
+            })?;
+        Ok(meridian_config::Config::from_toml_str(&source)?)
+    };
+    let config = read(path)?;
+    let geoip = Arc::new(match &config.geoip.database {
+        Some(db) => GeoIp::open(Path::new(db))?,
+        None => GeoIp::empty(),
+    });
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .thread_name("meridian-dns")
+        .enable_all()
+        .build()
+        .map_err(DnsError::Runtime)?;
+    runtime.block_on(async {
+        let registry = prometheus::Registry::new();
+        let (stop, stop_rx) = watch::channel(false);
+        let running = RunningDns::start(&config, geoip, &registry, workers, stop_rx)?;
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).map_err(DnsError::Runtime)?;
+        let mut term = signal(SignalKind::terminate()).map_err(DnsError::Runtime)?;
+        let mut int = signal(SignalKind::interrupt()).map_err(DnsError::Runtime)?;
+        loop {
+            tokio::select! {
+                _ = hup.recv() => match read(path).and_then(|c| running.reload(&c)) {
+                    Ok(()) => tracing::info!("SIGHUP: zone reloaded from {}", path.display()),
+                    Err(e) => tracing::warn!("SIGHUP: reload failed, keeping the previous zone: {e}"),
+                },
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+            }
+        }
+        stop.send_replace(true);
+        Ok(())
+    })
+}

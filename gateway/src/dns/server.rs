@@ -1,0 +1,359 @@
+//! Sockets around the pure answer function: one UDP and one TCP listener on the same address, a
+//! health prober, and zone rebuilds when the config changes.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arc_swap::ArcSwap;
+use meridian_config::Config;
+use meridian_geoip::GeoIp;
+use prometheus::{IntCounter, Registry};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::{watch, Notify, Semaphore};
+
+use super::answer::{self, Answer, Transport};
+use super::health::{self, HealthUrl, PopHealth};
+use super::metrics::DnsMetrics;
+use super::zone::Zone;
+use super::DnsError;
+
+/// A compiled zone with the health flags and answer counters of its PoPs (same indices).
+struct Serving {
+    zone: Zone,
+    health: Vec<Arc<AtomicBool>>,
+    answers: Vec<IntCounter>,
+}
+
+struct Shared {
+    serving: ArcSwap<Serving>,
+    health: PopHealth,
+    metrics: DnsMetrics,
+    geoip: Arc<GeoIp>,
+    /// Wakes the prober after a reload, so new PoPs are probed at once.
+    reloaded: Notify,
+    listen: SocketAddr,
+}
+
+/// A running GeoDNS server. Its tasks stop when the `stop` watch given to `start` turns true (or
+/// their runtime shuts down).
+#[derive(Clone)]
+pub struct RunningDns {
+    /// The bound address (UDP and TCP), with the real port when `listen` asked for port 0.
+    pub addr: SocketAddr,
+    shared: Arc<Shared>,
+}
+
+impl RunningDns {
+    /// Compiles the zone, binds `[dns] listen` for UDP and TCP, registers metrics into `registry`
+    /// and spawns the listeners and the prober on the current tokio runtime.
+    pub fn start(
+        config: &Config,
+        geoip: Arc<GeoIp>,
+        registry: &Registry,
+        udp_workers: usize,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Self, DnsError> {
+        let zone = Zone::compile(config)?;
+        let listen: SocketAddr = config
+            .dns
+            .as_ref()
+            .map(|d| d.listen.as_str())
+            .unwrap_or_default()
+            .parse()
+            .map_err(|_| DnsError::Listen {
+                addr: config
+                    .dns
+                    .as_ref()
+                    .map(|d| d.listen.clone())
+                    .unwrap_or_default(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "expected ip:port"),
+            })?;
+        let metrics = DnsMetrics::register(registry)?;
+        let health = PopHealth::default();
+        let serving = serving(zone, &health, &metrics);
+        let (udp, tcp) = bind(listen)?;
+        let addr = udp.local_addr().map_err(|source| DnsError::Listen {
+            addr: listen.to_string(),
+            source,
+        })?;
+        let udp = Arc::new(UdpSocket::from_std(udp).map_err(|source| DnsError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?);
+        let tcp = TcpListener::from_std(tcp).map_err(|source| DnsError::Listen {
+            addr: addr.to_string(),
+            source,
+        })?;
+        let shared = Arc::new(Shared {
+            serving: ArcSwap::from_pointee(serving),
+            health,
+            metrics,
+            geoip,
+            reloaded: Notify::new(),
+            listen,
+        });
+        for _ in 0..udp_workers.max(1) {
+            tokio::spawn(serve_udp(
+                Arc::clone(&udp),
+                Arc::clone(&shared),
+                stop.clone(),
+            ));
+        }
+        tokio::spawn(serve_tcp(tcp, Arc::clone(&shared), stop.clone()));
+        tokio::spawn(probe_loop(Arc::clone(&shared), stop));
+        tracing::info!(%addr, zone = %shared.serving.load().zone.origin, "GeoDNS listening (udp+tcp)");
+        Ok(Self { addr, shared })
+    }
+
+    /// Rebuilds the zone from `config`; on error the current zone stays in service.
+    pub fn reload(&self, config: &Config) -> Result<(), DnsError> {
+        let result = Zone::compile(config);
+        let metrics = &self.shared.metrics;
+        let zone = match result {
+            Ok(zone) => zone,
+            Err(e) => {
+                metrics.reloads.with_label_values(&["error"]).inc();
+                return Err(e.into());
+            }
+        };
+        if let Some(dns) = &config.dns {
+            if dns.listen.parse::<SocketAddr>().ok() != Some(self.shared.listen) {
+                tracing::warn!(
+                    listen = %dns.listen,
+                    serving = %self.addr,
+                    "dns.listen changed: takes effect on restart"
+                );
+            }
+        }
+        let names: Vec<&str> = zone.pops.iter().map(|p| p.name.as_str()).collect();
+        for gone in self.shared.health.retain(&names) {
+            let _ = metrics.pop_healthy.remove_label_values(&[&gone]);
+        }
+        let serving = serving(zone, &self.shared.health, metrics);
+        self.shared.serving.store(Arc::new(serving));
+        metrics.reloads.with_label_values(&["ok"]).inc();
+        self.shared.reloaded.notify_one();
+        Ok(())
+    }
+
+    /// Answers one query against the current zone and records its metrics.
+    pub fn answer(&self, request: &[u8], source: IpAddr, transport: Transport) -> Answer {
+        self.shared.answer(request, source, transport)
+    }
+}
+
+fn serving(zone: Zone, health: &PopHealth, metrics: &DnsMetrics) -> Serving {
+    let flags: Vec<Arc<AtomicBool>> = zone.pops.iter().map(|p| health.state(&p.name)).collect();
+    for (pop, flag) in zone.pops.iter().zip(&flags) {
+        metrics
+            .pop_healthy
+            .with_label_values(&[&pop.name])
+            .set(i64::from(flag.load(Ordering::Relaxed)));
+    }
+    let answers = zone
+        .pops
+        .iter()
+        .map(|p| metrics.answers.with_label_values(&[&p.name]))
+        .collect();
+    Serving {
+        zone,
+        health: flags,
+        answers,
+    }
+}
+
+impl Shared {
+    fn answer(&self, request: &[u8], source: IpAddr, transport: Transport) -> Answer {
+        let started = Instant::now();
+        let serving = self.serving.load();
+        let healthy = |p: usize| {
+            serving
+                .health
+                .get(p)
+                .is_none_or(|flag| flag.load(Ordering::Relaxed))
+        };
+        let locate = |ip: IpAddr| self.geoip.lookup(ip).and_then(|l| l.coordinates);
+        let answer = answer::answer(&serving.zone, request, source, transport, &healthy, &locate);
+        let metrics = &self.metrics;
+        metrics
+            .queries
+            .with_label_values(&[answer.qtype, answer.rcode, transport.label()])
+            .inc();
+        for &p in &answer.pops {
+            if let Some(counter) = serving.answers.get(p) {
+                counter.inc();
+            }
+        }
+        if answer.fail_open {
+            metrics.fail_open.inc();
+        }
+        metrics.duration.observe(started.elapsed().as_secs_f64());
+        answer
+    }
+}
+
+/// Binds UDP and TCP on the same address; with port 0, UDP picks the port and TCP follows it.
+fn bind(listen: SocketAddr) -> Result<(std::net::UdpSocket, std::net::TcpListener), DnsError> {
+    let error = |source| DnsError::Listen {
+        addr: listen.to_string(),
+        source,
+    };
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let udp = std::net::UdpSocket::bind(listen).map_err(error)?;
+        let addr = udp.local_addr().map_err(error)?;
+        match std::net::TcpListener::bind(addr) {
+            Ok(tcp) => {
+                udp.set_nonblocking(true).map_err(error)?;
+                tcp.set_nonblocking(true).map_err(error)?;
+                return Ok((udp, tcp));
+            }
+            // The kernel's free UDP port can be taken for TCP: try another one.
+            Err(_) if listen.port() == 0 && attempts < 16 => continue,
+            Err(source) => return Err(error(source)),
+        }
+    }
+}
+
+async fn serve_udp(socket: Arc<UdpSocket>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    // The largest datagram there is: a longer query would be cut, then answered FORMERR.
+    let mut buffer = vec![0u8; 65_535];
+    loop {
+        let (len, peer) = tokio::select! {
+            received = socket.recv_from(&mut buffer) => match received {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::debug!("dns udp receive: {e}");
+                    continue;
+                }
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let answer = shared.answer(&buffer[..len], peer.ip(), Transport::Udp);
+        if let Some(bytes) = answer.bytes {
+            if let Err(e) = socket.send_to(&bytes, peer).await {
+                tracing::debug!(%peer, "dns udp send: {e}");
+            }
+        }
+    }
+}
+
+async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    let max = shared.serving.load().zone.max_tcp_connections;
+    let slots = Arc::new(Semaphore::new(max));
+    loop {
+        // Take a slot first: past the limit, new connections wait in the kernel backlog.
+        let permit = tokio::select! {
+            permit = Arc::clone(&slots).acquire_owned() => match permit {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    tracing::debug!("dns tcp accept: {e}");
+                    continue;
+                }
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let shared = Arc::clone(&shared);
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            serve_connection(stream, peer, shared, stop).await;
+            drop(permit);
+        });
+    }
+}
+
+/// RFC 1035 §4.2.2 / RFC 7766: two-byte length, then the message; several queries per connection.
+async fn serve_connection(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let idle = shared.serving.load().zone.tcp_idle_timeout;
+    loop {
+        let read = async {
+            let mut length = [0u8; 2];
+            stream.read_exact(&mut length).await?;
+            let mut message = vec![0u8; usize::from(u16::from_be_bytes(length))];
+            stream.read_exact(&mut message).await?;
+            Ok::<_, std::io::Error>(message)
+        };
+        let message = tokio::select! {
+            read = tokio::time::timeout(idle, read) => match read {
+                Ok(Ok(message)) => message,
+                _ => return,
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let answer = shared.answer(&message, peer.ip(), Transport::Tcp);
+        let Some(bytes) = answer.bytes else { return };
+        let Ok(length) = u16::try_from(bytes.len()) else {
+            return;
+        };
+        let mut framed = Vec::with_capacity(bytes.len() + 2);
+        framed.extend_from_slice(&length.to_be_bytes());
+        framed.extend_from_slice(&bytes);
+        match tokio::time::timeout(idle, stream.write_all(&framed)).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+    }
+}
+
+/// Probes every PoP with a health URL each `dns.health.interval`; PoPs without one stay healthy.
+async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
+    loop {
+        let serving = shared.serving.load_full();
+        let zone = &serving.zone;
+        let mut probes = tokio::task::JoinSet::new();
+        for (i, pop) in zone.pops.iter().enumerate() {
+            match pop.health.as_deref().and_then(HealthUrl::parse) {
+                Some(url) => {
+                    let timeout = zone.health_timeout;
+                    probes.spawn(async move { (i, health::probe(&url, timeout).await) });
+                }
+                None => set_health(&shared, &serving, i, true),
+            }
+        }
+        while let Some(result) = probes.join_next().await {
+            if let Ok((i, up)) = result {
+                set_health(&shared, &serving, i, up);
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(zone.health_interval) => {}
+            _ = shared.reloaded.notified() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
+}
+
+fn set_health(shared: &Shared, serving: &Serving, pop: usize, up: bool) {
+    let (Some(flag), Some(zone_pop)) = (serving.health.get(pop), serving.zone.pops.get(pop)) else {
+        return;
+    };
+    let was = flag.swap(up, Ordering::Relaxed);
+    if was != up {
+        if up {
+            tracing::info!(pop = %zone_pop.name, "PoP healthy again: back in DNS answers");
+        } else {
+            tracing::warn!(pop = %zone_pop.name, "PoP health check failed: out of DNS answers");
+        }
+    }
+    shared
+        .metrics
+        .pop_healthy
+        .with_label_values(&[&zone_pop.name])
+        .set(i64::from(up));
+}

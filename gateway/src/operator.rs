@@ -1,0 +1,161 @@
+//! The operator side of the config service: `meridian config get|push|diff|history|rollback` and
+//! `meridian config-server`. Part of the binary only (argument glue around `meridian_config`).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use meridian_config::{ClientError, Config};
+
+use crate::ConfigCommand;
+
+pub async fn run(command: ConfigCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        ConfigCommand::Validate { .. } => unreachable_validate(),
+        ConfigCommand::Get { version, server } => {
+            let client = server.client()?;
+            let found = match version {
+                Some(n) => client.version(n).await?,
+                None => client.current().await?,
+            };
+            let Some(stored) = found else {
+                eprintln!("no such version on {}", server.server);
+                return Ok(ExitCode::FAILURE);
+            };
+            eprintln!(
+                "version {} by {} ({}): {}",
+                stored.meta.version, stored.meta.author, stored.meta.sha256, stored.meta.message
+            );
+            print!("{}", stored.document);
+            Ok(ExitCode::SUCCESS)
+        }
+        ConfigCommand::Push {
+            file,
+            message,
+            author,
+            if_match,
+            server,
+        } => {
+            let document = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let author = author
+                .or_else(|| std::env::var("USER").ok())
+                .unwrap_or_else(|| "operator".into());
+            match server
+                .client()?
+                .push(&document, &author, &message, if_match)
+                .await
+            {
+                Ok(meta) => {
+                    println!(
+                        "pushed version {} (sha256 {})",
+                        meta.version,
+                        &meta.sha256[..12.min(meta.sha256.len())]
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                Err(e) => report_rejection(&file, e),
+            }
+        }
+        ConfigCommand::Diff { file, server } => {
+            let document = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading {}", file.display()))?;
+            let local = Config::from_toml_str(&document)
+                .with_context(|| format!("loading {}", file.display()))?;
+            let live = server
+                .client()?
+                .current()
+                .await?
+                .context("the config service has no version yet")?;
+            let live_config =
+                Config::from_toml_str(&live.document).context("the live version does not parse")?;
+            let changes = meridian_config::diff(&live_config, &local);
+            if changes.is_empty() {
+                println!("no changes against live version {}", live.meta.version);
+            } else {
+                println!("live version {} -> {}:", live.meta.version, file.display());
+                for change in changes {
+                    println!("  {change}");
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ConfigCommand::History { server } => {
+            let history = server.client()?.history().await?;
+            println!(
+                "{:>8}  {:<20}  {:<12}  {:<16}  message",
+                "version", "time (unix)", "sha256", "author"
+            );
+            for meta in history {
+                println!(
+                    "{:>8}  {:<20}  {:<12}  {:<16}  {}",
+                    meta.version,
+                    meta.timestamp,
+                    &meta.sha256[..12.min(meta.sha256.len())],
+                    meta.author,
+                    meta.message
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        ConfigCommand::Rollback { version, server } => {
+            let meta = server.client()?.rollback(version).await?;
+            println!(
+                "version {version} is live again as version {}",
+                meta.version
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn unreachable_validate() -> anyhow::Result<ExitCode> {
+    anyhow::bail!("validate runs without a config service")
+}
+
+/// Prints every validation error of a 422 with its path, or the service's reason for a 409/401/413.
+fn report_rejection(file: &std::path::Path, error: ClientError) -> anyhow::Result<ExitCode> {
+    if let Some(errors) = error.validation_errors() {
+        for e in &errors {
+            eprintln!("{}: {e}", file.display());
+        }
+        eprintln!(
+            "{}: rejected, {} error(s); the live version is unchanged",
+            file.display(),
+            errors.len()
+        );
+        return Ok(ExitCode::FAILURE);
+    }
+    match error {
+        ClientError::Rejected { status, body } => {
+            eprintln!("{}: rejected ({status}): {body}", file.display());
+            Ok(ExitCode::FAILURE)
+        }
+        other => Err(other.into()),
+    }
+}
+
+pub async fn config_server(
+    data: PathBuf,
+    listen: SocketAddr,
+    token_file: PathBuf,
+) -> anyhow::Result<ExitCode> {
+    let token = std::fs::read_to_string(&token_file)
+        .with_context(|| format!("reading {}", token_file.display()))?
+        .trim()
+        .to_string();
+    anyhow::ensure!(!token.is_empty(), "{} is empty", token_file.display());
+    let store = meridian_config::ConfigStore::open(&data)
+        .with_context(|| format!("opening {}", data.display()))?;
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("listening on {listen}"))?;
+    tracing::info!(%listen, data = %data.display(), version = store.current_version(), "config service running");
+    let state = std::sync::Arc::new(meridian_config::ServiceState::new(store, token));
+    let shutdown = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    meridian_config::serve(listener, state, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}

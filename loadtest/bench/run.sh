@@ -1,0 +1,259 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark: NGINX, HAProxy and Meridian in front of the same fake origin, same load,
+# same machine. Writes loadtest/bench/results.md (ratios relative to NGINX) and the JSON reports.
+#
+#   bash loadtest/bench/run.sh                 # 10 s per run, 2 interleaved rounds
+#   DURATION=5s ROUNDS=1 bash loadtest/bench/run.sh
+#   Env: DURATION, ROUNDS, CONNECTIONS (64), RATE (open loop, 5000/s), LOADGEN_THREADS (1),
+#        OUT (JSON dir), MERIDIAN_BIN (skip building meridian), CARGO_TARGET_DIR.
+#
+# Traffic stays on 127.0.0.0/8; every process started here is stopped on exit.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+BENCH="$ROOT/loadtest/bench"
+OUT="${OUT:-$BENCH/results}"
+DURATION="${DURATION:-10s}"
+ROUNDS="${ROUNDS:-2}"
+CONNECTIONS="${CONNECTIONS:-64}"
+RATE="${RATE:-5000}"
+LOADGEN_THREADS="${LOADGEN_THREADS:-1}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+
+ORIGIN_PORT=18100
+NGINX_PORT=18101
+NGINX_CACHE_PORT=18102
+HAPROXY_PORT=18103
+MERIDIAN_PORT=18104
+MERIDIAN_ADMIN_PORT=18105
+
+WORK="$(mktemp -d /tmp/meridian-bench.XXXXXX)"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+log() { printf '== %s\n' "$*" >&2; }
+
+# --- tools ---------------------------------------------------------------------------------------
+missing=()
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+command -v cmake >/dev/null || missing+=(cmake)
+command -v python3 >/dev/null || missing+=(python3)
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
+# The Debian packages start system services; this benchmark runs its own instances only.
+systemctl stop nginx haproxy >/dev/null 2>&1 || true
+
+# MERIDIAN_BIN=path uses an already built `meridian` (e.g. one built from a clean checkout).
+if [ -n "${MERIDIAN_BIN:-}" ]; then
+  log "building meridian-loadtest (release); meridian from $MERIDIAN_BIN"
+  (cd "$ROOT" && cargo build --release -q -p meridian-loadtest --bin meridian-loadtest)
+  MERIDIAN="$MERIDIAN_BIN"
+else
+  log "building meridian and meridian-loadtest (release)"
+  (cd "$ROOT" && cargo build --release -q -p meridian-gateway --bin meridian -p meridian-loadtest --bin meridian-loadtest)
+  MERIDIAN="$CARGO_TARGET_DIR/release/meridian"
+fi
+LOADTEST="$CARGO_TARGET_DIR/release/meridian-loadtest"
+
+mkdir -p "$OUT"
+rm -f "$OUT"/*.json
+
+wait_port() {
+  local port=$1
+  for _ in $(seq 1 100); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "nothing listening on 127.0.0.1:$port" >&2
+  return 1
+}
+
+# --- origin --------------------------------------------------------------------------------------
+"$LOADTEST" origin --listen "127.0.0.1:$ORIGIN_PORT" --threads 1 --body-bytes 1024 >"$WORK/origin.log" 2>&1 &
+PIDS+=($!)
+wait_port "$ORIGIN_PORT"
+
+# --- NGINX: one worker, upstream keepalive; a second server block with proxy_cache ---------------
+mkdir -p "$WORK/nginx/cache" "$WORK/nginx/tmp"
+cat >"$WORK/nginx/nginx.conf" <<CONF
+user root;
+worker_processes 1;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx/tmp/body;
+  proxy_temp_path $WORK/nginx/tmp/proxy;
+  fastcgi_temp_path $WORK/nginx/tmp/fastcgi;
+  uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
+  scgi_temp_path $WORK/nginx/tmp/scgi;
+  client_max_body_size 10m;
+  # Keep request bodies in memory like the other proxies (the 16k default spools a 16 KiB POST to a
+  # temp file, which made NGINX ~25x slower on post-16k in a trial run).
+  client_body_buffer_size 64k;
+  keepalive_requests 1000000;
+  proxy_cache_path $WORK/nginx/cache levels=1:2 keys_zone=bench:10m max_size=256m inactive=10m;
+  upstream origin {
+    server 127.0.0.1:$ORIGIN_PORT;
+    keepalive 128;
+    keepalive_requests 1000000;
+  }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_buffering on;
+    }
+  }
+  server {
+    listen 127.0.0.1:$NGINX_CACHE_PORT;
+    location / {
+      proxy_pass http://origin;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_cache bench;
+      proxy_cache_valid 200 10m;
+      add_header x-meridian-cache \$upstream_cache_status;
+    }
+  }
+}
+CONF
+"$NGINX" -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx" >"$WORK/nginx/stdout.log" 2>&1 &
+PIDS+=($!)
+NGINX_MASTER=$!
+
+# --- HAProxy: one thread, connection reuse always -------------------------------------------------
+cat >"$WORK/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 4096
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend bench
+  bind 127.0.0.1:$HAPROXY_PORT
+  default_backend origin
+backend origin
+  server o1 127.0.0.1:$ORIGIN_PORT maxconn 1000
+CONF
+"$HAPROXY" -f "$WORK/haproxy.cfg" -db >"$WORK/haproxy.log" 2>&1 &
+PIDS+=($!)
+HAPROXY_PID=$!
+
+# --- Meridian: one region whose only upstream is the origin, one thread ---------------------------
+cat >"$WORK/meridian.toml" <<CONF
+schema = 1
+
+[edge]
+pop = "bench-1"
+http = "127.0.0.1:$MERIDIAN_PORT"
+admin = "127.0.0.1:$MERIDIAN_ADMIN_PORT"
+threads = 1
+shutdown_grace = "1s"
+shutdown_timeout = "2s"
+
+[edge.limits]
+max_body_bytes = 10485760
+
+[[regions]]
+name = "bench"
+location = { lat = 50.1, lon = 8.68 }
+upstreams = [{ address = "127.0.0.1:$ORIGIN_PORT", weight = 1 }]
+
+[[routes]]
+name = "bench"
+hosts = ["bench.example.test"]
+path_prefix = "/"
+kind = "api"
+regions = ["bench"]
+default_region = "bench"
+CONF
+"$MERIDIAN" config validate "$WORK/meridian.toml" >&2
+"$MERIDIAN" serve --config "$WORK/meridian.toml" >"$WORK/meridian.log" 2>&1 &
+PIDS+=($!)
+MERIDIAN_PID=$!
+
+wait_port "$NGINX_PORT"; wait_port "$NGINX_CACHE_PORT"; wait_port "$HAPROXY_PORT"; wait_port "$MERIDIAN_PORT"
+# NGINX's worker is the process that does the work (the master only supervises).
+NGINX_WORKER="$(pgrep -P "$NGINX_MASTER" | head -1 || true)"
+NGINX_WORKER="${NGINX_WORKER:-$NGINX_MASTER}"
+
+head -c 16384 /dev/zero | tr '\0' 'p' >"$WORK/post16k.bin"
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+peak_rss_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
+
+# run_one SCENARIO PROXY PID PORT ROUND [loadtest args...]
+run_one() {
+  local scenario=$1 proxy=$2 pid=$3 port=$4 round=$5
+  shift 5
+  local json="$OUT/$scenario.$proxy.r$round.json"
+  local before after
+  before=$(cpu_ticks "$pid")
+  "$LOADTEST" "http://127.0.0.1:$port$PATH_QUERY" --host bench.example.test --threads "$LOADGEN_THREADS" \
+    --timeout 10s -q --json "$json" "$@" >"$WORK/last.txt"
+  after=$(cpu_ticks "$pid")
+  local hz; hz=$(getconf CLK_TCK)
+  python3 - "$json" "$before" "$after" "$hz" "$(peak_rss_kb "$pid")" "$proxy" "$scenario" "$round" <<'PY'
+import json, sys
+path, before, after, hz, rss, proxy, scenario, rnd = sys.argv[1:]
+r = json.load(open(path))
+r["bench"] = {"proxy": proxy, "scenario": scenario, "round": int(rnd),
+              "cpu_s": (int(after) - int(before)) / int(hz), "peak_rss_kb": int(rss)}
+json.dump(r, open(path, "w"), indent=2)
+PY
+  log "$scenario / $proxy / round $round: $(grep -E '^  (throughput|latency) ' "$WORK/last.txt" | tr -s ' ' | tr '\n' ';')"
+}
+
+# Scenarios: name, path, extra loadtest args. Meridian has no response cache yet, so the cache
+# scenario runs against NGINX proxy_cache only (reported, not ratioed).
+declare -a SCEN_NAMES=("get-1k" "get-64k" "post-16k" "open-loop-${RATE}rps")
+declare -A SCEN_PATH=(["get-1k"]="/bench" ["get-64k"]="/bench?bytes=65536" ["post-16k"]="/bench"
+                      ["open-loop-${RATE}rps"]="/bench")
+declare -A SCEN_ARGS=(["get-1k"]="-c $CONNECTIONS -d $DURATION"
+                      ["get-64k"]="-c $CONNECTIONS -d $DURATION"
+                      ["post-16k"]="-c $CONNECTIONS -d $DURATION -m POST --body-file $WORK/post16k.bin"
+                      ["open-loop-${RATE}rps"]="-c $CONNECTIONS -d $DURATION --rate $RATE")
+
+for round in $(seq 1 "$ROUNDS"); do
+  for scenario in "${SCEN_NAMES[@]}"; do
+    PATH_QUERY="${SCEN_PATH[$scenario]}"
+    # Interleave: the order of proxies rotates every round.
+    order=("nginx:$NGINX_WORKER:$NGINX_PORT" "haproxy:$HAPROXY_PID:$HAPROXY_PORT" "meridian:$MERIDIAN_PID:$MERIDIAN_PORT")
+    if [ $((round % 2)) -eq 0 ]; then
+      order=("meridian:$MERIDIAN_PID:$MERIDIAN_PORT" "haproxy:$HAPROXY_PID:$HAPROXY_PORT" "nginx:$NGINX_WORKER:$NGINX_PORT")
+    fi
+    for entry in "${order[@]}"; do
+      IFS=: read -r proxy pid port <<<"$entry"
+      # shellcheck disable=SC2086
+      run_one "$scenario" "$proxy" "$pid" "$port" "$round" ${SCEN_ARGS[$scenario]}
+    done
+  done
+  PATH_QUERY="/cached"
+  run_one "cache-hit" "nginx-cache" "$NGINX_WORKER" "$NGINX_CACHE_PORT" "$round" -c "$CONNECTIONS" -d "$DURATION"
+done
+
+python3 "$BENCH/table.py" "$OUT" "$(nproc)" "$DURATION" "$CONNECTIONS" "$LOADGEN_THREADS" >"$BENCH/results.md"
+cat "$BENCH/results.md"

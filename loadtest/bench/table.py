@@ -1,0 +1,74 @@
+#!/usr/bin/env python3
+"""Turns the bench JSON reports into a Markdown table of ratios relative to NGINX.
+
+Usage: table.py RESULTS_DIR CORES DURATION CONNECTIONS LOADGEN_THREADS
+Each report carries "bench": {proxy, scenario, round, cpu_s, peak_rss_kb} added by run.sh.
+"""
+import glob
+import json
+import os
+import statistics
+import sys
+
+out_dir, cores, duration, connections, lg_threads = sys.argv[1:6]
+runs = {}
+for path in sorted(glob.glob(os.path.join(out_dir, "*.json"))):
+    with open(path) as f:
+        r = json.load(f)
+    b = r.get("bench")
+    if not b:
+        continue
+    runs.setdefault((b["scenario"], b["proxy"]), []).append(r)
+
+
+def agg(reports):
+    rps = statistics.mean(r["throughput_rps"] for r in reports)
+    p50 = statistics.mean(r["latency_ms"]["p50"] or 0 for r in reports)
+    p99 = statistics.mean(r["latency_ms"]["p99"] or 0 for r in reports)
+    responses = sum(r["requests"]["responses"] for r in reports)
+    cpu = sum(r["bench"]["cpu_s"] for r in reports)
+    cpu10k = cpu / responses * 10000 if responses else float("nan")
+    rss = max(r["bench"]["peak_rss_kb"] for r in reports)
+    failed = sum(r["requests"]["failed"] for r in reports)
+    return {"rps": rps, "p50": p50, "p99": p99, "cpu10k": cpu10k, "rss": rss,
+            "failed": failed, "responses": responses, "rounds": len(reports)}
+
+
+def ratio(a, b):
+    if not b or b != b or a != a:
+        return "n/a"
+    return f"{a / b:.2f}"
+
+
+scenarios = []
+for (scenario, _proxy) in runs:
+    if scenario not in scenarios:
+        scenarios.append(scenario)
+
+print("# Meridian vs NGINX vs HAProxy — ratios relative to NGINX\n")
+print(f"Machine: {cores} cores shared by the load generator ({lg_threads} thread), the proxy under test "
+      f"(1 worker) and the origin (1 thread). Closed loop: {connections} connections, {duration} per run; "
+      "values are the mean over rounds (proxies interleaved). Ratios only: absolute numbers are in the "
+      "JSON reports and are not claims.\n")
+print("requests/s: higher is better; p50, p99, CPU per 10k requests and peak RSS: lower is better. "
+      "`failed` is an absolute count of non-2xx/3xx answers and transport errors.\n")
+print("| scenario | proxy | requests/s | p50 | p99 | CPU s / 10k req | peak RSS | failed | Meridian req/s vs best other |")
+print("|---|---|---|---|---|---|---|---|---|")
+for scenario in scenarios:
+    base = runs.get((scenario, "nginx"))
+    if not base:
+        continue
+    n = agg(base)
+    results = {p: agg(runs[(scenario, p)]) for p in ("nginx", "haproxy", "meridian") if (scenario, p) in runs}
+    best_other = max((v["rps"] for p, v in results.items() if p != "meridian"), default=None)
+    for proxy, a in results.items():
+        vs_best = ratio(a["rps"], best_other) if proxy == "meridian" and best_other else ""
+        print(f"| {scenario} | {proxy} | {ratio(a['rps'], n['rps'])} | {ratio(a['p50'], n['p50'])} | "
+              f"{ratio(a['p99'], n['p99'])} | {ratio(a['cpu10k'], n['cpu10k'])} | {ratio(a['rss'], n['rss'])} | "
+              f"{a['failed']} | {vs_best} |")
+if ("cache-hit", "nginx-cache") in runs and ("get-1k", "nginx") in runs:
+    c = agg(runs[("cache-hit", "nginx-cache")])
+    n = agg(runs[("get-1k", "nginx")])
+    print(f"\nCache hit (NGINX proxy_cache, relative to NGINX proxying get-1k): requests/s "
+          f"{ratio(c['rps'], n['rps'])}, p99 {ratio(c['p99'], n['p99'])}, failed {c['failed']}. "
+          "Meridian has no response cache yet, so it is not in this row.")

@@ -1,0 +1,144 @@
+//! Command line. The load generator is the default command (`meridian-loadtest [OPTIONS] URL`);
+//! `meridian-loadtest origin ...` runs the fake origin.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::duration;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "meridian-loadtest",
+    version,
+    about = "Geo-aware load generator (closed/open loop, h1/h2, SSE, HDR percentiles) and fake origin",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub load: LoadArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// A fast fake origin with latency and fault injection (h1 and h2c, optional TLS).
+    Origin(OriginArgs),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ProtocolArg {
+    /// HTTP/1.1, one request at a time per connection (keep-alive).
+    H1,
+    /// HTTP/2: h2c with prior knowledge for http:// URLs, ALPN h2 for https:// URLs.
+    H2,
+    /// HTTP/3 over QUIC: pending (waits for the project's shared h3 client).
+    H3,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// Plain request/response.
+    Plain,
+    /// Server-sent event streams: time to first byte, time to last byte, events/s.
+    Sse,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct LoadArgs {
+    /// Target URL, e.g. http://127.0.0.1:8080/hello (loopback addresses only).
+    pub url: Option<String>,
+    /// Closed loop: this many connections, each sending its next request when the previous one is done.
+    /// In open loop: the connections the scheduled requests are spread over.
+    #[arg(short = 'c', long, default_value_t = 16)]
+    pub connections: usize,
+    /// Open loop: requests per second, arrival times scheduled in advance; latency is measured from the
+    /// scheduled time (coordinated omission corrected).
+    #[arg(short = 'r', long)]
+    pub rate: Option<f64>,
+    /// How long to send (default 10s when --requests is not given).
+    #[arg(short = 'd', long, value_parser = duration::parse)]
+    pub duration: Option<Duration>,
+    /// Send exactly this many requests (then stop, or at --duration, whichever comes first).
+    #[arg(short = 'n', long)]
+    pub requests: Option<u64>,
+    #[arg(short = 'p', long, value_enum, default_value_t = ProtocolArg::H1)]
+    pub protocol: ProtocolArg,
+    /// HTTP/2 only: concurrent streams per connection.
+    #[arg(long, default_value_t = 1)]
+    pub streams: usize,
+    /// `MX=30,SG=20,KR=10`: bind client sockets to the test-world source ranges in these proportions.
+    #[arg(long)]
+    pub geo_mix: Option<String>,
+    /// Host header (HTTP/1) / :authority (HTTP/2); default: the URL's authority.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// Path (and query), overriding the URL's.
+    #[arg(long)]
+    pub path: Option<String>,
+    #[arg(short = 'm', long, default_value = "GET")]
+    pub method: String,
+    /// Request body read from this file (sent with every request).
+    #[arg(long)]
+    pub body_file: Option<PathBuf>,
+    /// Extra request header `name:value` (repeatable).
+    #[arg(short = 'H', long = "header")]
+    pub headers: Vec<String>,
+    #[arg(long, value_enum, default_value_t = Scenario::Plain)]
+    pub scenario: Scenario,
+    /// CA certificate (PEM) to trust for https:// targets.
+    #[arg(long)]
+    pub cacert: Option<PathBuf>,
+    /// TLS server name for https:// targets (default: --host, then the URL's host).
+    #[arg(long)]
+    pub sni: Option<String>,
+    /// Per-request timeout (connect + response + body).
+    #[arg(long, value_parser = duration::parse, default_value = "10s")]
+    pub timeout: Duration,
+    /// Worker threads of the generator (default: the number of CPUs).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Write the report as JSON to this file.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(short = 'q', long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct OriginArgs {
+    /// Address to listen on (the first line printed is `listening on ADDR`; port 0 picks one).
+    #[arg(long, default_value = "127.0.0.1:7001")]
+    pub listen: SocketAddr,
+    /// Fixed delay before each answer.
+    #[arg(long, value_parser = duration::parse, default_value = "0ms")]
+    pub latency: Duration,
+    /// Extra uniformly random delay in [0, jitter).
+    #[arg(long, value_parser = duration::parse, default_value = "0ms")]
+    pub jitter: Duration,
+    /// Fraction of requests answered `503` (0.0 ..= 1.0).
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_rate: f64,
+    /// Response body size; a request may override it with the query `?bytes=N`.
+    #[arg(long, default_value_t = 1024)]
+    pub body_bytes: usize,
+    /// SSE: events per stream.
+    #[arg(long, default_value_t = 20)]
+    pub sse_events: u32,
+    /// SSE: pause between events.
+    #[arg(long, value_parser = duration::parse, default_value = "5ms")]
+    pub sse_interval: Duration,
+    /// Worker threads (1 = a single-threaded runtime).
+    #[arg(long, default_value_t = 1)]
+    pub threads: usize,
+    /// Serve TLS with this certificate chain (PEM); ALPN h2 and http/1.1.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) for --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+}

@@ -1,0 +1,30 @@
+//! `meridian-loadtest`: a geo-aware load generator (closed and open loop, h1/h2, SSE) and a fast fake
+//! origin with fault injection. See `docs/benchmarks.md`.
+
+mod cli;
+mod duration;
+mod engine;
+mod geo;
+mod origin;
+mod protocol;
+mod report;
+mod stats;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    let cli = cli::Cli::parse();
+    let result = match cli.command {
+        Some(cli::Command::Origin(args)) => origin::main(args),
+        None => engine::main(cli.load),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("meridian-loadtest: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

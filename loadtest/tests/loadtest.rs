@@ -1,0 +1,331 @@
+//! The generator against its own origin, through the real binary: counts, status and geo
+//! distributions are exact for a fixed request count; no timing assertions.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_meridian-loadtest");
+
+/// A running `meridian-loadtest origin`, killed on drop.
+struct Origin {
+    child: Child,
+    addr: String,
+}
+
+impl Origin {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["origin", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start origin");
+        let stdout = child.stdout.take().expect("origin stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read origin address");
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+            .to_string();
+        Self { child, addr }
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn run_load(args: &[&str]) -> (Output, Value) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let json = dir.path().join("report.json");
+    let output = Command::new(BIN)
+        .args(args)
+        .args(["--quiet", "--threads", "2", "--json"])
+        .arg(&json)
+        .output()
+        .expect("run meridian-loadtest");
+    assert!(
+        output.status.success(),
+        "meridian-loadtest failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output, read_json(&json))
+}
+
+fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path).expect("read report");
+    serde_json::from_str(&text).expect("report is JSON")
+}
+
+fn u(v: &Value, pointer: &str) -> u64 {
+    v.pointer(pointer)
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("{pointer} missing or not a count in {v:#}"))
+}
+
+#[test]
+fn closed_loop_counts_status_and_geo_are_exact() {
+    let origin = Origin::start(&[]);
+    let url = format!("http://{}/hello", origin.addr);
+    let (output, report) = run_load(&[
+        &url,
+        "--requests",
+        "200",
+        "--connections",
+        "8",
+        "--geo-mix",
+        "MX=30,SG=20,KR=10",
+        "--host",
+        "api.example.test",
+    ]);
+    for field in [
+        "tool",
+        "version",
+        "target",
+        "method",
+        "host",
+        "path",
+        "protocol",
+        "tls",
+        "scenario",
+        "mode",
+        "connections",
+        "streams",
+        "rate",
+        "duration_s",
+        "requests_limit",
+        "scheduled",
+        "geo_mix",
+        "elapsed_s",
+        "requests",
+        "throughput_rps",
+        "bytes_received",
+        "connects",
+        "latency_ms",
+        "status",
+        "status_codes",
+        "errors",
+        "geo",
+        "regions",
+        "cache",
+        "sse",
+    ] {
+        assert!(report.get(field).is_some(), "report lacks {field}");
+    }
+    for q in ["count", "min", "mean", "p50", "p90", "p99", "p99_9", "max"] {
+        assert!(
+            report["latency_ms"].get(q).is_some(),
+            "latency_ms lacks {q}"
+        );
+    }
+    assert_eq!(report["mode"], "closed");
+    assert_eq!(report["protocol"], "h1");
+    assert_eq!(u(&report, "/requests/issued"), 200);
+    assert_eq!(u(&report, "/requests/responses"), 200);
+    assert_eq!(u(&report, "/requests/ok"), 200);
+    assert_eq!(u(&report, "/requests/failed"), 0);
+    assert_eq!(u(&report, "/latency_ms/count"), 200);
+    assert_eq!(u(&report, "/status/2xx"), 200);
+    assert_eq!(u(&report, "/status/5xx"), 0);
+    assert_eq!(u(&report, "/status_codes/200"), 200);
+    for kind in [
+        "connect",
+        "timeout",
+        "io",
+        "status_4xx",
+        "status_5xx",
+        "total",
+    ] {
+        assert_eq!(u(&report, &format!("/errors/{kind}")), 0, "errors.{kind}");
+    }
+    // 200 requests split 30:20:10.
+    assert_eq!(u(&report, "/geo/MX"), 100);
+    assert_eq!(u(&report, "/geo/SG"), 67);
+    assert_eq!(u(&report, "/geo/KR"), 33);
+    assert_eq!(u(&report, "/bytes_received"), 200 * 1024);
+    assert_eq!(u(&report, "/connects"), 8);
+    let summary = String::from_utf8_lossy(&output.stdout);
+    assert!(summary.contains("p99.9"), "summary table: {summary}");
+    assert!(summary.contains("MX=100"), "summary table: {summary}");
+}
+
+#[test]
+fn injected_failures_are_counted_as_5xx() {
+    let origin = Origin::start(&["--fail-rate", "0.5"]);
+    let url = format!("http://{}/", origin.addr);
+    let (_, report) = run_load(&[&url, "-n", "200", "-c", "4"]);
+    let ok = u(&report, "/status/2xx");
+    let failed = u(&report, "/status/5xx");
+    assert_eq!(ok + failed, 200);
+    assert!(
+        failed > 0 && ok > 0,
+        "fail-rate 0.5 gave {ok} ok / {failed} 5xx"
+    );
+    assert_eq!(u(&report, "/status_codes/503"), failed);
+    assert_eq!(u(&report, "/errors/status_5xx"), failed);
+    assert_eq!(u(&report, "/requests/failed"), failed);
+    assert_eq!(u(&report, "/errors/connect") + u(&report, "/errors/io"), 0);
+}
+
+#[test]
+fn open_loop_issues_exactly_the_scheduled_requests() {
+    let origin = Origin::start(&[]);
+    let url = format!("http://{}/", origin.addr);
+    let (_, report) = run_load(&[
+        &url,
+        "--rate",
+        "400",
+        "-n",
+        "100",
+        "-c",
+        "4",
+        "--geo-mix",
+        "DE=1,MX=3",
+    ]);
+    assert_eq!(report["mode"], "open");
+    assert_eq!(u(&report, "/scheduled"), 100);
+    assert_eq!(u(&report, "/requests/issued"), 100);
+    assert_eq!(u(&report, "/requests/responses"), 100);
+    assert_eq!(u(&report, "/status/2xx"), 100);
+    assert_eq!(u(&report, "/geo/DE"), 25);
+    assert_eq!(u(&report, "/geo/MX"), 75);
+}
+
+#[test]
+fn open_loop_schedule_from_rate_and_duration() {
+    let origin = Origin::start(&[]);
+    let url = format!("http://{}/", origin.addr);
+    let (_, report) = run_load(&[&url, "--rate", "100", "--duration", "500ms", "-c", "2"]);
+    assert_eq!(u(&report, "/scheduled"), 50);
+    assert_eq!(u(&report, "/requests/issued"), 50);
+    assert_eq!(u(&report, "/requests/responses"), 50);
+}
+
+#[test]
+fn sse_streams_count_events_and_first_bytes() {
+    let origin = Origin::start(&["--sse-events", "5", "--sse-interval", "1ms"]);
+    let url = format!("http://{}/", origin.addr);
+    let (_, report) = run_load(&[&url, "--scenario", "sse", "-n", "10", "-c", "2"]);
+    assert_eq!(report["method"], "POST");
+    assert_eq!(report["path"], "/v1/chat/completions");
+    assert_eq!(u(&report, "/sse/streams"), 10);
+    // 5 token events and the closing `data: [DONE]` per stream.
+    assert_eq!(u(&report, "/sse/events"), 60);
+    assert_eq!(u(&report, "/sse/ttfb_ms/count"), 10);
+    assert_eq!(u(&report, "/sse/ttlb_ms/count"), 10);
+}
+
+#[test]
+fn h2c_streams_share_connections() {
+    let origin = Origin::start(&[]);
+    let url = format!("http://{}/", origin.addr);
+    let (_, report) = run_load(&[&url, "-p", "h2", "--streams", "3", "-c", "2", "-n", "60"]);
+    assert_eq!(report["protocol"], "h2");
+    assert_eq!(u(&report, "/requests/responses"), 60);
+    assert_eq!(u(&report, "/status/2xx"), 60);
+    assert_eq!(u(&report, "/connects"), 2);
+}
+
+#[test]
+fn body_file_is_sent_with_post() {
+    let origin = Origin::start(&["--body-bytes", "10"]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let body = dir.path().join("body.bin");
+    std::fs::write(&body, vec![b'a'; 16 * 1024]).expect("write body");
+    let url = format!("http://{}/upload?bytes=3", origin.addr);
+    let body_arg = body.to_string_lossy().to_string();
+    let (_, report) = run_load(&[
+        &url,
+        "-m",
+        "POST",
+        "--body-file",
+        &body_arg,
+        "-n",
+        "20",
+        "-c",
+        "2",
+        "-H",
+        "x-test: 1",
+    ]);
+    assert_eq!(report["method"], "POST");
+    assert_eq!(u(&report, "/status/2xx"), 20);
+    assert_eq!(u(&report, "/bytes_received"), 20 * 3);
+}
+
+#[test]
+fn refused_connections_are_connect_errors() {
+    let port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.local_addr().expect("addr").port()
+    };
+    let url = format!("http://127.0.0.1:{port}/");
+    let (_, report) = run_load(&[&url, "-n", "5", "-c", "1"]);
+    assert_eq!(u(&report, "/errors/connect"), 5);
+    assert_eq!(u(&report, "/requests/responses"), 0);
+    assert_eq!(u(&report, "/requests/failed"), 5);
+}
+
+#[test]
+fn tls_h2_with_cacert() {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let ca_key = KeyPair::generate().expect("ca key");
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf_key = KeyPair::generate().expect("leaf key");
+    let mut leaf_params = CertificateParams::new(vec!["localhost".to_string()]).expect("leaf");
+    leaf_params.is_ca = IsCa::ExplicitNoCa;
+    let leaf = leaf_params
+        .signed_by(&leaf_key, &issuer)
+        .expect("leaf cert");
+    let (ca, cert, key) = (
+        dir.path().join("ca.pem"),
+        dir.path().join("cert.pem"),
+        dir.path().join("key.pem"),
+    );
+    std::fs::write(&ca, ca_cert.pem()).expect("write ca");
+    std::fs::write(&cert, leaf.pem()).expect("write cert");
+    std::fs::write(&key, leaf_key.serialize_pem()).expect("write key");
+    let path = |p: &Path| p.to_string_lossy().to_string();
+    let origin = Origin::start(&["--tls-cert", &path(&cert), "--tls-key", &path(&key)]);
+    let url = format!("https://{}/", origin.addr);
+    for protocol in ["h2", "h1"] {
+        let (_, report) = run_load(&[
+            &url,
+            "-p",
+            protocol,
+            "--cacert",
+            &path(&ca),
+            "--sni",
+            "localhost",
+            "-n",
+            "20",
+            "-c",
+            "2",
+        ]);
+        assert_eq!(report["tls"], true);
+        assert_eq!(u(&report, "/status/2xx"), 20, "{protocol}: {report:#}");
+    }
+}
+
+#[test]
+fn h3_is_refused_until_the_shared_client_exists() {
+    let output = Command::new(BIN)
+        .args(["http://127.0.0.1:9/", "-p", "h3", "-n", "1"])
+        .output()
+        .expect("run");
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("h3"));
+}
