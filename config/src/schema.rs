@@ -13,6 +13,9 @@ pub struct Config {
     pub schema: u32,
     #[serde(default)]
     pub edge: Edge,
+    /// Certificates for the HTTPS (and HTTP/3) listener, chosen by SNI.
+    #[serde(default, skip_serializing_if = "TlsSection::is_empty")]
+    pub tls: TlsSection,
     #[serde(default)]
     pub geoip: GeoIpSection,
     #[serde(default)]
@@ -60,13 +63,24 @@ pub struct Edge {
     /// Plain-text listener (HTTP/1.1 and h2c).
     pub http: String,
     /// Admin listener (`/metrics`, `/healthz`, `/admin/snapshot`); must be a loopback address.
-    pub admin: String,
+    /// Either `admin = "127.0.0.1:9901"` or a `[edge.admin]` table with `listen` and `token_file`.
+    pub admin: AdminListener,
+    /// TLS listener (HTTP/1.1 and HTTP/2 by ALPN), e.g. `127.0.0.1:8443`; needs `[[tls.certificates]]`.
+    /// Absent: no HTTPS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub https: Option<String>,
+    /// HTTP/3 (QUIC) on UDP at the `https` address, with the same certificates.
+    pub h3: bool,
+    /// QUIC/HTTP/3 limits (request header and body limits come from `limits`).
+    pub h3_limits: H3Limits,
     /// Worker threads for the proxy service.
     pub threads: usize,
     pub limits: Limits,
     /// How long a stopping edge keeps accepting, then how long in-flight requests get to finish.
     pub shutdown_grace: HumanDuration,
     pub shutdown_timeout: HumanDuration,
+    /// The response cache shared by every front; routes opt in with `cache.enabled`.
+    pub cache: EdgeCache,
 }
 
 impl Default for Edge {
@@ -75,10 +89,14 @@ impl Default for Edge {
             pop: "edge-1".into(),
             http: "127.0.0.1:8080".into(),
             admin: "127.0.0.1:9901".into(),
+            https: None,
+            h3: false,
+            h3_limits: H3Limits::default(),
             threads: 2,
             limits: Limits::default(),
             shutdown_grace: HumanDuration::secs(1),
             shutdown_timeout: HumanDuration::secs(5),
+            cache: EdgeCache::default(),
         }
     }
 }
@@ -107,6 +125,56 @@ impl Default for Limits {
     }
 }
 
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct H3Limits {
+    /// Concurrent request streams one QUIC connection may open.
+    pub max_streams: u32,
+    /// A QUIC connection with no traffic for this long is closed.
+    pub idle_timeout: HumanDuration,
+    /// Concurrent QUIC connections; more are refused.
+    pub max_connections: usize,
+}
+
+impl Default for H3Limits {
+    fn default() -> Self {
+        Self {
+            max_streams: 100,
+            idle_timeout: HumanDuration::secs(30),
+            max_connections: 10_000,
+        }
+    }
+}
+
+/// `[tls]`: certificates served by the HTTPS and HTTP/3 listeners.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsSection {
+    /// Chosen by SNI: exact hosts first, then `*.` wildcards (one label). A handshake whose SNI
+    /// matches none is refused unless one certificate says `default = true`.
+    pub certificates: Vec<TlsCertificate>,
+}
+
+impl TlsSection {
+    pub fn is_empty(&self) -> bool {
+        self.certificates.is_empty()
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsCertificate {
+    /// Exact host names, or `*.example.test` for any one-label subdomain.
+    pub hosts: Vec<String>,
+    /// PEM certificate chain, leaf first (relative paths: against the config file's directory).
+    pub cert: String,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: String,
+    /// Served when the client's SNI matches no certificate (or it sent none). At most one.
+    #[serde(default)]
+    pub default: bool,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GeoIpSection {
@@ -129,6 +197,74 @@ pub struct Region {
     pub name: String,
     pub location: GeoPoint,
     pub upstreams: Vec<Upstream>,
+    /// Active health checks of every upstream (on by default).
+    #[serde(default)]
+    pub health: HealthCheck,
+    /// Passive outlier detection: upstreams failing in a row are ejected for a growing backoff.
+    #[serde(default)]
+    pub outlier: OutlierDetection,
+    /// The region is healthy while at least this many upstreams are.
+    #[serde(default = "default_min_healthy")]
+    pub min_healthy: u32,
+    /// In-flight request cap; when full, requests overflow to the next-nearest eligible region.
+    #[serde(default)]
+    pub max_inflight: Option<u32>,
+    /// Stop sending new requests here; in-flight ones finish.
+    #[serde(default)]
+    pub drain: bool,
+}
+
+fn default_min_healthy() -> u32 {
+    1
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthCheck {
+    pub enabled: bool,
+    /// HTTP path probed with GET on each upstream.
+    pub path: String,
+    pub interval: HumanDuration,
+    pub timeout: HumanDuration,
+    /// Consecutive passing probes before a down upstream is healthy again.
+    pub healthy_after: u32,
+    /// Consecutive failing probes before a healthy upstream is down.
+    pub unhealthy_after: u32,
+    pub expect_status: u16,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            path: "/healthz".into(),
+            interval: HumanDuration::secs(2),
+            timeout: HumanDuration::secs(1),
+            healthy_after: 2,
+            unhealthy_after: 2,
+            expect_status: 200,
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutlierDetection {
+    /// Consecutive failed requests (connect errors, timeouts, 5xx) that eject an upstream.
+    pub consecutive_failures: u32,
+    /// First ejection; each repeat doubles it, up to `max_ejection`.
+    pub base_ejection: HumanDuration,
+    pub max_ejection: HumanDuration,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            base_ejection: HumanDuration::secs(10),
+            max_ejection: HumanDuration::secs(300),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -138,6 +274,9 @@ pub struct Upstream {
     pub address: String,
     #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Stop sending new requests to this upstream; in-flight ones finish.
+    #[serde(default)]
+    pub drain: bool,
 }
 
 fn default_weight() -> u32 {
@@ -186,6 +325,9 @@ pub struct Route {
     pub timeouts: RouteTimeouts,
     #[serde(default)]
     pub retry: RetryPolicy,
+    /// Response caching for this route (off unless `enabled = true`).
+    #[serde(default)]
+    pub cache: RouteCache,
 }
 
 fn default_path_prefix() -> String {
@@ -205,6 +347,8 @@ pub struct RouteTimeouts {
     pub read: HumanDuration,
     /// Longest wait for an upstream to accept bytes we send.
     pub write: HumanDuration,
+    /// Overall deadline for a request across all tries: no new try starts after it.
+    pub total: HumanDuration,
 }
 
 impl Default for RouteTimeouts {
@@ -213,6 +357,7 @@ impl Default for RouteTimeouts {
             connect: HumanDuration::secs(2),
             read: HumanDuration::secs(30),
             write: HumanDuration::secs(30),
+            total: HumanDuration::secs(60),
         }
     }
 }
@@ -220,13 +365,29 @@ impl Default for RouteTimeouts {
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetryPolicy {
-    /// Total tries per request (1 = no retry). A connect failure moves to the next upstream or region.
+    /// Total tries per request (1 = no retry): the next upstream in the region, then the next region.
     pub attempts: u32,
+    /// Upstream statuses that are retried elsewhere when no byte has reached the client yet.
+    pub on_status: Vec<u16>,
+    /// Retry non-idempotent methods (POST, PATCH) even after the upstream may have seen them.
+    /// Connect failures are always retried: the upstream never saw the request.
+    pub non_idempotent: bool,
+    /// Retries may be at most this percentage of requests per region (over a 10 s window), so a
+    /// failing fleet does not multiply its own load.
+    pub budget_percent: u32,
+    /// Retries always allowed per region and window, however few the requests.
+    pub budget_min_per_window: u32,
 }
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        Self { attempts: 3 }
+        Self {
+            attempts: 3,
+            on_status: vec![502, 503, 504],
+            non_idempotent: false,
+            budget_percent: 20,
+            budget_min_per_window: 10,
+        }
     }
 }
 
@@ -381,4 +542,152 @@ impl Default for DnsLimits {
             tcp_idle_timeout: HumanDuration::secs(10),
         }
     }
+}
+
+/// `[edge.admin]`: where the admin listener binds, and the bearer token that guards its write
+/// endpoints (cache purge). Also accepts the plain string form `admin = "127.0.0.1:9901"`, so it
+/// reads as the address wherever a `&str` is expected.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminListener {
+    pub listen: String,
+    /// File holding the bearer token for `/admin/cache/*`. Absent: those endpoints answer 403.
+    pub token_file: Option<String>,
+}
+
+impl Default for AdminListener {
+    fn default() -> Self {
+        Self::from("127.0.0.1:9901")
+    }
+}
+
+impl From<&str> for AdminListener {
+    fn from(listen: &str) -> Self {
+        Self {
+            listen: listen.to_string(),
+            token_file: None,
+        }
+    }
+}
+
+impl From<String> for AdminListener {
+    fn from(listen: String) -> Self {
+        Self {
+            listen,
+            token_file: None,
+        }
+    }
+}
+
+impl std::ops::Deref for AdminListener {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.listen
+    }
+}
+
+impl std::fmt::Display for AdminListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.listen)
+    }
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct AdminTable {
+    #[serde(default = "default_admin_listen")]
+    listen: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token_file: Option<String>,
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9901".into()
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum AdminForm {
+    Address(String),
+    Table(AdminTable),
+}
+
+impl<'de> Deserialize<'de> for AdminListener {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(match AdminForm::deserialize(deserializer)? {
+            AdminForm::Address(listen) => Self::from(listen),
+            AdminForm::Table(t) => Self {
+                listen: t.listen,
+                token_file: t.token_file,
+            },
+        })
+    }
+}
+
+impl Serialize for AdminListener {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match &self.token_file {
+            None => serializer.serialize_str(&self.listen),
+            Some(_) => AdminTable {
+                listen: self.listen.clone(),
+                token_file: self.token_file.clone(),
+            }
+            .serialize(serializer),
+        }
+    }
+}
+
+/// `[edge.cache]`: the in-memory response cache of this edge.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EdgeCache {
+    /// Master switch; with it off no route caches, whatever its own setting.
+    pub enabled: bool,
+    /// Total bytes of cached bodies and headers; the least valuable entries are evicted beyond it.
+    pub max_bytes: u64,
+    /// Larger responses stream through to the client and are not stored.
+    pub max_object_bytes: u64,
+    /// How long a request waits for an identical in-flight miss before fetching on its own.
+    pub coalesce_timeout: HumanDuration,
+}
+
+impl Default for EdgeCache {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            max_bytes: 256 * 1024 * 1024,
+            max_object_bytes: 8 * 1024 * 1024,
+            coalesce_timeout: HumanDuration::secs(5),
+        }
+    }
+}
+
+/// A route's `cache = { ... }`: RFC 9111 caching of its responses, opt-in.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteCache {
+    pub enabled: bool,
+    /// Freshness for storable responses that carry no `max-age`/`s-maxage`/`Expires`. Absent: such
+    /// responses are not stored (heuristic freshness is off).
+    pub default_ttl: Option<HumanDuration>,
+    /// Store responses to requests that carry `Authorization` (shared between every caller!).
+    pub allow_authorization: bool,
+    /// Store responses that carry `Set-Cookie` (the cookie is replayed to every caller!).
+    pub allow_set_cookie: bool,
+    pub key: CacheKeyConfig,
+    /// Serve a stale entry for this long while one background fetch refreshes it, when the
+    /// response does not say (`stale-while-revalidate=`).
+    pub stale_while_revalidate: Option<HumanDuration>,
+    /// Serve a stale entry for this long when every eligible region fails, when the response does
+    /// not say (`stale-if-error=`).
+    pub stale_if_error: Option<HumanDuration>,
+}
+
+/// What, besides method, scheme, host, path and query, tells two requests' responses apart.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheKeyConfig {
+    /// Query parameters dropped from the key (e.g. `utm_source`).
+    pub ignore_query: Vec<String>,
+    /// Request headers added to the key (case-insensitive names).
+    pub headers: Vec<String>,
 }

@@ -28,6 +28,8 @@ impl Config {
             );
         }
         validate_edge(&self.edge, &mut errors);
+        validate_tls(&self.edge, &self.tls, &mut errors);
+        validate_cache(&self.edge, &self.routes, &mut errors);
         validate_geoip(&self.geoip, &mut errors);
         let regions = validate_regions(&self.regions, &mut errors);
         validate_routes(&self.routes, &regions, &mut errors);
@@ -81,6 +83,73 @@ fn validate_edge(edge: &Edge, errors: &mut Errors) {
     }
 }
 
+/// `[tls]`, `edge.https`, `edge.h3`: shape only. The files (exist, parse, key matches cert, not
+/// expired) are checked by the gateway, which reads them.
+fn validate_tls(edge: &Edge, tls: &TlsSection, errors: &mut Errors) {
+    if let Some(https) = &edge.https {
+        check_socket_addr("edge.https", https, errors);
+        if tls.certificates.is_empty() {
+            errors.push(
+                "edge.https",
+                "an HTTPS listener needs at least one [[tls.certificates]]",
+            );
+        }
+    } else if edge.h3 {
+        errors.push(
+            "edge.h3",
+            "HTTP/3 runs on the edge.https address: set edge.https",
+        );
+    }
+    let h3 = &edge.h3_limits;
+    if !(1..=10_000).contains(&h3.max_streams) {
+        errors.push("edge.h3_limits.max_streams", "must be between 1 and 10000");
+    }
+    if h3.idle_timeout.as_duration().is_zero() {
+        errors.push("edge.h3_limits.idle_timeout", "must be greater than 0");
+    }
+    if h3.max_connections == 0 {
+        errors.push("edge.h3_limits.max_connections", "must be greater than 0");
+    }
+    let mut hosts: HashMap<String, usize> = HashMap::new();
+    let mut default = None;
+    for (i, cert) in tls.certificates.iter().enumerate() {
+        let path = format!("tls.certificates[{i}]");
+        if cert.hosts.is_empty() {
+            errors.push(
+                format!("{path}.hosts"),
+                "a certificate needs at least one host",
+            );
+        }
+        for (j, host) in cert.hosts.iter().enumerate() {
+            let hpath = format!("{path}.hosts[{j}]");
+            if let Err(message) = check_host(host) {
+                errors.push(hpath, message);
+            } else if let Some(first) = hosts.insert(host.to_ascii_lowercase(), i) {
+                errors.push(
+                    hpath,
+                    format!("host {host:?} already has a certificate (tls.certificates[{first}])"),
+                );
+            }
+        }
+        if cert.cert.trim().is_empty() {
+            errors.push(format!("{path}.cert"), "must be a PEM file path");
+        }
+        if cert.key.trim().is_empty() {
+            errors.push(format!("{path}.key"), "must be a PEM file path");
+        }
+        if cert.default {
+            if let Some(first) = default {
+                errors.push(
+                    format!("{path}.default"),
+                    format!("only one default certificate (tls.certificates[{first}] is one)"),
+                );
+            } else {
+                default = Some(i);
+            }
+        }
+    }
+}
+
 fn validate_geoip(geoip: &GeoIpSection, errors: &mut Errors) {
     if let Some(db) = &geoip.database {
         if db.trim().is_empty() {
@@ -128,6 +197,7 @@ fn validate_regions<'a>(regions: &'a [Region], errors: &mut Errors) -> HashSet<&
             names.insert(&region.name, first);
         }
         check_point(&format!("{path}.location"), region.location, errors);
+        validate_region_health(&path, region, errors);
         if region.upstreams.is_empty() {
             errors.push(
                 format!("{path}.upstreams"),
@@ -153,6 +223,81 @@ fn validate_regions<'a>(regions: &'a [Region], errors: &mut Errors) -> HashSet<&
         }
     }
     names.into_keys().collect()
+}
+
+fn validate_region_health(path: &str, region: &Region, errors: &mut Errors) {
+    let health = &region.health;
+    if !health.path.starts_with('/') {
+        errors.push(
+            format!("{path}.health.path"),
+            format!("{:?} must start with '/'", health.path),
+        );
+    }
+    if health.interval.as_duration() < std::time::Duration::from_millis(10) {
+        errors.push(format!("{path}.health.interval"), "must be at least 10ms");
+    }
+    if health.timeout.as_duration().is_zero() {
+        errors.push(format!("{path}.health.timeout"), "must be greater than 0");
+    } else if health.timeout > health.interval {
+        errors.push(
+            format!("{path}.health.timeout"),
+            "must not exceed health.interval",
+        );
+    }
+    if health.healthy_after == 0 || health.healthy_after > 100 {
+        errors.push(
+            format!("{path}.health.healthy_after"),
+            "must be between 1 and 100",
+        );
+    }
+    if health.unhealthy_after == 0 || health.unhealthy_after > 100 {
+        errors.push(
+            format!("{path}.health.unhealthy_after"),
+            "must be between 1 and 100",
+        );
+    }
+    if !(100..=599).contains(&health.expect_status) {
+        errors.push(
+            format!("{path}.health.expect_status"),
+            "must be an HTTP status (100-599)",
+        );
+    }
+    let outlier = &region.outlier;
+    if outlier.consecutive_failures == 0 {
+        errors.push(
+            format!("{path}.outlier.consecutive_failures"),
+            "must be at least 1",
+        );
+    }
+    if outlier.base_ejection.as_duration().is_zero() {
+        errors.push(
+            format!("{path}.outlier.base_ejection"),
+            "must be greater than 0",
+        );
+    } else if outlier.max_ejection < outlier.base_ejection {
+        errors.push(
+            format!("{path}.outlier.max_ejection"),
+            "must be at least base_ejection",
+        );
+    }
+    if region.min_healthy == 0 {
+        errors.push(format!("{path}.min_healthy"), "must be at least 1");
+    } else if !region.upstreams.is_empty() && region.min_healthy as usize > region.upstreams.len() {
+        errors.push(
+            format!("{path}.min_healthy"),
+            format!(
+                "{} exceeds the region's {} upstream(s)",
+                region.min_healthy,
+                region.upstreams.len()
+            ),
+        );
+    }
+    if region.max_inflight == Some(0) {
+        errors.push(
+            format!("{path}.max_inflight"),
+            "must be at least 1 (omit it for no cap)",
+        );
+    }
 }
 
 fn validate_routes(routes: &[Route], regions: &HashSet<&str>, errors: &mut Errors) {
@@ -260,6 +405,26 @@ fn validate_routes(routes: &[Route], regions: &HashSet<&str>, errors: &mut Error
         }
         if !(1..=10).contains(&route.retry.attempts) {
             errors.push(format!("{path}.retry.attempts"), "must be between 1 and 10");
+        }
+        for (j, status) in route.retry.on_status.iter().enumerate() {
+            if !(500..=599).contains(status) && *status != 429 {
+                errors.push(
+                    format!("{path}.retry.on_status[{j}]"),
+                    format!("{status} is not a retryable status (429 or 5xx)"),
+                );
+            }
+        }
+        if route.retry.budget_percent > 100 {
+            errors.push(
+                format!("{path}.retry.budget_percent"),
+                "must be between 0 and 100",
+            );
+        }
+        if route.timeouts.total < route.timeouts.connect {
+            errors.push(
+                format!("{path}.timeouts.total"),
+                "must be at least timeouts.connect",
+            );
         }
     }
 }
@@ -578,4 +743,104 @@ fn is_name(name: &str) -> bool {
 
 fn name_rule(name: &str) -> String {
     format!("bad name {name:?} (1-64 characters of a-z, 0-9, '-', '_')")
+}
+
+/// `[edge.cache]`, `[edge.admin] token_file` and every route's `cache = { ... }`.
+fn validate_cache(edge: &Edge, routes: &[Route], errors: &mut Errors) {
+    const MAX_WINDOW_SECS: u64 = 7 * 24 * 3600;
+    let cache = &edge.cache;
+    if cache.max_object_bytes == 0 {
+        errors.push("edge.cache.max_object_bytes", "must be greater than 0");
+    }
+    if cache.max_bytes < cache.max_object_bytes {
+        errors.push(
+            "edge.cache.max_bytes",
+            format!(
+                "must be at least edge.cache.max_object_bytes ({})",
+                cache.max_object_bytes
+            ),
+        );
+    }
+    if cache.max_object_bytes > u64::from(u32::MAX) {
+        errors.push(
+            "edge.cache.max_object_bytes",
+            "must be at most 4294967295 (4 GiB)",
+        );
+    }
+    let coalesce = cache.coalesce_timeout.as_duration();
+    if coalesce.is_zero() || coalesce.as_secs() > 60 {
+        errors.push("edge.cache.coalesce_timeout", "must be between 1ms and 60s");
+    }
+    if let Some(file) = &edge.admin.token_file {
+        if file.trim().is_empty() {
+            errors.push(
+                "edge.admin.token_file",
+                "must not be empty (omit it to disable the admin write endpoints)",
+            );
+        }
+    }
+    for (i, route) in routes.iter().enumerate() {
+        let path = format!("routes[{i}].cache");
+        let rc = &route.cache;
+        if let Some(ttl) = rc.default_ttl {
+            if ttl.as_duration().is_zero() || ttl.as_duration().as_secs() > MAX_WINDOW_SECS {
+                errors.push(
+                    format!("{path}.default_ttl"),
+                    "must be between 1s and 7 days",
+                );
+            }
+        }
+        for (field, value) in [
+            ("stale_while_revalidate", rc.stale_while_revalidate),
+            ("stale_if_error", rc.stale_if_error),
+        ] {
+            if value.is_some_and(|v| v.as_duration().as_secs() > MAX_WINDOW_SECS) {
+                errors.push(format!("{path}.{field}"), "must be at most 7 days");
+            }
+        }
+        let mut seen = HashSet::new();
+        for (j, param) in rc.key.ignore_query.iter().enumerate() {
+            if param.is_empty() || param.contains(['&', '=', '#', ' ']) {
+                errors.push(
+                    format!("{path}.key.ignore_query[{j}]"),
+                    format!("bad query parameter name {param:?}"),
+                );
+            } else if !seen.insert(param.as_str()) {
+                errors.push(
+                    format!("{path}.key.ignore_query[{j}]"),
+                    format!("{param:?} listed twice"),
+                );
+            }
+        }
+        let mut seen = HashSet::new();
+        if rc.key.headers.len() > 8 {
+            errors.push(format!("{path}.key.headers"), "at most 8 headers");
+        }
+        for (j, name) in rc.key.headers.iter().enumerate() {
+            let lower = name.to_ascii_lowercase();
+            let token = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+            if !token {
+                errors.push(
+                    format!("{path}.key.headers[{j}]"),
+                    format!("bad header name {name:?}"),
+                );
+            } else if matches!(
+                lower.as_str(),
+                "connection" | "keep-alive" | "te" | "trailer" | "transfer-encoding" | "upgrade"
+            ) {
+                errors.push(
+                    format!("{path}.key.headers[{j}]"),
+                    format!("hop-by-hop header {name:?} cannot be part of a cache key"),
+                );
+            } else if !seen.insert(lower) {
+                errors.push(
+                    format!("{path}.key.headers[{j}]"),
+                    format!("header {name:?} listed twice"),
+                );
+            }
+        }
+    }
 }

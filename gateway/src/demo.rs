@@ -49,6 +49,8 @@ pub enum DemoError {
     GeoIp(#[from] meridian_geoip::GeoIpError),
     #[error(transparent)]
     Start(#[from] crate::edge::StartError),
+    #[error(transparent)]
+    Certificates(#[from] crate::tls::devcerts::DevCertError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -61,6 +63,8 @@ pub struct Demo {
     pub edge: RunningEdge,
     pub regions: Regions,
     pub geoip_db: PathBuf,
+    /// The demo's own CA (generated at start): `curl --cacert` it.
+    pub ca_file: PathBuf,
     /// Write token of the demo's config service (also in `token_file`).
     pub token: String,
     pub token_file: PathBuf,
@@ -78,6 +82,7 @@ pub fn start(options: DemoOptions) -> Result<Demo, DemoError> {
     let geoip_db = options.data_dir.join("test-world.mmdb");
     meridian_geoip::test_world::write(&geoip_db)?;
     let mut config = Config::from_toml_str(LOCAL_CONFIG)?;
+    let ca_file = write_demo_certificates(&options.data_dir)?;
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -134,12 +139,36 @@ pub fn start(options: DemoOptions) -> Result<Demo, DemoError> {
         edge,
         regions,
         geoip_db,
+        ca_file,
         token,
         token_file: options.data_dir.join("token"),
         config_service: options.config_service,
         _runtime: runtime,
         _stop: stop,
     })
+}
+
+/// A fresh local CA and the leaf certificates `examples/local.toml` names (`tls/*.crt|key` in the
+/// data directory). Returns the CA file clients should trust.
+fn write_demo_certificates(data_dir: &std::path::Path) -> Result<PathBuf, DemoError> {
+    use crate::tls::devcerts::{self, DevCa};
+    let dir = data_dir.join("tls");
+    std::fs::create_dir_all(&dir).map_err(|source| DemoError::Io {
+        what: format!("creating {}", dir.display()),
+        source,
+    })?;
+    let ca = DevCa::new("Meridian demo CA")?;
+    let ca_file = dir.join("demo-ca.crt");
+    devcerts::write(&ca_file, &ca.pem)?;
+    ca.leaf(&["api.example.test", "*.api.example.test"])?
+        .write(&dir, "api.example.test")?;
+    ca.leaf(&[
+        "inference.example.test",
+        "static.example.test",
+        "eu.example.test",
+    ])?
+    .write(&dir, "example.test")?;
+    Ok(ca_file)
 }
 
 /// Starts `meridian config-server` in-process on a fresh store holding the embedded config as
@@ -279,6 +308,14 @@ pub fn tour(demo: &Demo) -> String {
             place.expected_region
         ));
     }
+    // TLS, HTTP/2 and HTTP/3 (issue 5).
+    if let Some(https) = demo.edge.https_addr {
+        let (port, ca) = (https.port(), demo.ca_file.display());
+        out.push_str(&format!(
+            "\nHTTPS (h1 + h2 by ALPN) and HTTP/3 on {https} (certificates from the demo CA {ca}):\n  curl --cacert {ca} --resolve api.example.test:{port}:{ip} https://api.example.test:{port}/hello\n  curl --cacert {ca} --resolve api.example.test:{port}:{ip} --http2 --interface 127.17.0.1 -si https://api.example.test:{port}/hello   # h2, Frankfurt; alt-svc advertises h3\n  python3 -m aioquic... / any HTTP/3 client: --ca-certs {ca}, SNI api.example.test, udp {https}\n",
+            ip = https.ip()
+        ));
+    }
     // GeoDNS (issue 9): the nearest healthy PoP for a client subnet.
     if let Some(dns) = demo.edge.dns_addr {
         let (ip, port) = (dns.ip(), dns.port());
@@ -289,7 +326,7 @@ pub fn tour(demo: &Demo) -> String {
     let svc = demo.config_service;
     let token = demo.token_file.display();
     out.push_str(&format!(
-        "\nMore:\n  curl -si -H 'Host: api.example.test' http://{http}/hello                         # unknown location -> default region us-east\n  curl -si --interface 127.15.0.1 -H 'Host: eu.example.test' http://{http}/v1/x  # KR residency is strict -> 503\n  curl -si -H 'Host: nobody.test' http://{http}/                                  # no route claims it -> 421\n  curl -s -H 'Host: api.example.test' -H 'X-Forwarded-For: 127.12.0.9' http://{http}/  # XFF trusted from 127.0.0.1 -> ap-southeast-1\n  curl -s --http2-prior-knowledge --interface 127.17.0.1 -H 'Host: api.example.test' http://{http}/  # h2c\n  curl -s -X POST http://{CONTROL_ADDR}/regions/mx-central/down                  # break a region; /up to heal\n  curl -s http://{admin}/admin/snapshot\n\nChange routing live (the edge follows the config service on {svc}):\n  export MERIDIAN_TOKEN=$(cat {token})\n  $EDITOR examples/local.toml            # e.g. set default_region = \"eu-central-1\" on route api\n  meridian config diff examples/local.toml\n  meridian config push examples/local.toml -m 'send unknown clients to Frankfurt'\n  curl -si -H 'Host: api.example.test' http://{http}/hello | grep x-meridian-region\n  meridian config history; meridian config rollback 1\n  (meridian = cargo run --release --)\n\nCtrl-C stops everything.\n"
+        "\nMore:\n  curl -si -H 'Host: api.example.test' http://{http}/hello                         # unknown location -> default region us-east\n  curl -si --interface 127.15.0.1 -H 'Host: eu.example.test' http://{http}/v1/x  # KR residency is strict -> 503\n  curl -si -H 'Host: nobody.test' http://{http}/                                  # no route claims it -> 421\n  curl -s -H 'Host: api.example.test' -H 'X-Forwarded-For: 127.12.0.9' http://{http}/  # XFF trusted from 127.0.0.1 -> ap-southeast-1\n  curl -s --http2-prior-knowledge --interface 127.17.0.1 -H 'Host: api.example.test' http://{http}/  # h2c\n  curl -s -X POST http://{CONTROL_ADDR}/regions/mx-central/down                  # break a region; /up to heal\n  curl -s http://{admin}/admin/snapshot\n  curl -s http://{admin}/admin/regions                                          # health, ejections, in-flight per region\n\nChange routing live (the edge follows the config service on {svc}):\n  export MERIDIAN_TOKEN=$(cat {token})\n  $EDITOR examples/local.toml            # e.g. set default_region = \"eu-central-1\" on route api\n  meridian config diff examples/local.toml\n  meridian config push examples/local.toml -m 'send unknown clients to Frankfurt'\n  curl -si -H 'Host: api.example.test' http://{http}/hello | grep x-meridian-region\n  meridian config history; meridian config rollback 1\n  (meridian = cargo run --release --)\n\nCtrl-C stops everything.\n"
     ));
     out
 }

@@ -39,6 +39,8 @@ pub enum StartError {
     },
     #[error("runtime: {0}")]
     Runtime(#[source] std::io::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     #[error("the proxy did not start listening on {0} within {1:?}")]
     NotReady(SocketAddr, Duration),
 }
@@ -60,6 +62,11 @@ pub struct RunningEdge {
     pub admin_addr: SocketAddr,
     /// GeoDNS (UDP and TCP) when the config has `[dns]`.
     pub dns_addr: Option<SocketAddr>,
+    /// HTTPS (h1 + h2 by ALPN) when the config has `edge.https`; HTTP/3 listens on the same
+    /// address (UDP) when `edge.h3` is on.
+    pub https_addr: Option<SocketAddr>,
+    /// The HTTP/3 front and its own runtime (issue 5), when `edge.h3` is on.
+    h3: Option<(crate::h3::H3Front, tokio::runtime::Runtime)>,
     pub store: Arc<SnapshotStore>,
     pub geoip: Arc<GeoIp>,
     shutdown: mpsc::UnboundedSender<ShutdownSignal>,
@@ -127,6 +134,28 @@ impl RunningEdge {
         let http_addr: SocketAddr = parse_listen("edge.http", &config.edge.http)?;
         let admin_addr: SocketAddr = parse_listen("edge.admin", &config.edge.admin)?;
         let edge = config.edge.clone();
+        // --- TLS (issue 5): certificates are read and checked before anything listens. ---
+        crate::tls::install_crypto_provider();
+        let https_addr = match config.edge.https.as_deref() {
+            Some(addr) => Some(parse_listen("edge.https", addr)?),
+            None => None,
+        };
+        let tls_base = base_dir.clone();
+        let cert_resolver = match https_addr {
+            Some(_) => {
+                let (table, warnings) =
+                    crate::tls::CertTable::load(&config.tls, tls_base.as_deref())?;
+                for warning in warnings {
+                    tracing::warn!("{warning}");
+                }
+                Some(crate::tls::CertResolver::new(table))
+            }
+            None => None,
+        };
+        let alt_svc = https_addr.filter(|_| config.edge.h3).and_then(|a| {
+            http::HeaderValue::from_str(&format!("h3=\":{}\"; ma=86400", a.port())).ok()
+        });
+        // --- end TLS ---
         let metrics = Arc::new(EdgeMetrics::new()?);
         let store = Arc::new(SnapshotStore::new(
             config, meta, metrics, base_dir, following,
@@ -160,6 +189,9 @@ impl RunningEdge {
             let _guard = sidecar.enter();
             crate::dns::start_for_edge(&store, &geoip, stop_rx.clone())?
         };
+
+        // Active health checks of every region's upstreams (off the request path).
+        sidecar.spawn(crate::health::run(Arc::clone(&store), stop_rx.clone()));
 
         // Where new config versions come from.
         match (control, watch_file) {
@@ -204,7 +236,7 @@ impl RunningEdge {
         };
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
-        let proxy = EdgeProxy::new(Arc::clone(&store), Arc::clone(&geoip));
+        let proxy = EdgeProxy::new(Arc::clone(&store), Arc::clone(&geoip)).with_alt_svc(alt_svc);
         let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
         if let Some(app) = service.app_logic_mut() {
             let mut options = HttpServerOptions::default();
@@ -212,6 +244,55 @@ impl RunningEdge {
             app.server_options = Some(options);
         }
         service.add_tcp(&http_addr.to_string());
+        // --- TLS listener (issue 5): SNI-selected certificates, reloaded off the request path. ---
+        if let (Some(addr), Some(resolver)) = (https_addr, cert_resolver.as_ref()) {
+            drop(
+                std::net::TcpListener::bind(addr).map_err(|source| StartError::Listen {
+                    what: "https listener",
+                    addr: addr.to_string(),
+                    source,
+                })?,
+            );
+            let settings = crate::tls::tcp_settings(Arc::clone(resolver))?;
+            service.add_tls_with_settings(&addr.to_string(), None, settings);
+            sidecar.spawn(crate::tls::follow(
+                Arc::clone(resolver),
+                Arc::clone(&store),
+                tls_base.clone(),
+                Duration::from_secs(2),
+                stop_rx.clone(),
+            ));
+        }
+        // --- end TLS listener ---
+        // --- HTTP/3 front (issue 5): quinn + h3 on UDP at the HTTPS address, same certificates,
+        // same routing core; its own runtime so QUIC work never queues behind the sidecar. ---
+        let h3 = match (https_addr, cert_resolver.as_ref()) {
+            (Some(addr), Some(resolver)) if edge.h3 => {
+                let runtime = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(edge.threads.max(1))
+                    .thread_name("meridian-h3")
+                    .enable_all()
+                    .build()
+                    .map_err(StartError::Runtime)?;
+                let front = crate::h3::start(
+                    runtime.handle(),
+                    addr,
+                    Arc::clone(resolver),
+                    &edge.h3_limits,
+                    Arc::clone(&store),
+                    Arc::clone(&geoip),
+                    edge.shutdown_timeout.as_duration(),
+                )
+                .map_err(|source| StartError::Listen {
+                    what: "h3 (udp) listener",
+                    addr: addr.to_string(),
+                    source,
+                })?;
+                Some((front, runtime))
+            }
+            _ => None,
+        };
+        // --- end HTTP/3 front ---
         server.add_service(service);
 
         let (shutdown, shutdown_rx) = mpsc::unbounded_channel();
@@ -232,6 +313,8 @@ impl RunningEdge {
             http_addr,
             admin_addr,
             dns_addr,
+            https_addr,
+            h3,
             store,
             geoip,
             shutdown,
@@ -240,6 +323,9 @@ impl RunningEdge {
             sidecar: Some(sidecar),
         };
         wait_until_listening(http_addr, Duration::from_secs(20))?;
+        if let Some(addr) = https_addr {
+            wait_until_listening(addr, Duration::from_secs(20))?;
+        }
         Ok(running)
     }
 
@@ -257,6 +343,10 @@ impl RunningEdge {
         } else {
             ShutdownSignal::FastShutdown
         };
+        // HTTP/3 first: GOAWAY, then in-flight requests finish (graceful) while Pingora drains.
+        if let Some((front, _)) = self.h3.as_mut() {
+            front.shutdown(graceful);
+        }
         let _ = self.shutdown.send(signal);
         if let Some(thread) = self.server.take() {
             let _ = thread.join();
@@ -283,6 +373,10 @@ impl Drop for RunningEdge {
         let _ = self.shutdown.send(ShutdownSignal::FastShutdown);
         if let Some(thread) = self.server.take() {
             let _ = thread.join();
+        }
+        if let Some((mut front, runtime)) = self.h3.take() {
+            front.shutdown(false);
+            runtime.shutdown_background();
         }
         self.stop_sidecar.send_replace(true);
         if let Some(rt) = self.sidecar.take() {

@@ -1,12 +1,18 @@
 //! Meridian's edge gateway: the routing core, the transport adapters around it, and the process glue.
 
 pub mod admin;
+pub mod cache;
+pub mod clock;
 pub mod core;
 pub mod demo;
 pub mod dns;
 pub mod edge;
+pub mod h3;
+pub mod health;
 pub mod httpd;
 pub mod metrics;
 pub mod origin;
 pub mod proxy;
 pub mod reload;
+pub mod tls;
+pub mod upstream_client;

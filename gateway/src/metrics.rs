@@ -10,6 +10,29 @@ use crate::core::Snapshot;
 
 pub const STATUS_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "none"];
 
+/// The client-side protocol of a request (the `protocol` label of `meridian_requests_total`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.x, cleartext or TLS.
+    H1 = 0,
+    /// HTTP/2, h2c or TLS (ALPN `h2`).
+    H2 = 1,
+    /// HTTP/3 over QUIC.
+    H3 = 2,
+}
+
+impl Protocol {
+    pub const ALL: [Protocol; 3] = [Protocol::H1, Protocol::H2, Protocol::H3];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::H1 => "h1",
+            Protocol::H2 => "h2",
+            Protocol::H3 => "h3",
+        }
+    }
+}
+
 /// Region label for requests answered before any region was chosen (refusals, bad requests).
 pub const NO_REGION: &str = "none";
 /// Route label for requests no route claimed.
@@ -21,6 +44,151 @@ pub struct EdgeMetrics {
     duration: HistogramVec,
     pub upstream_attempts: IntCounterVec,
     pub config: ConfigMetrics,
+    pub health: HealthMetrics,
+    pub tls: TlsMetrics,
+}
+
+/// TLS and QUIC termination (issue 5).
+pub struct TlsMetrics {
+    /// `meridian_tls_handshakes_total{version,alpn}`: completed handshakes, TCP and QUIC.
+    pub handshakes: IntCounterVec,
+    /// `meridian_quic_connections`: QUIC connections open now.
+    pub quic_connections: IntGauge,
+    /// `meridian_tls_certificate_reloads_total{result}`: certificate table rebuilds (ok, error).
+    pub reloads: IntCounterVec,
+}
+
+impl TlsMetrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let handshakes = IntCounterVec::new(
+            Opts::new(
+                "meridian_tls_handshakes_total",
+                "Completed TLS handshakes (TCP and QUIC), by protocol version and negotiated ALPN.",
+            ),
+            &["version", "alpn"],
+        )?;
+        let quic_connections = IntGauge::new(
+            "meridian_quic_connections",
+            "QUIC (HTTP/3) connections open now.",
+        )?;
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "meridian_tls_certificate_reloads_total",
+                "Rebuilds of the SNI certificate table by result (ok, error: the old table stays).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(handshakes.clone()))?;
+        registry.register(Box::new(quic_connections.clone()))?;
+        registry.register(Box::new(reloads.clone()))?;
+        for result in ["ok", "error"] {
+            reloads.with_label_values(&[result]);
+        }
+        Ok(Self {
+            handshakes,
+            quic_connections,
+            reloads,
+        })
+    }
+}
+
+/// Region and upstream health, retries and failovers (issue 4).
+pub struct HealthMetrics {
+    pub upstream_healthy: IntGaugeVec,
+    pub region_healthy: IntGaugeVec,
+    pub region_inflight: IntGaugeVec,
+    pub retries: IntCounterVec,
+    pub failovers: IntCounterVec,
+    pub ejections: IntCounterVec,
+}
+
+impl HealthMetrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let upstream_healthy = IntGaugeVec::new(
+            Opts::new(
+                "meridian_upstream_healthy",
+                "1 when the upstream takes traffic (passes health checks, not ejected, not drained).",
+            ),
+            &["region", "upstream"],
+        )?;
+        let region_healthy = IntGaugeVec::new(
+            Opts::new(
+                "meridian_region_healthy",
+                "1 when the region takes traffic (at least min_healthy upstreams available, not drained).",
+            ),
+            &["region"],
+        )?;
+        let region_inflight = IntGaugeVec::new(
+            Opts::new(
+                "meridian_region_inflight",
+                "Requests in flight to the region's upstreams.",
+            ),
+            &["region"],
+        )?;
+        let retries = IntCounterVec::new(
+            Opts::new(
+                "meridian_retries_total",
+                "Tries after the first, by route and reason (connect_error, timeout, status).",
+            ),
+            &["route", "reason"],
+        )?;
+        let failovers = IntCounterVec::new(
+            Opts::new(
+                "meridian_failovers_total",
+                "Requests served by another region than the preferred one, by route, from, to and reason.",
+            ),
+            &["route", "from", "to", "reason"],
+        )?;
+        let ejections = IntCounterVec::new(
+            Opts::new(
+                "meridian_upstream_ejections_total",
+                "Upstreams ejected by passive outlier detection, by region.",
+            ),
+            &["region"],
+        )?;
+        registry.register(Box::new(upstream_healthy.clone()))?;
+        registry.register(Box::new(region_healthy.clone()))?;
+        registry.register(Box::new(region_inflight.clone()))?;
+        registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(failovers.clone()))?;
+        registry.register(Box::new(ejections.clone()))?;
+        Ok(Self {
+            upstream_healthy,
+            region_healthy,
+            region_inflight,
+            retries,
+            failovers,
+            ejections,
+        })
+    }
+
+    /// Samples health and in-flight state into the gauges (called at scrape time, off the
+    /// request path, so requests never touch these gauges).
+    pub fn refresh(&self, snapshot: &Snapshot, now_ms: u64) {
+        self.upstream_healthy.reset();
+        self.region_healthy.reset();
+        self.region_inflight.reset();
+        for region in &snapshot.regions {
+            for upstream in &region.upstreams {
+                let address = upstream.address.to_string();
+                self.upstream_healthy
+                    .with_label_values(&[&region.name, &address])
+                    .set(i64::from(upstream.is_available(now_ms)));
+            }
+            let verdict = crate::core::select::region_verdict(region, now_ms);
+            let healthy = matches!(
+                verdict,
+                crate::core::select::RegionVerdict::Available
+                    | crate::core::select::RegionVerdict::Full
+            );
+            self.region_healthy
+                .with_label_values(&[&region.name])
+                .set(i64::from(healthy));
+            self.region_inflight
+                .with_label_values(&[&region.name])
+                .set(i64::from(region.state.inflight()));
+        }
+    }
 }
 
 /// How this edge follows its configuration.
@@ -84,9 +252,9 @@ impl EdgeMetrics {
         let requests = IntCounterVec::new(
             Opts::new(
                 "meridian_requests_total",
-                "Requests answered by the edge, by route, serving region and status class.",
+                "Requests answered by the edge, by route, serving region, status class and client protocol.",
             ),
-            &["route", "region", "status_class"],
+            &["route", "region", "status_class", "protocol"],
         )?;
         let duration = HistogramVec::new(
             HistogramOpts::new(
@@ -120,8 +288,12 @@ impl EdgeMetrics {
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
         let config = ConfigMetrics::new(&registry)?;
+        let health = HealthMetrics::new(&registry)?;
+        let tls = TlsMetrics::new(&registry)?;
         Ok(Self {
             config,
+            health,
+            tls,
             registry,
             requests,
             duration,
@@ -145,8 +317,12 @@ impl EdgeMetrics {
 
     fn series(&self, route: &str, region: &str) -> RequestSeries {
         RequestSeries {
-            by_class: STATUS_CLASSES
-                .map(|class| self.requests.with_label_values(&[route, region, class])),
+            by_class: Protocol::ALL.map(|protocol| {
+                STATUS_CLASSES.map(|class| {
+                    self.requests
+                        .with_label_values(&[route, region, class, protocol.label()])
+                })
+            }),
             duration: self.duration.with_label_values(&[route, region]),
         }
     }
@@ -185,17 +361,18 @@ impl EdgeMetrics {
 
 /// The counters one request touches, already labelled.
 pub struct RequestSeries {
-    by_class: [IntCounter; 6],
+    /// Indexed by `Protocol as usize`, then status class.
+    by_class: [[IntCounter; 6]; 3],
     duration: Histogram,
 }
 
 impl RequestSeries {
-    pub fn observe(&self, status: u16, seconds: f64) {
+    pub fn observe(&self, protocol: Protocol, status: u16, seconds: f64) {
         let class = match status {
             100..=599 => usize::from(status / 100 - 1),
             _ => 5,
         };
-        self.by_class[class].inc();
+        self.by_class[protocol as usize][class].inc();
         self.duration.observe(seconds);
     }
 }

@@ -20,6 +20,11 @@ pub struct OriginControl {
     up: watch::Sender<bool>,
     delay_ms: AtomicU64,
     requests: AtomicU64,
+    /// Answer every (non-health) request with this status instead of 200 (0: normal).
+    forced_status: AtomicU64,
+    /// `/healthz` alternates pass/fail on each probe (a flapping origin).
+    flap_health: std::sync::atomic::AtomicBool,
+    health_probes: AtomicU64,
 }
 
 impl OriginControl {
@@ -37,6 +42,18 @@ impl OriginControl {
     pub fn requests(&self) -> u64 {
         self.requests.load(Ordering::Relaxed)
     }
+    /// Answer requests with `status` (e.g. 503) while staying up and healthy; `None` restores 200.
+    pub fn set_status(&self, status: Option<u16>) {
+        self.forced_status
+            .store(status.map_or(0, u64::from), Ordering::Relaxed);
+    }
+    pub fn set_flapping_health(&self, flap: bool) {
+        self.flap_health.store(flap, Ordering::Relaxed);
+    }
+    /// Health probes answered so far.
+    pub fn health_probes(&self) -> u64 {
+        self.health_probes.load(Ordering::Relaxed)
+    }
 }
 
 /// Binds `address` now (so the caller knows it is listening) and serves until `stop`.
@@ -53,6 +70,9 @@ pub async fn spawn(
         up: watch::channel(true).0,
         delay_ms: AtomicU64::new(0),
         requests: AtomicU64::new(0),
+        forced_status: AtomicU64::new(0),
+        flap_health: std::sync::atomic::AtomicBool::new(false),
+        health_probes: AtomicU64::new(0),
     });
     tokio::spawn(run(Arc::clone(&control), listener, stop));
     Ok(control)
@@ -116,6 +136,10 @@ async fn handle(
     req: Request<hyper::body::Incoming>,
 ) -> hyper::Response<httpd::Body> {
     if req.uri().path() == "/healthz" {
+        let n = control.health_probes.fetch_add(1, Ordering::Relaxed);
+        if control.flap_health.load(Ordering::Relaxed) && n % 2 == 1 {
+            return httpd::text(StatusCode::INTERNAL_SERVER_ERROR, "flap\n");
+        }
         return httpd::text(StatusCode::OK, "ok\n");
     }
     control.requests.fetch_add(1, Ordering::Relaxed);
@@ -145,8 +169,12 @@ async fn handle(
         Ok(body) => body.to_bytes().len(),
         Err(_) => return httpd::text(StatusCode::BAD_REQUEST, "bad body\n"),
     };
+    let status = match control.forced_status.load(Ordering::Relaxed) {
+        0 => StatusCode::OK,
+        code => StatusCode::from_u16(code as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+    };
     httpd::json(
-        StatusCode::OK,
+        status,
         &serde_json::json!({
             "region": control.region,
             "upstream": control.address.to_string(),

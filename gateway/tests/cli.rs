@@ -148,8 +148,13 @@ hosts = ["api.example.test"]
         .expect("kill -HUP");
     assert!(hup.success());
     assert_eq!(wait_for_pop("third"), "third");
-    assert!(child.try_wait().expect("try_wait").is_none(), "SIGHUP must not stop the edge");
-    let _ = Command::new("kill").args(["-INT", &child.id().to_string()]).status();
+    assert!(
+        child.try_wait().expect("try_wait").is_none(),
+        "SIGHUP must not stop the edge"
+    );
+    let _ = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status();
     let status = child.wait().expect("wait");
     assert!(status.success(), "SIGINT stops cleanly: {status:?}");
 }

@@ -3,6 +3,8 @@
 //! request appears to come from any country.
 
 pub mod client;
+pub mod h3client;
+pub mod secure;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -18,6 +20,7 @@ use tokio::sync::watch;
 
 pub use client::{Client, KeepAlive, Protocol, Reply};
 pub use meridian_geoip::test_world::{place_for_country, PLACES};
+pub use secure::{Secure, TestTls};
 
 /// One region's simulated origins.
 pub type Origins = BTreeMap<String, Vec<Arc<OriginControl>>>;
@@ -32,6 +35,8 @@ pub struct World {
     pub client: Client,
     pub runtime: tokio::runtime::Runtime,
     pub dir: tempfile::TempDir,
+    /// The World's CA and certificates when the config has `edge.https` (issue 5).
+    pub tls: Option<TestTls>,
     _stop: watch::Sender<bool>,
 }
 
@@ -54,6 +59,12 @@ impl World {
     }
 
     fn start_with(mut config: Config, follow: bool) -> World {
+        if let Ok(filter) = std::env::var("MERIDIAN_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_test_writer()
+                .try_init();
+        }
         let dir = tempfile::tempdir().expect("tempdir");
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -73,6 +84,7 @@ impl World {
                 rewritten.push(Upstream {
                     address: control.address.to_string(),
                     weight: upstream.weight,
+                    drain: upstream.drain,
                 });
                 origins
                     .entry(region.name.clone())
@@ -84,6 +96,12 @@ impl World {
         let db = dir.path().join("test-world.mmdb");
         meridian_geoip::test_world::write(&db).expect("geoip db");
         config.geoip.database = Some(db.display().to_string());
+        // TLS (issue 5): a per-World CA and certificates; each edge gets its own HTTPS port.
+        meridian_gateway::tls::install_crypto_provider();
+        let tls = config.edge.https.is_some().then(|| {
+            config.edge.https = Some(free_local_addr().to_string());
+            TestTls::install(&mut config, dir.path())
+        });
         config.edge.threads = 1;
         // GeoDNS on an ephemeral port (examples/local.toml asks for 5353). Done on the shared
         // config, not per edge, because following edges take [dns] from the pushed document.
@@ -112,6 +130,7 @@ impl World {
             client,
             runtime,
             dir,
+            tls,
             _stop: stop,
         }
     }
@@ -251,6 +270,35 @@ impl World {
         self.runtime.block_on(admin_get(self.edge.admin_addr, path))
     }
 
+    /// One request over TLS (h1, h2) or QUIC (h3) to this World's edge, from `source`.
+    pub fn secure_request(
+        &self,
+        protocol: Secure,
+        source: IpAddr,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Reply {
+        let tls = self
+            .tls
+            .as_ref()
+            .expect("the World's config has edge.https");
+        let target = self.edge.https_addr.expect("edge.https");
+        self.runtime
+            .block_on(secure::request(
+                protocol,
+                tls.roots(),
+                target,
+                source,
+                "GET",
+                host,
+                path,
+                headers,
+                Vec::new(),
+            ))
+            .unwrap_or_else(|e| panic!("{protocol:?} request to {host}{path}: {e:#}"))
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
@@ -280,6 +328,9 @@ fn start_edge(
     let mut config = config.clone();
     config.edge.http = free_local_addr().to_string();
     config.edge.admin = "127.0.0.1:0".into();
+    if config.edge.https.is_some() {
+        config.edge.https = Some(free_local_addr().to_string());
+    }
     config.control = service.map(|s| meridian_config::Control {
         url: s.url(),
         token_file: None,

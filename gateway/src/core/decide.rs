@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use meridian_geoip::{CountryCode, Location};
 
 use super::route_match::MatchError;
-use super::select::{order_regions, RegionOrder};
+use super::select::{order_regions, RegionOrder, RegionVerdict};
 use super::snapshot::Snapshot;
 
 /// What the core needs to know about a request (built by each transport adapter, borrowed).
@@ -35,6 +35,8 @@ pub enum Refusal {
     NoRoute,
     /// Strict residency leaves no region for this client's country: `503`.
     Residency { route: usize, country: CountryCode },
+    /// Every allowed region is down, draining or full: `503` with `Retry-After`, at once.
+    Unavailable { route: usize, reason: RegionVerdict },
 }
 
 impl Refusal {
@@ -42,7 +44,7 @@ impl Refusal {
         match self {
             Refusal::UnknownHost => 421,
             Refusal::NoRoute => 404,
-            Refusal::Residency { .. } => 503,
+            Refusal::Residency { .. } | Refusal::Unavailable { .. } => 503,
         }
     }
 }
@@ -51,6 +53,7 @@ pub fn decide(
     snapshot: &Snapshot,
     view: &RequestView<'_>,
     locate: impl Fn(IpAddr) -> Option<Location>,
+    now_ms: u64,
 ) -> Result<RouteDecision, Refusal> {
     let route_index = snapshot
         .hosts
@@ -64,14 +67,18 @@ pub fn decide(
     let country = location.and_then(|l| l.country);
     let residency = country.and_then(|c| snapshot.residency.get(&c));
     let coordinates = location.and_then(|l| l.coordinates);
-    let candidates = order_regions(snapshot, route, coordinates, residency);
+    let candidates = order_regions(snapshot, route, coordinates, residency, now_ms);
     if candidates.is_empty() {
-        if let Some(country) = country {
+        if let (None, Some(country)) = (candidates.preferred, country) {
             return Err(Refusal::Residency {
                 route: route_index,
                 country,
             });
         }
+        return Err(Refusal::Unavailable {
+            route: route_index,
+            reason: candidates.skipped.unwrap_or(RegionVerdict::Unhealthy),
+        });
     }
     Ok(RouteDecision {
         route: route_index,
@@ -120,7 +127,7 @@ mod tests {
             path: "/hello",
             client: client.parse().expect("ip"),
         };
-        let d = decide(snap, &view, world)?;
+        let d = decide(snap, &view, world, 0)?;
         Ok(snap.regions[d.candidates.get(0).expect("a candidate")]
             .name
             .clone())
@@ -154,7 +161,7 @@ mod tests {
             path: "/v1/x",
             client: "127.15.0.3".parse().expect("ip"),
         };
-        let d = decide(&snap, &view, world).expect("decision");
+        let d = decide(&snap, &view, world, 0).expect("decision");
         assert_eq!(d.candidates.len(), 1, "KR may only use ap-northeast-2");
         // A route whose regions exclude ap-northeast-2 cannot serve KR at all.
         let view = RequestView {
@@ -162,7 +169,7 @@ mod tests {
             ..view
         };
         assert!(matches!(
-            decide(&snap, &view, world),
+            decide(&snap, &view, world, 0),
             Err(Refusal::Residency { .. })
         ));
     }
@@ -175,7 +182,7 @@ mod tests {
             path: "/",
             client: "127.12.0.3".parse().expect("ip"),
         };
-        let d = decide(&snap, &view, world).expect("decision");
+        let d = decide(&snap, &view, world, 0).expect("decision");
         let names: Vec<&str> = d
             .candidates
             .as_slice()
@@ -196,10 +203,10 @@ mod tests {
             path: "/",
             client: "127.12.0.3".parse().expect("ip"),
         };
-        assert_eq!(decide(&snap, &view, world), Err(Refusal::UnknownHost));
+        assert_eq!(decide(&snap, &view, world, 0), Err(Refusal::UnknownHost));
         view.host = "eu.example.test";
         view.path = "/elsewhere";
-        assert_eq!(decide(&snap, &view, world), Err(Refusal::NoRoute));
+        assert_eq!(decide(&snap, &view, world, 0), Err(Refusal::NoRoute));
     }
 
     #[test]
@@ -207,11 +214,11 @@ mod tests {
         let snap = snapshot(LOCAL);
         let region = &snap.regions[snap.region_index("us-east").expect("us-east")];
         assert_eq!(region.upstreams.len(), 2);
-        let first = pick_upstream(region, 0, |_| false).expect("pick");
+        let first = pick_upstream(region, 0, 0, |_| false).expect("pick");
         let _busy = region.upstreams[first].state.begin();
-        let second = pick_upstream(region, 0, |_| false).expect("pick");
+        let second = pick_upstream(region, 0, 0, |_| false).expect("pick");
         assert_ne!(first, second, "the idle upstream wins");
-        assert_eq!(pick_upstream(region, 0, |i| i == second), Some(first));
-        assert_eq!(pick_upstream(region, 0, |_| true), None);
+        assert_eq!(pick_upstream(region, 0, 0, |i| i == second), Some(first));
+        assert_eq!(pick_upstream(region, 0, 0, |_| true), None);
     }
 }

@@ -7,6 +7,7 @@ pub mod geo;
 pub mod route_match;
 pub mod select;
 pub mod snapshot;
+pub mod state;
 
 pub use decide::{decide, Refusal, RequestView, RouteDecision};
 pub use select::RegionOrder;

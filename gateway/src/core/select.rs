@@ -14,6 +14,63 @@ pub const MAX_CANDIDATES: usize = 16;
 pub struct RegionOrder {
     len: u8,
     regions: [u16; MAX_CANDIDATES],
+    /// The region geography and residency prefer, before health and capacity: when a request is
+    /// served elsewhere, that is a failover from here.
+    pub preferred: Option<u16>,
+    /// Why allowed regions were left out (worst first: any full region makes a 503 "capacity").
+    pub skipped: Option<RegionVerdict>,
+}
+
+/// Can a region take a new request now?
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RegionVerdict {
+    Available,
+    /// Fewer than `min_healthy` upstreams pass health checks and are not ejected.
+    Unhealthy,
+    /// `max_inflight` reached.
+    Full,
+    /// `drain = true`: finishing in-flight requests only.
+    Drained,
+}
+
+impl RegionVerdict {
+    pub fn reason(self) -> &'static str {
+        match self {
+            RegionVerdict::Available => "available",
+            RegionVerdict::Unhealthy => "unhealthy",
+            RegionVerdict::Full => "capacity",
+            RegionVerdict::Drained => "drained",
+        }
+    }
+}
+
+pub fn region_verdict(region: &CompiledRegion, now_ms: u64) -> RegionVerdict {
+    if region.drain {
+        return RegionVerdict::Drained;
+    }
+    let available = region
+        .upstreams
+        .iter()
+        .filter(|u| u.is_available(now_ms))
+        .count();
+    // A region whose upstreams are mostly drained on purpose still counts as healthy when every
+    // remaining one is.
+    let serving = region
+        .upstreams
+        .iter()
+        .filter(|u| u.weight > 0 && !u.drain)
+        .count();
+    let needed = (region.min_healthy as usize).min(serving.max(1));
+    if available < needed {
+        return RegionVerdict::Unhealthy;
+    }
+    if region
+        .max_inflight
+        .is_some_and(|max| region.state.inflight() >= max)
+    {
+        return RegionVerdict::Full;
+    }
+    RegionVerdict::Available
 }
 
 impl RegionOrder {
@@ -21,6 +78,8 @@ impl RegionOrder {
         Self {
             len: 0,
             regions: [0; MAX_CANDIDATES],
+            preferred: None,
+            skipped: None,
         }
     }
     pub fn as_slice(&self) -> &[u16] {
@@ -50,6 +109,7 @@ pub fn order_regions(
     route: &CompiledRoute,
     from: Option<(f64, f64)>,
     residency: Option<&ResidencyRule>,
+    now_ms: u64,
 ) -> RegionOrder {
     // Unknown location: measure from the route's default region, so it comes first and the
     // fallbacks are its neighbours.
@@ -78,10 +138,23 @@ pub fn order_regions(
     }
     scored[..len].sort_unstable_by(cmp);
     let mut order = RegionOrder::empty();
-    for (slot, (_, _, idx)) in order.regions.iter_mut().zip(&scored[..len]) {
-        *slot = *idx;
+    order.preferred = scored[..len].first().map(|c| c.2);
+    let mut kept = 0usize;
+    for (_, _, idx) in &scored[..len] {
+        match region_verdict(&snapshot.regions[usize::from(*idx)], now_ms) {
+            RegionVerdict::Available => {
+                order.regions[kept] = *idx;
+                kept += 1;
+            }
+            RegionVerdict::Full => order.skipped = Some(RegionVerdict::Full),
+            other => {
+                if order.skipped.is_none() {
+                    order.skipped = Some(other);
+                }
+            }
+        }
     }
-    order.len = len as u8;
+    order.len = kept as u8;
     order
 }
 
@@ -95,6 +168,7 @@ fn cmp(a: &(u8, f64, u16), b: &(u8, f64, u16)) -> std::cmp::Ordering {
 /// those `excluded` says were already tried. `rotation` breaks ties so equal upstreams share load.
 pub fn pick_upstream(
     region: &CompiledRegion,
+    now_ms: u64,
     rotation: usize,
     excluded: impl Fn(usize) -> bool,
 ) -> Option<usize> {
@@ -103,7 +177,7 @@ pub fn pick_upstream(
     for k in 0..n {
         let i = (rotation + k) % n;
         let upstream = &region.upstreams[i];
-        if upstream.weight == 0 || excluded(i) {
+        if !upstream.is_available(now_ms) || excluded(i) {
             continue;
         }
         let load = u64::from(upstream.state.inflight()) + 1;

@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -13,6 +12,8 @@ use meridian_config::{Config, Limits, RegionSet, RouteKind, ValidationError};
 use meridian_geoip::CountryCode;
 
 use super::route_match::HostTable;
+pub use super::state::InflightGuard;
+use super::state::{OutlierSpec, RegionState, UpstreamState};
 
 /// Where a snapshot came from: a config-service version (0 for a local file) and the document hash.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -51,37 +52,27 @@ pub struct CompiledRegion {
     /// (latitude, longitude) in degrees.
     pub location: (f64, f64),
     pub upstreams: Vec<CompiledUpstream>,
+    /// Runtime state shared with earlier and later snapshots (survives reloads).
+    pub state: Arc<RegionState>,
+    pub min_healthy: u32,
+    pub max_inflight: Option<u32>,
+    pub drain: bool,
+    pub health: meridian_config::HealthCheck,
+    pub outlier: OutlierSpec,
 }
 
 pub struct CompiledUpstream {
     pub address: SocketAddr,
     pub weight: u32,
+    pub drain: bool,
     /// Runtime state shared with earlier and later snapshots (survives reloads).
     pub state: Arc<UpstreamState>,
 }
 
-/// Per-upstream runtime state. Lives outside any one snapshot so reloads keep it.
-#[derive(Debug, Default)]
-pub struct UpstreamState {
-    inflight: AtomicU32,
-}
-
-impl UpstreamState {
-    pub fn inflight(&self) -> u32 {
-        self.inflight.load(Ordering::Relaxed)
-    }
-    /// Counts a request as outstanding until the returned guard drops.
-    pub fn begin(self: &Arc<Self>) -> InflightGuard {
-        self.inflight.fetch_add(1, Ordering::Relaxed);
-        InflightGuard(Arc::clone(self))
-    }
-}
-
-pub struct InflightGuard(Arc<UpstreamState>);
-
-impl Drop for InflightGuard {
-    fn drop(&mut self) {
-        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+impl CompiledUpstream {
+    /// Takes new requests now: weighted, not drained, healthy and not ejected.
+    pub fn is_available(&self, now_ms: u64) -> bool {
+        self.weight > 0 && !self.drain && self.state.is_available(now_ms)
     }
 }
 
@@ -95,7 +86,12 @@ pub struct CompiledRoute {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub write_timeout: Duration,
+    pub total_timeout: Duration,
     pub retry_attempts: u32,
+    pub retry_on_status: Vec<u16>,
+    pub retry_non_idempotent: bool,
+    pub retry_budget_percent: u32,
+    pub retry_budget_min: u32,
 }
 
 pub struct ResidencyRule {
@@ -109,9 +105,26 @@ pub struct ResidencyRule {
 #[derive(Default)]
 pub struct UpstreamStates {
     states: Mutex<HashMap<(String, SocketAddr), Arc<UpstreamState>>>,
+    regions: Mutex<HashMap<String, Arc<RegionState>>>,
 }
 
 impl UpstreamStates {
+    fn region(&self, name: &str) -> Arc<RegionState> {
+        let mut regions = self
+            .regions
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        Arc::clone(regions.entry(name.to_string()).or_default())
+    }
+
+    fn retain_regions(&self, keep: &[&str]) {
+        let mut regions = self
+            .regions
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        regions.retain(|name, _| keep.contains(&name.as_str()));
+    }
+
     fn get(&self, region: &str, address: SocketAddr) -> Arc<UpstreamState> {
         let mut states = self
             .states
@@ -153,6 +166,7 @@ impl Snapshot {
                         Some(CompiledUpstream {
                             address,
                             weight: u.weight,
+                            drain: u.drain,
                             state: states.get(&region.name, address),
                         })
                     })
@@ -162,10 +176,22 @@ impl Snapshot {
                     name: region.name.clone(),
                     location: (region.location.lat, region.location.lon),
                     upstreams,
+                    state: states.region(&region.name),
+                    min_healthy: region.min_healthy,
+                    max_inflight: region.max_inflight,
+                    drain: region.drain,
+                    health: region.health.clone(),
+                    outlier: OutlierSpec {
+                        consecutive_failures: region.outlier.consecutive_failures,
+                        base_ejection_ms: millis(region.outlier.base_ejection.as_duration()),
+                        max_ejection_ms: millis(region.outlier.max_ejection.as_duration()),
+                    },
                 }
             })
             .collect();
         states.retain(&keep);
+        let names: Vec<&str> = config.regions.iter().map(|r| r.name.as_str()).collect();
+        states.retain_regions(&names);
         if regions.len() > usize::from(u16::MAX) {
             return Err(CompileError::Unusable {
                 path: "regions".into(),
@@ -202,7 +228,12 @@ impl Snapshot {
                 connect_timeout: route.timeouts.connect.as_duration(),
                 read_timeout: route.timeouts.read.as_duration(),
                 write_timeout: route.timeouts.write.as_duration(),
+                total_timeout: route.timeouts.total.as_duration(),
                 retry_attempts: route.retry.attempts,
+                retry_on_status: route.retry.on_status.clone(),
+                retry_non_idempotent: route.retry.non_idempotent,
+                retry_budget_percent: route.retry.budget_percent,
+                retry_budget_min: route.retry.budget_min_per_window,
             });
         }
 
@@ -253,6 +284,10 @@ impl Snapshot {
     pub fn region_index(&self, name: &str) -> Option<usize> {
         self.regions.iter().position(|r| r.name == name)
     }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Names are validated to `[a-z0-9_-]`, always a valid header value.

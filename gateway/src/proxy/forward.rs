@@ -23,10 +23,51 @@ pub fn host(req: &RequestHeader) -> Option<&str> {
         .filter(|h| !h.is_empty())
 }
 
-pub fn add_forwarding_headers(req: &mut RequestHeader, client: IpAddr) -> Result<()> {
-    // Append the address we believe to the chain the client (or trusted proxies) sent.
+/// `scheme` is what the client used to reach the edge (`http` or `https`).
+pub fn add_forwarding_headers(
+    req: &mut RequestHeader,
+    client: IpAddr,
+    scheme: &'static str,
+) -> Result<()> {
+    let chain = forwarded_for_chain(&req.headers, client);
+    req.insert_header(X_FORWARDED_FOR, chain)?;
+    req.insert_header(X_FORWARDED_PROTO, scheme)?;
+    if let Some(id) = replacement_request_id(&req.headers) {
+        req.insert_header(X_REQUEST_ID, id)?;
+    }
+    Ok(())
+}
+
+/// The same forwarding headers on a plain header map (the HTTP/3 front's upstream requests).
+pub(crate) fn set_forwarding_headers(
+    headers: &mut http::HeaderMap,
+    client: IpAddr,
+    scheme: &'static str,
+) {
+    let chain = forwarded_for_chain(headers, client);
+    if let Ok(value) = http::HeaderValue::from_str(&chain) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+    headers.insert(X_FORWARDED_PROTO, http::HeaderValue::from_static(scheme));
+    if let Some(id) = replacement_request_id(headers) {
+        if let Ok(value) = http::HeaderValue::from_str(&id) {
+            headers.insert(X_REQUEST_ID, value);
+        }
+    }
+}
+
+/// `X-Request-Id` to set, unless the client sent a sane one (kept as is).
+fn replacement_request_id(headers: &http::HeaderMap) -> Option<String> {
+    let keep = headers
+        .get(&X_REQUEST_ID)
+        .is_some_and(|v| is_sane_request_id(v.as_bytes()));
+    (!keep).then(new_request_id)
+}
+
+/// The `X-Forwarded-For` chain the client (or trusted proxies) sent, with `client` appended.
+fn forwarded_for_chain(headers: &http::HeaderMap, client: IpAddr) -> String {
     let mut chain = String::with_capacity(64);
-    for value in req.headers.get_all(X_FORWARDED_FOR).iter() {
+    for value in headers.get_all(X_FORWARDED_FOR).iter() {
         if let Ok(v) = value.to_str() {
             if !chain.is_empty() {
                 chain.push_str(", ");
@@ -39,16 +80,7 @@ pub fn add_forwarding_headers(req: &mut RequestHeader, client: IpAddr) -> Result
     }
     use std::fmt::Write;
     let _ = write!(chain, "{client}");
-    req.insert_header(X_FORWARDED_FOR, chain)?;
-    req.insert_header(X_FORWARDED_PROTO, "http")?;
-    let keep = req
-        .headers
-        .get(&X_REQUEST_ID)
-        .is_some_and(|v| is_sane_request_id(v.as_bytes()));
-    if !keep {
-        req.insert_header(X_REQUEST_ID, new_request_id())?;
-    }
-    Ok(())
+    chain
 }
 
 /// Client-supplied ids are kept when they are short and printable; anything else is replaced.

@@ -1,8 +1,9 @@
 //! The Pingora adapter for HTTP/1.1 and h2c: a thin `ProxyHttp` whose phases call the routing core.
 //! Per-request state lives in [`RequestCtx`]; the snapshot is loaded once, in `request_filter`.
 
-mod forward;
-mod reply;
+pub(crate) mod forward;
+pub(crate) mod reply;
+mod retry;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,9 +18,11 @@ use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora_error::{ErrorSource, ErrorType};
 use pingora_http::{RequestHeader, ResponseHeader};
 
+use crate::clock;
 use crate::core::client::client_ip;
-use crate::core::select::pick_upstream;
+use crate::core::select::{pick_upstream, region_verdict, RegionVerdict};
 use crate::core::snapshot::InflightGuard;
+use crate::core::state::RegionGuard;
 use crate::core::{decide, Refusal, RequestView, RouteDecision};
 use crate::reload::{Loaded, SnapshotStore};
 
@@ -33,6 +36,8 @@ pub struct EdgeProxy {
     geoip: Arc<GeoIp>,
     /// Rotates the starting point of upstream selection so equal upstreams share load.
     rotation: AtomicUsize,
+    /// `h3=":PORT"; ma=86400` on TLS responses when HTTP/3 is on.
+    alt_svc: Option<http::HeaderValue>,
 }
 
 impl EdgeProxy {
@@ -41,7 +46,14 @@ impl EdgeProxy {
             store,
             geoip,
             rotation: AtomicUsize::new(0),
+            alt_svc: None,
         }
+    }
+
+    /// Advertise HTTP/3 (`Alt-Svc`) on responses to TLS clients.
+    pub fn with_alt_svc(mut self, alt_svc: Option<http::HeaderValue>) -> Self {
+        self.alt_svc = alt_svc;
+        self
     }
 }
 
@@ -57,8 +69,15 @@ pub struct RequestCtx {
     tries: usize,
     /// Region of the current (or last) upstream attempt.
     region: Option<usize>,
+    /// Upstream (index in its region) of the current attempt.
+    upstream: Option<usize>,
     inflight: Option<InflightGuard>,
+    region_inflight: Option<RegionGuard>,
+    /// Why the last try was retried (for `meridian_failovers_total`).
+    retry_reason: Option<&'static str>,
     body_bytes: u64,
+    /// TLS or not, h1 or h2 (issue 5: `x-forwarded-proto`, alt-svc, the `protocol` label).
+    downstream: crate::tls::Downstream,
 }
 
 impl RequestCtx {
@@ -67,6 +86,45 @@ impl RequestCtx {
             .iter()
             .any(|&(r, u)| usize::from(r) == region && usize::from(u) == upstream)
     }
+}
+
+impl EdgeProxy {
+    /// Passive outlier detection: one more failure for the upstream of the current try.
+    fn record_upstream_failure(&self, loaded: &Loaded, ctx: &RequestCtx) {
+        let (Some(region_index), Some(upstream)) =
+            (ctx.region, current_upstream(&loaded.snapshot, ctx))
+        else {
+            return;
+        };
+        let region = &loaded.snapshot.regions[region_index];
+        if upstream
+            .state
+            .record_failure(clock::now_ms(), &region.outlier)
+        {
+            tracing::warn!(region = %region.name, upstream = %upstream.address, "upstream ejected after consecutive failures");
+            self.store
+                .metrics()
+                .health
+                .ejections
+                .with_label_values(&[&region.name])
+                .inc();
+        }
+    }
+}
+
+fn current_upstream<'a>(
+    snapshot: &'a crate::core::Snapshot,
+    ctx: &RequestCtx,
+) -> Option<&'a crate::core::snapshot::CompiledUpstream> {
+    snapshot
+        .regions
+        .get(ctx.region?)?
+        .upstreams
+        .get(ctx.upstream?)
+}
+
+fn decision_route(ctx: &RequestCtx) -> usize {
+    ctx.decision.map_or(usize::MAX, |d| d.route)
 }
 
 #[async_trait]
@@ -83,13 +141,18 @@ impl ProxyHttp for EdgeProxy {
             tried: [(0, 0); MAX_TRIES],
             tries: 0,
             region: None,
+            upstream: None,
             inflight: None,
+            region_inflight: None,
+            retry_reason: None,
             body_bytes: 0,
+            downstream: crate::tls::Downstream::default(),
         }
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let loaded = self.store.load();
+        ctx.downstream = crate::tls::Downstream::of(session, self.store.metrics());
         ctx.loaded = Some(Arc::clone(&loaded));
         let snapshot = &loaded.snapshot;
         let req = session.req_header();
@@ -118,14 +181,16 @@ impl ProxyHttp for EdgeProxy {
             path: req.uri.path(),
             client: ctx.client,
         };
-        match decide(snapshot, &view, |ip| self.geoip.lookup(ip)) {
+        match decide(snapshot, &view, |ip| self.geoip.lookup(ip), clock::now_ms()) {
             Ok(decision) => {
                 ctx.decision = Some(decision);
                 Ok(false)
             }
             Err(refusal) => {
                 let message = reply::refusal_message(snapshot, &refusal);
-                if let Refusal::Residency { route, .. } = refusal {
+                if let Refusal::Residency { route, .. } | Refusal::Unavailable { route, .. } =
+                    refusal
+                {
                     ctx.decision = Some(RouteDecision {
                         route,
                         country: None,
@@ -133,7 +198,16 @@ impl ProxyHttp for EdgeProxy {
                         candidates: Default::default(),
                     });
                 }
-                reply::send(session, snapshot, None, refusal.status(), &message).await?;
+                let retry_after = matches!(refusal, Refusal::Unavailable { .. });
+                reply::send_with(
+                    session,
+                    snapshot,
+                    None,
+                    refusal.status(),
+                    &message,
+                    retry_after,
+                )
+                .await?;
                 Ok(true)
             }
         }
@@ -171,24 +245,52 @@ impl ProxyHttp for EdgeProxy {
         };
         let snapshot = &loaded.snapshot;
         let route = &snapshot.routes[decision.route];
+        let now = clock::now_ms();
+        if ctx.tries > 0 && ctx.started.elapsed() >= route.total_timeout {
+            return Error::e_explain(
+                ErrorType::HTTPStatus(504),
+                "overall deadline (timeouts.total) passed; no new try",
+            );
+        }
         while let Some(region_index) = decision.candidates.get(ctx.region_pos) {
             let region = &snapshot.regions[region_index];
-            let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
-            let picked = pick_upstream(region, rotation, |u| ctx.was_tried(region_index, u));
-            let Some(upstream_index) = picked.filter(|_| ctx.tries < MAX_TRIES) else {
+            // Health and capacity are checked again at each try: they change under our feet.
+            let verdict = region_verdict(region, now);
+            let picked = if verdict == RegionVerdict::Available && ctx.tries < MAX_TRIES {
+                let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
+                pick_upstream(region, now, rotation, |u| ctx.was_tried(region_index, u))
+            } else {
+                if verdict != RegionVerdict::Available && ctx.retry_reason.is_none() {
+                    ctx.retry_reason = Some(verdict.reason());
+                }
+                None
+            };
+            let Some(upstream_index) = picked else {
                 ctx.region_pos += 1;
                 continue;
             };
             let upstream = &region.upstreams[upstream_index];
             ctx.tried[ctx.tries] = (region_index as u16, upstream_index as u16);
             ctx.tries += 1;
+            if ctx.region != Some(region_index) {
+                region.state.budget.note_request(now);
+                ctx.region_inflight = Some(region.state.begin());
+            }
             ctx.region = Some(region_index);
+            ctx.upstream = Some(upstream_index);
             ctx.inflight = Some(upstream.state.begin());
             let mut peer = HttpPeer::new(upstream.address, false, String::new());
             peer.options.connection_timeout = Some(route.connect_timeout);
             peer.options.read_timeout = Some(route.read_timeout);
             peer.options.write_timeout = Some(route.write_timeout);
             return Ok(Box::new(peer));
+        }
+        if ctx.tries == 0 {
+            // Nothing was even tried: every region went down or filled up since the decision.
+            return Error::e_explain(
+                ErrorType::HTTPStatus(503),
+                "no region can take this request now",
+            );
         }
         Error::e_explain(
             ErrorType::ConnectNoRoute,
@@ -204,17 +306,124 @@ impl ProxyHttp for EdgeProxy {
         mut e: Box<Error>,
     ) -> Box<Error> {
         ctx.inflight = None;
-        if let (Some(loaded), Some(decision)) = (ctx.loaded.as_ref(), ctx.decision.as_ref()) {
+        if let Some(loaded) = ctx.loaded.clone() {
             if let Some(series) = ctx.region.and_then(|r| loaded.metrics.attempts.get(r)) {
                 series.connect_error.inc();
             }
+            let reason = if matches!(e.etype(), ErrorType::ConnectTimedout) {
+                "timeout"
+            } else {
+                "connect_error"
+            };
+            self.record_upstream_failure(&loaded, ctx);
             // The upstream never saw the request: retrying elsewhere is safe for any method.
-            let budget = loaded.snapshot.routes[decision.route].retry_attempts as usize;
-            if ctx.tries < budget {
+            let refused = matches!(e.etype(), ErrorType::ConnectRefused);
+            if retry::allowed(&loaded.snapshot, ctx, refused) {
+                retry::count(&loaded.snapshot, &self.store.metrics().health, ctx, reason);
                 e.set_retry(true);
             }
         }
         e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("Peer: {peer}"));
+        // A retryable status we turned into an error in upstream_response_filter: already decided.
+        if matches!(e.etype(), ErrorType::HTTPStatus(_)) && e.retry() {
+            return e;
+        }
+        ctx.inflight = None;
+        let replayable =
+            session.response_written().is_none() && !session.as_ref().retry_buffer_truncated();
+        let idempotent = session.req_header().method.is_idempotent();
+        let Some(loaded) = ctx.loaded.clone() else {
+            e.set_retry(false);
+            return e;
+        };
+        let failed_upstream = matches!(
+            e.etype(),
+            ErrorType::ReadTimedout
+                | ErrorType::WriteTimedout
+                | ErrorType::ConnectionClosed
+                | ErrorType::ReadError
+                | ErrorType::WriteError
+                | ErrorType::InvalidHTTPHeader
+        ) && e.esource() == &ErrorSource::Upstream;
+        if failed_upstream {
+            self.record_upstream_failure(&loaded, ctx);
+        }
+        // Pingora's rule for stale pooled connections (retry only if the connection was reused),
+        // widened to upstream timeouts and resets, within the route's tries and retry budget.
+        e.retry.decide_reuse(client_reused);
+        let wanted = e.retry() || failed_upstream;
+        let may_replay = idempotent
+            || loaded
+                .snapshot
+                .routes
+                .get(decision_route(ctx))
+                .is_some_and(|r| r.retry_non_idempotent);
+        if wanted && replayable && may_replay && retry::allowed(&loaded.snapshot, ctx, false) {
+            let reason = if matches!(
+                e.etype(),
+                ErrorType::ReadTimedout | ErrorType::WriteTimedout
+            ) {
+                "timeout"
+            } else {
+                "upstream_error"
+            };
+            retry::count(&loaded.snapshot, &self.store.metrics().health, ctx, reason);
+            e.set_retry(true);
+        } else {
+            e.set_retry(false);
+        }
+        e
+    }
+
+    async fn upstream_response_filter(
+        &self,
+        session: &mut Session,
+        upstream_response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let Some(loaded) = ctx.loaded.clone() else {
+            return Ok(());
+        };
+        let status = upstream_response.status.as_u16();
+        if status >= 500 {
+            self.record_upstream_failure(&loaded, ctx);
+        } else if let Some(upstream) = current_upstream(&loaded.snapshot, ctx) {
+            upstream.state.record_success();
+        }
+        let Some(route) = loaded.snapshot.routes.get(decision_route(ctx)) else {
+            return Ok(());
+        };
+        if !route.retry_on_status.contains(&status) {
+            return Ok(());
+        }
+        let may_replay = session.req_header().method.is_idempotent() || route.retry_non_idempotent;
+        if may_replay
+            && !session.as_ref().retry_buffer_truncated()
+            && retry::allowed(&loaded.snapshot, ctx, false)
+        {
+            retry::count(
+                &loaded.snapshot,
+                &self.store.metrics().health,
+                ctx,
+                "status",
+            );
+            ctx.inflight = None;
+            let mut e = Error::explain(ErrorType::HTTPStatus(status), "retryable upstream status");
+            e.set_retry(true);
+            return Err(e);
+        }
+        Ok(())
     }
 
     async fn upstream_request_filter(
@@ -228,7 +437,7 @@ impl ProxyHttp for EdgeProxy {
                 series.ok.inc();
             }
         }
-        forward::add_forwarding_headers(upstream_request, ctx.client)
+        forward::add_forwarding_headers(upstream_request, ctx.client, ctx.downstream.scheme())
     }
 
     async fn response_filter(
@@ -243,6 +452,9 @@ impl ProxyHttp for EdgeProxy {
                 upstream_response.insert_header(HEADER_REGION, region.header.clone())?;
             }
             upstream_response.insert_header(HEADER_POP, snapshot.pop_header.clone())?;
+            if let Some(alt_svc) = self.alt_svc.as_ref().filter(|_| ctx.downstream.tls) {
+                upstream_response.insert_header(http::header::ALT_SVC, alt_svc.clone())?;
+            }
         }
         Ok(())
     }
@@ -272,8 +484,16 @@ impl ProxyHttp for EdgeProxy {
         if code > 0 && session.response_written().is_none() {
             let loaded = ctx.loaded.clone().unwrap_or_else(|| self.store.load());
             let message = reply::error_message(code);
-            if let Err(err) =
-                reply::send(session, &loaded.snapshot, ctx.region, code, message).await
+            let region = ctx.region.filter(|_| code != 503);
+            if let Err(err) = reply::send_with(
+                session,
+                &loaded.snapshot,
+                region,
+                code,
+                message,
+                code == 503,
+            )
+            .await
             {
                 tracing::debug!("could not send error response: {err}");
             }
@@ -286,12 +506,23 @@ impl ProxyHttp for EdgeProxy {
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
         ctx.inflight = None;
+        ctx.region_inflight = None;
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let loaded = ctx.loaded.clone().unwrap_or_else(|| self.store.load());
         let route = ctx.decision.map(|d| d.route);
-        loaded
-            .metrics
-            .request(route, ctx.region)
-            .observe(status, ctx.started.elapsed().as_secs_f64());
+        if let (Some(decision), Some(served)) = (ctx.decision, ctx.region) {
+            retry::count_failover(
+                &loaded.snapshot,
+                &self.store.metrics().health,
+                &decision,
+                served,
+                ctx.retry_reason,
+            );
+        }
+        loaded.metrics.request(route, ctx.region).observe(
+            ctx.downstream.protocol,
+            status,
+            ctx.started.elapsed().as_secs_f64(),
+        );
     }
 }

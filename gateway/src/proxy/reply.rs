@@ -16,14 +16,18 @@ pub struct LimitRefusal {
 
 /// Header count/size and declared body size, checked before any routing work.
 pub fn check_limits(req: &RequestHeader, limits: &Limits) -> Option<LimitRefusal> {
-    if req.headers.len() > limits.max_headers {
+    check_header_limits(&req.headers, limits)
+}
+
+/// [`check_limits`] on a plain header map: every front (h1, h2, h3) applies the same limits.
+pub fn check_header_limits(headers: &http::HeaderMap, limits: &Limits) -> Option<LimitRefusal> {
+    if headers.len() > limits.max_headers {
         return Some(LimitRefusal {
             status: 431,
             message: "too many request headers (edge.limits.max_headers)",
         });
     }
-    let bytes: usize = req
-        .headers
+    let bytes: usize = headers
         .iter()
         .map(|(name, value)| name.as_str().len() + value.len())
         .sum();
@@ -33,8 +37,7 @@ pub fn check_limits(req: &RequestHeader, limits: &Limits) -> Option<LimitRefusal
             message: "request headers too large (edge.limits.max_header_bytes)",
         });
     }
-    let declared = req
-        .headers
+    let declared = headers
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
@@ -51,6 +54,15 @@ pub fn refusal_message(snapshot: &Snapshot, refusal: &Refusal) -> String {
     match refusal {
         Refusal::UnknownHost => "no route claims this host".to_string(),
         Refusal::NoRoute => "no route matches this path".to_string(),
+        Refusal::Unavailable { route, reason } => format!(
+            "no region can serve route {:?} right now ({}); retry shortly",
+            snapshot.routes[*route].name,
+            match reason {
+                crate::core::select::RegionVerdict::Full => "all at capacity",
+                crate::core::select::RegionVerdict::Drained => "all draining",
+                _ => "all unhealthy",
+            }
+        ),
         Refusal::Residency { route, country } => format!(
             "data residency: no region allowed for clients in {country} can serve route {:?}",
             snapshot.routes[*route].name
@@ -77,14 +89,26 @@ pub async fn send(
     status: u16,
     message: &str,
 ) -> Result<()> {
-    let body = Bytes::from(
-        serde_json::json!({"error": message, "status": status, "pop": snapshot.pop}).to_string()
-            + "\n",
-    );
+    send_with(session, snapshot, region, status, message, false).await
+}
+
+/// [`send`], with `Retry-After: 1` when the refusal is temporary (every region down or full).
+pub async fn send_with(
+    session: &mut Session,
+    snapshot: &Snapshot,
+    region: Option<usize>,
+    status: u16,
+    message: &str,
+    retry_after: bool,
+) -> Result<()> {
+    let body = error_body(snapshot, status, message);
     let mut resp = ResponseHeader::build(status, Some(5))?;
     resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
     resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
     resp.insert_header(HEADER_POP, snapshot.pop_header.clone())?;
+    if retry_after {
+        resp.insert_header(http::header::RETRY_AFTER, "1")?;
+    }
     if let Some(region) = region.and_then(|r| snapshot.regions.get(r)) {
         resp.insert_header(HEADER_REGION, region.header.clone())?;
     }
@@ -95,4 +119,12 @@ pub async fn send(
     session.write_response_header(Box::new(resp), false).await?;
     session.write_response_body(Some(body), true).await?;
     Ok(())
+}
+
+/// The JSON body of every response the edge writes itself, whatever the front.
+pub fn error_body(snapshot: &Snapshot, status: u16, message: &str) -> Bytes {
+    Bytes::from(
+        serde_json::json!({"error": message, "status": status, "pop": snapshot.pop}).to_string()
+            + "\n",
+    )
 }

@@ -1,0 +1,428 @@
+//! Cache keys. The primary key is what identifies a resource (method class, scheme, host, path,
+//! normalised query, route-configured headers); the secondary key adds the request header values a
+//! stored response named in `Vary`. Nothing outside these two can select a cached response.
+
+use http::header::{HeaderMap, HeaderName};
+use meridian_config::CacheKeyConfig;
+
+/// Most header names one response may vary on before it is considered uncacheable.
+pub const MAX_VARY_HEADERS: usize = 8;
+/// Longest request header value captured into a key; longer values make the request bypass.
+pub const MAX_KEYED_VALUE_BYTES: usize = 1024;
+
+/// The request as the cache sees it; every front (Pingora h1/h2, h3) builds one.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheRequest<'a> {
+    pub method: &'a http::Method,
+    /// `http` or `https`.
+    pub scheme: &'a str,
+    /// Authority as received (`Host` or `:authority`); lowercased and port-stripped here.
+    pub host: &'a str,
+    /// Path and query as received (`/a/b?x=1`).
+    pub path_and_query: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// Per-route key options, compiled once per snapshot.
+#[derive(Clone, Debug, Default)]
+pub struct KeyOptions {
+    ignore_query: Vec<String>,
+    headers: Vec<HeaderName>,
+}
+
+impl KeyOptions {
+    /// Names were validated by the config; a name that still does not parse is skipped.
+    pub fn from_config(config: &CacheKeyConfig) -> Self {
+        Self {
+            ignore_query: config.ignore_query.clone(),
+            headers: config
+                .headers
+                .iter()
+                .filter_map(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok())
+                .collect(),
+        }
+    }
+}
+
+/// Identifies one resource (all its `Vary` variants share it).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PrimaryKey {
+    /// Normalised absolute URL, `scheme://host/path?sorted-query`; what purge by URL/prefix matches.
+    pub url: String,
+    /// Route-configured request headers, `name=value` joined by `\n` (empty when none).
+    pub keyed_headers: String,
+}
+
+/// Identifies one stored variant: the primary key plus the values of the response's `Vary` headers.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheKey {
+    pub primary: PrimaryKey,
+    /// `name=value` for each `Vary` header, in the response's order, joined by `\n`.
+    pub variant: String,
+}
+
+/// Why a request cannot be keyed (it bypasses the cache).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyError {
+    /// A keyed header value is over [`MAX_KEYED_VALUE_BYTES`] or not visible ASCII.
+    UnkeyableHeader,
+    BadHost,
+}
+
+impl PrimaryKey {
+    pub fn build(req: &CacheRequest<'_>, options: &KeyOptions) -> Result<Self, KeyError> {
+        let host = normalise_host(req.host).ok_or(KeyError::BadHost)?;
+        let (path, query) = match req.path_and_query.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (req.path_and_query, None),
+        };
+        let path = if path.is_empty() { "/" } else { path };
+        let mut url =
+            String::with_capacity(req.scheme.len() + host.len() + req.path_and_query.len() + 4);
+        url.push_str(&req.scheme.to_ascii_lowercase());
+        url.push_str("://");
+        url.push_str(&host);
+        url.push_str(path);
+        if let Some(query) = query {
+            let normalised = normalise_query(query, &options.ignore_query);
+            if !normalised.is_empty() {
+                url.push('?');
+                url.push_str(&normalised);
+            }
+        }
+        let mut keyed_headers = String::new();
+        for name in &options.headers {
+            let value = header_value(req.headers, name)?;
+            if !keyed_headers.is_empty() {
+                keyed_headers.push('\n');
+            }
+            keyed_headers.push_str(name.as_str());
+            keyed_headers.push('=');
+            keyed_headers.push_str(&value);
+        }
+        Ok(Self { url, keyed_headers })
+    }
+}
+
+impl CacheKey {
+    /// The variant of `primary` selected by `vary` (header names from a stored response).
+    pub fn with_vary(
+        primary: PrimaryKey,
+        vary: &[HeaderName],
+        headers: &HeaderMap,
+    ) -> Result<Self, KeyError> {
+        let mut variant = String::new();
+        for name in vary {
+            let value = header_value(headers, name)?;
+            if !variant.is_empty() {
+                variant.push('\n');
+            }
+            variant.push_str(name.as_str());
+            variant.push('=');
+            variant.push_str(&value);
+        }
+        Ok(Self { primary, variant })
+    }
+
+    /// Bytes this key costs in the store (counted in the entry's weight).
+    pub fn weight(&self) -> usize {
+        self.primary.url.len() + self.primary.keyed_headers.len() + self.variant.len()
+    }
+}
+
+/// A response's `Vary`, as far as the cache can honour it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Vary {
+    /// Header names (lowercase, deduplicated, in first-seen order); empty when there is no `Vary`.
+    Headers(Vec<HeaderName>),
+    /// `Vary: *`, a malformed name, or too many names: the response must not be stored, since a
+    /// request header the key cannot capture may have shaped it (cache poisoning guard).
+    Uncacheable,
+}
+
+pub fn parse_vary(headers: &HeaderMap) -> Vary {
+    let mut names: Vec<HeaderName> = Vec::new();
+    for value in headers.get_all(http::header::VARY) {
+        let Ok(text) = value.to_str() else {
+            return Vary::Uncacheable;
+        };
+        for token in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+            if token == "*" {
+                return Vary::Uncacheable;
+            }
+            let Ok(name) = HeaderName::from_bytes(token.to_ascii_lowercase().as_bytes()) else {
+                return Vary::Uncacheable;
+            };
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    if names.len() > MAX_VARY_HEADERS {
+        return Vary::Uncacheable;
+    }
+    Vary::Headers(names)
+}
+
+/// Lowercase, port and trailing dot stripped. `None` for an empty or non-ASCII host.
+pub fn normalise_host(host: &str) -> Option<String> {
+    let host = host.trim();
+    let bare = if let Some(rest) = host.strip_prefix('[') {
+        // IPv6 literal: keep the brackets, drop the port.
+        let end = rest.find(']')?;
+        &host[..end + 2]
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        })
+    };
+    let bare = bare.trim_end_matches('.');
+    if bare.is_empty() || !bare.is_ascii() || bare.contains(['/', ' ', '@']) {
+        return None;
+    }
+    Some(bare.to_ascii_lowercase())
+}
+
+/// Parameters sorted (stable: equal names keep their order), empty pieces and ignored names dropped.
+pub fn normalise_query(query: &str, ignore: &[String]) -> String {
+    let mut params: Vec<&str> = query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter(|p| {
+            let name = p.split_once('=').map_or(*p, |(n, _)| n);
+            !ignore.iter().any(|i| i == name)
+        })
+        .collect();
+    params.sort_by(|a, b| {
+        let name = |p: &&str| p.split_once('=').map_or(*p, |(n, _)| n).to_string();
+        name(a).cmp(&name(b))
+    });
+    params.join("&")
+}
+
+/// Normalises an absolute URL given to purge (`https://Host:443/p?b=2&a=1`) the way keys are built
+/// (no per-route query exclusions are applied: purge with the URL as the key stores it).
+pub fn normalise_url(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let (authority, path_and_query) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let host = normalise_host(authority)?;
+    let (path, query) = match path_and_query.split_once('?') {
+        Some((p, q)) => (p, normalise_query(q, &[])),
+        None => (path_and_query, String::new()),
+    };
+    let mut out = format!("{}://{host}{path}", scheme.to_ascii_lowercase());
+    if !query.is_empty() {
+        out.push('?');
+        out.push_str(&query);
+    }
+    Some(out)
+}
+
+/// All values of `name`, joined by `,`, whitespace-normalised; absent headers key as empty.
+fn header_value(headers: &HeaderMap, name: &HeaderName) -> Result<String, KeyError> {
+    let mut out = String::new();
+    for value in headers.get_all(name) {
+        let text = value.to_str().map_err(|_| KeyError::UnkeyableHeader)?;
+        for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if !out.is_empty() {
+                out.push(',');
+            }
+            // Collapse inner whitespace so `gzip,  br` and `gzip, br` share a variant.
+            let mut last_space = false;
+            for c in part.chars() {
+                if c.is_ascii_whitespace() {
+                    if !last_space {
+                        out.push(' ');
+                    }
+                    last_space = true;
+                } else {
+                    out.push(c);
+                    last_space = false;
+                }
+            }
+        }
+        if out.len() > MAX_KEYED_VALUE_BYTES {
+            return Err(KeyError::UnkeyableHeader);
+        }
+    }
+    // A newline would let one value impersonate another header in the key string.
+    if out.contains('\n') {
+        return Err(KeyError::UnkeyableHeader);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::{HeaderValue, Method};
+
+    fn req<'a>(host: &'a str, pq: &'a str, headers: &'a HeaderMap) -> CacheRequest<'a> {
+        CacheRequest {
+            method: &Method::GET,
+            scheme: "https",
+            host,
+            path_and_query: pq,
+            headers,
+        }
+    }
+
+    fn options(ignore: &[&str], headers: &[&str]) -> KeyOptions {
+        KeyOptions::from_config(&CacheKeyConfig {
+            ignore_query: ignore.iter().map(|s| s.to_string()).collect(),
+            headers: headers.iter().map(|s| s.to_string()).collect(),
+        })
+    }
+
+    #[test]
+    fn host_is_lowercased_and_port_stripped() {
+        let h = HeaderMap::new();
+        let a = PrimaryKey::build(
+            &req("API.Example.Test:8443", "/x", &h),
+            &KeyOptions::default(),
+        );
+        let b = PrimaryKey::build(&req("api.example.test.", "/x", &h), &KeyOptions::default());
+        assert_eq!(a, b);
+        assert_eq!(a.map(|k| k.url), Ok("https://api.example.test/x".into()));
+        assert_eq!(normalise_host("[::1]:8080").as_deref(), Some("[::1]"));
+        assert_eq!(normalise_host(""), None);
+        assert_eq!(normalise_host("a b"), None);
+    }
+
+    #[test]
+    fn query_is_sorted_and_ignored_params_dropped() {
+        let h = HeaderMap::new();
+        let opts = options(&["utm_source"], &[]);
+        let a = PrimaryKey::build(&req("h", "/p?b=2&a=1&utm_source=x", &h), &opts);
+        let b = PrimaryKey::build(&req("h", "/p?a=1&&b=2", &h), &opts);
+        assert_eq!(a, b);
+        assert_eq!(a.map(|k| k.url), Ok("https://h/p?a=1&b=2".into()));
+        let only_ignored = PrimaryKey::build(&req("h", "/p?utm_source=1", &h), &opts);
+        assert_eq!(only_ignored.map(|k| k.url), Ok("https://h/p".into()));
+        // Repeated names keep their relative order (a=2&a=1 is a different resource).
+        assert_eq!(normalise_query("a=2&b=0&a=1", &[]), "a=2&a=1&b=0");
+        assert_ne!(
+            normalise_query("a=2&a=1", &[]),
+            normalise_query("a=1&a=2", &[])
+        );
+    }
+
+    #[test]
+    fn different_paths_hosts_schemes_differ() {
+        let h = HeaderMap::new();
+        let o = KeyOptions::default();
+        let base = PrimaryKey::build(&req("h", "/a", &h), &o);
+        assert_ne!(base, PrimaryKey::build(&req("h", "/b", &h), &o));
+        assert_ne!(base, PrimaryKey::build(&req("g", "/a", &h), &o));
+        let mut http = req("h", "/a", &h);
+        http.scheme = "http";
+        assert_ne!(base, PrimaryKey::build(&http, &o));
+    }
+
+    #[test]
+    fn configured_headers_join_the_key() {
+        let mut h1 = HeaderMap::new();
+        h1.insert("x-tenant", HeaderValue::from_static("a"));
+        let mut h2 = HeaderMap::new();
+        h2.insert("x-tenant", HeaderValue::from_static("b"));
+        h2.insert("x-unkeyed", HeaderValue::from_static("evil"));
+        let opts = options(&[], &["X-Tenant"]);
+        let a = PrimaryKey::build(&req("h", "/", &h1), &opts);
+        let b = PrimaryKey::build(&req("h", "/", &h2), &opts);
+        assert_ne!(a, b);
+        assert_eq!(a.map(|k| k.keyed_headers), Ok("x-tenant=a".into()));
+        // Unkeyed headers change nothing.
+        let mut h3 = h1.clone();
+        h3.insert("x-forwarded-host", HeaderValue::from_static("evil.test"));
+        assert_eq!(
+            PrimaryKey::build(&req("h", "/", &h1), &opts),
+            PrimaryKey::build(&req("h", "/", &h3), &opts)
+        );
+    }
+
+    #[test]
+    fn oversized_keyed_header_is_unkeyable() {
+        let mut h = HeaderMap::new();
+        let long = "x".repeat(MAX_KEYED_VALUE_BYTES + 1);
+        h.insert("x-tenant", HeaderValue::from_str(&long).expect("value"));
+        let opts = options(&[], &["x-tenant"]);
+        assert_eq!(
+            PrimaryKey::build(&req("h", "/", &h), &opts),
+            Err(KeyError::UnkeyableHeader)
+        );
+    }
+
+    #[test]
+    fn vary_selects_variant_and_normalises_whitespace() {
+        let h = HeaderMap::new();
+        let primary = PrimaryKey::build(&req("h", "/", &h), &KeyOptions::default()).expect("key");
+        let vary = [http::header::ACCEPT_ENCODING];
+        let mut gzip = HeaderMap::new();
+        gzip.insert("accept-encoding", HeaderValue::from_static("gzip,  br"));
+        let mut gzip2 = HeaderMap::new();
+        gzip2.append("accept-encoding", HeaderValue::from_static("gzip"));
+        gzip2.append("accept-encoding", HeaderValue::from_static("br"));
+        let mut none = HeaderMap::new();
+        none.insert("accept-language", HeaderValue::from_static("de"));
+        let a = CacheKey::with_vary(primary.clone(), &vary, &gzip);
+        let b = CacheKey::with_vary(primary.clone(), &vary, &gzip2);
+        let c = CacheKey::with_vary(primary, &vary, &none);
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert_eq!(a.map(|k| k.variant), Ok("accept-encoding=gzip,br".into()));
+    }
+
+    #[test]
+    fn vary_parsing_and_poisoning_guard() {
+        let mut h = HeaderMap::new();
+        assert_eq!(parse_vary(&h), Vary::Headers(vec![]));
+        h.append(
+            "vary",
+            HeaderValue::from_static("Accept-Encoding, accept-encoding"),
+        );
+        h.append("vary", HeaderValue::from_static("Accept-Language"));
+        assert_eq!(
+            parse_vary(&h),
+            Vary::Headers(vec![
+                http::header::ACCEPT_ENCODING,
+                http::header::ACCEPT_LANGUAGE
+            ])
+        );
+        let mut star = HeaderMap::new();
+        star.insert("vary", HeaderValue::from_static("Accept, *"));
+        assert_eq!(parse_vary(&star), Vary::Uncacheable);
+        let mut bad = HeaderMap::new();
+        bad.insert("vary", HeaderValue::from_static("bad header"));
+        assert_eq!(parse_vary(&bad), Vary::Uncacheable);
+        let mut many = HeaderMap::new();
+        let list: Vec<String> = (0..=MAX_VARY_HEADERS).map(|i| format!("x-h{i}")).collect();
+        many.insert(
+            "vary",
+            HeaderValue::from_str(&list.join(",")).expect("value"),
+        );
+        assert_eq!(parse_vary(&many), Vary::Uncacheable);
+    }
+
+    #[test]
+    fn purge_urls_normalise_like_keys() {
+        let h = HeaderMap::new();
+        let key = PrimaryKey::build(
+            &req("Api.Test:443", "/p?b=1&a=2", &h),
+            &KeyOptions::default(),
+        )
+        .expect("key");
+        assert_eq!(
+            normalise_url("HTTPS://api.test:443/p?a=2&b=1").as_deref(),
+            Some(key.url.as_str())
+        );
+        assert_eq!(normalise_url("https://h").as_deref(), Some("https://h/"));
+        assert_eq!(normalise_url("not a url"), None);
+    }
+}

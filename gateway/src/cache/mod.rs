@@ -1,0 +1,748 @@
+//! The edge response cache, shared by every front (Pingora h1/h2 today, h3 later). Fronts do not
+//! touch moka or RFC 9111 directly; they call [`ResponseCache::lookup`], then either serve what it
+//! returns or fetch and feed the response through [`ResponseCache::admit`] and a [`CacheWriter`].
+//! See `INTEGRATION.md` beside this file for the exact calls per `ProxyHttp` phase.
+
+pub mod coalesce;
+pub mod key;
+pub mod policy;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use meridian_config::{EdgeCache, RouteCache};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+use coalesce::{Coalescer, Join, LeaderGuard};
+pub use key::{CacheKey, CacheRequest, PrimaryKey};
+pub use policy::{Bypass, NotStorable, RouteRules};
+use policy::{RequestRules, Usability};
+pub use store::CachedResponse;
+use store::{Store, StoreGauges};
+
+/// Response header naming what the cache did.
+pub const HEADER_CACHE: &str = "x-meridian-cache";
+
+/// The values of `x-meridian-cache` (and of the `result` label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CacheStatus {
+    /// Served from a fresh entry (also: a coalesced follower served from its leader's fetch).
+    Hit,
+    /// Fetched from the origin (stored or not).
+    Miss,
+    /// Served from a stale entry (stale-while-revalidate or stale-if-error).
+    Stale,
+    /// The cache was not consulted (route off, method, no-store, Authorization, Range, ...).
+    Bypass,
+    /// A stale entry existed; the origin sent a full new response.
+    Expired,
+    /// A stale entry existed; the origin answered `304` and the entry was refreshed and served.
+    Revalidated,
+}
+
+impl CacheStatus {
+    pub const ALL: [CacheStatus; 6] = [
+        CacheStatus::Hit,
+        CacheStatus::Miss,
+        CacheStatus::Stale,
+        CacheStatus::Bypass,
+        CacheStatus::Expired,
+        CacheStatus::Revalidated,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "hit",
+            CacheStatus::Miss => "miss",
+            CacheStatus::Stale => "stale",
+            CacheStatus::Bypass => "bypass",
+            CacheStatus::Expired => "expired",
+            CacheStatus::Revalidated => "revalidated",
+        }
+    }
+
+    pub fn header_value(self) -> HeaderValue {
+        HeaderValue::from_static(self.as_str())
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Cache metrics, registered into the edge's registry.
+#[derive(Clone)]
+pub struct CacheMetrics {
+    lookups: IntCounterVec,
+    gauges: StoreGauges,
+    pub coalesced: IntCounter,
+    purges: IntCounterVec,
+}
+
+impl CacheMetrics {
+    pub fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let lookups = IntCounterVec::new(
+            Opts::new(
+                "meridian_cache_lookups_total",
+                "Requests on cache-enabled routes by route and x-meridian-cache result.",
+            ),
+            &["route", "result"],
+        )?;
+        let bytes = IntGauge::new(
+            "meridian_cache_bytes",
+            "Bytes held by the response cache (bodies, headers, keys).",
+        )?;
+        let entries = IntGauge::new("meridian_cache_entries", "Responses held by the cache.")?;
+        let evictions = IntCounter::new(
+            "meridian_cache_evictions_total",
+            "Entries evicted or refused for lack of room (edge.cache.max_bytes).",
+        )?;
+        let coalesced = IntCounter::new(
+            "meridian_cache_coalesced_total",
+            "Requests served from another request's in-flight fetch instead of their own.",
+        )?;
+        let purges = IntCounterVec::new(
+            Opts::new(
+                "meridian_cache_purges_total",
+                "Purge requests by kind (url, prefix, tag).",
+            ),
+            &["kind"],
+        )?;
+        registry.register(Box::new(lookups.clone()))?;
+        registry.register(Box::new(bytes.clone()))?;
+        registry.register(Box::new(entries.clone()))?;
+        registry.register(Box::new(evictions.clone()))?;
+        registry.register(Box::new(coalesced.clone()))?;
+        registry.register(Box::new(purges.clone()))?;
+        for kind in ["url", "prefix", "tag"] {
+            purges.with_label_values(&[kind]);
+        }
+        Ok(Self {
+            lookups,
+            gauges: StoreGauges {
+                bytes,
+                entries,
+                evictions,
+            },
+            coalesced,
+            purges,
+        })
+    }
+}
+
+/// A route's cache rules plus its pre-resolved counters; build once per snapshot compile with
+/// [`ResponseCache::route_policy`].
+pub struct RoutePolicy {
+    rules: Arc<RouteRules>,
+    counters: Arc<[IntCounter; 6]>,
+}
+
+impl RoutePolicy {
+    pub fn rules(&self) -> &RouteRules {
+        &self.rules
+    }
+
+    /// Counts one request. The facade counts every path it decides; fronts only call this for a
+    /// [`Lookup::Bypass`] they act on.
+    pub fn count(&self, status: CacheStatus) {
+        self.counters[status.index()].inc();
+    }
+}
+
+/// Counts the final `x-meridian-cache` result of a ticketed request once, when it is dropped.
+struct Tally {
+    counters: Arc<[IntCounter; 6]>,
+    status: CacheStatus,
+}
+
+impl Drop for Tally {
+    fn drop(&mut self) {
+        self.counters[self.status.index()].inc();
+    }
+}
+
+/// A response ready to serve from the cache.
+#[derive(Clone, Debug)]
+pub struct Served {
+    pub entry: Arc<CachedResponse>,
+    pub age: Duration,
+    /// The client's conditional request matched: answer `304` without a body.
+    pub not_modified: bool,
+    /// HEAD: headers only.
+    pub head: bool,
+    pub status: CacheStatus,
+}
+
+impl Served {
+    pub fn status_code(&self) -> u16 {
+        if self.not_modified {
+            304
+        } else {
+            self.entry.status
+        }
+    }
+
+    /// Headers to send: the stored ones (or the 304 subset), `Age`, and `x-meridian-cache`.
+    pub fn headers(&self) -> HeaderMap {
+        let mut headers = if self.not_modified {
+            policy::not_modified_headers(&self.entry.headers)
+        } else {
+            self.entry.headers.clone()
+        };
+        headers.insert(http::header::AGE, HeaderValue::from(self.age.as_secs()));
+        headers.insert(
+            HeaderName::from_static(HEADER_CACHE),
+            self.status.header_value(),
+        );
+        headers
+    }
+
+    /// Body chunks to send (refcounted clones; empty for HEAD and 304).
+    pub fn body(&self) -> &[Bytes] {
+        if self.not_modified || self.head {
+            &[]
+        } else {
+            &self.entry.body
+        }
+    }
+}
+
+/// What a front must do with a request.
+pub enum Lookup {
+    /// Serve `Served` and stop.
+    Hit(Served),
+    /// Serve `served` now. If `refresh` is `Some`, this request won the (single) background
+    /// refresh: fetch from the origin off the client's path and feed it to `admit`.
+    Stale {
+        served: Served,
+        refresh: Option<Ticket>,
+    },
+    /// Fetch from the origin (adding [`Ticket::conditional_headers`] when revalidating), then
+    /// [`ResponseCache::admit`] the response head.
+    Fetch(Ticket),
+    /// Do not use the cache; proxy as usual with `x-meridian-cache: bypass` (already counted).
+    Bypass(Bypass),
+}
+
+/// A request that goes to the origin on the cache's behalf.
+pub struct Ticket {
+    primary: PrimaryKey,
+    request: RequestRules,
+    rules: Arc<RouteRules>,
+    /// Request headers, for the `Vary` variant the response will select.
+    request_headers: HeaderMap,
+    /// The stale entry being revalidated, if any.
+    stale: Option<Arc<CachedResponse>>,
+    leader: Option<LeaderGuard>,
+    requested_at: SystemTime,
+    tally: Tally,
+}
+
+impl Ticket {
+    /// `miss` or `expired` until the response says otherwise.
+    pub fn status(&self) -> CacheStatus {
+        self.tally.status
+    }
+
+    /// Conditional headers for the upstream request (stored `ETag` / `Last-Modified`).
+    pub fn conditional_headers(&self) -> Vec<(HeaderName, HeaderValue)> {
+        self.stale
+            .as_ref()
+            .map(|e| policy::revalidation_headers(&e.headers))
+            .unwrap_or_default()
+    }
+
+    /// Whether the front should drop the client's own `If-None-Match`/`If-Modified-Since` from the
+    /// upstream request: a leader fetches the full response for everyone waiting on it.
+    pub fn fetches_for_others(&self) -> bool {
+        self.leader.is_some()
+    }
+
+    /// stale-if-error: the origin failed (every eligible region); serve the stale entry if its
+    /// window allows. Counts the request as `stale`.
+    pub fn stale_on_error(mut self, now: SystemTime) -> Option<Served> {
+        let entry = self.stale.take()?;
+        if !entry.freshness.serves_on_error(now) {
+            return None;
+        }
+        self.tally.status = CacheStatus::Stale;
+        Some(Served {
+            age: entry.freshness.age(now),
+            entry,
+            not_modified: false,
+            head: self.request.head,
+            status: CacheStatus::Stale,
+        })
+    }
+}
+
+/// What `admit` decided for a response head.
+pub enum Admission {
+    /// Stream the body through `writer.push`, then `writer.finish().await`.
+    Store(Box<CacheWriter>),
+    /// The origin answered `304` to our revalidation: the entry was refreshed; serve this instead
+    /// of the (empty) upstream response.
+    Revalidated(Served),
+    /// Not stored (reason given); proxy the response as it is.
+    Pass(NotStorable),
+}
+
+impl Admission {
+    pub fn status(&self) -> CacheStatus {
+        match self {
+            Admission::Store(w) => w.tally.status,
+            Admission::Revalidated(s) => s.status,
+            Admission::Pass(_) => CacheStatus::Miss,
+        }
+    }
+}
+
+/// Collects body chunks as they stream to the client; `finish` stores the entry and releases
+/// coalesced followers. Dropped unfinished (error, client gone, too large): nothing is stored and
+/// followers fetch on their own.
+pub struct CacheWriter {
+    cache: ResponseCache,
+    key: CacheKey,
+    status: u16,
+    headers: HeaderMap,
+    chunks: Vec<Bytes>,
+    len: u64,
+    freshness: policy::Freshness,
+    vary: Vec<HeaderName>,
+    tags: Vec<String>,
+    too_large: bool,
+    leader: Option<LeaderGuard>,
+    tally: Tally,
+}
+
+impl CacheWriter {
+    /// Appends a chunk (a refcount clone). Past `max_object_bytes` the writer gives up: chunks are
+    /// dropped, followers are released now, and `finish` stores nothing.
+    pub fn push(&mut self, chunk: &Bytes) {
+        if self.too_large {
+            return;
+        }
+        self.len += chunk.len() as u64;
+        if self.len > self.cache.inner.store.max_object_bytes() {
+            self.too_large = true;
+            self.chunks = Vec::new();
+            if let Some(leader) = self.leader.take() {
+                leader.complete(None);
+            }
+            return;
+        }
+        if !chunk.is_empty() {
+            self.chunks.push(chunk.clone());
+        }
+    }
+
+    pub fn is_abandoned(&self) -> bool {
+        self.too_large
+    }
+
+    /// Stores the entry (the body is complete) and hands it to any followers.
+    pub async fn finish(mut self) -> Option<Arc<CachedResponse>> {
+        if self.too_large {
+            return None;
+        }
+        let has_validators = self.headers.contains_key(http::header::ETAG)
+            || self.headers.contains_key(http::header::LAST_MODIFIED);
+        let entry = Arc::new(CachedResponse {
+            id: self.cache.inner.store.next_id(),
+            key: self.key.clone(),
+            status: self.status,
+            headers: std::mem::take(&mut self.headers),
+            body: std::mem::take(&mut self.chunks),
+            body_len: self.len,
+            keep_for: self.freshness.keep_for(has_validators),
+            freshness: self.freshness,
+            vary: std::mem::take(&mut self.vary),
+            tags: std::mem::take(&mut self.tags),
+        });
+        let inner = &self.cache.inner;
+        let stored = inner
+            .store
+            .insert(Arc::clone(&entry), &inner.metrics.gauges)
+            .await;
+        let result = stored.then_some(entry);
+        if let Some(leader) = self.leader.take() {
+            leader.complete(result.clone());
+        }
+        result
+    }
+}
+
+struct Inner {
+    store: Store,
+    coalescer: Coalescer,
+    enabled: bool,
+    coalesce_timeout: Duration,
+    metrics: CacheMetrics,
+}
+
+/// The cache facade. Cheap to clone (one `Arc`).
+#[derive(Clone)]
+pub struct ResponseCache {
+    inner: Arc<Inner>,
+}
+
+/// Purge by exact URL, URL prefix, or tag (the admin API's JSON body).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum Purge {
+    Url(String),
+    Prefix(String),
+    Tag(String),
+}
+
+impl Purge {
+    /// Parses `{"url": ...}`, `{"prefix": ...}` or `{"tag": ...}`.
+    pub fn from_json(body: &[u8]) -> Result<Self, String> {
+        serde_json::from_slice(body).map_err(|e| {
+            format!("expected {{\"url\": ...}}, {{\"prefix\": ...}} or {{\"tag\": ...}}: {e}")
+        })
+    }
+}
+
+/// Constant-time bearer token check for the admin write endpoints (`Authorization: Bearer <t>`).
+pub fn bearer_matches(authorization: Option<&HeaderValue>, token: &str) -> bool {
+    let Some(given) = authorization
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), token.trim().as_bytes());
+    if a.len() != b.len() || b.is_empty() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl ResponseCache {
+    pub fn new(config: &EdgeCache, registry: &Registry) -> Result<Self, prometheus::Error> {
+        let metrics = CacheMetrics::new(registry)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                store: Store::new(
+                    config.max_bytes,
+                    config.max_object_bytes,
+                    metrics.gauges.clone(),
+                ),
+                coalescer: Coalescer::default(),
+                enabled: config.enabled,
+                coalesce_timeout: config.coalesce_timeout.as_duration(),
+                metrics,
+            }),
+        })
+    }
+
+    /// Compiles a route's rules and resolves its counters (once per snapshot, not per request).
+    pub fn route_policy(&self, route: &str, config: &RouteCache) -> RoutePolicy {
+        let mut rules = RouteRules::from_config(config);
+        rules.enabled &= self.inner.enabled;
+        let counter = |s: CacheStatus| {
+            self.inner
+                .metrics
+                .lookups
+                .with_label_values(&[route, s.as_str()])
+        };
+        RoutePolicy {
+            rules: Arc::new(rules),
+            counters: Arc::new(CacheStatus::ALL.map(counter)),
+        }
+    }
+
+    pub fn metrics(&self) -> &CacheMetrics {
+        &self.inner.metrics
+    }
+
+    /// Decides how a request uses the cache. May wait (up to `coalesce_timeout`) behind an
+    /// identical in-flight miss.
+    pub async fn lookup(
+        &self,
+        req: &CacheRequest<'_>,
+        policy: &RoutePolicy,
+        now: SystemTime,
+    ) -> Lookup {
+        let bypass = |reason| {
+            policy.count(CacheStatus::Bypass);
+            Lookup::Bypass(reason)
+        };
+        let request = match policy::classify_request(req.method, req.headers, &policy.rules) {
+            Ok(r) => r,
+            Err(reason) => return bypass(reason),
+        };
+        let Ok(primary) = PrimaryKey::build(req, &policy.rules.key) else {
+            return bypass(Bypass::Unkeyable);
+        };
+        let inner = &self.inner;
+        let served = |entry: Arc<CachedResponse>, status| Served {
+            age: entry.freshness.age(now),
+            not_modified: policy::client_not_modified(req.headers, &entry.headers),
+            head: request.head,
+            status,
+            entry,
+        };
+        let ticket = |stale: Option<Arc<CachedResponse>>, leader: Option<LeaderGuard>| Ticket {
+            primary: primary.clone(),
+            request,
+            rules: Arc::clone(&policy.rules),
+            request_headers: req.headers.clone(),
+            tally: Tally {
+                counters: Arc::clone(&policy.counters),
+                status: if stale.is_some() {
+                    CacheStatus::Expired
+                } else {
+                    CacheStatus::Miss
+                },
+            },
+            stale,
+            leader,
+            requested_at: now,
+        };
+        let stored = match inner.store.vary_of(&primary) {
+            Some(vary) => match CacheKey::with_vary(primary.clone(), &vary, req.headers) {
+                Ok(key) => inner.store.get(&key).await,
+                Err(_) => return bypass(Bypass::Unkeyable),
+            },
+            None => None,
+        };
+        if let Some(entry) = stored {
+            match entry.freshness.usability(now, &request) {
+                Usability::Fresh => {
+                    policy.count(CacheStatus::Hit);
+                    return Lookup::Hit(served(entry, CacheStatus::Hit));
+                }
+                Usability::StaleWhileRevalidate => {
+                    policy.count(CacheStatus::Stale);
+                    let refresh = inner
+                        .coalescer
+                        .try_lead(&primary)
+                        .map(|leader| ticket(Some(Arc::clone(&entry)), Some(leader)));
+                    return Lookup::Stale {
+                        served: served(entry, CacheStatus::Stale),
+                        refresh,
+                    };
+                }
+                Usability::Stale => {
+                    // Revalidate; concurrent revalidations coalesce like misses.
+                    return match inner.coalescer.join(&primary) {
+                        Join::Leader(leader) => Lookup::Fetch(ticket(Some(entry), Some(leader))),
+                        Join::Follower(rx) => {
+                            match self.follow(rx, &primary, req.headers, now, &request).await {
+                                Some(fresh) => {
+                                    policy.count(CacheStatus::Hit);
+                                    Lookup::Hit(served(fresh, CacheStatus::Hit))
+                                }
+                                None => Lookup::Fetch(ticket(Some(entry), None)),
+                            }
+                        }
+                    };
+                }
+            }
+        }
+        if request.head || request.no_cache {
+            // Nothing to share: HEAD stores nothing, no-cache wants its own origin answer.
+            return Lookup::Fetch(ticket(None, None));
+        }
+        match inner.coalescer.join(&primary) {
+            Join::Leader(leader) => Lookup::Fetch(ticket(None, Some(leader))),
+            Join::Follower(rx) => match self.follow(rx, &primary, req.headers, now, &request).await
+            {
+                Some(entry) => {
+                    policy.count(CacheStatus::Hit);
+                    Lookup::Hit(served(entry, CacheStatus::Hit))
+                }
+                None => Lookup::Fetch(ticket(None, None)),
+            },
+        }
+    }
+
+    /// Waits for a leader; the entry it stored serves us only if it is the variant we would select.
+    async fn follow(
+        &self,
+        rx: tokio::sync::watch::Receiver<coalesce::Outcome>,
+        primary: &PrimaryKey,
+        headers: &HeaderMap,
+        now: SystemTime,
+        request: &RequestRules,
+    ) -> Option<Arc<CachedResponse>> {
+        let entry = coalesce::follow(rx, self.inner.coalesce_timeout).await?;
+        let ours = CacheKey::with_vary(primary.clone(), &entry.vary, headers).ok()?;
+        if ours != entry.key || entry.freshness.usability(now, request) != Usability::Fresh {
+            return None;
+        }
+        self.inner.metrics.coalesced.inc();
+        Some(entry)
+    }
+
+    /// Decides what to do with the origin's response head for a ticketed request.
+    pub async fn admit(
+        &self,
+        mut ticket: Ticket,
+        status: u16,
+        headers: &HeaderMap,
+        now: SystemTime,
+    ) -> Admission {
+        let inner = &self.inner;
+        if status == 304 {
+            if let Some(stale) = ticket.stale.take() {
+                return self.refresh(ticket, stale, headers, now).await;
+            }
+        }
+        let facts = policy::ResponseFacts {
+            status,
+            headers,
+            request_time: ticket.requested_at,
+            response_time: now,
+        };
+        let storable = match policy::storability(
+            &ticket.request,
+            &facts,
+            &ticket.rules,
+            inner.store.max_object_bytes(),
+        ) {
+            Ok(s) => s,
+            Err(reason) => {
+                if let Some(stale) = ticket.stale.take() {
+                    // The origin now says "do not store": the old entry must not serve anyone.
+                    inner.store.remove(&stale.key).await;
+                }
+                return Admission::Pass(reason);
+            }
+        };
+        let Ok(key) = CacheKey::with_vary(
+            ticket.primary.clone(),
+            &storable.vary,
+            &ticket.request_headers,
+        ) else {
+            return Admission::Pass(NotStorable::Vary);
+        };
+        let Ticket { leader, tally, .. } = ticket;
+        Admission::Store(Box::new(CacheWriter {
+            cache: self.clone(),
+            key,
+            status,
+            headers: policy::headers_to_store(headers),
+            chunks: Vec::new(),
+            len: 0,
+            freshness: storable.freshness,
+            vary: storable.vary,
+            tags: store::tags_of(headers),
+            too_large: false,
+            leader,
+            tally,
+        }))
+    }
+
+    /// A `304` answered our revalidation: merge headers, recompute freshness, store, serve.
+    async fn refresh(
+        &self,
+        mut ticket: Ticket,
+        stale: Arc<CachedResponse>,
+        not_modified: &HeaderMap,
+        now: SystemTime,
+    ) -> Admission {
+        let merged = policy::merge_not_modified(&stale.headers, not_modified);
+        let facts = policy::ResponseFacts {
+            status: stale.status,
+            headers: &merged,
+            request_time: ticket.requested_at,
+            response_time: now,
+        };
+        let inner = &self.inner;
+        let freshness = policy::storability(&ticket.request, &facts, &ticket.rules, u64::MAX)
+            .map(|s| s.freshness)
+            .unwrap_or(policy::Freshness {
+                response_time: now,
+                initial_age: Duration::ZERO,
+                lifetime: Duration::ZERO,
+                ..stale.freshness
+            });
+        let entry = Arc::new(CachedResponse {
+            id: inner.store.next_id(),
+            key: stale.key.clone(),
+            status: stale.status,
+            keep_for: freshness.keep_for(true),
+            tags: store::tags_of(&merged),
+            headers: merged,
+            body: stale.body.clone(),
+            body_len: stale.body_len,
+            freshness,
+            vary: stale.vary.clone(),
+        });
+        inner
+            .store
+            .insert(Arc::clone(&entry), &inner.metrics.gauges)
+            .await;
+        if let Some(leader) = ticket.leader.take() {
+            leader.complete(Some(Arc::clone(&entry)));
+        }
+        ticket.tally.status = CacheStatus::Revalidated;
+        // The client's own conditional is answered from the refreshed entry.
+        let not_modified_to_client =
+            policy::client_not_modified(&ticket.request_headers, &entry.headers);
+        Admission::Revalidated(Served {
+            age: entry.freshness.age(now),
+            entry,
+            not_modified: not_modified_to_client,
+            head: ticket.request.head,
+            status: CacheStatus::Revalidated,
+        })
+    }
+
+    /// Removes every variant stored for the absolute URL (normalised: host case, port, query order).
+    pub async fn purge_url(&self, url: &str) -> usize {
+        self.inner.metrics.purges.with_label_values(&["url"]).inc();
+        let Some(url) = key::normalise_url(url) else {
+            return 0;
+        };
+        self.inner.store.purge_url(&url).await
+    }
+
+    /// Removes every entry whose URL starts with `prefix` (`https://host/path-prefix`).
+    pub async fn purge_prefix(&self, prefix: &str) -> usize {
+        self.inner
+            .metrics
+            .purges
+            .with_label_values(&["prefix"])
+            .inc();
+        // Normalise scheme and host; the path part stays a plain string prefix.
+        let normalised = key::normalise_url(prefix).unwrap_or_else(|| prefix.to_string());
+        self.inner.store.purge_prefix(&normalised).await
+    }
+
+    pub async fn purge_tag(&self, tag: &str) -> usize {
+        self.inner.metrics.purges.with_label_values(&["tag"]).inc();
+        self.inner.store.purge_tag(tag.trim()).await
+    }
+
+    pub async fn purge(&self, purge: &Purge) -> usize {
+        match purge {
+            Purge::Url(u) => self.purge_url(u).await,
+            Purge::Prefix(p) => self.purge_prefix(p).await,
+            Purge::Tag(t) => self.purge_tag(t).await,
+        }
+    }
+
+    /// Applies moka's pending maintenance (evictions, listener calls). Tests and admin only.
+    pub async fn sync(&self) {
+        self.inner.store.sync().await;
+    }
+
+    pub fn weighted_size(&self) -> u64 {
+        self.inner.store.weighted_size()
+    }
+
+    /// Requests currently leading a coalesced fetch (tests and admin).
+    pub fn in_flight(&self) -> usize {
+        self.inner.coalescer.in_flight()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,311 @@
+//! TLS termination shared by the TCP listener (Pingora + rustls) and the QUIC front (quinn):
+//! certificates are read and checked here (the config crate only checks shape), compiled into an
+//! SNI table, and served by one [`CertResolver`] whose table is swapped with `ArcSwap` when the
+//! config or the certificate files change — open connections keep the certificate they got.
+//!
+//! Pingora 0.9's rustls `TlsSettings::set_cert_resolver` accepts our resolver, so the TCP listener
+//! needs no fork or doc-hidden hook; the handshake metric comes from its post-handshake callback.
+
+pub mod devcerts;
+pub mod files;
+
+use std::any::Any;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use meridian_config::TlsSection;
+use pingora::listeners::tls::TlsSettings;
+use pingora::listeners::TlsAccept;
+use pingora::protocols::tls::TlsRef;
+use pingora::protocols::ALPN;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use crate::metrics::{EdgeMetrics, Protocol};
+use crate::reload::SnapshotStore;
+
+pub use files::{load_certified_key, LoadedCert, TlsError};
+
+/// A certificate is reported (logged) when it expires within this long.
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 24 * 3600);
+
+/// The SNI table: exact host names, one-label wildcards (`*.example.test` covers `a.example.test`,
+/// not `a.b.example.test`, as a client checks it), and an optional default.
+#[derive(Default)]
+pub struct CertTable {
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// Keyed by the parent domain (`example.test` for `*.example.test`).
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+    default: Option<Arc<CertifiedKey>>,
+    /// What this table was built from, to notice changes (section and file modification times).
+    source: Option<(TlsSection, Vec<Option<SystemTime>>)>,
+}
+
+impl CertTable {
+    /// Reads and checks every certificate of `section`; relative paths are resolved against
+    /// `base`. Returns the table and warnings (certificates expiring soon).
+    pub fn load(
+        section: &TlsSection,
+        base: Option<&Path>,
+    ) -> Result<(CertTable, Vec<String>), TlsError> {
+        let mut table = CertTable::default();
+        let mut warnings = Vec::new();
+        for entry in &section.certificates {
+            let cert_path = resolve(base, &entry.cert);
+            let key_path = resolve(base, &entry.key);
+            let loaded = load_certified_key(&cert_path, &key_path, SystemTime::now())?;
+            if let Some(warning) = loaded.warning {
+                warnings.push(warning);
+            }
+            let key = Arc::new(loaded.key);
+            for host in &entry.hosts {
+                let host = host.to_ascii_lowercase();
+                match host.strip_prefix("*.") {
+                    Some(parent) => table.wildcard.insert(parent.to_string(), Arc::clone(&key)),
+                    None => table.exact.insert(host, Arc::clone(&key)),
+                };
+            }
+            if entry.default {
+                table.default = Some(Arc::clone(&key));
+            }
+        }
+        table.source = Some((section.clone(), modification_times(section, base)));
+        Ok((table, warnings))
+    }
+
+    /// The certificate for `sni` (any case, optional trailing dot), else the default.
+    pub fn lookup(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        let found = sni.and_then(|name| {
+            let name = name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase();
+            self.exact.get(&name).cloned().or_else(|| {
+                let (_, parent) = name.split_once('.')?;
+                self.wildcard.get(parent).cloned()
+            })
+        });
+        found.or_else(|| self.default.clone())
+    }
+
+    /// Was this table built from `section` and the same file versions?
+    fn is_current(&self, section: &TlsSection, base: Option<&Path>) -> bool {
+        self.source.as_ref().is_some_and(|(built, times)| {
+            built == section && *times == modification_times(section, base)
+        })
+    }
+}
+
+fn resolve(base: Option<&Path>, path: &str) -> PathBuf {
+    let path = Path::new(path);
+    match base {
+        Some(base) if path.is_relative() => base.join(path),
+        _ => path.to_path_buf(),
+    }
+}
+
+fn modification_times(section: &TlsSection, base: Option<&Path>) -> Vec<Option<SystemTime>> {
+    section
+        .certificates
+        .iter()
+        .flat_map(|c| [&c.cert, &c.key])
+        .map(|p| {
+            std::fs::metadata(resolve(base, p))
+                .and_then(|m| m.modified())
+                .ok()
+        })
+        .collect()
+}
+
+/// Serves certificates from the current [`CertTable`]; unknown SNI without a default gets none,
+/// which makes rustls abort the handshake.
+pub struct CertResolver {
+    table: ArcSwap<CertTable>,
+}
+
+impl std::fmt::Debug for CertResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertResolver")
+    }
+}
+
+impl CertResolver {
+    pub fn new(table: CertTable) -> Arc<Self> {
+        Arc::new(Self {
+            table: ArcSwap::from_pointee(table),
+        })
+    }
+
+    /// New handshakes use `table`; established connections are not affected.
+    pub fn replace(&self, table: CertTable) {
+        self.table.store(Arc::new(table));
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.table.load().lookup(hello.server_name())
+    }
+}
+
+/// Installs the process-wide rustls provider (`ring`) once; safe to call any number of times.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// The TCP listener's settings: our resolver, TLS 1.2 and 1.3 (Pingora's rustls builder allows
+/// exactly those), ALPN `h2` then `http/1.1`, and a handshake observer for the metric.
+pub fn tcp_settings(resolver: Arc<CertResolver>) -> Result<TlsSettings, TlsError> {
+    let mut settings = TlsSettings::with_callbacks(Box::new(HandshakeObserver))
+        .map_err(|e| TlsError::Setup(e.to_string()))?;
+    settings.set_cert_resolver(resolver);
+    settings.set_alpn(ALPN::H2H1);
+    Ok(settings)
+}
+
+/// The QUIC server's rustls config: the same resolver, TLS 1.3 only (QUIC requires it), ALPN `h3`,
+/// no 0-RTT (early data can be replayed).
+pub fn quic_server_config(resolver: Arc<CertResolver>) -> Result<rustls::ServerConfig, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Setup(e.to_string()))?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
+    config.alpn_protocols = vec![b"h3".to_vec()];
+    config.max_early_data_size = 0;
+    Ok(config)
+}
+
+/// Marks a TCP TLS connection (in Pingora's digest) so its handshake is counted once, with the
+/// ALPN the connection ended up speaking, on its first request.
+struct HandshakeMark {
+    version: &'static str,
+    counted: AtomicBool,
+}
+
+struct HandshakeObserver;
+
+#[async_trait]
+impl TlsAccept for HandshakeObserver {
+    async fn handshake_complete_callback(
+        &self,
+        tls: &TlsRef,
+    ) -> Option<Arc<dyn Any + Send + Sync>> {
+        let version = match tls.version() {
+            Some("TLSv1_3") | Some("TLSv1.3") => "TLSv1.3",
+            Some("TLSv1_2") | Some("TLSv1.2") => "TLSv1.2",
+            _ => "other",
+        };
+        Some(Arc::new(HandshakeMark {
+            version,
+            counted: AtomicBool::new(false),
+        }))
+    }
+}
+
+/// What the proxy needs to know about the client connection of a request.
+#[derive(Clone, Copy, Debug)]
+pub struct Downstream {
+    pub tls: bool,
+    pub protocol: Protocol,
+}
+
+impl Default for Downstream {
+    fn default() -> Self {
+        Self {
+            tls: false,
+            protocol: Protocol::H1,
+        }
+    }
+}
+
+impl Downstream {
+    /// Reads the connection digest; counts the TLS handshake on a connection's first request.
+    pub fn of(session: &pingora::proxy::Session, metrics: &EdgeMetrics) -> Self {
+        let protocol = if session.is_http2() {
+            Protocol::H2
+        } else {
+            Protocol::H1
+        };
+        let ssl = session.digest().and_then(|d| d.ssl_digest.as_ref());
+        if let Some(mark) = ssl.and_then(|d| d.extension.get::<HandshakeMark>()) {
+            if !mark.counted.swap(true, Ordering::Relaxed) {
+                let alpn = match protocol {
+                    Protocol::H2 => "h2",
+                    _ => "http/1.1",
+                };
+                metrics
+                    .tls
+                    .handshakes
+                    .with_label_values(&[mark.version, alpn])
+                    .inc();
+            }
+        }
+        Self {
+            tls: ssl.is_some(),
+            protocol,
+        }
+    }
+
+    pub fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
+/// Keeps `resolver` in step with the config's `[tls]` section and the certificate files: checks on
+/// every config install and every `poll` (file rotation). A table that fails to load is logged and
+/// counted, and the previous one keeps serving.
+pub async fn follow(
+    resolver: Arc<CertResolver>,
+    store: Arc<SnapshotStore>,
+    base: Option<PathBuf>,
+    poll: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut installs = store.subscribe();
+    let mut last_error: Option<String> = None;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => return,
+            changed = installs.changed() => if changed.is_err() { return },
+            _ = tokio::time::sleep(poll) => {}
+        }
+        if *stop.borrow() {
+            return;
+        }
+        let section = store.load().snapshot.config.tls.clone();
+        if resolver.table.load().is_current(&section, base.as_deref()) {
+            continue;
+        }
+        let metrics = &store.metrics().tls;
+        match CertTable::load(&section, base.as_deref()) {
+            Ok((table, warnings)) => {
+                for warning in warnings {
+                    tracing::warn!("{warning}");
+                }
+                resolver.replace(table);
+                metrics.reloads.with_label_values(&["ok"]).inc();
+                last_error = None;
+                tracing::info!("TLS certificates reloaded");
+            }
+            Err(e) => {
+                let message = e.to_string();
+                // The files stay broken until someone fixes them: count and log each new problem once.
+                if last_error.as_deref() != Some(message.as_str()) {
+                    metrics.reloads.with_label_values(&["error"]).inc();
+                    tracing::error!(
+                        "TLS certificates not reloaded, keeping the previous ones: {message}"
+                    );
+                    last_error = Some(message);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! A small HTTP/1.1 client for the hop to region upstreams, for fronts that are not Pingora (the
+//! HTTP/3 front today): one keep-alive pool per upstream address, explicit connect/read timeouts,
+//! and errors that say whether the upstream may have seen the request (only a connect failure is
+//! always safe to retry elsewhere).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+
+type Sender = SendRequest<Full<Bytes>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// No connection could be made: the upstream never saw the request.
+    #[error("connect to {addr}: {message}")]
+    Connect { addr: SocketAddr, message: String },
+    #[error("upstream {addr} timed out")]
+    Timeout { addr: SocketAddr },
+    /// The request may have reached the upstream.
+    #[error("upstream {addr}: {message}")]
+    Failed { addr: SocketAddr, message: String },
+}
+
+impl UpstreamError {
+    pub fn is_connect(&self) -> bool {
+        matches!(self, UpstreamError::Connect { .. })
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    pub connect: Duration,
+    /// Longest wait for the response head, and then between two body chunks.
+    pub read: Duration,
+}
+
+/// Idle connections per upstream address, shared by every request of a front.
+pub struct UpstreamClient {
+    idle: Arc<Mutex<HashMap<SocketAddr, Vec<Sender>>>>,
+    max_idle_per_upstream: usize,
+}
+
+impl Default for UpstreamClient {
+    fn default() -> Self {
+        Self::new(32)
+    }
+}
+
+impl UpstreamClient {
+    pub fn new(max_idle_per_upstream: usize) -> Self {
+        Self {
+            idle: Arc::default(),
+            max_idle_per_upstream,
+        }
+    }
+
+    /// Sends `request` (origin-form URI, `Host` set by the caller) to `addr`.
+    pub async fn send(
+        &self,
+        addr: SocketAddr,
+        request: http::Request<Full<Bytes>>,
+        timeouts: Timeouts,
+    ) -> Result<UpstreamResponse, UpstreamError> {
+        let mut request = request;
+        // A pooled connection may have been closed by the upstream meanwhile: hyper hands the
+        // request back when it was not sent, and we try the next one, then a fresh connection.
+        while let Some(mut sender) = self.checkout(addr) {
+            if sender.ready().await.is_err() {
+                continue;
+            }
+            match sender.try_send_request(request).await {
+                Ok(response) => return Ok(self.wrap(addr, sender, response, timeouts)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => request = unsent,
+                    None => {
+                        return Err(UpstreamError::Failed {
+                            addr,
+                            message: e.into_error().to_string(),
+                        })
+                    }
+                },
+            }
+        }
+        let mut sender = connect(addr, timeouts.connect).await?;
+        let response = tokio::time::timeout(timeouts.read, sender.send_request(request))
+            .await
+            .map_err(|_| UpstreamError::Timeout { addr })?
+            .map_err(|e| UpstreamError::Failed {
+                addr,
+                message: e.to_string(),
+            })?;
+        Ok(self.wrap(addr, sender, response, timeouts))
+    }
+
+    fn wrap(
+        &self,
+        addr: SocketAddr,
+        sender: Sender,
+        response: http::Response<Incoming>,
+        timeouts: Timeouts,
+    ) -> UpstreamResponse {
+        let (head, body) = response.into_parts();
+        UpstreamResponse {
+            head,
+            body,
+            addr,
+            read_timeout: timeouts.read,
+            conn: Some(sender),
+            pool: Arc::clone(&self.idle),
+            max_idle: self.max_idle_per_upstream,
+        }
+    }
+
+    fn checkout(&self, addr: SocketAddr) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.get_mut(&addr)?;
+        while let Some(sender) = list.pop() {
+            if !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+}
+
+async fn connect(addr: SocketAddr, limit: Duration) -> Result<Sender, UpstreamError> {
+    let connect_error = |message: String| UpstreamError::Connect { addr, message };
+    let stream = tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr))
+        .await
+        .map_err(|_| connect_error(format!("timed out after {limit:?}")))?
+        .map_err(|e| connect_error(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| connect_error(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!("upstream connection {addr}: {e}");
+        }
+    });
+    Ok(sender)
+}
+
+/// A response head and its streaming body; the connection returns to the pool once the body has
+/// been read to the end.
+pub struct UpstreamResponse {
+    pub head: http::response::Parts,
+    body: Incoming,
+    addr: SocketAddr,
+    read_timeout: Duration,
+    conn: Option<Sender>,
+    pool: Arc<Mutex<HashMap<SocketAddr, Vec<Sender>>>>,
+    max_idle: usize,
+}
+
+impl UpstreamResponse {
+    /// The next body chunk; `None` at the end (trailers are dropped).
+    pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        loop {
+            let frame = tokio::time::timeout(self.read_timeout, self.body.frame())
+                .await
+                .map_err(|_| UpstreamError::Timeout { addr: self.addr })?;
+            match frame {
+                None => {
+                    self.release();
+                    return Ok(None);
+                }
+                Some(Err(e)) => {
+                    self.conn = None;
+                    return Err(UpstreamError::Failed {
+                        addr: self.addr,
+                        message: e.to_string(),
+                    });
+                }
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        if !data.is_empty() {
+                            return Ok(Some(data));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn release(&mut self) {
+        let Some(sender) = self.conn.take() else {
+            return;
+        };
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.pool.lock().unwrap_or_else(|p| p.into_inner());
+        let list = idle.entry(self.addr).or_default();
+        if list.len() < self.max_idle {
+            list.push(sender);
+        }
+    }
+}
