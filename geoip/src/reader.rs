@@ -53,21 +53,61 @@ impl GeoDb {
     /// Looks an address up. `Ok(None)` when the database has no record for it; a corrupt record is an error.
     pub fn lookup(&self, ip: IpAddr) -> Result<Option<Location>, GeoIpError> {
         let result = self.reader.lookup(ip)?;
-        // City is a superset of Country: decoding as City reads either structure.
-        let Some(city) = result.decode::<maxminddb::geoip2::City>()? else {
+        // Only the fields routing needs: decoding the full GeoIP2 City record (localized name maps)
+        // allocates on every request. Works for City and Country databases alike.
+        let Some(record) = result.decode::<SlimRecord<'_>>()? else {
             return Ok(None);
         };
-        let coordinates = match (city.location.latitude, city.location.longitude) {
-            (Some(lat), Some(lon)) => Some((lat, lon)),
+        let coordinates = match record.location {
+            Some(SlimLocation {
+                latitude: Some(lat),
+                longitude: Some(lon),
+            }) => Some((lat, lon)),
             _ => None,
         };
         let location = Location {
-            country: city.country.iso_code.and_then(CountryCode::parse),
-            continent: city.continent.code.and_then(CountryCode::parse),
+            country: record
+                .country
+                .and_then(|c| c.iso_code)
+                .and_then(CountryCode::parse),
+            continent: record
+                .continent
+                .and_then(|c| c.code)
+                .and_then(CountryCode::parse),
             coordinates,
         };
         Ok(location.is_known().then_some(location))
     }
+}
+
+#[derive(serde::Deserialize)]
+struct SlimRecord<'a> {
+    #[serde(borrow, default)]
+    country: Option<SlimCountry<'a>>,
+    #[serde(borrow, default)]
+    continent: Option<SlimContinent<'a>>,
+    #[serde(default)]
+    location: Option<SlimLocation>,
+}
+
+#[derive(serde::Deserialize)]
+struct SlimCountry<'a> {
+    #[serde(borrow, default)]
+    iso_code: Option<&'a str>,
+}
+
+#[derive(serde::Deserialize)]
+struct SlimContinent<'a> {
+    #[serde(borrow, default)]
+    code: Option<&'a str>,
+}
+
+#[derive(serde::Deserialize)]
+struct SlimLocation {
+    #[serde(default)]
+    latitude: Option<f64>,
+    #[serde(default)]
+    longitude: Option<f64>,
 }
 
 /// A reloadable database handle: lookups take one atomic load; `reload` swaps in a new file.
