@@ -10,6 +10,7 @@ pub mod client;
 pub mod diff;
 mod duration;
 mod error;
+pub mod inference;
 mod schema;
 pub mod service;
 pub mod store;

@@ -34,6 +34,15 @@ pub struct Config {
     /// an edge boots with; the same section in a pushed document is ignored by running edges.
     #[serde(default)]
     pub control: Option<Control>,
+    /// Inference (issue 8): model aliases shared by every inference route.
+    #[serde(
+        default,
+        skip_serializing_if = "crate::inference::InferenceSection::is_empty"
+    )]
+    pub inference: crate::inference::InferenceSection,
+    /// Inference (issue 8): API keys, stored as the hex sha256 of the bearer token.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub api_keys: Vec<crate::inference::ApiKey>,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
@@ -212,6 +221,10 @@ pub struct Region {
     /// Stop sending new requests here; in-flight ones finish.
     #[serde(default)]
     pub drain: bool,
+    /// Inference models served here (issue 8). Empty: this region serves no model, so inference
+    /// requests naming a model never go here (other requests on inference routes still may).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub models: Vec<String>,
 }
 
 fn default_min_healthy() -> u32 {
@@ -328,6 +341,9 @@ pub struct Route {
     /// Response caching for this route (off unless `enabled = true`).
     #[serde(default)]
     pub cache: RouteCache,
+    /// `kind = "inference"` only (issue 8): body limit and per-API-key rate limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inference: Option<crate::inference::RouteInference>,
 }
 
 fn default_path_prefix() -> String {

@@ -35,6 +35,9 @@ impl Config {
         validate_routes(&self.routes, &regions, &mut errors);
         validate_residency(&self.residency, &regions, &mut errors);
         validate_dns(&self.pops, self.dns.as_ref(), &mut errors);
+        for (path, message) in crate::inference::validate(self) {
+            errors.push(path, message);
+        }
         if let Some(control) = &self.control {
             validate_control(control, &mut errors);
         }

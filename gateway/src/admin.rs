@@ -1,4 +1,5 @@
-//! The admin listener (loopback only): `/metrics`, `/healthz`, `/admin/snapshot`.
+//! The admin listener (loopback only): `/metrics`, `/healthz`, `/admin/snapshot`, and
+//! `POST /admin/cache/purge` (bearer token from `[edge.admin] token_file`).
 
 use std::sync::Arc;
 
@@ -9,14 +10,53 @@ use tokio::sync::watch;
 use crate::httpd;
 use crate::reload::SnapshotStore;
 
-pub async fn serve(listener: TcpListener, store: Arc<SnapshotStore>, stop: watch::Receiver<bool>) {
-    httpd::serve(listener, move |req| handle(Arc::clone(&store), req), stop).await;
+/// What the cache purge endpoint needs: the edge's cache and the admin token (read at start).
+#[derive(Clone)]
+pub struct Purging {
+    pub cache: crate::cache::ResponseCache,
+    /// `None`: no `[edge.admin] token_file` (or unreadable/empty), purge answers 403.
+    pub token: Option<String>,
+}
+
+/// Reads `[edge.admin] token_file` (trimmed). A missing or empty file disables the write endpoints.
+pub fn read_token(path: Option<&str>) -> Option<String> {
+    let path = path?;
+    match std::fs::read_to_string(path) {
+        Ok(token) if !token.trim().is_empty() => Some(token.trim().to_string()),
+        Ok(_) => {
+            tracing::warn!("edge.admin.token_file {path} is empty: cache purge is disabled");
+            None
+        }
+        Err(e) => {
+            tracing::warn!("edge.admin.token_file {path}: {e}; cache purge is disabled");
+            None
+        }
+    }
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    store: Arc<SnapshotStore>,
+    purging: Purging,
+    stop: watch::Receiver<bool>,
+) {
+    let purging = Arc::new(purging);
+    httpd::serve(
+        listener,
+        move |req| handle(Arc::clone(&store), Arc::clone(&purging), req),
+        stop,
+    )
+    .await;
 }
 
 async fn handle(
     store: Arc<SnapshotStore>,
+    purging: Arc<Purging>,
     req: Request<hyper::body::Incoming>,
 ) -> hyper::Response<httpd::Body> {
+    if req.uri().path() == "/admin/cache/purge" {
+        return purge(&purging, req).await;
+    }
     if req.method() != Method::GET {
         return httpd::json(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -138,4 +178,48 @@ fn snapshot_json(store: &SnapshotStore) -> serde_json::Value {
         "routes": routes,
         "regions": regions,
     })
+}
+
+/// Largest purge request body accepted.
+const MAX_PURGE_BODY: usize = 4096;
+
+/// `POST /admin/cache/purge` with `{"url"|"prefix"|"tag": ...}`: `200 {"purged": n}`.
+async fn purge(
+    purging: &Purging,
+    req: Request<hyper::body::Incoming>,
+) -> hyper::Response<httpd::Body> {
+    use http_body_util::BodyExt;
+    let error =
+        |status, message: &str| httpd::json(status, &serde_json::json!({ "error": message }));
+    if req.method() != Method::POST {
+        return error(StatusCode::METHOD_NOT_ALLOWED, "use POST");
+    }
+    let Some(token) = purging.token.as_deref() else {
+        return error(
+            StatusCode::FORBIDDEN,
+            "set [edge.admin] token_file to enable",
+        );
+    };
+    if !crate::cache::bearer_matches(req.headers().get(http::header::AUTHORIZATION), token) {
+        let mut response = error(StatusCode::UNAUTHORIZED, "missing or wrong bearer token");
+        response.headers_mut().insert(
+            http::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer"),
+        );
+        return response;
+    }
+    let body = match http_body_util::Limited::new(req.into_body(), MAX_PURGE_BODY)
+        .collect()
+        .await
+    {
+        Ok(body) => body.to_bytes(),
+        Err(_) => return error(StatusCode::BAD_REQUEST, "body unreadable or over 4 KiB"),
+    };
+    let request = match crate::cache::Purge::from_json(&body) {
+        Ok(p) => p,
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+    };
+    let purged = purging.cache.purge(&request).await;
+    tracing::info!(?request, purged, "cache purge");
+    httpd::json(StatusCode::OK, &serde_json::json!({ "purged": purged }))
 }

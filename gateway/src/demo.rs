@@ -100,6 +100,8 @@ pub fn start(options: DemoOptions) -> Result<Demo, DemoError> {
             let control = runtime
                 .block_on(origin::spawn(&region.name, addr, stop_rx.clone()))
                 .map_err(io(&format!("origin {addr} of {}", region.name)))?;
+            // Simulated model servers stream a token every 30 ms (issue 8).
+            control.model.set_token_interval(Duration::from_millis(30));
             regions
                 .entry(region.name.clone())
                 .or_default()
@@ -120,6 +122,10 @@ pub fn start(options: DemoOptions) -> Result<Demo, DemoError> {
 
     // The config service, holding the embedded config as version 1; the edge follows it.
     let token = start_config_service(&runtime, &options, stop_rx.clone())?;
+    // Bearer token of the edge's cache purge endpoint (`token_file = "admin.token"` in local.toml).
+    let admin_token = format!("admin-{:016x}\n", demo_token_seed().rotate_left(17));
+    std::fs::write(options.data_dir.join("admin.token"), admin_token)
+        .map_err(io("demo admin token file"))?;
     config.control = Some(meridian_config::Control {
         url: format!("http://{}", options.config_service),
         token_file: None,
@@ -255,6 +261,27 @@ async fn control(
                     o.set_delay(Duration::ZERO);
                     o.set_up(true)
                 }),
+                // Issue 8: `status?code=429` (or 503) makes the region's origins and model servers
+                // refuse with Retry-After; `code=200` restores them.
+                "status" => {
+                    let code = req
+                        .uri()
+                        .query()
+                        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("code=")))
+                        .and_then(|v| v.parse::<u16>().ok())
+                        .filter(|c| (200..=599).contains(c));
+                    let Some(code) = code else {
+                        return httpd::json(
+                            StatusCode::BAD_REQUEST,
+                            &serde_json::json!({"error": "status needs ?code=429|503|200"}),
+                        );
+                    };
+                    let forced = (code != 200).then_some(code);
+                    origins.iter().for_each(|o| {
+                        o.set_status(forced);
+                        o.model.set_status(forced);
+                    });
+                }
                 "slow" => {
                     let ms = req
                         .uri()
@@ -274,7 +301,7 @@ async fn control(
                 other => {
                     return httpd::json(
                         StatusCode::NOT_FOUND,
-                        &serde_json::json!({"error": format!("unknown action {other:?} (down, up, slow?ms=N)")}),
+                        &serde_json::json!({"error": format!("unknown action {other:?} (down, up, slow?ms=N, status?code=N)")}),
                     )
                 }
             }
@@ -312,7 +339,7 @@ pub fn tour(demo: &Demo) -> String {
     if let Some(https) = demo.edge.https_addr {
         let (port, ca) = (https.port(), demo.ca_file.display());
         out.push_str(&format!(
-            "\nHTTPS (h1 + h2 by ALPN) and HTTP/3 on {https} (certificates from the demo CA {ca}):\n  curl --cacert {ca} --resolve api.example.test:{port}:{ip} https://api.example.test:{port}/hello\n  curl --cacert {ca} --resolve api.example.test:{port}:{ip} --http2 --interface 127.17.0.1 -si https://api.example.test:{port}/hello   # h2, Frankfurt; alt-svc advertises h3\n  python3 -m aioquic... / any HTTP/3 client: --ca-certs {ca}, SNI api.example.test, udp {https}\n",
+            "\nHTTPS (h1 + h2 by ALPN) and HTTP/3 on {https} (certificates from the demo CA {ca}):\n  curl --cacert {ca} --resolve api.example.test:{port}:{ip} https://api.example.test:{port}/hello\n  curl --cacert {ca} --resolve api.example.test:{port}:{ip} --http2 --interface 127.17.0.1 -si https://api.example.test:{port}/hello   # h2, Frankfurt; alt-svc advertises h3\n  HTTP/3 (QUIC, udp {https}): any h3 client trusting {ca} with SNI/authority api.example.test (e.g. aioquic; see docs/tls.md)\n",
             ip = https.ip()
         ));
     }
@@ -324,9 +351,15 @@ pub fn tour(demo: &Demo) -> String {
         ));
     }
     let svc = demo.config_service;
+    // The response cache (issue 6): route `static` caches; purge through the admin listener.
+    let admin_token = demo.token_file.with_file_name("admin.token");
+    out.push_str(&format!(
+        "\nEdge cache (route static, x-meridian-cache: miss, then hit; Age counts up):\n  curl -si -H 'Host: static.example.test' 'http://{http}/logo.png?cc=max-age%3D300&tag=brand' | grep -i -e x-meridian-cache -e age\n  curl -si -H 'Host: static.example.test' 'http://{http}/logo.png?cc=max-age%3D300&tag=brand' | grep -i -e x-meridian-cache -e age\n  MERIDIAN_ADMIN_TOKEN=$(cat {}) meridian cache purge --tag brand --admin http://{admin}   # then: miss again\n  curl -s http://{admin}/metrics | grep meridian_cache_\n",
+        admin_token.display()
+    ));
     let token = demo.token_file.display();
     out.push_str(&format!(
-        "\nMore:\n  curl -si -H 'Host: api.example.test' http://{http}/hello                         # unknown location -> default region us-east\n  curl -si --interface 127.15.0.1 -H 'Host: eu.example.test' http://{http}/v1/x  # KR residency is strict -> 503\n  curl -si -H 'Host: nobody.test' http://{http}/                                  # no route claims it -> 421\n  curl -s -H 'Host: api.example.test' -H 'X-Forwarded-For: 127.12.0.9' http://{http}/  # XFF trusted from 127.0.0.1 -> ap-southeast-1\n  curl -s --http2-prior-knowledge --interface 127.17.0.1 -H 'Host: api.example.test' http://{http}/  # h2c\n  curl -s -X POST http://{CONTROL_ADDR}/regions/mx-central/down                  # break a region; /up to heal\n  curl -s http://{admin}/admin/snapshot\n  curl -s http://{admin}/admin/regions                                          # health, ejections, in-flight per region\n\nChange routing live (the edge follows the config service on {svc}):\n  export MERIDIAN_TOKEN=$(cat {token})\n  $EDITOR examples/local.toml            # e.g. set default_region = \"eu-central-1\" on route api\n  meridian config diff examples/local.toml\n  meridian config push examples/local.toml -m 'send unknown clients to Frankfurt'\n  curl -si -H 'Host: api.example.test' http://{http}/hello | grep x-meridian-region\n  meridian config history; meridian config rollback 1\n  (meridian = cargo run --release --)\n\nCtrl-C stops everything.\n"
+        "\nMore:\n  curl -si -H 'Host: api.example.test' http://{http}/hello                         # unknown location -> default region us-east\n  curl -si --interface 127.15.0.1 -H 'Host: eu.example.test' http://{http}/v1/x  # KR residency is strict -> 503\n  curl -si -H 'Host: nobody.test' http://{http}/                                  # no route claims it -> 421\n  curl -s -H 'Host: api.example.test' -H 'X-Forwarded-For: 127.12.0.9' http://{http}/  # XFF trusted from 127.0.0.1 -> ap-southeast-1\n  curl -s --http2-prior-knowledge --interface 127.17.0.1 -H 'Host: api.example.test' http://{http}/  # h2c\n  curl -s -X POST http://{CONTROL_ADDR}/regions/mx-central/down                  # break a region; /up to heal\n\nInference (OpenAI-compatible; the model in the body picks the region):\n  curl -s -H 'Host: inference.example.test' http://{http}/v1/models\n  curl -si --interface 127.10.0.1 -H 'Host: inference.example.test' http://{http}/v1/chat/completions -d '{{\"model\":\"qwen-max\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'   # Mexico asks for qwen-max -> eu-central-1 (Frankfurt: nearer than Singapore)\n  curl -sN --interface 127.10.0.1 -H 'Host: inference.example.test' http://{http}/v1/chat/completions -d '{{\"model\":\"qwen-turbo\",\"stream\":true,\"max_tokens\":20}}'   # SSE tokens stream from mx-central\n  curl -s -X POST 'http://{CONTROL_ADDR}/regions/eu-central-1/status?code=429'    # Frankfurt saturated -> qwen-max from Mexico falls back to ap-southeast-1; code=200 heals\n  curl -s http://{admin}/admin/snapshot\n  curl -s http://{admin}/admin/regions                                          # health, ejections, in-flight per region\n\nChange routing live (the edge follows the config service on {svc}):\n  export MERIDIAN_TOKEN=$(cat {token})\n  $EDITOR examples/local.toml            # e.g. set default_region = \"eu-central-1\" on route api\n  meridian config diff examples/local.toml\n  meridian config push examples/local.toml -m 'send unknown clients to Frankfurt'\n  curl -si -H 'Host: api.example.test' http://{http}/hello | grep x-meridian-region\n  meridian config history; meridian config rollback 1\n  (meridian = cargo run --release --)\n\nCtrl-C stops everything.\n"
     ));
     out
 }

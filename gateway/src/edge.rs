@@ -157,6 +157,18 @@ impl RunningEdge {
         });
         // --- end TLS ---
         let metrics = Arc::new(EdgeMetrics::new()?);
+        // --- response cache (issue 6): one per process, kept across config reloads; its size
+        // ([edge.cache]) and the admin token ([edge.admin] token_file) are read at start only. ---
+        let cache = crate::cache::ResponseCache::new(&config.edge.cache, metrics.registry())?;
+        let token_file = config.edge.admin.token_file.as_ref().map(|f| {
+            let path = std::path::Path::new(f);
+            match &base_dir {
+                Some(base) if path.is_relative() => base.join(path).display().to_string(),
+                _ => f.clone(),
+            }
+        });
+        let admin_token = crate::admin::read_token(token_file.as_deref());
+        // --- end response cache ---
         let store = Arc::new(SnapshotStore::new(
             config, meta, metrics, base_dir, following,
         )?);
@@ -178,6 +190,10 @@ impl RunningEdge {
             sidecar.spawn(crate::admin::serve(
                 listener,
                 Arc::clone(&store),
+                crate::admin::Purging {
+                    cache: cache.clone(),
+                    token: admin_token,
+                },
                 stop_rx.clone(),
             ));
         }
@@ -236,7 +252,9 @@ impl RunningEdge {
         };
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
-        let proxy = EdgeProxy::new(Arc::clone(&store), Arc::clone(&geoip)).with_alt_svc(alt_svc);
+        let proxy = EdgeProxy::new(Arc::clone(&store), Arc::clone(&geoip))
+            .with_alt_svc(alt_svc)
+            .with_cache(Some(cache.clone()));
         let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
         if let Some(app) = service.app_logic_mut() {
             let mut options = HttpServerOptions::default();

@@ -18,10 +18,13 @@ use tokio::sync::watch;
 pub type Body = Full<Bytes>;
 
 /// Serves `handler` on `listener` until `stop` turns true; open connections are closed gracefully.
-pub async fn serve<H, F>(listener: TcpListener, handler: H, mut stop: watch::Receiver<bool>)
+pub async fn serve<H, F, B>(listener: TcpListener, handler: H, mut stop: watch::Receiver<bool>)
 where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
-    F: Future<Output = Response<Body>> + Send + 'static,
+    F: Future<Output = Response<B>> + Send + 'static,
+    // Any body: `Body` (whole) for most servers, a streaming one for the simulated model servers.
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let handler = Arc::new(handler);
     loop {

@@ -11,6 +11,7 @@ use meridian_gateway::core::SnapshotMeta;
 use meridian_gateway::edge::{EdgeOptions, RunningEdge};
 
 mod operator;
+mod purge_cli;
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +53,11 @@ enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// The edge response cache.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
     },
     /// GeoIP databases.
     Geoip {
@@ -126,6 +132,12 @@ impl ServerArgs {
         };
         Ok(meridian_config::ConfigClient::new(&self.server, token)?)
     }
+}
+
+#[derive(Subcommand)]
+enum CacheCommand {
+    /// Purge by --url, --prefix or --tag through an edge's admin listener (bearer token).
+    Purge(purge_cli::PurgeArgs),
 }
 
 #[derive(Subcommand)]
@@ -206,6 +218,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             token_file,
         } => runtime()?.block_on(operator::config_server(data, listen, token_file)),
+        Command::Cache {
+            command: CacheCommand::Purge(args),
+        } => runtime()?.block_on(purge_cli::run(args)),
         Command::Geoip { command } => match command {
             GeoipCommand::BuildTestWorld { out } => {
                 meridian_geoip::test_world::write(&out)?;

@@ -25,6 +25,8 @@ pub struct OriginControl {
     /// `/healthz` alternates pass/fail on each probe (a flapping origin).
     flap_health: std::sync::atomic::AtomicBool,
     health_probes: AtomicU64,
+    /// The OpenAI-compatible model server on this origin (issue 8, `model_server.rs`).
+    pub model: Arc<crate::model_server::ModelControl>,
 }
 
 impl OriginControl {
@@ -73,6 +75,7 @@ pub async fn spawn(
         forced_status: AtomicU64::new(0),
         flap_health: std::sync::atomic::AtomicBool::new(false),
         health_probes: AtomicU64::new(0),
+        model: Arc::default(),
     });
     tokio::spawn(run(Arc::clone(&control), listener, stop));
     Ok(control)
@@ -113,7 +116,18 @@ async fn run(control: Arc<OriginControl>, first: TcpListener, mut stop: watch::R
         let handler_control = Arc::clone(&control);
         let server = httpd::serve(
             current,
-            move |req| handle(Arc::clone(&handler_control), req),
+            move |req| {
+                let control = Arc::clone(&handler_control);
+                async move {
+                    // Model calls go to the simulated model server (issue 8), the rest as before.
+                    if crate::model_server::is_model_call(&req) && control.is_up() {
+                        let (model, region) = (Arc::clone(&control.model), control.region.clone());
+                        crate::model_server::handle(model, region, req).await
+                    } else {
+                        handle(control, req).await.map(|b| b.boxed())
+                    }
+                }
+            },
             period_rx,
         );
         tokio::pin!(server);
@@ -142,7 +156,7 @@ async fn handle(
         }
         return httpd::text(StatusCode::OK, "ok\n");
     }
-    control.requests.fetch_add(1, Ordering::Relaxed);
+    let request_number = control.requests.fetch_add(1, Ordering::Relaxed) + 1;
     let delay = control.delay_ms.load(Ordering::Relaxed);
     if delay > 0 {
         tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -165,6 +179,9 @@ async fn handle(
         header("x-forwarded-proto"),
         header("x-request-id"),
     );
+    let shaping = ResponseShaping::from_query(req.uri().query().unwrap_or(""));
+    let (accept_encoding, if_none_match) = (header("accept-encoding"), header("if-none-match"));
+    let forwarded_host = header("x-forwarded-host");
     let body_bytes = match req.into_body().collect().await {
         Ok(body) => body.to_bytes().len(),
         Err(_) => return httpd::text(StatusCode::BAD_REQUEST, "bad body\n"),
@@ -173,18 +190,118 @@ async fn handle(
         0 => StatusCode::OK,
         code => StatusCode::from_u16(code as u16).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
     };
-    httpd::json(
-        status,
-        &serde_json::json!({
-            "region": control.region,
-            "upstream": control.address.to_string(),
-            "method": method,
-            "path": path,
-            "host": host,
-            "x_forwarded_for": xff,
-            "x_forwarded_proto": proto,
-            "x_request_id": request_id,
-            "body_bytes": body_bytes,
-        }),
-    )
+    let mut response = match shaping.bytes {
+        Some(n) => httpd::respond(status, "application/octet-stream", pattern_body(n)),
+        None => httpd::json(
+            status,
+            &serde_json::json!({
+                "region": control.region,
+                "upstream": control.address.to_string(),
+                "method": method,
+                "path": path,
+                "host": host,
+                "x_forwarded_for": xff,
+                "x_forwarded_proto": proto,
+                "x_request_id": request_id,
+                "accept_encoding": accept_encoding,
+                "x_forwarded_host": forwarded_host,
+                "body_bytes": body_bytes,
+                "request": request_number,
+            }),
+        ),
+    };
+    shaping.apply(&mut response, if_none_match.as_deref());
+    response
+}
+
+/// `n` bytes of a fixed pattern (`i % 251`), so a test can check a large body arrived intact.
+pub fn pattern_body(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i % 251) as u8).collect()
+}
+
+/// Response headers the tests and the demo ask for in the query string (values percent-decoded):
+/// `cc=max-age%3D60` → `Cache-Control`, `tag=a,b` → `Cache-Tag`, `etag=v1` → `ETag: "v1"` (and
+/// `304` when `If-None-Match` matches), `vary=accept-encoding` → `Vary`, `bytes=N` → an N-byte
+/// body, `cookie=1` → `Set-Cookie`, `lm=<http-date>` → `Last-Modified`.
+#[derive(Default)]
+struct ResponseShaping {
+    headers: Vec<(http::HeaderName, String)>,
+    etag: Option<String>,
+    bytes: Option<usize>,
+}
+
+impl ResponseShaping {
+    fn from_query(query: &str) -> Self {
+        let mut out = Self::default();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+            let value = percent_decode(value);
+            let header = match name {
+                "cc" => http::header::CACHE_CONTROL,
+                "tag" => http::HeaderName::from_static("cache-tag"),
+                "vary" => http::header::VARY,
+                "lm" => http::header::LAST_MODIFIED,
+                "cookie" => {
+                    out.headers
+                        .push((http::header::SET_COOKIE, format!("session={value}")));
+                    continue;
+                }
+                "etag" => {
+                    let etag = format!("\"{value}\"");
+                    out.headers.push((http::header::ETAG, etag.clone()));
+                    out.etag = Some(etag);
+                    continue;
+                }
+                "bytes" => {
+                    out.bytes = value.parse().ok();
+                    continue;
+                }
+                _ => continue,
+            };
+            out.headers.push((header, value));
+        }
+        out
+    }
+
+    fn apply(&self, response: &mut hyper::Response<httpd::Body>, if_none_match: Option<&str>) {
+        for (name, value) in &self.headers {
+            if let Ok(value) = http::HeaderValue::from_str(value) {
+                response.headers_mut().append(name.clone(), value);
+            }
+        }
+        let matched = match (&self.etag, if_none_match) {
+            (Some(etag), Some(given)) => given
+                .split(',')
+                .any(|g| g.trim() == etag || g.trim() == "*"),
+            _ => false,
+        };
+        if matched && response.status() == StatusCode::OK {
+            *response.status_mut() = StatusCode::NOT_MODIFIED;
+            *response.body_mut() = httpd::Body::default();
+            response.headers_mut().remove(http::header::CONTENT_TYPE);
+        }
+    }
+}
+
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push((h * 16 + l) as u8);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }

@@ -182,6 +182,15 @@ impl World {
         }
     }
 
+    /// The version `edge` serves right now (one `/admin/snapshot` request).
+    pub fn wait_for_version_once(&self, edge: &RunningEdge) -> u64 {
+        self.runtime
+            .block_on(admin_get(edge.admin_addr, "/admin/snapshot"))
+            .json()["version"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+
     /// A request to a specific edge.
     pub fn request_to(&self, edge: &RunningEdge, country: &str, host: &str, path: &str) -> Reply {
         self.runtime
@@ -327,7 +336,7 @@ fn start_edge(
 ) -> RunningEdge {
     let mut config = config.clone();
     config.edge.http = free_local_addr().to_string();
-    config.edge.admin = "127.0.0.1:0".into();
+    config.edge.admin.listen = "127.0.0.1:0".into(); // keeps [edge.admin] token_file
     if config.edge.https.is_some() {
         config.edge.https = Some(free_local_addr().to_string());
     }

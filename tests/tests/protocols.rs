@@ -184,3 +184,62 @@ macro_rules! conformance {
 }
 
 conformance!(h1 => Secure::H1, h2 => Secure::H2, h3 => Secure::H3);
+
+/// A graceful stop sends GOAWAY to HTTP/3 clients and lets the request in flight finish.
+#[test]
+fn h3_graceful_stop_finishes_in_flight_requests() {
+    use meridian_tests::h3client::{client_config, H3Connection};
+    let world = World::start(local_config());
+    for origin in world.origins_of("us-east") {
+        // Keeps the request in flight while the edge stops (readiness is checked below).
+        origin.set_delay(std::time::Duration::from_millis(300));
+    }
+    let target = world.edge.https_addr.expect("https");
+    let roots = world.tls.as_ref().expect("tls").roots();
+    let mut conn = world
+        .runtime
+        .block_on(H3Connection::connect(
+            source_for("??"),
+            target,
+            "api.example.test",
+            client_config(roots.clone()).expect("config"),
+        ))
+        .expect("connect");
+    let in_flight = world.runtime.spawn(async move {
+        let reply = conn
+            .request("GET", "api.example.test", "/slow", &[], Vec::new())
+            .await;
+        (reply, conn)
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while world.origin_requests() == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_eq!(world.origin_requests(), 1, "the request reached its origin");
+    let edge = world.edge;
+    edge.stop(true);
+    let (reply, conn) = world.runtime.block_on(in_flight).expect("join");
+    let reply = reply.expect("the in-flight request completes");
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.region(), Some("us-east"));
+    world.runtime.block_on(conn.close());
+    // Nobody answers on UDP any more: the handshake gives up after the client's idle timeout.
+    let mut config = client_config(roots).expect("config");
+    let mut transport = quinn::TransportConfig::default();
+    transport.max_idle_timeout(Some(
+        std::time::Duration::from_millis(500)
+            .try_into()
+            .expect("idle timeout"),
+    ));
+    config.transport_config(std::sync::Arc::new(transport));
+    let after = world.runtime.block_on(H3Connection::connect(
+        source_for("??"),
+        target,
+        "api.example.test",
+        config,
+    ));
+    assert!(
+        after.is_err(),
+        "a stopped edge accepts no new QUIC connection"
+    );
+}

@@ -4,8 +4,9 @@ use std::net::IpAddr;
 
 use meridian_geoip::{CountryCode, Location};
 
+use super::models::ModelId;
 use super::route_match::MatchError;
-use super::select::{order_regions, RegionOrder, RegionVerdict};
+use super::select::{order_regions_serving, RegionOrder, RegionVerdict};
 use super::snapshot::Snapshot;
 
 /// What the core needs to know about a request (built by each transport adapter, borrowed).
@@ -55,6 +56,33 @@ pub fn decide(
     locate: impl Fn(IpAddr) -> Option<Location>,
     now_ms: u64,
 ) -> Result<RouteDecision, Refusal> {
+    decide_serving(snapshot, view, locate, now_ms, None)
+}
+
+/// [`decide`] for an inference request naming `model` (issue 8): only regions serving the model
+/// are candidates (eligible ∩ residency ∩ serves model ∩ healthy ∩ below capacity, nearest first).
+pub fn decide_for_model(
+    snapshot: &Snapshot,
+    view: &RequestView<'_>,
+    locate: impl Fn(IpAddr) -> Option<Location>,
+    now_ms: u64,
+    model: ModelId,
+) -> Result<RouteDecision, Refusal> {
+    let serves = snapshot
+        .models
+        .get(model)
+        .map(|m| m.served_by.as_slice())
+        .unwrap_or(&[]);
+    decide_serving(snapshot, view, locate, now_ms, Some(serves))
+}
+
+fn decide_serving(
+    snapshot: &Snapshot,
+    view: &RequestView<'_>,
+    locate: impl Fn(IpAddr) -> Option<Location>,
+    now_ms: u64,
+    serves: Option<&[bool]>,
+) -> Result<RouteDecision, Refusal> {
     let route_index = snapshot
         .hosts
         .find(view.host, view.path)
@@ -67,7 +95,7 @@ pub fn decide(
     let country = location.and_then(|l| l.country);
     let residency = country.and_then(|c| snapshot.residency.get(&c));
     let coordinates = location.and_then(|l| l.coordinates);
-    let candidates = order_regions(snapshot, route, coordinates, residency, now_ms);
+    let candidates = order_regions_serving(snapshot, route, coordinates, residency, now_ms, serves);
     if candidates.is_empty() {
         if let (None, Some(country)) = (candidates.preferred, country) {
             return Err(Refusal::Residency {
@@ -207,6 +235,36 @@ mod tests {
         view.host = "eu.example.test";
         view.path = "/elsewhere";
         assert_eq!(decide(&snap, &view, world, 0), Err(Refusal::NoRoute));
+    }
+
+    #[test]
+    fn model_aware_order_keeps_only_regions_serving_the_model() {
+        let snap = snapshot(LOCAL);
+        let max = snap.models.resolve("qwen-max").expect("qwen-max");
+        let view = RequestView {
+            host: "inference.example.test",
+            path: "/v1/chat/completions",
+            client: "127.10.0.3".parse().expect("ip"),
+        };
+        let d = decide_for_model(&snap, &view, world, 0, max).expect("decision");
+        let names: Vec<&str> = d
+            .candidates
+            .as_slice()
+            .iter()
+            .map(|&i| snap.regions[usize::from(i)].name.as_str())
+            .collect();
+        assert_eq!(
+            names,
+            ["eu-central-1", "ap-southeast-1"],
+            "Mexico: Frankfurt first"
+        );
+        // A Retry-After penalty takes Frankfurt out until it expires.
+        let eu = snap.region_index("eu-central-1").expect("eu");
+        snap.regions[eu].state.penalize_until(1_000);
+        let d = decide_for_model(&snap, &view, world, 999, max).expect("decision");
+        assert_eq!(d.candidates.get(0), snap.region_index("ap-southeast-1"));
+        let d = decide_for_model(&snap, &view, world, 1_000, max).expect("decision");
+        assert_eq!(d.candidates.get(0), Some(eu));
     }
 
     #[test]

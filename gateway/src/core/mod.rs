@@ -4,11 +4,12 @@
 pub mod client;
 pub mod decide;
 pub mod geo;
+pub mod models;
 pub mod route_match;
 pub mod select;
 pub mod snapshot;
 pub mod state;
 
-pub use decide::{decide, Refusal, RequestView, RouteDecision};
+pub use decide::{decide, decide_for_model, Refusal, RequestView, RouteDecision};
 pub use select::RegionOrder;
 pub use snapshot::{CompileError, Snapshot, SnapshotMeta, UpstreamStates};

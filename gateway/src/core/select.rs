@@ -67,6 +67,7 @@ pub fn region_verdict(region: &CompiledRegion, now_ms: u64) -> RegionVerdict {
     if region
         .max_inflight
         .is_some_and(|max| region.state.inflight() >= max)
+        || region.state.is_penalized(now_ms)
     {
         return RegionVerdict::Full;
     }
@@ -111,6 +112,19 @@ pub fn order_regions(
     residency: Option<&ResidencyRule>,
     now_ms: u64,
 ) -> RegionOrder {
+    order_regions_serving(snapshot, route, from, residency, now_ms, None)
+}
+
+/// [`order_regions`] restricted to the regions `serves` marks (indexed by region; issue 8: the
+/// regions serving the requested model). `None`: no restriction.
+pub fn order_regions_serving(
+    snapshot: &Snapshot,
+    route: &CompiledRoute,
+    from: Option<(f64, f64)>,
+    residency: Option<&ResidencyRule>,
+    now_ms: u64,
+    serves: Option<&[bool]>,
+) -> RegionOrder {
     // Unknown location: measure from the route's default region, so it comes first and the
     // fallbacks are its neighbours.
     let origin =
@@ -119,6 +133,9 @@ pub fn order_regions(
     let mut len = 0usize;
     for &idx in &route.eligible {
         let region: &CompiledRegion = &snapshot.regions[usize::from(idx)];
+        if serves.is_some_and(|s| !s.get(usize::from(idx)).copied().unwrap_or(false)) {
+            continue;
+        }
         // Preference tier: 0 = allowed by residency (or no rule), 1 = only tolerated (preferred rule).
         let tier = match residency {
             None => 0,

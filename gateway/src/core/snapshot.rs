@@ -41,6 +41,8 @@ pub struct Snapshot {
     pub residency: HashMap<CountryCode, ResidencyRule>,
     pub trusted_proxies: Vec<IpNet>,
     pub limits: Limits,
+    /// Inference models and the regions serving them (issue 8).
+    pub models: super::models::ModelTable,
     /// The document this snapshot was compiled from (for `/admin/snapshot` and diffs).
     pub config: Config,
 }
@@ -277,6 +279,7 @@ impl Snapshot {
             residency,
             trusted_proxies,
             limits: config.edge.limits.clone(),
+            models: super::models::ModelTable::compile(&config),
             config,
         })
     }

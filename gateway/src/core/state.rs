@@ -155,9 +155,22 @@ impl Drop for InflightGuard {
 pub struct RegionState {
     inflight: AtomicU32,
     pub budget: RetryBudget,
+    /// Issue 8: the region answered 429/503 with `Retry-After`; no new request goes here before
+    /// this time (it counts as full).
+    penalized_until_ms: AtomicU64,
 }
 
 impl RegionState {
+    /// Keeps new requests away until `until_ms` (never shortens a longer penalty).
+    pub fn penalize_until(&self, until_ms: u64) {
+        self.penalized_until_ms
+            .fetch_max(until_ms, Ordering::Relaxed);
+    }
+
+    pub fn is_penalized(&self, now_ms: u64) -> bool {
+        now_ms < self.penalized_until_ms.load(Ordering::Relaxed)
+    }
+
     pub fn inflight(&self) -> u32 {
         self.inflight.load(Ordering::Relaxed)
     }

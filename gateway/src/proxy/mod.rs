@@ -1,6 +1,7 @@
 //! The Pingora adapter for HTTP/1.1 and h2c: a thin `ProxyHttp` whose phases call the routing core.
 //! Per-request state lives in [`RequestCtx`]; the snapshot is loaded once, in `request_filter`.
 
+pub(crate) mod cached;
 pub(crate) mod forward;
 pub(crate) mod reply;
 mod retry;
@@ -38,16 +39,28 @@ pub struct EdgeProxy {
     rotation: AtomicUsize,
     /// `h3=":PORT"; ma=86400` on TLS responses when HTTP/3 is on.
     alt_svc: Option<http::HeaderValue>,
+    /// The edge's response cache (issue 6), shared with the admin listener.
+    cache: Option<Arc<cached::EdgeCache>>,
+    /// Inference rate limits and metrics (issue 8).
+    inference: crate::inference::InferenceState,
 }
 
 impl EdgeProxy {
     pub fn new(store: Arc<SnapshotStore>, geoip: Arc<GeoIp>) -> Self {
         Self {
+            inference: crate::inference::InferenceState::new(store.metrics().registry()),
             store,
             geoip,
             rotation: AtomicUsize::new(0),
             alt_svc: None,
+            cache: None,
         }
+    }
+
+    /// Serve cache-enabled routes through `cache` (issue 6).
+    pub fn with_cache(mut self, cache: Option<crate::cache::ResponseCache>) -> Self {
+        self.cache = cache.map(|c| Arc::new(cached::EdgeCache::new(c)));
+        self
     }
 
     /// Advertise HTTP/3 (`Alt-Svc`) on responses to TLS clients.
@@ -78,6 +91,10 @@ pub struct RequestCtx {
     body_bytes: u64,
     /// TLS or not, h1 or h2 (issue 5: `x-forwarded-proto`, alt-svc, the `protocol` label).
     downstream: crate::tls::Downstream,
+    /// Response cache state (issue 6; see `cached.rs`).
+    cache: cached::CacheState,
+    /// Model, caller and usage of an inference request (issue 8).
+    inference: Option<Box<crate::inference::InferenceCtx>>,
 }
 
 impl RequestCtx {
@@ -147,6 +164,8 @@ impl ProxyHttp for EdgeProxy {
             retry_reason: None,
             body_bytes: 0,
             downstream: crate::tls::Downstream::default(),
+            cache: cached::CacheState::default(),
+            inference: None,
         }
     }
 
@@ -184,9 +203,57 @@ impl ProxyHttp for EdgeProxy {
         match decide(snapshot, &view, |ip| self.geoip.lookup(ip), clock::now_ms()) {
             Ok(decision) => {
                 ctx.decision = Some(decision);
-                Ok(false)
+                // Issue 8: model calls pick regions by the model in their body; never cached.
+                if snapshot.routes[decision.route].kind == meridian_config::RouteKind::Inference {
+                    let outcome = self
+                        .inference
+                        .on_request(
+                            session,
+                            &loaded,
+                            decision,
+                            ctx.client,
+                            &self.geoip,
+                            ctx.started,
+                        )
+                        .await?;
+                    ctx.inference = outcome.ctx;
+                    if let Some(decision) = outcome.decision {
+                        ctx.decision = Some(decision);
+                    }
+                    if outcome.answered || ctx.inference.is_some() {
+                        return Ok(outcome.answered);
+                    }
+                }
+                match self.cache.clone() {
+                    Some(cache) => {
+                        let alt_svc = self.alt_svc.as_ref();
+                        cache
+                            .request_filter(session, ctx, &loaded, decision, alt_svc)
+                            .await
+                    }
+                    None => Ok(false),
+                }
             }
             Err(refusal) => {
+                if let (Refusal::Unavailable { route, .. }, Some(cache)) =
+                    (refusal, self.cache.clone())
+                {
+                    // stale-if-error when no region can even be tried (issue 6).
+                    let alt_svc = self.alt_svc.as_ref();
+                    if cache
+                        .unavailable(session, ctx, &loaded, route, alt_svc)
+                        .await?
+                    {
+                        ctx.decision = Some(RouteDecision {
+                            route,
+                            country: None,
+                            located: true,
+                            candidates: Default::default(),
+                        });
+                        return Ok(true);
+                    }
+                }
+                let snapshot = &loaded.snapshot;
                 let message = reply::refusal_message(snapshot, &refusal);
                 if let Refusal::Residency { route, .. } | Refusal::Unavailable { route, .. } =
                     refusal
@@ -404,10 +471,20 @@ impl ProxyHttp for EdgeProxy {
         let Some(route) = loaded.snapshot.routes.get(decision_route(ctx)) else {
             return Ok(());
         };
-        if !route.retry_on_status.contains(&status) {
+        // Issue 8: a model server's 429/503 refuses the work, so even a POST may go elsewhere.
+        let inference_refused = ctx.inference.is_some()
+            && crate::inference::refused(
+                &loaded.snapshot,
+                ctx.region,
+                upstream_response,
+                clock::now_ms(),
+            );
+        if !route.retry_on_status.contains(&status) && !inference_refused {
             return Ok(());
         }
-        let may_replay = session.req_header().method.is_idempotent() || route.retry_non_idempotent;
+        let may_replay = session.req_header().method.is_idempotent()
+            || route.retry_non_idempotent
+            || inference_refused;
         if may_replay
             && !session.as_ref().retry_buffer_truncated()
             && retry::allowed(&loaded.snapshot, ctx, false)
@@ -437,19 +514,26 @@ impl ProxyHttp for EdgeProxy {
                 series.ok.inc();
             }
         }
+        cached::upstream_request_filter(&ctx.cache, upstream_request)?;
         forward::add_forwarding_headers(upstream_request, ctx.client, ctx.downstream.scheme())
     }
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        if let Some(loaded) = ctx.loaded.as_ref() {
+        if let Some(loaded) = ctx.loaded.clone() {
             let snapshot = &loaded.snapshot;
             if let Some(region) = ctx.region.and_then(|r| snapshot.regions.get(r)) {
                 upstream_response.insert_header(HEADER_REGION, region.header.clone())?;
+            }
+            if let Some(cache) = self.cache.clone() {
+                let alt_svc = self.alt_svc.as_ref();
+                cache
+                    .response_filter(session, upstream_response, ctx, snapshot, alt_svc)
+                    .await?;
             }
             upstream_response.insert_header(HEADER_POP, snapshot.pop_header.clone())?;
             if let Some(alt_svc) = self.alt_svc.as_ref().filter(|_| ctx.downstream.tls) {
@@ -459,6 +543,20 @@ impl ProxyHttp for EdgeProxy {
         Ok(())
     }
 
+    fn response_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<std::time::Duration>> {
+        cached::response_body_filter(&mut ctx.cache, body, end_of_stream);
+        if let Some(inference) = ctx.inference.as_deref_mut() {
+            inference.on_body(body.as_ref());
+        }
+        Ok(None)
+    }
+
     async fn fail_to_proxy(
         &self,
         session: &mut Session,
@@ -466,6 +564,15 @@ impl ProxyHttp for EdgeProxy {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         ctx.inflight = None;
+        if let (Some(cache), Some(loaded)) = (self.cache.clone(), ctx.loaded.clone()) {
+            // stale-if-error: every region failed, a stale entry may answer instead.
+            if let Some(code) = cache.fail_to_proxy(session, ctx, &loaded.snapshot).await {
+                return FailToProxy {
+                    error_code: code,
+                    can_reuse_downstream: false,
+                };
+            }
+        }
         let code = match e.etype() {
             ErrorType::HTTPStatus(code) => *code,
             ErrorType::ConnectTimedout | ErrorType::ReadTimedout | ErrorType::WriteTimedout => 504,
@@ -504,12 +611,17 @@ impl ProxyHttp for EdgeProxy {
         }
     }
 
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         ctx.inflight = None;
+        cached::logging(&mut ctx.cache, e.is_some()).await;
         ctx.region_inflight = None;
         let status = session.response_written().map_or(0, |r| r.status.as_u16());
         let loaded = ctx.loaded.clone().unwrap_or_else(|| self.store.load());
         let route = ctx.decision.map(|d| d.route);
+        if let Some(inference) = ctx.inference.take() {
+            self.inference
+                .finish(&loaded.snapshot, ctx.region, status, &inference);
+        }
         if let (Some(decision), Some(served)) = (ctx.decision, ctx.region) {
             retry::count_failover(
                 &loaded.snapshot,

@@ -309,3 +309,60 @@ pub async fn follow(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use meridian_config::TlsCertificate;
+
+    #[test]
+    fn sni_lookup_prefers_exact_then_one_label_wildcard_then_default() {
+        install_crypto_provider();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = devcerts::DevCa::new("unit").expect("ca");
+        let mut section = TlsSection::default();
+        for (name, hosts, default) in [
+            ("exact", vec!["a.example.test"], false),
+            ("wild", vec!["*.example.test"], false),
+            ("fallback", vec!["other.test"], true),
+        ] {
+            ca.leaf(&hosts)
+                .expect("leaf")
+                .write(dir.path(), name)
+                .expect("write");
+            section.certificates.push(TlsCertificate {
+                hosts: hosts.iter().map(|h| h.to_string()).collect(),
+                cert: format!("{name}.crt"),
+                key: format!("{name}.key"),
+                default,
+            });
+        }
+        let (table, warnings) = CertTable::load(&section, Some(dir.path())).expect("load");
+        assert!(warnings.is_empty());
+        let cert = |sni: Option<&str>| table.lookup(sni).map(|k| k.cert[0].as_ref().to_vec());
+        let exact = cert(Some("a.example.test"));
+        let wild = cert(Some("b.example.test"));
+        let fallback = cert(Some("other.test"));
+        assert!(exact.is_some() && wild.is_some() && fallback.is_some());
+        assert_ne!(exact, wild);
+        assert_eq!(
+            cert(Some("A.Example.Test.")),
+            exact,
+            "case and trailing dot"
+        );
+        assert_eq!(
+            cert(Some("x.y.example.test")),
+            fallback,
+            "wildcards cover one label"
+        );
+        assert_eq!(cert(Some("example.test")), fallback, "nor the apex");
+        assert_eq!(cert(None), fallback, "no SNI");
+        assert!(table.is_current(&section, Some(dir.path())));
+        section.certificates.pop();
+        let (table, _) = CertTable::load(&section, Some(dir.path())).expect("load");
+        assert!(
+            table.lookup(Some("nobody.test")).is_none(),
+            "no default: refused"
+        );
+    }
+}

@@ -1,0 +1,227 @@
+//! Inference settings (issue 8): models per region (`regions[].models`), aliases, API keys and the
+//! per-route `inference = { max_body_bytes, rate_limit = { ... } }` table, with their validation.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+
+use crate::schema::{Config, RouteKind};
+
+/// The largest request body an inference route may buffer: the proxy reads the body before it
+/// picks a region (the model is in it) and replays it from Pingora's 64 KiB retry buffer.
+pub const MAX_INFERENCE_BODY_BYTES: u64 = 64 * 1024;
+
+/// `[inference]`: settings shared by every inference route.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct InferenceSection {
+    /// Alias -> model, e.g. `qwen = "qwen-plus"`. The target must be served by some region.
+    pub aliases: BTreeMap<String, String>,
+}
+
+impl InferenceSection {
+    pub fn is_empty(&self) -> bool {
+        self.aliases.is_empty()
+    }
+}
+
+/// `[[api_keys]]`: a caller of inference routes. Only the hash of the bearer token is stored.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    pub name: String,
+    /// Lowercase hex sha256 of the bearer token (`printf %s "$TOKEN" | sha256sum`).
+    pub sha256: String,
+}
+
+/// A route's `inference = { ... }`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteInference {
+    /// Request bodies larger than this are answered `413` (at most 65536, see
+    /// [`MAX_INFERENCE_BODY_BYTES`]).
+    pub max_body_bytes: u64,
+    /// Per API key, per route, per edge (not global across edges).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+impl Default for RouteInference {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: MAX_INFERENCE_BODY_BYTES,
+            rate_limit: None,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RateLimit {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<u32>,
+    /// Prompt + completion tokens, charged from the response `usage` after the fact.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<u64>,
+}
+
+fn is_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/'))
+}
+
+/// Every inference problem as (path, message), in document order.
+pub(crate) fn validate(config: &Config) -> Vec<(String, String)> {
+    let mut errors = Vec::new();
+    let mut served: HashSet<&str> = HashSet::new();
+    for (i, region) in config.regions.iter().enumerate() {
+        let mut seen = HashSet::new();
+        for (j, model) in region.models.iter().enumerate() {
+            let path = format!("regions[{i}].models[{j}]");
+            if !is_model_name(model) {
+                errors.push((
+                    path,
+                    format!("bad model name {model:?} (1-128 characters of A-Z, a-z, 0-9, '-', '_', '.', ':', '/')"),
+                ));
+            } else if !seen.insert(model.as_str()) {
+                errors.push((path, format!("model {model:?} listed twice")));
+            } else {
+                served.insert(model.as_str());
+            }
+        }
+    }
+    for (alias, target) in &config.inference.aliases {
+        let path = format!("inference.aliases.{alias}");
+        if !is_model_name(alias) {
+            errors.push((path, format!("bad alias name {alias:?}")));
+        } else if served.contains(alias.as_str()) {
+            errors.push((
+                path,
+                format!("alias {alias:?} is also a model name served by a region"),
+            ));
+        } else if !served.contains(target.as_str()) {
+            errors.push((
+                path,
+                format!("unknown model {target:?} (no region lists it in models)"),
+            ));
+        }
+    }
+    let mut names: HashMap<&str, usize> = HashMap::new();
+    let mut hashes: HashMap<String, usize> = HashMap::new();
+    for (i, key) in config.api_keys.iter().enumerate() {
+        let path = format!("api_keys[{i}]");
+        let good_name = !key.name.is_empty()
+            && key.name.len() <= 64
+            && key
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
+        if !good_name {
+            errors.push((
+                format!("{path}.name"),
+                format!(
+                    "bad name {:?} (1-64 characters of a-z, 0-9, '-', '_')",
+                    key.name
+                ),
+            ));
+        } else if let Some(first) = names.insert(&key.name, i) {
+            errors.push((
+                format!("{path}.name"),
+                format!("duplicate API key name (first defined at api_keys[{first}])"),
+            ));
+        }
+        if key.sha256.len() != 64 || !key.sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+            errors.push((
+                format!("{path}.sha256"),
+                "must be the 64 hex digits of the token's sha256".into(),
+            ));
+        } else if let Some(first) = hashes.insert(key.sha256.to_ascii_lowercase(), i) {
+            errors.push((
+                format!("{path}.sha256"),
+                format!("same token hash as api_keys[{first}]"),
+            ));
+        }
+    }
+    for (i, route) in config.routes.iter().enumerate() {
+        let Some(inference) = &route.inference else {
+            continue;
+        };
+        let path = format!("routes[{i}].inference");
+        if route.kind != RouteKind::Inference {
+            errors.push((
+                path.clone(),
+                "only routes of kind = \"inference\" take inference settings".into(),
+            ));
+        }
+        if !(1..=MAX_INFERENCE_BODY_BYTES).contains(&inference.max_body_bytes) {
+            errors.push((
+                format!("{path}.max_body_bytes"),
+                format!("must be between 1 and {MAX_INFERENCE_BODY_BYTES}"),
+            ));
+        }
+        if let Some(limit) = &inference.rate_limit {
+            if limit.requests_per_minute == Some(0) {
+                errors.push((
+                    format!("{path}.rate_limit.requests_per_minute"),
+                    "must be at least 1 (omit it for no limit)".into(),
+                ));
+            }
+            if limit.tokens_per_minute == Some(0) {
+                errors.push((
+                    format!("{path}.rate_limit.tokens_per_minute"),
+                    "must be at least 1 (omit it for no limit)".into(),
+                ));
+            }
+        }
+    }
+    errors
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::Config;
+
+    const BASE: &str = r#"
+schema = 1
+[[regions]]
+name = "a"
+location = { lat = 1.0, lon = 2.0 }
+upstreams = [{ address = "127.0.0.1:1" }]
+models = ["m-1", "m-1"]
+[[routes]]
+name = "r"
+hosts = ["x.test"]
+inference = { max_body_bytes = 100000, rate_limit = { requests_per_minute = 0 } }
+[inference]
+aliases = { m = "nope", "m-1" = "m-1" }
+[[api_keys]]
+name = "k"
+sha256 = "abc"
+"#;
+
+    #[test]
+    fn every_inference_error_has_its_path() {
+        let config: Config = toml::from_str(BASE).expect("parses");
+        let errors: Vec<String> = config
+            .validate()
+            .expect_err("invalid")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        let all = errors.join("\n");
+        for path in [
+            "regions[0].models[1]",
+            "inference.aliases.m:",
+            "inference.aliases.m-1",
+            "api_keys[0].sha256",
+            "routes[0].inference:",
+            "routes[0].inference.max_body_bytes",
+            "routes[0].inference.rate_limit.requests_per_minute",
+        ] {
+            assert!(all.contains(path), "{path} missing in:\n{all}");
+        }
+    }
+}

@@ -1,0 +1,479 @@
+//! Inference traffic (issue 8): the OpenAI-compatible surface of `kind = "inference"` routes.
+//!
+//! - `GET /v1/models` is answered by the edge from the snapshot (models and the regions serving them).
+//! - `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`: the body (at most
+//!   `inference.max_body_bytes`, ≤ 64 KiB) is read in `request_filter`, before any region is chosen,
+//!   because the model is in it. Pingora's retry buffer keeps those bytes and sends them upstream
+//!   unchanged (and again on a retry). The candidates become the regions serving the model.
+//! - `429`/`503` from a model server before any byte reached the client: the request goes to the
+//!   next candidate even though POST is not idempotent (the server refused the work), and a
+//!   `Retry-After` keeps new requests away from that region for that long.
+//! - Responses stream through untouched; only their last 16 KiB are kept to find `usage`, which is
+//!   charged to the caller's token limit and counted in metrics when the request ends.
+//!
+//! Other paths on an inference route are proxied like any route (no model, route-level regions).
+
+mod metrics;
+mod openai;
+pub mod ratelimit;
+pub mod usage;
+
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use meridian_geoip::GeoIp;
+use pingora::prelude::*;
+use pingora::proxy::Session;
+use pingora_http::ResponseHeader;
+use sha2::{Digest, Sha256};
+
+use crate::core::models::ModelId;
+use crate::core::{decide_for_model, Refusal, RequestView, RouteDecision, Snapshot};
+use crate::metrics::STATUS_CLASSES;
+use crate::reload::Loaded;
+
+pub use metrics::InferenceMetrics;
+use openai::ApiError;
+use ratelimit::{KeyHash, RateLimiter};
+use usage::UsageScanner;
+
+/// Longest `Retry-After` penalty honoured from a model server.
+const MAX_PENALTY_SECS: u64 = 300;
+
+/// Per-edge inference state: rate-limit windows and metrics (outlive snapshots).
+pub struct InferenceState {
+    limiter: RateLimiter,
+    metrics: Option<InferenceMetrics>,
+}
+
+/// Per-request inference state, kept in the proxy's request context.
+pub struct InferenceCtx {
+    model: ModelId,
+    route: usize,
+    key: KeyHash,
+    /// Whether the route limits tokens (so usage must be charged).
+    charge_tokens: bool,
+    started: Instant,
+    first_byte: Option<Duration>,
+    usage: UsageScanner,
+}
+
+impl InferenceCtx {
+    /// A response body chunk on its way to the client (never held back).
+    pub fn on_body(&mut self, chunk: Option<&Bytes>) {
+        let Some(chunk) = chunk.filter(|c| !c.is_empty()) else {
+            return;
+        };
+        if self.first_byte.is_none() {
+            self.first_byte = Some(self.started.elapsed());
+        }
+        self.usage.push(chunk);
+    }
+}
+
+/// What `request_filter` should do after [`InferenceState::on_request`].
+pub struct Outcome {
+    /// The edge already answered.
+    pub answered: bool,
+    /// The model-aware decision that replaces the route-level one.
+    pub decision: Option<RouteDecision>,
+    pub ctx: Option<Box<InferenceCtx>>,
+}
+
+impl Outcome {
+    fn pass() -> Self {
+        Self {
+            answered: false,
+            decision: None,
+            ctx: None,
+        }
+    }
+    fn answered(ctx: Option<Box<InferenceCtx>>) -> Self {
+        Self {
+            answered: true,
+            decision: None,
+            ctx,
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Probe<'a> {
+    #[serde(borrow, default)]
+    model: Option<std::borrow::Cow<'a, str>>,
+}
+
+const MODEL_ENDPOINTS: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
+
+impl InferenceState {
+    pub fn new(registry: &prometheus::Registry) -> Self {
+        let metrics = match InferenceMetrics::new(registry) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!("inference metrics not registered: {e}");
+                None
+            }
+        };
+        Self {
+            limiter: RateLimiter::default(),
+            metrics,
+        }
+    }
+
+    /// `request_filter` for a request matched to an inference route (`decision` is route-level).
+    pub async fn on_request(
+        &self,
+        session: &mut Session,
+        loaded: &Loaded,
+        decision: RouteDecision,
+        client: IpAddr,
+        geoip: &GeoIp,
+        started: Instant,
+    ) -> Result<Outcome> {
+        let snapshot = &loaded.snapshot;
+        let req = session.req_header();
+        let path = req.uri.path();
+        let is_models = path == "/v1/models" && req.method == http::Method::GET;
+        let is_model_call = req.method == http::Method::POST && MODEL_ENDPOINTS.contains(&path);
+        if !is_models && !is_model_call {
+            return Ok(Outcome::pass());
+        }
+        let key = match authenticate(snapshot, req.headers.get(http::header::AUTHORIZATION)) {
+            Ok(key) => key,
+            Err(error) => {
+                openai::send_error(session, snapshot, &error).await?;
+                return Ok(Outcome::answered(None));
+            }
+        };
+        if is_models {
+            let resp = ResponseHeader::build(200, Some(4))?;
+            let body = openai::models_body(snapshot, decision.route);
+            openai::send_json(session, snapshot, resp, body).await?;
+            return Ok(Outcome::answered(None));
+        }
+        let route = &snapshot.routes[decision.route];
+        let settings = snapshot
+            .config
+            .routes
+            .get(decision.route)
+            .and_then(|r| r.inference.clone())
+            .unwrap_or_default();
+
+        let body = match read_body(session, settings.max_body_bytes, route.read_timeout).await {
+            Ok(body) => body,
+            Err(error) => {
+                openai::send_error(session, snapshot, &error).await?;
+                return Ok(Outcome::answered(None));
+            }
+        };
+        let name = match serde_json::from_slice::<Probe<'_>>(&body) {
+            Ok(Probe { model: Some(name) }) => name,
+            Ok(Probe { model: None }) => {
+                let error = ApiError::new(
+                    400,
+                    "invalid_request_error",
+                    "missing_model",
+                    "you must provide a model parameter".into(),
+                );
+                openai::send_error(session, snapshot, &error).await?;
+                return Ok(Outcome::answered(None));
+            }
+            Err(e) => {
+                let error = ApiError::new(
+                    400,
+                    "invalid_request_error",
+                    "invalid_json",
+                    format!("the request body is not valid JSON: {e}"),
+                );
+                openai::send_error(session, snapshot, &error).await?;
+                return Ok(Outcome::answered(None));
+            }
+        };
+        let served_here = snapshot.models.resolve(&name).filter(|&id| {
+            snapshot.models.get(id).is_some_and(|m| {
+                route
+                    .eligible
+                    .iter()
+                    .any(|&r| m.served_by.get(usize::from(r)).copied().unwrap_or(false))
+            })
+        });
+        let Some(model) = served_here else {
+            let error = ApiError::new(
+                404,
+                "invalid_request_error",
+                "model_not_found",
+                format!("The model `{name}` does not exist or is not served here"),
+            );
+            openai::send_error(session, snapshot, &error).await?;
+            return Ok(Outcome::answered(None));
+        };
+        let ctx = Box::new(InferenceCtx {
+            model,
+            route: decision.route,
+            key,
+            charge_tokens: settings
+                .rate_limit
+                .as_ref()
+                .is_some_and(|l| l.tokens_per_minute.is_some()),
+            started,
+            first_byte: None,
+            usage: UsageScanner::default(),
+        });
+
+        if let Some(limit) = &settings.rate_limit {
+            if let Err((which, retry_after)) =
+                self.limiter
+                    .admit(&route.name, &key, limit, crate::clock::now_ms())
+            {
+                if let Some(m) = &self.metrics {
+                    m.ratelimited
+                        .with_label_values(&[&route.name, which.label()])
+                        .inc();
+                }
+                let mut error = ApiError::new(
+                    429,
+                    which.label(),
+                    "rate_limit_exceeded",
+                    format!(
+                        "rate limit reached for {} per minute on route {:?}; retry in {retry_after}s",
+                        which.label(),
+                        route.name
+                    ),
+                );
+                error.retry_after = Some(retry_after);
+                openai::send_error(session, snapshot, &error).await?;
+                return Ok(Outcome::answered(Some(ctx)));
+            }
+        }
+
+        let req = session.req_header();
+        let Some(host) = crate::proxy::forward::host(req) else {
+            return Ok(Outcome::pass());
+        };
+        let view = RequestView {
+            host,
+            path: req.uri.path(),
+            client,
+        };
+        match decide_for_model(
+            snapshot,
+            &view,
+            |ip| geoip.lookup(ip),
+            crate::clock::now_ms(),
+            model,
+        ) {
+            Ok(decision) => Ok(Outcome {
+                answered: false,
+                decision: Some(decision),
+                ctx: Some(ctx),
+            }),
+            Err(refusal) => {
+                let reason = match refusal {
+                    Refusal::Residency { country, .. } => format!(
+                        "model `{name}` is not served in any region allowed for clients in {country}"
+                    ),
+                    _ => format!(
+                        "every region serving model `{name}` is unavailable right now; retry shortly"
+                    ),
+                };
+                let mut error = ApiError::new(
+                    refusal.status(),
+                    "server_error",
+                    "model_unavailable",
+                    reason,
+                );
+                if matches!(refusal, Refusal::Unavailable { .. }) {
+                    error.retry_after = Some(1);
+                }
+                openai::send_error(session, snapshot, &error).await?;
+                Ok(Outcome::answered(Some(ctx)))
+            }
+        }
+    }
+
+    /// At the end of the request: metrics, and the tokens charged to the caller.
+    pub fn finish(
+        &self,
+        snapshot: &Snapshot,
+        region: Option<usize>,
+        status: u16,
+        ctx: &InferenceCtx,
+    ) {
+        let usage = ctx.usage.usage();
+        let route_name = snapshot.routes.get(ctx.route).map(|r| r.name.as_str());
+        if let (Some(usage), Some(route), true) = (usage, route_name, ctx.charge_tokens) {
+            self.limiter
+                .charge(route, &ctx.key, usage.total(), crate::clock::now_ms());
+        }
+        let Some(metrics) = &self.metrics else {
+            return;
+        };
+        let Some(model) = snapshot.models.get(ctx.model) else {
+            return;
+        };
+        let region = region
+            .and_then(|r| snapshot.regions.get(r))
+            .map_or(crate::metrics::NO_REGION, |r| r.name.as_str());
+        let class = match status {
+            100..=599 => STATUS_CLASSES[usize::from(status / 100 - 1)],
+            _ => STATUS_CLASSES[5],
+        };
+        metrics
+            .requests
+            .with_label_values(&[&model.name, region, class])
+            .inc();
+        if let Some(ttfb) = ctx.first_byte {
+            metrics
+                .ttfb
+                .with_label_values(&[&model.name, region])
+                .observe(ttfb.as_secs_f64());
+        }
+        if let Some(usage) = usage {
+            metrics
+                .tokens
+                .with_label_values(&[&model.name, region, "prompt"])
+                .inc_by(usage.prompt_tokens);
+            metrics
+                .tokens
+                .with_label_values(&[&model.name, region, "completion"])
+                .inc_by(usage.completion_tokens);
+        }
+    }
+}
+
+/// `upstream_response_filter` for an inference request: is this answer a refusal of the work
+/// (`429`, `503`) that may go to the next region even for POST? Applies `Retry-After` as a penalty
+/// on the region that sent it.
+pub fn refused(
+    snapshot: &Snapshot,
+    region: Option<usize>,
+    response: &ResponseHeader,
+    now_ms: u64,
+) -> bool {
+    let status = response.status.as_u16();
+    if status != 429 && status != 503 {
+        return false;
+    }
+    let retry_after = response
+        .headers
+        .get(http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let (Some(seconds), Some(region)) =
+        (retry_after, region.and_then(|r| snapshot.regions.get(r)))
+    {
+        let seconds = seconds.min(MAX_PENALTY_SECS);
+        region
+            .state
+            .penalize_until(now_ms.saturating_add(seconds * 1000));
+        tracing::info!(region = %region.name, seconds, "model server asked to back off (Retry-After)");
+    }
+    true
+}
+
+/// The caller's key: with `[[api_keys]]` configured, a bearer token whose sha256 is listed
+/// (else `401`); without, any token (or none) — limits then apply per distinct token.
+fn authenticate(
+    snapshot: &Snapshot,
+    authorization: Option<&http::HeaderValue>,
+) -> std::result::Result<KeyHash, ApiError> {
+    let token = authorization
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let keys = &snapshot.config.api_keys;
+    let hash: KeyHash = match token {
+        Some(token) => Sha256::digest(token.as_bytes()).into(),
+        None if keys.is_empty() => [0; 32],
+        None => {
+            return Err(ApiError::new(
+                401,
+                "invalid_request_error",
+                "missing_api_key",
+                "you didn't provide an API key (Authorization: Bearer ...)".into(),
+            ))
+        }
+    };
+    if keys.is_empty() || keys.iter().any(|k| hex_eq(&k.sha256, &hash)) {
+        Ok(hash)
+    } else {
+        Err(ApiError::new(
+            401,
+            "invalid_request_error",
+            "invalid_api_key",
+            "incorrect API key provided".into(),
+        ))
+    }
+}
+
+fn hex_eq(hex: &str, bytes: &[u8; 32]) -> bool {
+    hex.len() == 64
+        && bytes.iter().enumerate().all(|(i, b)| {
+            u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("zz"), 16) == Ok(*b)
+        })
+}
+
+/// Reads the whole request body, at most `max` bytes (`413` beyond), keeping Pingora's retry
+/// buffer on so the same bytes are sent upstream.
+async fn read_body(
+    session: &mut Session,
+    max: u64,
+    read_timeout: Duration,
+) -> std::result::Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            413,
+            "invalid_request_error",
+            "request_too_large",
+            format!("request body larger than {max} bytes (routes[].inference.max_body_bytes)"),
+        )
+    };
+    let declared = session
+        .req_header()
+        .headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max) {
+        return Err(too_large());
+    }
+    session.as_mut().enable_retry_buffering();
+    let mut body = BytesMut::new();
+    loop {
+        let chunk = tokio::time::timeout(read_timeout, session.read_request_body()).await;
+        match chunk {
+            Ok(Ok(Some(chunk))) => {
+                if (body.len() + chunk.len()) as u64 > max {
+                    return Err(too_large());
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => {
+                return Err(ApiError::new(
+                    400,
+                    "invalid_request_error",
+                    "bad_body",
+                    format!("could not read the request body: {}", e.etype().as_str()),
+                ))
+            }
+            Err(_) => {
+                return Err(ApiError::new(
+                    408,
+                    "invalid_request_error",
+                    "body_timeout",
+                    "the request body did not arrive in time".into(),
+                ))
+            }
+        }
+    }
+    if session.as_ref().retry_buffer_truncated() {
+        // Cannot happen within MAX_INFERENCE_BODY_BYTES; refuse rather than send a cut body.
+        return Err(too_large());
+    }
+    Ok(body.freeze())
+}

@@ -1,0 +1,249 @@
+//! Simulated OpenAI-compatible model servers (issue 8), served by every simulated origin on
+//! `POST /v1/chat/completions`, `/v1/completions` and `/v1/embeddings`.
+//!
+//! - `stream: true`: Server-Sent Events, one `data:` event per token at the configured interval,
+//!   then a final event carrying `usage`, then `data: [DONE]`. A test can hold the end of every
+//!   stream ([`ModelControl::hold_stream_end`]) to see tokens arrive while the server is not done.
+//! - otherwise one JSON body with `usage` and, for checks, the exact request body it received.
+//! - [`ModelControl::set_status`] makes it answer `429`/`503` with `Retry-After: 1`.
+//!
+//! Tokens: prompt = ⌈request body bytes / 4⌉, completion = `max_tokens` (default 8, at most 1000).
+
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming};
+use hyper::{Request, Response, StatusCode};
+use tokio::sync::{mpsc, watch};
+
+/// The response body of every simulated origin: whole or streamed.
+pub type OriginBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+pub const DEFAULT_COMPLETION_TOKENS: u64 = 8;
+
+/// Switches of one model server.
+pub struct ModelControl {
+    status: AtomicU16,
+    token_interval_ms: AtomicU64,
+    hold_end: watch::Sender<bool>,
+    requests: AtomicU64,
+    streams_completed: AtomicU64,
+}
+
+impl Default for ModelControl {
+    fn default() -> Self {
+        Self {
+            status: AtomicU16::new(0),
+            token_interval_ms: AtomicU64::new(0),
+            hold_end: watch::channel(false).0,
+            requests: AtomicU64::new(0),
+            streams_completed: AtomicU64::new(0),
+        }
+    }
+}
+
+impl ModelControl {
+    /// Answer model calls with `status` (429, 503, ...) and `Retry-After: 1`; `None`: serve.
+    pub fn set_status(&self, status: Option<u16>) {
+        self.status.store(status.unwrap_or(0), Ordering::Relaxed);
+    }
+    /// Time between two streamed tokens.
+    pub fn set_token_interval(&self, interval: Duration) {
+        self.token_interval_ms
+            .store(interval.as_millis() as u64, Ordering::Relaxed);
+    }
+    /// While `true`, streams stop before their last event (usage + `[DONE]`).
+    pub fn hold_stream_end(&self, hold: bool) {
+        self.hold_end.send_replace(hold);
+    }
+    /// Model calls received (any status).
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+    /// Streams whose last event has been sent.
+    pub fn streams_completed(&self) -> u64 {
+        self.streams_completed.load(Ordering::Relaxed)
+    }
+}
+
+pub fn is_model_call(req: &Request<Incoming>) -> bool {
+    req.method() == hyper::Method::POST
+        && matches!(
+            req.uri().path(),
+            "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings"
+        )
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<OriginBody> {
+    crate::httpd::json(status, value).map(|b| b.boxed())
+}
+
+pub async fn handle(
+    control: Arc<ModelControl>,
+    region: String,
+    req: Request<Incoming>,
+) -> Response<OriginBody> {
+    control.requests.fetch_add(1, Ordering::Relaxed);
+    let path = req.uri().path().to_string();
+    let body = match req.into_body().collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({"error": {"message": "bad body", "type": "invalid_request_error", "code": null}}),
+            )
+        }
+    };
+    let forced = control.status.load(Ordering::Relaxed);
+    if forced != 0 {
+        let status = StatusCode::from_u16(forced).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let mut resp = json(
+            status,
+            &serde_json::json!({"error": {"message": format!("{region} is saturated"), "type": "server_error", "code": "overloaded"}, "region": region}),
+        );
+        resp.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("1"),
+        );
+        return resp;
+    }
+    let request: serde_json::Value = match serde_json::from_slice(&body) {
+        Ok(v) => v,
+        Err(e) => {
+            return json(
+                StatusCode::BAD_REQUEST,
+                &serde_json::json!({"error": {"message": e.to_string(), "type": "invalid_request_error", "code": null}}),
+            )
+        }
+    };
+    let model = request["model"].as_str().unwrap_or("unknown").to_string();
+    let prompt_tokens = (body.len() as u64).div_ceil(4);
+    let completion_tokens = request["max_tokens"]
+        .as_u64()
+        .unwrap_or(DEFAULT_COMPLETION_TOKENS)
+        .min(1000);
+    let request_body = String::from_utf8_lossy(&body).into_owned();
+    if path == "/v1/embeddings" {
+        return json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "object": "list",
+                "model": model,
+                "region": region,
+                "data": [{"object": "embedding", "index": 0, "embedding": [0.25, -0.5, 0.125]}],
+                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+                "request_body": request_body,
+            }),
+        );
+    }
+    let usage = serde_json::json!({
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    });
+    if request["stream"].as_bool() != Some(true) {
+        let text: Vec<String> = (0..completion_tokens).map(|i| format!("tok{i}")).collect();
+        return json(
+            StatusCode::OK,
+            &serde_json::json!({
+                "id": "chatcmpl-meridian",
+                "object": "chat.completion",
+                "model": model,
+                "region": region,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text.join(" ")}, "finish_reason": "stop"}],
+                "usage": usage,
+                "request_body": request_body,
+            }),
+        );
+    }
+    let (tx, rx) = mpsc::channel::<Bytes>(16);
+    tokio::spawn(stream_tokens(
+        control,
+        region,
+        model,
+        completion_tokens,
+        usage,
+        tx,
+    ));
+    let mut resp = Response::new(ChannelBody { rx }.boxed());
+    let headers = resp.headers_mut();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/event-stream"),
+    );
+    headers.insert(
+        http::header::CACHE_CONTROL,
+        http::HeaderValue::from_static("no-cache"),
+    );
+    resp
+}
+
+async fn stream_tokens(
+    control: Arc<ModelControl>,
+    region: String,
+    model: String,
+    tokens: u64,
+    usage: serde_json::Value,
+    tx: mpsc::Sender<Bytes>,
+) {
+    let event = |value: serde_json::Value| Bytes::from(format!("data: {value}\n\n"));
+    for i in 0..tokens {
+        let interval = control.token_interval_ms.load(Ordering::Relaxed);
+        if interval > 0 && i > 0 {
+            tokio::time::sleep(Duration::from_millis(interval)).await;
+        }
+        let chunk = event(serde_json::json!({
+            "id": "chatcmpl-meridian",
+            "object": "chat.completion.chunk",
+            "model": model,
+            "region": region,
+            "choices": [{"index": 0, "delta": {"content": format!("tok{i} ")}, "finish_reason": null}],
+            "usage": null,
+        }));
+        if tx.send(chunk).await.is_err() {
+            return; // the client went away
+        }
+    }
+    let mut hold = control.hold_end.subscribe();
+    if hold.wait_for(|held| !*held).await.is_err() {
+        return;
+    }
+    let last = event(serde_json::json!({
+        "id": "chatcmpl-meridian",
+        "object": "chat.completion.chunk",
+        "model": model,
+        "region": region,
+        "choices": [],
+        "usage": usage,
+    }));
+    let mut done = last.to_vec();
+    done.extend_from_slice(b"data: [DONE]\n\n");
+    if tx.send(Bytes::from(done)).await.is_ok() {
+        control.streams_completed.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A response body fed chunk by chunk from a channel (ends when the sender drops).
+struct ChannelBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl hyper::body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.rx
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok(Frame::data(c))))
+    }
+}
