@@ -79,19 +79,35 @@ impl Client {
             builder = builder.header(*name, *value);
         }
         let request = builder.body(Full::new(Bytes::from(body)))?;
-        let response = match protocol {
-            Protocol::Http1 => {
-                let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-                tokio::spawn(conn);
-                sender.send_request(request).await?
-            }
-            Protocol::H2c => {
-                let (mut sender, conn) =
-                    hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
-                tokio::spawn(conn);
-                sender.send_request(request).await?
-            }
-        };
+        exchange(io, protocol == Protocol::H2c, request).await
+    }
+}
+
+/// One request on a fresh connection over `io` (HTTP/1.1, or HTTP/2 with prior knowledge/ALPN).
+pub(crate) async fn exchange<IO>(
+    io: IO,
+    http2: bool,
+    request: Request<Full<Bytes>>,
+) -> anyhow::Result<Reply>
+where
+    IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let response = if http2 {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
+        tokio::spawn(conn);
+        sender.send_request(request).await?
+    } else {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+        tokio::spawn(conn);
+        sender.send_request(request).await?
+    };
+    Reply::read(response).await
+}
+
+impl Reply {
+    /// Reads a whole response.
+    pub async fn read(response: hyper::Response<hyper::body::Incoming>) -> anyhow::Result<Reply> {
         let status = response.status().as_u16();
         let version = response.version();
         let headers = response.headers().clone();
@@ -133,15 +149,6 @@ impl KeepAlive {
             .header("host", host)
             .body(Full::new(Bytes::new()))?;
         let response = self.sender.send_request(request).await?;
-        let status = response.status().as_u16();
-        let version = response.version();
-        let headers = response.headers().clone();
-        let body = response.into_body().collect().await?.to_bytes();
-        Ok(Reply {
-            status,
-            headers,
-            body,
-            version,
-        })
+        Reply::read(response).await
     }
 }

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http_body_util::Full;
+use hyper_util::rt::TokioIo;
 use meridian_config::{Config, TlsCertificate};
 use meridian_gateway::tls::devcerts::DevCa;
 use tokio::net::TcpSocket;
@@ -156,26 +156,7 @@ pub async fn request(
                 builder = builder.header(*name, *value);
             }
             let request = builder.body(Full::new(Bytes::from(body)))?;
-            let response = if protocol == Secure::H1 {
-                let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-                tokio::spawn(conn);
-                sender.send_request(request).await?
-            } else {
-                let (mut sender, conn) =
-                    hyper::client::conn::http2::handshake(TokioExecutor::new(), io).await?;
-                tokio::spawn(conn);
-                sender.send_request(request).await?
-            };
-            let status = response.status().as_u16();
-            let version = response.version();
-            let headers = response.headers().clone();
-            let body = response.into_body().collect().await?.to_bytes();
-            Ok(Reply {
-                status,
-                headers,
-                body,
-                version,
-            })
+            crate::client::exchange(io, protocol != Secure::H1, request).await
         }
     }
 }
