@@ -157,6 +157,9 @@ impl RunningEdge {
         });
         // --- end TLS ---
         let metrics = Arc::new(EdgeMetrics::new()?);
+        if let Some(resolver) = &cert_resolver {
+            metrics.tls.record_certificates(&resolver.expiries());
+        }
         // --- response cache (issue 6): one per process, kept across config reloads; its size
         // ([edge.cache]) and the admin token ([edge.admin] token_file) are read at start only. ---
         let cache = crate::cache::ResponseCache::new(&config.edge.cache, metrics.registry())?;
@@ -255,6 +258,8 @@ impl RunningEdge {
         let proxy = EdgeProxy::new(Arc::clone(&store), Arc::clone(&geoip))
             .with_alt_svc(alt_svc)
             .with_cache(Some(cache.clone()));
+        // The HTTP/3 front shares these instances with Pingora's (same entries, limits, metrics).
+        let (edge_cache, inference) = (proxy.edge_cache(), proxy.inference_state());
         let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
         if let Some(app) = service.app_logic_mut() {
             let mut options = HttpServerOptions::default();
@@ -297,8 +302,12 @@ impl RunningEdge {
                     addr,
                     Arc::clone(resolver),
                     &edge.h3_limits,
-                    Arc::clone(&store),
-                    Arc::clone(&geoip),
+                    crate::h3::Services {
+                        store: Arc::clone(&store),
+                        geoip: Arc::clone(&geoip),
+                        cache: edge_cache,
+                        inference,
+                    },
                     edge.shutdown_timeout.as_duration(),
                 )
                 .map_err(|source| StartError::Listen {

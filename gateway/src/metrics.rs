@@ -2,8 +2,8 @@
 //! resolved when a snapshot is compiled, so the request path only bumps pre-resolved counters.
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry,
+    Encoder, Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec,
+    IntGauge, IntGaugeVec, Opts, Registry,
 };
 
 use crate::core::Snapshot;
@@ -56,6 +56,9 @@ pub struct TlsMetrics {
     pub quic_connections: IntGauge,
     /// `meridian_tls_certificate_reloads_total{result}`: certificate table rebuilds (ok, error).
     pub reloads: IntCounterVec,
+    /// `meridian_tls_certificate_expiry_timestamp_seconds{certificate}`: leaf notAfter of each
+    /// certificate serving now, labelled by the first host of its `[[tls.certificates]]` entry.
+    pub certificate_expiry: GaugeVec,
 }
 
 impl TlsMetrics {
@@ -80,7 +83,15 @@ impl TlsMetrics {
         )?;
         registry.register(Box::new(handshakes.clone()))?;
         registry.register(Box::new(quic_connections.clone()))?;
+        let certificate_expiry = GaugeVec::new(
+            Opts::new(
+                "meridian_tls_certificate_expiry_timestamp_seconds",
+                "Unix time at which each serving certificate (by the first host of its entry) expires.",
+            ),
+            &["certificate"],
+        )?;
         registry.register(Box::new(reloads.clone()))?;
+        registry.register(Box::new(certificate_expiry.clone()))?;
         for result in ["ok", "error"] {
             reloads.with_label_values(&[result]);
         }
@@ -88,7 +99,21 @@ impl TlsMetrics {
             handshakes,
             quic_connections,
             reloads,
+            certificate_expiry,
         })
+    }
+
+    /// Replaces the expiry gauges with the certificates of the table about to serve.
+    pub fn record_certificates(&self, expiries: &[(String, std::time::SystemTime)]) {
+        self.certificate_expiry.reset();
+        for (certificate, not_after) in expiries {
+            let secs = not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            self.certificate_expiry
+                .with_label_values(&[certificate])
+                .set(secs);
+        }
     }
 }
 

@@ -182,8 +182,13 @@ async fn handle(
     let shaping = ResponseShaping::from_query(req.uri().query().unwrap_or(""));
     let (accept_encoding, if_none_match) = (header("accept-encoding"), header("if-none-match"));
     let forwarded_host = header("x-forwarded-host");
-    let body_bytes = match req.into_body().collect().await {
-        Ok(body) => body.to_bytes().len(),
+    let (body_bytes, body_sha256) = match req.into_body().collect().await {
+        Ok(body) => {
+            let body = body.to_bytes();
+            // So a test can check a large upload arrived intact.
+            let digest = <sha2::Sha256 as sha2::Digest>::digest(&body);
+            (body.len(), format!("{digest:x}"))
+        }
         Err(_) => return httpd::text(StatusCode::BAD_REQUEST, "bad body\n"),
     };
     let status = match control.forced_status.load(Ordering::Relaxed) {
@@ -206,6 +211,7 @@ async fn handle(
                 "accept_encoding": accept_encoding,
                 "x_forwarded_host": forwarded_host,
                 "body_bytes": body_bytes,
+                "body_sha256": body_sha256,
                 "request": request_number,
             }),
         ),

@@ -20,7 +20,14 @@ type Sender = SendRequest<Full<Bytes>>;
 pub enum UpstreamError {
     /// No connection could be made: the upstream never saw the request.
     #[error("connect to {addr}: {message}")]
-    Connect { addr: SocketAddr, message: String },
+    Connect {
+        addr: SocketAddr,
+        message: String,
+        /// The upstream actively refused (nothing listens): no upstream did any work.
+        refused: bool,
+        /// `timeouts.connect` passed.
+        timed_out: bool,
+    },
     #[error("upstream {addr} timed out")]
     Timeout { addr: SocketAddr },
     /// The request may have reached the upstream.
@@ -31,6 +38,23 @@ pub enum UpstreamError {
 impl UpstreamError {
     pub fn is_connect(&self) -> bool {
         matches!(self, UpstreamError::Connect { .. })
+    }
+
+    /// The connection was refused (as Pingora's `ConnectRefused`).
+    pub fn is_refused(&self) -> bool {
+        matches!(self, UpstreamError::Connect { refused: true, .. })
+    }
+
+    /// A connect or response timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::Timeout { .. }
+                | UpstreamError::Connect {
+                    timed_out: true,
+                    ..
+                }
+        )
     }
 }
 
@@ -131,11 +155,26 @@ impl UpstreamClient {
 }
 
 async fn connect(addr: SocketAddr, limit: Duration) -> Result<Sender, UpstreamError> {
-    let connect_error = |message: String| UpstreamError::Connect { addr, message };
+    let connect_error = |message: String| UpstreamError::Connect {
+        addr,
+        message,
+        refused: false,
+        timed_out: false,
+    };
     let stream = tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr))
         .await
-        .map_err(|_| connect_error(format!("timed out after {limit:?}")))?
-        .map_err(|e| connect_error(e.to_string()))?;
+        .map_err(|_| UpstreamError::Connect {
+            addr,
+            message: format!("timed out after {limit:?}"),
+            refused: false,
+            timed_out: true,
+        })?
+        .map_err(|e| UpstreamError::Connect {
+            addr,
+            message: e.to_string(),
+            refused: e.kind() == std::io::ErrorKind::ConnectionRefused,
+            timed_out: false,
+        })?;
     let _ = stream.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await

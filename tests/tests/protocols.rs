@@ -1,7 +1,62 @@
 //! One conformance suite, run over HTTP/1.1 and HTTP/2 on TLS and over HTTP/3 (QUIC): every
 //! protocol goes through the same routing core and must behave the same (issue 5).
 
-use meridian_tests::{local_config, source_for, Secure, World, PLACES};
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
+
+use meridian_config::{Config, HumanDuration};
+use meridian_tests::{local_config, metric_value, source_for, Reply, Secure, World, PLACES};
+
+/// Any request (method, body) over `protocol` on a fresh connection from `source`.
+#[allow(clippy::too_many_arguments)]
+fn send(
+    world: &World,
+    protocol: Secure,
+    source: IpAddr,
+    method: &str,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Reply {
+    let tls = world.tls.as_ref().expect("tls");
+    let target = world.edge.https_addr.expect("https");
+    world
+        .runtime
+        .block_on(meridian_tests::secure::request(
+            protocol,
+            tls.roots(),
+            target,
+            source,
+            method,
+            host,
+            path,
+            headers,
+            body,
+        ))
+        .unwrap_or_else(|e| panic!("{protocol:?} {method} {host}{path}: {e:#}"))
+}
+
+/// Polls `check` until it holds or 15 s pass (a readiness check, not a timing assertion).
+fn eventually(mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    format!("{:x}", sha2::Sha256::digest(bytes))
+}
+
+fn requests_to(world: &World, region: &str) -> u64 {
+    world.origins_of(region).iter().map(|o| o.requests()).sum()
+}
 
 fn routing_by_country(protocol: Secure) {
     let world = World::start(local_config());
@@ -148,6 +203,244 @@ fn oversized_headers(protocol: Secure) {
     assert_eq!(world.origin_requests(), 0);
 }
 
+fn retries_a_503_region_elsewhere(protocol: Secure) {
+    let world = World::start(local_config());
+    for origin in world.origins_of("mx-central") {
+        origin.set_status(Some(503));
+    }
+    let reply = world.secure_request(protocol, source_for("MX"), "api.example.test", "/get", &[]);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.region(), Some("us-east"), "GET retried elsewhere");
+    assert!(
+        requests_to(&world, "mx-central") >= 1,
+        "mx-central was tried"
+    );
+    let metrics = world.metrics();
+    let retries = metric_value(
+        &metrics,
+        r#"meridian_retries_total{reason="status",route="api"}"#,
+    );
+    assert!(retries.is_some_and(|n| n >= 1.0), "{metrics}");
+    let failover =
+        r#"meridian_failovers_total{from="mx-central",reason="status",route="api",to="us-east"}"#;
+    assert_eq!(world.metric_eventually(failover, 1.0), Some(1.0));
+
+    // A POST the upstream saw is not replayed: its 503 stands.
+    let us_before = requests_to(&world, "us-east");
+    let reply = send(
+        &world,
+        protocol,
+        source_for("MX"),
+        "POST",
+        "api.example.test",
+        "/orders",
+        &[],
+        b"{\"item\":1}".to_vec(),
+    );
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(requests_to(&world, "us-east"), us_before, "never replayed");
+}
+
+fn slow_region_fails_over_on_the_per_try_timeout(protocol: Secure) {
+    let mut config = local_config();
+    let api = config
+        .routes
+        .iter_mut()
+        .find(|r| r.name == "api")
+        .expect("api");
+    api.timeouts.read = HumanDuration::millis(300);
+    let world = World::start(config);
+    for origin in world.origins_of("mx-central") {
+        origin.set_delay(Duration::from_secs(3));
+    }
+    let reply = world.secure_request(protocol, source_for("MX"), "api.example.test", "/slow", &[]);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.region(), Some("us-east"));
+    let retries = world.metric_eventually(
+        r#"meridian_retries_total{reason="timeout",route="api"}"#,
+        2.0,
+    );
+    assert_eq!(
+        retries,
+        Some(2.0),
+        "both mx-central upstreams timed out once"
+    );
+}
+
+/// Probes every 200 ms; two in a row flip a verdict.
+fn fast_health(mut config: Config) -> Config {
+    for region in &mut config.regions {
+        region.health.interval = HumanDuration::millis(200);
+        region.health.timeout = HumanDuration::millis(200);
+        region.health.healthy_after = 2;
+        region.health.unhealthy_after = 2;
+    }
+    config
+}
+
+fn all_down_is_503_with_retry_after(protocol: Secure) {
+    let world = World::start(fast_health(local_config()));
+    world.set_region_up("eu-central-1", false);
+    assert!(eventually(|| metric_value(
+        &world.metrics(),
+        r#"meridian_region_healthy{region="eu-central-1"}"#
+    ) == Some(0.0)));
+    let reply = world.secure_request(protocol, source_for("DE"), "eu.example.test", "/v1/x", &[]);
+    assert_eq!(reply.status, 503, "{}", reply.text());
+    assert_eq!(reply.header("retry-after"), Some("1"));
+    assert_eq!(reply.header("x-meridian-pop"), Some("local-1"));
+    assert!(reply.json()["error"]
+        .as_str()
+        .is_some_and(|e| e.contains("unhealthy")));
+    assert_eq!(requests_to(&world, "eu-central-1"), 0, "no upstream tried");
+}
+
+fn cache_miss_then_hit(protocol: Secure) {
+    let world = World::start(local_config());
+    let path = "/logo?cc=max-age%3D60";
+    let host = "static.example.test";
+    let first = world.secure_request(protocol, source_for("US"), host, path, &[]);
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.header("x-meridian-cache"), Some("miss"));
+    assert_eq!(first.region(), Some("us-east"));
+    assert_eq!(world.origin_requests(), 1);
+    let second = world.secure_request(protocol, source_for("US"), host, path, &[]);
+    assert_eq!(second.status, 200);
+    assert_eq!(second.header("x-meridian-cache"), Some("hit"));
+    assert_eq!(second.body, first.body, "the stored body is served");
+    assert_eq!(
+        second.region(),
+        Some("us-east"),
+        "the region that produced it"
+    );
+    assert_eq!(second.header("x-meridian-pop"), Some("local-1"));
+    assert!(second
+        .header("age")
+        .and_then(|a| a.parse::<u64>().ok())
+        .is_some());
+    assert_eq!(
+        world.origin_requests(),
+        1,
+        "a hit does not reach the origin"
+    );
+    let hits = world.metric_eventually(
+        r#"meridian_cache_lookups_total{result="hit",route="static"}"#,
+        1.0,
+    );
+    assert_eq!(hits, Some(1.0));
+}
+
+fn inference_routes_by_model_and_streams_sse(protocol: Secure) {
+    let world = World::start(local_config());
+    let host = "inference.example.test";
+    let json = [("content-type", "application/json")];
+    let body = r#"{"model":"qwen-max","messages":[{"role":"user","content":"hello"}]}"#;
+    let reply = send(
+        &world,
+        protocol,
+        source_for("MX"),
+        "POST",
+        host,
+        "/v1/chat/completions",
+        &json,
+        body.as_bytes().to_vec(),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(
+        reply.region(),
+        Some("eu-central-1"),
+        "the nearest region serving qwen-max"
+    );
+
+    let models = world.secure_request(protocol, source_for("MX"), host, "/v1/models", &[]);
+    assert_eq!(models.status, 200, "{}", models.text());
+    let ids: Vec<String> = models.json()["data"]
+        .as_array()
+        .map(|d| {
+            d.iter()
+                .filter_map(|m| m["id"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(ids, ["qwen-max", "qwen-plus", "qwen-turbo"]);
+
+    let malformed = send(
+        &world,
+        protocol,
+        source_for("MX"),
+        "POST",
+        host,
+        "/v1/chat/completions",
+        &json,
+        b"{not json".to_vec(),
+    );
+    assert_eq!(malformed.status, 400);
+    assert_eq!(malformed.json()["error"]["code"], "invalid_json");
+
+    let tokens = r#"meridian_inference_tokens_total{kind="completion",model="qwen-max",region="eu-central-1"}"#;
+    let before = metric_value(&world.metrics(), tokens).unwrap_or(0.0);
+    let stream = r#"{"model":"qwen-max","stream":true,"max_tokens":5,"messages":[]}"#;
+    let reply = send(
+        &world,
+        protocol,
+        source_for("DE"),
+        "POST",
+        host,
+        "/v1/chat/completions",
+        &json,
+        stream.as_bytes().to_vec(),
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.region(), Some("eu-central-1"));
+    let text = reply.text();
+    let events: Vec<&str> = text
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .collect();
+    assert_eq!(events.len(), 7, "5 tokens, usage, [DONE]: {events:?}");
+    for (i, event) in events[..5].iter().enumerate() {
+        let json: serde_json::Value = serde_json::from_str(event).expect("token event is JSON");
+        assert_eq!(json["choices"][0]["delta"]["content"], format!("tok{i} "));
+    }
+    assert_eq!(events[6], "[DONE]");
+    assert_eq!(
+        world.metric_eventually(tokens, before + 5.0),
+        Some(before + 5.0),
+        "usage from the stream is counted"
+    );
+}
+
+fn ten_mib_upload_and_download_intact(protocol: Secure) {
+    let world = World::start(local_config());
+    const TEN_MIB: usize = 10 * 1024 * 1024;
+    let upload: Vec<u8> = (0..TEN_MIB).map(|i| (i * 7 % 253) as u8).collect();
+    let expected = sha256_hex(&upload);
+    let reply = send(
+        &world,
+        protocol,
+        source_for("SG"),
+        "POST",
+        "api.example.test",
+        "/upload",
+        &[],
+        upload,
+    );
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let json = reply.json();
+    assert_eq!(json["body_bytes"], TEN_MIB);
+    assert_eq!(json["body_sha256"], expected, "the upload arrived intact");
+
+    let path = format!("/download?bytes={TEN_MIB}");
+    let reply = world.secure_request(protocol, source_for("SG"), "api.example.test", &path, &[]);
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.body.len(), TEN_MIB);
+    assert_eq!(
+        sha256_hex(&reply.body),
+        sha256_hex(&meridian_gateway::origin::pattern_body(TEN_MIB)),
+        "the download arrived intact"
+    );
+}
+
 macro_rules! conformance {
     ($($proto:ident => $value:expr),* $(,)?) => {
         $(
@@ -177,6 +470,36 @@ macro_rules! conformance {
                 #[test]
                 fn rejects_oversized_headers_with_431() {
                     oversized_headers($value);
+                }
+
+                #[test]
+                fn retries_a_503_region_on_the_next_one() {
+                    retries_a_503_region_elsewhere($value);
+                }
+
+                #[test]
+                fn fails_over_a_slow_region_on_the_per_try_timeout() {
+                    slow_region_fails_over_on_the_per_try_timeout($value);
+                }
+
+                #[test]
+                fn answers_503_with_retry_after_when_every_region_is_down() {
+                    all_down_is_503_with_retry_after($value);
+                }
+
+                #[test]
+                fn serves_a_cache_miss_then_a_hit() {
+                    cache_miss_then_hit($value);
+                }
+
+                #[test]
+                fn routes_inference_by_model_and_streams_sse() {
+                    inference_routes_by_model_and_streams_sse($value);
+                }
+
+                #[test]
+                fn streams_10_mib_up_and_down_intact() {
+                    ten_mib_upload_and_download_intact($value);
                 }
             }
         )*

@@ -63,6 +63,10 @@ impl DnsMetrics {
         registry.register(Box::new(pop_healthy.clone()))?;
         registry.register(Box::new(fail_open.clone()))?;
         registry.register(Box::new(reloads.clone()))?;
+        // Both results exist from the start, so `increase(...{result="error"}[..])` alerts work.
+        for result in ["ok", "error"] {
+            reloads.with_label_values(&[result]);
+        }
         Ok(Self {
             queries,
             answers,

@@ -7,31 +7,34 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, Bytes};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use http_body_util::Full;
-use meridian_config::H3Limits;
+use meridian_config::{H3Limits, RouteKind};
 use meridian_geoip::GeoIp;
 use tokio::sync::watch;
 
+use crate::cache::{
+    Admission, CacheRequest, CacheStatus, CacheWriter, Lookup, Served, Ticket, HEADER_CACHE,
+};
 use crate::clock;
 use crate::core::client::client_ip;
-use crate::core::select::{pick_upstream, region_verdict, RegionVerdict};
 use crate::core::snapshot::InflightGuard;
-use crate::core::{decide, Refusal, RequestView};
+use crate::core::state::RegionGuard;
+use crate::core::{decide, Refusal, RequestView, RouteDecision};
+use crate::inference::openai::ApiError;
+use crate::inference::{Entry, InferenceCtx, InferenceState};
 use crate::metrics::Protocol;
+use crate::proxy::cached::EdgeCache;
 use crate::proxy::forward::{set_forwarding_headers, HEADER_POP, HEADER_REGION};
-use crate::proxy::reply;
+use crate::proxy::{reply, retry};
 use crate::reload::{Loaded, SnapshotStore};
 use crate::tls::{CertResolver, TlsError};
-use crate::upstream_client::{Timeouts, UpstreamClient, UpstreamError};
+use crate::upstream_client::{Timeouts, UpstreamClient, UpstreamResponse};
 
 type RequestStream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
-
-/// Upper bound on tries per request, as in the TCP proxy.
-const MAX_TRIES: usize = 10;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded, in either direction; HTTP/3 forbids
 /// them on its side anyway.
@@ -52,6 +55,19 @@ struct Shared {
     geoip: Arc<GeoIp>,
     upstream: UpstreamClient,
     rotation: AtomicUsize,
+    /// The same response cache instance as the TCP front (issue 6).
+    cache: Option<Arc<EdgeCache>>,
+    /// The same inference limits and metrics as the TCP front (issue 8).
+    inference: Arc<InferenceState>,
+}
+
+/// What the HTTP/3 front shares with the TCP front: snapshot store, GeoIP, the response cache
+/// and the inference state — one instance of each per edge, so both fronts behave the same.
+pub struct Services {
+    pub(crate) store: Arc<SnapshotStore>,
+    pub(crate) geoip: Arc<GeoIp>,
+    pub(crate) cache: Option<Arc<EdgeCache>>,
+    pub(crate) inference: Arc<InferenceState>,
 }
 
 /// A running HTTP/3 front. `shutdown` sends GOAWAY on every connection and waits for in-flight
@@ -68,10 +84,15 @@ pub fn start(
     addr: SocketAddr,
     resolver: Arc<CertResolver>,
     limits: &H3Limits,
-    store: Arc<SnapshotStore>,
-    geoip: Arc<GeoIp>,
+    services: Services,
     drain: Duration,
 ) -> Result<H3Front, std::io::Error> {
+    let Services {
+        store,
+        geoip,
+        cache,
+        inference,
+    } = services;
     let tls = crate::tls::quic_server_config(resolver).map_err(io_error)?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
         .map_err(|e| io_error(TlsError::Setup(e.to_string())))?;
@@ -101,6 +122,8 @@ pub fn start(
         geoip,
         upstream: UpstreamClient::default(),
         rotation: AtomicUsize::new(0),
+        cache,
+        inference,
     });
     let (stop, stop_rx) = watch::channel(false);
     let (done_tx, done) = std::sync::mpsc::channel();
@@ -252,28 +275,69 @@ impl Drop for GaugeGuard {
     }
 }
 
+/// Per-request state, like the TCP front's `RequestCtx`: what the metrics, the failover counter
+/// and the inference usage need once the request ends.
+#[derive(Default)]
+struct RequestState {
+    route: Option<usize>,
+    /// Region of the current (or last) upstream try.
+    region: Option<usize>,
+    decision: Option<RouteDecision>,
+    /// Why the last try was retried (for `meridian_failovers_total`).
+    retry_reason: Option<&'static str>,
+    /// Counts the request in its region's in-flight total (`max_inflight`) while it runs.
+    region_inflight: Option<RegionGuard>,
+    inference: Option<Box<InferenceCtx>>,
+}
+
+/// The response-cache side of a request that goes upstream.
+#[derive(Default)]
+struct CacheFetch {
+    status: Option<CacheStatus>,
+    ticket: Option<Ticket>,
+}
+
 /// One request, start to end; records its metrics whatever happens.
 async fn handle(req: Request<()>, mut stream: RequestStream, shared: &Shared, peer: IpAddr) {
     let started = Instant::now();
     let loaded = shared.store.load();
-    let mut outcome = Outcome::default();
-    let status =
-        match route_and_forward(&req, &mut stream, shared, &loaded, peer, &mut outcome).await {
-            Ok(status) => status,
-            Err(status) => status,
-        };
+    let mut state = RequestState::default();
+    let status = match route_and_forward(
+        &req,
+        &mut stream,
+        shared,
+        &loaded,
+        peer,
+        &mut state,
+        started,
+    )
+    .await
+    {
+        Ok(status) => status,
+        Err(status) => status,
+    };
     let _ = stream.finish().await;
-    loaded
-        .metrics
-        .request(outcome.route, outcome.region)
-        .observe(Protocol::H3, status, started.elapsed().as_secs_f64());
-}
-
-/// What the metrics need to know about a finished request.
-#[derive(Default)]
-struct Outcome {
-    route: Option<usize>,
-    region: Option<usize>,
+    state.region_inflight = None;
+    let snapshot = &loaded.snapshot;
+    if let Some(inference) = state.inference.take() {
+        shared
+            .inference
+            .finish(snapshot, state.region, status, &inference);
+    }
+    if let (Some(decision), Some(served)) = (state.decision, state.region) {
+        retry::count_failover(
+            snapshot,
+            &shared.store.metrics().health,
+            &decision,
+            served,
+            state.retry_reason,
+        );
+    }
+    loaded.metrics.request(state.route, state.region).observe(
+        Protocol::H3,
+        status,
+        started.elapsed().as_secs_f64(),
+    );
 }
 
 /// Returns the status sent (0: the client went away before a response).
@@ -281,9 +345,10 @@ async fn route_and_forward(
     req: &Request<()>,
     stream: &mut RequestStream,
     shared: &Shared,
-    loaded: &Loaded,
+    loaded: &Arc<Loaded>,
     peer: IpAddr,
-    outcome: &mut Outcome,
+    state: &mut RequestState,
+    started: Instant,
 ) -> Result<u16, u16> {
     let snapshot = &loaded.snapshot;
     if let Some(refusal) = reply::check_header_limits(req.headers(), &snapshot.limits) {
@@ -303,7 +368,15 @@ async fn route_and_forward(
         path: req.uri().path(),
         client,
     };
-    let decision = match decide(
+    let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let cache_view = CacheRequest {
+        method: req.method(),
+        scheme: "https",
+        host,
+        path_and_query,
+        headers: req.headers(),
+    };
+    let mut decision = match decide(
         snapshot,
         &view,
         |ip| shared.geoip.lookup(ip),
@@ -312,24 +385,134 @@ async fn route_and_forward(
         Ok(decision) => decision,
         Err(refusal) => {
             let message = reply::refusal_message(snapshot, &refusal);
-            outcome.route = match refusal {
-                Refusal::Residency { route, .. } => Some(route),
+            state.route = match refusal {
+                Refusal::Residency { route, .. } | Refusal::Unavailable { route, .. } => {
+                    Some(route)
+                }
                 _ => None,
             };
-            return send_error(stream, loaded, None, refusal.status(), &message).await;
+            if let (Refusal::Unavailable { route, .. }, Some(cache)) = (refusal, &shared.cache) {
+                // stale-if-error when no region can even be tried (issue 6).
+                if let Some(served) =
+                    stale_when_unavailable(cache, loaded, route, &cache_view).await
+                {
+                    return write_served(stream, loaded, &served).await;
+                }
+            }
+            let retry_after = matches!(refusal, Refusal::Unavailable { .. });
+            return send_error_with(
+                stream,
+                loaded,
+                None,
+                refusal.status(),
+                &message,
+                retry_after,
+            )
+            .await;
         }
     };
-    outcome.route = Some(decision.route);
+    state.route = Some(decision.route);
+    state.decision = Some(decision);
     let route = &snapshot.routes[decision.route];
 
-    // The body is read whole (bounded by the edge limit) so that a connect failure can be retried
-    // on another upstream with the same bytes.
-    let body = match read_body(stream, snapshot.limits.max_body_bytes).await {
-        Ok(body) => body,
-        Err(BodyError::TooLarge) => {
-            return send_error(stream, loaded, None, 413, reply::error_message(413)).await;
+    // Issue 8: model calls pick regions by the model in their body and are never cached; other
+    // requests on cache-enabled routes go through the response cache (issue 6).
+    let mut body = None;
+    let mut cache = CacheFetch::default();
+    let inference_entry = (route.kind == RouteKind::Inference).then(|| {
+        crate::inference::entry(
+            snapshot,
+            decision.route,
+            req.method(),
+            req.uri().path(),
+            req.headers().get(http::header::AUTHORIZATION),
+        )
+    });
+    match inference_entry {
+        Some(Entry::Refused(error)) => return send_api_error(stream, loaded, &error).await,
+        Some(Entry::Models(json)) => {
+            return send_json(stream, loaded, 200, None, json).await;
         }
-        Err(BodyError::Client) => return Err(0),
+        Some(Entry::ModelCall {
+            key,
+            max_body_bytes,
+        }) => {
+            let declared = declared_length(req.headers());
+            let read = match declared {
+                Some(len) if len > max_body_bytes => Err(BodyError::TooLarge),
+                _ => read_body(stream, max_body_bytes, route.read_timeout).await,
+            };
+            let call_body = match read {
+                Ok(b) => b,
+                Err(BodyError::TooLarge) => {
+                    let error = crate::inference::body_too_large(max_body_bytes);
+                    return send_api_error(stream, loaded, &error).await;
+                }
+                Err(BodyError::Client) => return Err(0),
+            };
+            match shared.inference.route_call(
+                snapshot,
+                decision,
+                key,
+                &view,
+                &shared.geoip,
+                started,
+                &call_body,
+            ) {
+                Ok((model_decision, ctx)) => {
+                    decision = model_decision;
+                    state.decision = Some(decision);
+                    state.inference = Some(ctx);
+                }
+                Err((error, ctx)) => {
+                    state.inference = ctx;
+                    return send_api_error(stream, loaded, &error).await;
+                }
+            }
+            body = Some(call_body);
+        }
+        Some(Entry::Pass) | None => {
+            let lookup = match &shared.cache {
+                Some(edge_cache) => {
+                    edge_cache
+                        .lookup_request(loaded, decision.route, &cache_view)
+                        .await
+                }
+                None => None,
+            };
+            match lookup {
+                Some((Lookup::Hit(served), _)) => {
+                    return write_served(stream, loaded, &served).await;
+                }
+                Some((Lookup::Stale { served, refresh }, target)) => {
+                    if let (Some(ticket), Some((host, path)), Some(edge_cache)) =
+                        (refresh, target, &shared.cache)
+                    {
+                        edge_cache.spawn_refresh(ticket, Arc::clone(loaded), decision, host, path);
+                    }
+                    return write_served(stream, loaded, &served).await;
+                }
+                Some((Lookup::Fetch(ticket), _)) => {
+                    cache.status = Some(ticket.status());
+                    cache.ticket = Some(ticket);
+                }
+                Some((Lookup::Bypass(_), _)) => cache.status = Some(CacheStatus::Bypass),
+                None => {}
+            }
+        }
+    }
+
+    // The body is read whole (bounded by the edge limit) so that a failed try can be replayed on
+    // another upstream with the same bytes.
+    let body = match body {
+        Some(body) => body,
+        None => match read_body(stream, snapshot.limits.max_body_bytes, route.read_timeout).await {
+            Ok(body) => body,
+            Err(BodyError::TooLarge) => {
+                return send_error(stream, loaded, None, 413, reply::error_message(413)).await;
+            }
+            Err(BodyError::Client) => return Err(0),
+        },
     };
 
     let mut headers = forwardable(req.headers());
@@ -337,101 +520,216 @@ async fn route_and_forward(
         headers.insert(http::header::HOST, value);
     }
     set_forwarding_headers(&mut headers, client, "https");
-    let path_and_query = req
-        .uri()
-        .path_and_query()
-        .map_or("/", |p| p.as_str())
-        .to_string();
+    if let Some(ticket) = cache.ticket.as_ref() {
+        // A leader fetches the full response for everyone; a revalidation asks with the stored
+        // validators.
+        if ticket.fetches_for_others() {
+            headers.remove(http::header::IF_NONE_MATCH);
+            headers.remove(http::header::IF_MODIFIED_SINCE);
+        }
+        for (name, value) in ticket.conditional_headers() {
+            headers.insert(name, value);
+        }
+    }
 
+    let forward = Forward {
+        method: req.method(),
+        path_and_query,
+        headers: &headers,
+        body: &body,
+        decision: &decision,
+        started,
+    };
+    let failure = match try_upstreams(&forward, shared, loaded, state).await {
+        Ok((response, inflight)) => {
+            let edge_cache = shared.cache.as_deref();
+            return relay(stream, loaded, state, edge_cache, cache, response, inflight).await;
+        }
+        Err(status) => status,
+    };
+    // stale-if-error: every region failed; a stale entry may answer instead.
+    if let Some(served) = cache
+        .ticket
+        .take()
+        .and_then(|t| t.stale_on_error(SystemTime::now()))
+    {
+        return write_served(stream, loaded, &served).await;
+    }
+    let region = state.region.filter(|_| failure != 503);
+    send_error_with(
+        stream,
+        loaded,
+        region,
+        failure,
+        reply::error_message(failure),
+        failure == 503,
+    )
+    .await
+}
+
+/// The request as every upstream try sends it.
+struct Forward<'a> {
+    method: &'a http::Method,
+    path_and_query: &'a str,
+    headers: &'a HeaderMap,
+    body: &'a Bytes,
+    decision: &'a RouteDecision,
+    started: Instant,
+}
+
+/// Tries upstreams in candidate order under the shared retry rules (`proxy::retry`) until one
+/// answers with a response to relay; else the status of the edge's own answer (503 when nothing
+/// could be tried, 504 on a timeout, 502 otherwise).
+async fn try_upstreams(
+    forward: &Forward<'_>,
+    shared: &Shared,
+    loaded: &Loaded,
+    state: &mut RequestState,
+) -> Result<(UpstreamResponse, InflightGuard), u16> {
+    let snapshot = &loaded.snapshot;
+    let decision = forward.decision;
+    let route = &snapshot.routes[decision.route];
+    let health = &shared.store.metrics().health;
     let timeouts = Timeouts {
         connect: route.connect_timeout,
         read: route.read_timeout,
     };
-    let budget = (route.retry_attempts as usize).clamp(1, MAX_TRIES);
-    let mut tried: Vec<(usize, usize)> = Vec::with_capacity(budget);
+    let idempotent = forward.method.is_idempotent();
+    let mut tried: Vec<(u16, u16)> = Vec::with_capacity(retry::MAX_TRIES);
     let mut region_pos = 0;
-    while let Some(region_index) = decision.candidates.get(region_pos) {
-        let region = &snapshot.regions[region_index];
-        let now = clock::now_ms();
-        let picked = (region_verdict(region, now) == RegionVerdict::Available
-            && tried.len() < budget)
-            .then(|| {
-                let rotation = shared.rotation.fetch_add(1, Ordering::Relaxed);
-                pick_upstream(region, now, rotation, |u| {
-                    tried.contains(&(region_index, u))
-                })
-            })
-            .flatten();
-        let Some(upstream_index) = picked else {
-            if tried.len() >= budget {
-                break;
-            }
-            region_pos += 1;
-            continue;
-        };
-        tried.push((region_index, upstream_index));
-        outcome.region = Some(region_index);
-        let upstream = &region.upstreams[upstream_index];
-        let _region_inflight = region.state.begin();
-        let _inflight: InflightGuard = upstream.state.begin();
-        let mut builder = Request::builder()
-            .method(req.method().clone())
-            .uri(path_and_query.as_str());
-        if let Some(h) = builder.headers_mut() {
-            *h = headers.clone();
+    let mut failure = 502;
+    loop {
+        if !tried.is_empty() && forward.started.elapsed() >= route.total_timeout {
+            return Err(504); // the overall deadline (timeouts.total) passed: no new try
         }
-        let Ok(request) = builder.body(Full::new(body.clone())) else {
-            return send_error(stream, loaded, None, 400, "bad request").await;
+        let now = clock::now_ms();
+        let rotation = shared.rotation.fetch_add(1, Ordering::Relaxed);
+        let Some((region_index, upstream_index)) = retry::next_upstream(
+            snapshot,
+            decision,
+            &mut region_pos,
+            &tried,
+            rotation,
+            now,
+            &mut state.retry_reason,
+        ) else {
+            // Nothing tried: every region went down or filled up since the decision.
+            return Err(if tried.is_empty() { 503 } else { failure });
+        };
+        let region = &snapshot.regions[region_index];
+        let upstream = &region.upstreams[upstream_index];
+        tried.push((region_index as u16, upstream_index as u16));
+        if state.region != Some(region_index) {
+            region.state.budget.note_request(now);
+            state.region_inflight = Some(region.state.begin());
+        }
+        state.region = Some(region_index);
+        let inflight = upstream.state.begin();
+        let mut builder = Request::builder()
+            .method(forward.method.clone())
+            .uri(forward.path_and_query);
+        if let Some(h) = builder.headers_mut() {
+            *h = forward.headers.clone();
+        }
+        let Ok(request) = builder.body(Full::new(forward.body.clone())) else {
+            return Err(400);
         };
         let attempts = loaded.metrics.attempts.get(region_index);
-        match shared
+        let result = shared
             .upstream
             .send(upstream.address, request, timeouts)
-            .await
-        {
+            .await;
+        let may_retry = |refused: bool| {
+            let tries = retry::Tries {
+                decision,
+                started: forward.started,
+                tried: &tried,
+                region: Some(region_index),
+                region_pos,
+            };
+            retry::may_retry(snapshot, &tries, refused)
+        };
+        let record_failure = || {
+            if upstream
+                .state
+                .record_failure(clock::now_ms(), &region.outlier)
+            {
+                tracing::warn!(region = %region.name, upstream = %upstream.address, "upstream ejected after consecutive failures");
+                health.ejections.with_label_values(&[&region.name]).inc();
+            }
+        };
+        match result {
             Ok(response) => {
                 if let Some(series) = attempts {
                     series.ok.inc();
                 }
-                upstream.state.record_success();
-                return relay(stream, loaded, region_index, response).await;
+                let status = response.head.status.as_u16();
+                if status >= 500 {
+                    record_failure();
+                } else {
+                    upstream.state.record_success();
+                }
+                // Issue 8: a model server's 429/503 refuses the work, so even a POST may go on.
+                let inference_refused = state.inference.is_some()
+                    && crate::inference::refused_status(
+                        snapshot,
+                        Some(region_index),
+                        status,
+                        &response.head.headers,
+                        clock::now_ms(),
+                    );
+                let retryable = route.retry_on_status.contains(&status) || inference_refused;
+                let may_replay = idempotent || route.retry_non_idempotent || inference_refused;
+                if retryable && may_replay && may_retry(false) {
+                    retry::count_retry(snapshot, health, decision.route, "status");
+                    state.retry_reason = Some("status");
+                    continue;
+                }
+                return Ok((response, inflight));
             }
             Err(e) if e.is_connect() => {
                 if let Some(series) = attempts {
                     series.connect_error.inc();
                 }
-                upstream.state.record_failure(now, &region.outlier);
-                tracing::debug!("HTTP/3 request: {e}; trying the next upstream");
+                record_failure();
+                failure = if e.is_timeout() { 504 } else { 502 };
+                // The upstream never saw the request: retrying elsewhere is safe for any method.
+                if may_retry(e.is_refused()) {
+                    let reason = if e.is_timeout() {
+                        "timeout"
+                    } else {
+                        "connect_error"
+                    };
+                    retry::count_retry(snapshot, health, decision.route, reason);
+                    state.retry_reason = Some(reason);
+                    tracing::debug!("HTTP/3 request: {e}; trying the next upstream");
+                    continue;
+                }
+                return Err(failure);
             }
             Err(e) => {
                 if let Some(series) = attempts {
                     series.ok.inc();
                 }
-                let status = if matches!(e, UpstreamError::Timeout { .. }) {
-                    504
-                } else {
-                    502
-                };
-                return send_error(
-                    stream,
-                    loaded,
-                    Some(region_index),
-                    status,
-                    reply::error_message(status),
-                )
-                .await;
+                record_failure();
+                failure = if e.is_timeout() { 504 } else { 502 };
+                // The upstream may have seen the request: replay only what may be replayed.
+                let may_replay = idempotent || route.retry_non_idempotent;
+                if may_replay && may_retry(false) {
+                    let reason = if e.is_timeout() {
+                        "timeout"
+                    } else {
+                        "upstream_error"
+                    };
+                    retry::count_retry(snapshot, health, decision.route, reason);
+                    state.retry_reason = Some(reason);
+                    tracing::debug!("HTTP/3 request: {e}; trying the next upstream");
+                    continue;
+                }
+                return Err(failure);
             }
         }
     }
-    let status = if tried.is_empty() { 503 } else { 502 };
-    send_error(
-        stream,
-        loaded,
-        outcome.region,
-        status,
-        reply::error_message(status),
-    )
-    .await
 }
 
 /// `:authority`, else `Host`.
@@ -445,6 +743,13 @@ fn request_host(req: &Request<()>) -> Option<&str> {
                 .and_then(|v| v.to_str().ok())
         })
         .filter(|h| !h.is_empty())
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
 }
 
 fn forwardable(headers: &HeaderMap) -> HeaderMap {
@@ -462,10 +767,22 @@ enum BodyError {
     Client,
 }
 
-async fn read_body(stream: &mut RequestStream, limit: u64) -> Result<Bytes, BodyError> {
+/// The whole request body, at most `limit` bytes; `read_timeout` bounds the wait for each chunk.
+async fn read_body(
+    stream: &mut RequestStream,
+    limit: u64,
+    read_timeout: Duration,
+) -> Result<Bytes, BodyError> {
     let mut body = Vec::new();
     loop {
-        match stream.recv_data().await {
+        let chunk = match tokio::time::timeout(read_timeout, stream.recv_data()).await {
+            Ok(chunk) => chunk,
+            Err(_) => {
+                tracing::debug!("HTTP/3 request body: no data within {read_timeout:?}");
+                return Err(BodyError::Client);
+            }
+        };
+        match chunk {
             Ok(Some(mut chunk)) => {
                 if (body.len() + chunk.remaining()) as u64 > limit {
                     return Err(BodyError::TooLarge);
@@ -486,22 +803,75 @@ async fn read_body(stream: &mut RequestStream, limit: u64) -> Result<Bytes, Body
     }
 }
 
-/// Streams the upstream response to the client with the edge's headers.
+/// Routing found no region able to serve now: a stored entry answers instead of the 503 — fresh
+/// as a hit, stale within its stale-if-error (or stale-while-revalidate) window.
+async fn stale_when_unavailable(
+    cache: &EdgeCache,
+    loaded: &Arc<Loaded>,
+    route: usize,
+    view: &CacheRequest<'_>,
+) -> Option<Served> {
+    match cache.lookup_request(loaded, route, view).await?.0 {
+        Lookup::Hit(served) | Lookup::Stale { served, .. } => Some(served),
+        Lookup::Fetch(ticket) => ticket.stale_on_error(SystemTime::now()),
+        Lookup::Bypass(_) => None,
+    }
+}
+
+/// Streams the upstream response to the client with the edge's headers, storing it in the cache
+/// as it goes when the cache admits it, and feeding inference usage chunk by chunk.
 async fn relay(
     stream: &mut RequestStream,
     loaded: &Loaded,
-    region: usize,
-    mut upstream: crate::upstream_client::UpstreamResponse,
+    state: &mut RequestState,
+    edge_cache: Option<&EdgeCache>,
+    mut cache: CacheFetch,
+    mut upstream: UpstreamResponse,
+    _inflight: InflightGuard,
 ) -> Result<u16, u16> {
     let snapshot = &loaded.snapshot;
     let status = upstream.head.status;
-    let mut response = Response::builder().status(status);
-    if let Some(headers) = response.headers_mut() {
-        *headers = forwardable(&upstream.head.headers);
-        if let Some(r) = snapshot.regions.get(region) {
-            headers.insert(HEADER_REGION, r.header.clone());
+    let mut headers = forwardable(&upstream.head.headers);
+    if let Some(r) = state.region.and_then(|r| snapshot.regions.get(r)) {
+        headers.insert(HEADER_REGION, r.header.clone());
+    }
+    let mut writer: Option<Box<CacheWriter>> = None;
+    if let Some(ticket) = cache.ticket.take() {
+        // After `x-meridian-region` is set, so the stored entry remembers the region that made it.
+        let now = SystemTime::now();
+        let had_stale = ticket.status() == CacheStatus::Expired;
+        if status.as_u16() >= 500 && had_stale {
+            if let Some(served) = ticket.stale_on_error(now) {
+                return write_served(stream, loaded, &served).await;
+            }
+            cache.status = Some(CacheStatus::Expired);
+        } else if let Some(edge_cache) = edge_cache {
+            let admission = edge_cache
+                .cache()
+                .admit(ticket, status.as_u16(), &headers, now)
+                .await;
+            let result = admission.status();
+            cache.status = Some(if result == CacheStatus::Miss && had_stale {
+                CacheStatus::Expired
+            } else {
+                result
+            });
+            match admission {
+                Admission::Store(w) => writer = Some(w),
+                Admission::Pass(_) => {}
+                Admission::Revalidated(served) => {
+                    return write_served(stream, loaded, &served).await;
+                }
+            }
         }
-        headers.insert(HEADER_POP, snapshot.pop_header.clone());
+    }
+    if let Some(cache_status) = cache.status {
+        headers.insert(HEADER_CACHE, cache_status.header_value());
+    }
+    headers.insert(HEADER_POP, snapshot.pop_header.clone());
+    let mut response = Response::builder().status(status);
+    if let Some(h) = response.headers_mut() {
+        *h = headers;
     }
     let Ok(response) = response.body(()) else {
         return Err(502);
@@ -512,19 +882,66 @@ async fn relay(
     loop {
         match upstream.next_chunk().await {
             Ok(Some(chunk)) => {
+                if let Some(w) = writer.as_mut() {
+                    w.push(&chunk);
+                }
+                if let Some(inference) = state.inference.as_deref_mut() {
+                    inference.on_body(Some(&chunk));
+                }
                 if stream.send_data(chunk).await.is_err() {
+                    // The client went away: nothing is stored (followers fetch on their own).
                     return Err(0);
                 }
             }
-            Ok(None) => return Ok(status.as_u16()),
+            Ok(None) => {
+                if let Some(w) = writer.take().filter(|w| !w.is_abandoned()) {
+                    w.finish().await;
+                }
+                return Ok(status.as_u16());
+            }
             Err(e) => {
-                // Headers are gone already: all we can do is cut the stream.
+                // Headers are gone already: all we can do is cut the stream (nothing is stored).
                 tracing::debug!("HTTP/3 response body: {e}");
                 stream.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
                 return Ok(status.as_u16());
             }
         }
     }
+}
+
+/// A response from the cache: the stored headers (with `Age`, `x-meridian-cache` and the
+/// `x-meridian-region` that produced it), this edge's pop, the body length — as on TCP.
+async fn write_served(
+    stream: &mut RequestStream,
+    loaded: &Loaded,
+    served: &Served,
+) -> Result<u16, u16> {
+    let status = served.status_code();
+    let mut headers = served.headers();
+    headers.insert(HEADER_POP, loaded.snapshot.pop_header.clone());
+    if !served.not_modified {
+        headers.insert(
+            http::header::CONTENT_LENGTH,
+            HeaderValue::from(served.entry.body_len),
+        );
+    }
+    let mut response = Response::builder()
+        .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR));
+    if let Some(h) = response.headers_mut() {
+        *h = headers;
+    }
+    let Ok(response) = response.body(()) else {
+        return Err(500);
+    };
+    if stream.send_response(response).await.is_err() {
+        return Err(0);
+    }
+    for chunk in served.body() {
+        if stream.send_data(chunk.clone()).await.is_err() {
+            return Err(0);
+        }
+    }
+    Ok(status)
 }
 
 /// The edge's own answer: same JSON body and headers as the TCP front.
@@ -535,16 +952,59 @@ async fn send_error(
     status: u16,
     message: &str,
 ) -> Result<u16, u16> {
+    send_error_with(stream, loaded, region, status, message, false).await
+}
+
+/// [`send_error`], with `Retry-After: 1` when the refusal is temporary (every region down or full).
+async fn send_error_with(
+    stream: &mut RequestStream,
+    loaded: &Loaded,
+    region: Option<usize>,
+    status: u16,
+    message: &str,
+    retry_after: bool,
+) -> Result<u16, u16> {
     let snapshot = &loaded.snapshot;
     let body = reply::error_body(snapshot, status, message);
+    let mut extra = HeaderMap::new();
+    if retry_after {
+        extra.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    if let Some(r) = region.and_then(|r| snapshot.regions.get(r)) {
+        extra.insert(HEADER_REGION, r.header.clone());
+    }
+    send_json(stream, loaded, status, Some(extra), body).await
+}
+
+/// An OpenAI-style error of an inference route (as `inference::openai::send_error` on TCP).
+async fn send_api_error(
+    stream: &mut RequestStream,
+    loaded: &Loaded,
+    error: &ApiError,
+) -> Result<u16, u16> {
+    let mut extra = HeaderMap::new();
+    if let Some(seconds) = error.retry_after {
+        extra.insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+    send_json(stream, loaded, error.status, Some(extra), error.body()).await
+}
+
+/// A complete JSON response written by the edge, with `x-meridian-pop`.
+async fn send_json(
+    stream: &mut RequestStream,
+    loaded: &Loaded,
+    status: u16,
+    extra: Option<HeaderMap>,
+    body: Bytes,
+) -> Result<u16, u16> {
     let mut response = Response::builder()
         .status(StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR))
         .header(http::header::CONTENT_TYPE, "application/json")
         .header(http::header::CONTENT_LENGTH, body.len());
     if let Some(headers) = response.headers_mut() {
-        headers.insert(HEADER_POP, snapshot.pop_header.clone());
-        if let Some(r) = region.and_then(|r| snapshot.regions.get(r)) {
-            headers.insert(HEADER_REGION, r.header.clone());
+        headers.insert(HEADER_POP, loaded.snapshot.pop_header.clone());
+        if let Some(extra) = extra {
+            headers.extend(extra);
         }
     }
     let Ok(response) = response.body(()) else {

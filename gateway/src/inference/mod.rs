@@ -14,7 +14,7 @@
 //! Other paths on an inference route are proxied like any route (no model, route-level regions).
 
 mod metrics;
-mod openai;
+pub mod openai;
 pub mod ratelimit;
 pub mod usage;
 
@@ -98,6 +98,66 @@ impl Outcome {
     }
 }
 
+/// A refused model call: the error to answer with, and the request's inference state when the
+/// refusal still counts in the inference metrics.
+pub type Refused = (ApiError, Option<Box<InferenceCtx>>);
+
+/// What an inference route does with a request, before any body is read (transport-free).
+pub enum Entry {
+    /// Not an OpenAI endpoint: proxy it like any route.
+    Pass,
+    /// Answer with this error (authentication).
+    Refused(ApiError),
+    /// `GET /v1/models`: answer `200` with this JSON body.
+    Models(Bytes),
+    /// A model call: read the body (at most `max_body_bytes`, `413` beyond), then
+    /// [`InferenceState::route_call`].
+    ModelCall { key: KeyHash, max_body_bytes: u64 },
+}
+
+/// Classifies a request on inference route `route` and authenticates its caller.
+pub fn entry(
+    snapshot: &Snapshot,
+    route: usize,
+    method: &http::Method,
+    path: &str,
+    authorization: Option<&http::HeaderValue>,
+) -> Entry {
+    let is_models = path == "/v1/models" && method == http::Method::GET;
+    let is_model_call = method == http::Method::POST && MODEL_ENDPOINTS.contains(&path);
+    if !is_models && !is_model_call {
+        return Entry::Pass;
+    }
+    let key = match authenticate(snapshot, authorization) {
+        Ok(key) => key,
+        Err(error) => return Entry::Refused(error),
+    };
+    if is_models {
+        return Entry::Models(openai::models_body(snapshot, route));
+    }
+    let max_body_bytes = snapshot
+        .config
+        .routes
+        .get(route)
+        .and_then(|r| r.inference.as_ref())
+        .map(|i| i.max_body_bytes)
+        .unwrap_or_else(|| meridian_config::inference::RouteInference::default().max_body_bytes);
+    Entry::ModelCall {
+        key,
+        max_body_bytes,
+    }
+}
+
+/// The `413` of a model call whose body is over `max` bytes.
+pub fn body_too_large(max: u64) -> ApiError {
+    ApiError::new(
+        413,
+        "invalid_request_error",
+        "request_too_large",
+        format!("request body larger than {max} bytes (routes[].inference.max_body_bytes)"),
+    )
+}
+
 #[derive(serde::Deserialize)]
 struct Probe<'a> {
     #[serde(borrow, default)]
@@ -133,25 +193,74 @@ impl InferenceState {
     ) -> Result<Outcome> {
         let snapshot = &loaded.snapshot;
         let req = session.req_header();
-        let path = req.uri.path();
-        let is_models = path == "/v1/models" && req.method == http::Method::GET;
-        let is_model_call = req.method == http::Method::POST && MODEL_ENDPOINTS.contains(&path);
-        if !is_models && !is_model_call {
-            return Ok(Outcome::pass());
-        }
-        let key = match authenticate(snapshot, req.headers.get(http::header::AUTHORIZATION)) {
-            Ok(key) => key,
+        let entry = entry(
+            snapshot,
+            decision.route,
+            &req.method,
+            req.uri.path(),
+            req.headers.get(http::header::AUTHORIZATION),
+        );
+        let (key, max_body_bytes) = match entry {
+            Entry::Pass => return Ok(Outcome::pass()),
+            Entry::Refused(error) => {
+                openai::send_error(session, snapshot, &error).await?;
+                return Ok(Outcome::answered(None));
+            }
+            Entry::Models(body) => {
+                let resp = ResponseHeader::build(200, Some(4))?;
+                openai::send_json(session, snapshot, resp, body).await?;
+                return Ok(Outcome::answered(None));
+            }
+            Entry::ModelCall {
+                key,
+                max_body_bytes,
+            } => (key, max_body_bytes),
+        };
+        let read_timeout = snapshot.routes[decision.route].read_timeout;
+        let body = match read_body(session, max_body_bytes, read_timeout).await {
+            Ok(body) => body,
             Err(error) => {
                 openai::send_error(session, snapshot, &error).await?;
                 return Ok(Outcome::answered(None));
             }
         };
-        if is_models {
-            let resp = ResponseHeader::build(200, Some(4))?;
-            let body = openai::models_body(snapshot, decision.route);
-            openai::send_json(session, snapshot, resp, body).await?;
-            return Ok(Outcome::answered(None));
+        let req = session.req_header();
+        let Some(host) = crate::proxy::forward::host(req) else {
+            return Ok(Outcome::pass());
+        };
+        let view = RequestView {
+            host,
+            path: req.uri.path(),
+            client,
+        };
+        match self.route_call(snapshot, decision, key, &view, geoip, started, &body) {
+            Ok((decision, ctx)) => Ok(Outcome {
+                answered: false,
+                decision: Some(decision),
+                ctx: Some(ctx),
+            }),
+            Err((error, ctx)) => {
+                openai::send_error(session, snapshot, &error).await?;
+                Ok(Outcome::answered(ctx))
+            }
         }
+    }
+
+    /// The model call, once its body is read (transport-free: every front calls this): finds the
+    /// model, applies the caller's rate limit, and picks the regions serving that model. On a
+    /// refusal, the error to answer with (and the request's inference state when it counts in
+    /// the inference metrics).
+    #[allow(clippy::too_many_arguments)]
+    pub fn route_call(
+        &self,
+        snapshot: &Snapshot,
+        decision: RouteDecision,
+        key: KeyHash,
+        view: &RequestView<'_>,
+        geoip: &GeoIp,
+        started: Instant,
+        body: &[u8],
+    ) -> std::result::Result<(RouteDecision, Box<InferenceCtx>), Refused> {
         let route = &snapshot.routes[decision.route];
         let settings = snapshot
             .config
@@ -159,15 +268,7 @@ impl InferenceState {
             .get(decision.route)
             .and_then(|r| r.inference.clone())
             .unwrap_or_default();
-
-        let body = match read_body(session, settings.max_body_bytes, route.read_timeout).await {
-            Ok(body) => body,
-            Err(error) => {
-                openai::send_error(session, snapshot, &error).await?;
-                return Ok(Outcome::answered(None));
-            }
-        };
-        let name = match serde_json::from_slice::<Probe<'_>>(&body) {
+        let name = match serde_json::from_slice::<Probe<'_>>(body) {
             Ok(Probe { model: Some(name) }) => name,
             Ok(Probe { model: None }) => {
                 let error = ApiError::new(
@@ -176,8 +277,7 @@ impl InferenceState {
                     "missing_model",
                     "you must provide a model parameter".into(),
                 );
-                openai::send_error(session, snapshot, &error).await?;
-                return Ok(Outcome::answered(None));
+                return Err((error, None));
             }
             Err(e) => {
                 let error = ApiError::new(
@@ -186,8 +286,7 @@ impl InferenceState {
                     "invalid_json",
                     format!("the request body is not valid JSON: {e}"),
                 );
-                openai::send_error(session, snapshot, &error).await?;
-                return Ok(Outcome::answered(None));
+                return Err((error, None));
             }
         };
         let served_here = snapshot.models.resolve(&name).filter(|&id| {
@@ -205,8 +304,7 @@ impl InferenceState {
                 "model_not_found",
                 format!("The model `{name}` does not exist or is not served here"),
             );
-            openai::send_error(session, snapshot, &error).await?;
-            return Ok(Outcome::answered(None));
+            return Err((error, None));
         };
         let ctx = Box::new(InferenceCtx {
             model,
@@ -242,32 +340,18 @@ impl InferenceState {
                     ),
                 );
                 error.retry_after = Some(retry_after);
-                openai::send_error(session, snapshot, &error).await?;
-                return Ok(Outcome::answered(Some(ctx)));
+                return Err((error, Some(ctx)));
             }
         }
 
-        let req = session.req_header();
-        let Some(host) = crate::proxy::forward::host(req) else {
-            return Ok(Outcome::pass());
-        };
-        let view = RequestView {
-            host,
-            path: req.uri.path(),
-            client,
-        };
         match decide_for_model(
             snapshot,
-            &view,
+            view,
             |ip| geoip.lookup(ip),
             crate::clock::now_ms(),
             model,
         ) {
-            Ok(decision) => Ok(Outcome {
-                answered: false,
-                decision: Some(decision),
-                ctx: Some(ctx),
-            }),
+            Ok(decision) => Ok((decision, ctx)),
             Err(refusal) => {
                 let reason = match refusal {
                     Refusal::Residency { country, .. } => format!(
@@ -286,8 +370,7 @@ impl InferenceState {
                 if matches!(refusal, Refusal::Unavailable { .. }) {
                     error.retry_after = Some(1);
                 }
-                openai::send_error(session, snapshot, &error).await?;
-                Ok(Outcome::answered(Some(ctx)))
+                Err((error, Some(ctx)))
             }
         }
     }
@@ -351,12 +434,27 @@ pub fn refused(
     response: &ResponseHeader,
     now_ms: u64,
 ) -> bool {
-    let status = response.status.as_u16();
+    refused_status(
+        snapshot,
+        region,
+        response.status.as_u16(),
+        &response.headers,
+        now_ms,
+    )
+}
+
+/// [`refused`] on a plain status and header map (every front calls this).
+pub fn refused_status(
+    snapshot: &Snapshot,
+    region: Option<usize>,
+    status: u16,
+    headers: &http::HeaderMap,
+    now_ms: u64,
+) -> bool {
     if status != 429 && status != 503 {
         return false;
     }
-    let retry_after = response
-        .headers
+    let retry_after = headers
         .get(http::header::RETRY_AFTER)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
@@ -424,14 +522,7 @@ async fn read_body(
     max: u64,
     read_timeout: Duration,
 ) -> std::result::Result<Bytes, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            413,
-            "invalid_request_error",
-            "request_too_large",
-            format!("request body larger than {max} bytes (routes[].inference.max_body_bytes)"),
-        )
-    };
+    let too_large = || body_too_large(max);
     let declared = session
         .req_header()
         .headers

@@ -115,7 +115,6 @@ impl EdgeCache {
         loaded: &Arc<Loaded>,
         route: usize,
     ) -> Option<(Lookup, Option<(String, String)>)> {
-        let policy = self.policy(loaded, route)?;
         let req = session.req_header();
         let host = forward::host(req)?;
         let view = CacheRequest {
@@ -125,14 +124,31 @@ impl EdgeCache {
             path_and_query: req.uri.path_and_query().map_or("/", |p| p.as_str()),
             headers: &req.headers,
         };
-        let lookup = self.cache.lookup(&view, &policy, SystemTime::now()).await;
+        self.lookup_request(loaded, route, &view).await
+    }
+
+    /// The transport-free lookup every front calls: `None` when route `route` does not cache.
+    /// The `String`s are the host and path a background refresh needs (built only for that case).
+    pub(crate) async fn lookup_request(
+        &self,
+        loaded: &Arc<Loaded>,
+        route: usize,
+        view: &CacheRequest<'_>,
+    ) -> Option<(Lookup, Option<(String, String)>)> {
+        let policy = self.policy(loaded, route)?;
+        let lookup = self.cache.lookup(view, &policy, SystemTime::now()).await;
         let target = match &lookup {
             Lookup::Stale {
                 refresh: Some(_), ..
-            } => Some((host.to_string(), view.path_and_query.to_string())),
+            } => Some((view.host.to_string(), view.path_and_query.to_string())),
             _ => None,
         };
         Some((lookup, target))
+    }
+
+    /// The cache itself, for `admit` on a fetched response.
+    pub(crate) fn cache(&self) -> &ResponseCache {
+        &self.cache
     }
 
     /// `request_filter`, after routing: serve from the cache (`Ok(true)`), or note what the
@@ -280,7 +296,7 @@ impl EdgeCache {
     }
 
     /// stale-while-revalidate: one fetch off the client's path, fed to the cache like a miss.
-    fn spawn_refresh(
+    pub(crate) fn spawn_refresh(
         &self,
         ticket: Ticket,
         loaded: Arc<Loaded>,

@@ -4,7 +4,7 @@
 pub(crate) mod cached;
 pub(crate) mod forward;
 pub(crate) mod reply;
-mod retry;
+pub(crate) mod retry;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,7 +21,6 @@ use pingora_http::{RequestHeader, ResponseHeader};
 
 use crate::clock;
 use crate::core::client::client_ip;
-use crate::core::select::{pick_upstream, region_verdict, RegionVerdict};
 use crate::core::snapshot::InflightGuard;
 use crate::core::state::RegionGuard;
 use crate::core::{decide, Refusal, RequestView, RouteDecision};
@@ -29,8 +28,7 @@ use crate::reload::{Loaded, SnapshotStore};
 
 pub use forward::{HEADER_POP, HEADER_REGION};
 
-/// Upper bound on tries per request, whatever a route asks for (config caps it at 10).
-const MAX_TRIES: usize = 10;
+use retry::MAX_TRIES;
 
 pub struct EdgeProxy {
     store: Arc<SnapshotStore>,
@@ -41,14 +39,16 @@ pub struct EdgeProxy {
     alt_svc: Option<http::HeaderValue>,
     /// The edge's response cache (issue 6), shared with the admin listener.
     cache: Option<Arc<cached::EdgeCache>>,
-    /// Inference rate limits and metrics (issue 8).
-    inference: crate::inference::InferenceState,
+    /// Inference rate limits and metrics (issue 8), shared with the HTTP/3 front.
+    inference: Arc<crate::inference::InferenceState>,
 }
 
 impl EdgeProxy {
     pub fn new(store: Arc<SnapshotStore>, geoip: Arc<GeoIp>) -> Self {
         Self {
-            inference: crate::inference::InferenceState::new(store.metrics().registry()),
+            inference: Arc::new(crate::inference::InferenceState::new(
+                store.metrics().registry(),
+            )),
             store,
             geoip,
             rotation: AtomicUsize::new(0),
@@ -61,6 +61,17 @@ impl EdgeProxy {
     pub fn with_cache(mut self, cache: Option<crate::cache::ResponseCache>) -> Self {
         self.cache = cache.map(|c| Arc::new(cached::EdgeCache::new(c)));
         self
+    }
+
+    /// The response cache this front uses, for the HTTP/3 front to share (same entries,
+    /// coalescing and policies on every protocol).
+    pub(crate) fn edge_cache(&self) -> Option<Arc<cached::EdgeCache>> {
+        self.cache.clone()
+    }
+
+    /// Inference rate-limit windows and metrics, for the HTTP/3 front to share.
+    pub fn inference_state(&self) -> Arc<crate::inference::InferenceState> {
+        Arc::clone(&self.inference)
     }
 
     /// Advertise HTTP/3 (`Alt-Svc`) on responses to TLS clients.
@@ -95,14 +106,6 @@ pub struct RequestCtx {
     cache: cached::CacheState,
     /// Model, caller and usage of an inference request (issue 8).
     inference: Option<Box<crate::inference::InferenceCtx>>,
-}
-
-impl RequestCtx {
-    fn was_tried(&self, region: usize, upstream: usize) -> bool {
-        self.tried[..self.tries]
-            .iter()
-            .any(|&(r, u)| usize::from(r) == region && usize::from(u) == upstream)
-    }
 }
 
 impl EdgeProxy {
@@ -319,23 +322,17 @@ impl ProxyHttp for EdgeProxy {
                 "overall deadline (timeouts.total) passed; no new try",
             );
         }
-        while let Some(region_index) = decision.candidates.get(ctx.region_pos) {
+        let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
+        if let Some((region_index, upstream_index)) = retry::next_upstream(
+            snapshot,
+            &decision,
+            &mut ctx.region_pos,
+            &ctx.tried[..ctx.tries],
+            rotation,
+            now,
+            &mut ctx.retry_reason,
+        ) {
             let region = &snapshot.regions[region_index];
-            // Health and capacity are checked again at each try: they change under our feet.
-            let verdict = region_verdict(region, now);
-            let picked = if verdict == RegionVerdict::Available && ctx.tries < MAX_TRIES {
-                let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
-                pick_upstream(region, now, rotation, |u| ctx.was_tried(region_index, u))
-            } else {
-                if verdict != RegionVerdict::Available && ctx.retry_reason.is_none() {
-                    ctx.retry_reason = Some(verdict.reason());
-                }
-                None
-            };
-            let Some(upstream_index) = picked else {
-                ctx.region_pos += 1;
-                continue;
-            };
             let upstream = &region.upstreams[upstream_index];
             ctx.tried[ctx.tries] = (region_index as u16, upstream_index as u16);
             ctx.tries += 1;

@@ -33,6 +33,8 @@ pub struct LoadedCert {
     pub key: CertifiedKey,
     /// Set when the certificate expires within the warning window.
     pub warning: Option<String>,
+    /// The leaf's notAfter (exported as `meridian_tls_certificate_expiry_timestamp_seconds`).
+    pub not_after: SystemTime,
 }
 
 /// Reads `cert` (PEM chain, leaf first) and `key` (PEM private key) and checks them at `now`.
@@ -106,6 +108,7 @@ pub fn load_certified_key(
     Ok(LoadedCert {
         key: certified,
         warning,
+        not_after,
     })
 }
 

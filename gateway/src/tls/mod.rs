@@ -42,6 +42,8 @@ pub struct CertTable {
     /// Keyed by the parent domain (`example.test` for `*.example.test`).
     wildcard: HashMap<String, Arc<CertifiedKey>>,
     default: Option<Arc<CertifiedKey>>,
+    /// (first host of the certificate entry, leaf notAfter), for the expiry metric.
+    expiries: Vec<(String, SystemTime)>,
     /// What this table was built from, to notice changes (section and file modification times).
     source: Option<(TlsSection, Vec<Option<SystemTime>>)>,
 }
@@ -62,6 +64,11 @@ impl CertTable {
             if let Some(warning) = loaded.warning {
                 warnings.push(warning);
             }
+            if let Some(first) = entry.hosts.first() {
+                table
+                    .expiries
+                    .push((first.to_ascii_lowercase(), loaded.not_after));
+            }
             let key = Arc::new(loaded.key);
             for host in &entry.hosts {
                 let host = host.to_ascii_lowercase();
@@ -76,6 +83,11 @@ impl CertTable {
         }
         table.source = Some((section.clone(), modification_times(section, base)));
         Ok((table, warnings))
+    }
+
+    /// Each certificate entry's first host and its leaf's notAfter.
+    pub fn expiries(&self) -> &[(String, SystemTime)] {
+        &self.expiries
     }
 
     /// The certificate for `sni` (any case, optional trailing dot), else the default.
@@ -123,6 +135,13 @@ fn modification_times(section: &TlsSection, base: Option<&Path>) -> Vec<Option<S
 /// which makes rustls abort the handshake.
 pub struct CertResolver {
     table: ArcSwap<CertTable>,
+}
+
+impl CertResolver {
+    /// Each certificate's first host and notAfter, from the table serving now.
+    pub fn expiries(&self) -> Vec<(String, SystemTime)> {
+        self.table.load().expiries().to_vec()
+    }
 }
 
 impl std::fmt::Debug for CertResolver {
@@ -290,6 +309,7 @@ pub async fn follow(
                 for warning in warnings {
                     tracing::warn!("{warning}");
                 }
+                metrics.record_certificates(table.expiries());
                 resolver.replace(table);
                 metrics.reloads.with_label_values(&["ok"]).inc();
                 last_error = None;
