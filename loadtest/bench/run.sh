@@ -5,7 +5,8 @@
 #   bash loadtest/bench/run.sh                 # 10 s per run, 2 interleaved rounds
 #   DURATION=5s ROUNDS=1 bash loadtest/bench/run.sh
 #   Env: DURATION, ROUNDS, CONNECTIONS (64), RATE (open loop, 5000/s), LOADGEN_THREADS (1),
-#        OUT (JSON dir), MERIDIAN_BIN (skip building meridian), CARGO_TARGET_DIR.
+#        OUT (JSON dir), MERIDIAN_BIN (skip building meridian), CARGO_TARGET_DIR,
+#        CACHE_ONLY=1 (only the cache-hit scenario).
 #
 # Traffic stays on 127.0.0.0/8; every process started here is stopped on exit.
 set -euo pipefail
@@ -189,6 +190,16 @@ path_prefix = "/"
 kind = "api"
 regions = ["bench"]
 default_region = "bench"
+
+# Cache-hit scenario: the same origin behind the response cache ([edge.cache] defaults).
+[[routes]]
+name = "bench-cache"
+hosts = ["bench.example.test"]
+path_prefix = "/cached"
+kind = "api"
+regions = ["bench"]
+default_region = "bench"
+cache = { enabled = true, default_ttl = "60s" }
 CONF
 "$MERIDIAN" config validate "$WORK/meridian.toml" >&2
 "$MERIDIAN" serve --config "$WORK/meridian.toml" >"$WORK/meridian.log" 2>&1 &
@@ -227,8 +238,8 @@ PY
   log "$scenario / $proxy / round $round: $(grep -E '^  (throughput|latency) ' "$WORK/last.txt" | tr -s ' ' | tr '\n' ';')"
 }
 
-# Scenarios: name, path, extra loadtest args. Meridian has no response cache yet, so the cache
-# scenario runs against NGINX proxy_cache only (reported, not ratioed).
+# Scenarios: name, path, extra loadtest args. The cache-hit scenario (path /cached) runs against
+# NGINX proxy_cache and Meridian's cache-enabled route only.
 declare -a SCEN_NAMES=("get-1k" "get-64k" "post-16k" "open-loop-${RATE}rps")
 declare -A SCEN_PATH=(["get-1k"]="/bench" ["get-64k"]="/bench?bytes=65536" ["post-16k"]="/bench"
                       ["open-loop-${RATE}rps"]="/bench")
@@ -236,6 +247,9 @@ declare -A SCEN_ARGS=(["get-1k"]="-c $CONNECTIONS -d $DURATION"
                       ["get-64k"]="-c $CONNECTIONS -d $DURATION"
                       ["post-16k"]="-c $CONNECTIONS -d $DURATION -m POST --body-file $WORK/post16k.bin"
                       ["open-loop-${RATE}rps"]="-c $CONNECTIONS -d $DURATION --rate $RATE")
+
+# CACHE_ONLY=1: only the cache-hit scenario (NGINX proxy_cache vs Meridian's cache).
+if [ "${CACHE_ONLY:-0}" = 1 ]; then SCEN_NAMES=(); fi
 
 for round in $(seq 1 "$ROUNDS"); do
   for scenario in "${SCEN_NAMES[@]}"; do
@@ -252,7 +266,14 @@ for round in $(seq 1 "$ROUNDS"); do
     done
   done
   PATH_QUERY="/cached"
-  run_one "cache-hit" "nginx-cache" "$NGINX_WORKER" "$NGINX_CACHE_PORT" "$round" -c "$CONNECTIONS" -d "$DURATION"
+  cache_order=("nginx-cache:$NGINX_WORKER:$NGINX_CACHE_PORT" "meridian-cache:$MERIDIAN_PID:$MERIDIAN_PORT")
+  if [ $((round % 2)) -eq 0 ]; then
+    cache_order=("meridian-cache:$MERIDIAN_PID:$MERIDIAN_PORT" "nginx-cache:$NGINX_WORKER:$NGINX_CACHE_PORT")
+  fi
+  for entry in "${cache_order[@]}"; do
+    IFS=: read -r proxy pid port <<<"$entry"
+    run_one "cache-hit" "$proxy" "$pid" "$port" "$round" -c "$CONNECTIONS" -d "$DURATION"
+  done
 done
 
 python3 "$BENCH/table.py" "$OUT" "$(nproc)" "$DURATION" "$CONNECTIONS" "$LOADGEN_THREADS" >"$BENCH/results.md"

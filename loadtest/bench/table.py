@@ -66,6 +66,18 @@ for scenario in scenarios:
         print(f"| {scenario} | {proxy} | {ratio(a['rps'], n['rps'])} | {ratio(a['p50'], n['p50'])} | "
               f"{ratio(a['p99'], n['p99'])} | {ratio(a['cpu10k'], n['cpu10k'])} | {ratio(a['rss'], n['rss'])} | "
               f"{a['failed']} | {vs_best} |")
+if ("cache-hit", "nginx-cache") in runs and ("cache-hit", "meridian-cache") in runs:
+    c = agg(runs[("cache-hit", "nginx-cache")])
+    m = agg(runs[("cache-hit", "meridian-cache")])
+    hits = sum(r.get("cache", {}).get("hit", 0) for r in runs[("cache-hit", "meridian-cache")])
+    print("\nCache hit, Meridian (cache-enabled route) relative to NGINX proxy_cache, same origin and load:\n")
+    print("| scenario | proxy | requests/s | p50 | p99 | CPU s / 10k req | peak RSS | failed |")
+    print("|---|---|---|---|---|---|---|---|")
+    for proxy, a in (("nginx-cache", c), ("meridian-cache", m)):
+        print(f"| cache-hit | {proxy} | {ratio(a['rps'], c['rps'])} | {ratio(a['p50'], c['p50'])} | "
+              f"{ratio(a['p99'], c['p99'])} | {ratio(a['cpu10k'], c['cpu10k'])} | {ratio(a['rss'], c['rss'])} | "
+              f"{a['failed']} |")
+    print(f"\nMeridian answers with `x-meridian-cache: hit`: {hits} of {m['responses']}.")
 if ("cache-hit", "nginx-cache") in runs and ("get-1k", "nginx") in runs:
     c = agg(runs[("cache-hit", "nginx-cache")])
     n = agg(runs[("get-1k", "nginx")])
