@@ -90,6 +90,8 @@ pub struct Edge {
     pub shutdown_timeout: HumanDuration,
     /// The response cache shared by every front; routes opt in with `cache.enabled`.
     pub cache: EdgeCache,
+    /// `[edge.access_log]`: one JSON line per request (issue 11), off by default.
+    pub access_log: AccessLog,
 }
 
 impl Default for Edge {
@@ -106,6 +108,26 @@ impl Default for Edge {
             shutdown_grace: HumanDuration::secs(1),
             shutdown_timeout: HumanDuration::secs(5),
             cache: EdgeCache::default(),
+            access_log: AccessLog::default(),
+        }
+    }
+}
+
+/// `[edge.access_log]`: structured access logs through `tracing` (target `meridian::access`).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AccessLog {
+    /// Off by default: with it off the request path does no access-log work at all.
+    pub enabled: bool,
+    /// Fraction of requests logged, `0.0..=1.0` (1.0: every request).
+    pub sample: f64,
+}
+
+impl Default for AccessLog {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            sample: 1.0,
         }
     }
 }

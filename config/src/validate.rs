@@ -65,6 +65,9 @@ fn validate_edge(edge: &Edge, errors: &mut Errors) {
     if edge.threads == 0 || edge.threads > 256 {
         errors.push("edge.threads", "must be between 1 and 256");
     }
+    if !(0.0..=1.0).contains(&edge.access_log.sample) {
+        errors.push("edge.access_log.sample", "must be between 0.0 and 1.0");
+    }
     let limits = &edge.limits;
     if !(1024..=1024 * 1024).contains(&limits.max_header_bytes) {
         errors.push(

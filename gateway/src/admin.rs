@@ -1,5 +1,6 @@
-//! The admin listener (loopback only): `/metrics`, `/healthz`, `/admin/snapshot`, and
-//! `POST /admin/cache/purge` (bearer token from `[edge.admin] token_file`).
+//! The admin listener (loopback only): `/` (status page), `/admin/status.json`, `/metrics`,
+//! `/healthz`, `/admin/snapshot`, and `POST /admin/cache/purge` (bearer token from
+//! `[edge.admin] token_file`).
 
 use std::sync::Arc;
 
@@ -78,6 +79,15 @@ async fn handle(
             )
         }
         "/admin/regions" => httpd::json(StatusCode::OK, &regions_json(&store)),
+        // The operator status page (issue 11) and the document it polls.
+        "/" => httpd::respond(
+            StatusCode::OK,
+            "text/html; charset=utf-8",
+            crate::status_page::status_html(&store).into_bytes(),
+        ),
+        "/admin/status.json" => {
+            httpd::json(StatusCode::OK, &crate::status_page::status_json(&store))
+        }
         "/healthz" => httpd::text(StatusCode::OK, "ok\n"),
         "/admin/snapshot" => httpd::json(StatusCode::OK, &snapshot_json(&store)),
         _ => httpd::json(

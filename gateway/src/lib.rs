@@ -1,5 +1,6 @@
 //! Meridian's edge gateway: the routing core, the transport adapters around it, and the process glue.
 
+pub mod access_log;
 pub mod admin;
 pub mod cache;
 pub mod clock;
@@ -16,5 +17,6 @@ pub mod model_server;
 pub mod origin;
 pub mod proxy;
 pub mod reload;
+pub mod status_page;
 pub mod tls;
 pub mod upstream_client;

@@ -168,9 +168,25 @@ fn main() -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    // Access logs (issue 11) are JSON lines on stdout, governed by [edge.access_log] rather than
+    // MERIDIAN_LOG; every other event goes to stderr through the usual formatter.
+    let filter = match "meridian::access=off".parse() {
+        Ok(directive) => filter.add_directive(directive),
+        Err(_) => filter,
+    };
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+    let access = meridian_gateway::access_log::AccessLogLayer::new(std::io::stdout).with_filter(
+        tracing_subscriber::filter::filter_fn(meridian_gateway::access_log::is_access_log),
+    );
+    tracing_subscriber::registry()
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_filter(filter),
+        )
+        .with(access)
         .init();
 }
 

@@ -182,6 +182,7 @@ async fn handle(
     let shaping = ResponseShaping::from_query(req.uri().query().unwrap_or(""));
     let (accept_encoding, if_none_match) = (header("accept-encoding"), header("if-none-match"));
     let forwarded_host = header("x-forwarded-host");
+    let traceparent = header("traceparent");
     let (body_bytes, body_sha256) = match req.into_body().collect().await {
         Ok(body) => {
             let body = body.to_bytes();
@@ -210,6 +211,7 @@ async fn handle(
                 "x_request_id": request_id,
                 "accept_encoding": accept_encoding,
                 "x_forwarded_host": forwarded_host,
+                "traceparent": traceparent,
                 "body_bytes": body_bytes,
                 "body_sha256": body_sha256,
                 "request": request_number,

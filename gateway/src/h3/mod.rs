@@ -288,6 +288,12 @@ struct RequestState {
     /// Counts the request in its region's in-flight total (`max_inflight`) while it runs.
     region_inflight: Option<RegionGuard>,
     inference: Option<Box<InferenceCtx>>,
+    /// Access-log facts (issue 11); `None` unless this request is logged.
+    access: Option<Box<crate::access_log::UpstreamSide>>,
+    /// Body bytes relayed from an upstream (counted only when the request is logged).
+    bytes_sent: u64,
+    /// `x-meridian-cache` of a relayed upstream response.
+    cache: Option<CacheStatus>,
 }
 
 /// The response-cache side of a request that goes upstream.
@@ -302,6 +308,9 @@ async fn handle(req: Request<()>, mut stream: RequestStream, shared: &Shared, pe
     let started = Instant::now();
     let loaded = shared.store.load();
     let mut state = RequestState::default();
+    if crate::access_log::sampled(&loaded.snapshot.config.edge.access_log) {
+        state.access = Some(Box::default());
+    }
     let status = match route_and_forward(
         &req,
         &mut stream,
@@ -338,6 +347,33 @@ async fn handle(req: Request<()>, mut stream: RequestStream, shared: &Shared, pe
         status,
         started.elapsed().as_secs_f64(),
     );
+    if let Some(mut side) = state.access.take() {
+        side.fill_from_client(req.headers());
+        let country = state.decision.and_then(|d| d.country);
+        // Bytes are counted where the h3 front relays an upstream body; the edge's own answers
+        // and cache hits are not measured here (`bytes_sent: null`).
+        let relayed = side.first_byte.is_some() && state.cache != Some(CacheStatus::Hit);
+        crate::access_log::emit(&crate::access_log::Entry {
+            protocol: Protocol::H3,
+            method: req.method().as_str(),
+            host: request_host(&req),
+            path: req.uri().path(),
+            status,
+            country: country.as_ref().map(|c| c.as_str()),
+            route: state
+                .route
+                .and_then(|r| snapshot.routes.get(r))
+                .map(|r| r.name.as_str()),
+            region: state
+                .region
+                .and_then(|r| snapshot.regions.get(r))
+                .map(|r| r.name.as_str()),
+            bytes_sent: relayed.then_some(state.bytes_sent),
+            cache: state.cache.map(|c| c.as_str()),
+            total: started.elapsed(),
+            side: &side,
+        });
+    }
 }
 
 /// Returns the status sent (0: the client went away before a response).
@@ -520,6 +556,9 @@ async fn route_and_forward(
         headers.insert(http::header::HOST, value);
     }
     set_forwarding_headers(&mut headers, client, "https");
+    if let Some(access) = state.access.as_deref_mut() {
+        access.note_upstream_headers(&headers);
+    }
     if let Some(ticket) = cache.ticket.as_ref() {
         // A leader fetches the full response for everyone; a revalidation asks with the stored
         // validators.
@@ -635,6 +674,9 @@ async fn try_upstreams(
             return Err(400);
         };
         let attempts = loaded.metrics.attempts.get(region_index);
+        if let Some(access) = state.access.as_deref_mut() {
+            access.upstream = Some(upstream.address);
+        }
         let result = shared
             .upstream
             .send(upstream.address, request, timeouts)
@@ -660,6 +702,9 @@ async fn try_upstreams(
         };
         match result {
             Ok(response) => {
+                if let Some(access) = state.access.as_deref_mut() {
+                    access.first_byte = Some(forward.started.elapsed());
+                }
                 if let Some(series) = attempts {
                     series.ok.inc();
                 }
@@ -868,6 +913,7 @@ async fn relay(
     if let Some(cache_status) = cache.status {
         headers.insert(HEADER_CACHE, cache_status.header_value());
     }
+    state.cache = cache.status;
     headers.insert(HEADER_POP, snapshot.pop_header.clone());
     let mut response = Response::builder().status(status);
     if let Some(h) = response.headers_mut() {
@@ -887,6 +933,9 @@ async fn relay(
                 }
                 if let Some(inference) = state.inference.as_deref_mut() {
                     inference.on_body(Some(&chunk));
+                }
+                if state.access.is_some() {
+                    state.bytes_sent += chunk.len() as u64;
                 }
                 if stream.send_data(chunk).await.is_err() {
                     // The client went away: nothing is stored (followers fetch on their own).

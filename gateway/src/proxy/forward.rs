@@ -35,6 +35,12 @@ pub fn add_forwarding_headers(
     if let Some(id) = replacement_request_id(&req.headers) {
         req.insert_header(X_REQUEST_ID, id)?;
     }
+    if crate::access_log::needs_traceparent(&req.headers) {
+        req.insert_header(
+            crate::access_log::TRACEPARENT,
+            crate::access_log::new_traceparent(),
+        )?;
+    }
     Ok(())
 }
 
@@ -54,6 +60,7 @@ pub(crate) fn set_forwarding_headers(
             headers.insert(X_REQUEST_ID, value);
         }
     }
+    crate::access_log::propagate_traceparent(headers);
 }
 
 /// `X-Request-Id` to set, unless the client sent a sane one (kept as is).

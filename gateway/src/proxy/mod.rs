@@ -106,6 +106,8 @@ pub struct RequestCtx {
     cache: cached::CacheState,
     /// Model, caller and usage of an inference request (issue 8).
     inference: Option<Box<crate::inference::InferenceCtx>>,
+    /// Access-log facts (issue 11); `None` unless this request is logged.
+    access: Option<Box<crate::access_log::UpstreamSide>>,
 }
 
 impl EdgeProxy {
@@ -169,6 +171,7 @@ impl ProxyHttp for EdgeProxy {
             downstream: crate::tls::Downstream::default(),
             cache: cached::CacheState::default(),
             inference: None,
+            access: None,
         }
     }
 
@@ -177,6 +180,9 @@ impl ProxyHttp for EdgeProxy {
         ctx.downstream = crate::tls::Downstream::of(session, self.store.metrics());
         ctx.loaded = Some(Arc::clone(&loaded));
         let snapshot = &loaded.snapshot;
+        if crate::access_log::sampled(&snapshot.config.edge.access_log) {
+            ctx.access = Some(Box::default());
+        }
         let req = session.req_header();
 
         if let Some(refusal) = reply::check_limits(req, &snapshot.limits) {
@@ -343,6 +349,10 @@ impl ProxyHttp for EdgeProxy {
             ctx.region = Some(region_index);
             ctx.upstream = Some(upstream_index);
             ctx.inflight = Some(upstream.state.begin());
+            if let Some(access) = ctx.access.as_deref_mut() {
+                access.upstream = Some(upstream.address);
+                access.connect_started = Some(Instant::now());
+            }
             let mut peer = HttpPeer::new(upstream.address, false, String::new());
             peer.options.connection_timeout = Some(route.connect_timeout);
             peer.options.read_timeout = Some(route.read_timeout);
@@ -456,6 +466,9 @@ impl ProxyHttp for EdgeProxy {
         upstream_response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if let Some(access) = ctx.access.as_deref_mut() {
+            access.first_byte = Some(ctx.started.elapsed());
+        }
         let Some(loaded) = ctx.loaded.clone() else {
             return Ok(());
         };
@@ -512,7 +525,36 @@ impl ProxyHttp for EdgeProxy {
             }
         }
         cached::upstream_request_filter(&ctx.cache, upstream_request)?;
-        forward::add_forwarding_headers(upstream_request, ctx.client, ctx.downstream.scheme())
+        forward::add_forwarding_headers(upstream_request, ctx.client, ctx.downstream.scheme())?;
+        if let Some(access) = ctx.access.as_deref_mut() {
+            access.note_upstream_headers(&upstream_request.headers);
+        }
+        Ok(())
+    }
+
+    async fn connected_to_upstream(
+        &self,
+        _session: &mut Session,
+        reused: bool,
+        _peer: &HttpPeer,
+        #[cfg(unix)] _fd: std::os::unix::io::RawFd,
+        #[cfg(windows)] _sock: std::os::windows::io::RawSocket,
+        digest: Option<&pingora_core::protocols::Digest>,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if let Some(access) = ctx.access.as_deref_mut() {
+            // Pingora's own measurement of the TCP connect when it has one; else our clock.
+            let measured = digest
+                .and_then(|d| d.timing_digest.first())
+                .and_then(|t| t.as_ref())
+                .and_then(|t| t.establishment_duration);
+            access.connect = if reused {
+                Some(std::time::Duration::ZERO)
+            } else {
+                measured.or_else(|| access.connect_started.map(|t| t.elapsed()))
+            };
+        }
+        Ok(())
     }
 
     async fn response_filter(
@@ -633,5 +675,32 @@ impl ProxyHttp for EdgeProxy {
             status,
             ctx.started.elapsed().as_secs_f64(),
         );
+        if let Some(mut side) = ctx.access.take() {
+            let req = session.req_header();
+            side.fill_from_client(&req.headers);
+            let snapshot = &loaded.snapshot;
+            let country = ctx.decision.and_then(|d| d.country);
+            crate::access_log::emit(&crate::access_log::Entry {
+                protocol: ctx.downstream.protocol,
+                method: req.method.as_str(),
+                host: forward::host(req),
+                path: req.uri.path(),
+                status,
+                country: country.as_ref().map(|c| c.as_str()),
+                route: route
+                    .and_then(|r| snapshot.routes.get(r))
+                    .map(|r| r.name.as_str()),
+                region: ctx
+                    .region
+                    .and_then(|r| snapshot.regions.get(r))
+                    .map(|r| r.name.as_str()),
+                bytes_sent: Some(session.as_ref().body_bytes_sent() as u64),
+                cache: session
+                    .response_written()
+                    .and_then(|r| crate::access_log::cache_result(&r.headers)),
+                total: ctx.started.elapsed(),
+                side: &side,
+            });
+        }
     }
 }
