@@ -454,3 +454,44 @@ fn inference_metrics_count_requests_tokens_and_first_byte() {
         Some(1.0)
     );
 }
+
+#[test]
+fn a_long_stream_survives_config_reloads() {
+    let world = World::start_following(local_config());
+    for origin in world.origins_of("eu-central-1") {
+        origin.model.hold_stream_end(true);
+    }
+    let body = r#"{"model":"qwen-max","stream":true,"max_tokens":5,"messages":[]}"#;
+    let mut stream =
+        world
+            .runtime
+            .block_on(Stream::open(world.edge.http_addr, source_for("DE"), body));
+    assert_eq!(stream.region.as_deref(), Some("eu-central-1"));
+    assert_eq!(world.runtime.block_on(stream.events(5)).len(), 5);
+
+    // While the stream is open, Frankfurt stops serving qwen-max (and two more versions land).
+    let mut config = world.config.clone();
+    let eu = config
+        .regions
+        .iter_mut()
+        .find(|r| r.name == "eu-central-1")
+        .expect("eu-central-1");
+    eu.models.retain(|m| m != "qwen-max");
+    let mut last = 0;
+    for _ in 0..3 {
+        last = world.push(&config, "move qwen-max away from Frankfurt");
+    }
+    assert_eq!(world.wait_for_version(&world.edge, last), last);
+    // New requests follow the new version...
+    assert_eq!(
+        chat(&world, "DE", "qwen-max").region(),
+        Some("ap-southeast-1")
+    );
+    // ...while the stream that started on the old one finishes where it began.
+    for origin in world.origins_of("eu-central-1") {
+        origin.model.hold_stream_end(false);
+    }
+    let all = world.runtime.block_on(stream.events(7));
+    assert_eq!(all.len(), 7, "5 tokens, usage, [DONE]: {all:?}");
+    assert_eq!(all[6], "[DONE]");
+}
