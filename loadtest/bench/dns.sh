@@ -30,7 +30,7 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
-log() { printf '== %s\n' "$*" >&2; }
+source "$ROOT/loadtest/bench/lib.sh"
 
 # --- tools ---------------------------------------------------------------------------------------
 missing=()

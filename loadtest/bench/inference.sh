@@ -37,7 +37,7 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
-log() { printf '== %s\n' "$*" >&2; }
+source "$ROOT/loadtest/bench/lib.sh"
 
 command -v cmake >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >/dev/null; }
 if [ -n "${MERIDIAN_BIN:-}" ]; then
@@ -52,14 +52,6 @@ LOADTEST="$CARGO_TARGET_DIR/release/meridian-loadtest"
 mkdir -p "$OUT"
 rm -f "$OUT"/inference.*.json
 
-wait_port() {
-  for _ in $(seq 1 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "nothing listening on 127.0.0.1:$1" >&2
-  return 1
-}
 
 "$LOADTEST" origin --listen "127.0.0.1:$FAST_PORT" --threads 1 --sse-events 20 --sse-interval 0ms >"$WORK/fast.log" 2>&1 &
 PIDS+=($!)
@@ -118,7 +110,6 @@ for m in fast paced long; do
   printf '{"model":"bench-%s","stream":true,"messages":[{"role":"user","content":"Say hello"}]}' "$m" >"$WORK/$m.json"
 done
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
 # run_one SCENARIO TARGET(direct|edge) ROUND MODEL PORT CONNECTIONS
 run_one() {

@@ -41,7 +41,7 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-log() { printf '== %s\n' "$*" >&2; }
+source "$ROOT/loadtest/bench/lib.sh"
 
 # --- tools ---------------------------------------------------------------------------------------
 missing=()
@@ -74,15 +74,6 @@ LOADTEST="$CARGO_TARGET_DIR/release/meridian-loadtest"
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json
 
-wait_port() {
-  local port=$1
-  for _ in $(seq 1 100); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then return 0; fi
-    sleep 0.1
-  done
-  echo "nothing listening on 127.0.0.1:$port" >&2
-  return 1
-}
 
 # --- origin --------------------------------------------------------------------------------------
 "$LOADTEST" origin --listen "127.0.0.1:$ORIGIN_PORT" --threads 1 --body-bytes 1024 >"$WORK/origin.log" 2>&1 &
@@ -213,7 +204,6 @@ NGINX_WORKER="${NGINX_WORKER:-$NGINX_MASTER}"
 
 head -c 16384 /dev/zero | tr '\0' 'p' >"$WORK/post16k.bin"
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 peak_rss_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
 
 # run_one SCENARIO PROXY PID PORT ROUND [loadtest args...]
