@@ -27,6 +27,9 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let handler = Arc::new(handler);
+    // Connection tasks are tracked so that `serve` returns only once every connection is closed:
+    // a caller that stops a server (e.g. takes a simulated origin down) can rely on it being gone.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let (stream, _) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -36,11 +39,12 @@ where
                     continue;
                 }
             },
-            _ = stop.wait_for(|s| *s) => return,
+            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
+            _ = stop.wait_for(|s| *s) => break,
         };
         let handler = Arc::clone(&handler);
         let mut stop = stop.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let service = service_fn(move |req| {
                 let handler = Arc::clone(&handler);
                 async move { Ok::<_, Infallible>(handler(req).await) }
@@ -50,11 +54,15 @@ where
                 .serve_connection(TokioIo::new(stream), service);
             tokio::pin!(conn);
             tokio::select! {
-                _ = conn.as_mut() => {}
+                _ = conn.as_mut() => return,
                 _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
             }
+            // Idle keep-alive connections close at once; in-flight requests finish first.
+            let _ = conn.await;
         });
     }
+    drop(listener);
+    while connections.join_next().await.is_some() {}
 }
 
 pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {

@@ -15,6 +15,8 @@ use crate::httpd;
 
 /// Shared switches and counters for one origin.
 pub struct OriginControl {
+    /// Whether the origin is serving right now (follows `up` once the switch has taken effect).
+    serving: watch::Sender<bool>,
     pub region: String,
     pub address: SocketAddr,
     up: watch::Sender<bool>,
@@ -32,6 +34,13 @@ pub struct OriginControl {
 impl OriginControl {
     pub fn set_up(&self, up: bool) {
         self.up.send_replace(up);
+    }
+    /// [`set_up`](Self::set_up), then waits until the origin really is in that state: down means
+    /// its listener and every connection are closed (nothing pooled upstream can still reach it).
+    pub async fn set_up_and_settle(&self, up: bool) {
+        let mut serving = self.serving.subscribe();
+        self.set_up(up);
+        let _ = serving.wait_for(|s| *s == up).await;
     }
     pub fn is_up(&self) -> bool {
         *self.up.borrow()
@@ -70,6 +79,7 @@ pub async fn spawn(
         region: region.to_string(),
         address,
         up: watch::channel(true).0,
+        serving: watch::channel(true).0,
         delay_ms: AtomicU64::new(0),
         requests: AtomicU64::new(0),
         forced_status: AtomicU64::new(0),
@@ -113,6 +123,7 @@ async fn run(control: Arc<OriginControl>, first: TcpListener, mut stop: watch::R
         };
         // One stop signal for this "up" period: fires when going down or stopping for good.
         let (period_tx, period_rx) = watch::channel(false);
+        control.serving.send_replace(true);
         let handler_control = Arc::clone(&control);
         let server = httpd::serve(
             current,
@@ -138,6 +149,7 @@ async fn run(control: Arc<OriginControl>, first: TcpListener, mut stop: watch::R
         }
         period_tx.send_replace(true);
         server.await;
+        control.serving.send_replace(false);
         tokio::select! {
             _ = up.wait_for(|u| *u) => {}
             _ = stop.wait_for(|s| *s) => return,

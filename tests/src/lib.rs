@@ -232,9 +232,11 @@ impl World {
         self.origins.get(region).map(Vec::as_slice).unwrap_or(&[])
     }
 
+    /// Takes every origin of `region` down (listener and connections closed) or back up, and
+    /// returns once that has happened.
     pub fn set_region_up(&self, region: &str, up: bool) {
         for origin in self.origins_of(region) {
-            origin.set_up(up);
+            self.runtime.block_on(origin.set_up_and_settle(up));
         }
     }
 
