@@ -311,3 +311,68 @@ fn bad_certificate_files_are_refused_with_their_path() {
         .expect("an edge with a missing key does not start");
     assert!(err.to_string().contains("missing.key"), "{err}");
 }
+
+/// A pushed document whose certificates cannot be loaded is refused as a whole: its routing change
+/// does not land either, every broken file is named, and the next good document installs normally.
+#[test]
+fn a_document_with_unloadable_certificates_is_refused_whole() {
+    let world = World::start_following(local_config());
+    let served_by = |path: &str| {
+        let reply = world.get_from("US", "static.example.test", path);
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        reply
+            .header("x-meridian-region")
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert_eq!(served_by("/before"), "us-east");
+
+    // Version 2 moves `static` to Frankfurt and breaks both certificate entries.
+    let mut moved = world.config.clone();
+    let route = moved
+        .routes
+        .iter_mut()
+        .find(|r| r.name == "static")
+        .expect("static route");
+    route.regions = meridian_config::RegionSet::List(vec!["eu-central-1".into()]);
+    route.default_region = Some("eu-central-1".into());
+    // Entry 0 loses its key file; entry 1 gets entry 0's key, which does not match its certificate.
+    let mut broken = moved.clone();
+    broken.tls.certificates[0].key = world.path("tls/missing.key").display().to_string();
+    broken.tls.certificates[1].key = world.config.tls.certificates[0].key.clone();
+    let refused = world.push(&broken, "moves static, broken certificates");
+    assert_eq!(
+        world.metric_eventually(r#"meridian_config_reloads_total{result="invalid"}"#, 1.0),
+        Some(1.0),
+        "the edge refused version {refused}"
+    );
+    assert_eq!(world.wait_for_version_once(&world.edge), 1);
+    assert_eq!(served_by("/during"), "us-east", "routing did not move");
+    // The same check names both broken files in one error.
+    let err = CertTable::load(&broken.tls, None)
+        .err()
+        .expect("broken certificates");
+    let text = err.to_string();
+    assert!(
+        matches!(err, TlsError::Several(ref all) if all.len() == 2),
+        "{text}"
+    );
+    assert!(
+        text.contains("missing.key") && text.contains("other.crt"),
+        "{text}"
+    );
+
+    // Version 3: the same routing change with working certificates lands.
+    let fixed = world.push(&moved, "moves static");
+    assert_eq!(world.wait_for_version(&world.edge, fixed), fixed);
+    assert_eq!(served_by("/after"), "eu-central-1");
+    let reply = world.secure_request(
+        meridian_tests::secure::Secure::H2,
+        source_for("US"),
+        "static.example.test",
+        "/after-tls",
+        &[],
+    );
+    assert_eq!(reply.status, 200);
+    assert_eq!(reply.header("x-meridian-region"), Some("eu-central-1"));
+}

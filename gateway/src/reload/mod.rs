@@ -31,6 +31,9 @@ pub struct SnapshotStore {
     /// When following a config service, `[edge]` (pop name, listeners, limits) belongs to this
     /// process's boot file: a fleet shares one document, but every edge has its own name.
     pinned_edge: Option<meridian_config::Edge>,
+    /// This edge terminates TLS (it started with `edge.https`): a new document's certificates must
+    /// load before it is installed.
+    serves_tls: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -39,6 +42,10 @@ pub enum ApplyError {
     Parse(#[from] ConfigError),
     #[error(transparent)]
     Compile(#[from] CompileError),
+    /// The document's `[tls]` certificates cannot be loaded on this edge: the whole document is
+    /// refused, so routing never moves to hosts whose certificates are not being served.
+    #[error("tls.certificates: {0}")]
+    Certificates(#[from] crate::tls::TlsError),
 }
 
 impl SnapshotStore {
@@ -51,6 +58,7 @@ impl SnapshotStore {
     ) -> Result<Self, CompileError> {
         resolve_paths(&mut config, base_dir.as_deref());
         let pinned_edge = pin_edge.then(|| config.edge.clone());
+        let serves_tls = config.edge.https.is_some();
         let states = UpstreamStates::default();
         let version = meta.version;
         let loaded = compile(config, meta, &states, &metrics)?;
@@ -62,6 +70,7 @@ impl SnapshotStore {
             generation: tokio::sync::watch::channel(0).0,
             base_dir,
             pinned_edge,
+            serves_tls,
         })
     }
 
@@ -70,11 +79,15 @@ impl SnapshotStore {
         self.current.load_full()
     }
 
-    /// Compiles `config` and swaps it in; on error the current snapshot stays.
-    pub fn install(&self, mut config: Config, meta: SnapshotMeta) -> Result<(), CompileError> {
+    /// Compiles `config` and swaps it in; on error the current snapshot stays. On a TLS edge the
+    /// document's certificates are loaded first (the TLS follower installs them right after).
+    pub fn install(&self, mut config: Config, meta: SnapshotMeta) -> Result<(), ApplyError> {
         resolve_paths(&mut config, self.base_dir.as_deref());
         if let Some(edge) = &self.pinned_edge {
             config.edge = edge.clone();
+        }
+        if self.serves_tls && config.tls != self.load().snapshot.config.tls {
+            crate::tls::CertTable::load(&config.tls, self.base_dir.as_deref())?;
         }
         let version = meta.version;
         let loaded = compile(config, meta, &self.states, &self.metrics)?;
@@ -130,6 +143,7 @@ pub fn apply_document(
                 ApplyError::Parse(_) => "invalid",
                 ApplyError::Compile(CompileError::Invalid(_)) => "invalid",
                 ApplyError::Compile(_) => "error",
+                ApplyError::Certificates(_) => "invalid",
             };
             store
                 .metrics

@@ -27,6 +27,9 @@ pub enum TlsError {
     NotYetValid { path: PathBuf },
     #[error("TLS setup: {0}")]
     Setup(String),
+    /// Several certificate entries failed: every one is reported, one per line.
+    #[error("{} certificate problems:\n  {}", .0.len(), .0.iter().map(|e| e.to_string()).collect::<Vec<_>>().join("\n  "))]
+    Several(Vec<TlsError>),
 }
 
 pub struct LoadedCert {

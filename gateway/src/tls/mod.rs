@@ -57,10 +57,18 @@ impl CertTable {
     ) -> Result<(CertTable, Vec<String>), TlsError> {
         let mut table = CertTable::default();
         let mut warnings = Vec::new();
+        let mut errors = Vec::new();
         for entry in &section.certificates {
             let cert_path = resolve(base, &entry.cert);
             let key_path = resolve(base, &entry.key);
-            let loaded = load_certified_key(&cert_path, &key_path, SystemTime::now())?;
+            let loaded = match load_certified_key(&cert_path, &key_path, SystemTime::now()) {
+                Ok(loaded) => loaded,
+                // Keep going: the operator gets every broken file in one answer.
+                Err(e) => {
+                    errors.push(e);
+                    continue;
+                }
+            };
             if let Some(warning) = loaded.warning {
                 warnings.push(warning);
             }
@@ -80,6 +88,11 @@ impl CertTable {
             if entry.default {
                 table.default = Some(Arc::clone(&key));
             }
+        }
+        match errors.len() {
+            0 => {}
+            1 => return Err(errors.remove(0)),
+            _ => return Err(TlsError::Several(errors)),
         }
         table.source = Some((section.clone(), modification_times(section, base)));
         Ok((table, warnings))
