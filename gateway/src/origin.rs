@@ -195,6 +195,24 @@ async fn handle(
     let (accept_encoding, if_none_match) = (header("accept-encoding"), header("if-none-match"));
     let forwarded_host = header("x-forwarded-host");
     let traceparent = header("traceparent");
+    // `?answer_after=N`: answer as soon as N body bytes arrived, without waiting for the rest —
+    // a test's proof that the edge streams request bodies instead of buffering them whole.
+    if let Some(wanted) = query_value(req.uri().query(), "answer_after") {
+        let mut body = req.into_body();
+        let mut received = 0u64;
+        while received < wanted {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    received += frame.data_ref().map_or(0, |d| d.len() as u64);
+                }
+                _ => break,
+            }
+        }
+        return httpd::json(
+            StatusCode::OK,
+            &serde_json::json!({ "region": control.region, "received_before_answer": received }),
+        );
+    }
     let (body_bytes, body_sha256) = match req.into_body().collect().await {
         Ok(body) => {
             let body = body.to_bytes();
@@ -232,6 +250,14 @@ async fn handle(
     };
     shaping.apply(&mut response, if_none_match.as_deref());
     response
+}
+
+fn query_value(query: Option<&str>, name: &str) -> Option<u64> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(key, _)| *key == name)
+        .and_then(|(_, value)| value.parse().ok())
 }
 
 /// `n` bytes of a fixed pattern (`i % 251`), so a test can check a large body arrived intact.

@@ -5,16 +5,160 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http_body_util::BodyExt;
+use hyper::body::{Frame, Incoming, SizeHint};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
+use tokio::sync::mpsc;
 
-type Sender = SendRequest<Full<Bytes>>;
+type Sender = SendRequest<UpstreamBody>;
+
+/// A request body for the upstream hop: whole bytes (replayable on any number of tries), or a
+/// buffered head followed by chunks still arriving from the client. A streamed body can be
+/// replayed on another try only while none of its streamed chunks has been taken.
+pub struct UpstreamBody {
+    head: Option<Bytes>,
+    rest: Option<Arc<BodyFeed>>,
+}
+
+/// The client side of a streamed body: chunks from the front's reader, or why it stopped.
+pub struct BodyFeed {
+    chunks: Mutex<mpsc::Receiver<Result<Bytes, std::io::Error>>>,
+    /// A streamed chunk went to an upstream: the body can no longer be sent again.
+    consumed: AtomicBool,
+    /// Streamed bytes handed to an upstream so far (progress for the read timeout).
+    sent: AtomicU64,
+    /// The client side failed (its reader sent an error): the upstream is not to blame.
+    client_failed: AtomicBool,
+}
+
+impl BodyFeed {
+    /// A feed and the sender the front's reader pushes client chunks into (bounded: the client
+    /// is only read as fast as the upstream takes the body).
+    pub fn channel() -> (Arc<BodyFeed>, mpsc::Sender<Result<Bytes, std::io::Error>>) {
+        let (tx, rx) = mpsc::channel(4);
+        let feed = BodyFeed {
+            chunks: Mutex::new(rx),
+            consumed: AtomicBool::new(false),
+            sent: AtomicU64::new(0),
+            client_failed: AtomicBool::new(false),
+        };
+        (Arc::new(feed), tx)
+    }
+
+    pub fn is_consumed(&self) -> bool {
+        self.consumed.load(Ordering::Acquire)
+    }
+
+    /// The client's body failed (reset, stall, over the limit) and the upstream saw the error.
+    pub fn client_failed(&self) -> bool {
+        self.client_failed.load(Ordering::Acquire)
+    }
+}
+
+impl UpstreamBody {
+    pub fn full(bytes: Bytes) -> Self {
+        Self {
+            head: Some(bytes),
+            rest: None,
+        }
+    }
+
+    /// `head` (already read from the client) followed by whatever `feed` delivers.
+    pub fn streamed(head: Bytes, feed: &Arc<BodyFeed>) -> Self {
+        Self {
+            head: Some(head),
+            rest: Some(Arc::clone(feed)),
+        }
+    }
+
+    fn progress(&self) -> Option<Arc<BodyFeed>> {
+        self.rest.clone()
+    }
+}
+
+impl hyper::body::Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        if let Some(head) = self.head.take().filter(|h| !h.is_empty()) {
+            return Poll::Ready(Some(Ok(Frame::data(head))));
+        }
+        let Some(feed) = self.rest.as_ref() else {
+            return Poll::Ready(None);
+        };
+        let mut chunks = feed.chunks.lock().unwrap_or_else(|p| p.into_inner());
+        match chunks.poll_recv(cx) {
+            Poll::Ready(Some(Ok(chunk))) => {
+                feed.consumed.store(true, Ordering::Release);
+                feed.sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                Poll::Ready(Some(Ok(Frame::data(chunk))))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                feed.consumed.store(true, Ordering::Release);
+                feed.client_failed.store(true, Ordering::Release);
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(None) => {
+                drop(chunks);
+                self.rest = None;
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.rest.is_none() && self.head.as_ref().is_none_or(|h| h.is_empty())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let head = self.head.as_ref().map_or(0, |h| h.len() as u64);
+        match self.rest {
+            None => SizeHint::with_exact(head),
+            Some(_) => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(head);
+                hint
+            }
+        }
+    }
+}
+
+/// Waits for `send` (the request going out and the response head coming back) until `read`
+/// passes without progress: a streamed body that keeps moving keeps the try alive, as a
+/// per-read timeout does on the TCP front.
+async fn within_read_timeout<F: std::future::Future>(
+    read: Duration,
+    progress: Option<&BodyFeed>,
+    send: F,
+) -> Result<F::Output, ()> {
+    tokio::pin!(send);
+    let mut last = progress.map(|p| p.sent.load(Ordering::Relaxed));
+    loop {
+        match tokio::time::timeout(read, &mut send).await {
+            Ok(output) => return Ok(output),
+            Err(_) => {
+                let now = progress.map(|p| p.sent.load(Ordering::Relaxed));
+                if now == last {
+                    return Err(());
+                }
+                last = now;
+            }
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -89,9 +233,11 @@ impl UpstreamClient {
     pub async fn send(
         &self,
         addr: SocketAddr,
-        request: http::Request<Full<Bytes>>,
+        request: http::Request<UpstreamBody>,
         timeouts: Timeouts,
     ) -> Result<UpstreamResponse, UpstreamError> {
+        let progress = request.body().progress();
+        let progress = progress.as_deref();
         let mut request = request;
         // A pooled connection may have been closed by the upstream meanwhile: hyper hands the
         // request back when it was not sent, and we try the next one, then a fresh connection.
@@ -99,7 +245,11 @@ impl UpstreamClient {
             if sender.ready().await.is_err() {
                 continue;
             }
-            match sender.try_send_request(request).await {
+            let sent =
+                within_read_timeout(timeouts.read, progress, sender.try_send_request(request))
+                    .await
+                    .map_err(|()| UpstreamError::Timeout { addr })?;
+            match sent {
                 Ok(response) => return Ok(self.wrap(addr, sender, response, timeouts)),
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => request = unsent,
@@ -113,9 +263,9 @@ impl UpstreamClient {
             }
         }
         let mut sender = connect(addr, timeouts.connect).await?;
-        let response = tokio::time::timeout(timeouts.read, sender.send_request(request))
+        let response = within_read_timeout(timeouts.read, progress, sender.send_request(request))
             .await
-            .map_err(|_| UpstreamError::Timeout { addr })?
+            .map_err(|()| UpstreamError::Timeout { addr })?
             .map_err(|e| UpstreamError::Failed {
                 addr,
                 message: e.to_string(),

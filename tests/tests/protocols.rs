@@ -566,3 +566,115 @@ fn h3_graceful_stop_finishes_in_flight_requests() {
         "a stopped edge accepts no new QUIC connection"
     );
 }
+
+type RawH3Stream = ::h3::client::RequestStream<h3_quinn::BidiStream<bytes::Bytes>, bytes::Bytes>;
+type RawH3Sender = ::h3::client::SendRequest<h3_quinn::OpenStreams, bytes::Bytes>;
+
+/// One raw HTTP/3 request stream, so a test controls when each body part goes out (the sender
+/// keeps the connection open: h3 closes it when the last one is dropped).
+async fn open_h3_stream(
+    world: &World,
+    country: &str,
+    uri: &str,
+) -> (RawH3Stream, RawH3Sender, quinn::Endpoint) {
+    let tls = world.tls.as_ref().expect("tls");
+    let config = meridian_tests::h3client::client_config(tls.roots()).expect("h3 config");
+    let mut endpoint =
+        quinn::Endpoint::client(std::net::SocketAddr::new(source_for(country), 0)).expect("udp");
+    endpoint.set_default_client_config(config);
+    let target = world.edge.https_addr.expect("https");
+    let connection = endpoint
+        .connect(target, "api.example.test")
+        .expect("connect")
+        .await
+        .expect("QUIC handshake");
+    let (mut driver, mut sender) = ::h3::client::new(h3_quinn::Connection::new(connection))
+        .await
+        .expect("h3");
+    tokio::spawn(async move {
+        let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+    });
+    let request = http::Request::post(uri).body(()).expect("request");
+    let stream = sender.send_request(request).await.expect("request stream");
+    (stream, sender, endpoint)
+}
+
+async fn h3_body(stream: &mut RawH3Stream) -> Vec<u8> {
+    use bytes::Buf;
+    let mut body = Vec::new();
+    while let Ok(Some(mut chunk)) = stream.recv_data().await {
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            body.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
+        }
+    }
+    body
+}
+
+/// HTTP/3 request bodies longer than the replay buffer stream to the upstream as they arrive
+/// (the origin answers after 256 KiB while the client still holds the rest back: an edge that
+/// buffered the whole body would never get an answer), and a body without Content-Length that
+/// outgrows `max_body_bytes` mid-stream gets 413 without blaming the upstream.
+#[test]
+fn h3_request_bodies_stream_to_the_upstream() {
+    let mut config = local_config();
+    config.edge.limits.max_body_bytes = 512 * 1024;
+    let world = World::start(config);
+    let part = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+    world.runtime.block_on(async {
+        let (mut stream, _sender, endpoint) = open_h3_stream(
+            &world,
+            "SG",
+            "https://api.example.test/stream?answer_after=262144",
+        )
+        .await;
+        for _ in 0..4 {
+            stream.send_data(part.clone()).await.expect("send 64 KiB");
+        }
+        // Liveness bound only: a buffering edge hangs here until its read timeout.
+        let response = tokio::time::timeout(Duration::from_secs(20), stream.recv_response())
+            .await
+            .expect("the upstream answered before the body was complete")
+            .expect("response");
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response
+                .headers()
+                .get("x-meridian-region")
+                .and_then(|v| v.to_str().ok()),
+            Some("ap-southeast-1")
+        );
+        let json: serde_json::Value =
+            serde_json::from_slice(&h3_body(&mut stream).await).expect("json");
+        assert_eq!(json["received_before_answer"], 262144);
+        drop(stream);
+        endpoint.close(0u32.into(), b"done");
+
+        let (mut stream, _sender, endpoint) =
+            open_h3_stream(&world, "SG", "https://api.example.test/too-big").await;
+        let mut status = None;
+        for _ in 0..10 {
+            if stream.send_data(part.clone()).await.is_err() {
+                break; // the edge answered and stopped reading
+            }
+        }
+        let _ = stream.finish().await;
+        if let Ok(response) = stream.recv_response().await {
+            status = Some(response.status().as_u16());
+        }
+        assert_eq!(status, Some(413), "640 KiB over a 512 KiB limit");
+        endpoint.close(0u32.into(), b"done");
+    });
+    let upstream_errors: f64 = world
+        .metrics()
+        .lines()
+        .filter(|l| l.starts_with("meridian_upstream_ejections_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(
+        upstream_errors, 0.0,
+        "the client's oversize body blamed no upstream"
+    );
+}

@@ -5,13 +5,12 @@
 //! [`UpstreamClient`].
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, Bytes};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
-use http_body_util::Full;
 use meridian_config::{H3Limits, RouteKind};
 use meridian_geoip::GeoIp;
 use tokio::sync::watch;
@@ -32,9 +31,13 @@ use crate::proxy::forward::{set_forwarding_headers, HEADER_POP, HEADER_REGION};
 use crate::proxy::{reply, retry};
 use crate::reload::{Loaded, SnapshotStore};
 use crate::tls::{CertResolver, TlsError};
-use crate::upstream_client::{Timeouts, UpstreamClient, UpstreamResponse};
+use crate::upstream_client::{BodyFeed, Timeouts, UpstreamBody, UpstreamClient, UpstreamResponse};
 
 type RequestStream = h3::server::RequestStream<h3_quinn::BidiStream<Bytes>, Bytes>;
+
+/// Request bodies up to this size are held whole, so a failed try can be replayed elsewhere (the
+/// size of Pingora's retry buffer on the TCP front); longer ones stream to the upstream.
+const REPLAY_BYTES: u64 = 64 * 1024;
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1) are never forwarded, in either direction; HTTP/3 forbids
 /// them on its side anyway.
@@ -538,17 +541,34 @@ async fn route_and_forward(
         }
     }
 
-    // The body is read whole (bounded by the edge limit) so that a failed try can be replayed on
-    // another upstream with the same bytes.
-    let body = match body {
-        Some(body) => body,
-        None => match read_body(stream, snapshot.limits.max_body_bytes, route.read_timeout).await {
-            Ok(body) => body,
-            Err(BodyError::TooLarge) => {
+    // Bodies up to REPLAY_BYTES are read whole, so a failed try can be replayed on another
+    // upstream; a longer body streams to the upstream as the client sends it (as on TCP).
+    let limit = snapshot.limits.max_body_bytes;
+    let (body, streamed_rest) = match body {
+        Some(body) => (RequestBody::Whole(body), None),
+        None => {
+            if declared_length(req.headers()).is_some_and(|len| len > limit) {
                 return send_error(stream, loaded, None, 413, reply::error_message(413)).await;
             }
-            Err(BodyError::Client) => return Err(0),
-        },
+            match read_head(stream, REPLAY_BYTES.min(limit), limit, route.read_timeout).await {
+                Ok((head, false)) => (RequestBody::Whole(head), None),
+                Ok((head, true)) => {
+                    let (feed, tx) = BodyFeed::channel();
+                    let read = head.len() as u64;
+                    let too_large = Arc::new(AtomicBool::new(false));
+                    let streamed = RequestBody::Streamed {
+                        head,
+                        feed,
+                        too_large: Arc::clone(&too_large),
+                    };
+                    (streamed, Some((tx, read, too_large)))
+                }
+                Err(BodyError::TooLarge) => {
+                    return send_error(stream, loaded, None, 413, reply::error_message(413)).await;
+                }
+                Err(BodyError::Client) => return Err(0),
+            }
+        }
     };
 
     let mut headers = forwardable(req.headers());
@@ -579,7 +599,25 @@ async fn route_and_forward(
         decision: &decision,
         started,
     };
-    let failure = match try_upstreams(&forward, shared, loaded, state).await {
+    let tries = try_upstreams(&forward, shared, loaded, state);
+    let outcome = match streamed_rest {
+        None => tries.await,
+        Some((tx, read, too_large)) => {
+            // The client's remaining body is read while the tries run, in this task: the pump
+            // borrows the stream until the upstream answered (or gave up), then it is dropped.
+            let pump = pump_body(stream, tx, read, limit, route.read_timeout, &too_large);
+            tokio::pin!(tries);
+            tokio::pin!(pump);
+            let mut pumping = true;
+            loop {
+                tokio::select! {
+                    outcome = &mut tries => break outcome,
+                    () = &mut pump, if pumping => pumping = false,
+                }
+            }
+        }
+    };
+    let failure = match outcome {
         Ok((response, inflight)) => {
             let edge_cache = shared.cache.as_deref();
             return relay(stream, loaded, state, edge_cache, cache, response, inflight).await;
@@ -611,7 +649,7 @@ struct Forward<'a> {
     method: &'a http::Method,
     path_and_query: &'a str,
     headers: &'a HeaderMap,
-    body: &'a Bytes,
+    body: &'a RequestBody,
     decision: &'a RouteDecision,
     started: Instant,
 }
@@ -670,7 +708,10 @@ async fn try_upstreams(
         if let Some(h) = builder.headers_mut() {
             *h = forward.headers.clone();
         }
-        let Ok(request) = builder.body(Full::new(forward.body.clone())) else {
+        let Some(body) = forward.body.for_try() else {
+            return Err(failure); // a streamed body already went (partly) to an upstream
+        };
+        let Ok(request) = builder.body(body) else {
             return Err(400);
         };
         let attempts = loaded.metrics.attempts.get(region_index);
@@ -682,6 +723,9 @@ async fn try_upstreams(
             .send(upstream.address, request, timeouts)
             .await;
         let may_retry = |refused: bool| {
+            if !forward.body.replayable() {
+                return false;
+            }
             let tries = retry::Tries {
                 decision,
                 started: forward.started,
@@ -752,6 +796,10 @@ async fn try_upstreams(
                 }
                 return Err(failure);
             }
+            Err(_) if forward.body.client_failed() => {
+                // The client's body broke off (or outgrew the limit): not the upstream's fault.
+                return Err(forward.body.client_failure_status());
+            }
             Err(e) => {
                 if let Some(series) = attempts {
                     series.ok.inc();
@@ -812,23 +860,66 @@ enum BodyError {
     Client,
 }
 
-/// The whole request body, at most `limit` bytes; `read_timeout` bounds the wait for each chunk.
-async fn read_body(
+/// The request body as the upstream tries send it.
+enum RequestBody {
+    /// Read whole: every try sends the same bytes.
+    Whole(Bytes),
+    /// The first bytes, then the rest as the client sends it; replayable until a streamed chunk
+    /// went out.
+    Streamed {
+        head: Bytes,
+        feed: Arc<BodyFeed>,
+        /// The client sent more than `max_body_bytes`.
+        too_large: Arc<AtomicBool>,
+    },
+}
+
+impl RequestBody {
+    /// The body for the next try; `None` once a streamed body cannot be sent again.
+    fn for_try(&self) -> Option<UpstreamBody> {
+        match self {
+            RequestBody::Whole(bytes) => Some(UpstreamBody::full(bytes.clone())),
+            RequestBody::Streamed { head, feed, .. } => {
+                (!feed.is_consumed()).then(|| UpstreamBody::streamed(head.clone(), feed))
+            }
+        }
+    }
+
+    fn replayable(&self) -> bool {
+        match self {
+            RequestBody::Whole(_) => true,
+            RequestBody::Streamed { feed, .. } => !feed.is_consumed(),
+        }
+    }
+
+    /// A streamed body failed on the client's side (reset, stalled, too large).
+    fn client_failed(&self) -> bool {
+        matches!(self, RequestBody::Streamed { feed, .. } if feed.client_failed())
+    }
+
+    fn client_failure_status(&self) -> u16 {
+        match self {
+            RequestBody::Streamed { too_large, .. } if too_large.load(Ordering::Acquire) => 413,
+            _ => 400,
+        }
+    }
+}
+
+/// Reads the body until it ends (`(body, false)`) or passes `keep` bytes (`(head, true)`: more
+/// follows); at most `limit` bytes in all; `read_timeout` bounds the wait for each chunk.
+async fn read_head(
     stream: &mut RequestStream,
+    keep: u64,
     limit: u64,
     read_timeout: Duration,
-) -> Result<Bytes, BodyError> {
+) -> Result<(Bytes, bool), BodyError> {
     let mut body = Vec::new();
     loop {
-        let chunk = match tokio::time::timeout(read_timeout, stream.recv_data()).await {
-            Ok(chunk) => chunk,
-            Err(_) => {
-                tracing::debug!("HTTP/3 request body: no data within {read_timeout:?}");
-                return Err(BodyError::Client);
-            }
-        };
-        match chunk {
-            Ok(Some(mut chunk)) => {
+        if body.len() as u64 > keep {
+            return Ok((Bytes::from(body), true));
+        }
+        match next_body_chunk(stream, read_timeout).await? {
+            Some(mut chunk) => {
                 if (body.len() + chunk.remaining()) as u64 > limit {
                     return Err(BodyError::TooLarge);
                 }
@@ -839,12 +930,70 @@ async fn read_body(
                     chunk.advance(n);
                 }
             }
-            Ok(None) => return Ok(Bytes::from(body)),
-            Err(e) => {
-                tracing::debug!("HTTP/3 request body: {e}");
-                return Err(BodyError::Client);
-            }
+            None => return Ok((Bytes::from(body), false)),
         }
+    }
+}
+
+/// The whole request body, at most `limit` bytes (model calls read it to pick a region).
+async fn read_body(
+    stream: &mut RequestStream,
+    limit: u64,
+    read_timeout: Duration,
+) -> Result<Bytes, BodyError> {
+    match read_head(stream, limit, limit, read_timeout).await? {
+        (body, false) => Ok(body),
+        (_, true) => Err(BodyError::TooLarge),
+    }
+}
+
+async fn next_body_chunk(
+    stream: &mut RequestStream,
+    read_timeout: Duration,
+) -> Result<Option<impl Buf>, BodyError> {
+    match tokio::time::timeout(read_timeout, stream.recv_data()).await {
+        Ok(Ok(chunk)) => Ok(chunk),
+        Ok(Err(e)) => {
+            tracing::debug!("HTTP/3 request body: {e}");
+            Err(BodyError::Client)
+        }
+        Err(_) => {
+            tracing::debug!("HTTP/3 request body: no data within {read_timeout:?}");
+            Err(BodyError::Client)
+        }
+    }
+}
+
+/// Forwards the rest of a streamed body (after `read` bytes) into `tx` as the client sends it;
+/// more than `limit` bytes in all, a reset or a stall ends the upstream body with an error.
+async fn pump_body(
+    stream: &mut RequestStream,
+    tx: tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    mut read: u64,
+    limit: u64,
+    read_timeout: Duration,
+    too_large: &AtomicBool,
+) {
+    loop {
+        let failure = match next_body_chunk(stream, read_timeout).await {
+            Ok(Some(mut chunk)) => {
+                read += chunk.remaining() as u64;
+                if read > limit {
+                    too_large.store(true, Ordering::Release);
+                    "request body exceeds max_body_bytes"
+                } else {
+                    let bytes = chunk.copy_to_bytes(chunk.remaining());
+                    if tx.send(Ok(bytes)).await.is_err() {
+                        return; // the try ended; nobody reads the body any more
+                    }
+                    continue;
+                }
+            }
+            Ok(None) => return, // dropping `tx` ends the upstream body
+            Err(_) => "client request body broke off",
+        };
+        let _ = tx.send(Err(std::io::Error::other(failure))).await;
+        return;
     }
 }
 

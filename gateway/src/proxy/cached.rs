@@ -14,7 +14,6 @@ use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use http_body_util::Full;
 use pingora::prelude::*;
 use pingora::proxy::Session;
 use pingora_http::{RequestHeader, ResponseHeader};
@@ -29,7 +28,7 @@ use crate::clock;
 use crate::core::select::{pick_upstream, region_verdict, RegionVerdict};
 use crate::core::{RouteDecision, Snapshot};
 use crate::reload::Loaded;
-use crate::upstream_client::{Timeouts, UpstreamClient};
+use crate::upstream_client::{Timeouts, UpstreamBody, UpstreamClient};
 
 /// Per-request cache state (a field of [`RequestCtx`]).
 #[derive(Default)]
@@ -331,7 +330,7 @@ impl EdgeCache {
         for (name, value) in ticket.conditional_headers() {
             builder = builder.header(name, value);
         }
-        let Ok(request) = builder.body(Full::new(Bytes::new())) else {
+        let Ok(request) = builder.body(UpstreamBody::full(Bytes::new())) else {
             return;
         };
         let (cache, client) = (self.cache.clone(), Arc::clone(&self.client));
