@@ -37,6 +37,9 @@ enum Command {
     Dns {
         #[arg(long)]
         config: PathBuf,
+        /// Serve /metrics and /healthz here (keep it on loopback); `off` disables it.
+        #[arg(long, default_value = meridian_gateway::dns::STANDALONE_METRICS)]
+        metrics: String,
     },
     /// Run the config service: versioned store on local disk, HTTP API, long-poll watch.
     ConfigServer {
@@ -200,8 +203,15 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             edge.wait();
             Ok(ExitCode::SUCCESS)
         }
-        Command::Dns { config } => {
-            meridian_gateway::dns::run_standalone(&config)
+        Command::Dns { config, metrics } => {
+            let metrics = match metrics.as_str() {
+                "off" => None,
+                addr => Some(
+                    addr.parse()
+                        .with_context(|| format!("--metrics {addr}: not an address"))?,
+                ),
+            };
+            meridian_gateway::dns::run_standalone(&config, metrics)
                 .with_context(|| format!("GeoDNS from {}", config.display()))?;
             Ok(ExitCode::SUCCESS)
         }

@@ -165,3 +165,80 @@ fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("free port")
 }
+
+/// `meridian dns --config FILE --metrics ADDR` answers queries and exposes its own `/metrics`
+/// (the GeoDNS series) and `/healthz`, so a standalone GeoDNS server can be scraped too.
+#[test]
+fn standalone_dns_serves_metrics() {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RecordType};
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dns_port = free_udp_port();
+    let metrics_port = free_port();
+    let mut config = meridian_config::Config::from_toml_str(meridian_gateway::demo::LOCAL_CONFIG)
+        .expect("demo config");
+    config.geoip.database = None; // every client gets the default PoPs
+    config.dns.as_mut().expect("[dns]").listen = format!("127.0.0.1:{dns_port}");
+    let path = dir.path().join("dns.toml");
+    std::fs::write(&path, toml::to_string(&config).expect("toml")).expect("write");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_meridian"))
+        .args(["dns", "--config", path.to_str().expect("path")])
+        .args(["--metrics", &format!("127.0.0.1:{metrics_port}")])
+        .env("MERIDIAN_LOG", "warn")
+        .spawn()
+        .expect("spawn meridian dns");
+    let scrape = |path: &str| -> Option<String> {
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", metrics_port)).ok()?;
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).ok()?;
+        let mut text = String::new();
+        stream.read_to_string(&mut text).ok()?;
+        Some(text)
+    };
+    // Readiness: the metrics listener binds after the DNS sockets.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while scrape("/healthz").is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let healthz = scrape("/healthz").expect("metrics listener up");
+    assert!(healthz.starts_with("HTTP/1.1 200"), "{healthz}");
+
+    let mut query = Message::query();
+    query.metadata.recursion_desired = false;
+    query.add_query(Query::query(
+        Name::from_ascii("api.example.test.").expect("name"),
+        RecordType::A,
+    ));
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp");
+    socket
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .expect("timeout");
+    socket
+        .send_to(&query.to_vec().expect("encode"), ("127.0.0.1", dns_port))
+        .expect("send");
+    let mut buffer = [0u8; 1500];
+    let len = socket.recv(&mut buffer).expect("an answer");
+    let reply = Message::from_vec(&buffer[..len]).expect("decode");
+    assert!(!reply.answers.is_empty(), "{reply:?}");
+
+    let metrics = scrape("/metrics").expect("metrics");
+    assert!(
+        metrics
+            .contains(r#"meridian_dns_queries_total{qtype="A",rcode="NOERROR",transport="udp"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains("meridian_pop_healthy{"), "{metrics}");
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "SIGTERM stops cleanly: {status:?}");
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("free udp port")
+}

@@ -93,9 +93,14 @@ async fn follow(store: Arc<SnapshotStore>, running: RunningDns, mut stop: watch:
     }
 }
 
+/// Where `meridian dns` serves `/metrics` and `/healthz` unless told otherwise (loopback; the
+/// edge's admin listener is 9901).
+pub const STANDALONE_METRICS: &str = "127.0.0.1:9902";
+
 /// `meridian dns --config FILE`: GeoDNS alone, on its own runtime, until SIGINT/SIGTERM. SIGHUP
-/// re-reads the file and rebuilds the zone.
-pub fn run_standalone(path: &Path) -> Result<(), DnsError> {
+/// re-reads the file and rebuilds the zone. `metrics` (loopback by default) serves the
+/// `meridian_dns_*` / `meridian_pop_healthy` series for Prometheus, and `/healthz`.
+pub fn run_standalone(path: &Path, metrics: Option<SocketAddr>) -> Result<(), DnsError> {
     let read = |path: &Path| -> Result<meridian_config::Config, DnsError> {
         let source =
             std::fs::read_to_string(path).map_err(|source| meridian_config::ConfigError::Io {
@@ -119,7 +124,26 @@ pub fn run_standalone(path: &Path) -> Result<(), DnsError> {
     runtime.block_on(async {
         let registry = prometheus::Registry::new();
         let (stop, stop_rx) = watch::channel(false);
-        let running = RunningDns::start(&config, geoip, &registry, workers, stop_rx)?;
+        let running = RunningDns::start(&config, geoip, &registry, workers, stop_rx.clone())?;
+        if let Some(addr) = metrics {
+            let listener =
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| DnsError::Listen {
+                        addr: format!("metrics {addr}"),
+                        source,
+                    })?;
+            tracing::info!(dns = %running.addr, metrics = %addr, "GeoDNS serving");
+            let registry = registry.clone();
+            tokio::spawn(crate::httpd::serve(
+                listener,
+                move |req| {
+                    let response = metrics_response(&registry, req.uri().path());
+                    async move { response }
+                },
+                stop_rx,
+            ));
+        }
         use tokio::signal::unix::{signal, SignalKind};
         let mut hup = signal(SignalKind::hangup()).map_err(DnsError::Runtime)?;
         let mut term = signal(SignalKind::terminate()).map_err(DnsError::Runtime)?;
@@ -137,4 +161,27 @@ pub fn run_standalone(path: &Path) -> Result<(), DnsError> {
         stop.send_replace(true);
         Ok(())
     })
+}
+
+/// The standalone server's tiny HTTP surface: `/metrics` (Prometheus text) and `/healthz`.
+fn metrics_response(
+    registry: &prometheus::Registry,
+    path: &str,
+) -> hyper::Response<crate::httpd::Body> {
+    use hyper::StatusCode;
+    match path {
+        "/metrics" => {
+            let mut text = String::new();
+            match prometheus::TextEncoder::new().encode_utf8(&registry.gather(), &mut text) {
+                Ok(()) => crate::httpd::respond(
+                    StatusCode::OK,
+                    "text/plain; version=0.0.4; charset=utf-8",
+                    text,
+                ),
+                Err(e) => crate::httpd::text(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            }
+        }
+        "/healthz" => crate::httpd::text(StatusCode::OK, "ok\n"),
+        _ => crate::httpd::text(StatusCode::NOT_FOUND, "not found\n"),
+    }
 }
