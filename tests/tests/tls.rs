@@ -376,3 +376,59 @@ fn a_document_with_unloadable_certificates_is_refused_whole() {
     assert_eq!(reply.status, 200);
     assert_eq!(reply.header("x-meridian-region"), Some("eu-central-1"));
 }
+
+/// A ClientHello offering at most TLS 1.1 (legacy_version 0x0302, no supported_versions
+/// extension; built by hand because rustls clients cannot offer 1.1) is answered with a fatal
+/// `protocol_version` alert, never a ServerHello.
+#[test]
+fn tls_1_1_clients_are_refused() {
+    use std::io::{Read, Write};
+    let world = World::start(local_config());
+    let target = world.edge.https_addr.expect("https");
+    let sni = b"api.example.test";
+    let mut server_name = vec![0x00]; // host_name
+    server_name.extend_from_slice(&(sni.len() as u16).to_be_bytes());
+    server_name.extend_from_slice(sni);
+    let mut sni_ext = (server_name.len() as u16).to_be_bytes().to_vec();
+    sni_ext.extend_from_slice(&server_name);
+    let mut extensions = vec![0x00, 0x00]; // server_name
+    extensions.extend_from_slice(&(sni_ext.len() as u16).to_be_bytes());
+    extensions.extend_from_slice(&sni_ext);
+    // signature_algorithms (ecdsa_secp256r1_sha256, rsa_pss_rsae_sha256) and supported_groups
+    // (x25519, secp256r1): without them rustls stops earlier, with handshake_failure.
+    extensions.extend_from_slice(&[0x00, 0x0d, 0x00, 0x06, 0x00, 0x04, 0x04, 0x03, 0x08, 0x04]);
+    extensions.extend_from_slice(&[0x00, 0x0a, 0x00, 0x06, 0x00, 0x04, 0x00, 0x1d, 0x00, 0x17]);
+    let mut hello = vec![0x03, 0x02]; // client_version TLS 1.1
+    hello.extend_from_slice(&[0x5a; 32]); // random
+    hello.push(0); // session id
+                   // Suites rustls has (ECDHE-ECDSA/RSA-AES128-GCM-SHA256), so only the version is wrong.
+    hello.extend_from_slice(&[0x00, 0x04, 0xc0, 0x2b, 0xc0, 0x2f]);
+    hello.extend_from_slice(&[0x01, 0x00]); // compression: null
+    hello.extend_from_slice(&(extensions.len() as u16).to_be_bytes());
+    hello.extend_from_slice(&extensions);
+    let mut handshake = vec![0x01]; // client_hello
+    handshake.extend_from_slice(&(hello.len() as u32).to_be_bytes()[1..]);
+    handshake.extend_from_slice(&hello);
+    let mut record = vec![0x16, 0x03, 0x01]; // handshake record, TLS 1.0 framing
+    record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+    record.extend_from_slice(&handshake);
+
+    let first_record = |record: &[u8]| {
+        let mut stream = std::net::TcpStream::connect(target).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .expect("timeout");
+        stream.write_all(record).expect("send hello");
+        let mut reply = vec![0u8; 7];
+        stream.read_exact(&mut reply).expect("a TLS record back");
+        reply
+    };
+    // Control: the same hello saying TLS 1.2 gets a handshake record (ServerHello) back.
+    let mut tls12 = record.clone();
+    tls12[9..11].copy_from_slice(&[0x03, 0x03]);
+    assert_eq!(first_record(&tls12)[0], 0x16, "TLS 1.2 hello answered");
+    let reply = first_record(&record);
+    assert_eq!(reply[0], 0x15, "alert, not a ServerHello: {reply:02x?}");
+    assert_eq!(reply[5], 2, "fatal");
+    assert_eq!(reply[6], 70, "protocol_version");
+}
