@@ -13,7 +13,7 @@ use crate::duration;
 #[command(
     name = "meridian-loadtest",
     version,
-    about = "Geo-aware load generator (closed/open loop, h1/h2, SSE, HDR percentiles) and fake origin",
+    about = "Geo-aware load generator (closed/open loop, h1/h2/h3, SSE, HDR percentiles) and fake origin",
     args_conflicts_with_subcommands = true
 )]
 pub struct Cli {
@@ -35,7 +35,7 @@ pub enum ProtocolArg {
     H1,
     /// HTTP/2: h2c with prior knowledge for http:// URLs, ALPN h2 for https:// URLs.
     H2,
-    /// HTTP/3 over QUIC: pending (waits for the project's shared h3 client).
+    /// HTTP/3 over QUIC (https:// URLs only), with the project's shared h3 client.
     H3,
 }
 
@@ -67,13 +67,17 @@ pub struct LoadArgs {
     pub requests: Option<u64>,
     #[arg(short = 'p', long, value_enum, default_value_t = ProtocolArg::H1)]
     pub protocol: ProtocolArg,
-    /// HTTP/2 only: concurrent streams per connection.
+    /// HTTP/2 and HTTP/3: concurrent streams (request lanes) per connection.
     #[arg(long, default_value_t = 1)]
     pub streams: usize,
+    /// Every request on a fresh connection (new TCP + TLS or QUIC handshake, closed after the
+    /// response): measures handshake throughput. Nothing is connected before the clock starts.
+    #[arg(long)]
+    pub reconnect: bool,
     /// `MX=30,SG=20,KR=10`: bind client sockets to the test-world source ranges in these proportions.
     #[arg(long)]
     pub geo_mix: Option<String>,
-    /// Host header (HTTP/1) / :authority (HTTP/2); default: the URL's authority.
+    /// Host header (HTTP/1) / :authority (HTTP/2, HTTP/3); default: the URL's authority.
     #[arg(long)]
     pub host: Option<String>,
     /// Path (and query), overriding the URL's.

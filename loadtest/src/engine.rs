@@ -12,14 +12,13 @@ use anyhow::{bail, Context};
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, Method, Request, Uri};
-use http_body_util::{BodyExt, Full};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinSet;
 
 use crate::cli::{LoadArgs, ProtocolArg, Scenario};
 use crate::geo::{apportion, GeoMix, Plan, SmoothRoundRobin};
-use crate::protocol::{Conn, ConnectError, Connector, Protocol, ReqBody, TlsSettings};
+use crate::protocol::{Conn, ConnectError, Connector, Protocol, TlsSettings};
 use crate::report;
 use crate::stats::{bump, record_micros, ErrorKind, Stats};
 
@@ -42,6 +41,8 @@ pub struct Settings {
     pub scenario: Scenario,
     pub connections: usize,
     pub streams: usize,
+    /// Every request on a fresh connection (handshake throughput).
+    pub reconnect: bool,
     pub duration: Option<Duration>,
     pub requests: Option<u64>,
     pub timeout: Duration,
@@ -64,8 +65,8 @@ struct Template {
 }
 
 impl Template {
-    fn build(&self) -> Request<ReqBody> {
-        let mut request = Request::new(Full::new(self.body.clone()));
+    fn build(&self) -> Request<Bytes> {
+        let mut request = Request::new(self.body.clone());
         *request.method_mut() = self.method.clone();
         *request.uri_mut() = self.uri.clone();
         *request.headers_mut() = self.headers.clone();
@@ -130,8 +131,11 @@ impl Settings {
         }
         if args.streams == 0 || (args.streams > 1 && protocol == Protocol::Http1) {
             bail!(
-                "--streams N (N >= 1) is for h2; HTTP/1.1 has one request at a time per connection"
+                "--streams N (N >= 1) is for h2 and h3; HTTP/1.1 has one request at a time per connection"
             );
+        }
+        if args.reconnect && args.streams > 1 {
+            bail!("--reconnect opens a connection per request, so --streams cannot share one");
         }
         let mode = match args.rate {
             None => Mode::Closed,
@@ -227,6 +231,7 @@ impl Settings {
             scenario: args.scenario,
             connections: plan.connections.len(),
             streams: args.streams,
+            reconnect: args.reconnect,
             duration,
             requests: args.requests,
             timeout: args.timeout,
@@ -296,7 +301,7 @@ impl Shared {
     }
 }
 
-/// One request slot: a connection (or a share of an h2 connection) from one source address.
+/// One request slot: a connection (or a share of an h2/h3 connection) from one source address.
 struct Lane {
     /// Index of the planned connection this lane belongs to.
     connection: usize,
@@ -376,10 +381,16 @@ fn update_progress(bar: &ProgressBar, shared: &Shared, start: Instant) {
 }
 
 /// Connects every connection before the clock starts (like wrk), then makes `streams` lanes per
-/// connection. A connection that fails here is retried (and counted) by its lane.
+/// connection. A connection that fails here is retried (and counted) by its lane. With
+/// `--reconnect` nothing is opened in advance: each request makes its own connection.
 async fn open_lanes(settings: &Arc<Settings>) -> Vec<Lane> {
     let mut set = JoinSet::new();
-    for (i, origin) in settings.plan.connections.iter().enumerate() {
+    let prepared = if settings.reconnect {
+        &[][..]
+    } else {
+        &settings.plan.connections[..]
+    };
+    for (i, origin) in prepared.iter().enumerate() {
         let settings = Arc::clone(settings);
         let source = origin.source;
         set.spawn(async move { (i, settings.connector.connect(source).await) });
@@ -564,45 +575,39 @@ async fn attempt(lane: &mut Lane, settings: &Settings, start: Instant) -> Attemp
     let Some(conn) = lane.conn.as_mut() else {
         return Attempt::ConnectFailed;
     };
-    let response = match conn.send(settings.template.build()).await {
+    let mut response = match conn.send(settings.template.build()).await {
         Ok(response) => response,
         Err(e) => {
             lane.conn = None;
-            lane.stats.error(ErrorKind::Io, format!("request: {e}"));
+            lane.stats.error(ErrorKind::Io, format!("request: {e:#}"));
             return Attempt::Done;
         }
     };
-    let status = response.status().as_u16();
+    let status = response.status();
     for (name, map) in [
         ("x-meridian-region", &mut lane.stats.regions),
         ("x-meridian-cache", &mut lane.stats.cache),
     ] {
-        if let Some(value) = response.headers().get(name) {
+        if let Some(value) = response.header(name) {
             bump(map, &String::from_utf8_lossy(value.as_bytes()));
         }
     }
     let sse = settings.scenario == Scenario::Sse;
-    let mut body = response.into_body();
     let mut first_byte: Option<Instant> = None;
     let mut events = 0u64;
     let mut newline = false;
     let mut bytes = 0u64;
-    while let Some(frame) = body.frame().await {
-        let frame = match frame {
-            Ok(frame) => frame,
+    loop {
+        let data = match response.chunk().await {
+            Ok(Some(data)) => data,
+            Ok(None) => break,
             Err(e) => {
                 lane.conn = None;
                 lane.stats
-                    .error(ErrorKind::Io, format!("response body: {e}"));
+                    .error(ErrorKind::Io, format!("response body: {e:#}"));
                 return Attempt::Done;
             }
         };
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        if data.is_empty() {
-            continue;
-        }
         first_byte.get_or_insert_with(Instant::now);
         bytes += data.len() as u64;
         if sse {
@@ -618,6 +623,12 @@ async fn attempt(lane: &mut Lane, settings: &Settings, start: Instant) -> Attemp
                     _ => newline = false,
                 }
             }
+        }
+    }
+    drop(response);
+    if settings.reconnect {
+        if let Some(conn) = lane.conn.take() {
+            conn.close();
         }
     }
     let end = Instant::now();

@@ -1,4 +1,4 @@
-//! `meridian-loadtest`: a geo-aware load generator (closed and open loop, h1/h2, SSE) and a fast fake
+//! `meridian-loadtest`: a geo-aware load generator (closed and open loop, h1/h2/h3, SSE) and a fast fake
 //! origin with fault injection. See `docs/benchmarks.md`.
 
 mod cli;

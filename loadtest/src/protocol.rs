@@ -1,18 +1,21 @@
 //! Connections per protocol. A protocol is a variant of `Protocol`; each has a connector that turns a
-//! (source address, target) into a `Conn` that can send requests. HTTP/3 is a declared variant that
-//! is refused at start-up until the project's shared h3 client exists.
+//! (source address, target) into a `Conn` that can send requests, and every protocol answers with
+//! the same `Reply` view (status, headers, body chunks), so the engine has one request loop.
+//! HTTP/3 uses the project's shared client (`meridian_gateway::h3::client`).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use http_body_util::Full;
+use http::HeaderValue;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use meridian_gateway::h3::client::{H3Client, H3Response, H3Sender};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -49,10 +52,11 @@ pub enum ConnectError {
     Failed(String),
 }
 
-/// One open connection; HTTP/2 connections can be shared by several request lanes.
+/// One open connection; HTTP/2 and HTTP/3 connections can be shared by several request lanes.
 pub enum Conn {
     Http1(hyper::client::conn::http1::SendRequest<ReqBody>),
     Http2(hyper::client::conn::http2::SendRequest<ReqBody>),
+    Http3(H3Sender),
 }
 
 impl Conn {
@@ -60,6 +64,7 @@ impl Conn {
         match self {
             Conn::Http1(_) => None,
             Conn::Http2(s) => Some(Conn::Http2(s.clone())),
+            Conn::Http3(s) => Some(Conn::Http3(s.clone())),
         }
     }
 
@@ -67,18 +72,77 @@ impl Conn {
         match self {
             Conn::Http1(s) => s.is_closed(),
             Conn::Http2(s) => s.is_closed(),
+            Conn::Http3(s) => s.is_closed(),
         }
     }
 
-    pub async fn send(&mut self, request: Request<ReqBody>) -> hyper::Result<Response<Incoming>> {
+    /// Sends `request` and waits for the response head; the body is read from the `Reply`.
+    pub async fn send(&mut self, request: Request<Bytes>) -> anyhow::Result<Reply> {
         match self {
             Conn::Http1(s) => {
                 s.ready().await?;
-                s.send_request(request).await
+                Ok(Reply::Hyper(s.send_request(request.map(Full::new)).await?))
             }
             Conn::Http2(s) => {
                 s.ready().await?;
-                s.send_request(request).await
+                Ok(Reply::Hyper(s.send_request(request.map(Full::new)).await?))
+            }
+            Conn::Http3(s) => {
+                let (parts, body) = request.into_parts();
+                let head = Request::from_parts(parts, ());
+                Ok(Reply::Http3(Box::new(s.send(head, Some(body)).await?)))
+            }
+        }
+    }
+
+    /// Ends the connection now (`--reconnect`): TCP connections close when their last handle is
+    /// dropped; a QUIC connection is told so (CONNECTION_CLOSE), or the server would keep it
+    /// until its idle timeout.
+    pub fn close(self) {
+        if let Conn::Http3(s) = self {
+            s.close();
+        }
+    }
+}
+
+/// A response whose head has arrived, whatever the protocol.
+pub enum Reply {
+    Hyper(Response<Incoming>),
+    // Boxed: an h3 request stream is several times the size of a hyper response.
+    Http3(Box<H3Response>),
+}
+
+impl Reply {
+    pub fn status(&self) -> u16 {
+        match self {
+            Reply::Hyper(r) => r.status().as_u16(),
+            Reply::Http3(r) => r.status().as_u16(),
+        }
+    }
+
+    pub fn header(&self, name: &str) -> Option<&HeaderValue> {
+        match self {
+            Reply::Hyper(r) => r.headers().get(name),
+            Reply::Http3(r) => r.headers().get(name),
+        }
+    }
+
+    /// The next non-empty body chunk as it arrives; `None` at the end of the body.
+    pub async fn chunk(&mut self) -> anyhow::Result<Option<Bytes>> {
+        loop {
+            let chunk = match self {
+                Reply::Hyper(r) => match r.body_mut().frame().await {
+                    None => return Ok(None),
+                    // Trailers and other non-data frames carry no body bytes.
+                    Some(frame) => frame?.into_data().unwrap_or_default(),
+                },
+                Reply::Http3(r) => match r.chunk().await? {
+                    None => return Ok(None),
+                    Some(data) => data,
+                },
+            };
+            if !chunk.is_empty() {
+                return Ok(Some(chunk));
             }
         }
     }
@@ -87,8 +151,14 @@ impl Conn {
 pub struct Connector {
     pub protocol: Protocol,
     pub target: SocketAddr,
-    tls: Option<(TlsConnector, ServerName<'static>)>,
+    transport: Transport,
     connect_timeout: Duration,
+}
+
+enum Transport {
+    Tcp,
+    Tls(TlsConnector, ServerName<'static>),
+    Quic(quinn::ClientConfig, String),
 }
 
 impl Connector {
@@ -98,26 +168,35 @@ impl Connector {
         tls: Option<TlsSettings<'_>>,
         connect_timeout: Duration,
     ) -> anyhow::Result<Self> {
-        if protocol == Protocol::Http3 {
-            bail!(
-                "--protocol h3 is not available yet: it will use the project's shared HTTP/3 client \
-                 (quinn + h3) once that exists; use h1 or h2 for now"
-            );
-        }
-        let tls = match tls {
-            None => None,
-            Some(settings) => Some(tls_connector(protocol, settings)?),
+        let transport = match (protocol, tls) {
+            (Protocol::Http3, None) => {
+                bail!("--protocol h3 needs an https:// URL (HTTP/3 runs over QUIC, always TLS)")
+            }
+            (Protocol::Http3, Some(settings)) => {
+                let roots = load_roots(settings.cacert)?;
+                let config = meridian_gateway::h3::client::client_config(roots)
+                    .context("HTTP/3 client config")?;
+                // Checked here so a bad name fails at start-up, not on every connect.
+                ServerName::try_from(settings.server_name.clone())
+                    .with_context(|| format!("bad TLS server name {:?}", settings.server_name))?;
+                Transport::Quic(config, settings.server_name)
+            }
+            (_, None) => Transport::Tcp,
+            (_, Some(settings)) => {
+                let (connector, name) = tls_connector(protocol, settings)?;
+                Transport::Tls(connector, name)
+            }
         };
         Ok(Self {
             protocol,
             target,
-            tls,
+            transport,
             connect_timeout,
         })
     }
 
     pub fn is_tls(&self) -> bool {
-        self.tls.is_some()
+        !matches!(self.transport, Transport::Tcp)
     }
 
     pub async fn connect(&self, source: Option<IpAddr>) -> Result<Conn, ConnectError> {
@@ -128,6 +207,17 @@ impl Connector {
     }
 
     async fn connect_inner(&self, source: Option<IpAddr>) -> anyhow::Result<Conn> {
+        if let Transport::Quic(config, server_name) = &self.transport {
+            let source = source.unwrap_or(if self.target.is_ipv4() {
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+            });
+            let client =
+                H3Client::connect(source, self.target, server_name, config.clone()).await?;
+            // The client's connection driver runs on its own task; the sender is all a lane needs.
+            return Ok(Conn::Http3(client.sender()));
+        }
         let socket = if self.target.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
@@ -140,12 +230,12 @@ impl Connector {
         }
         let stream = socket.connect(self.target).await?;
         stream.set_nodelay(true)?;
-        match &self.tls {
-            None => handshake(self.protocol, stream).await,
-            Some((connector, name)) => {
+        match &self.transport {
+            Transport::Tls(connector, name) => {
                 let stream = connector.connect(name.clone(), stream).await?;
                 handshake(self.protocol, stream).await
             }
+            _ => handshake(self.protocol, stream).await,
         }
     }
 }
@@ -167,7 +257,7 @@ where
             tokio::spawn(conn);
             Ok(Conn::Http2(sender))
         }
-        Protocol::Http3 => bail!("h3 is pending"),
+        Protocol::Http3 => bail!("HTTP/3 runs over QUIC, not TCP"),
     }
 }
 
@@ -176,12 +266,9 @@ pub struct TlsSettings<'a> {
     pub server_name: String,
 }
 
-fn tls_connector(
-    protocol: Protocol,
-    settings: TlsSettings<'_>,
-) -> anyhow::Result<(TlsConnector, ServerName<'static>)> {
+fn load_roots(cacert: Option<&Path>) -> anyhow::Result<rustls::RootCertStore> {
     let mut roots = rustls::RootCertStore::empty();
-    let path = settings.cacert.context(
+    let path = cacert.context(
         "https:// targets need --cacert FILE (the CA that signed the server certificate)",
     )?;
     for cert in
@@ -189,6 +276,14 @@ fn tls_connector(
     {
         roots.add(cert.with_context(|| format!("parse {}", path.display()))?)?;
     }
+    Ok(roots)
+}
+
+fn tls_connector(
+    protocol: Protocol,
+    settings: TlsSettings<'_>,
+) -> anyhow::Result<(TlsConnector, ServerName<'static>)> {
+    let roots = load_roots(settings.cacert)?;
     // The ring provider explicitly: no process-wide provider needed, no aws-lc-rs.
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)

@@ -77,6 +77,7 @@ pub fn json(settings: &Settings, outcome: &Outcome) -> Value {
         "mode": mode,
         "connections": settings.connections,
         "streams": settings.streams,
+        "reconnect": settings.reconnect,
         "rate": rate,
         "duration_s": settings.duration.map(|d| d.as_secs_f64()),
         "requests_limit": settings.requests,
@@ -92,6 +93,7 @@ pub fn json(settings: &Settings, outcome: &Outcome) -> Value {
         "throughput_rps": stats.responses as f64 / elapsed,
         "bytes_received": stats.body_bytes,
         "connects": stats.connects,
+        "connections_opened": stats.connects,
         "latency_ms": percentiles_ms(&stats.latency),
         "status": classes(stats),
         "status_codes": status_codes,
@@ -134,6 +136,11 @@ pub fn summary(settings: &Settings, outcome: &Outcome) -> String {
             "open loop at {rate} req/s over {} connections",
             settings.connections
         ),
+    };
+    let mode = if settings.reconnect {
+        mode + ", a new connection per request"
+    } else {
+        mode
     };
     let _ = writeln!(
         out,

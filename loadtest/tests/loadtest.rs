@@ -111,6 +111,8 @@ fn closed_loop_counts_status_and_geo_are_exact() {
         "throughput_rps",
         "bytes_received",
         "connects",
+        "connections_opened",
+        "reconnect",
         "latency_ms",
         "status",
         "status_codes",
@@ -321,11 +323,30 @@ fn tls_h2_with_cacert() {
 }
 
 #[test]
-fn h3_is_refused_until_the_shared_client_exists() {
+fn h3_needs_an_https_url() {
     let output = Command::new(BIN)
         .args(["http://127.0.0.1:9/", "-p", "h3", "-n", "1"])
         .output()
         .expect("run");
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("h3"));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("https://"));
+}
+
+#[test]
+fn reconnect_opens_a_connection_per_request() {
+    let origin = Origin::start(&[]);
+    let url = format!("http://{}/", origin.addr);
+    for protocol in ["h1", "h2"] {
+        let (_, report) = run_load(&[&url, "-p", protocol, "-n", "30", "-c", "3", "--reconnect"]);
+        assert_eq!(report["reconnect"], true);
+        assert_eq!(u(&report, "/status/2xx"), 30, "{protocol}: {report:#}");
+        assert_eq!(
+            u(&report, "/connections_opened"),
+            30,
+            "{protocol}: {report:#}"
+        );
+    }
+    let (_, report) = run_load(&[&url, "-n", "30", "-c", "3"]);
+    assert_eq!(report["reconnect"], false);
+    assert_eq!(u(&report, "/connections_opened"), 3);
 }

@@ -1,31 +1,25 @@
-//! An HTTP/3 client (quinn + h3) that binds a chosen source address, so a QUIC request can come
-//! from any test-world country (`127.12.0.5` is Singapore). The load generator can reuse it.
+//! The harness's HTTP/3 client: a thin wrapper over the project's shared client
+//! (`meridian_gateway::h3::client`, also used by the load generator) that binds a chosen source
+//! address, so a QUIC request can come from any test-world country (`127.12.0.5` is Singapore),
+//! and answers with the harness's [`Reply`].
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::Bytes;
+use meridian_gateway::h3::client::H3Client;
 
 use crate::client::Reply;
 
 /// One QUIC connection carrying HTTP/3 requests.
 pub struct H3Connection {
-    send: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
-    driver: tokio::task::JoinHandle<()>,
+    client: H3Client,
     pub endpoint: quinn::Endpoint,
     pub connection: quinn::Connection,
 }
 
 /// A rustls client config for HTTP/3 (ALPN `h3`) that trusts `roots`.
 pub fn client_config(roots: rustls::RootCertStore) -> anyhow::Result<quinn::ClientConfig> {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![b"h3".to_vec()];
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)?;
-    Ok(quinn::ClientConfig::new(Arc::new(crypto)))
+    Ok(meridian_gateway::h3::client::client_config(roots)?)
 }
 
 impl H3Connection {
@@ -36,19 +30,11 @@ impl H3Connection {
         server_name: &str,
         config: quinn::ClientConfig,
     ) -> anyhow::Result<Self> {
-        let mut endpoint = quinn::Endpoint::client(SocketAddr::new(source, 0))?;
-        endpoint.set_default_client_config(config);
-        let connection = endpoint.connect(target, server_name)?.await?;
-        let (mut driver, send) =
-            h3::client::new(h3_quinn::Connection::new(connection.clone())).await?;
-        let driver = tokio::spawn(async move {
-            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
-        });
+        let client = H3Client::connect(source, target, server_name, config).await?;
         Ok(Self {
-            send,
-            driver,
-            endpoint,
-            connection,
+            endpoint: client.endpoint().clone(),
+            connection: client.connection().clone(),
+            client,
         })
     }
 
@@ -68,33 +54,22 @@ impl H3Connection {
             builder = builder.header(*name, *value);
         }
         let request = builder.body(())?;
-        let mut stream = self.send.send_request(request).await?;
-        if !body.is_empty() {
-            stream.send_data(Bytes::from(body)).await?;
-        }
-        stream.finish().await?;
-        let response = stream.recv_response().await?;
-        let mut collected = BytesMut::new();
-        while let Some(mut chunk) = stream.recv_data().await? {
-            while chunk.has_remaining() {
-                let part = chunk.chunk();
-                collected.extend_from_slice(part);
-                let n = part.len();
-                chunk.advance(n);
-            }
-        }
+        let response = self
+            .client
+            .request(request, Some(Bytes::from(body)))
+            .await?;
+        let version = response.version();
+        let (parts, body) = response.into_parts();
         Ok(Reply {
-            status: response.status().as_u16(),
-            headers: response.headers().clone(),
-            body: collected.freeze(),
-            version: response.version(),
+            status: parts.status.as_u16(),
+            headers: parts.headers,
+            body,
+            version,
         })
     }
 
     /// Closes the connection politely and waits for the peer to acknowledge.
     pub async fn close(self) {
-        self.connection.close(0u32.into(), b"done");
-        self.endpoint.wait_idle().await;
-        self.driver.abort();
+        self.client.close().await;
     }
 }
