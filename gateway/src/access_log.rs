@@ -44,9 +44,7 @@ pub fn sampled(config: &AccessLog) -> bool {
 /// anything else (absent, malformed) is replaced by a fresh version-00 one.
 pub fn propagate_traceparent(headers: &mut HeaderMap) {
     if needs_traceparent(headers) {
-        if let Ok(value) = HeaderValue::from_str(&new_traceparent()) {
-            headers.insert(TRACEPARENT, value);
-        }
+        headers.insert(TRACEPARENT, new_traceparent_value());
     }
 }
 
@@ -83,8 +81,24 @@ pub fn trace_id(traceparent: &str) -> Option<&str> {
 
 /// A fresh `00-<trace id>-<span id>-01` (sampled flag set: the edge asks for the trace).
 pub fn new_traceparent() -> String {
+    String::from_utf8_lossy(&traceparent_bytes()).into_owned()
+}
+
+/// [`new_traceparent`] as a header value, built on the stack (the request path's version: one
+/// allocation instead of a `String` and then a copy of it).
+pub fn new_traceparent_value() -> HeaderValue {
+    // Hex digits and dashes are always a valid header value.
+    HeaderValue::from_bytes(&traceparent_bytes()).unwrap_or(HeaderValue::from_static(""))
+}
+
+/// `00-<32 hex trace id>-<16 hex span id>-01`.
+fn traceparent_bytes() -> [u8; 55] {
     let (a, b, c) = (random_u64(), random_u64(), random_u64());
-    format!("00-{a:016x}{b:016x}-{:016x}-01", c.max(1))
+    let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
+    crate::proxy::forward::put_hex(&mut out[3..19], a);
+    crate::proxy::forward::put_hex(&mut out[19..35], b);
+    crate::proxy::forward::put_hex(&mut out[36..52], c.max(1));
+    out
 }
 
 /// What the fronts know about a logged request's upstream side, gathered as it runs.

@@ -4,15 +4,27 @@ use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use http::header::HOST;
-use http::HeaderName;
+use http::{HeaderName, HeaderValue};
 use pingora::prelude::*;
 use pingora_http::RequestHeader;
 
 pub const X_FORWARDED_FOR: &str = "x-forwarded-for";
+/// [`X_FORWARDED_FOR`] as a `HeaderName`, for lookups (a `&str` name is parsed on every lookup).
+pub(crate) const X_FORWARDED_FOR_HEADER: HeaderName = HeaderName::from_static(X_FORWARDED_FOR);
 pub const HEADER_REGION: HeaderName = HeaderName::from_static("x-meridian-region");
 pub const HEADER_POP: HeaderName = HeaderName::from_static("x-meridian-pop");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The same names as `&'static str`, for Pingora's `insert_header` on the request path: given a
+/// non-standard `HeaderName` it first copies the name into a new buffer (for the original-case
+/// map), given a static `str` it borrows it, so these save one allocation per header per request.
+/// The bytes on the wire are the same (lowercase either way).
+pub(crate) const HEADER_REGION_NAME: &str = "x-meridian-region";
+pub(crate) const HEADER_POP_NAME: &str = "x-meridian-pop";
+const X_FORWARDED_PROTO_NAME: &str = "x-forwarded-proto";
+const X_REQUEST_ID_NAME: &str = "x-request-id";
+const TRACEPARENT_NAME: &str = "traceparent";
 
 /// The host the client asked for: `Host` (HTTP/1.1) or the URI authority (HTTP/2).
 pub fn host(req: &RequestHeader) -> Option<&str> {
@@ -29,17 +41,17 @@ pub fn add_forwarding_headers(
     client: IpAddr,
     scheme: &'static str,
 ) -> Result<()> {
-    let chain = forwarded_for_chain(&req.headers, client);
+    // Each value is built on the stack and copied once into its `HeaderValue` (no `String`
+    // in between); `scheme` is static and not copied at all.
+    let chain = forwarded_for_chain(&req.headers, client)
+        .or_err(ErrorType::InvalidHTTPHeader, "invalid x-forwarded-for")?;
     req.insert_header(X_FORWARDED_FOR, chain)?;
-    req.insert_header(X_FORWARDED_PROTO, scheme)?;
+    req.insert_header(X_FORWARDED_PROTO_NAME, HeaderValue::from_static(scheme))?;
     if let Some(id) = replacement_request_id(&req.headers) {
-        req.insert_header(X_REQUEST_ID, id)?;
+        req.insert_header(X_REQUEST_ID_NAME, id)?;
     }
     if crate::access_log::needs_traceparent(&req.headers) {
-        req.insert_header(
-            crate::access_log::TRACEPARENT,
-            crate::access_log::new_traceparent(),
-        )?;
+        req.insert_header(TRACEPARENT_NAME, crate::access_log::new_traceparent_value())?;
     }
     Ok(())
 }
@@ -50,44 +62,59 @@ pub(crate) fn set_forwarding_headers(
     client: IpAddr,
     scheme: &'static str,
 ) {
-    let chain = forwarded_for_chain(headers, client);
-    if let Ok(value) = http::HeaderValue::from_str(&chain) {
+    if let Ok(value) = forwarded_for_chain(headers, client) {
         headers.insert(X_FORWARDED_FOR, value);
     }
-    headers.insert(X_FORWARDED_PROTO, http::HeaderValue::from_static(scheme));
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
     if let Some(id) = replacement_request_id(headers) {
-        if let Ok(value) = http::HeaderValue::from_str(&id) {
-            headers.insert(X_REQUEST_ID, value);
-        }
+        headers.insert(X_REQUEST_ID, id);
     }
     crate::access_log::propagate_traceparent(headers);
 }
 
 /// `X-Request-Id` to set, unless the client sent a sane one (kept as is).
-fn replacement_request_id(headers: &http::HeaderMap) -> Option<String> {
+fn replacement_request_id(headers: &http::HeaderMap) -> Option<HeaderValue> {
     let keep = headers
         .get(&X_REQUEST_ID)
         .is_some_and(|v| is_sane_request_id(v.as_bytes()));
     (!keep).then(new_request_id)
 }
 
-/// The `X-Forwarded-For` chain the client (or trusted proxies) sent, with `client` appended.
-fn forwarded_for_chain(headers: &http::HeaderMap, client: IpAddr) -> String {
-    let mut chain = String::with_capacity(64);
-    for value in headers.get_all(X_FORWARDED_FOR).iter() {
-        if let Ok(v) = value.to_str() {
-            if !chain.is_empty() {
-                chain.push_str(", ");
-            }
-            chain.push_str(v);
+/// The `X-Forwarded-For` chain the client (or trusted proxies) sent, with `client` appended:
+/// `a, b, client`. Values that are not visible ASCII are skipped (as `to_str` would).
+fn forwarded_for_chain(
+    headers: &http::HeaderMap,
+    client: IpAddr,
+) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+    use std::io::Write;
+    // Room for the longest IPv6 text; usually the whole value (no incoming chain).
+    let mut ip = [0u8; 48];
+    let ip_len = {
+        let mut cursor = std::io::Cursor::new(&mut ip[..]);
+        let _ = write!(cursor, "{client}");
+        cursor.position() as usize
+    };
+    let ip = &ip[..ip_len];
+    let mut incoming = headers
+        .get_all(&X_FORWARDED_FOR_HEADER)
+        .iter()
+        .filter(|v| v.to_str().is_ok())
+        .peekable();
+    if incoming.peek().is_none() {
+        return HeaderValue::from_bytes(ip);
+    }
+    let mut chain = Vec::with_capacity(128);
+    for value in incoming {
+        if !chain.is_empty() {
+            chain.extend_from_slice(b", ");
         }
+        chain.extend_from_slice(value.as_bytes());
     }
     if !chain.is_empty() {
-        chain.push_str(", ");
+        chain.extend_from_slice(b", ");
     }
-    use std::fmt::Write;
-    let _ = write!(chain, "{client}");
-    chain
+    chain.extend_from_slice(ip);
+    HeaderValue::from_bytes(&chain)
 }
 
 /// Client-supplied ids are kept when they are short and printable; anything else is replaced.
@@ -95,8 +122,9 @@ fn is_sane_request_id(id: &[u8]) -> bool {
     !id.is_empty() && id.len() <= 128 && id.iter().all(|b| b.is_ascii_graphic())
 }
 
-/// 128-bit ids: a per-process random seed mixed with a counter (unique, unpredictable enough for logs).
-fn new_request_id() -> String {
+/// 128-bit ids: a per-process random seed mixed with a counter (unique, unpredictable enough for
+/// logs), as 32 lowercase hex digits.
+fn new_request_id() -> HeaderValue {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
     let seed = *SEED.get_or_init(|| {
@@ -107,7 +135,25 @@ fn new_request_id() -> String {
     });
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let high = splitmix(seed ^ n);
-    format!("{high:016x}{:016x}", splitmix(high ^ seed))
+    let mut id = [0u8; 32];
+    put_hex(&mut id[..16], high);
+    put_hex(&mut id[16..], splitmix(high ^ seed));
+    // Hex digits are always a valid header value.
+    HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
+}
+
+/// Writes `x` as lowercase hex, zero-padded, into all of `out` (16 bytes for a `u64`).
+pub(crate) fn put_hex(out: &mut [u8], x: u64) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let len = out.len();
+    for (i, byte) in out.iter_mut().enumerate() {
+        let shift = 4 * (len - 1 - i);
+        *byte = if shift < 64 {
+            DIGITS[((x >> shift) & 0xf) as usize]
+        } else {
+            b'0'
+        };
+    }
 }
 
 fn splitmix(mut x: u64) -> u64 {
@@ -127,9 +173,50 @@ mod tests {
         let b = new_request_id();
         assert_ne!(a, b);
         assert_eq!(a.len(), 32);
+        assert!(a
+            .as_bytes()
+            .iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c)));
         assert!(is_sane_request_id(b"abc-123"));
         assert!(!is_sane_request_id(b""));
         assert!(!is_sane_request_id(b"has space"));
         assert!(!is_sane_request_id(&[b'a'; 129]));
+    }
+
+    #[test]
+    fn hex_is_zero_padded_lowercase() {
+        let mut out = [0u8; 16];
+        put_hex(&mut out, 0xab);
+        assert_eq!(&out, b"00000000000000ab");
+        put_hex(&mut out, u64::MAX);
+        assert_eq!(&out, b"ffffffffffffffff");
+        assert_eq!(format!("{:016x}", 0x0123_4567_89ab_cdefu64).as_bytes(), {
+            put_hex(&mut out, 0x0123_4567_89ab_cdef);
+            &out
+        });
+    }
+
+    #[test]
+    fn forwarded_for_appends_the_client() {
+        let client: IpAddr = "127.12.0.5".parse().expect("ip");
+        let mut headers = http::HeaderMap::new();
+        assert_eq!(
+            forwarded_for_chain(&headers, client).expect("value"),
+            "127.12.0.5"
+        );
+        headers.append(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
+        headers.append(
+            X_FORWARDED_FOR,
+            HeaderValue::from_static("10.0.0.2, 10.0.0.3"),
+        );
+        assert_eq!(
+            forwarded_for_chain(&headers, client).expect("value"),
+            "10.0.0.1, 10.0.0.2, 10.0.0.3, 127.12.0.5"
+        );
+        let v6: IpAddr = "2001:db8::1".parse().expect("ip");
+        assert_eq!(
+            forwarded_for_chain(&http::HeaderMap::new(), v6).expect("value"),
+            "2001:db8::1"
+        );
     }
 }

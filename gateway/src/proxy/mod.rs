@@ -200,7 +200,7 @@ impl ProxyHttp for EdgeProxy {
             .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         let forwarded = req
             .headers
-            .get_all(forward::X_FORWARDED_FOR)
+            .get_all(&forward::X_FORWARDED_FOR_HEADER)
             .iter()
             .filter_map(|v| v.to_str().ok());
         ctx.client = client_ip(peer, forwarded, &snapshot.trusted_proxies);
@@ -233,7 +233,7 @@ impl ProxyHttp for EdgeProxy {
                         return Ok(outcome.answered);
                     }
                 }
-                match self.cache.clone() {
+                match self.cache.as_deref() {
                     Some(cache) => {
                         let alt_svc = self.alt_svc.as_ref();
                         cache
@@ -566,7 +566,8 @@ impl ProxyHttp for EdgeProxy {
         if let Some(loaded) = ctx.loaded.clone() {
             let snapshot = &loaded.snapshot;
             if let Some(region) = ctx.region.and_then(|r| snapshot.regions.get(r)) {
-                upstream_response.insert_header(HEADER_REGION, region.header.clone())?;
+                upstream_response
+                    .insert_header(forward::HEADER_REGION_NAME, region.header.clone())?;
             }
             if let Some(cache) = self.cache.clone() {
                 let alt_svc = self.alt_svc.as_ref();
@@ -574,7 +575,8 @@ impl ProxyHttp for EdgeProxy {
                     .response_filter(session, upstream_response, ctx, snapshot, alt_svc)
                     .await?;
             }
-            upstream_response.insert_header(HEADER_POP, snapshot.pop_header.clone())?;
+            upstream_response
+                .insert_header(forward::HEADER_POP_NAME, snapshot.pop_header.clone())?;
             if let Some(alt_svc) = self.alt_svc.as_ref().filter(|_| ctx.downstream.tls) {
                 upstream_response.insert_header(http::header::ALT_SVC, alt_svc.clone())?;
             }
