@@ -6,7 +6,7 @@
 #   DURATION=5s ROUNDS=1 bash loadtest/bench/run.sh
 #   Env: DURATION, ROUNDS, CONNECTIONS (64), RATE (open loop, 5000/s), LOADGEN_THREADS (1),
 #        OUT (JSON dir), MERIDIAN_BIN (skip building meridian), CARGO_TARGET_DIR,
-#        CACHE_ONLY=1 (only the cache-hit scenario).
+#        CACHE_ONLY=1 (only the cache-hit scenario), TLS=0 (skip the Meridian-only TLS/QUIC runs).
 #
 # Traffic stays on 127.0.0.0/8; every process started here is stopped on exit.
 set -euo pipefail
@@ -27,6 +27,7 @@ NGINX_CACHE_PORT=18102
 HAPROXY_PORT=18103
 MERIDIAN_PORT=18104
 MERIDIAN_ADMIN_PORT=18105
+MERIDIAN_TLS_PORT=18106
 
 WORK="$(mktemp -d /tmp/meridian-bench.XXXXXX)"
 PIDS=()
@@ -155,6 +156,15 @@ PIDS+=($!)
 HAPROXY_PID=$!
 
 # --- Meridian: one region whose only upstream is the origin, one thread ---------------------------
+# TLS for the Meridian-only runs (h1/h2 over TLS, h3 over QUIC): a throwaway CA and a leaf for
+# bench.example.test, made with openssl so the script needs nothing from the repo but the binaries.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
+  -keyout "$WORK/ca.key" -out "$WORK/ca.crt" 2>/dev/null
+openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=bench.example.test" \
+  -keyout "$WORK/bench.key" -out "$WORK/bench.csr" 2>/dev/null
+printf 'subjectAltName=DNS:bench.example.test\nbasicConstraints=CA:FALSE\n' >"$WORK/leaf.ext"
+openssl x509 -req -in "$WORK/bench.csr" -CA "$WORK/ca.crt" -CAkey "$WORK/ca.key" -CAcreateserial \
+  -days 2 -extfile "$WORK/leaf.ext" -out "$WORK/bench.crt" 2>/dev/null
 cat >"$WORK/meridian.toml" <<CONF
 schema = 1
 
@@ -162,12 +172,19 @@ schema = 1
 pop = "bench-1"
 http = "127.0.0.1:$MERIDIAN_PORT"
 admin = "127.0.0.1:$MERIDIAN_ADMIN_PORT"
+https = "127.0.0.1:$MERIDIAN_TLS_PORT"
+h3 = true
 threads = 1
 shutdown_grace = "1s"
 shutdown_timeout = "2s"
 
 [edge.limits]
 max_body_bytes = 10485760
+
+[[tls.certificates]]
+hosts = ["bench.example.test"]
+cert = "$WORK/bench.crt"
+key = "$WORK/bench.key"
 
 [[regions]]
 name = "bench"
@@ -198,6 +215,7 @@ PIDS+=($!)
 MERIDIAN_PID=$!
 
 wait_port "$NGINX_PORT"; wait_port "$NGINX_CACHE_PORT"; wait_port "$HAPROXY_PORT"; wait_port "$MERIDIAN_PORT"
+wait_port "$MERIDIAN_TLS_PORT"
 # NGINX's worker is the process that does the work (the master only supervises).
 NGINX_WORKER="$(pgrep -P "$NGINX_MASTER" | head -1 || true)"
 NGINX_WORKER="${NGINX_WORKER:-$NGINX_MASTER}"
@@ -206,14 +224,14 @@ head -c 16384 /dev/zero | tr '\0' 'p' >"$WORK/post16k.bin"
 
 peak_rss_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
 
-# run_one SCENARIO PROXY PID PORT ROUND [loadtest args...]
+# run_one SCENARIO PROXY PID PORT ROUND [loadtest args...]   (SCHEME=https for the TLS runs)
 run_one() {
   local scenario=$1 proxy=$2 pid=$3 port=$4 round=$5
   shift 5
   local json="$OUT/$scenario.$proxy.r$round.json"
   local before after
   before=$(cpu_ticks "$pid")
-  "$LOADTEST" "http://127.0.0.1:$port$PATH_QUERY" --host bench.example.test --threads "$LOADGEN_THREADS" \
+  "$LOADTEST" "${SCHEME:-http}://127.0.0.1:$port$PATH_QUERY" --host bench.example.test --threads "$LOADGEN_THREADS" \
     --timeout 10s -q --json "$json" "$@" >"$WORK/last.txt"
   after=$(cpu_ticks "$pid")
   local hz; hz=$(getconf CLK_TCK)
@@ -264,6 +282,23 @@ for round in $(seq 1 "$ROUNDS"); do
     IFS=: read -r proxy pid port <<<"$entry"
     run_one "cache-hit" "$proxy" "$pid" "$port" "$round" -c "$CONNECTIONS" -d "$DURATION"
   done
+  # Meridian only: the same GET 1 KiB over TLS (h1, h2) and QUIC (h3) — request throughput on
+  # kept-alive connections, then handshake throughput (--reconnect: a new TCP+TLS or QUIC
+  # handshake for every request, 16 connections). h2/h3 run 8 connections x 8 streams = 64 lanes.
+  if [ "${TLS:-1}" = 1 ] && [ "${CACHE_ONLY:-0}" != 1 ]; then
+    PATH_QUERY="/bench"
+    tls=(--cacert "$WORK/ca.crt" --sni bench.example.test)
+    SCHEME=https run_one "tls-h1" meridian "$MERIDIAN_PID" "$MERIDIAN_TLS_PORT" "$round" \
+      -p h1 -c "$CONNECTIONS" -d "$DURATION" "${tls[@]}"
+    SCHEME=https run_one "tls-h2" meridian "$MERIDIAN_PID" "$MERIDIAN_TLS_PORT" "$round" \
+      -p h2 -c 8 --streams 8 -d "$DURATION" "${tls[@]}"
+    SCHEME=https run_one "quic-h3" meridian "$MERIDIAN_PID" "$MERIDIAN_TLS_PORT" "$round" \
+      -p h3 -c 8 --streams 8 -d "$DURATION" "${tls[@]}"
+    for proto in h1 h2 h3; do
+      SCHEME=https run_one "handshake-$proto" meridian "$MERIDIAN_PID" "$MERIDIAN_TLS_PORT" "$round" \
+        -p "$proto" -c 16 -d "$DURATION" --reconnect "${tls[@]}"
+    done
+  fi
 done
 
 python3 "$BENCH/table.py" "$OUT" "$(nproc)" "$DURATION" "$CONNECTIONS" "$LOADGEN_THREADS" >"$BENCH/results.md"

@@ -78,9 +78,19 @@ if ("cache-hit", "nginx-cache") in runs and ("cache-hit", "meridian-cache") in r
               f"{ratio(a['p99'], c['p99'])} | {ratio(a['cpu10k'], c['cpu10k'])} | {ratio(a['rss'], c['rss'])} | "
               f"{a['failed']} |")
     print(f"\nMeridian answers with `x-meridian-cache: hit`: {hits} of {m['responses']}.")
-if ("cache-hit", "nginx-cache") in runs and ("get-1k", "nginx") in runs:
-    c = agg(runs[("cache-hit", "nginx-cache")])
-    n = agg(runs[("get-1k", "nginx")])
-    print(f"\nCache hit (NGINX proxy_cache, relative to NGINX proxying get-1k): requests/s "
-          f"{ratio(c['rps'], n['rps'])}, p99 {ratio(c['p99'], n['p99'])}, failed {c['failed']}. "
-          "Meridian has no response cache yet, so it is not in this row.")
+tls_rows = [s for s in ("tls-h1", "tls-h2", "quic-h3", "handshake-h1", "handshake-h2", "handshake-h3")
+            if (s, "meridian") in runs]
+if tls_rows and ("get-1k", "meridian") in runs:
+    plain = agg(runs[("get-1k", "meridian")])
+    print("\nMeridian only, GET 1 KiB over TLS and QUIC, relative to Meridian's plain-text h1 `get-1k` above "
+          "(same origin, same run). `tls-*`/`quic-h3`: kept-alive connections (h1: 64 connections; h2/h3: "
+          "8 connections x 8 streams). `handshake-*`: every request on a new connection (16 at a time), so "
+          "requests/s is handshakes/s.\n")
+    print("| scenario | requests/s | p50 | p99 | CPU s / 10k req | connections opened | failed |")
+    print("|---|---|---|---|---|---|---|")
+    for s in tls_rows:
+        a = agg(runs[(s, "meridian")])
+        opened = sum(r.get("connections_opened", 0) or 0 for r in runs[(s, "meridian")])
+        print(f"| {s} | {ratio(a['rps'], plain['rps'])} | {ratio(a['p50'], plain['p50'])} | "
+              f"{ratio(a['p99'], plain['p99'])} | {ratio(a['cpu10k'], plain['cpu10k'])} | {opened} | "
+              f"{a['failed']} |")
