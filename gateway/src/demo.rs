@@ -339,7 +339,7 @@ pub fn tour(demo: &Demo) -> String {
     if let Some(https) = demo.edge.https_addr {
         let (port, ca) = (https.port(), demo.ca_file.display());
         out.push_str(&format!(
-            "\nHTTPS (h1 + h2 by ALPN) and HTTP/3 on {https} (certificates from the demo CA {ca}):\n  curl --cacert {ca} --resolve api.example.test:{port}:{ip} https://api.example.test:{port}/hello\n  curl --cacert {ca} --resolve api.example.test:{port}:{ip} --http2 --interface 127.17.0.1 -si https://api.example.test:{port}/hello   # h2, Frankfurt; alt-svc advertises h3\n  HTTP/3 (QUIC, udp {https}): any h3 client trusting {ca} with SNI/authority api.example.test (e.g. aioquic; see docs/tls.md)\n",
+            "\nHTTPS (h1 + h2 by ALPN) and HTTP/3 on {https} (certificates from the demo CA {ca}):\n  curl --cacert {ca} --resolve api.example.test:{port}:{ip} https://api.example.test:{port}/hello\n  curl --cacert {ca} --resolve api.example.test:{port}:{ip} --http2 --interface 127.17.0.1 -si https://api.example.test:{port}/hello   # h2, Frankfurt; alt-svc advertises h3\n  HTTP/3 (QUIC, udp {https}), 20 requests from Korea with the project's load generator:\n  cargo run --release -q -p meridian-loadtest -- https://{https}/hello -p h3 --cacert {ca} --sni api.example.test --host api.example.test --geo-mix KR=1 -n 20\n",
             ip = https.ip()
         ));
     }
