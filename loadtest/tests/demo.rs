@@ -6,37 +6,14 @@
 //! 5353), so everything that needs it is in this one test function: two demos never run at once.
 
 use std::path::Path;
-use std::process::Command;
 
 use meridian_gateway::demo::{self, DemoOptions};
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_meridian-loadtest");
+mod common;
+
+use common::u;
 const HTTPS: &str = "https://127.0.0.1:8443";
-
-fn run_load(args: &[&str]) -> Value {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let json = dir.path().join("report.json");
-    let output = Command::new(BIN)
-        .args(args)
-        .args(["--quiet", "--threads", "2", "--json"])
-        .arg(&json)
-        .output()
-        .expect("run meridian-loadtest");
-    assert!(
-        output.status.success(),
-        "meridian-loadtest {args:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let text = std::fs::read_to_string(&json).expect("read report");
-    serde_json::from_str(&text).expect("report is JSON")
-}
-
-fn u(v: &Value, pointer: &str) -> u64 {
-    v.pointer(pointer)
-        .and_then(Value::as_u64)
-        .unwrap_or_else(|| panic!("{pointer} missing or not a count in {v:#}"))
-}
 
 /// No transport errors, no 4xx/5xx, and every request answered.
 fn assert_clean(report: &Value, n: u64) {
@@ -73,7 +50,9 @@ fn h3_and_sse_scenarios_run_against_the_demo() {
             .chain(tls.iter().cloned())
             .collect()
     };
-    let run = |args: Vec<String>| run_load(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let run = |args: Vec<String>| {
+        common::run_load(&args.iter().map(String::as_str).collect::<Vec<_>>()).1
+    };
 
     // HTTP/3, two lanes per QUIC connection, clients in three countries.
     let url = format!("{HTTPS}/hello");

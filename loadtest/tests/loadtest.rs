@@ -3,11 +3,11 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 
-use serde_json::Value;
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_meridian-loadtest");
+use common::{run_load, u, BIN};
 
 /// A running `meridian-loadtest origin`, killed on drop.
 struct Origin {
@@ -43,34 +43,6 @@ impl Drop for Origin {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn run_load(args: &[&str]) -> (Output, Value) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let json = dir.path().join("report.json");
-    let output = Command::new(BIN)
-        .args(args)
-        .args(["--quiet", "--threads", "2", "--json"])
-        .arg(&json)
-        .output()
-        .expect("run meridian-loadtest");
-    assert!(
-        output.status.success(),
-        "meridian-loadtest failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (output, read_json(&json))
-}
-
-fn read_json(path: &Path) -> Value {
-    let text = std::fs::read_to_string(path).expect("read report");
-    serde_json::from_str(&text).expect("report is JSON")
-}
-
-fn u(v: &Value, pointer: &str) -> u64 {
-    v.pointer(pointer)
-        .and_then(Value::as_u64)
-        .unwrap_or_else(|| panic!("{pointer} missing or not a count in {v:#}"))
 }
 
 #[test]
