@@ -106,6 +106,35 @@ where
 }
 
 impl Reply {
+    /// A `GET /hello` on `api.example.test` from `place` was answered by the origin of the
+    /// place's expected region through this edge (`local-1`); `via` names the protocol in messages.
+    pub fn assert_routed_for(
+        &self,
+        place: &meridian_geoip::test_world::Place,
+        via: &dyn std::fmt::Debug,
+    ) {
+        assert_eq!(
+            self.status,
+            200,
+            "{} over {via:?}: {}",
+            place.country,
+            self.text()
+        );
+        assert_eq!(
+            self.region(),
+            Some(place.expected_region),
+            "{} over {via:?}",
+            place.country
+        );
+        assert_eq!(self.header("x-meridian-pop"), Some("local-1"));
+        let body = self.json();
+        assert_eq!(
+            body["region"], place.expected_region,
+            "the origin of that region answered"
+        );
+        assert_eq!(body["path"], "/hello");
+    }
+
     /// Reads a whole response.
     pub async fn read(response: hyper::Response<hyper::body::Incoming>) -> anyhow::Result<Reply> {
         let status = response.status().as_u16();

@@ -68,23 +68,8 @@ fn routing_by_country(protocol: Secure) {
             "/hello",
             &[],
         );
-        assert_eq!(
-            reply.status,
-            200,
-            "{} over {protocol:?}: {}",
-            place.country,
-            reply.text()
-        );
-        assert_eq!(
-            reply.region(),
-            Some(place.expected_region),
-            "{} over {protocol:?}",
-            place.country
-        );
-        assert_eq!(reply.header("x-meridian-pop"), Some("local-1"));
+        reply.assert_routed_for(place, &protocol);
         let body = reply.json();
-        assert_eq!(body["region"], place.expected_region);
-        assert_eq!(body["path"], "/hello");
         assert_eq!(body["x_forwarded_proto"], "https");
         assert_eq!(body["host"], "api.example.test");
     }

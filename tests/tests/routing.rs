@@ -9,26 +9,7 @@ fn every_test_world_country_reaches_its_region_over_h1_and_h2c() {
         for place in PLACES {
             let source = place.client_addr(3);
             let reply = world.request(protocol, source, "api.example.test", "/hello", &[]);
-            assert_eq!(
-                reply.status,
-                200,
-                "{} over {protocol:?}: {}",
-                place.country,
-                reply.text()
-            );
-            assert_eq!(
-                reply.region(),
-                Some(place.expected_region),
-                "{} over {protocol:?}",
-                place.country
-            );
-            assert_eq!(reply.header("x-meridian-pop"), Some("local-1"));
-            let body = reply.json();
-            assert_eq!(
-                body["region"], place.expected_region,
-                "the origin of that region answered"
-            );
-            assert_eq!(body["path"], "/hello");
+            reply.assert_routed_for(place, &protocol);
             if protocol == Protocol::H2c {
                 assert_eq!(reply.version, http::Version::HTTP_2);
             }
