@@ -95,9 +95,9 @@ pub fn new_traceparent_value() -> HeaderValue {
 fn traceparent_bytes() -> [u8; 55] {
     let (a, b, c) = (random_u64(), random_u64(), random_u64());
     let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
-    crate::proxy::forward::put_hex(&mut out[3..19], a);
-    crate::proxy::forward::put_hex(&mut out[19..35], b);
-    crate::proxy::forward::put_hex(&mut out[36..52], c.max(1));
+    crate::pipeline::forward::put_hex(&mut out[3..19], a);
+    crate::pipeline::forward::put_hex(&mut out[19..35], b);
+    crate::pipeline::forward::put_hex(&mut out[36..52], c.max(1));
     out
 }
 

@@ -81,7 +81,8 @@ mod tests {
 
     #[test]
     fn fixed_and_nominated_headers_are_dropped() {
-        let cases: &[(&[(&str, &str)], &[&str])] = &[
+        type Case<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+        let cases: &[Case<'_>] = &[
             (
                 &[("x-a", "1"), ("content-type", "text/plain")],
                 &["x-a", "content-type"],

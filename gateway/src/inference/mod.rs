@@ -1,13 +1,14 @@
-//! Inference traffic (issue 8): the OpenAI-compatible surface of `kind = "inference"` routes.
+//! Inference traffic: the OpenAI-compatible surface of `kind = "inference"` routes.
 //!
 //! - `GET /v1/models` is answered by the edge from the snapshot (models and the regions serving them).
-//! - `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`: the body (at most
-//!   `inference.max_body_bytes`, ≤ 64 KiB) is read in `request_filter`, before any region is chosen,
-//!   because the model is in it. Pingora's retry buffer keeps those bytes and sends them upstream
-//!   unchanged (and again on a retry). The candidates become the regions serving the model.
+//! - `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`: the pipeline reads the body
+//!   (at most `inference.max_body_bytes`, ≤ 64 KiB) before any region is chosen, because the model
+//!   is in it, and holds it to send upstream unchanged (and again on a retry). The candidates
+//!   become the regions serving the model.
 //! - `429`/`503` from a model server before any byte reached the client: the request goes to the
 //!   next candidate even though POST is not idempotent (the server refused the work), and a
-//!   `Retry-After` keeps new requests away from that region for that long.
+//!   `Retry-After` keeps new requests away from that region for that long (see
+//!   `core::exchange::model_server_refused`).
 //! - Responses stream through untouched; only their last 16 KiB are kept to find `usage`, which is
 //!   charged to the caller's token limit and counted in metrics when the request ends.
 //!
@@ -18,28 +19,20 @@ pub mod openai;
 pub mod ratelimit;
 pub mod usage;
 
-use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use meridian_geoip::GeoIp;
-use pingora::prelude::*;
-use pingora::proxy::Session;
-use pingora_http::ResponseHeader;
 use sha2::{Digest, Sha256};
 
 use crate::core::models::ModelId;
 use crate::core::{decide_for_model, Refusal, RequestView, RouteDecision, Snapshot};
 use crate::metrics::STATUS_CLASSES;
-use crate::reload::Loaded;
 
 pub use metrics::InferenceMetrics;
 use openai::ApiError;
 use ratelimit::{KeyHash, RateLimiter};
 use usage::UsageScanner;
-
-/// Longest `Retry-After` penalty honoured from a model server.
-const MAX_PENALTY_SECS: u64 = 300;
 
 /// Per-edge inference state: rate-limit windows and metrics (outlive snapshots).
 pub struct InferenceState {
@@ -69,32 +62,6 @@ impl InferenceCtx {
             self.first_byte = Some(self.started.elapsed());
         }
         self.usage.push(chunk);
-    }
-}
-
-/// What `request_filter` should do after [`InferenceState::on_request`].
-pub struct Outcome {
-    /// The edge already answered.
-    pub answered: bool,
-    /// The model-aware decision that replaces the route-level one.
-    pub decision: Option<RouteDecision>,
-    pub ctx: Option<Box<InferenceCtx>>,
-}
-
-impl Outcome {
-    fn pass() -> Self {
-        Self {
-            answered: false,
-            decision: None,
-            ctx: None,
-        }
-    }
-    fn answered(ctx: Option<Box<InferenceCtx>>) -> Self {
-        Self {
-            answered: true,
-            decision: None,
-            ctx,
-        }
     }
 }
 
@@ -148,6 +115,27 @@ pub fn entry(
     }
 }
 
+/// The answer to a model call whose body could not be read: over `max` bytes (`413`), too slow
+/// (`408`), or broken off (`400`) — the same on every front.
+pub fn body_error(error: crate::pipeline::body::BodyError, max: u64) -> ApiError {
+    use crate::pipeline::body::BodyError;
+    match error {
+        BodyError::TooLarge => body_too_large(max),
+        BodyError::Timeout => ApiError::new(
+            408,
+            "invalid_request_error",
+            "body_timeout",
+            "the request body did not arrive in time".into(),
+        ),
+        BodyError::Client => ApiError::new(
+            400,
+            "invalid_request_error",
+            "bad_body",
+            "could not read the request body".into(),
+        ),
+    }
+}
+
 /// The `413` of a model call whose body is over `max` bytes.
 pub fn body_too_large(max: u64) -> ApiError {
     ApiError::new(
@@ -178,71 +166,6 @@ impl InferenceState {
         Self {
             limiter: RateLimiter::default(),
             metrics,
-        }
-    }
-
-    /// `request_filter` for a request matched to an inference route (`decision` is route-level).
-    pub async fn on_request(
-        &self,
-        session: &mut Session,
-        loaded: &Loaded,
-        decision: RouteDecision,
-        client: IpAddr,
-        geoip: &GeoIp,
-        started: Instant,
-    ) -> Result<Outcome> {
-        let snapshot = &loaded.snapshot;
-        let req = session.req_header();
-        let entry = entry(
-            snapshot,
-            decision.route,
-            &req.method,
-            req.uri.path(),
-            req.headers.get(http::header::AUTHORIZATION),
-        );
-        let (key, max_body_bytes) = match entry {
-            Entry::Pass => return Ok(Outcome::pass()),
-            Entry::Refused(error) => {
-                openai::send_error(session, snapshot, &error).await?;
-                return Ok(Outcome::answered(None));
-            }
-            Entry::Models(body) => {
-                let resp = ResponseHeader::build(200, Some(4))?;
-                openai::send_json(session, snapshot, resp, body).await?;
-                return Ok(Outcome::answered(None));
-            }
-            Entry::ModelCall {
-                key,
-                max_body_bytes,
-            } => (key, max_body_bytes),
-        };
-        let read_timeout = snapshot.routes[decision.route].read_timeout;
-        let body = match read_body(session, max_body_bytes, read_timeout).await {
-            Ok(body) => body,
-            Err(error) => {
-                openai::send_error(session, snapshot, &error).await?;
-                return Ok(Outcome::answered(None));
-            }
-        };
-        let req = session.req_header();
-        let Some(host) = crate::proxy::forward::host(req) else {
-            return Ok(Outcome::pass());
-        };
-        let view = RequestView {
-            host,
-            path: req.uri.path(),
-            client,
-        };
-        match self.route_call(snapshot, decision, key, &view, geoip, started, &body) {
-            Ok((decision, ctx)) => Ok(Outcome {
-                answered: false,
-                decision: Some(decision),
-                ctx: Some(ctx),
-            }),
-            Err((error, ctx)) => {
-                openai::send_error(session, snapshot, &error).await?;
-                Ok(Outcome::answered(ctx))
-            }
         }
     }
 
@@ -425,51 +348,6 @@ impl InferenceState {
     }
 }
 
-/// `upstream_response_filter` for an inference request: is this answer a refusal of the work
-/// (`429`, `503`) that may go to the next region even for POST? Applies `Retry-After` as a penalty
-/// on the region that sent it.
-pub fn refused(
-    snapshot: &Snapshot,
-    region: Option<usize>,
-    response: &ResponseHeader,
-    now_ms: u64,
-) -> bool {
-    refused_status(
-        snapshot,
-        region,
-        response.status.as_u16(),
-        &response.headers,
-        now_ms,
-    )
-}
-
-/// [`refused`] on a plain status and header map (every front calls this).
-pub fn refused_status(
-    snapshot: &Snapshot,
-    region: Option<usize>,
-    status: u16,
-    headers: &http::HeaderMap,
-    now_ms: u64,
-) -> bool {
-    if status != 429 && status != 503 {
-        return false;
-    }
-    let retry_after = headers
-        .get(http::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if let (Some(seconds), Some(region)) =
-        (retry_after, region.and_then(|r| snapshot.regions.get(r)))
-    {
-        let seconds = seconds.min(MAX_PENALTY_SECS);
-        region
-            .state
-            .penalize_until(now_ms.saturating_add(seconds * 1000));
-        tracing::info!(region = %region.name, seconds, "model server asked to back off (Retry-After)");
-    }
-    true
-}
-
 /// The caller's key: with `[[api_keys]]` configured, a bearer token whose sha256 is listed
 /// (else `401`); without, any token (or none) — limits then apply per distinct token.
 fn authenticate(
@@ -513,58 +391,4 @@ fn hex_eq(hex: &str, bytes: &[u8; 32]) -> bool {
         && bytes.iter().enumerate().all(|(i, b)| {
             u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("zz"), 16) == Ok(*b)
         })
-}
-
-/// Reads the whole request body, at most `max` bytes (`413` beyond), keeping Pingora's retry
-/// buffer on so the same bytes are sent upstream.
-async fn read_body(
-    session: &mut Session,
-    max: u64,
-    read_timeout: Duration,
-) -> std::result::Result<Bytes, ApiError> {
-    let too_large = || body_too_large(max);
-    let declared = session
-        .req_header()
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|len| len > max) {
-        return Err(too_large());
-    }
-    session.as_mut().enable_retry_buffering();
-    let mut body = BytesMut::new();
-    loop {
-        let chunk = tokio::time::timeout(read_timeout, session.read_request_body()).await;
-        match chunk {
-            Ok(Ok(Some(chunk))) => {
-                if (body.len() + chunk.len()) as u64 > max {
-                    return Err(too_large());
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(Ok(None)) => break,
-            Ok(Err(e)) => {
-                return Err(ApiError::new(
-                    400,
-                    "invalid_request_error",
-                    "bad_body",
-                    format!("could not read the request body: {}", e.etype().as_str()),
-                ))
-            }
-            Err(_) => {
-                return Err(ApiError::new(
-                    408,
-                    "invalid_request_error",
-                    "body_timeout",
-                    "the request body did not arrive in time".into(),
-                ))
-            }
-        }
-    }
-    if session.as_ref().retry_buffer_truncated() {
-        // Cannot happen within MAX_INFERENCE_BODY_BYTES; refuse rather than send a cut body.
-        return Err(too_large());
-    }
-    Ok(body.freeze())
 }
