@@ -17,8 +17,6 @@ use pingora_http::ResponseHeader;
 
 use crate::pipeline::{Arrival, ClientBodyError, Downstream, Head, Pipeline};
 
-pub use crate::pipeline::forward::{HEADER_POP, HEADER_REGION};
-
 pub struct EdgeProxy {
     pipeline: Arc<Pipeline>,
 }
