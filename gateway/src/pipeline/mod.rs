@@ -88,7 +88,8 @@ impl RequestState {
 /// The request as every upstream try sends it.
 struct Outbound<'a> {
     method: &'a Method,
-    path_and_query: &'a str,
+    /// Origin-form (`/path?query`), whatever form the client used.
+    uri: &'a http::Uri,
     headers: &'a HeaderMap,
     body: &'a RequestBody,
     replay: Replay,
@@ -311,8 +312,7 @@ impl Pipeline {
             }
         }
         let method = head.method.clone();
-        let uri = head.uri.clone();
-        let path_and_query = uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri = origin_form(head.uri);
         let declared = declared_length(head.headers);
 
         let limit = snapshot.limits.max_body_bytes;
@@ -339,7 +339,7 @@ impl Pipeline {
         };
         let outbound = Outbound {
             method: &method,
-            path_and_query,
+            uri: &uri,
             headers: &headers,
             body: &body,
             replay: Replay {
@@ -418,9 +418,7 @@ impl Pipeline {
             };
             let mut request = http::Request::new(body);
             *request.method_mut() = outbound.method.clone();
-            if let Ok(uri) = outbound.path_and_query.parse() {
-                *request.uri_mut() = uri;
-            }
+            *request.uri_mut() = outbound.uri.clone();
             *request.headers_mut() = outbound.headers.clone();
             if let Some(access) = access.as_deref_mut() {
                 access.upstream = Some(pick.address);
@@ -536,14 +534,18 @@ impl Pipeline {
         for (name, value) in ticket.conditional_headers() {
             headers.insert(name, value);
         }
-        let path = request.path_and_query.to_string();
+        let uri = request
+            .path_and_query
+            .parse::<http::uri::PathAndQuery>()
+            .map(http::Uri::from)
+            .unwrap_or_default();
         let loaded = Arc::clone(loaded);
         let pipeline = self.background();
         tokio::spawn(async move {
             let body = RequestBody::Whole(Bytes::new());
             let outbound = Outbound {
                 method: &Method::GET,
-                path_and_query: &path,
+                uri: &uri,
                 headers: &headers,
                 body: &body,
                 replay: Replay {
@@ -670,5 +672,16 @@ impl Pipeline {
                 side: &side,
             });
         }
+    }
+}
+
+/// The request target as an upstream gets it: origin-form (`/path?query`). HTTP/2 and HTTP/3
+/// requests (and absolute-form HTTP/1.1 ones) carry scheme and authority in their URI; the upstream
+/// learns the host from `Host`. Cloning a `PathAndQuery` shares its bytes.
+fn origin_form(uri: &http::Uri) -> http::Uri {
+    match uri.path_and_query() {
+        Some(_) if uri.scheme().is_none() && uri.authority().is_none() => uri.clone(),
+        Some(pq) => http::Uri::from(pq.clone()),
+        None => http::Uri::from_static("/"),
     }
 }

@@ -92,26 +92,29 @@ impl Downstream for PingoraDownstream<'_> {
     async fn send_head(
         &mut self,
         status: u16,
-        headers: HeaderMap,
+        mut headers: HeaderMap,
         end: bool,
     ) -> std::io::Result<()> {
-        let mut response =
-            ResponseHeader::build(status, Some(headers.len() + 1)).map_err(io_error)?;
-        let framed = headers.contains_key(http::header::CONTENT_LENGTH);
-        for (name, value) in headers {
-            if let Some(name) = name {
-                response.append_header(name, value).map_err(io_error)?;
-            }
-        }
         let no_body = end
             || matches!(status, 100..=199 | 204 | 304)
             || self.session.req_header().method == http::Method::HEAD;
-        if !framed && !no_body && !self.session.is_http2() {
+        if !no_body
+            && !headers.contains_key(http::header::CONTENT_LENGTH)
+            && !self.session.is_http2()
+        {
             // HTTP/1.1 without a length: chunked, so the connection can be kept alive.
-            response
-                .insert_header(http::header::TRANSFER_ENCODING, "chunked")
-                .map_err(io_error)?;
+            headers.insert(
+                http::header::TRANSFER_ENCODING,
+                http::HeaderValue::from_static("chunked"),
+            );
         }
+        // The map moves into Pingora's header as it is: no per-header copy (a case-preserving
+        // `ResponseHeader` would copy every name).
+        let mut response = http::Response::new(());
+        *response.status_mut() =
+            http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+        *response.headers_mut() = headers;
+        let response = ResponseHeader::from(response.into_parts().0);
         self.session
             .write_response_header(Box::new(response), end)
             .await
