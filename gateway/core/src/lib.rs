@@ -7,6 +7,7 @@
 //! - runtime state that outlives snapshots: [`state`] (atomics only);
 //! - one request's life: [`exchange`] (head accepted → tries → upstream head/error → finish);
 //! - HTTP caching rules: [`cache`] (RFC 9111 policy and cache keys);
+//! - [`inference`]: the OpenAI-compatible surface, callers, models;
 //! - [`headers`]: which headers a proxy must not forward.
 
 pub mod cache;
@@ -15,6 +16,7 @@ pub mod decide;
 pub mod exchange;
 pub mod geo;
 pub mod headers;
+pub mod inference;
 pub mod models;
 pub mod route_match;
 pub mod select;

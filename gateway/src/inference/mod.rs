@@ -15,15 +15,16 @@
 //! Other paths on an inference route are proxied like any route (no model, route-level regions).
 
 mod metrics;
-pub mod openai;
 pub mod ratelimit;
-pub mod usage;
+
+pub use crate::core::inference::{
+    body_too_large, entry, model_name, model_served, openai, usage, Entry,
+};
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use meridian_geoip::GeoIp;
-use sha2::{Digest, Sha256};
 
 use crate::core::models::ModelId;
 use crate::core::{decide_for_model, Refusal, RequestView, RouteDecision, Snapshot};
@@ -69,52 +70,6 @@ impl InferenceCtx {
 /// refusal still counts in the inference metrics.
 pub type Refused = (ApiError, Option<Box<InferenceCtx>>);
 
-/// What an inference route does with a request, before any body is read (transport-free).
-pub enum Entry {
-    /// Not an OpenAI endpoint: proxy it like any route.
-    Pass,
-    /// Answer with this error (authentication).
-    Refused(ApiError),
-    /// `GET /v1/models`: answer `200` with this JSON body.
-    Models(Bytes),
-    /// A model call: read the body (at most `max_body_bytes`, `413` beyond), then
-    /// [`InferenceState::route_call`].
-    ModelCall { key: KeyHash, max_body_bytes: u64 },
-}
-
-/// Classifies a request on inference route `route` and authenticates its caller.
-pub fn entry(
-    snapshot: &Snapshot,
-    route: usize,
-    method: &http::Method,
-    path: &str,
-    authorization: Option<&http::HeaderValue>,
-) -> Entry {
-    let is_models = path == "/v1/models" && method == http::Method::GET;
-    let is_model_call = method == http::Method::POST && MODEL_ENDPOINTS.contains(&path);
-    if !is_models && !is_model_call {
-        return Entry::Pass;
-    }
-    let key = match authenticate(snapshot, authorization) {
-        Ok(key) => key,
-        Err(error) => return Entry::Refused(error),
-    };
-    if is_models {
-        return Entry::Models(openai::models_body(snapshot, route));
-    }
-    let max_body_bytes = snapshot
-        .config
-        .routes
-        .get(route)
-        .and_then(|r| r.inference.as_ref())
-        .map(|i| i.max_body_bytes)
-        .unwrap_or_else(|| meridian_config::inference::RouteInference::default().max_body_bytes);
-    Entry::ModelCall {
-        key,
-        max_body_bytes,
-    }
-}
-
 /// The answer to a model call whose body could not be read: over `max` bytes (`413`), too slow
 /// (`408`), or broken off (`400`) — the same on every front.
 pub fn body_error(error: crate::pipeline::body::BodyError, max: u64) -> ApiError {
@@ -135,24 +90,6 @@ pub fn body_error(error: crate::pipeline::body::BodyError, max: u64) -> ApiError
         ),
     }
 }
-
-/// The `413` of a model call whose body is over `max` bytes.
-pub fn body_too_large(max: u64) -> ApiError {
-    ApiError::new(
-        413,
-        "invalid_request_error",
-        "request_too_large",
-        format!("request body larger than {max} bytes (routes[].inference.max_body_bytes)"),
-    )
-}
-
-#[derive(serde::Deserialize)]
-struct Probe<'a> {
-    #[serde(borrow, default)]
-    model: Option<std::borrow::Cow<'a, str>>,
-}
-
-const MODEL_ENDPOINTS: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
 
 impl InferenceState {
     pub fn new(registry: &prometheus::Registry) -> Self {
@@ -191,44 +128,8 @@ impl InferenceState {
             .get(decision.route)
             .and_then(|r| r.inference.clone())
             .unwrap_or_default();
-        let name = match serde_json::from_slice::<Probe<'_>>(body) {
-            Ok(Probe { model: Some(name) }) => name,
-            Ok(Probe { model: None }) => {
-                let error = ApiError::new(
-                    400,
-                    "invalid_request_error",
-                    "missing_model",
-                    "you must provide a model parameter".into(),
-                );
-                return Err((error, None));
-            }
-            Err(e) => {
-                let error = ApiError::new(
-                    400,
-                    "invalid_request_error",
-                    "invalid_json",
-                    format!("the request body is not valid JSON: {e}"),
-                );
-                return Err((error, None));
-            }
-        };
-        let served_here = snapshot.models.resolve(&name).filter(|&id| {
-            snapshot.models.get(id).is_some_and(|m| {
-                route
-                    .eligible
-                    .iter()
-                    .any(|&r| m.served_by.get(usize::from(r)).copied().unwrap_or(false))
-            })
-        });
-        let Some(model) = served_here else {
-            let error = ApiError::new(
-                404,
-                "invalid_request_error",
-                "model_not_found",
-                format!("The model `{name}` does not exist or is not served here"),
-            );
-            return Err((error, None));
-        };
+        let name = model_name(body).map_err(|error| (error, None))?;
+        let model = model_served(snapshot, route, &name).map_err(|error| (error, None))?;
         let ctx = Box::new(InferenceCtx {
             model,
             route: decision.route,
@@ -346,49 +247,4 @@ impl InferenceState {
                 .inc_by(usage.completion_tokens);
         }
     }
-}
-
-/// The caller's key: with `[[api_keys]]` configured, a bearer token whose sha256 is listed
-/// (else `401`); without, any token (or none) — limits then apply per distinct token.
-fn authenticate(
-    snapshot: &Snapshot,
-    authorization: Option<&http::HeaderValue>,
-) -> std::result::Result<KeyHash, ApiError> {
-    let token = authorization
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    let keys = &snapshot.config.api_keys;
-    let hash: KeyHash = match token {
-        Some(token) => Sha256::digest(token.as_bytes()).into(),
-        None if keys.is_empty() => [0; 32],
-        None => {
-            return Err(ApiError::new(
-                401,
-                "invalid_request_error",
-                "missing_api_key",
-                "you didn't provide an API key (Authorization: Bearer ...)".into(),
-            ))
-        }
-    };
-    if keys.is_empty() || keys.iter().any(|k| hex_eq(&k.sha256, &hash)) {
-        Ok(hash)
-    } else {
-        Err(ApiError::new(
-            401,
-            "invalid_request_error",
-            "invalid_api_key",
-            "incorrect API key provided".into(),
-        ))
-    }
-}
-
-fn hex_eq(hex: &str, bytes: &[u8; 32]) -> bool {
-    hex.len() == 64
-        && bytes.iter().enumerate().all(|(i, b)| {
-            u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("zz"), 16) == Ok(*b)
-        })
 }

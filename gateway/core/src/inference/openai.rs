@@ -3,7 +3,7 @@
 
 use bytes::Bytes;
 
-use crate::core::Snapshot;
+use crate::snapshot::Snapshot;
 
 /// One error the edge answers with.
 pub struct ApiError {
