@@ -14,7 +14,6 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Buf, Bytes};
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
 use meridian_config::{H3Limits, RouteKind};
-use meridian_geoip::GeoIp;
 use tokio::sync::watch;
 
 use crate::cache::{
@@ -57,7 +56,6 @@ const HOP_BY_HOP: [&str; 8] = [
 /// What every connection task shares.
 struct Shared {
     store: Arc<SnapshotStore>,
-    geoip: Arc<GeoIp>,
     upstream: UpstreamClient,
     rotation: AtomicUsize,
     /// The same response cache instance as the TCP front (issue 6).
@@ -70,7 +68,6 @@ struct Shared {
 /// and the inference state — one instance of each per edge, so both fronts behave the same.
 pub struct Services {
     pub(crate) store: Arc<SnapshotStore>,
-    pub(crate) geoip: Arc<GeoIp>,
     pub(crate) cache: Option<Arc<EdgeCache>>,
     pub(crate) inference: Arc<InferenceState>,
 }
@@ -94,7 +91,6 @@ pub fn start(
 ) -> Result<H3Front, std::io::Error> {
     let Services {
         store,
-        geoip,
         cache,
         inference,
     } = services;
@@ -124,7 +120,6 @@ pub fn start(
     let addr = endpoint.local_addr()?;
     let shared = Arc::new(Shared {
         store,
-        geoip,
         upstream: UpstreamClient::default(),
         rotation: AtomicUsize::new(0),
         cache,
@@ -313,7 +308,7 @@ async fn handle(req: Request<()>, mut stream: RequestStream, shared: &Shared, pe
     let started = Instant::now();
     let loaded = shared.store.load();
     let mut state = RequestState::default();
-    if crate::access_log::sampled(&loaded.snapshot.config.edge.access_log) {
+    if crate::access_log::roll(loaded.snapshot.access_log_sample) {
         state.access = Some(Box::default());
     }
     let status = match route_and_forward(
@@ -420,7 +415,7 @@ async fn route_and_forward(
     let mut decision = match decide(
         snapshot,
         &view,
-        |ip| shared.geoip.lookup(ip),
+        |ip| loaded.geoip.lookup(ip),
         clock::now_ms(),
     ) {
         Ok(decision) => decision,
@@ -496,7 +491,7 @@ async fn route_and_forward(
                 decision,
                 key,
                 &view,
-                &shared.geoip,
+                &loaded.geoip,
                 started,
                 &call_body,
             ) {

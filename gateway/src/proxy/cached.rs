@@ -9,10 +9,9 @@
 //! - the same for stale-if-error on a `5xx` response: the upstream body is dropped chunk by chunk.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::time::SystemTime;
 
-use arc_swap::ArcSwapOption;
 use bytes::Bytes;
 use pingora::prelude::*;
 use pingora::proxy::Session;
@@ -21,8 +20,8 @@ use pingora_http::{RequestHeader, ResponseHeader};
 use super::forward::{self, HEADER_POP};
 use super::RequestCtx;
 use crate::cache::{
-    Admission, CacheRequest, CacheStatus, CacheWriter, Lookup, ResponseCache, RoutePolicy, Served,
-    Ticket, HEADER_CACHE,
+    Admission, CacheRequest, CacheStatus, CacheWriter, Lookup, ResponseCache, Served, Ticket,
+    HEADER_CACHE,
 };
 use crate::clock;
 use crate::core::select::{pick_upstream, region_verdict, RegionVerdict};
@@ -43,16 +42,9 @@ pub struct CacheState {
     answered: bool,
 }
 
-/// Route policies compiled for one snapshot (rebuilt on the first request after a reload).
-struct Policies {
-    loaded: Weak<Loaded>,
-    routes: Vec<Option<Arc<RoutePolicy>>>,
-}
-
 /// The edge's cache as the Pingora front uses it: one per process, kept across reloads.
 pub struct EdgeCache {
     cache: ResponseCache,
-    policies: ArcSwapOption<Policies>,
     /// Background refreshes (stale-while-revalidate) go around Pingora with this client.
     client: Arc<UpstreamClient>,
     rotation: AtomicUsize,
@@ -62,47 +54,9 @@ impl EdgeCache {
     pub fn new(cache: ResponseCache) -> Self {
         Self {
             cache,
-            policies: ArcSwapOption::empty(),
             client: Arc::new(UpstreamClient::default()),
             rotation: AtomicUsize::new(0),
         }
-    }
-
-    /// The route's cache policy, `None` when the route (or the whole cache) does not cache. Policies
-    /// are compiled once per snapshot, not per request.
-    fn policy(&self, loaded: &Arc<Loaded>, route: usize) -> Option<Arc<RoutePolicy>> {
-        let enabled = |r: usize| {
-            loaded
-                .snapshot
-                .config
-                .routes
-                .get(r)
-                .is_some_and(|r| r.cache.enabled)
-        };
-        if !enabled(route) {
-            return None;
-        }
-        if let Some(current) = self.policies.load().as_ref() {
-            if std::ptr::eq(current.loaded.as_ptr(), Arc::as_ptr(loaded)) {
-                return current.routes.get(route).cloned().flatten();
-            }
-        }
-        let routes: Vec<_> = loaded
-            .snapshot
-            .config
-            .routes
-            .iter()
-            .map(|r| {
-                let policy = self.cache.route_policy(&r.name, &r.cache);
-                policy.rules().enabled.then(|| Arc::new(policy))
-            })
-            .collect();
-        let found = routes.get(route).cloned().flatten();
-        self.policies.store(Some(Arc::new(Policies {
-            loaded: Arc::downgrade(loaded),
-            routes,
-        })));
-        found
     }
 
     /// Looks the request up; `None` when the route does not cache. The `String`s are the host and
@@ -134,8 +88,8 @@ impl EdgeCache {
         route: usize,
         view: &CacheRequest<'_>,
     ) -> Option<(Lookup, Option<(String, String)>)> {
-        let policy = self.policy(loaded, route)?;
-        let lookup = self.cache.lookup(view, &policy, SystemTime::now()).await;
+        let policy = loaded.cache_policy(route)?;
+        let lookup = self.cache.lookup(view, policy, SystemTime::now()).await;
         let target = match &lookup {
             Lookup::Stale {
                 refresh: Some(_), ..

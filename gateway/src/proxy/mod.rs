@@ -13,7 +13,6 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use meridian_geoip::GeoIp;
 use pingora::prelude::*;
 use pingora::proxy::{FailToProxy, ProxyHttp, Session};
 use pingora_error::{ErrorSource, ErrorType};
@@ -32,7 +31,6 @@ use retry::MAX_TRIES;
 
 pub struct EdgeProxy {
     store: Arc<SnapshotStore>,
-    geoip: Arc<GeoIp>,
     /// Rotates the starting point of upstream selection so equal upstreams share load.
     rotation: AtomicUsize,
     /// `h3=":PORT"; ma=86400` on TLS responses when HTTP/3 is on.
@@ -44,13 +42,12 @@ pub struct EdgeProxy {
 }
 
 impl EdgeProxy {
-    pub fn new(store: Arc<SnapshotStore>, geoip: Arc<GeoIp>) -> Self {
+    pub fn new(store: Arc<SnapshotStore>) -> Self {
         Self {
             inference: Arc::new(crate::inference::InferenceState::new(
                 store.metrics().registry(),
             )),
             store,
-            geoip,
             rotation: AtomicUsize::new(0),
             alt_svc: None,
             cache: None,
@@ -180,7 +177,7 @@ impl ProxyHttp for EdgeProxy {
         ctx.downstream = crate::tls::Downstream::of(session, self.store.metrics());
         ctx.loaded = Some(Arc::clone(&loaded));
         let snapshot = &loaded.snapshot;
-        if crate::access_log::sampled(&snapshot.config.edge.access_log) {
+        if crate::access_log::roll(snapshot.access_log_sample) {
             ctx.access = Some(Box::default());
         }
         let req = session.req_header();
@@ -209,7 +206,12 @@ impl ProxyHttp for EdgeProxy {
             path: req.uri.path(),
             client: ctx.client,
         };
-        match decide(snapshot, &view, |ip| self.geoip.lookup(ip), clock::now_ms()) {
+        match decide(
+            snapshot,
+            &view,
+            |ip| loaded.geoip.lookup(ip),
+            clock::now_ms(),
+        ) {
             Ok(decision) => {
                 ctx.decision = Some(decision);
                 // Issue 8: model calls pick regions by the model in their body; never cached.
@@ -221,7 +223,7 @@ impl ProxyHttp for EdgeProxy {
                             &loaded,
                             decision,
                             ctx.client,
-                            &self.geoip,
+                            &loaded.geoip,
                             ctx.started,
                         )
                         .await?;
