@@ -467,3 +467,184 @@ pub fn resolve_paths(config: &mut Config, base: Option<&std::path::Path>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `examples/local.toml` without what needs files or sockets (TLS, the GeoIP database).
+    fn document() -> Config {
+        let mut config =
+            Config::from_toml_str(crate::demo::LOCAL_CONFIG).expect("examples/local.toml");
+        config.edge.https = None;
+        config.edge.h3 = false;
+        config.geoip.database = None;
+        config
+    }
+
+    fn store(config: Config, pinned: Option<Pinned>) -> SnapshotStore {
+        let metrics = Arc::new(EdgeMetrics::new().expect("metrics"));
+        let cache = ResponseCache::new(&config.edge.cache, metrics.registry()).expect("cache");
+        let process = Process {
+            metrics,
+            cache: Some(cache),
+            base_dir: None,
+            pinned,
+        };
+        let meta = SnapshotMeta {
+            version: 1,
+            hash: "one".into(),
+        };
+        SnapshotStore::new(config, meta, process).expect("version 1 installs")
+    }
+
+    fn meta(version: u64) -> SnapshotMeta {
+        SnapshotMeta {
+            version,
+            hash: version.to_string(),
+        }
+    }
+
+    /// A record name every document rule accepts, but too long for a DNS name under the zone.
+    fn uncompilable_record() -> meridian_config::DnsRecord {
+        meridian_config::DnsRecord {
+            name: ["a", "b", "c"].map(|l| l.repeat(63)).join(".") + "." + &"d".repeat(50),
+            pops: Vec::new(),
+            weights: Default::default(),
+        }
+    }
+
+    /// Where the `api` route sends clients of unknown location.
+    fn api_default(loaded: &Loaded) -> &str {
+        let route = loaded.snapshot.routes.iter().find(|r| r.name == "api");
+        let region = route.expect("api route").default_region;
+        &loaded.snapshot.regions[usize::from(region)].name
+    }
+
+    /// `document()` with the routing change the tests install.
+    fn moved() -> Config {
+        let mut config = document();
+        let api = config.routes.iter_mut().find(|r| r.name == "api");
+        api.expect("api route").default_region = Some("eu-central-1".into());
+        config
+    }
+
+    #[test]
+    fn a_version_with_a_broken_part_changes_nothing_and_names_every_error() {
+        let store = store(document(), None);
+        let before = store.load();
+        let generation = *store.subscribe().borrow();
+        assert_eq!(api_default(&before), "us-east");
+        let mut next = moved();
+        next.dns
+            .as_mut()
+            .expect("[dns]")
+            .records
+            .push(uncompilable_record());
+        next.geoip.database = Some("/nonexistent/world.mmdb".into());
+
+        let errors = store.install(next.clone(), meta(2)).err().expect("refused");
+        assert_eq!(errors.label(), "invalid");
+        assert!(
+            matches!(
+                errors.0.as_slice(),
+                [InstallError::GeoIp(_), InstallError::Zone(_)]
+            ),
+            "{errors}"
+        );
+        assert!(
+            errors.to_string().contains("/nonexistent/world.mmdb"),
+            "{errors}"
+        );
+        assert!(errors.to_string().contains("dns.records[3]"), "{errors}");
+        let after = store.load();
+        assert!(Arc::ptr_eq(&before, &after), "nothing was published");
+        assert_eq!(*store.subscribe().borrow(), generation);
+
+        // An invalid document is reported with its other broken parts too.
+        next.routes[0].regions = meridian_config::RegionSet::List(vec!["nowhere".into()]);
+        let errors = store.install(next.clone(), meta(2)).err().expect("refused");
+        assert!(
+            matches!(
+                errors.0.as_slice(),
+                [
+                    InstallError::Compile(CompileError::Invalid(_)),
+                    InstallError::GeoIp(_)
+                ]
+            ),
+            "{errors}"
+        );
+
+        // The same routing change without the broken parts lands, in one piece.
+        assert_eq!(api_default(&store.load()), "us-east");
+        let good = store.install(moved(), meta(2)).expect("installs");
+        assert_eq!(good.snapshot.meta.version, 2);
+        assert!(Arc::ptr_eq(&good, &store.load()));
+        assert_eq!(api_default(&good), "eu-central-1");
+        assert_eq!(*store.subscribe().borrow(), generation + 1);
+    }
+
+    #[test]
+    fn unchanged_parts_are_reused_and_changed_ones_rebuilt() {
+        let store = store(document(), None);
+        let first = store.load();
+        let mut next = moved();
+        let second = store.install(next.clone(), meta(2)).expect("installs");
+        let zone = |l: &Loaded| Arc::clone(l.zone.as_ref().expect("zone"));
+        assert!(
+            Arc::ptr_eq(&zone(&first), &zone(&second)),
+            "same [dns]: same zone"
+        );
+        assert!(
+            Arc::ptr_eq(&first.geoip, &second.geoip),
+            "same path: same database"
+        );
+
+        next.pops[0].addresses = vec!["127.9.9.9".into()];
+        let third = store.install(next.clone(), meta(3)).expect("installs");
+        assert!(
+            !Arc::ptr_eq(&zone(&second), &zone(&third)),
+            "[[pops]] changed"
+        );
+
+        next.dns = None;
+        let fourth = store.install(next, meta(4)).expect("installs");
+        assert!(fourth.zone.is_none());
+    }
+
+    #[test]
+    fn cache_policies_are_compiled_with_the_version() {
+        let store = store(document(), None);
+        let loaded = store.load();
+        for (i, route) in loaded.snapshot.config.routes.iter().enumerate() {
+            assert_eq!(
+                loaded.cache_policy(i).is_some(),
+                route.cache.enabled,
+                "{}",
+                route.name
+            );
+        }
+        assert!(loaded.cache_policy(usize::MAX).is_none());
+    }
+
+    #[test]
+    fn a_followed_document_keeps_the_boot_files_edge_and_control() {
+        let mut boot = document();
+        boot.edge.pop = "boot-pop".into();
+        boot.control = Some(meridian_config::Control {
+            url: "http://127.0.0.1:1".into(),
+            token_file: None,
+            cache_dir: "cache".into(),
+            wait: meridian_config::HumanDuration::secs(30),
+        });
+        let pinned = Pinned::from_boot(&boot);
+        let mut shared = document();
+        shared.edge.pop = "fleet-pop".into();
+        let store = store(shared.clone(), Some(pinned));
+        assert_eq!(store.load().snapshot.pop, "boot-pop", "at start");
+        shared.routes = moved().routes;
+        let loaded = store.install(shared, meta(2)).expect("installs");
+        assert_eq!(loaded.snapshot.pop, "boot-pop", "on every install");
+        assert_eq!(loaded.snapshot.config.control, boot.control);
+    }
+}
