@@ -1,29 +1,22 @@
 //! Meridian's configuration: one TOML document (`schema = 1`) parsed with `deny_unknown_fields`,
 //! then [`Config::validate`] collects *every* semantic error with its path
 //! (`routes[1].regions[0]: unknown region "ap-sout-1"`).
-
 //!
-//! The config service lives here too: [`store::ConfigStore`] (versioned, crash-safe, on local
-//! disk), its HTTP API [`service::serve`], the [`client::ConfigClient`], and [`diff::diff`].
+//! Pure data and functions (no I/O beyond reading a file, no async runtime): [`diff::diff`] between
+//! versions and the inference catalog live here too. The config service that stores, serves and
+//! fetches versions is the `meridian-config-service` crate.
 
-pub mod client;
 pub mod diff;
 mod duration;
 mod error;
 pub mod inference;
 mod schema;
-pub mod service;
-pub mod store;
 mod validate;
-mod wire;
 
-pub use client::{ClientError, ConfigClient};
 pub use diff::{diff, Change, ChangeKind};
 pub use duration::HumanDuration;
 pub use error::{ConfigError, ValidationError};
 pub use schema::*;
-pub use service::{serve, ServiceState};
-pub use store::{ConfigStore, PutError, StoreError, StoredVersion, VersionMeta};
 pub use validate::parse_cidr;
 
 use sha2::{Digest, Sha256};

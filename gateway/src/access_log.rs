@@ -1,16 +1,14 @@
-//! Access logs (issue 11): one JSON line per request, emitted through `tracing` with target
-//! [`TARGET`] by both fronts (the Pingora `logging` phase and the HTTP/3 front's completion), plus
-//! W3C `traceparent` propagation (the client's when valid, else a fresh one) to upstreams.
+//! Access logs: one JSON line per request, emitted through `tracing` with target [`TARGET`] by the
+//! pipeline's finish record (every front), plus W3C `traceparent` propagation (the client's when
+//! valid, else a fresh one) to upstreams.
 //!
-//! With `[edge.access_log] enabled = false` (the default) a front calls [`sampled`] once and does
+//! With `[edge.access_log] enabled = false` (the default) a request calls [`sampled`] once and does
 //! nothing else for access logging. The JSON is built here with `serde_json`, so the line is the
 //! same whatever subscriber is installed; `main` prints the message of this target verbatim.
 //!
 //! Fields that are `null` by design: `request_id`/`traceparent` of a request that never went
-//! upstream (refusal, cache hit) are the client's headers or `null`; `upstream_connect_ms` on
-//! HTTP/3 (the pooled hyper client does not expose its connect time; on TCP it is Pingora's digest
-//! measurement, 0 for a reused connection); `bytes_sent` on HTTP/3 for the edge's own answers and
-//! cache hits (only relayed upstream bodies are counted there).
+//! upstream (refusal, cache hit) are the client's headers or `null`; `upstream_connect_ms` when no
+//! upstream was contacted (0 for a reused pooled connection).
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,6 +18,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use meridian_config::AccessLog;
 
 use crate::metrics::Protocol;
+use crate::pipeline::forward::splitmix;
 
 /// The `tracing` target of access-log events.
 pub const TARGET: &str = "meridian::access";
@@ -100,9 +99,9 @@ pub fn new_traceparent_value() -> HeaderValue {
 fn traceparent_bytes() -> [u8; 55] {
     let (a, b, c) = (random_u64(), random_u64(), random_u64());
     let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
-    crate::proxy::forward::put_hex(&mut out[3..19], a);
-    crate::proxy::forward::put_hex(&mut out[19..35], b);
-    crate::proxy::forward::put_hex(&mut out[36..52], c.max(1));
+    crate::pipeline::forward::put_hex(&mut out[3..19], a);
+    crate::pipeline::forward::put_hex(&mut out[19..35], b);
+    crate::pipeline::forward::put_hex(&mut out[36..52], c.max(1));
     out
 }
 
@@ -118,8 +117,6 @@ pub struct UpstreamSide {
     pub connect: Option<Duration>,
     /// From request start to the upstream's response headers.
     pub first_byte: Option<Duration>,
-    /// When the front asked for the upstream connection (fallback for `connect`).
-    pub connect_started: Option<std::time::Instant>,
 }
 
 impl UpstreamSide {
@@ -284,13 +281,6 @@ fn random_u64() -> u64 {
         splitmix(t ^ u64::from(std::process::id()).rotate_left(32))
     });
     splitmix(seed ^ splitmix(COUNTER.fetch_add(1, Ordering::Relaxed)))
-}
-
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
 }
 
 #[cfg(test)]

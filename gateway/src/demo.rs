@@ -193,7 +193,7 @@ fn start_config_service(
     if store_dir.exists() {
         std::fs::remove_dir_all(&store_dir).map_err(io("clearing the demo config store"))?;
     }
-    let store = meridian_config::ConfigStore::open(&store_dir)
+    let store = meridian_config_service::ConfigStore::open(&store_dir)
         .map_err(|e| io("config store")(std::io::Error::other(e.to_string())))?;
     store
         .put(
@@ -208,12 +208,15 @@ fn start_config_service(
     let listener = runtime
         .block_on(tokio::net::TcpListener::bind(options.config_service))
         .map_err(io(&format!("config service {}", options.config_service)))?;
-    let state = Arc::new(meridian_config::ServiceState::new(store, token.clone()));
+    let state = Arc::new(meridian_config_service::ServiceState::new(
+        store,
+        token.clone(),
+    ));
     runtime.spawn(async move {
         let shutdown = async move {
             let _ = stop.wait_for(|s| *s).await;
         };
-        if let Err(e) = meridian_config::serve(listener, state, shutdown).await {
+        if let Err(e) = meridian_config_service::serve(listener, state, shutdown).await {
             tracing::error!("config service stopped: {e}");
         }
     });

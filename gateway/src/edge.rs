@@ -245,11 +245,14 @@ impl RunningEdge {
         };
         let mut server = Server::new_with_opt_and_conf(None, conf);
         server.bootstrap();
-        let proxy = EdgeProxy::new(Arc::clone(&store))
-            .with_alt_svc(alt_svc)
-            .with_cache(Some(cache.clone()));
-        // The HTTP/3 front shares these instances with Pingora's (same entries, limits, metrics).
-        let (edge_cache, inference) = (proxy.edge_cache(), proxy.inference_state());
+        // One pipeline for every front: the TCP and HTTP/3 drivers share its cache, inference
+        // state, connector and counters.
+        let pipeline = Arc::new(crate::pipeline::Pipeline::new(
+            Arc::clone(&store),
+            Some(cache.clone()),
+            alt_svc,
+        ));
+        let proxy = EdgeProxy::new(Arc::clone(&pipeline));
         let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
         if let Some(app) = service.app_logic_mut() {
             let mut options = HttpServerOptions::default();
@@ -290,11 +293,7 @@ impl RunningEdge {
                     addr,
                     Arc::clone(resolver),
                     &edge.h3_limits,
-                    crate::h3::Services {
-                        store: Arc::clone(&store),
-                        cache: edge_cache,
-                        inference,
-                    },
+                    Arc::clone(&pipeline),
                     edge.shutdown_timeout.as_duration(),
                 )
                 .map_err(|source| StartError::Listen {

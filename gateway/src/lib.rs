@@ -1,22 +1,29 @@
-//! Meridian's edge gateway: the routing core, the transport adapters around it, and the process glue.
+//! Meridian's edge gateway: the drivers that move bytes (TCP h1/h2 through Pingora's server, HTTP/3
+//! through quinn + h3, GeoDNS), the one request pipeline they all call, the one upstream connector,
+//! the cache store, config install, metrics, admin and the process glue. Decisions live in the
+//! I/O-free `meridian-core` (see `docs/architecture.md`).
+//!
+//! Modules are crate-private unless the binary, the benchmarks or the end-to-end tests need them.
 
 pub mod access_log;
-pub mod admin;
+pub(crate) mod admin;
 pub mod cache;
-pub mod clock;
-pub mod core;
+pub(crate) mod clock;
+pub(crate) mod connector;
+/// The I/O-free core, under the name the gateway's modules use for it.
+pub use meridian_core as core;
 pub mod demo;
 pub mod dns;
 pub mod edge;
 pub mod h3;
-pub mod health;
+pub(crate) mod health;
 pub mod httpd;
-pub mod inference;
-pub mod metrics;
+pub(crate) mod inference;
+pub(crate) mod metrics;
 pub mod model_server;
 pub mod origin;
-pub mod proxy;
-pub mod reload;
-pub mod status_page;
+pub(crate) mod pipeline;
+pub(crate) mod proxy;
+pub(crate) mod reload;
+pub(crate) mod status_page;
 pub mod tls;
-pub mod upstream_client;

@@ -130,7 +130,7 @@ struct ServerArgs {
 }
 
 impl ServerArgs {
-    fn client(&self) -> anyhow::Result<meridian_config::ConfigClient> {
+    fn client(&self) -> anyhow::Result<meridian_config_service::ConfigClient> {
         let token = match &self.token_file {
             Some(path) => Some(
                 std::fs::read_to_string(path)
@@ -140,7 +140,10 @@ impl ServerArgs {
             ),
             None => std::env::var("MERIDIAN_TOKEN").ok(),
         };
-        Ok(meridian_config::ConfigClient::new(&self.server, token)?)
+        Ok(meridian_config_service::ConfigClient::new(
+            &self.server,
+            token,
+        )?)
     }
 }
 

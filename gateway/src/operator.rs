@@ -1,12 +1,14 @@
 //! The operator side of the config service: `meridian config get|push|diff|history|rollback` and
-//! `meridian config-server`. Part of the binary only (argument glue around `meridian_config`).
+//! `meridian config-server`. Part of the binary only (argument glue around
+//! `meridian_config_service`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use meridian_config::{ClientError, Config};
+use meridian_config::Config;
+use meridian_config_service::ClientError;
 
 use crate::ConfigCommand;
 
@@ -146,16 +148,16 @@ pub async fn config_server(
         .trim()
         .to_string();
     anyhow::ensure!(!token.is_empty(), "{} is empty", token_file.display());
-    let store = meridian_config::ConfigStore::open(&data)
+    let store = meridian_config_service::ConfigStore::open(&data)
         .with_context(|| format!("opening {}", data.display()))?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
     tracing::info!(%listen, data = %data.display(), version = store.current_version(), "config service running");
-    let state = std::sync::Arc::new(meridian_config::ServiceState::new(store, token));
+    let state = std::sync::Arc::new(meridian_config_service::ServiceState::new(store, token));
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };
-    meridian_config::serve(listener, state, shutdown).await?;
+    meridian_config_service::serve(listener, state, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -195,6 +195,13 @@ async fn handle(
     let (accept_encoding, if_none_match) = (header("accept-encoding"), header("if-none-match"));
     let forwarded_host = header("x-forwarded-host");
     let traceparent = header("traceparent");
+    // Hop-by-hop probes: a proxy must drop `x-hop` when a `Connection` header names it.
+    let hop = header("x-hop");
+    // `?stall=1`: never read the body nor answer — an upstream that stops reading the request.
+    if query_value(req.uri().query(), "stall") == Some(1) {
+        let _request = req;
+        match std::future::pending::<std::convert::Infallible>().await {}
+    }
     // `?answer_after=N`: answer as soon as N body bytes arrived, without waiting for the rest —
     // a test's proof that the edge streams request bodies instead of buffering them whole.
     if let Some(wanted) = query_value(req.uri().query(), "answer_after") {
@@ -242,6 +249,7 @@ async fn handle(
                 "accept_encoding": accept_encoding,
                 "x_forwarded_host": forwarded_host,
                 "traceparent": traceparent,
+                "x_hop": hop,
                 "body_bytes": body_bytes,
                 "body_sha256": body_sha256,
                 "request": request_number,
@@ -268,7 +276,8 @@ pub fn pattern_body(n: usize) -> Vec<u8> {
 /// Response headers the tests and the demo ask for in the query string (values percent-decoded):
 /// `cc=max-age%3D60` → `Cache-Control`, `tag=a,b` → `Cache-Tag`, `etag=v1` → `ETag: "v1"` (and
 /// `304` when `If-None-Match` matches), `vary=accept-encoding` → `Vary`, `bytes=N` → an N-byte
-/// body, `cookie=1` → `Set-Cookie`, `lm=<http-date>` → `Last-Modified`.
+/// body, `cookie=1` → `Set-Cookie`, `lm=<http-date>` → `Last-Modified`, `hop=1` → hop-by-hop
+/// headers (`Connection: x-hop`, `X-Hop`, `Keep-Alive`).
 #[derive(Default)]
 struct ResponseShaping {
     headers: Vec<(http::HeaderName, String)>,
@@ -300,6 +309,17 @@ impl ResponseShaping {
                 }
                 "bytes" => {
                     out.bytes = value.parse().ok();
+                    continue;
+                }
+                // `hop=1`: hop-by-hop headers a proxy must not forward (`Connection` names one).
+                "hop" => {
+                    out.headers.push((http::header::CONNECTION, "x-hop".into()));
+                    out.headers
+                        .push((http::HeaderName::from_static("x-hop"), "secret".into()));
+                    out.headers.push((
+                        http::HeaderName::from_static("keep-alive"),
+                        "timeout=5".into(),
+                    ));
                     continue;
                 }
                 _ => continue,

@@ -6,7 +6,9 @@
 #   DURATION=5s ROUNDS=1 bash loadtest/bench/run.sh
 #   Env: DURATION, ROUNDS, CONNECTIONS (64), RATE (open loop, 5000/s), LOADGEN_THREADS (1),
 #        OUT (JSON dir), MERIDIAN_BIN (skip building meridian), CARGO_TARGET_DIR,
-#        CACHE_ONLY=1 (only the cache-hit scenario), TLS=0 (skip the Meridian-only TLS/QUIC runs).
+#        CACHE_ONLY=1 (only the cache-hit scenario), TLS=0 (skip the Meridian-only TLS/QUIC runs),
+#        BASELINE_BIN (a second `meridian`, e.g. built from an earlier commit: it runs beside the
+#        others as `meridian-base`, so a change is measured against its baseline in the same run).
 #
 # Traffic stays on 127.0.0.0/8; every process started here is stopped on exit.
 set -euo pipefail
@@ -28,6 +30,9 @@ HAPROXY_PORT=18103
 MERIDIAN_PORT=18104
 MERIDIAN_ADMIN_PORT=18105
 MERIDIAN_TLS_PORT=18106
+BASE_PORT=18107
+BASE_ADMIN_PORT=18108
+BASE_TLS_PORT=18109
 
 WORK="$(mktemp -d /tmp/meridian-bench.XXXXXX)"
 PIDS=()
@@ -214,6 +219,18 @@ CONF
 PIDS+=($!)
 MERIDIAN_PID=$!
 
+BASE_PID=""
+if [ -n "${BASELINE_BIN:-}" ]; then
+  sed -e "s/127.0.0.1:$MERIDIAN_PORT/127.0.0.1:$BASE_PORT/" \
+      -e "s/127.0.0.1:$MERIDIAN_ADMIN_PORT/127.0.0.1:$BASE_ADMIN_PORT/" \
+      -e "s/127.0.0.1:$MERIDIAN_TLS_PORT/127.0.0.1:$BASE_TLS_PORT/" \
+      -e 's/pop = "bench-1"/pop = "bench-base"/' "$WORK/meridian.toml" >"$WORK/base.toml"
+  "$BASELINE_BIN" serve --config "$WORK/base.toml" >"$WORK/base.log" 2>&1 &
+  PIDS+=($!)
+  BASE_PID=$!
+  wait_port "$BASE_PORT"
+fi
+
 wait_port "$NGINX_PORT"; wait_port "$NGINX_CACHE_PORT"; wait_port "$HAPROXY_PORT"; wait_port "$MERIDIAN_PORT"
 wait_port "$MERIDIAN_TLS_PORT"
 # NGINX's worker is the process that does the work (the master only supervises).
@@ -267,6 +284,7 @@ for round in $(seq 1 "$ROUNDS"); do
     if [ $((round % 2)) -eq 0 ]; then
       order=("meridian:$MERIDIAN_PID:$MERIDIAN_PORT" "haproxy:$HAPROXY_PID:$HAPROXY_PORT" "nginx:$NGINX_WORKER:$NGINX_PORT")
     fi
+    if [ -n "$BASE_PID" ]; then order+=("meridian-base:$BASE_PID:$BASE_PORT"); fi
     for entry in "${order[@]}"; do
       IFS=: read -r proxy pid port <<<"$entry"
       # shellcheck disable=SC2086
@@ -278,6 +296,7 @@ for round in $(seq 1 "$ROUNDS"); do
   if [ $((round % 2)) -eq 0 ]; then
     cache_order=("meridian-cache:$MERIDIAN_PID:$MERIDIAN_PORT" "nginx-cache:$NGINX_WORKER:$NGINX_CACHE_PORT")
   fi
+  if [ -n "$BASE_PID" ]; then cache_order+=("meridian-base-cache:$BASE_PID:$BASE_PORT"); fi
   for entry in "${cache_order[@]}"; do
     IFS=: read -r proxy pid port <<<"$entry"
     run_one "cache-hit" "$proxy" "$pid" "$port" "$round" -c "$CONNECTIONS" -d "$DURATION"

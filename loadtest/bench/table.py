@@ -59,10 +59,11 @@ for scenario in scenarios:
     if not base:
         continue
     n = agg(base)
-    results = {p: agg(runs[(scenario, p)]) for p in ("nginx", "haproxy", "meridian") if (scenario, p) in runs}
-    best_other = max((v["rps"] for p, v in results.items() if p != "meridian"), default=None)
+    results = {p: agg(runs[(scenario, p)]) for p in ("nginx", "haproxy", "meridian", "meridian-base")
+               if (scenario, p) in runs}
+    best_other = max((v["rps"] for p, v in results.items() if not p.startswith("meridian")), default=None)
     for proxy, a in results.items():
-        vs_best = ratio(a["rps"], best_other) if proxy == "meridian" and best_other else ""
+        vs_best = ratio(a["rps"], best_other) if proxy.startswith("meridian") and best_other else ""
         print(f"| {scenario} | {proxy} | {ratio(a['rps'], n['rps'])} | {ratio(a['p50'], n['p50'])} | "
               f"{ratio(a['p99'], n['p99'])} | {ratio(a['cpu10k'], n['cpu10k'])} | {ratio(a['rss'], n['rss'])} | "
               f"{a['failed']} | {vs_best} |")
@@ -73,7 +74,10 @@ if ("cache-hit", "nginx-cache") in runs and ("cache-hit", "meridian-cache") in r
     print("\nCache hit, Meridian (cache-enabled route) relative to NGINX proxy_cache, same origin and load:\n")
     print("| scenario | proxy | requests/s | p50 | p99 | CPU s / 10k req | peak RSS | failed |")
     print("|---|---|---|---|---|---|---|---|")
-    for proxy, a in (("nginx-cache", c), ("meridian-cache", m)):
+    cached = [("nginx-cache", c), ("meridian-cache", m)]
+    if ("cache-hit", "meridian-base-cache") in runs:
+        cached.append(("meridian-base-cache", agg(runs[("cache-hit", "meridian-base-cache")])))
+    for proxy, a in cached:
         print(f"| cache-hit | {proxy} | {ratio(a['rps'], c['rps'])} | {ratio(a['p50'], c['p50'])} | "
               f"{ratio(a['p99'], c['p99'])} | {ratio(a['cpu10k'], c['cpu10k'])} | {ratio(a['rss'], c['rss'])} | "
               f"{a['failed']} |")

@@ -371,19 +371,22 @@ pub struct ConfigService {
 
 impl ConfigService {
     pub fn start(runtime: &tokio::runtime::Runtime, dir: &std::path::Path) -> ConfigService {
-        let store = meridian_config::ConfigStore::open(dir).expect("config store");
+        let store = meridian_config_service::ConfigStore::open(dir).expect("config store");
         let listener = runtime
             .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
             .expect("bind config service");
         let addr = listener.local_addr().expect("addr");
         let token = "test-token".to_string();
-        let state = Arc::new(meridian_config::ServiceState::new(store, token.clone()));
+        let state = Arc::new(meridian_config_service::ServiceState::new(
+            store,
+            token.clone(),
+        ));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let task = runtime.spawn(async move {
             let shutdown = async move {
                 let _ = stopped.await;
             };
-            let _ = meridian_config::serve(listener, state, shutdown).await;
+            let _ = meridian_config_service::serve(listener, state, shutdown).await;
         });
         ConfigService {
             addr,
@@ -397,8 +400,9 @@ impl ConfigService {
         format!("http://{}", self.addr)
     }
 
-    pub fn client(&self) -> meridian_config::ConfigClient {
-        meridian_config::ConfigClient::new(&self.url(), Some(self.token.clone())).expect("client")
+    pub fn client(&self) -> meridian_config_service::ConfigClient {
+        meridian_config_service::ConfigClient::new(&self.url(), Some(self.token.clone()))
+            .expect("client")
     }
 
     /// Stops the service (its port stops answering) and waits for it to finish.

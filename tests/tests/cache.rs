@@ -416,7 +416,8 @@ fn stale_if_error_serves_the_stale_entry_when_every_region_fails() {
 fn stale_while_revalidate_serves_stale_and_refreshes_exactly_once_in_the_background() {
     let (world, _dir) = start(|_| {});
     let path = "/swr?cc=max-age%3D2%2C%20stale-while-revalidate%3D600";
-    assert_eq!(cache_header(&get(&world, path, &[])), "miss");
+    let first = get(&world, path, &[]);
+    assert_eq!(cache_header(&first), "miss");
     let stale = until_cache_says(&world, path, "stale");
     assert_eq!((stale.status, cache_header(&stale)), (200, "stale"));
     for _ in 0..5 {
@@ -434,7 +435,8 @@ fn stale_while_revalidate_serves_stale_and_refreshes_exactly_once_in_the_backgro
     assert_eq!(world.origin_requests(), 2, "one background refresh");
     let fresh = until_cache_says(&world, path, "hit");
     assert_eq!(cache_header(&fresh), "hit");
-    assert_eq!(fresh.json()["request"], 2, "the refreshed entry is served");
+    // The refresh may go to either us-east upstream (each counts its own requests).
+    assert_ne!(fresh.body, first.body, "the refreshed entry is served");
 }
 
 #[test]

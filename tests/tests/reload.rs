@@ -125,7 +125,9 @@ fn rollback_and_concurrent_pushes_with_if_match() {
     );
     let loser = if ra.is_ok() { rb } else { ra };
     match loser {
-        Err(meridian_config::ClientError::Rejected { status, .. }) => assert_eq!(status, 409),
+        Err(meridian_config_service::ClientError::Rejected { status, .. }) => {
+            assert_eq!(status, 409)
+        }
         other => panic!("expected a 409, got {other:?}"),
     }
 }

@@ -4,8 +4,7 @@
 //! See `INTEGRATION.md` beside this file for the exact calls per `ProxyHttp` phase.
 
 pub mod coalesce;
-pub mod key;
-pub mod policy;
+pub use meridian_core::cache::{key, policy};
 pub mod store;
 
 use std::sync::Arc;
@@ -24,7 +23,7 @@ pub use store::CachedResponse;
 use store::{Store, StoreGauges};
 
 /// Response header naming what the cache did.
-pub const HEADER_CACHE: &str = "x-meridian-cache";
+pub use meridian_core::cache::HEADER_CACHE;
 
 /// The values of `x-meridian-cache` (and of the `result` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -157,12 +157,20 @@ impl H3Sender {
         body: Option<Bytes>,
     ) -> Result<H3Response, H3ClientError> {
         let mut stream = self.send.send_request(request).await?;
-        if let Some(body) = body.filter(|b| !b.is_empty()) {
-            stream.send_data(body).await?;
+        let sent = async {
+            if let Some(body) = body.filter(|b| !b.is_empty()) {
+                stream.send_data(body).await?;
+            }
+            stream.finish().await
         }
-        stream.finish().await?;
-        let head = stream.recv_response().await?;
-        Ok(H3Response { head, stream })
+        .await;
+        // A server may answer before it read the whole request and then stop reading
+        // (STOP_SENDING, RFC 9114 §4.1): the response still counts, so read it even when sending
+        // failed; report the send error only when no response came.
+        match stream.recv_response().await {
+            Ok(head) => Ok(H3Response { head, stream }),
+            Err(e) => Err(sent.err().map_or(e.into(), Into::into)),
+        }
     }
 
     /// One request with the response body collected.

@@ -1,45 +1,39 @@
-//! Inference traffic (issue 8): the OpenAI-compatible surface of `kind = "inference"` routes.
+//! Inference traffic: the OpenAI-compatible surface of `kind = "inference"` routes.
 //!
 //! - `GET /v1/models` is answered by the edge from the snapshot (models and the regions serving them).
-//! - `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`: the body (at most
-//!   `inference.max_body_bytes`, ≤ 64 KiB) is read in `request_filter`, before any region is chosen,
-//!   because the model is in it. Pingora's retry buffer keeps those bytes and sends them upstream
-//!   unchanged (and again on a retry). The candidates become the regions serving the model.
+//! - `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`: the pipeline reads the body
+//!   (at most `inference.max_body_bytes`, ≤ 64 KiB) before any region is chosen, because the model
+//!   is in it, and holds it to send upstream unchanged (and again on a retry). The candidates
+//!   become the regions serving the model.
 //! - `429`/`503` from a model server before any byte reached the client: the request goes to the
 //!   next candidate even though POST is not idempotent (the server refused the work), and a
-//!   `Retry-After` keeps new requests away from that region for that long.
+//!   `Retry-After` keeps new requests away from that region for that long (see
+//!   `core::exchange::model_server_refused`).
 //! - Responses stream through untouched; only their last 16 KiB are kept to find `usage`, which is
 //!   charged to the caller's token limit and counted in metrics when the request ends.
 //!
 //! Other paths on an inference route are proxied like any route (no model, route-level regions).
 
 mod metrics;
-pub mod openai;
 pub mod ratelimit;
-pub mod usage;
 
-use std::net::IpAddr;
+pub use crate::core::inference::{
+    body_too_large, entry, model_name, model_served, openai, usage, Entry,
+};
+
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use meridian_geoip::GeoIp;
-use pingora::prelude::*;
-use pingora::proxy::Session;
-use pingora_http::ResponseHeader;
-use sha2::{Digest, Sha256};
 
 use crate::core::models::ModelId;
 use crate::core::{decide_for_model, Refusal, RequestView, RouteDecision, Snapshot};
 use crate::metrics::STATUS_CLASSES;
-use crate::reload::Loaded;
 
 pub use metrics::InferenceMetrics;
 use openai::ApiError;
 use ratelimit::{KeyHash, RateLimiter};
 use usage::UsageScanner;
-
-/// Longest `Retry-After` penalty honoured from a model server.
-const MAX_PENALTY_SECS: u64 = 300;
 
 /// Per-edge inference state: rate-limit windows and metrics (outlive snapshots).
 pub struct InferenceState {
@@ -72,99 +66,30 @@ impl InferenceCtx {
     }
 }
 
-/// What `request_filter` should do after [`InferenceState::on_request`].
-pub struct Outcome {
-    /// The edge already answered.
-    pub answered: bool,
-    /// The model-aware decision that replaces the route-level one.
-    pub decision: Option<RouteDecision>,
-    pub ctx: Option<Box<InferenceCtx>>,
-}
-
-impl Outcome {
-    fn pass() -> Self {
-        Self {
-            answered: false,
-            decision: None,
-            ctx: None,
-        }
-    }
-    fn answered(ctx: Option<Box<InferenceCtx>>) -> Self {
-        Self {
-            answered: true,
-            decision: None,
-            ctx,
-        }
-    }
-}
-
 /// A refused model call: the error to answer with, and the request's inference state when the
 /// refusal still counts in the inference metrics.
 pub type Refused = (ApiError, Option<Box<InferenceCtx>>);
 
-/// What an inference route does with a request, before any body is read (transport-free).
-pub enum Entry {
-    /// Not an OpenAI endpoint: proxy it like any route.
-    Pass,
-    /// Answer with this error (authentication).
-    Refused(ApiError),
-    /// `GET /v1/models`: answer `200` with this JSON body.
-    Models(Bytes),
-    /// A model call: read the body (at most `max_body_bytes`, `413` beyond), then
-    /// [`InferenceState::route_call`].
-    ModelCall { key: KeyHash, max_body_bytes: u64 },
-}
-
-/// Classifies a request on inference route `route` and authenticates its caller.
-pub fn entry(
-    snapshot: &Snapshot,
-    route: usize,
-    method: &http::Method,
-    path: &str,
-    authorization: Option<&http::HeaderValue>,
-) -> Entry {
-    let is_models = path == "/v1/models" && method == http::Method::GET;
-    let is_model_call = method == http::Method::POST && MODEL_ENDPOINTS.contains(&path);
-    if !is_models && !is_model_call {
-        return Entry::Pass;
-    }
-    let key = match authenticate(snapshot, authorization) {
-        Ok(key) => key,
-        Err(error) => return Entry::Refused(error),
-    };
-    if is_models {
-        return Entry::Models(openai::models_body(snapshot, route));
-    }
-    let max_body_bytes = snapshot
-        .config
-        .routes
-        .get(route)
-        .and_then(|r| r.inference.as_ref())
-        .map(|i| i.max_body_bytes)
-        .unwrap_or_else(|| meridian_config::inference::RouteInference::default().max_body_bytes);
-    Entry::ModelCall {
-        key,
-        max_body_bytes,
+/// The answer to a model call whose body could not be read: over `max` bytes (`413`), too slow
+/// (`408`), or broken off (`400`) — the same on every front.
+pub fn body_error(error: crate::pipeline::body::BodyError, max: u64) -> ApiError {
+    use crate::pipeline::body::BodyError;
+    match error {
+        BodyError::TooLarge => body_too_large(max),
+        BodyError::Timeout => ApiError::new(
+            408,
+            "invalid_request_error",
+            "body_timeout",
+            "the request body did not arrive in time".into(),
+        ),
+        BodyError::Client => ApiError::new(
+            400,
+            "invalid_request_error",
+            "bad_body",
+            "could not read the request body".into(),
+        ),
     }
 }
-
-/// The `413` of a model call whose body is over `max` bytes.
-pub fn body_too_large(max: u64) -> ApiError {
-    ApiError::new(
-        413,
-        "invalid_request_error",
-        "request_too_large",
-        format!("request body larger than {max} bytes (routes[].inference.max_body_bytes)"),
-    )
-}
-
-#[derive(serde::Deserialize)]
-struct Probe<'a> {
-    #[serde(borrow, default)]
-    model: Option<std::borrow::Cow<'a, str>>,
-}
-
-const MODEL_ENDPOINTS: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
 
 impl InferenceState {
     pub fn new(registry: &prometheus::Registry) -> Self {
@@ -178,71 +103,6 @@ impl InferenceState {
         Self {
             limiter: RateLimiter::default(),
             metrics,
-        }
-    }
-
-    /// `request_filter` for a request matched to an inference route (`decision` is route-level).
-    pub async fn on_request(
-        &self,
-        session: &mut Session,
-        loaded: &Loaded,
-        decision: RouteDecision,
-        client: IpAddr,
-        geoip: &GeoIp,
-        started: Instant,
-    ) -> Result<Outcome> {
-        let snapshot = &loaded.snapshot;
-        let req = session.req_header();
-        let entry = entry(
-            snapshot,
-            decision.route,
-            &req.method,
-            req.uri.path(),
-            req.headers.get(http::header::AUTHORIZATION),
-        );
-        let (key, max_body_bytes) = match entry {
-            Entry::Pass => return Ok(Outcome::pass()),
-            Entry::Refused(error) => {
-                openai::send_error(session, snapshot, &error).await?;
-                return Ok(Outcome::answered(None));
-            }
-            Entry::Models(body) => {
-                let resp = ResponseHeader::build(200, Some(4))?;
-                openai::send_json(session, snapshot, resp, body).await?;
-                return Ok(Outcome::answered(None));
-            }
-            Entry::ModelCall {
-                key,
-                max_body_bytes,
-            } => (key, max_body_bytes),
-        };
-        let read_timeout = snapshot.routes[decision.route].read_timeout;
-        let body = match read_body(session, max_body_bytes, read_timeout).await {
-            Ok(body) => body,
-            Err(error) => {
-                openai::send_error(session, snapshot, &error).await?;
-                return Ok(Outcome::answered(None));
-            }
-        };
-        let req = session.req_header();
-        let Some(host) = crate::proxy::forward::host(req) else {
-            return Ok(Outcome::pass());
-        };
-        let view = RequestView {
-            host,
-            path: req.uri.path(),
-            client,
-        };
-        match self.route_call(snapshot, decision, key, &view, geoip, started, &body) {
-            Ok((decision, ctx)) => Ok(Outcome {
-                answered: false,
-                decision: Some(decision),
-                ctx: Some(ctx),
-            }),
-            Err((error, ctx)) => {
-                openai::send_error(session, snapshot, &error).await?;
-                Ok(Outcome::answered(ctx))
-            }
         }
     }
 
@@ -268,44 +128,8 @@ impl InferenceState {
             .get(decision.route)
             .and_then(|r| r.inference.clone())
             .unwrap_or_default();
-        let name = match serde_json::from_slice::<Probe<'_>>(body) {
-            Ok(Probe { model: Some(name) }) => name,
-            Ok(Probe { model: None }) => {
-                let error = ApiError::new(
-                    400,
-                    "invalid_request_error",
-                    "missing_model",
-                    "you must provide a model parameter".into(),
-                );
-                return Err((error, None));
-            }
-            Err(e) => {
-                let error = ApiError::new(
-                    400,
-                    "invalid_request_error",
-                    "invalid_json",
-                    format!("the request body is not valid JSON: {e}"),
-                );
-                return Err((error, None));
-            }
-        };
-        let served_here = snapshot.models.resolve(&name).filter(|&id| {
-            snapshot.models.get(id).is_some_and(|m| {
-                route
-                    .eligible
-                    .iter()
-                    .any(|&r| m.served_by.get(usize::from(r)).copied().unwrap_or(false))
-            })
-        });
-        let Some(model) = served_here else {
-            let error = ApiError::new(
-                404,
-                "invalid_request_error",
-                "model_not_found",
-                format!("The model `{name}` does not exist or is not served here"),
-            );
-            return Err((error, None));
-        };
+        let name = model_name(body).map_err(|error| (error, None))?;
+        let model = model_served(snapshot, route, &name).map_err(|error| (error, None))?;
         let ctx = Box::new(InferenceCtx {
             model,
             route: decision.route,
@@ -423,148 +247,4 @@ impl InferenceState {
                 .inc_by(usage.completion_tokens);
         }
     }
-}
-
-/// `upstream_response_filter` for an inference request: is this answer a refusal of the work
-/// (`429`, `503`) that may go to the next region even for POST? Applies `Retry-After` as a penalty
-/// on the region that sent it.
-pub fn refused(
-    snapshot: &Snapshot,
-    region: Option<usize>,
-    response: &ResponseHeader,
-    now_ms: u64,
-) -> bool {
-    refused_status(
-        snapshot,
-        region,
-        response.status.as_u16(),
-        &response.headers,
-        now_ms,
-    )
-}
-
-/// [`refused`] on a plain status and header map (every front calls this).
-pub fn refused_status(
-    snapshot: &Snapshot,
-    region: Option<usize>,
-    status: u16,
-    headers: &http::HeaderMap,
-    now_ms: u64,
-) -> bool {
-    if status != 429 && status != 503 {
-        return false;
-    }
-    let retry_after = headers
-        .get(http::header::RETRY_AFTER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if let (Some(seconds), Some(region)) =
-        (retry_after, region.and_then(|r| snapshot.regions.get(r)))
-    {
-        let seconds = seconds.min(MAX_PENALTY_SECS);
-        region
-            .state
-            .penalize_until(now_ms.saturating_add(seconds * 1000));
-        tracing::info!(region = %region.name, seconds, "model server asked to back off (Retry-After)");
-    }
-    true
-}
-
-/// The caller's key: with `[[api_keys]]` configured, a bearer token whose sha256 is listed
-/// (else `401`); without, any token (or none) — limits then apply per distinct token.
-fn authenticate(
-    snapshot: &Snapshot,
-    authorization: Option<&http::HeaderValue>,
-) -> std::result::Result<KeyHash, ApiError> {
-    let token = authorization
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
-        })
-        .map(str::trim);
-    let keys = &snapshot.config.api_keys;
-    let hash: KeyHash = match token {
-        Some(token) => Sha256::digest(token.as_bytes()).into(),
-        None if keys.is_empty() => [0; 32],
-        None => {
-            return Err(ApiError::new(
-                401,
-                "invalid_request_error",
-                "missing_api_key",
-                "you didn't provide an API key (Authorization: Bearer ...)".into(),
-            ))
-        }
-    };
-    if keys.is_empty() || keys.iter().any(|k| hex_eq(&k.sha256, &hash)) {
-        Ok(hash)
-    } else {
-        Err(ApiError::new(
-            401,
-            "invalid_request_error",
-            "invalid_api_key",
-            "incorrect API key provided".into(),
-        ))
-    }
-}
-
-fn hex_eq(hex: &str, bytes: &[u8; 32]) -> bool {
-    hex.len() == 64
-        && bytes.iter().enumerate().all(|(i, b)| {
-            u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("zz"), 16) == Ok(*b)
-        })
-}
-
-/// Reads the whole request body, at most `max` bytes (`413` beyond), keeping Pingora's retry
-/// buffer on so the same bytes are sent upstream.
-async fn read_body(
-    session: &mut Session,
-    max: u64,
-    read_timeout: Duration,
-) -> std::result::Result<Bytes, ApiError> {
-    let too_large = || body_too_large(max);
-    let declared = session
-        .req_header()
-        .headers
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
-    if declared.is_some_and(|len| len > max) {
-        return Err(too_large());
-    }
-    session.as_mut().enable_retry_buffering();
-    let mut body = BytesMut::new();
-    loop {
-        let chunk = tokio::time::timeout(read_timeout, session.read_request_body()).await;
-        match chunk {
-            Ok(Ok(Some(chunk))) => {
-                if (body.len() + chunk.len()) as u64 > max {
-                    return Err(too_large());
-                }
-                body.extend_from_slice(&chunk);
-            }
-            Ok(Ok(None)) => break,
-            Ok(Err(e)) => {
-                return Err(ApiError::new(
-                    400,
-                    "invalid_request_error",
-                    "bad_body",
-                    format!("could not read the request body: {}", e.etype().as_str()),
-                ))
-            }
-            Err(_) => {
-                return Err(ApiError::new(
-                    408,
-                    "invalid_request_error",
-                    "body_timeout",
-                    "the request body did not arrive in time".into(),
-                ))
-            }
-        }
-    }
-    if session.as_ref().retry_buffer_truncated() {
-        // Cannot happen within MAX_INFERENCE_BODY_BYTES; refuse rather than send a cut body.
-        return Err(too_large());
-    }
-    Ok(body.freeze())
 }

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use meridian_config::{ConfigClient, StoredVersion};
+use meridian_config_service::{ConfigClient, StoredVersion};
 use tokio::sync::watch;
 
 use super::{apply_document, SnapshotStore};
@@ -37,7 +37,7 @@ impl ControlSettings {
         })
     }
 
-    pub fn client(&self) -> Result<ConfigClient, meridian_config::ClientError> {
+    pub fn client(&self) -> Result<ConfigClient, meridian_config_service::ClientError> {
         ConfigClient::new(&self.url, self.token.clone())
     }
 }
@@ -66,7 +66,7 @@ pub async fn bootstrap(settings: &ControlSettings) -> Option<StoredVersion> {
 
 async fn fetch_current(
     settings: &ControlSettings,
-) -> Result<Option<StoredVersion>, meridian_config::ClientError> {
+) -> Result<Option<StoredVersion>, meridian_config_service::ClientError> {
     let client = settings
         .client()?
         .with_request_timeout(Duration::from_secs(3));
@@ -154,7 +154,7 @@ pub fn load_last_good(dir: &Path) -> Option<StoredVersion> {
     }
     tracing::info!(version, "starting from the cached last good config");
     Some(StoredVersion {
-        meta: meridian_config::VersionMeta {
+        meta: meridian_config_service::VersionMeta {
             version,
             author: String::new(),
             message: "cached last good".into(),

@@ -33,7 +33,7 @@ use tokio::task::JoinSet;
 
 use crate::store::{ConfigStore, PutError, StoredVersion};
 use crate::wire::{self, header_text, parse_version_tag};
-use crate::HumanDuration;
+use meridian_config::HumanDuration;
 
 /// Longest long-poll a client may ask for; longer `wait`s are capped to this.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);

@@ -388,32 +388,14 @@ pub fn storability(
     })
 }
 
-/// Headers stored with an entry: everything but hop-by-hop fields, `Age` (recomputed on every
-/// use) and the edge's own cache status.
+/// Headers stored with an entry: everything but hop-by-hop fields (the fixed ones and those a
+/// `Connection` header names, RFC 9110 §7.6.1), `Age` (recomputed on every use) and the edge's own
+/// cache status.
 pub fn headers_to_store(headers: &HeaderMap) -> HeaderMap {
-    let mut out = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        if is_hop_by_hop(name) || name == header::AGE || name.as_str() == super::HEADER_CACHE {
-            continue;
-        }
-        out.append(name.clone(), value.clone());
-    }
+    let mut out = crate::headers::forwardable(headers);
+    out.remove(header::AGE);
+    out.remove(super::HEADER_CACHE);
     out
-}
-
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
-    )
 }
 
 /// A `304` from the origin refreshes the stored headers (RFC 9111 §4.3.4): every header it carries

@@ -6,8 +6,9 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use meridian_config::{
-    content_hash, serve, ClientError, ConfigClient, ConfigStore, ServiceState, VersionMeta,
+use meridian_config::content_hash;
+use meridian_config_service::{
+    serve, ClientError, ConfigClient, ConfigStore, ServiceState, VersionMeta,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};

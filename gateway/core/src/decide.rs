@@ -119,8 +119,8 @@ fn decide_serving(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::core::select::pick_upstream;
-    use crate::core::snapshot::{SnapshotMeta, UpstreamStates};
+    use crate::select::pick_upstream;
+    use crate::snapshot::{SnapshotMeta, UpstreamStates};
     use meridian_config::Config;
     use meridian_geoip::test_world::PLACES;
 

@@ -3,10 +3,7 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use http::header::HOST;
 use http::{HeaderName, HeaderValue};
-use pingora::prelude::*;
-use pingora_http::RequestHeader;
 
 pub const X_FORWARDED_FOR: &str = "x-forwarded-for";
 /// [`X_FORWARDED_FOR`] as a `HeaderName`, for lookups (a `&str` name is parsed on every lookup).
@@ -16,47 +13,9 @@ pub const HEADER_POP: HeaderName = HeaderName::from_static("x-meridian-pop");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// The same names as `&'static str`, for Pingora's `insert_header` on the request path: given a
-/// non-standard `HeaderName` it first copies the name into a new buffer (for the original-case
-/// map), given a static `str` it borrows it, so these save one allocation per header per request.
-/// The bytes on the wire are the same (lowercase either way).
-pub(crate) const HEADER_REGION_NAME: &str = "x-meridian-region";
-pub(crate) const HEADER_POP_NAME: &str = "x-meridian-pop";
-const X_FORWARDED_PROTO_NAME: &str = "x-forwarded-proto";
-const X_REQUEST_ID_NAME: &str = "x-request-id";
-const TRACEPARENT_NAME: &str = "traceparent";
-
-/// The host the client asked for: `Host` (HTTP/1.1) or the URI authority (HTTP/2).
-pub fn host(req: &RequestHeader) -> Option<&str> {
-    req.headers
-        .get(HOST)
-        .and_then(|v| v.to_str().ok())
-        .or_else(|| req.uri.authority().map(|a| a.as_str()))
-        .filter(|h| !h.is_empty())
-}
-
-/// `scheme` is what the client used to reach the edge (`http` or `https`).
-pub fn add_forwarding_headers(
-    req: &mut RequestHeader,
-    client: IpAddr,
-    scheme: &'static str,
-) -> Result<()> {
-    // Each value is built on the stack and copied once into its `HeaderValue` (no `String`
-    // in between); `scheme` is static and not copied at all.
-    let chain = forwarded_for_chain(&req.headers, client)
-        .or_err(ErrorType::InvalidHTTPHeader, "invalid x-forwarded-for")?;
-    req.insert_header(X_FORWARDED_FOR, chain)?;
-    req.insert_header(X_FORWARDED_PROTO_NAME, HeaderValue::from_static(scheme))?;
-    if let Some(id) = replacement_request_id(&req.headers) {
-        req.insert_header(X_REQUEST_ID_NAME, id)?;
-    }
-    if crate::access_log::needs_traceparent(&req.headers) {
-        req.insert_header(TRACEPARENT_NAME, crate::access_log::new_traceparent_value())?;
-    }
-    Ok(())
-}
-
-/// The same forwarding headers on a plain header map (the HTTP/3 front's upstream requests).
+/// Sets the forwarding headers of a request going upstream: `X-Forwarded-For` (the chain from
+/// trusted proxies plus the client), `X-Forwarded-Proto` (`scheme`: what the client used to reach
+/// the edge), `X-Request-Id` (the client's when sane, else a new one) and `traceparent`.
 pub(crate) fn set_forwarding_headers(
     headers: &mut http::HeaderMap,
     client: IpAddr,
@@ -156,7 +115,8 @@ pub(crate) fn put_hex(out: &mut [u8], x: u64) {
     }
 }
 
-fn splitmix(mut x: u64) -> u64 {
+/// SplitMix64: cheap, well-mixed ids from a seed and a counter (not cryptographic).
+pub(crate) fn splitmix(mut x: u64) -> u64 {
     x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
     x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 
 use crate::store::{StoredVersion, VersionMeta};
 use crate::wire::{self, encode_header_text, header_text, parse_version_tag};
-use crate::{content_hash, ValidationError};
+use meridian_config::{content_hash, ValidationError};
 
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Whole-exchange limit for ordinary requests.

@@ -25,7 +25,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::{content_hash, Config, ConfigError, ValidationError};
+use meridian_config::{content_hash, Config, ConfigError, ValidationError};
 
 const TEMP_PREFIX: &str = ".tmp-";
 const DOC_SUFFIX: &str = ".toml";
@@ -39,7 +39,7 @@ pub struct VersionMeta {
     pub message: String,
     /// Unix seconds when the version was stored.
     pub timestamp: u64,
-    /// Hex sha256 of the document ([`crate::content_hash`]).
+    /// Hex sha256 of the document ([`meridian_config::content_hash`]).
     pub sha256: String,
 }
 

@@ -2,12 +2,8 @@
 //! the `GET /v1/models` list.
 
 use bytes::Bytes;
-use pingora::prelude::*;
-use pingora::proxy::Session;
-use pingora_http::ResponseHeader;
 
-use crate::core::Snapshot;
-use crate::proxy::HEADER_POP;
+use crate::snapshot::Snapshot;
 
 /// One error the edge answers with.
 pub struct ApiError {
@@ -42,36 +38,6 @@ impl ApiError {
                 + "\n",
         )
     }
-}
-
-pub async fn send_error(
-    session: &mut Session,
-    snapshot: &Snapshot,
-    error: &ApiError,
-) -> Result<()> {
-    let mut resp = ResponseHeader::build(error.status, Some(5))?;
-    if let Some(seconds) = error.retry_after {
-        resp.insert_header(http::header::RETRY_AFTER, seconds.to_string())?;
-    }
-    // A body we did not (fully) read must not be parsed as the next request.
-    if error.status == 413 {
-        session.set_keepalive(None);
-    }
-    send_json(session, snapshot, resp, error.body()).await
-}
-
-pub async fn send_json(
-    session: &mut Session,
-    snapshot: &Snapshot,
-    mut resp: ResponseHeader,
-    body: Bytes,
-) -> Result<()> {
-    resp.insert_header(http::header::CONTENT_TYPE, "application/json")?;
-    resp.insert_header(http::header::CONTENT_LENGTH, body.len())?;
-    resp.insert_header(HEADER_POP, snapshot.pop_header.clone())?;
-    session.write_response_header(Box::new(resp), false).await?;
-    session.write_response_body(Some(body), true).await?;
-    Ok(())
 }
 
 /// `GET /v1/models`: every model some eligible region of `route` serves, with those regions.

@@ -1,15 +1,19 @@
-//! A small HTTP/1.1 client for the hop to region upstreams, for fronts that are not Pingora (the
-//! HTTP/3 front today): one keep-alive pool per upstream address, explicit connect/read timeouts,
-//! and errors that say whether the upstream may have seen the request (only a connect failure is
-//! always safe to retry elsewhere).
+//! The one upstream connector: every path that talks to origins (the TCP and HTTP/3 fronts' tries,
+//! model calls, background cache refresh) sends through it. HTTP/1.1 to region upstreams, one
+//! keep-alive pool per worker thread (no lock, no cross-thread traffic on the request path: a
+//! connection is reused by the thread whose runtime drives it), explicit connect/read/write
+//! timeouts, the connect time for the access log, and errors that say whether the upstream may
+//! have seen the request (only a connect failure is always safe to retry elsewhere).
 
+use std::cell::RefCell;
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -207,24 +211,43 @@ pub struct Timeouts {
     pub connect: Duration,
     /// Longest wait for the response head, and then between two body chunks.
     pub read: Duration,
+    /// Longest a write to the upstream may stay blocked (it stopped reading the request).
+    pub write: Duration,
 }
 
-/// Idle connections per upstream address, shared by every request of a front.
-pub struct UpstreamClient {
-    idle: Arc<Mutex<HashMap<SocketAddr, Vec<Sender>>>>,
+impl Timeouts {
+    /// A route's `timeouts.connect/read/write`.
+    pub fn of(route: &crate::core::snapshot::CompiledRoute) -> Self {
+        Self {
+            connect: route.connect_timeout,
+            read: route.read_timeout,
+            write: route.write_timeout,
+        }
+    }
+}
+
+/// Idle connections of this worker thread, per upstream address.
+type Pool = HashMap<SocketAddr, Vec<Sender>>;
+
+thread_local! {
+    static IDLE: RefCell<Pool> = RefCell::new(HashMap::new());
+}
+
+/// The connector every front and background task shares. Cheap to clone into tasks.
+#[derive(Clone, Copy, Debug)]
+pub struct Connector {
     max_idle_per_upstream: usize,
 }
 
-impl Default for UpstreamClient {
+impl Default for Connector {
     fn default() -> Self {
         Self::new(32)
     }
 }
 
-impl UpstreamClient {
+impl Connector {
     pub fn new(max_idle_per_upstream: usize) -> Self {
         Self {
-            idle: Arc::default(),
             max_idle_per_upstream,
         }
     }
@@ -241,7 +264,7 @@ impl UpstreamClient {
         let mut request = request;
         // A pooled connection may have been closed by the upstream meanwhile: hyper hands the
         // request back when it was not sent, and we try the next one, then a fresh connection.
-        while let Some(mut sender) = self.checkout(addr) {
+        while let Some(mut sender) = checkout(addr) {
             if sender.ready().await.is_err() {
                 continue;
             }
@@ -250,27 +273,23 @@ impl UpstreamClient {
                     .await
                     .map_err(|()| UpstreamError::Timeout { addr })?;
             match sent {
-                Ok(response) => return Ok(self.wrap(addr, sender, response, timeouts)),
+                Ok(response) => {
+                    return Ok(self.wrap(addr, sender, response, timeouts, Duration::ZERO))
+                }
                 Err(mut e) => match e.take_message() {
                     Some(unsent) => request = unsent,
-                    None => {
-                        return Err(UpstreamError::Failed {
-                            addr,
-                            message: e.into_error().to_string(),
-                        })
-                    }
+                    None => return Err(failed(addr, e.into_error(), timeouts)),
                 },
             }
         }
-        let mut sender = connect(addr, timeouts.connect).await?;
+        let connect_started = Instant::now();
+        let mut sender = connect(addr, timeouts).await?;
+        let connect = connect_started.elapsed();
         let response = within_read_timeout(timeouts.read, progress, sender.send_request(request))
             .await
             .map_err(|()| UpstreamError::Timeout { addr })?
-            .map_err(|e| UpstreamError::Failed {
-                addr,
-                message: e.to_string(),
-            })?;
-        Ok(self.wrap(addr, sender, response, timeouts))
+            .map_err(|e| failed(addr, e, timeouts))?;
+        Ok(self.wrap(addr, sender, response, timeouts, connect))
     }
 
     fn wrap(
@@ -279,21 +298,40 @@ impl UpstreamClient {
         sender: Sender,
         response: http::Response<Incoming>,
         timeouts: Timeouts,
+        connect: Duration,
     ) -> UpstreamResponse {
         let (head, body) = response.into_parts();
         UpstreamResponse {
             head,
             body,
             addr,
+            connect,
             read_timeout: timeouts.read,
             conn: Some(sender),
-            pool: Arc::clone(&self.idle),
             max_idle: self.max_idle_per_upstream,
         }
     }
+}
 
-    fn checkout(&self, addr: SocketAddr) -> Option<Sender> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+/// A hyper error after the connection was made: a blocked write that hit `timeouts.write` is a
+/// timeout (the upstream stopped reading), anything else a failure.
+fn failed(addr: SocketAddr, e: hyper::Error, _timeouts: Timeouts) -> UpstreamError {
+    let timed_out = std::error::Error::source(&e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
+    if timed_out {
+        UpstreamError::Timeout { addr }
+    } else {
+        UpstreamError::Failed {
+            addr,
+            message: e.to_string(),
+        }
+    }
+}
+
+fn checkout(addr: SocketAddr) -> Option<Sender> {
+    IDLE.with(|idle| {
+        let mut idle = idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
         while let Some(sender) = list.pop() {
             if !sender.is_closed() {
@@ -301,10 +339,11 @@ impl UpstreamClient {
             }
         }
         None
-    }
+    })
 }
 
-async fn connect(addr: SocketAddr, limit: Duration) -> Result<Sender, UpstreamError> {
+async fn connect(addr: SocketAddr, timeouts: Timeouts) -> Result<Sender, UpstreamError> {
+    let limit = timeouts.connect;
     let connect_error = |message: String| UpstreamError::Connect {
         addr,
         message,
@@ -326,6 +365,7 @@ async fn connect(addr: SocketAddr, limit: Duration) -> Result<Sender, UpstreamEr
             timed_out: false,
         })?;
     let _ = stream.set_nodelay(true);
+    let stream = WriteTimeout::new(stream, timeouts.write);
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| connect_error(e.to_string()))?;
@@ -337,19 +377,110 @@ async fn connect(addr: SocketAddr, limit: Duration) -> Result<Sender, UpstreamEr
     Ok(sender)
 }
 
+/// A socket whose writes fail with `TimedOut` once one stays blocked for `limit`: an upstream
+/// that stops reading the request cannot hold the try (and the client) forever.
+struct WriteTimeout {
+    stream: tokio::net::TcpStream,
+    limit: Duration,
+    blocked_since: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteTimeout {
+    fn new(stream: tokio::net::TcpStream, limit: Duration) -> Self {
+        Self {
+            stream,
+            limit,
+            blocked_since: None,
+        }
+    }
+
+    /// Called when a write is pending: arms the timer, or fails once it fired.
+    fn poll_blocked(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        let limit = self.limit;
+        let timer = self
+            .blocked_since
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("upstream did not read the request for {limit:?} (timeouts.write)"),
+            )),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for WriteTimeout {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WriteTimeout {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.stream).poll_write(cx, buf) {
+            Poll::Pending => self.poll_blocked(cx).map(Err),
+            ready => {
+                self.blocked_since = None;
+                ready
+            }
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match Pin::new(&mut self.stream).poll_write_vectored(cx, bufs) {
+            Poll::Pending => self.poll_blocked(cx).map(Err),
+            ready => {
+                self.blocked_since = None;
+                ready
+            }
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
 /// A response head and its streaming body; the connection returns to the pool once the body has
 /// been read to the end.
 pub struct UpstreamResponse {
     pub head: http::response::Parts,
     body: Incoming,
     addr: SocketAddr,
+    /// Time to establish the connection (zero for a pooled one).
+    pub connect: Duration,
     read_timeout: Duration,
     conn: Option<Sender>,
-    pool: Arc<Mutex<HashMap<SocketAddr, Vec<Sender>>>>,
     max_idle: usize,
 }
 
 impl UpstreamResponse {
+    /// The response has no body at all (HEAD, 204, 304, `Content-Length: 0`).
+    pub fn body_is_empty(&self) -> bool {
+        hyper::body::Body::is_end_stream(&self.body)
+    }
+
     /// The next body chunk; `None` at the end (trailers are dropped).
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
         loop {
@@ -386,10 +517,13 @@ impl UpstreamResponse {
         if sender.is_closed() {
             return;
         }
-        let mut idle = self.pool.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry(self.addr).or_default();
-        if list.len() < self.max_idle {
-            list.push(sender);
-        }
+        let max_idle = self.max_idle;
+        IDLE.with(|idle| {
+            let mut idle = idle.borrow_mut();
+            let list = idle.entry(self.addr).or_default();
+            if list.len() < max_idle {
+                list.push(sender);
+            }
+        });
     }
 }

@@ -8,7 +8,8 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
-use meridian_config::{content_hash, ConfigStore};
+use meridian_config::content_hash;
+use meridian_config_service::ConfigStore;
 
 const WRITER_ENV: &str = "MERIDIAN_CRASH_WRITER_DIR";
 const ROUNDS: usize = 3;

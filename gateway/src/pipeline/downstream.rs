@@ -1,0 +1,75 @@
+//! What a front's driver provides to the pipeline: the request head, its body as it arrives, and a
+//! way to write the response. TCP (h1/h2 through Pingora's session) and HTTP/3 (an h3 request
+//! stream) each implement it once; everything else about a request is the pipeline's.
+
+use std::future::Future;
+use std::net::IpAddr;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Uri};
+
+use crate::metrics::Protocol;
+
+/// The request head, borrowed from the driver.
+#[derive(Clone, Copy)]
+pub struct Head<'a> {
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    pub headers: &'a HeaderMap,
+}
+
+/// Facts about the connection a request arrived on.
+#[derive(Clone, Copy, Debug)]
+pub struct Arrival {
+    /// The peer address of the connection (before `X-Forwarded-For`).
+    pub peer: IpAddr,
+    pub protocol: Protocol,
+    /// The client reached the edge over TLS (or QUIC).
+    pub tls: bool,
+}
+
+impl Arrival {
+    /// What the client used to reach the edge (`X-Forwarded-Proto`, cache keys).
+    pub fn scheme(&self) -> &'static str {
+        if self.tls {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
+/// Why reading the request body stopped early.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct ClientBodyError(pub String);
+
+/// One request's I/O as the driver sees it.
+pub trait Downstream: Send {
+    fn head(&self) -> Head<'_>;
+
+    /// The next chunk of the request body; `None` at its end.
+    fn read_body(&mut self) -> impl Future<Output = Result<Option<Bytes>, ClientBodyError>> + Send;
+
+    /// Writes the response head; `end` when no body follows.
+    fn send_head(
+        &mut self,
+        status: u16,
+        headers: HeaderMap,
+        end: bool,
+    ) -> impl Future<Output = std::io::Result<()>> + Send;
+
+    /// Writes a chunk of the response body; `end` on the last one.
+    fn send_body(
+        &mut self,
+        chunk: Bytes,
+        end: bool,
+    ) -> impl Future<Output = std::io::Result<()>> + Send;
+
+    /// The response body broke off after its head went out: cut the stream so the client sees an
+    /// incomplete response, not a complete short one.
+    fn abort(&mut self);
+
+    /// Do not read another request from this connection after this response (h1 only).
+    fn close_after(&mut self);
+}

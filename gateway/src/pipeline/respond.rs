@@ -1,0 +1,262 @@
+//! Everything the pipeline writes to the client, in one place: the edge's own answers (JSON errors,
+//! OpenAI-style errors, `/v1/models`), cached responses, and relayed upstream responses with the
+//! edge's headers (`x-meridian-region`, `x-meridian-pop`, `x-meridian-cache`, `alt-svc`).
+
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue};
+
+use super::downstream::{Arrival, Downstream, Head};
+use super::forward::{HEADER_POP, HEADER_REGION};
+use super::{EdgeCache, Relayed, RequestState};
+use crate::cache::{Admission, CacheStatus, CacheWriter, Served, Ticket, HEADER_CACHE};
+use crate::core::exchange::{cache_on_response, CacheOnResponse, EdgeReply};
+use crate::inference::openai::ApiError;
+use crate::reload::Loaded;
+
+/// The client side of one request.
+pub(super) struct Writer<'a, D> {
+    downstream: &'a mut D,
+    loaded: &'a Loaded,
+    /// `alt-svc` to add (TLS over TCP with HTTP/3 on).
+    alt_svc: Option<&'a HeaderValue>,
+    bytes_sent: u64,
+    cache: Option<CacheStatus>,
+}
+
+impl<'a, D: Downstream> Writer<'a, D> {
+    pub(super) fn new(
+        downstream: &'a mut D,
+        loaded: &'a Loaded,
+        arrival: Arrival,
+        alt_svc: Option<&'a HeaderValue>,
+    ) -> Self {
+        let over_tcp_tls = arrival.tls && arrival.protocol != crate::metrics::Protocol::H3;
+        Self {
+            downstream,
+            loaded,
+            alt_svc: alt_svc.filter(|_| over_tcp_tls),
+            bytes_sent: 0,
+            cache: None,
+        }
+    }
+
+    pub(super) fn head(&self) -> Head<'_> {
+        self.downstream.head()
+    }
+
+    pub(super) fn downstream(&mut self) -> &mut D {
+        self.downstream
+    }
+
+    pub(super) fn bytes_sent(&self) -> u64 {
+        self.bytes_sent
+    }
+
+    /// What the cache did, when the response came from it.
+    pub(super) fn cache_status(&self) -> Option<CacheStatus> {
+        self.cache
+    }
+
+    /// The edge's own answer: `{"error", "status", "pop"}`.
+    pub(super) async fn reply(&mut self, reply: &EdgeReply) -> Result<u16, u16> {
+        let snapshot = &self.loaded.snapshot;
+        let mut headers = HeaderMap::new();
+        if reply.retry_after {
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if let Some(region) = reply.region.and_then(|r| snapshot.regions.get(r)) {
+            headers.insert(HEADER_REGION, region.header.clone());
+        }
+        if reply.closes_connection() {
+            // Do not keep reading a request we refused.
+            self.downstream.close_after();
+        }
+        self.send_json(reply.status, headers, reply.body(&snapshot.pop))
+            .await
+    }
+
+    /// An OpenAI-style error of an inference route.
+    pub(super) async fn api_error(&mut self, error: &ApiError) -> Result<u16, u16> {
+        let mut headers = HeaderMap::new();
+        if let Some(seconds) = error.retry_after {
+            headers.insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
+        if matches!(error.status, 400 | 408 | 413) {
+            // A body we did not (fully) read must not be parsed as the next request.
+            self.downstream.close_after();
+        }
+        self.send_json(error.status, headers, error.body()).await
+    }
+
+    /// A `200` JSON answer written by the edge (`GET /v1/models`).
+    pub(super) async fn json(&mut self, status: u16, body: Bytes) -> Result<u16, u16> {
+        self.send_json(status, HeaderMap::new(), body).await
+    }
+
+    async fn send_json(
+        &mut self,
+        status: u16,
+        mut headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<u16, u16> {
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+        self.send(status, headers, std::slice::from_ref(&body))
+            .await
+    }
+
+    /// A response from the cache: the stored headers (with `Age`, `x-meridian-cache` and the
+    /// `x-meridian-region` that produced it), this edge's pop, the body length.
+    pub(super) async fn served(&mut self, served: &Served) -> Result<u16, u16> {
+        let mut headers = served.headers();
+        if !served.not_modified {
+            headers.insert(
+                http::header::CONTENT_LENGTH,
+                HeaderValue::from(served.entry.body_len),
+            );
+        }
+        self.cache = Some(served.status);
+        self.send(served.status_code(), headers, served.body())
+            .await
+    }
+
+    /// Writes a whole response: head with the edge's headers, then `body`.
+    async fn send(&mut self, status: u16, headers: HeaderMap, body: &[Bytes]) -> Result<u16, u16> {
+        let headers = self.edge_headers(headers);
+        if self
+            .downstream
+            .send_head(status, headers, body.is_empty())
+            .await
+            .is_err()
+        {
+            return Err(0);
+        }
+        for (i, chunk) in body.iter().enumerate() {
+            self.bytes_sent += chunk.len() as u64;
+            if self
+                .downstream
+                .send_body(chunk.clone(), i + 1 == body.len())
+                .await
+                .is_err()
+            {
+                return Err(0);
+            }
+        }
+        Ok(status)
+    }
+
+    /// This edge's per-client headers: `x-meridian-pop`, and `alt-svc` for TLS clients over TCP.
+    fn edge_headers(&self, mut headers: HeaderMap) -> HeaderMap {
+        headers.insert(HEADER_POP, self.loaded.snapshot.pop_header.clone());
+        if let Some(alt_svc) = self.alt_svc {
+            headers.insert(http::header::ALT_SVC, alt_svc.clone());
+        }
+        headers
+    }
+
+    /// Streams the upstream response to the client with the edge's headers, storing it in the
+    /// cache as it goes when the cache admits it, and feeding inference usage chunk by chunk.
+    pub(super) async fn relay(
+        &mut self,
+        edge_cache: Option<&EdgeCache>,
+        ticket: Option<Ticket>,
+        relayed: Relayed,
+        state: &mut RequestState,
+    ) -> Result<u16, u16> {
+        let Relayed {
+            mut response,
+            _inflight,
+        } = relayed;
+        let snapshot = &self.loaded.snapshot;
+        let status = response.head.status.as_u16();
+        let mut headers = std::mem::take(&mut response.head.headers);
+        crate::core::headers::strip_hop_by_hop(&mut headers);
+        if let Some(r) = state.region().and_then(|r| snapshot.regions.get(r)) {
+            headers.insert(HEADER_REGION, r.header.clone());
+        }
+        let mut writer: Option<Box<CacheWriter>> = None;
+        let mut cache_status = state.cache;
+        if let Some(ticket) = ticket {
+            // After `x-meridian-region` is set, so the stored entry remembers its region.
+            let now = SystemTime::now();
+            let had_stale = ticket.status() == CacheStatus::Expired;
+            match cache_on_response(status, had_stale) {
+                CacheOnResponse::ServeStale => {
+                    if let Some(served) = ticket.stale_on_error(now) {
+                        return self.served(&served).await;
+                    }
+                    cache_status = Some(CacheStatus::Expired);
+                }
+                CacheOnResponse::Admit => {
+                    if let Some(edge_cache) = edge_cache {
+                        let admission = edge_cache
+                            .cache()
+                            .admit(ticket, status, &headers, now)
+                            .await;
+                        let result = admission.status();
+                        cache_status = Some(if result == CacheStatus::Miss && had_stale {
+                            CacheStatus::Expired
+                        } else {
+                            result
+                        });
+                        match admission {
+                            Admission::Store(w) => writer = Some(w),
+                            Admission::Pass(_) => {}
+                            Admission::Revalidated(served) => return self.served(&served).await,
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(cache_status) = cache_status {
+            headers.insert(HEADER_CACHE, cache_status.header_value());
+        }
+        state.cache = cache_status;
+        let headers = self.edge_headers(headers);
+        let end = response.body_is_empty();
+        if self
+            .downstream
+            .send_head(status, headers, end)
+            .await
+            .is_err()
+        {
+            return Err(0);
+        }
+        loop {
+            let chunk = match response.next_chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => {
+                    if let Some(w) = writer.take().filter(|w| !w.is_abandoned()) {
+                        w.finish().await;
+                    }
+                    if !end && self.downstream.send_body(Bytes::new(), true).await.is_err() {
+                        return Err(0);
+                    }
+                    return Ok(status);
+                }
+                Err(e) => {
+                    // Headers are gone already: all we can do is cut the stream (nothing stored).
+                    tracing::debug!("upstream response body: {e}");
+                    self.downstream.abort();
+                    return Ok(status);
+                }
+            };
+            if let Some(w) = writer.as_mut() {
+                w.push(&chunk);
+            }
+            if let Some(inference) = state.inference.as_deref_mut() {
+                inference.on_body(Some(&chunk));
+            }
+            self.bytes_sent += chunk.len() as u64;
+            if self.downstream.send_body(chunk, false).await.is_err() {
+                // The client went away: nothing is stored (followers fetch on their own).
+                return Err(0);
+            }
+        }
+    }
+}
