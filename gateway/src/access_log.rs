@@ -28,15 +28,20 @@ const X_MERIDIAN_CACHE: &str = "x-meridian-cache";
 
 /// Whether this request is logged: the switch, then the sampling roll.
 pub fn sampled(config: &AccessLog) -> bool {
-    if !config.enabled || config.sample <= 0.0 {
+    roll(if config.enabled { config.sample } else { 0.0 })
+}
+
+/// Whether this request is logged, for a compiled share of logged requests (0: none, 1: all).
+pub fn roll(sample: f64) -> bool {
+    if sample <= 0.0 {
         return false;
     }
-    if config.sample >= 1.0 {
+    if sample >= 1.0 {
         return true;
     }
     // 53 random bits as a fraction in [0, 1).
     let roll = (random_u64() >> 11) as f64 / (1u64 << 53) as f64;
-    roll < config.sample
+    roll < sample
 }
 
 /// Sets `traceparent` on an upstream request: the client's is kept when it is well formed,

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use meridian_config::Config;
-use meridian_geoip::{GeoIp, GeoIpError};
 use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
@@ -18,14 +17,15 @@ use crate::core::{CompileError, SnapshotMeta};
 use crate::metrics::EdgeMetrics;
 use crate::proxy::EdgeProxy;
 use crate::reload::control::{self, ControlSettings};
-use crate::reload::SnapshotStore;
+use crate::reload::{InstallErrors, Pinned, Process, SnapshotStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] CompileError),
+    /// The first config version could not be installed (every reason, as for a reload).
     #[error(transparent)]
-    GeoIp(#[from] GeoIpError),
+    Install(#[from] InstallErrors),
     #[error("metrics registry: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error("GeoDNS: {0}")]
@@ -68,7 +68,6 @@ pub struct RunningEdge {
     /// The HTTP/3 front and its own runtime (issue 5), when `edge.h3` is on.
     h3: Option<(crate::h3::H3Front, tokio::runtime::Runtime)>,
     pub store: Arc<SnapshotStore>,
-    pub geoip: Arc<GeoIp>,
     shutdown: mpsc::UnboundedSender<ShutdownSignal>,
     server: Option<JoinHandle<()>>,
     stop_sidecar: watch::Sender<bool>,
@@ -94,76 +93,52 @@ impl RunningEdge {
         let (stop_sidecar, stop_rx) = watch::channel(false);
 
         // With a [control] section the config service is the source of truth: start from its
-        // current version, else the cached last good one, else the boot file itself.
-        let following = config.control.is_some();
-        let control = match &config.control {
+        // current version, else the cached last good one, else the boot file itself. The boot
+        // file's [edge] and [control] stay with the process either way (see `Pinned`).
+        let boot = config;
+        let control = match &boot.control {
             Some(section) => {
                 Some(ControlSettings::from_config(section).map_err(StartError::Runtime)?)
             }
             None => None,
         };
+        let pinned = control.as_ref().map(|_| Pinned::from_boot(&boot));
         let (config, meta) = match control
             .as_ref()
             .and_then(|c| sidecar.block_on(control::bootstrap(c)))
         {
             Some(stored) => {
-                let mut fetched = Config::from_toml_str(&stored.document).map_err(|e| {
+                let fetched = Config::from_toml_str(&stored.document).map_err(|e| {
                     StartError::Config(CompileError::Unusable {
                         path: "control".into(),
                         message: e.to_string(),
                     })
                 })?;
-                // [edge] and [control] belong to this process (see SnapshotStore::pinned_edge).
-                fetched.edge = config.edge.clone();
-                fetched.control = config.control.clone();
                 let meta = SnapshotMeta {
                     version: stored.meta.version,
                     hash: meridian_config::content_hash(&stored.document),
                 };
                 (fetched, meta)
             }
-            None => (config, meta),
+            None => (boot.clone(), meta),
         };
-
-        let mut config = config;
-        crate::reload::resolve_paths(&mut config, base_dir.as_deref());
-        let geoip = Arc::new(match &config.geoip.database {
-            Some(path) => GeoIp::open(std::path::Path::new(path))?,
-            None => GeoIp::empty(),
-        });
-        let http_addr: SocketAddr = parse_listen("edge.http", &config.edge.http)?;
-        let admin_addr: SocketAddr = parse_listen("edge.admin", &config.edge.admin)?;
-        let edge = config.edge.clone();
-        // --- TLS (issue 5): certificates are read and checked before anything listens. ---
+        // Listeners, threads, cache size and admin token: the boot file's, read once.
+        let edge = boot.edge;
+        let http_addr: SocketAddr = parse_listen("edge.http", &edge.http)?;
+        let admin_addr: SocketAddr = parse_listen("edge.admin", &edge.admin)?;
         crate::tls::install_crypto_provider();
-        let https_addr = match config.edge.https.as_deref() {
+        let https_addr = match edge.https.as_deref() {
             Some(addr) => Some(parse_listen("edge.https", addr)?),
             None => None,
         };
-        let tls_base = base_dir.clone();
-        let cert_resolver = match https_addr {
-            Some(_) => {
-                let (table, warnings) =
-                    crate::tls::CertTable::load(&config.tls, tls_base.as_deref())?;
-                for warning in warnings {
-                    tracing::warn!("{warning}");
-                }
-                Some(crate::tls::CertResolver::new(table))
-            }
-            None => None,
-        };
-        let alt_svc = https_addr.filter(|_| config.edge.h3).and_then(|a| {
+        let alt_svc = https_addr.filter(|_| edge.h3).and_then(|a| {
             http::HeaderValue::from_str(&format!("h3=\":{}\"; ma=86400", a.port())).ok()
         });
-        // --- end TLS ---
         let metrics = Arc::new(EdgeMetrics::new()?);
-        if let Some(resolver) = &cert_resolver {
-            metrics.tls.record_certificates(&resolver.expiries());
-        }
-        // --- response cache (issue 6): one per process, kept across config reloads; its size
+        // --- response cache: one per process, kept across config reloads; its size
         // ([edge.cache]) and the admin token ([edge.admin] token_file) are read at start only. ---
-        let cache = crate::cache::ResponseCache::new(&config.edge.cache, metrics.registry())?;
-        let token_file = config.edge.admin.token_file.as_ref().map(|f| {
+        let cache = crate::cache::ResponseCache::new(&edge.cache, metrics.registry())?;
+        let token_file = edge.admin.token_file.as_ref().map(|f| {
             let path = std::path::Path::new(f);
             match &base_dir {
                 Some(base) if path.is_relative() => base.join(path).display().to_string(),
@@ -172,9 +147,19 @@ impl RunningEdge {
         });
         let admin_token = crate::admin::read_token(token_file.as_deref());
         // --- end response cache ---
+        // The first version is installed like every later one: certificates (read and checked
+        // before anything listens), GeoIP database, DNS zone, routing, cache policies.
         let store = Arc::new(SnapshotStore::new(
-            config, meta, metrics, base_dir, following,
+            config,
+            meta,
+            Process {
+                metrics,
+                cache: Some(cache.clone()),
+                base_dir,
+                pinned,
+            },
         )?);
+        let cert_resolver = https_addr.map(|_| crate::tls::CertResolver::new(Arc::clone(&store)));
 
         let admin_listener =
             std::net::TcpListener::bind(admin_addr).map_err(|source| StartError::Listen {
@@ -206,7 +191,7 @@ impl RunningEdge {
         // every reload of `store`.
         let dns_addr = {
             let _guard = sidecar.enter();
-            crate::dns::start_for_edge(&store, &geoip, stop_rx.clone())?
+            crate::dns::start_for_edge(&store, stop_rx.clone())?
         };
 
         // Active health checks of every region's upstreams (off the request path).
@@ -220,17 +205,16 @@ impl RunningEdge {
                         "following the config service; local file changes are not watched"
                     );
                 }
-                let (store, geoip) = (Arc::clone(&store), Arc::clone(&geoip));
-                sidecar.spawn(control::follow(store, geoip, settings, stop_rx.clone()));
+                let store = Arc::clone(&store);
+                sidecar.spawn(control::follow(store, settings, stop_rx.clone()));
             }
             (None, Some(path)) => {
-                let (store, geoip) = (Arc::clone(&store), Arc::clone(&geoip));
+                let store = Arc::clone(&store);
                 let hangup = {
                     let _guard = sidecar.enter();
                     crate::reload::file::hangup_signal()
                 };
-                let watcher =
-                    crate::reload::file::watch_file(store, geoip, path, hangup, stop_rx.clone());
+                let watcher = crate::reload::file::watch_file(store, path, hangup, stop_rx.clone());
                 sidecar.spawn(watcher);
             }
             (None, None) => {}
@@ -265,7 +249,6 @@ impl RunningEdge {
         // state, connector and counters.
         let pipeline = Arc::new(crate::pipeline::Pipeline::new(
             Arc::clone(&store),
-            Arc::clone(&geoip),
             Some(cache.clone()),
             alt_svc,
         ));
@@ -289,9 +272,7 @@ impl RunningEdge {
             let settings = crate::tls::tcp_settings(Arc::clone(resolver))?;
             service.add_tls_with_settings(&addr.to_string(), None, settings);
             sidecar.spawn(crate::tls::follow(
-                Arc::clone(resolver),
                 Arc::clone(&store),
-                tls_base.clone(),
                 Duration::from_secs(2),
                 stop_rx.clone(),
             ));
@@ -348,7 +329,6 @@ impl RunningEdge {
             https_addr,
             h3,
             store,
-            geoip,
             shutdown,
             server: Some(thread),
             stop_sidecar,

@@ -1,8 +1,5 @@
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-
-use arc_swap::ArcSwap;
 
 use crate::location::{CountryCode, Location};
 
@@ -110,37 +107,27 @@ struct SlimLocation {
     longitude: Option<f64>,
 }
 
-/// A reloadable database handle: lookups take one atomic load; `reload` swaps in a new file.
+/// The database one config version uses: opened once, never changed, shared by every request of
+/// that version (a new file comes with a new handle, so one request never sees two databases).
 pub struct GeoIp {
-    db: ArcSwap<Option<GeoDb>>,
+    db: Option<GeoDb>,
 }
 
 impl GeoIp {
     /// A handle with no database: every lookup answers "unknown location".
     pub fn empty() -> Self {
-        Self {
-            db: ArcSwap::from_pointee(None),
-        }
+        Self { db: None }
     }
 
     pub fn open(path: &Path) -> Result<Self, GeoIpError> {
         Ok(Self {
-            db: ArcSwap::from_pointee(Some(GeoDb::open(path)?)),
+            db: Some(GeoDb::open(path)?),
         })
-    }
-
-    /// Replaces the database; on error the previous one stays in service.
-    pub fn reload(&self, path: &Path) -> Result<(), GeoIpError> {
-        let db = GeoDb::open(path)?;
-        self.db.store(Arc::new(Some(db)));
-        Ok(())
     }
 
     /// Unknown (`None`) when there is no database, no record, or the record is unreadable:
     /// a bad record must never fail a request, only lose its location.
     pub fn lookup(&self, ip: IpAddr) -> Option<Location> {
-        let guard = self.db.load();
-        let db = guard.as_ref().as_ref()?;
-        db.lookup(ip).ok().flatten()
+        self.db.as_ref()?.lookup(ip).ok().flatten()
     }
 }

@@ -259,19 +259,21 @@ mod tests {
     }
 
     #[test]
-    fn file_written_and_reloaded() {
+    fn file_written_and_opened() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("world.mmdb");
         write(&path).expect("write");
-        let geo = GeoIp::empty();
-        assert_eq!(geo.lookup("127.15.0.9".parse().expect("ip")), None);
-        geo.reload(&path).expect("reload");
+        assert_eq!(
+            GeoIp::empty().lookup("127.15.0.9".parse().expect("ip")),
+            None
+        );
+        let geo = GeoIp::open(&path).expect("open");
         let kr = geo.lookup("127.15.0.9".parse().expect("ip")).expect("KR");
         assert_eq!(kr.country.map(|c| c.to_string()).as_deref(), Some("KR"));
-        assert!(geo.reload(&dir.path().join("missing.mmdb")).is_err());
+        let missing = GeoIp::open(&dir.path().join("missing.mmdb")).err();
         assert!(
-            geo.lookup("127.15.0.9".parse().expect("ip")).is_some(),
-            "old db kept"
+            missing.is_some_and(|e| e.to_string().contains("missing.mmdb")),
+            "the error names the file"
         );
         assert_eq!(db_type(&path), "Meridian-Test-World-City");
     }

@@ -1,5 +1,6 @@
-//! Config service → edges: pushes propagate to every edge, bad versions never land, edges keep
-//! serving (and restart) without the service, and no request fails while versions change.
+//! Config service → edges: pushes propagate to every edge, bad versions never land (not even in
+//! part: routing, certificates, DNS zone and GeoIP database move together), edges keep serving
+//! (and restart) without the service, and no request fails while versions change.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -222,4 +223,229 @@ fn no_request_fails_while_twenty_versions_are_pushed() {
     assert_eq!(failed.load(Ordering::Relaxed), 0);
     assert!(ok.load(Ordering::Relaxed) >= 6, "the clients were running");
     assert_eq!(world.admin_get("/admin/snapshot").json()["version"], 21);
+}
+
+/// `examples/local.toml` with PoP health checks off, so every PoP answers DNS.
+fn dns_config() -> Config {
+    let mut config = local_config();
+    for pop in &mut config.pops {
+        pop.health = None;
+    }
+    config
+}
+
+/// The region that serves `static.example.test` to a US client (a fresh path each time: the
+/// route caches).
+fn static_region(world: &World, path: &str) -> String {
+    let reply = world.get_from("US", "static.example.test", path);
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    reply
+        .header("x-meridian-region")
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// The A records GeoDNS answers for `name` to a resolver in Seoul.
+fn seoul_answer(world: &World, name: &str) -> Vec<String> {
+    use hickory_proto::op::{Message, Query};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    let server = world.edge.dns_addr.expect("the edge runs GeoDNS");
+    let mut query = Message::query();
+    query.add_query(Query::query(
+        Name::from_ascii(name).expect("name"),
+        RecordType::A,
+    ));
+    let bytes = query.to_vec().expect("encodes");
+    let reply = world.runtime.block_on(async {
+        let socket = tokio::net::UdpSocket::bind(("127.15.0.53", 0))
+            .await
+            .expect("bind");
+        let mut buffer = vec![0u8; 65_535];
+        // Resend like a resolver (UDP may drop a datagram); bounded overall.
+        for _ in 0..20 {
+            socket.send_to(&bytes, server).await.expect("send");
+            let wait = std::time::Duration::from_millis(500);
+            if let Ok(received) = tokio::time::timeout(wait, socket.recv_from(&mut buffer)).await {
+                let len = received.expect("recv").0;
+                return Message::from_vec(&buffer[..len]).expect("answer decodes");
+            }
+        }
+        panic!("no DNS answer from {server}");
+    });
+    reply
+        .answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The leaf certificate (DER) the edge presents for `api.example.test`.
+fn api_certificate(world: &World) -> Vec<u8> {
+    let tls = world.tls.as_ref().expect("tls");
+    let config = meridian_tests::secure::tcp_client_config(tls.roots(), &[b"http/1.1"]);
+    let target = world.edge.https_addr.expect("https");
+    world.runtime.block_on(async {
+        let stream = meridian_tests::secure::tls_connect(
+            source_for("US"),
+            target,
+            "api.example.test",
+            config,
+        )
+        .await
+        .expect("handshake");
+        let (_, session) = stream.get_ref();
+        session
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .map(|c| c.as_ref().to_vec())
+            .unwrap_or_default()
+    })
+}
+
+fn file_der(path: &str) -> Vec<u8> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_file(path)
+        .expect("cert file")
+        .as_ref()
+        .to_vec()
+}
+
+/// The next version a test pushes: `static` moved to Frankfurt, the Seoul PoP renumbered, and
+/// `api.example.test` served with a new certificate — every part of the edge changes.
+fn next_version(world: &World) -> Config {
+    let mut next = world.config.clone();
+    let route = next
+        .routes
+        .iter_mut()
+        .find(|r| r.name == "static")
+        .expect("static route");
+    route.regions = RegionSet::List(vec!["eu-central-1".into()]);
+    route.default_region = Some("eu-central-1".into());
+    for pop in &mut next.pops {
+        if pop.name == "seoul" {
+            pop.addresses = vec!["127.2.6.99".into()];
+        }
+    }
+    let tls = world.tls.as_ref().expect("tls");
+    let (cert, key) = tls
+        .ca
+        .leaf(&meridian_tests::secure::API_HOSTS)
+        .expect("leaf")
+        .write(&tls.dir, "api-next")
+        .expect("write");
+    next.tls.certificates[0].cert = cert.display().to_string();
+    next.tls.certificates[0].key = key.display().to_string();
+    next
+}
+
+/// Pushes `broken` (the next version plus one part that cannot compile) and checks that nothing
+/// of it lands — routing, certificates, DNS zone — and that the refusal is counted once; then
+/// pushes the next version without the breakage and checks that all of it lands.
+fn refused_whole_then_next_lands(world: &World, next: &Config, broken: &Config) {
+    let old_certificate = api_certificate(world);
+    assert_eq!(static_region(world, "/v1"), "us-east");
+    assert_eq!(seoul_answer(world, "api.example.test."), ["127.2.6.1"]);
+
+    let refused = world.push(broken, "next version, one part broken");
+    assert_eq!(
+        world.metric_eventually(r#"meridian_config_reloads_total{result="invalid"}"#, 1.0),
+        Some(1.0),
+        "the edge refused version {refused}"
+    );
+    assert_eq!(world.wait_for_version_once(&world.edge), 1);
+    assert_eq!(static_region(world, "/v2"), "us-east", "routing stayed");
+    assert_eq!(
+        seoul_answer(world, "api.example.test."),
+        ["127.2.6.1"],
+        "the zone stayed"
+    );
+    assert_eq!(
+        api_certificate(world),
+        old_certificate,
+        "the certificates stayed"
+    );
+
+    let fixed = world.push(next, "next version");
+    assert_eq!(world.wait_for_version(&world.edge, fixed), fixed);
+    assert_eq!(static_region(world, "/v3"), "eu-central-1");
+    // GeoDNS takes up each installed version's zone just after it is published.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut answer = seoul_answer(world, "api.example.test.");
+    while answer != ["127.2.6.99"] && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        answer = seoul_answer(world, "api.example.test.");
+    }
+    assert_eq!(answer, ["127.2.6.99"]);
+    let new_certificate = file_der(&next.tls.certificates[0].cert);
+    assert_ne!(new_certificate, old_certificate);
+    assert_eq!(api_certificate(world), new_certificate);
+    let metrics = world.metrics();
+    for (series, value) in [
+        (r#"meridian_config_reloads_total{result="invalid"}"#, 1.0),
+        (r#"meridian_config_reloads_total{result="error"}"#, 0.0),
+        (r#"meridian_config_reloads_total{result="ok"}"#, 2.0),
+        (
+            r#"meridian_tls_certificate_reloads_total{result="ok"}"#,
+            1.0,
+        ),
+        (
+            r#"meridian_tls_certificate_reloads_total{result="error"}"#,
+            0.0,
+        ),
+    ] {
+        assert_eq!(
+            meridian_tests::metric_value(&metrics, series),
+            Some(value),
+            "{series}"
+        );
+    }
+}
+
+#[test]
+fn a_version_whose_dns_zone_cannot_compile_is_refused_whole() {
+    let world = World::start_following(dns_config());
+    let next = next_version(&world);
+    let mut broken = next.clone();
+    // Valid by every rule of the document (labels of at most 63 characters, a name of at most 253),
+    // but under `example.test.` the full name is longer than the 255 bytes DNS allows: only the
+    // zone compiler can tell.
+    let long = format!(
+        "{}.{}.{}.{}",
+        "a".repeat(63),
+        "b".repeat(63),
+        "c".repeat(63),
+        "d".repeat(50)
+    );
+    broken
+        .dns
+        .as_mut()
+        .expect("[dns]")
+        .records
+        .push(meridian_config::DnsRecord {
+            name: long,
+            pops: Vec::new(),
+            weights: Default::default(),
+        });
+    refused_whole_then_next_lands(&world, &next, &broken);
+}
+
+#[test]
+fn a_version_whose_geoip_database_cannot_open_is_refused_whole() {
+    let world = World::start_following(dns_config());
+    assert_eq!(
+        world.get_from("KR", "api.example.test", "/").region(),
+        Some("ap-northeast-2")
+    );
+    let next = next_version(&world);
+    let mut broken = next.clone();
+    broken.geoip.database = Some(world.path("no-such.mmdb").display().to_string());
+    refused_whole_then_next_lands(&world, &next, &broken);
+    assert_eq!(
+        world.get_from("KR", "api.example.test", "/").region(),
+        Some("ap-northeast-2"),
+        "clients are still located"
+    );
 }

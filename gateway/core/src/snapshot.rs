@@ -43,6 +43,8 @@ pub struct Snapshot {
     pub limits: Limits,
     /// Inference models and the regions serving them (issue 8).
     pub models: super::models::ModelTable,
+    /// Share of requests written to the access log, in [0, 1]: 0 when `[edge.access_log]` is off.
+    pub access_log_sample: f64,
     /// The document this snapshot was compiled from (for `/admin/snapshot` and diffs).
     pub config: Config,
 }
@@ -280,6 +282,11 @@ impl Snapshot {
             trusted_proxies,
             limits: config.edge.limits.clone(),
             models: super::models::ModelTable::compile(&config),
+            access_log_sample: if config.edge.access_log.enabled {
+                config.edge.access_log.sample.clamp(0.0, 1.0)
+            } else {
+                0.0
+            },
             config,
         })
     }

@@ -45,31 +45,45 @@ pub enum DnsError {
     Runtime(#[source] std::io::Error),
 }
 
-/// For an edge: when the current snapshot has `[dns]`, start GeoDNS on the current runtime (the
-/// edge's sidecar), metrics in the edge's registry, and rebuild the zone on every reload.
+/// For an edge: when the installed version has `[dns]`, start GeoDNS on the current runtime (the
+/// edge's sidecar), metrics in the edge's registry, serving the zone of each version the store
+/// installs.
 pub fn start_for_edge(
     store: &Arc<SnapshotStore>,
-    geoip: &Arc<GeoIp>,
     stop: watch::Receiver<bool>,
 ) -> Result<Option<SocketAddr>, DnsError> {
     let loaded = store.load();
-    if loaded.snapshot.config.dns.is_none() {
+    let Some(zone) = &loaded.zone else {
         return Ok(None);
-    }
-    let running = RunningDns::start(
+    };
+    let running = RunningDns::start_serving(
         &loaded.snapshot.config,
-        Arc::clone(geoip),
+        Arc::clone(zone),
+        Arc::clone(&loaded.geoip),
         store.metrics().registry(),
         1,
         stop.clone(),
     )?;
     let addr = running.addr;
-    tokio::spawn(follow(Arc::clone(store), running, stop));
+    let started_on = loaded
+        .snapshot
+        .config
+        .dns
+        .as_ref()
+        .map(|d| d.listen.clone())
+        .unwrap_or_default();
+    tokio::spawn(follow(Arc::clone(store), running, started_on, stop));
     Ok(Some(addr))
 }
 
-/// Rebuilds the zone whenever the store installs a new snapshot.
-async fn follow(store: Arc<SnapshotStore>, running: RunningDns, mut stop: watch::Receiver<bool>) {
+/// Serves the zone (and GeoIP database) of every version the store installs. Both were compiled
+/// by the install, which refuses a version whose zone does not compile: nothing can fail here.
+async fn follow(
+    store: Arc<SnapshotStore>,
+    running: RunningDns,
+    started_on: String,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut generation = store.subscribe();
     loop {
         tokio::select! {
@@ -77,19 +91,29 @@ async fn follow(store: Arc<SnapshotStore>, running: RunningDns, mut stop: watch:
             _ = stop.wait_for(|s| *s) => return,
         }
         let loaded = store.load();
-        if loaded.snapshot.config.dns.is_none() {
+        let Some(zone) = &loaded.zone else {
             tracing::warn!(
                 "[dns] was removed from the config: GeoDNS keeps the last zone until restart"
             );
             continue;
+        };
+        let (serving, geoip) = running.serving();
+        if Arc::ptr_eq(&serving, zone) && Arc::ptr_eq(&geoip, &loaded.geoip) {
+            continue;
         }
-        match running.reload(&loaded.snapshot.config) {
-            Ok(()) => tracing::info!(
-                version = loaded.snapshot.meta.version,
-                "GeoDNS zone reloaded"
-            ),
-            Err(e) => tracing::warn!("GeoDNS zone reload failed, keeping the previous zone: {e}"),
+        let listen = loaded.snapshot.config.dns.as_ref().map(|d| &d.listen);
+        if listen != Some(&started_on) {
+            tracing::warn!(
+                listen = ?listen,
+                serving = %running.addr,
+                "dns.listen changed: takes effect on restart"
+            );
         }
+        running.serve(Arc::clone(zone), Arc::clone(&loaded.geoip));
+        tracing::info!(
+            version = loaded.snapshot.meta.version,
+            "GeoDNS zone reloaded"
+        );
     }
 }
 

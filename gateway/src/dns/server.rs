@@ -20,9 +20,11 @@ use super::metrics::DnsMetrics;
 use super::zone::Zone;
 use super::DnsError;
 
-/// A compiled zone with the health flags and answer counters of its PoPs (same indices).
+/// A compiled zone with the health flags and answer counters of its PoPs (same indices), and the
+/// GeoIP database that locates clients for it (swapped together, so one query sees one version).
 struct Serving {
-    zone: Zone,
+    zone: Arc<Zone>,
+    geoip: Arc<GeoIp>,
     health: Vec<Arc<AtomicBool>>,
     answers: Vec<IntCounter>,
 }
@@ -31,7 +33,6 @@ struct Shared {
     serving: ArcSwap<Serving>,
     health: PopHealth,
     metrics: DnsMetrics,
-    geoip: Arc<GeoIp>,
     /// Wakes the prober after a reload, so new PoPs are probed at once.
     reloaded: Notify,
     listen: SocketAddr,
@@ -56,7 +57,19 @@ impl RunningDns {
         udp_workers: usize,
         stop: watch::Receiver<bool>,
     ) -> Result<Self, DnsError> {
-        let zone = Zone::compile(config)?;
+        let zone = Arc::new(Zone::compile(config)?);
+        Self::start_serving(config, zone, geoip, registry, udp_workers, stop)
+    }
+
+    /// [`RunningDns::start`] with `config`'s zone compiled already.
+    pub fn start_serving(
+        config: &Config,
+        zone: Arc<Zone>,
+        geoip: Arc<GeoIp>,
+        registry: &Registry,
+        udp_workers: usize,
+        stop: watch::Receiver<bool>,
+    ) -> Result<Self, DnsError> {
         let listen: SocketAddr = config
             .dns
             .as_ref()
@@ -73,7 +86,7 @@ impl RunningDns {
             })?;
         let metrics = DnsMetrics::register(registry)?;
         let health = PopHealth::default();
-        let serving = serving(zone, &health, &metrics);
+        let serving = serving(zone, geoip, &health, &metrics);
         let (udp, tcp) = bind(listen)?;
         let addr = udp.local_addr().map_err(|source| DnsError::Listen {
             addr: listen.to_string(),
@@ -91,7 +104,6 @@ impl RunningDns {
             serving: ArcSwap::from_pointee(serving),
             health,
             metrics,
-            geoip,
             reloaded: Notify::new(),
             listen,
         });
@@ -110,12 +122,14 @@ impl RunningDns {
 
     /// Rebuilds the zone from `config`; on error the current zone stays in service.
     pub fn reload(&self, config: &Config) -> Result<(), DnsError> {
-        let result = Zone::compile(config);
-        let metrics = &self.shared.metrics;
-        let zone = match result {
-            Ok(zone) => zone,
+        let zone = match Zone::compile(config) {
+            Ok(zone) => Arc::new(zone),
             Err(e) => {
-                metrics.reloads.with_label_values(&["error"]).inc();
+                self.shared
+                    .metrics
+                    .reloads
+                    .with_label_values(&["error"])
+                    .inc();
                 return Err(e.into());
             }
         };
@@ -128,15 +142,29 @@ impl RunningDns {
                 );
             }
         }
+        let geoip = Arc::clone(&self.shared.serving.load().geoip);
+        self.serve(zone, geoip);
+        Ok(())
+    }
+
+    /// Serves `zone`, locating clients with `geoip`, from the next query on (a zone compiled
+    /// elsewhere, e.g. as part of an edge's installed config version).
+    pub fn serve(&self, zone: Arc<Zone>, geoip: Arc<GeoIp>) {
+        let metrics = &self.shared.metrics;
         let names: Vec<&str> = zone.pops.iter().map(|p| p.name.as_str()).collect();
         for gone in self.shared.health.retain(&names) {
             let _ = metrics.pop_healthy.remove_label_values(&[&gone]);
         }
-        let serving = serving(zone, &self.shared.health, metrics);
+        let serving = serving(zone, geoip, &self.shared.health, metrics);
         self.shared.serving.store(Arc::new(serving));
         metrics.reloads.with_label_values(&["ok"]).inc();
         self.shared.reloaded.notify_one();
-        Ok(())
+    }
+
+    /// The zone and GeoIP database being served now.
+    pub fn serving(&self) -> (Arc<Zone>, Arc<GeoIp>) {
+        let serving = self.shared.serving.load();
+        (Arc::clone(&serving.zone), Arc::clone(&serving.geoip))
     }
 
     /// Answers one query against the current zone and records its metrics.
@@ -145,7 +173,12 @@ impl RunningDns {
     }
 }
 
-fn serving(zone: Zone, health: &PopHealth, metrics: &DnsMetrics) -> Serving {
+fn serving(
+    zone: Arc<Zone>,
+    geoip: Arc<GeoIp>,
+    health: &PopHealth,
+    metrics: &DnsMetrics,
+) -> Serving {
     let flags: Vec<Arc<AtomicBool>> = zone.pops.iter().map(|p| health.state(&p.name)).collect();
     for (pop, flag) in zone.pops.iter().zip(&flags) {
         metrics
@@ -160,6 +193,7 @@ fn serving(zone: Zone, health: &PopHealth, metrics: &DnsMetrics) -> Serving {
         .collect();
     Serving {
         zone,
+        geoip,
         health: flags,
         answers,
     }
@@ -175,7 +209,7 @@ impl Shared {
                 .get(p)
                 .is_none_or(|flag| flag.load(Ordering::Relaxed))
         };
-        let locate = |ip: IpAddr| self.geoip.lookup(ip).and_then(|l| l.coordinates);
+        let locate = |ip: IpAddr| serving.geoip.lookup(ip).and_then(|l| l.coordinates);
         let answer = answer::answer(&serving.zone, request, source, transport, &healthy, &locate);
         let metrics = &self.metrics;
         metrics

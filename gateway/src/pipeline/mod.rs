@@ -29,7 +29,6 @@ use std::time::{Instant, SystemTime};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Method};
 use meridian_config::RouteKind;
-use meridian_geoip::GeoIp;
 
 use crate::access_log::UpstreamSide;
 use crate::cache::{CacheRequest, CacheStatus, Lookup, ResponseCache, Ticket};
@@ -52,7 +51,6 @@ pub(crate) use downstream::{Arrival, ClientBodyError, Downstream, Head};
 /// What every request of every front shares: one instance per edge.
 pub struct Pipeline {
     pub(crate) store: Arc<SnapshotStore>,
-    pub(crate) geoip: Arc<GeoIp>,
     pub(crate) cache: Option<Arc<EdgeCache>>,
     pub(crate) inference: Arc<InferenceState>,
     connector: Connector,
@@ -104,14 +102,12 @@ struct Relayed {
 impl Pipeline {
     pub fn new(
         store: Arc<SnapshotStore>,
-        geoip: Arc<GeoIp>,
         cache: Option<ResponseCache>,
         alt_svc: Option<HeaderValue>,
     ) -> Self {
         Self {
             inference: Arc::new(InferenceState::new(store.metrics().registry())),
             store,
-            geoip,
             cache: cache.map(|c| Arc::new(EdgeCache::new(c))),
             connector: Connector::default(),
             rotation: AtomicUsize::new(0),
@@ -124,7 +120,7 @@ impl Pipeline {
         let started = Instant::now();
         let loaded = self.store.load();
         let mut state = RequestState::default();
-        if crate::access_log::sampled(&loaded.snapshot.config.edge.access_log) {
+        if crate::access_log::roll(loaded.snapshot.access_log_sample) {
             state.access = Some(Box::default());
         }
         let mut out = respond::Writer::new(downstream, &loaded, arrival, self.alt_svc.as_ref());
@@ -177,7 +173,7 @@ impl Pipeline {
             path_and_query,
             headers: head.headers,
         };
-        let decision = match decide(snapshot, &view, |ip| self.geoip.lookup(ip), started_ms) {
+        let decision = match decide(snapshot, &view, |ip| loaded.geoip.lookup(ip), started_ms) {
             Ok(decision) => decision,
             Err(refusal) => {
                 if let Refusal::Residency { route, .. } | Refusal::Unavailable { route, .. } =
@@ -242,7 +238,7 @@ impl Pipeline {
                     decision,
                     key,
                     &view,
-                    &self.geoip,
+                    &loaded.geoip,
                     started,
                     &call_body,
                 ) {
@@ -603,7 +599,6 @@ impl Pipeline {
     fn background(&self) -> Arc<Pipeline> {
         Arc::new(Pipeline {
             store: Arc::clone(&self.store),
-            geoip: Arc::clone(&self.geoip),
             cache: None,
             inference: Arc::clone(&self.inference),
             connector: self.connector,

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use meridian_config_service::{ConfigClient, StoredVersion};
-use meridian_geoip::GeoIp;
 use tokio::sync::watch;
 
 use super::{apply_document, SnapshotStore};
@@ -78,7 +77,6 @@ async fn fetch_current(
 /// the previous snapshot when one is refused, and keeps serving when the service is down.
 pub async fn follow(
     store: Arc<SnapshotStore>,
-    geoip: Arc<GeoIp>,
     settings: ControlSettings,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -103,7 +101,7 @@ pub async fn follow(
                 backoff = BACKOFF_MIN;
                 let number = version.meta.version;
                 seen = seen.max(number);
-                let installed = apply_document(&store, &geoip, &version.document, number).is_ok();
+                let installed = apply_document(&store, &version.document, number).is_ok();
                 if installed {
                     save_last_good(&settings.cache_dir, &version.document, number);
                 }

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use meridian_geoip::GeoIp;
 use tokio::signal::unix::Signal;
 use tokio::sync::watch;
 
@@ -28,7 +27,6 @@ pub fn hangup_signal() -> Option<Signal> {
 
 pub async fn watch_file(
     store: Arc<SnapshotStore>,
-    geoip: Arc<GeoIp>,
     path: PathBuf,
     mut hangup: Option<Signal>,
     mut stop: watch::Receiver<bool>,
@@ -51,7 +49,7 @@ pub async fn watch_file(
                 if forced {
                     tracing::info!("SIGHUP: reloading {}", path.display());
                 }
-                let _ = apply_document(&store, &geoip, &source, 0);
+                let _ = apply_document(&store, &source, 0);
             }
             Err(e) => {
                 store

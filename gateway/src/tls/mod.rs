@@ -1,7 +1,7 @@
 //! TLS termination shared by the TCP listener (Pingora + rustls) and the QUIC front (quinn):
-//! certificates are read and checked here (the config crate only checks shape), compiled into an
-//! SNI table, and served by one [`CertResolver`] whose table is swapped with `ArcSwap` when the
-//! config or the certificate files change — open connections keep the certificate they got.
+//! certificates are read and checked here (the config crate only checks shape) and compiled into an
+//! SNI table that is part of each installed version; one [`CertResolver`] serves the table of the
+//! version installed now — open connections keep the certificate they got.
 //!
 //! Pingora 0.9's rustls `TlsSettings::set_cert_resolver` accepts our resolver, so the TCP listener
 //! needs no fork or doc-hidden hook; the handshake metric comes from its post-handshake callback.
@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use meridian_config::TlsSection;
 use pingora::listeners::tls::TlsSettings;
@@ -116,10 +115,17 @@ impl CertTable {
     }
 
     /// Was this table built from `section` and the same file versions?
-    fn is_current(&self, section: &TlsSection, base: Option<&Path>) -> bool {
+    pub(crate) fn is_current(&self, section: &TlsSection, base: Option<&Path>) -> bool {
         self.source.as_ref().is_some_and(|(built, times)| {
             built == section && *times == modification_times(section, base)
         })
+    }
+
+    /// Was this table built from `section` (whatever the files hold now)?
+    pub(crate) fn built_from(&self, section: &TlsSection) -> bool {
+        self.source
+            .as_ref()
+            .is_some_and(|(built, _)| built == section)
     }
 }
 
@@ -144,17 +150,11 @@ fn modification_times(section: &TlsSection, base: Option<&Path>) -> Vec<Option<S
         .collect()
 }
 
-/// Serves certificates from the current [`CertTable`]; unknown SNI without a default gets none,
-/// which makes rustls abort the handshake.
+/// Serves certificates from the table of the version installed now (see [`SnapshotStore`]); unknown
+/// SNI without a default gets none, which makes rustls abort the handshake. Established
+/// connections keep the certificate they got.
 pub struct CertResolver {
-    table: ArcSwap<CertTable>,
-}
-
-impl CertResolver {
-    /// Each certificate's first host and notAfter, from the table serving now.
-    pub fn expiries(&self) -> Vec<(String, SystemTime)> {
-        self.table.load().expiries().to_vec()
-    }
+    store: Arc<SnapshotStore>,
 }
 
 impl std::fmt::Debug for CertResolver {
@@ -164,21 +164,15 @@ impl std::fmt::Debug for CertResolver {
 }
 
 impl CertResolver {
-    pub fn new(table: CertTable) -> Arc<Self> {
-        Arc::new(Self {
-            table: ArcSwap::from_pointee(table),
-        })
-    }
-
-    /// New handshakes use `table`; established connections are not affected.
-    pub fn replace(&self, table: CertTable) {
-        self.table.store(Arc::new(table));
+    pub fn new(store: Arc<SnapshotStore>) -> Arc<Self> {
+        Arc::new(Self { store })
     }
 }
 
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        self.table.load().lookup(hello.server_name())
+        let loaded = self.store.load();
+        loaded.certificates.as_ref()?.lookup(hello.server_name())
     }
 }
 
@@ -291,48 +285,36 @@ impl Downstream {
     }
 }
 
-/// Keeps `resolver` in step with the config's `[tls]` section and the certificate files: checks on
-/// every config install and every `poll` (file rotation). A table that fails to load is logged and
-/// counted, and the previous one keeps serving.
+/// Notices rotated certificate files (every `poll`) and has the store publish them: a document's
+/// own `[tls]` changes are installed with the document. A table that fails to load is logged and
+/// counted once per distinct problem, and the previous one keeps serving.
 pub async fn follow(
-    resolver: Arc<CertResolver>,
     store: Arc<SnapshotStore>,
-    base: Option<PathBuf>,
     poll: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let mut installs = store.subscribe();
     let mut last_error: Option<String> = None;
     loop {
         tokio::select! {
-            _ = stop.changed() => return,
-            changed = installs.changed() => if changed.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
             _ = tokio::time::sleep(poll) => {}
         }
-        if *stop.borrow() {
-            return;
-        }
-        let section = store.load().snapshot.config.tls.clone();
-        if resolver.table.load().is_current(&section, base.as_deref()) {
-            continue;
-        }
-        let metrics = &store.metrics().tls;
-        match CertTable::load(&section, base.as_deref()) {
-            Ok((table, warnings)) => {
-                for warning in warnings {
-                    tracing::warn!("{warning}");
+        match store.reload_certificates() {
+            Ok(reloaded) => {
+                if reloaded {
+                    last_error = None;
                 }
-                metrics.record_certificates(table.expiries());
-                resolver.replace(table);
-                metrics.reloads.with_label_values(&["ok"]).inc();
-                last_error = None;
-                tracing::info!("TLS certificates reloaded");
             }
             Err(e) => {
                 let message = e.to_string();
                 // The files stay broken until someone fixes them: count and log each new problem once.
                 if last_error.as_deref() != Some(message.as_str()) {
-                    metrics.reloads.with_label_values(&["error"]).inc();
+                    store
+                        .metrics()
+                        .tls
+                        .reloads
+                        .with_label_values(&["error"])
+                        .inc();
                     tracing::error!(
                         "TLS certificates not reloaded, keeping the previous ones: {message}"
                     );
