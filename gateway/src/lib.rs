@@ -5,6 +5,7 @@ pub mod admin;
 pub mod cache;
 pub mod clock;
 pub mod core;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod dns;
 pub mod edge;
@@ -13,8 +14,6 @@ pub mod health;
 pub mod httpd;
 pub mod inference;
 pub mod metrics;
-pub mod model_server;
-pub mod origin;
 pub mod proxy;
 pub mod reload;
 pub mod status_page;

@@ -4,8 +4,6 @@
 //! and headers, and records the same request metrics; the upstream hop uses the shared HTTP/1.1
 //! [`UpstreamClient`].
 
-pub mod client;
-
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
