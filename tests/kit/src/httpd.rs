@@ -1,69 +1,61 @@
-//! The small hyper HTTP/1.1 server loop of the simulated origins and the demo control API. The
-//! gateway's admin listener has the same loop (`meridian_gateway::httpd`); it is repeated here
-//! because the testkit must not depend on the gateway, and the gateway builds without the testkit.
+//! The HTTP/1.1 server loop of the simulated origins and the demo control API (hyper, with
+//! hyper-util's graceful shutdown tracking the connections).
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use http::header::{HeaderValue, CONTENT_TYPE};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 pub type Body = Full<Bytes>;
 
-/// Serves `handler` on `listener` until `stop` turns true; open connections are closed gracefully.
+/// Serves `handler` on `listener` until `stop` turns true, then closes idle connections at once,
+/// lets in-flight requests finish, and returns only when every connection is closed: whoever
+/// takes a simulated origin down can rely on nothing still reaching it.
 pub async fn serve<H, F, B>(listener: TcpListener, handler: H, mut stop: watch::Receiver<bool>)
 where
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<B>> + Send + 'static,
-    // Any body: `Body` (whole) for most servers, a streaming one for the simulated model servers.
+    // Any body: `Body` (whole) for most answers, a streaming one for the model servers.
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let handler = Arc::new(handler);
-    // Connection tasks are tracked so that `serve` returns only once every connection is closed:
-    // a caller that stops a server (e.g. takes a simulated origin down) can rely on it being gone.
-    let mut connections = tokio::task::JoinSet::new();
+    let connections = GracefulShutdown::new();
     loop {
-        let (stream, _) = tokio::select! {
+        let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
+                Ok((stream, _)) => stream,
                 Err(e) => {
                     tracing::debug!("accept failed: {e}");
                     continue;
                 }
             },
-            Some(_) = connections.join_next(), if !connections.is_empty() => continue,
             _ = stop.wait_for(|s| *s) => break,
         };
         let handler = Arc::clone(&handler);
-        let mut stop = stop.clone();
-        connections.spawn(async move {
-            let service = service_fn(move |req| {
-                let handler = Arc::clone(&handler);
-                async move { Ok::<_, Infallible>(handler(req).await) }
-            });
-            let conn = http1::Builder::new()
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service);
-            tokio::pin!(conn);
-            tokio::select! {
-                _ = conn.as_mut() => return,
-                _ = stop.wait_for(|s| *s) => conn.as_mut().graceful_shutdown(),
-            }
-            // Idle keep-alive connections close at once; in-flight requests finish first.
-            let _ = conn.await;
+        let service = service_fn(move |req| {
+            let handler = Arc::clone(&handler);
+            async move { Ok::<_, Infallible>(handler(req).await) }
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .serve_connection(TokioIo::new(stream), service);
+        let connection = connections.watch(connection);
+        tokio::spawn(async move {
+            let _ = connection.await;
         });
     }
     drop(listener);
-    while connections.join_next().await.is_some() {}
+    connections.shutdown().await;
 }
 
 pub fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
@@ -81,9 +73,7 @@ pub fn respond(
 ) -> Response<Body> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static(content_type),
-    );
+    let content_type = HeaderValue::from_static(content_type);
+    response.headers_mut().insert(CONTENT_TYPE, content_type);
     response
 }
