@@ -1,5 +1,5 @@
-//! A small hyper-based HTTP/1.1 server loop shared by the admin listener, the demo control API and the
-//! simulated origins (none of them is on the proxy path, so hyper's simplicity wins over Pingora here).
+//! A small hyper-based HTTP/1.1 server loop for the admin listener and the standalone GeoDNS
+//! metrics (neither is on the proxy path, so hyper's simplicity wins over Pingora here).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -28,7 +28,7 @@ where
 {
     let handler = Arc::new(handler);
     // Connection tasks are tracked so that `serve` returns only once every connection is closed:
-    // a caller that stops a server (e.g. takes a simulated origin down) can rely on it being gone.
+    // a caller that stops a server can rely on it being gone.
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let (stream, _) = tokio::select! {

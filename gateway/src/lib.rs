@@ -12,6 +12,7 @@ pub(crate) mod clock;
 pub(crate) mod connector;
 /// The I/O-free core, under the name the gateway's modules use for it.
 pub use meridian_core as core;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod dns;
 pub mod edge;
@@ -20,8 +21,6 @@ pub(crate) mod health;
 pub mod httpd;
 pub(crate) mod inference;
 pub(crate) mod metrics;
-pub mod model_server;
-pub mod origin;
 pub(crate) mod pipeline;
 pub(crate) mod proxy;
 pub(crate) mod reload;

@@ -34,6 +34,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the whole local world: simulated regions, the edge, admin, and print a tour.
+    #[cfg(feature = "demo")]
     Demo,
     /// Run an edge from a config file.
     Serve {
@@ -156,11 +157,13 @@ enum CacheCommand {
 #[derive(Subcommand)]
 enum GeoipCommand {
     /// Write the local geo test world (loopback ranges → countries) as a MaxMind-format database.
+    #[cfg(feature = "demo")]
     BuildTestWorld { out: PathBuf },
     /// Look an address up.
     Lookup {
         ip: IpAddr,
-        /// Database to read (default: the test world, built in memory).
+        /// Database to read (default: the test world, built in memory; required in a build
+        /// without the `demo` feature).
         #[arg(long)]
         db: Option<PathBuf>,
     },
@@ -209,6 +212,7 @@ fn init_tracing() {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
+        #[cfg(feature = "demo")]
         Command::Demo => {
             let demo =
                 meridian_gateway::demo::start(Default::default()).context("starting the demo")?;
@@ -262,21 +266,20 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: CacheCommand::Purge(args),
         } => runtime()?.block_on(purge_cli::run(args)),
         Command::Geoip { command } => match command {
+            #[cfg(feature = "demo")]
             GeoipCommand::BuildTestWorld { out } => {
-                meridian_geoip::test_world::write(&out)?;
+                meridian_testkit::test_world::write(&out)?;
                 println!(
                     "wrote {} ({} test-world ranges)",
                     out.display(),
-                    meridian_geoip::test_world::PLACES.len()
+                    meridian_testkit::test_world::PLACES.len()
                 );
                 Ok(ExitCode::SUCCESS)
             }
             GeoipCommand::Lookup { ip, db } => {
                 let db = match db {
                     Some(path) => meridian_geoip::GeoDb::open(&path)?,
-                    None => {
-                        meridian_geoip::GeoDb::from_bytes(meridian_geoip::test_world::build()?)?
-                    }
+                    None => test_world_db()?,
                 };
                 match db.lookup(ip)? {
                     Some(location) => {
@@ -298,6 +301,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
     }
+}
+
+/// The test world, built in memory: the default database of `meridian geoip lookup`.
+#[cfg(feature = "demo")]
+fn test_world_db() -> anyhow::Result<meridian_geoip::GeoDb> {
+    Ok(meridian_geoip::GeoDb::from_bytes(
+        meridian_testkit::test_world::build()?,
+    )?)
+}
+
+#[cfg(not(feature = "demo"))]
+fn test_world_db() -> anyhow::Result<meridian_geoip::GeoDb> {
+    anyhow::bail!(
+        "--db is required: this build has no test world (built without the `demo` feature)"
+    )
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -61,7 +61,7 @@ fn cache_purge_cli_removes_entries_by_url_and_tag_with_the_admin_token() {
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     let origin = runtime
-        .block_on(meridian_gateway::origin::spawn(
+        .block_on(meridian_testkit::origin::spawn(
             "r1",
             "127.0.0.1:0".parse().expect("addr"),
             stop_rx,

@@ -176,7 +176,7 @@ fn standalone_dns_serves_metrics() {
     let dir = tempfile::tempdir().expect("tempdir");
     let dns_port = free_udp_port();
     let metrics_port = free_port();
-    let mut config = meridian_config::Config::from_toml_str(meridian_gateway::demo::LOCAL_CONFIG)
+    let mut config = meridian_config::Config::from_toml_str(meridian_testkit::LOCAL_CONFIG)
         .expect("demo config");
     config.geoip.database = None; // every client gets the default PoPs
     config.dns.as_mut().expect("[dns]").listen = format!("127.0.0.1:{dns_port}");

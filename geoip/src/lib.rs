@@ -1,5 +1,5 @@
-//! GeoIP for Meridian: MaxMind-format lookups (`maxminddb`) behind a reloadable handle, and a writer
-//! for the local geo test world (see `DESIGN.md`), so tests and the demo never need a downloaded database.
+//! GeoIP for Meridian: MaxMind-format lookups (`maxminddb`) behind a reloadable handle, and the
+//! table of the local geo test world (its database writer is in `meridian-testkit`).
 
 mod location;
 mod reader;

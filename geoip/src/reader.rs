@@ -13,14 +13,6 @@ pub enum GeoIpError {
     },
     #[error("geoip database: {0}")]
     Invalid(#[from] maxminddb::MaxMindDbError),
-    #[error("geoip writer: {0}")]
-    Write(String),
-    #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
 }
 
 /// One opened MaxMind-format database (GeoLite2-City or -Country structure).

@@ -1,7 +1,7 @@
 //! Connections per protocol. A protocol is a variant of `Protocol`; each has a connector that turns a
 //! (source address, target) into a `Conn` that can send requests, and every protocol answers with
 //! the same `Reply` view (status, headers, body chunks), so the engine has one request loop.
-//! HTTP/3 uses the project's shared client (`meridian_gateway::h3::client`).
+//! HTTP/3 uses the project's shared client (`meridian_testkit::h3client`).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use meridian_gateway::h3::client::{H3Client, H3Response, H3Sender};
+use meridian_testkit::h3client::{H3Client, H3Response, H3Sender};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -174,7 +174,7 @@ impl Connector {
             }
             (Protocol::Http3, Some(settings)) => {
                 let roots = load_roots(settings.cacert)?;
-                let config = meridian_gateway::h3::client::client_config(roots)
+                let config = meridian_testkit::h3client::client_config(roots)
                     .context("HTTP/3 client config")?;
                 // Checked here so a bad name fails at start-up, not on every connect.
                 ServerName::try_from(settings.server_name.clone())

@@ -37,7 +37,7 @@ fn h3_and_sse_scenarios_run_against_the_demo() {
         Some("127.0.0.1:8443"),
         "examples/local.toml serves HTTPS and HTTP/3 on 8443"
     );
-    let ca = path(&demo.ca_file);
+    let ca = path(&demo.world.ca_file);
     let tls = |host: &'static str| {
         ["--cacert", ca.as_str(), "--sni", host, "--host", host].map(String::from)
     };

@@ -251,27 +251,16 @@ fn refused_connections_are_connect_errors() {
 
 #[test]
 fn tls_h2_with_cacert() {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use meridian_testkit::devcerts::{self, DevCa};
     let dir = tempfile::tempdir().expect("tempdir");
-    let ca_key = KeyPair::generate().expect("ca key");
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("ca params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_cert = ca_params.self_signed(&ca_key).expect("ca cert");
-    let issuer = Issuer::new(ca_params, ca_key);
-    let leaf_key = KeyPair::generate().expect("leaf key");
-    let mut leaf_params = CertificateParams::new(vec!["localhost".to_string()]).expect("leaf");
-    leaf_params.is_ca = IsCa::ExplicitNoCa;
-    let leaf = leaf_params
-        .signed_by(&leaf_key, &issuer)
-        .expect("leaf cert");
-    let (ca, cert, key) = (
-        dir.path().join("ca.pem"),
-        dir.path().join("cert.pem"),
-        dir.path().join("key.pem"),
-    );
-    std::fs::write(&ca, ca_cert.pem()).expect("write ca");
-    std::fs::write(&cert, leaf.pem()).expect("write cert");
-    std::fs::write(&key, leaf_key.serialize_pem()).expect("write key");
+    let authority = DevCa::new("loadtest CA").expect("ca");
+    let ca = dir.path().join("ca.pem");
+    devcerts::write(&ca, &authority.pem).expect("write ca");
+    let (cert, key) = authority
+        .leaf(&["localhost"])
+        .expect("leaf cert")
+        .write(dir.path(), "localhost")
+        .expect("write leaf");
     let path = |p: &Path| p.to_string_lossy().to_string();
     let origin = Origin::start(&["--tls-cert", &path(&cert), "--tls-key", &path(&key)]);
     let url = format!("https://{}/", origin.addr);

@@ -1,12 +1,12 @@
 //! The harness's HTTP/3 client: a thin wrapper over the project's shared client
-//! (`meridian_gateway::h3::client`, also used by the load generator) that binds a chosen source
+//! (`meridian_testkit::h3client`, also used by the load generator) that binds a chosen source
 //! address, so a QUIC request can come from any test-world country (`127.12.0.5` is Singapore),
 //! and answers with the harness's [`Reply`].
 
 use std::net::{IpAddr, SocketAddr};
 
 use bytes::Bytes;
-use meridian_gateway::h3::client::H3Client;
+use meridian_testkit::h3client::H3Client;
 
 use crate::client::Reply;
 
@@ -19,7 +19,7 @@ pub struct H3Connection {
 
 /// A rustls client config for HTTP/3 (ALPN `h3`) that trusts `roots`.
 pub fn client_config(roots: rustls::RootCertStore) -> anyhow::Result<quinn::ClientConfig> {
-    Ok(meridian_gateway::h3::client::client_config(roots)?)
+    Ok(meridian_testkit::h3client::client_config(roots)?)
 }
 
 impl H3Connection {

@@ -6,24 +6,21 @@ pub mod client;
 pub mod h3client;
 pub mod secure;
 
-use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use meridian_config::{Config, Upstream};
+use meridian_config::Config;
 use meridian_gateway::core::SnapshotMeta;
-use meridian_gateway::demo::LOCAL_CONFIG;
 use meridian_gateway::edge::{EdgeOptions, RunningEdge};
-use meridian_gateway::origin::{self, OriginControl};
+use meridian_testkit::origin::{self, OriginControl, Origins};
+use meridian_testkit::LOCAL_CONFIG;
 use tokio::sync::watch;
 
 pub use client::{Client, KeepAlive, Protocol, Reply};
-pub use meridian_geoip::test_world::{place_for_country, PLACES};
+pub use meridian_testkit::config_service::ConfigService;
+pub use meridian_testkit::test_world::{place_for_country, PLACES};
 pub use secure::{Secure, TestTls};
-
-/// One region's simulated origins.
-pub type Origins = BTreeMap<String, Vec<Arc<OriginControl>>>;
 
 /// A running test world: origins, an edge, a client runtime. Everything stops on drop.
 pub struct World {
@@ -72,29 +69,11 @@ impl World {
             .build()
             .expect("runtime");
         let (stop, stop_rx) = watch::channel(false);
-        let mut origins = Origins::new();
-        for region in &mut config.regions {
-            let mut rewritten = Vec::new();
-            for upstream in &region.upstreams {
-                let wanted: SocketAddr = upstream.address.parse().expect("upstream address");
-                let bind = SocketAddr::new(wanted.ip(), 0);
-                let control = runtime
-                    .block_on(origin::spawn(&region.name, bind, stop_rx.clone()))
-                    .expect("origin");
-                rewritten.push(Upstream {
-                    address: control.address.to_string(),
-                    weight: upstream.weight,
-                    drain: upstream.drain,
-                });
-                origins
-                    .entry(region.name.clone())
-                    .or_default()
-                    .push(control);
-            }
-            region.upstreams = rewritten;
-        }
+        let origins = runtime
+            .block_on(origin::spawn_for(&mut config, true, stop_rx))
+            .expect("origins");
         let db = dir.path().join("test-world.mmdb");
-        meridian_geoip::test_world::write(&db).expect("geoip db");
+        meridian_testkit::test_world::write(&db).expect("geoip db");
         config.geoip.database = Some(db.display().to_string());
         // TLS (issue 5): a per-World CA and certificates; each edge gets its own HTTPS port.
         meridian_gateway::tls::install_crypto_provider();
@@ -109,7 +88,13 @@ impl World {
             dns.listen = "127.0.0.1:0".into();
         }
         let config_service = follow.then(|| {
-            let service = ConfigService::start(&runtime, &dir.path().join("config-store"));
+            let service = ConfigService::start(
+                &runtime,
+                &dir.path().join("config-store"),
+                SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+                "test-token",
+            )
+            .expect("config service");
             let document = toml::to_string(&config).expect("config serializes");
             runtime
                 .block_on(service.client().push(&document, "test", "version 1", None))
@@ -359,61 +344,6 @@ fn start_edge(
         base_dir: None,
     })
     .expect("edge starts")
-}
-
-/// An in-process `meridian config-server` on an ephemeral port.
-pub struct ConfigService {
-    pub addr: SocketAddr,
-    pub token: String,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl ConfigService {
-    pub fn start(runtime: &tokio::runtime::Runtime, dir: &std::path::Path) -> ConfigService {
-        let store = meridian_config_service::ConfigStore::open(dir).expect("config store");
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind config service");
-        let addr = listener.local_addr().expect("addr");
-        let token = "test-token".to_string();
-        let state = Arc::new(meridian_config_service::ServiceState::new(
-            store,
-            token.clone(),
-        ));
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let task = runtime.spawn(async move {
-            let shutdown = async move {
-                let _ = stopped.await;
-            };
-            let _ = meridian_config_service::serve(listener, state, shutdown).await;
-        });
-        ConfigService {
-            addr,
-            token,
-            stop: Some(stop),
-            task: Some(task),
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    pub fn client(&self) -> meridian_config_service::ConfigClient {
-        meridian_config_service::ConfigClient::new(&self.url(), Some(self.token.clone()))
-            .expect("client")
-    }
-
-    /// Stops the service (its port stops answering) and waits for it to finish.
-    pub fn stop(&mut self, runtime: &tokio::runtime::Runtime) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(task) = self.task.take() {
-            let _ = runtime.block_on(task);
-        }
-    }
 }
 
 /// A client address in `country` of the test world; `"??"` gives 127.0.0.1 (unknown location).

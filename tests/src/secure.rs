@@ -9,7 +9,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use meridian_config::{Config, TlsCertificate};
-use meridian_gateway::tls::devcerts::DevCa;
+use meridian_testkit::devcerts::DevCa;
 use tokio::net::TcpSocket;
 
 use crate::client::Reply;

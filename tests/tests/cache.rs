@@ -5,7 +5,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use meridian_config::{Config, HumanDuration, RouteCache};
-use meridian_gateway::origin::pattern_body;
+use meridian_testkit::origin::pattern_body;
 use meridian_tests::{local_config, metric_value, source_for, Client, Protocol, Reply, World};
 
 const HOST: &str = "static.example.test";

@@ -335,7 +335,7 @@ fn a_pop_health_failure_moves_answers_and_recovery_brings_them_back() {
     let probes = tokio::runtime::Runtime::new().expect("runtime");
     let (_stop, stop_rx) = tokio::sync::watch::channel(false);
     let health = probes
-        .block_on(meridian_gateway::origin::spawn(
+        .block_on(meridian_testkit::origin::spawn(
             "seoul-pop",
             "127.2.250.1:0".parse().expect("addr"),
             stop_rx,

@@ -421,7 +421,7 @@ fn ten_mib_upload_and_download_intact(protocol: Secure) {
     assert_eq!(reply.body.len(), TEN_MIB);
     assert_eq!(
         sha256_hex(&reply.body),
-        sha256_hex(&meridian_gateway::origin::pattern_body(TEN_MIB)),
+        sha256_hex(&meridian_testkit::origin::pattern_body(TEN_MIB)),
         "the download arrived intact"
     );
 }

@@ -6,8 +6,8 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use meridian_gateway::tls::devcerts::DevCa;
 use meridian_gateway::tls::{load_certified_key, CertTable, TlsError};
+use meridian_testkit::devcerts::DevCa;
 use meridian_tests::secure::{tcp_client_config, tls_connect};
 use meridian_tests::{local_config, source_for, World};
 

@@ -3,8 +3,6 @@
 //! [`Pipeline`], exactly as the TCP driver does: routing, limits, cache, inference, tries, edge
 //! answers, metrics and access logs are the pipeline's, so HTTP/3 behaves like h1/h2 by construction.
 
-pub mod client;
-
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;

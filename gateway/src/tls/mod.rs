@@ -6,7 +6,6 @@
 //! Pingora 0.9's rustls `TlsSettings::set_cert_resolver` accepts our resolver, so the TCP listener
 //! needs no fork or doc-hidden hook; the handshake metric comes from its post-handshake callback.
 
-pub mod devcerts;
 pub mod files;
 
 use std::any::Any;
@@ -334,7 +333,7 @@ mod tests {
     fn sni_lookup_prefers_exact_then_one_label_wildcard_then_default() {
         install_crypto_provider();
         let dir = tempfile::tempdir().expect("tempdir");
-        let ca = devcerts::DevCa::new("unit").expect("ca");
+        let ca = meridian_testkit::devcerts::DevCa::new("unit").expect("ca");
         let mut section = TlsSection::default();
         for (name, hosts, default) in [
             ("exact", vec!["a.example.test"], false),

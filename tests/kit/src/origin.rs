@@ -1,6 +1,7 @@
 //! Simulated regional origins for the demo and the tests: each answers JSON describing the request it
 //! saw, and can be told to go down (refuse connections), come back up, or answer slowly.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use http_body_util::BodyExt;
 use hyper::{Request, StatusCode};
+use meridian_config::Config;
 use tokio::net::{TcpListener, TcpSocket};
 use tokio::sync::watch;
 
@@ -27,7 +29,7 @@ pub struct OriginControl {
     /// `/healthz` alternates pass/fail on each probe (a flapping origin).
     flap_health: std::sync::atomic::AtomicBool,
     health_probes: AtomicU64,
-    /// The OpenAI-compatible model server on this origin (issue 8, `model_server.rs`).
+    /// The OpenAI-compatible model server on this origin (`model_server.rs`).
     pub model: Arc<crate::model_server::ModelControl>,
 }
 
@@ -65,6 +67,44 @@ impl OriginControl {
     pub fn health_probes(&self) -> u64 {
         self.health_probes.load(Ordering::Relaxed)
     }
+}
+
+/// Origins of each region, by region name.
+pub type Origins = BTreeMap<String, Vec<Arc<OriginControl>>>;
+
+/// Starts an origin for every upstream of every region of `config`. With `ephemeral_ports`, each
+/// binds its upstream's IP on a port the kernel picks and `config` is rewritten to the live
+/// addresses, so parallel test processes do not collide; otherwise each binds the address as
+/// written (the demo, whose tour names them).
+pub async fn spawn_for(
+    config: &mut Config,
+    ephemeral_ports: bool,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<Origins> {
+    let mut origins = Origins::new();
+    for region in &mut config.regions {
+        for upstream in &mut region.upstreams {
+            let wanted: SocketAddr = upstream.address.parse().map_err(|_| {
+                std::io::Error::other(format!(
+                    "upstream {:?} of {} is no socket address",
+                    upstream.address, region.name
+                ))
+            })?;
+            let bind = match ephemeral_ports {
+                true => SocketAddr::new(wanted.ip(), 0),
+                false => wanted,
+            };
+            let control = spawn(&region.name, bind, stop.clone()).await.map_err(|e| {
+                std::io::Error::new(e.kind(), format!("origin {bind} of {}: {e}", region.name))
+            })?;
+            upstream.address = control.address.to_string();
+            origins
+                .entry(region.name.clone())
+                .or_default()
+                .push(control);
+        }
+    }
+    Ok(origins)
 }
 
 /// Binds `address` now (so the caller knows it is listening) and serves until `stop`.
@@ -130,7 +170,7 @@ async fn run(control: Arc<OriginControl>, first: TcpListener, mut stop: watch::R
             move |req| {
                 let control = Arc::clone(&handler_control);
                 async move {
-                    // Model calls go to the simulated model server (issue 8), the rest as before.
+                    // Model calls go to the simulated model server, everything else to `handle`.
                     if crate::model_server::is_model_call(&req) && control.is_up() {
                         let (model, region) = (Arc::clone(&control.model), control.region.clone());
                         crate::model_server::handle(model, region, req).await

@@ -1,4 +1,4 @@
-//! Simulated OpenAI-compatible model servers (issue 8), served by every simulated origin on
+//! Simulated OpenAI-compatible model servers, served by every simulated origin on
 //! `POST /v1/chat/completions`, `/v1/completions` and `/v1/embeddings`.
 //!
 //! - `stream: true`: Server-Sent Events, one `data:` event per token at the configured interval,
