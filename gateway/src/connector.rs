@@ -1,34 +1,42 @@
 //! The one upstream connector: every path that talks to origins (the TCP and HTTP/3 fronts' tries,
-//! model calls, background cache refresh) sends through it. HTTP/1.1 to region upstreams, one
-//! keep-alive pool per worker thread (no lock, no cross-thread traffic on the request path: a
-//! connection is reused by the thread whose runtime drives it), explicit connect/read/write
-//! timeouts, the connect time for the access log, and errors that say whether the upstream may
-//! have seen the request (only a connect failure is always safe to retry elsewhere).
+//! model calls, background cache refresh) sends through it.
+//!
+//! HTTP/1.1 to region upstreams, driven entirely inside the request's own task: the request is
+//! written and the response read on the socket directly, with no connection task, channel or
+//! wake-up between tasks per request (what a general-purpose client pays). One keep-alive pool per
+//! worker thread (no lock, no cross-thread traffic: a connection is reused by the thread that
+//! made it), explicit connect/read/write timeouts, the connect time for the access log, and errors
+//! that say whether the upstream may have seen the request (only a connect failure is always safe
+//! to retry elsewhere). A pooled connection the upstream closed while idle is noticed on use and
+//! the request goes out again on a fresh one, when nothing of it can have been processed.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
-use http_body_util::BodyExt;
-use hyper::body::{Frame, Incoming, SizeHint};
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
+use bytes::{Buf, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-type Sender = SendRequest<UpstreamBody>;
+/// Largest response head accepted from an upstream.
+const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+/// Most headers in an upstream response head.
+const MAX_RESPONSE_HEADERS: usize = 128;
+/// Read size for response bodies: large reads mean few syscalls and few chunks to relay.
+const READ_CHUNK: usize = 64 * 1024;
+/// Whole request bodies up to this size go out in the same write as the head.
+const COALESCE_BODY: usize = 16 * 1024;
 
 /// A request body for the upstream hop: whole bytes (replayable on any number of tries), or a
 /// buffered head followed by chunks still arriving from the client. A streamed body can be
 /// replayed on another try only while none of its streamed chunks has been taken.
 pub struct UpstreamBody {
-    head: Option<Bytes>,
+    head: Bytes,
     rest: Option<Arc<BodyFeed>>,
 }
 
@@ -65,12 +73,33 @@ impl BodyFeed {
     pub fn client_failed(&self) -> bool {
         self.client_failed.load(Ordering::Acquire)
     }
+
+    /// The next streamed chunk; `None` at the end of the client's body.
+    async fn next(&self) -> Option<Result<Bytes, std::io::Error>> {
+        let item = std::future::poll_fn(|cx| {
+            let mut chunks = self.chunks.lock().unwrap_or_else(|p| p.into_inner());
+            chunks.poll_recv(cx)
+        })
+        .await;
+        match &item {
+            Some(Ok(chunk)) => {
+                self.consumed.store(true, Ordering::Release);
+                self.sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+            Some(Err(_)) => {
+                self.consumed.store(true, Ordering::Release);
+                self.client_failed.store(true, Ordering::Release);
+            }
+            None => {}
+        }
+        item
+    }
 }
 
 impl UpstreamBody {
     pub fn full(bytes: Bytes) -> Self {
         Self {
-            head: Some(bytes),
+            head: bytes,
             rest: None,
         }
     }
@@ -78,89 +107,14 @@ impl UpstreamBody {
     /// `head` (already read from the client) followed by whatever `feed` delivers.
     pub fn streamed(head: Bytes, feed: &Arc<BodyFeed>) -> Self {
         Self {
-            head: Some(head),
+            head,
             rest: Some(Arc::clone(feed)),
         }
     }
 
-    fn progress(&self) -> Option<Arc<BodyFeed>> {
-        self.rest.clone()
-    }
-}
-
-impl hyper::body::Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = std::io::Error;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
-        if let Some(head) = self.head.take().filter(|h| !h.is_empty()) {
-            return Poll::Ready(Some(Ok(Frame::data(head))));
-        }
-        let Some(feed) = self.rest.as_ref() else {
-            return Poll::Ready(None);
-        };
-        let mut chunks = feed.chunks.lock().unwrap_or_else(|p| p.into_inner());
-        match chunks.poll_recv(cx) {
-            Poll::Ready(Some(Ok(chunk))) => {
-                feed.consumed.store(true, Ordering::Release);
-                feed.sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
-                Poll::Ready(Some(Ok(Frame::data(chunk))))
-            }
-            Poll::Ready(Some(Err(e))) => {
-                feed.consumed.store(true, Ordering::Release);
-                feed.client_failed.store(true, Ordering::Release);
-                Poll::Ready(Some(Err(e)))
-            }
-            Poll::Ready(None) => {
-                drop(chunks);
-                self.rest = None;
-                Poll::Ready(None)
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.rest.is_none() && self.head.as_ref().is_none_or(|h| h.is_empty())
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let head = self.head.as_ref().map_or(0, |h| h.len() as u64);
-        match self.rest {
-            None => SizeHint::with_exact(head),
-            Some(_) => {
-                let mut hint = SizeHint::new();
-                hint.set_lower(head);
-                hint
-            }
-        }
-    }
-}
-
-/// Waits for `send` (the request going out and the response head coming back) until `read`
-/// passes without progress: a streamed body that keeps moving keeps the try alive, as a
-/// per-read timeout does on the TCP front.
-async fn within_read_timeout<F: std::future::Future>(
-    read: Duration,
-    progress: Option<&BodyFeed>,
-    send: F,
-) -> Result<F::Output, ()> {
-    tokio::pin!(send);
-    let mut last = progress.map(|p| p.sent.load(Ordering::Relaxed));
-    loop {
-        match tokio::time::timeout(read, &mut send).await {
-            Ok(output) => return Ok(output),
-            Err(_) => {
-                let now = progress.map(|p| p.sent.load(Ordering::Relaxed));
-                if now == last {
-                    return Err(());
-                }
-                last = now;
-            }
-        }
+    /// Can this body still go out again (on a fresh connection)?
+    fn replayable(&self) -> bool {
+        self.rest.as_ref().is_none_or(|feed| !feed.is_consumed())
     }
 }
 
@@ -188,12 +142,12 @@ impl UpstreamError {
         matches!(self, UpstreamError::Connect { .. })
     }
 
-    /// The connection was refused (as Pingora's `ConnectRefused`).
+    /// The connection was refused.
     pub fn is_refused(&self) -> bool {
         matches!(self, UpstreamError::Connect { refused: true, .. })
     }
 
-    /// A connect or response timeout.
+    /// A connect, read or write timeout.
     pub fn is_timeout(&self) -> bool {
         matches!(
             self,
@@ -226,14 +180,18 @@ impl Timeouts {
     }
 }
 
-/// Idle connections of this worker thread, per upstream address.
-type Pool = HashMap<SocketAddr, Vec<Sender>>;
-
-thread_local! {
-    static IDLE: RefCell<Pool> = RefCell::new(HashMap::new());
+/// One kept-alive connection to an upstream, with what was read past the last response.
+struct Conn {
+    stream: tokio::net::TcpStream,
+    buf: BytesMut,
 }
 
-/// The connector every front and background task shares. Cheap to clone into tasks.
+thread_local! {
+    /// Idle connections of this worker thread, per upstream address.
+    static IDLE: RefCell<HashMap<SocketAddr, Vec<Conn>>> = RefCell::new(HashMap::new());
+}
+
+/// The connector every front and background task shares. Cheap to copy into tasks.
 #[derive(Clone, Copy, Debug)]
 pub struct Connector {
     max_idle_per_upstream: usize,
@@ -245,6 +203,18 @@ impl Default for Connector {
     }
 }
 
+/// How one attempt on one connection ended, when it did not produce a response head.
+enum Attempt {
+    /// The connection was closed before any byte of a response came back (on a kept-alive
+    /// connection: the upstream closed it while idle). `written`: the request went out first.
+    /// The request may go out again on a fresh connection if nothing of it was written, or if
+    /// it may be sent twice (idempotent).
+    Stale {
+        written: bool,
+    },
+    Failed(UpstreamError),
+}
+
 impl Connector {
     pub fn new(max_idle_per_upstream: usize) -> Self {
         Self {
@@ -252,104 +222,76 @@ impl Connector {
         }
     }
 
-    /// Sends `request` (origin-form URI, `Host` set by the caller) to `addr`.
+    /// Sends `request` (origin-form URI, `Host` set by the caller) to `addr` and reads the
+    /// response head; the body follows through [`UpstreamResponse::next_chunk`].
     pub async fn send(
         &self,
         addr: SocketAddr,
         request: http::Request<UpstreamBody>,
         timeouts: Timeouts,
     ) -> Result<UpstreamResponse, UpstreamError> {
-        let progress = request.body().progress();
-        let progress = progress.as_deref();
-        let mut request = request;
-        // A pooled connection may have been closed by the upstream meanwhile: hyper hands the
-        // request back when it was not sent, and we try the next one, then a fresh connection.
-        while let Some(mut sender) = checkout(addr) {
-            if sender.ready().await.is_err() {
-                continue;
-            }
-            let sent =
-                within_read_timeout(timeouts.read, progress, sender.try_send_request(request))
-                    .await
-                    .map_err(|()| UpstreamError::Timeout { addr })?;
-            match sent {
+        let (parts, body) = request.into_parts();
+        let head = encode_head(&parts, &body);
+        let head_request = parts.method == Method::HEAD;
+        let idempotent = parts.method.is_idempotent();
+        while let Some(mut conn) = checkout(addr) {
+            match exchange(&mut conn, addr, &head, &body, head_request, timeouts).await {
                 Ok(response) => {
-                    return Ok(self.wrap(addr, sender, response, timeouts, Duration::ZERO))
+                    return Ok(self.wrap(conn, addr, response, timeouts, Duration::ZERO));
                 }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => request = unsent,
-                    None => return Err(failed(addr, e.into_error(), timeouts)),
-                },
+                Err(Attempt::Stale { written })
+                    if body.replayable() && (!written || idempotent) =>
+                {
+                    continue
+                }
+                Err(Attempt::Stale { .. }) => {
+                    return Err(UpstreamError::Failed {
+                        addr,
+                        message: "kept-alive connection closed by the upstream".into(),
+                    })
+                }
+                Err(Attempt::Failed(e)) => return Err(e),
             }
         }
-        let connect_started = Instant::now();
-        let mut sender = connect(addr, timeouts).await?;
-        let connect = connect_started.elapsed();
-        let response = within_read_timeout(timeouts.read, progress, sender.send_request(request))
-            .await
-            .map_err(|()| UpstreamError::Timeout { addr })?
-            .map_err(|e| failed(addr, e, timeouts))?;
-        Ok(self.wrap(addr, sender, response, timeouts, connect))
+        let started = Instant::now();
+        let mut conn = connect(addr, timeouts.connect).await?;
+        let connect = started.elapsed();
+        match exchange(&mut conn, addr, &head, &body, head_request, timeouts).await {
+            Ok(response) => Ok(self.wrap(conn, addr, response, timeouts, connect)),
+            Err(Attempt::Stale { .. }) => Err(UpstreamError::Failed {
+                addr,
+                message: "connection closed before a response".into(),
+            }),
+            Err(Attempt::Failed(e)) => Err(e),
+        }
     }
 
     fn wrap(
         &self,
+        conn: Conn,
         addr: SocketAddr,
-        sender: Sender,
-        response: http::Response<Incoming>,
+        (head, framing, reusable): (http::response::Parts, Framing, bool),
         timeouts: Timeouts,
         connect: Duration,
     ) -> UpstreamResponse {
-        let (head, body) = response.into_parts();
         UpstreamResponse {
             head,
-            body,
             addr,
             connect,
             read_timeout: timeouts.read,
-            conn: Some(sender),
+            framing,
+            reusable,
+            conn: Some(conn),
             max_idle: self.max_idle_per_upstream,
         }
     }
 }
 
-/// A hyper error after the connection was made: a blocked write that hit `timeouts.write` is a
-/// timeout (the upstream stopped reading), anything else a failure.
-fn failed(addr: SocketAddr, e: hyper::Error, _timeouts: Timeouts) -> UpstreamError {
-    let timed_out = std::error::Error::source(&e)
-        .and_then(|s| s.downcast_ref::<std::io::Error>())
-        .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut);
-    if timed_out {
-        UpstreamError::Timeout { addr }
-    } else {
-        UpstreamError::Failed {
-            addr,
-            message: e.to_string(),
-        }
-    }
+fn checkout(addr: SocketAddr) -> Option<Conn> {
+    IDLE.with(|idle| idle.borrow_mut().get_mut(&addr)?.pop())
 }
 
-fn checkout(addr: SocketAddr) -> Option<Sender> {
-    IDLE.with(|idle| {
-        let mut idle = idle.borrow_mut();
-        let list = idle.get_mut(&addr)?;
-        while let Some(sender) = list.pop() {
-            if !sender.is_closed() {
-                return Some(sender);
-            }
-        }
-        None
-    })
-}
-
-async fn connect(addr: SocketAddr, timeouts: Timeouts) -> Result<Sender, UpstreamError> {
-    let limit = timeouts.connect;
-    let connect_error = |message: String| UpstreamError::Connect {
-        addr,
-        message,
-        refused: false,
-        timed_out: false,
-    };
+async fn connect(addr: SocketAddr, limit: Duration) -> Result<Conn, UpstreamError> {
     let stream = tokio::time::timeout(limit, tokio::net::TcpStream::connect(addr))
         .await
         .map_err(|_| UpstreamError::Connect {
@@ -365,165 +307,681 @@ async fn connect(addr: SocketAddr, timeouts: Timeouts) -> Result<Sender, Upstrea
             timed_out: false,
         })?;
     let _ = stream.set_nodelay(true);
-    let stream = WriteTimeout::new(stream, timeouts.write);
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    Ok(Conn {
+        stream,
+        buf: BytesMut::new(),
+    })
+}
+
+/// The request head as HTTP/1.1 bytes. Whole bodies get their exact `Content-Length`; streamed
+/// ones keep the client's declared length, else go chunked.
+fn encode_head(parts: &http::request::Parts, body: &UpstreamBody) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + parts.headers.len() * 48);
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(
+        parts
+            .uri
+            .path_and_query()
+            .map_or("/", |p| p.as_str())
+            .as_bytes(),
+    );
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let streamed = body.rest.is_some();
+    let declared = parts.headers.contains_key(http::header::CONTENT_LENGTH);
+    for (name, value) in &parts.headers {
+        if name == http::header::CONTENT_LENGTH && !streamed {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if streamed {
+        if !declared {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+    } else if !body.head.is_empty() || expects_body(&parts.method) {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(body.head.len().to_string().as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out
+}
+
+/// Methods whose empty body is still announced (`Content-Length: 0`), as origins expect.
+fn expects_body(method: &Method) -> bool {
+    matches!(*method, Method::POST | Method::PUT | Method::PATCH)
+}
+
+/// Writes the request and reads the response head, within the read timeout (which a streamed
+/// body that keeps moving extends, as per-read timeouts would). The head is read while the body
+/// is still being written: an upstream may answer (and stop reading) before the body ends, or
+/// answer as soon as it has read enough of a streamed body.
+async fn exchange(
+    conn: &mut Conn,
+    addr: SocketAddr,
+    head: &[u8],
+    body: &UpstreamBody,
+    head_request: bool,
+    timeouts: Timeouts,
+) -> Result<(http::response::Parts, Framing, bool), Attempt> {
+    let progress = body.rest.clone();
+    let Conn { stream, buf } = conn;
+    let (mut reader, mut writer) = stream.split();
+    let work = async {
+        let write = write_request(&mut writer, addr, head, body, timeouts.write);
+        let read = read_head(&mut reader, buf, addr, head_request);
+        tokio::pin!(write);
+        tokio::pin!(read);
+        // Some(true): the whole request went out; Some(false): writing failed part-way.
+        let mut written: Option<bool> = None;
+        loop {
+            tokio::select! {
+                result = &mut write, if written.is_none() => match result {
+                    Ok(()) => written = Some(true),
+                    // Nothing went out: the connection was closed while idle.
+                    Err(Attempt::Stale { written: false }) => {
+                        return Err(Attempt::Stale { written: false })
+                    }
+                    // The upstream stopped reading the request (`timeouts.write`), or the
+                    // client's body broke off: nothing more will come of this exchange.
+                    Err(e) if matches!(e, Attempt::Failed(UpstreamError::Timeout { .. }))
+                        || body.rest.as_ref().is_some_and(|feed| feed.client_failed()) =>
+                    {
+                        return Err(e)
+                    }
+                    // The upstream may have answered and closed: read what it said.
+                    Err(_) => written = Some(false),
+                },
+                result = &mut read => {
+                    let (parts, framing, reusable) = result?;
+                    // A connection whose request was not fully written is never reused.
+                    return Ok((parts, framing, reusable && written == Some(true)));
+                }
+            }
+        }
+    };
+    within_read_timeout(timeouts.read, progress.as_deref(), work)
         .await
-        .map_err(|e| connect_error(e.to_string()))?;
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!("upstream connection {addr}: {e}");
-        }
-    });
-    Ok(sender)
+        .unwrap_or(Err(Attempt::Failed(UpstreamError::Timeout { addr })))
 }
 
-/// A socket whose writes fail with `TimedOut` once one stays blocked for `limit`: an upstream
-/// that stops reading the request cannot hold the try (and the client) forever.
-struct WriteTimeout {
-    stream: tokio::net::TcpStream,
+async fn write_request<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    addr: SocketAddr,
+    head: &[u8],
+    body: &UpstreamBody,
+    write_timeout: Duration,
+) -> Result<(), Attempt> {
+    // Nothing written yet on a reused connection: a failure here means it was closed while idle.
+    let first = if body.head.len() <= COALESCE_BODY && body.rest.is_none() {
+        let mut out = Vec::with_capacity(head.len() + body.head.len());
+        out.extend_from_slice(head);
+        out.extend_from_slice(&body.head);
+        write_all(w, addr, &out, write_timeout).await
+    } else {
+        write_all(w, addr, head, write_timeout).await
+    };
+    match first {
+        Ok(()) => {}
+        Err(Attempt::Failed(UpstreamError::Failed { .. })) => {
+            return Err(Attempt::Stale { written: false })
+        }
+        Err(e) => return Err(e),
+    }
+    let chunked = body.rest.is_some() && !head_declares_length(head);
+    if body.head.len() > COALESCE_BODY || (body.rest.is_some() && !body.head.is_empty()) {
+        write_body_chunk(w, addr, &body.head, chunked, write_timeout).await?;
+    }
+    let Some(feed) = body.rest.clone() else {
+        return Ok(());
+    };
+    loop {
+        match feed.next().await {
+            Some(Ok(chunk)) => write_body_chunk(w, addr, &chunk, chunked, write_timeout).await?,
+            Some(Err(e)) => {
+                return Err(Attempt::Failed(UpstreamError::Failed {
+                    addr,
+                    message: format!("request body: {e}"),
+                }))
+            }
+            None => break,
+        }
+    }
+    if chunked {
+        write_all(w, addr, b"0\r\n\r\n", write_timeout).await?;
+    }
+    Ok(())
+}
+
+fn head_declares_length(head: &[u8]) -> bool {
+    head.windows(16)
+        .any(|w| w.eq_ignore_ascii_case(b"content-length: "))
+}
+
+async fn write_body_chunk<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    addr: SocketAddr,
+    chunk: &[u8],
+    chunked: bool,
+    write_timeout: Duration,
+) -> Result<(), Attempt> {
+    if chunk.is_empty() {
+        return Ok(());
+    }
+    if chunked {
+        let size = format!("{:x}\r\n", chunk.len());
+        write_all(w, addr, size.as_bytes(), write_timeout).await?;
+        write_all(w, addr, chunk, write_timeout).await?;
+        write_all(w, addr, b"\r\n", write_timeout).await
+    } else {
+        write_all(w, addr, chunk, write_timeout).await
+    }
+}
+
+/// A write that fails once it has been blocked for `limit` (the upstream stopped reading).
+async fn write_all<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    addr: SocketAddr,
+    bytes: &[u8],
     limit: Duration,
-    blocked_since: Option<Pin<Box<tokio::time::Sleep>>>,
-}
-
-impl WriteTimeout {
-    fn new(stream: tokio::net::TcpStream, limit: Duration) -> Self {
-        Self {
-            stream,
-            limit,
-            blocked_since: None,
+) -> Result<(), Attempt> {
+    let mut written = 0;
+    while written < bytes.len() {
+        match tokio::time::timeout(limit, w.write(&bytes[written..])).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return Err(Attempt::Failed(UpstreamError::Failed {
+                    addr,
+                    message: "connection closed while sending the request".into(),
+                }))
+            }
+            Ok(Ok(n)) => written += n,
+            Err(_) => return Err(Attempt::Failed(UpstreamError::Timeout { addr })),
         }
     }
+    Ok(())
+}
 
-    /// Called when a write is pending: arms the timer, or fails once it fired.
-    fn poll_blocked(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
-        let limit = self.limit;
-        let timer = self
-            .blocked_since
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        match timer.as_mut().poll(cx) {
-            Poll::Ready(()) => Poll::Ready(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("upstream did not read the request for {limit:?} (timeouts.write)"),
-            )),
-            Poll::Pending => Poll::Pending,
+/// Reads until a whole final response head is buffered (1xx interim responses are skipped).
+async fn read_head<R: tokio::io::AsyncRead + Unpin>(
+    r: &mut R,
+    buf: &mut BytesMut,
+    addr: SocketAddr,
+    head_request: bool,
+) -> Result<(http::response::Parts, Framing, bool), Attempt> {
+    let mut received_any = !buf.is_empty();
+    loop {
+        if let Some((parts, framing, reusable, used)) = parse_head(buf, head_request, addr)? {
+            buf.advance(used);
+            if parts.status.is_informational() && parts.status != StatusCode::SWITCHING_PROTOCOLS {
+                continue;
+            }
+            return Ok((parts, framing, reusable));
         }
-    }
-}
-
-impl tokio::io::AsyncRead for WriteTimeout {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl tokio::io::AsyncWrite for WriteTimeout {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.stream).poll_write(cx, buf) {
-            Poll::Pending => self.poll_blocked(cx).map(Err),
-            ready => {
-                self.blocked_since = None;
-                ready
+        if buf.len() >= MAX_RESPONSE_HEAD {
+            return Err(Attempt::Failed(UpstreamError::Failed {
+                addr,
+                message: "response head too large".into(),
+            }));
+        }
+        buf.reserve(READ_CHUNK);
+        match r.read_buf(buf).await {
+            Ok(0) | Err(_) if !received_any => return Err(Attempt::Stale { written: true }),
+            Ok(0) => {
+                return Err(Attempt::Failed(UpstreamError::Failed {
+                    addr,
+                    message: "connection closed in the response head".into(),
+                }))
+            }
+            Ok(_) => received_any = true,
+            Err(e) => {
+                return Err(Attempt::Failed(UpstreamError::Failed {
+                    addr,
+                    message: e.to_string(),
+                }))
             }
         }
     }
+}
 
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match Pin::new(&mut self.stream).poll_write_vectored(cx, bufs) {
-            Poll::Pending => self.poll_blocked(cx).map(Err),
-            ready => {
-                self.blocked_since = None;
-                ready
+type ParsedHead = (http::response::Parts, Framing, bool, usize);
+
+fn parse_head(
+    buf: &[u8],
+    head_request: bool,
+    addr: SocketAddr,
+) -> Result<Option<ParsedHead>, Attempt> {
+    let failed = |message: String| Attempt::Failed(UpstreamError::Failed { addr, message });
+    let mut raw = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
+    let mut response = httparse::Response::new(&mut raw);
+    let used = match response.parse(buf) {
+        Ok(httparse::Status::Complete(used)) => used,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(failed(format!("invalid response head: {e}"))),
+    };
+    let status = response
+        .code
+        .and_then(|c| StatusCode::from_u16(c).ok())
+        .ok_or_else(|| failed("invalid status".into()))?;
+    let mut headers = HeaderMap::with_capacity(response.headers.len());
+    for h in response.headers.iter() {
+        let name = HeaderName::from_bytes(h.name.as_bytes())
+            .map_err(|_| failed(format!("invalid header name {:?}", h.name)))?;
+        let value = HeaderValue::from_bytes(h.value)
+            .map_err(|_| failed(format!("invalid value of {name}")))?;
+        headers.append(name, value);
+    }
+    let http11 = response.version == Some(1);
+    let close = headers
+        .get_all(http::header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("close"));
+    let framing = if head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+    {
+        Framing::Done
+    } else if headers
+        .get_all(http::header::TRANSFER_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .next_back()
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
+    {
+        Framing::Chunked(ChunkState::Size)
+    } else if let Some(length) = content_length(&headers).map_err(failed)? {
+        if length == 0 {
+            Framing::Done
+        } else {
+            Framing::Length(length)
+        }
+    } else {
+        Framing::UntilClose
+    };
+    let reusable = http11 && !close && !matches!(framing, Framing::UntilClose);
+    let mut parts = http::Response::new(()).into_parts().0;
+    parts.status = status;
+    parts.version = if http11 {
+        http::Version::HTTP_11
+    } else {
+        http::Version::HTTP_10
+    };
+    parts.headers = headers;
+    Ok(Some((parts, framing, reusable, used)))
+}
+
+/// `Content-Length`, when present: every value the same number (RFC 9110 §8.6), else an error.
+fn content_length(headers: &HeaderMap) -> Result<Option<u64>, String> {
+    let mut found = None;
+    for value in headers.get_all(http::header::CONTENT_LENGTH) {
+        for part in value.to_str().unwrap_or("x").split(',') {
+            let n: u64 = part
+                .trim()
+                .parse()
+                .map_err(|_| "invalid content-length".to_string())?;
+            if found.is_some_and(|f| f != n) {
+                return Err("conflicting content-length".into());
+            }
+            found = Some(n);
+        }
+    }
+    Ok(found)
+}
+
+/// How the rest of a response body is delimited.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Framing {
+    /// No (more) body.
+    Done,
+    /// This many bytes still to come.
+    Length(u64),
+    Chunked(ChunkState),
+    /// Until the upstream closes the connection (never reused).
+    UntilClose,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ChunkState {
+    /// Expecting a chunk-size line.
+    Size,
+    /// This many data bytes of the current chunk left, then its CRLF.
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer lines until an empty one.
+    Trailers,
+}
+
+/// Waits for `work` until `read` passes without progress: a streamed request body that keeps
+/// moving keeps the try alive.
+async fn within_read_timeout<F: Future>(
+    read: Duration,
+    progress: Option<&BodyFeed>,
+    work: F,
+) -> Option<F::Output> {
+    tokio::pin!(work);
+    let mut last = progress.map(|p| p.sent.load(Ordering::Relaxed));
+    loop {
+        match tokio::time::timeout(read, &mut work).await {
+            Ok(output) => return Some(output),
+            Err(_) => {
+                let now = progress.map(|p| p.sent.load(Ordering::Relaxed));
+                if now == last {
+                    return None;
+                }
+                last = now;
             }
         }
     }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
 }
 
-/// A response head and its streaming body; the connection returns to the pool once the body has
-/// been read to the end.
+/// A response head and its streaming body; the connection returns to this thread's pool once the
+/// body has been read to its end.
 pub struct UpstreamResponse {
     pub head: http::response::Parts,
-    body: Incoming,
     addr: SocketAddr,
     /// Time to establish the connection (zero for a pooled one).
     pub connect: Duration,
     read_timeout: Duration,
-    conn: Option<Sender>,
+    framing: Framing,
+    reusable: bool,
+    conn: Option<Conn>,
     max_idle: usize,
 }
 
 impl UpstreamResponse {
     /// The response has no body at all (HEAD, 204, 304, `Content-Length: 0`).
     pub fn body_is_empty(&self) -> bool {
-        hyper::body::Body::is_end_stream(&self.body)
+        self.framing == Framing::Done
     }
 
     /// The next body chunk; `None` at the end (trailers are dropped).
     pub async fn next_chunk(&mut self) -> Result<Option<Bytes>, UpstreamError> {
         loop {
-            let frame = tokio::time::timeout(self.read_timeout, self.body.frame())
-                .await
-                .map_err(|_| UpstreamError::Timeout { addr: self.addr })?;
-            match frame {
-                None => {
-                    self.release();
-                    return Ok(None);
-                }
-                Some(Err(e)) => {
-                    self.conn = None;
-                    return Err(UpstreamError::Failed {
-                        addr: self.addr,
-                        message: e.to_string(),
-                    });
-                }
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        if !data.is_empty() {
-                            return Ok(Some(data));
-                        }
-                    }
-                }
+            if let Some(chunk) = self.take_buffered()? {
+                return Ok(Some(chunk));
+            }
+            if self.framing == Framing::Done {
+                self.release();
+                return Ok(None);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Decodes what is buffered: a chunk of body bytes, or `None` when more must be read (or the
+    /// body is done).
+    fn take_buffered(&mut self) -> Result<Option<Bytes>, UpstreamError> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(None);
+        };
+        decode(&mut self.framing, &mut conn.buf).map_err(|message| UpstreamError::Failed {
+            addr: self.addr,
+            message: message.into(),
+        })
+    }
+
+    /// Reads more of the body within the read timeout.
+    async fn fill(&mut self) -> Result<(), UpstreamError> {
+        let addr = self.addr;
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(UpstreamError::Failed {
+                addr,
+                message: "connection gone".into(),
+            });
+        };
+        conn.buf.reserve(READ_CHUNK);
+        let read = tokio::time::timeout(self.read_timeout, conn.stream.read_buf(&mut conn.buf))
+            .await
+            .map_err(|_| UpstreamError::Timeout { addr })?;
+        match read {
+            Ok(0) if self.framing == Framing::UntilClose => {
+                self.framing = Framing::Done;
+                self.conn = None;
+                Ok(())
+            }
+            Ok(0) => {
+                self.conn = None;
+                Err(UpstreamError::Failed {
+                    addr,
+                    message: "connection closed in the response body".into(),
+                })
+            }
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.conn = None;
+                Err(UpstreamError::Failed {
+                    addr,
+                    message: e.to_string(),
+                })
             }
         }
     }
 
     fn release(&mut self) {
-        let Some(sender) = self.conn.take() else {
+        let Some(mut conn) = self.conn.take() else {
             return;
         };
-        if sender.is_closed() {
+        // Bytes past the response mean the upstream sent more than it framed: never reuse.
+        if !self.reusable || !conn.buf.is_empty() {
             return;
         }
-        let max_idle = self.max_idle;
+        // An idle connection keeps no read buffer.
+        conn.buf = BytesMut::new();
+        let (addr, max_idle) = (self.addr, self.max_idle);
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
-            let list = idle.entry(self.addr).or_default();
+            let list = idle.entry(addr).or_default();
             if list.len() < max_idle {
-                list.push(sender);
+                list.push(conn);
             }
         });
+    }
+}
+
+/// The next piece of body in `buf` under `framing` (advancing both); `None` when more bytes must
+/// be read first, or the body is done.
+fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Option<Bytes>, &'static str> {
+    loop {
+        match *framing {
+            Framing::Done => return Ok(None),
+            Framing::Length(left) => {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let n = (left as usize).min(buf.len());
+                let chunk = buf.split_to(n).freeze();
+                *framing = match left - n as u64 {
+                    0 => Framing::Done,
+                    rest => Framing::Length(rest),
+                };
+                return Ok(Some(chunk));
+            }
+            Framing::UntilClose => {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                return Ok(Some(buf.split().freeze()));
+            }
+            Framing::Chunked(ChunkState::Size) => {
+                let Some(end) = find_crlf(buf) else {
+                    if buf.len() > 4096 {
+                        return Err("chunk size line too long");
+                    }
+                    return Ok(None);
+                };
+                let line = std::str::from_utf8(&buf[..end]).map_err(|_| "invalid chunk size")?;
+                let hex = line.split(';').next().unwrap_or("").trim();
+                let size = u64::from_str_radix(hex, 16).map_err(|_| "invalid chunk size")?;
+                buf.advance(end + 2);
+                *framing = Framing::Chunked(if size == 0 {
+                    ChunkState::Trailers
+                } else {
+                    ChunkState::Data(size)
+                });
+            }
+            Framing::Chunked(ChunkState::Data(left)) => {
+                if buf.is_empty() {
+                    return Ok(None);
+                }
+                let n = (left as usize).min(buf.len());
+                let chunk = buf.split_to(n).freeze();
+                *framing = Framing::Chunked(match left - n as u64 {
+                    0 => ChunkState::DataEnd,
+                    rest => ChunkState::Data(rest),
+                });
+                return Ok(Some(chunk));
+            }
+            Framing::Chunked(ChunkState::DataEnd) => {
+                if buf.len() < 2 {
+                    return Ok(None);
+                }
+                if &buf[..2] != b"\r\n" {
+                    return Err("missing CRLF after chunk data");
+                }
+                buf.advance(2);
+                *framing = Framing::Chunked(ChunkState::Size);
+            }
+            Framing::Chunked(ChunkState::Trailers) => {
+                let Some(end) = find_crlf(buf) else {
+                    if buf.len() > MAX_RESPONSE_HEAD {
+                        return Err("trailers too large");
+                    }
+                    return Ok(None);
+                };
+                buf.advance(end + 2);
+                if end == 0 {
+                    *framing = Framing::Done;
+                }
+            }
+        }
+    }
+}
+
+fn find_crlf(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\r\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 1))
+    }
+
+    fn drain(mut framing: Framing, buffered: &[u8]) -> (Vec<u8>, Framing) {
+        let mut buf = BytesMut::from(buffered);
+        let mut out = Vec::new();
+        while let Ok(Some(chunk)) = decode(&mut framing, &mut buf) {
+            out.extend_from_slice(&chunk);
+        }
+        (out, framing)
+    }
+
+    #[test]
+    fn chunked_bodies_decode_with_extensions_and_trailers() {
+        let (body, framing) = drain(
+            Framing::Chunked(ChunkState::Size),
+            b"5;ext=1\r\nhello\r\n7\r\n, world\r\n0\r\nx-trailer: 1\r\n\r\n",
+        );
+        assert_eq!(body, b"hello, world");
+        assert_eq!(framing, Framing::Done);
+        let (body, framing) = drain(Framing::Chunked(ChunkState::Size), b"5\r\nhel");
+        assert_eq!(body, b"hel");
+        assert_eq!(framing, Framing::Chunked(ChunkState::Data(2)));
+        let mut framing = Framing::Chunked(ChunkState::Size);
+        assert!(decode(&mut framing, &mut BytesMut::from(&b"zz\r\n"[..])).is_err());
+    }
+
+    #[test]
+    fn length_bodies_stop_at_their_length() {
+        let (body, framing) = drain(Framing::Length(3), b"abcdef");
+        assert_eq!(body, b"abc");
+        assert_eq!(framing, Framing::Done);
+    }
+
+    #[test]
+    fn response_heads_say_framing_and_reuse() {
+        let parse = |raw: &[u8], head: bool| {
+            parse_head(raw, head, addr())
+                .ok()
+                .flatten()
+                .map(|(p, f, reuse, used)| (p.status.as_u16(), f, reuse, used == raw.len()))
+        };
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", false),
+            Some((200, Framing::Length(5), true, true))
+        );
+        assert_eq!(
+            parse(
+                b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n",
+                false
+            ),
+            Some((200, Framing::Chunked(ChunkState::Size), true, true))
+        );
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", true),
+            Some((200, Framing::Done, true, true)),
+            "HEAD has no body"
+        );
+        assert_eq!(
+            parse(
+                b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 1\r\n\r\n",
+                false
+            ),
+            Some((200, Framing::Length(1), false, true))
+        );
+        assert_eq!(
+            parse(b"HTTP/1.0 200 OK\r\n\r\n", false),
+            Some((200, Framing::UntilClose, false, true))
+        );
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\ncontent-le", false),
+            None,
+            "partial"
+        );
+        assert!(parse_head(
+            b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\ncontent-length: 2\r\n\r\n",
+            false,
+            addr()
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn request_heads_frame_their_bodies() {
+        let request = |method: &str, body: UpstreamBody, declared: bool| {
+            let mut builder = http::Request::builder().method(method).uri("/p?q=1");
+            builder = builder.header("host", "h.test");
+            if declared {
+                builder = builder.header("content-length", "99");
+            }
+            let (parts, body) = builder.body(body).expect("request").into_parts();
+            String::from_utf8(encode_head(&parts, &body)).expect("utf8")
+        };
+        let get = request("GET", UpstreamBody::full(Bytes::new()), false);
+        assert_eq!(get, "GET /p?q=1 HTTP/1.1\r\nhost: h.test\r\n\r\n");
+        let post = request("POST", UpstreamBody::full(Bytes::from_static(b"abc")), true);
+        assert!(
+            post.ends_with("host: h.test\r\ncontent-length: 3\r\n\r\n"),
+            "{post}"
+        );
+        let (feed, _tx) = BodyFeed::channel();
+        let streamed = request("PUT", UpstreamBody::streamed(Bytes::new(), &feed), false);
+        assert!(
+            streamed.ends_with("transfer-encoding: chunked\r\n\r\n"),
+            "{streamed}"
+        );
+        let declared = request("PUT", UpstreamBody::streamed(Bytes::new(), &feed), true);
+        assert!(declared.contains("content-length: 99\r\n"), "{declared}");
+        assert!(!declared.contains("chunked"), "{declared}");
     }
 }
