@@ -487,6 +487,10 @@ pub struct DnsSection {
     pub health: DnsHealth,
     #[serde(default)]
     pub limits: DnsLimits,
+    /// UDP workers (one socket and thread each). 0: one per core for `meridian dns`, one inside
+    /// an edge.
+    #[serde(default)]
+    pub workers: usize,
 }
 
 fn default_dns_listen() -> String {

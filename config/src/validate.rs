@@ -670,6 +670,9 @@ fn validate_dns(pops: &[Pop], dns: Option<&DnsSection>, errors: &mut Errors) {
     if limits.tcp_idle_timeout.as_duration().is_zero() {
         errors.push("dns.limits.tcp_idle_timeout", "must be greater than 0");
     }
+    if dns.workers > 256 {
+        errors.push("dns.workers", "must be between 0 (one per core) and 256");
+    }
 }
 
 /// `http://host:port/path` (what the GeoDNS health prober can fetch: plain HTTP/1.1).

@@ -11,24 +11,26 @@ use meridian_config::Config;
 use meridian_geoip::GeoIp;
 use prometheus::{IntCounter, Registry};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 
 use super::answer::{self, Answer, Transport};
+use super::fast::RankCache;
 use super::health::{self, HealthUrl, PopHealth};
 use super::metrics::DnsMetrics;
+use super::udp;
 use super::zone::Zone;
 use super::DnsError;
 
 /// A compiled zone with the health flags and answer counters of its PoPs (same indices).
-struct Serving {
+pub(super) struct Serving {
     zone: Zone,
     health: Vec<Arc<AtomicBool>>,
     answers: Vec<IntCounter>,
 }
 
-struct Shared {
-    serving: ArcSwap<Serving>,
+pub(super) struct Shared {
+    pub(super) serving: ArcSwap<Serving>,
     health: PopHealth,
     metrics: DnsMetrics,
     geoip: Arc<GeoIp>,
@@ -74,15 +76,17 @@ impl RunningDns {
         let metrics = DnsMetrics::register(registry)?;
         let health = PopHealth::default();
         let serving = serving(zone, &health, &metrics);
-        let (udp, tcp) = bind(listen)?;
-        let addr = udp.local_addr().map_err(|source| DnsError::Listen {
+        // Standalone servers get one worker per core unless `[dns] workers` says otherwise.
+        let workers = match config.dns.as_ref().map_or(0, |d| d.workers) {
+            0 => udp_workers,
+            n => n,
+        }
+        .max(1);
+        let (udp, tcp) = bind(listen, workers)?;
+        let addr = tcp.local_addr().map_err(|source| DnsError::Listen {
             addr: listen.to_string(),
             source,
         })?;
-        let udp = Arc::new(UdpSocket::from_std(udp).map_err(|source| DnsError::Listen {
-            addr: addr.to_string(),
-            source,
-        })?);
         let tcp = TcpListener::from_std(tcp).map_err(|source| DnsError::Listen {
             addr: addr.to_string(),
             source,
@@ -95,12 +99,22 @@ impl RunningDns {
             reloaded: Notify::new(),
             listen,
         });
-        for _ in 0..udp_workers.max(1) {
-            tokio::spawn(serve_udp(
-                Arc::clone(&udp),
-                Arc::clone(&shared),
-                stop.clone(),
-            ));
+        let stopped = Arc::new(AtomicBool::new(false));
+        for (i, socket) in udp.into_iter().enumerate() {
+            udp::spawn(i, socket, Arc::downgrade(&shared), Arc::clone(&stopped)).map_err(
+                |source| DnsError::Listen {
+                    addr: addr.to_string(),
+                    source,
+                },
+            )?;
+        }
+        {
+            let mut stop = stop.clone();
+            let stopped = Arc::clone(&stopped);
+            tokio::spawn(async move {
+                let _ = stop.wait_for(|s| *s).await;
+                stopped.store(true, Ordering::Relaxed);
+            });
         }
         tokio::spawn(serve_tcp(tcp, Arc::clone(&shared), stop.clone()));
         tokio::spawn(probe_loop(Arc::clone(&shared), stop));
@@ -177,8 +191,7 @@ impl Shared {
         };
         let locate = |ip: IpAddr| self.geoip.lookup(ip).and_then(|l| l.coordinates);
         let answer = answer::answer(&serving.zone, request, source, transport, &healthy, &locate);
-        let metrics = &self.metrics;
-        metrics
+        self.metrics
             .queries
             .with_label_values(&[answer.qtype, answer.rcode, transport.label()])
             .inc();
@@ -188,15 +201,110 @@ impl Shared {
             }
         }
         if answer.fail_open {
-            metrics.fail_open.inc();
+            self.metrics.fail_open.inc();
         }
-        metrics.duration.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
         answer
+    }
+
+    /// Answers one query into `out` (appended) with a worker's reusable `scratch`, and counts it.
+    /// Returns whether there is an answer to send.
+    pub(super) fn respond(
+        &self,
+        serving: &Serving,
+        scratch: &mut Scratch,
+        request: &[u8],
+        source: IpAddr,
+        transport: Transport,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let started = Instant::now();
+        let healthy = |p: usize| {
+            serving
+                .health
+                .get(p)
+                .is_none_or(|flag| flag.load(Ordering::Relaxed))
+        };
+        let locate = |ip: IpAddr| self.geoip.lookup(ip).and_then(|l| l.coordinates);
+        scratch.chosen.clear();
+        let outcome = answer::respond(
+            &serving.zone,
+            &mut scratch.ranks,
+            request,
+            source,
+            transport,
+            &healthy,
+            &locate,
+            out,
+            &mut scratch.chosen,
+        );
+        scratch
+            .counters
+            .get(&self.metrics, outcome.qtype, outcome.rcode, transport)
+            .inc();
+        for &p in &scratch.chosen {
+            if let Some(counter) = serving.answers.get(p) {
+                counter.inc();
+            }
+        }
+        if outcome.fail_open {
+            self.metrics.fail_open.inc();
+        }
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
+        outcome.sent
     }
 }
 
-/// Binds UDP and TCP on the same address; with port 0, UDP picks the port and TCP follows it.
-fn bind(listen: SocketAddr) -> Result<(std::net::UdpSocket, std::net::TcpListener), DnsError> {
+/// A worker's reusable state: PoP rankings by location, the current query's PoPs, and handles on
+/// the query counters it has used (label lookups are not free at a few hundred thousand queries/s).
+#[derive(Default)]
+pub(super) struct Scratch {
+    ranks: RankCache,
+    chosen: Vec<usize>,
+    counters: QueryCounters,
+}
+
+#[derive(Default)]
+struct QueryCounters {
+    known: Vec<(&'static str, &'static str, Transport, IntCounter)>,
+}
+
+impl QueryCounters {
+    fn get(
+        &mut self,
+        metrics: &DnsMetrics,
+        qtype: &'static str,
+        rcode: &'static str,
+        transport: Transport,
+    ) -> &IntCounter {
+        let found = self
+            .known
+            .iter()
+            .position(|(q, r, t, _)| *q == qtype && *r == rcode && *t == transport);
+        let at = match found {
+            Some(at) => at,
+            None => {
+                let counter = metrics
+                    .queries
+                    .with_label_values(&[qtype, rcode, transport.label()]);
+                self.known.push((qtype, rcode, transport, counter));
+                self.known.len() - 1
+            }
+        };
+        &self.known[at].3
+    }
+}
+
+/// Binds `workers` UDP sockets (`SO_REUSEPORT`) and one TCP listener on the same address; with
+/// port 0, UDP picks the port and TCP follows it.
+fn bind(
+    listen: SocketAddr,
+    workers: usize,
+) -> Result<(Vec<std::net::UdpSocket>, std::net::TcpListener), DnsError> {
     let error = |source| DnsError::Listen {
         addr: listen.to_string(),
         source,
@@ -204,40 +312,20 @@ fn bind(listen: SocketAddr) -> Result<(std::net::UdpSocket, std::net::TcpListene
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let udp = std::net::UdpSocket::bind(listen).map_err(error)?;
-        let addr = udp.local_addr().map_err(error)?;
+        let first = udp::bind(listen).map_err(error)?;
+        let addr = first.local_addr().map_err(error)?;
         match std::net::TcpListener::bind(addr) {
             Ok(tcp) => {
-                udp.set_nonblocking(true).map_err(error)?;
                 tcp.set_nonblocking(true).map_err(error)?;
-                return Ok((udp, tcp));
+                let mut sockets = vec![first];
+                for _ in 1..workers {
+                    sockets.push(udp::bind(addr).map_err(error)?);
+                }
+                return Ok((sockets, tcp));
             }
             // The kernel's free UDP port can be taken for TCP: try another one.
             Err(_) if listen.port() == 0 && attempts < 16 => continue,
             Err(source) => return Err(error(source)),
-        }
-    }
-}
-
-async fn serve_udp(socket: Arc<UdpSocket>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    // The largest datagram there is: a longer query would be cut, then answered FORMERR.
-    let mut buffer = vec![0u8; 65_535];
-    loop {
-        let (len, peer) = tokio::select! {
-            received = socket.recv_from(&mut buffer) => match received {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::debug!("dns udp receive: {e}");
-                    continue;
-                }
-            },
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let answer = shared.answer(&buffer[..len], peer.ip(), Transport::Udp);
-        if let Some(bytes) = answer.bytes {
-            if let Err(e) = socket.send_to(&bytes, peer).await {
-                tracing::debug!(%peer, "dns udp send: {e}");
-            }
         }
     }
 }
@@ -281,6 +369,8 @@ async fn serve_connection(
     mut stop: watch::Receiver<bool>,
 ) {
     let idle = shared.serving.load().zone.tcp_idle_timeout;
+    let mut scratch = Scratch::default();
+    let mut framed = Vec::new();
     loop {
         let read = async {
             let mut length = [0u8; 2];
@@ -296,14 +386,23 @@ async fn serve_connection(
             },
             _ = stop.wait_for(|s| *s) => return,
         };
-        let answer = shared.answer(&message, peer.ip(), Transport::Tcp);
-        let Some(bytes) = answer.bytes else { return };
-        let Ok(length) = u16::try_from(bytes.len()) else {
+        framed.clear();
+        framed.extend_from_slice(&[0, 0]);
+        let serving = shared.serving.load_full();
+        if !shared.respond(
+            &serving,
+            &mut scratch,
+            &message,
+            peer.ip(),
+            Transport::Tcp,
+            &mut framed,
+        ) {
+            return;
+        }
+        let Ok(length) = u16::try_from(framed.len() - 2) else {
             return;
         };
-        let mut framed = Vec::with_capacity(bytes.len() + 2);
-        framed.extend_from_slice(&length.to_be_bytes());
-        framed.extend_from_slice(&bytes);
+        framed[..2].copy_from_slice(&length.to_be_bytes());
         match tokio::time::timeout(idle, stream.write_all(&framed)).await {
             Ok(Ok(())) => {}
             _ => return,
