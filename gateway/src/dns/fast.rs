@@ -80,6 +80,12 @@ struct RecordPlan {
 }
 
 impl Prepared {
+    /// Tells this preparation apart from every other one in the process (caches keyed on a zone
+    /// version use it).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// Prepares `zone`'s answers. Infallible: `zone` was validated when it compiled.
     pub fn build(zone: &Zone) -> Self {
         let ttl = zone.ttl.to_be_bytes();

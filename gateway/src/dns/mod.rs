@@ -10,6 +10,7 @@ pub mod answer;
 pub mod fast;
 pub mod health;
 pub mod metrics;
+pub mod rrl;
 pub mod server;
 mod udp;
 pub mod zone;

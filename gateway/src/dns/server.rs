@@ -1,6 +1,8 @@
 //! Sockets around the pure answer function: one UDP and one TCP listener on the same address, a
 //! health prober, and zone rebuilds when the config changes.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -18,6 +20,7 @@ use super::answer::{self, Answer, Transport};
 use super::fast::RankCache;
 use super::health::{self, HealthUrl, PopHealth};
 use super::metrics::DnsMetrics;
+use super::rrl::RateLimiter;
 use super::udp;
 use super::zone::Zone;
 use super::DnsError;
@@ -27,12 +30,13 @@ pub(super) struct Serving {
     zone: Zone,
     health: Vec<Arc<AtomicBool>>,
     answers: Vec<IntCounter>,
+    pub(super) rrl: Arc<RateLimiter>,
 }
 
 pub(super) struct Shared {
     pub(super) serving: ArcSwap<Serving>,
     health: PopHealth,
-    metrics: DnsMetrics,
+    pub(super) metrics: DnsMetrics,
     geoip: Arc<GeoIp>,
     /// Wakes the prober after a reload, so new PoPs are probed at once.
     reloaded: Notify,
@@ -75,7 +79,7 @@ impl RunningDns {
             })?;
         let metrics = DnsMetrics::register(registry)?;
         let health = PopHealth::default();
-        let serving = serving(zone, &health, &metrics);
+        let serving = serving(zone, &health, &metrics, None);
         // Standalone servers get one worker per core unless `[dns] workers` says otherwise.
         let workers = match config.dns.as_ref().map_or(0, |d| d.workers) {
             0 => udp_workers,
@@ -146,7 +150,12 @@ impl RunningDns {
         for gone in self.shared.health.retain(&names) {
             let _ = metrics.pop_healthy.remove_label_values(&[&gone]);
         }
-        let serving = serving(zone, &self.shared.health, metrics);
+        let serving = serving(
+            zone,
+            &self.shared.health,
+            metrics,
+            Some(&self.shared.serving.load()),
+        );
         self.shared.serving.store(Arc::new(serving));
         metrics.reloads.with_label_values(&["ok"]).inc();
         self.shared.reloaded.notify_one();
@@ -159,7 +168,14 @@ impl RunningDns {
     }
 }
 
-fn serving(zone: Zone, health: &PopHealth, metrics: &DnsMetrics) -> Serving {
+/// `previous`: the serving zone being replaced, whose rate-limit state carries over when the
+/// limits did not change (a config push must not reset an attacker's buckets).
+fn serving(
+    zone: Zone,
+    health: &PopHealth,
+    metrics: &DnsMetrics,
+    previous: Option<&Serving>,
+) -> Serving {
     let flags: Vec<Arc<AtomicBool>> = zone.pops.iter().map(|p| health.state(&p.name)).collect();
     for (pop, flag) in zone.pops.iter().zip(&flags) {
         metrics
@@ -172,10 +188,15 @@ fn serving(zone: Zone, health: &PopHealth, metrics: &DnsMetrics) -> Serving {
         .iter()
         .map(|p| metrics.answers.with_label_values(&[&p.name]))
         .collect();
+    let rrl = match previous {
+        Some(previous) if previous.zone.rrl == zone.rrl => Arc::clone(&previous.rrl),
+        _ => Arc::new(RateLimiter::new(&zone.rrl)),
+    };
     Serving {
         zone,
         health: flags,
         answers,
+        rrl,
     }
 }
 
@@ -227,7 +248,17 @@ impl Shared {
                 .get(p)
                 .is_none_or(|flag| flag.load(Ordering::Relaxed))
         };
-        let locate = |ip: IpAddr| self.geoip.lookup(ip).and_then(|l| l.coordinates);
+        scratch.places.refresh(serving.zone.prepared.id(), started);
+        let places = RefCell::new(&mut scratch.places.known);
+        let locate = |ip: IpAddr| {
+            let mut places = places.borrow_mut();
+            if let Some(&place) = places.get(&ip) {
+                return place;
+            }
+            let place = self.geoip.lookup(ip).and_then(|l| l.coordinates);
+            places.insert(ip, place);
+            place
+        };
         scratch.chosen.clear();
         let outcome = answer::respond(
             &serving.zone,
@@ -264,8 +295,35 @@ impl Shared {
 #[derive(Default)]
 pub(super) struct Scratch {
     ranks: RankCache,
+    places: Places,
     chosen: Vec<usize>,
     counters: QueryCounters,
+}
+
+/// A worker's memory of GeoIP answers by exact address: resolvers and ECS networks repeat, and a
+/// database lookup decodes a record every time. Forgotten when the zone changes, at most a second
+/// after it was learnt (so a replaced database is seen within a second) and when it grows large.
+#[derive(Default)]
+struct Places {
+    known: HashMap<IpAddr, Option<(f64, f64)>>,
+    zone: u64,
+    since: Option<Instant>,
+}
+
+impl Places {
+    const LARGEST: usize = 1 << 16;
+    const LONGEST: std::time::Duration = std::time::Duration::from_secs(1);
+
+    fn refresh(&mut self, zone: u64, now: Instant) {
+        let expired = self
+            .since
+            .is_none_or(|since| now.saturating_duration_since(since) >= Self::LONGEST);
+        if expired || self.zone != zone || self.known.len() >= Self::LARGEST {
+            self.known.clear();
+            self.zone = zone;
+            self.since = Some(now);
+        }
+    }
 }
 
 #[derive(Default)]

@@ -9,13 +9,14 @@ use std::net::{SocketAddr, UdpSocket};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::sys::socket::{recvmmsg, sendmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::answer::Transport;
+use super::rrl::{self, Verdict};
 use super::server::{Scratch, Shared};
 
 /// Queries taken per `recvmmsg`.
@@ -101,6 +102,7 @@ fn run(socket: &UdpSocket, shared: &Weak<Shared>, stop: &AtomicBool) {
             continue;
         }
         let serving = shared.serving.load();
+        let now = Instant::now();
         out.clear();
         let mut answers = 0;
         for i in 0..received {
@@ -108,7 +110,8 @@ fn run(socket: &UdpSocket, shared: &Weak<Shared>, stop: &AtomicBool) {
                 continue;
             };
             let request = &slots[i][..lengths[i]];
-            if shared.respond(
+            let start = out.len();
+            if !shared.respond(
                 &serving,
                 &mut scratch,
                 request,
@@ -116,10 +119,25 @@ fn run(socket: &UdpSocket, shared: &Weak<Shared>, stop: &AtomicBool) {
                 Transport::Udp,
                 &mut out,
             ) {
-                ends[answers] = out.len();
-                destinations[answers] = peers[i];
-                answers += 1;
+                continue;
             }
+            if serving.rrl.enabled() {
+                match serving.rrl.check(peer.ip(), &out[start..], now) {
+                    Verdict::Send => {}
+                    Verdict::Slip => {
+                        rrl::slip(&mut out, start);
+                        shared.metrics.rrl.with_label_values(&["slipped"]).inc();
+                    }
+                    Verdict::Drop => {
+                        out.truncate(start);
+                        shared.metrics.rrl.with_label_values(&["dropped"]).inc();
+                        continue;
+                    }
+                }
+            }
+            ends[answers] = out.len();
+            destinations[answers] = peers[i];
+            answers += 1;
         }
         drop(serving);
         send_all(

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hickory_proto::rr::rdata::{NS, SOA};
 use hickory_proto::rr::{Name, RData, Record};
-use meridian_config::{Config, DnsSection, Pop};
+use meridian_config::{Config, DnsRrl, DnsSection, Pop};
 
 use super::fast::Prepared;
 
@@ -68,6 +68,8 @@ pub struct Zone {
     pub health_timeout: Duration,
     pub max_tcp_connections: usize,
     pub tcp_idle_timeout: Duration,
+    /// Response rate limiting (applied by the UDP workers, not by the answer functions).
+    pub rrl: DnsRrl,
     /// The answers above in wire format, for the fast path. Built by [`Zone::compile`]; a zone
     /// changed by hand afterwards needs [`Zone::prepare`] again.
     pub prepared: Prepared,
@@ -187,6 +189,7 @@ impl Zone {
             health_timeout: dns.health.timeout.as_duration(),
             max_tcp_connections: dns.limits.max_tcp_connections.max(1),
             tcp_idle_timeout: dns.limits.tcp_idle_timeout.as_duration(),
+            rrl: dns.rrl.clone(),
             prepared: Prepared::default(),
         };
         zone.prepare();
