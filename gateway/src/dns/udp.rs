@@ -140,6 +140,7 @@ fn run(socket: &UdpSocket, shared: &Weak<Shared>, stop: &AtomicBool) {
             answers += 1;
         }
         drop(serving);
+        scratch.flush();
         send_all(
             fd,
             &mut send,
