@@ -487,6 +487,13 @@ pub struct DnsSection {
     pub health: DnsHealth,
     #[serde(default)]
     pub limits: DnsLimits,
+    /// Response rate limiting over UDP.
+    #[serde(default)]
+    pub rrl: DnsRrl,
+    /// UDP workers (one socket and thread each). 0: one per core for `meridian dns`, one inside
+    /// an edge.
+    #[serde(default)]
+    pub workers: usize,
 }
 
 fn default_dns_listen() -> String {
@@ -578,6 +585,36 @@ impl Default for DnsLimits {
             max_udp_payload: 1232,
             max_tcp_connections: 256,
             tcp_idle_timeout: HumanDuration::secs(10),
+        }
+    }
+}
+
+/// `[dns.rrl]`: response rate limiting (as BIND/Knot RRL), so the server cannot be used to
+/// amplify a spoofed flood. Applies to UDP only (TCP cannot be spoofed).
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsRrl {
+    /// Identical answers per second to one client network; 0 turns limiting off.
+    pub responses_per_second: u32,
+    /// Of the answers over the limit, every `slip`-th is sent empty with TC set (the client
+    /// retries over TCP) and the others are dropped; 0 drops them all.
+    pub slip: u32,
+    /// Client networks: IPv4 addresses are grouped by this prefix length...
+    pub ipv4_prefix: u8,
+    /// ...and IPv6 addresses by this one.
+    pub ipv6_prefix: u8,
+    /// Tracked (network, answer) pairs; past this, refilled ones are forgotten first.
+    pub max_entries: usize,
+}
+
+impl Default for DnsRrl {
+    fn default() -> Self {
+        Self {
+            responses_per_second: 20,
+            slip: 2,
+            ipv4_prefix: 24,
+            ipv6_prefix: 56,
+            max_entries: 100_000,
         }
     }
 }

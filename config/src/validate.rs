@@ -670,6 +670,28 @@ fn validate_dns(pops: &[Pop], dns: Option<&DnsSection>, errors: &mut Errors) {
     if limits.tcp_idle_timeout.as_duration().is_zero() {
         errors.push("dns.limits.tcp_idle_timeout", "must be greater than 0");
     }
+    let rrl = &dns.rrl;
+    if rrl.responses_per_second > 1_000_000 {
+        errors.push(
+            "dns.rrl.responses_per_second",
+            "must be between 0 (off) and 1000000",
+        );
+    }
+    if rrl.slip > 10 {
+        errors.push("dns.rrl.slip", "must be between 0 (drop all) and 10");
+    }
+    if !(8..=32).contains(&rrl.ipv4_prefix) {
+        errors.push("dns.rrl.ipv4_prefix", "must be between 8 and 32");
+    }
+    if !(16..=128).contains(&rrl.ipv6_prefix) {
+        errors.push("dns.rrl.ipv6_prefix", "must be between 16 and 128");
+    }
+    if !(1..=10_000_000).contains(&rrl.max_entries) {
+        errors.push("dns.rrl.max_entries", "must be between 1 and 10000000");
+    }
+    if dns.workers > 256 {
+        errors.push("dns.workers", "must be between 0 (one per core) and 256");
+    }
 }
 
 /// `http://host:port/path` (what the GeoDNS health prober can fetch: plain HTTP/1.1).

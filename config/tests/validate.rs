@@ -226,3 +226,50 @@ addresses = []
     ];
     assert_eq!(errors, expected);
 }
+
+#[test]
+fn dns_rate_limiting_and_workers_are_checked() {
+    let text = r#"
+schema = 1
+[[regions]]
+name = "r"
+location = { lat = 0.0, lon = 0.0 }
+upstreams = [{ address = "127.1.1.1:7001" }]
+
+[dns]
+zone = "example.test"
+workers = 1000
+rrl = { responses_per_second = 2000000, slip = 11, ipv4_prefix = 33, ipv6_prefix = 8, max_entries = 0 }
+
+[[pops]]
+name = "seoul"
+location = { lat = 37.57, lon = 126.98 }
+addresses = ["127.2.6.1"]
+"#;
+    let expected = [
+        "dns.rrl.responses_per_second: must be between 0 (off) and 1000000",
+        "dns.rrl.slip: must be between 0 (drop all) and 10",
+        "dns.rrl.ipv4_prefix: must be between 8 and 32",
+        "dns.rrl.ipv6_prefix: must be between 16 and 128",
+        "dns.rrl.max_entries: must be between 1 and 10000000",
+        "dns.workers: must be between 0 (one per core) and 256",
+    ];
+    assert_eq!(errors_of(text), expected);
+    // The defaults: limiting on at 20/s, slip 2, /24 and /56; workers one per core.
+    let config = meridian_config::Config::from_toml_str(&text.replace(
+        "workers = 1000\nrrl = { responses_per_second = 2000000, slip = 11, ipv4_prefix = 33, ipv6_prefix = 8, max_entries = 0 }\n",
+        "",
+    ))
+    .expect("valid");
+    let dns = config.dns.expect("[dns]");
+    assert_eq!(
+        (
+            dns.rrl.responses_per_second,
+            dns.rrl.slip,
+            dns.rrl.ipv4_prefix,
+            dns.rrl.ipv6_prefix
+        ),
+        (20, 2, 24, 56)
+    );
+    assert_eq!(dns.workers, 0);
+}

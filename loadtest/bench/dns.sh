@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # GeoDNS side by side: `meridian dns` vs gdnsd 3.8 (geoip plugin, city-auto mode) serving the same zone
 # from the same test-world MaxMind DB, measured with dnsperf and the same query file.
-# Prints queries/s for each and the ratio meridian/gdnsd; writes loadtest/bench/results/dns.md.
+# Prints the ratios meridian/gdnsd of queries/s and of average latency (same run, interleaved
+# rounds); writes loadtest/bench/results/dns.w<WORKERS>.md.
 #
-#   bash loadtest/bench/dns.sh                       # 10 s per run, 2 interleaved rounds
-#   DURATION=5 ROUNDS=1 bash loadtest/bench/dns.sh
+#   bash loadtest/bench/dns.sh                       # 10 s per run, 2 interleaved rounds, 2 workers
+#   WORKERS=1 DURATION=5 ROUNDS=1 bash loadtest/bench/dns.sh
 #   Env: DURATION (seconds), ROUNDS, CLIENTS (dnsperf -c, 4), OUTSTANDING (dnsperf -q, 100),
-#        GDNSD_UDP_THREADS (2 = the UDP workers `meridian dns` runs on this 2-core machine),
-#        MERIDIAN_BIN (skip building), CARGO_TARGET_DIR, OUT.
+#        WORKERS (Meridian `[dns] workers` = gdnsd `udp_threads`, default 2),
+#        LEGACY_MERIDIAN=1 (a Meridian built before `[dns] workers` existed: the key is left out and
+#        it runs one worker per core), MERIDIAN_BIN (skip building), CARGO_TARGET_DIR, OUT.
 #
 # Traffic stays on 127.0.0.0/8 (ephemeral loopback port); every process started here is stopped on exit.
 set -euo pipefail
@@ -19,7 +21,9 @@ DURATION="${DURATION:-10}"
 ROUNDS="${ROUNDS:-2}"
 CLIENTS="${CLIENTS:-4}"
 OUTSTANDING="${OUTSTANDING:-100}"
-GDNSD_UDP_THREADS="${GDNSD_UDP_THREADS:-2}"
+WORKERS="${WORKERS:-2}"
+GDNSD_UDP_THREADS="$WORKERS"
+LEGACY_MERIDIAN="${LEGACY_MERIDIAN:-0}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 
 WORK="$(mktemp -d /tmp/meridian-dnsbench.XXXXXX)"
@@ -123,6 +127,7 @@ answers = 1
 default_pops = ["virginia"]
 soa = { rname = "hostmaster.example.test", serial = 1, refresh = 3600, retry = 600, expire = 86400, minimum = 60 }
 limits = { max_udp_payload = 1232, max_tcp_connections = 256, tcp_idle_timeout = "10s" }
+$([ "$LEGACY_MERIDIAN" = 1 ] || printf 'workers = %s\n# dnsperf asks the same questions from one address: rate limiting would measure drops.\nrrl = { responses_per_second = 0 }' "$WORKERS")
 
 [[dns.records]]
 name = "api"
@@ -263,11 +268,12 @@ run_one() {
   # shellcheck disable=SC2086
   dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/queries.txt" -l "$DURATION" -c "$CLIENTS" -q "$OUTSTANDING" \
     ${SCEN_ARGS[$scen]} >"$out" 2>&1
-  local qps lost
+  local qps lost latency
   qps=$(awk '/Queries per second:/ {print $4}' "$out")
   lost=$(awk '/Queries lost:/ {print $3}' "$out")
-  printf '%s\t%s\t%s\t%s\t%s\n' "$scen" "$server" "$round" "$qps" "$lost" >>"$RESULTS"
-  log "$scen / $server / round $round: $qps qps, lost $lost"
+  latency=$(awk '/Average Latency/ {print $4}' "$out")
+  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$scen" "$server" "$round" "$qps" "$lost" "$latency" >>"$RESULTS"
+  log "$scen / $server / round $round: $qps qps, average latency $latency s, lost $lost"
 }
 for round in $(seq 1 "$ROUNDS"); do
   for scen in "${SCEN[@]}"; do
@@ -280,32 +286,39 @@ for round in $(seq 1 "$ROUNDS"); do
   done
 done
 
-python3 - "$RESULTS" "$(nproc)" "$DURATION" "$CLIENTS" "$OUTSTANDING" "$GDNSD_UDP_THREADS" \
+MERIDIAN_WORKERS="$WORKERS"
+[ "$LEGACY_MERIDIAN" = 1 ] && MERIDIAN_WORKERS="$(nproc) (legacy: one per core)"
+python3 - "$RESULTS" "$(nproc)" "$DURATION" "$CLIENTS" "$OUTSTANDING" "$GDNSD_UDP_THREADS" "$MERIDIAN_WORKERS" \
   "plain=${SCEN_DESC[plain]}" "resolver-kr=${SCEN_DESC[resolver-kr]}" "ecs-de=${SCEN_DESC[ecs-de]}" \
-  <<'PY' | tee "$OUT/dns.md"
+  <<'PY' | tee "$OUT/dns.w$WORKERS.md"
 import sys, collections
-path, cpus, dur, clients, outstanding, gthreads, *descs = sys.argv[1:]
+path, cpus, dur, clients, outstanding, gthreads, mworkers, *descs = sys.argv[1:]
 desc = dict(d.split("=", 1) for d in descs)
 qps = collections.defaultdict(list)
+lat = collections.defaultdict(list)
 lost = collections.defaultdict(int)
 for line in open(path):
-    scen, server, rnd, q, l = line.rstrip("\n").split("\t")
+    scen, server, rnd, q, l, a = line.rstrip("\n").split("\t")
     qps[(scen, server)].append(float(q or 0))
+    lat[(scen, server)].append(float(a or "nan"))
     lost[(scen, server)] += int((l or "0").split()[0])
+mean = lambda v: sum(v) / len(v) if v else float("nan")
 print(f"dnsperf -c {clients} -q {outstanding}, {dur} s per run, {len(qps[next(iter(qps))])} interleaved rounds (mean); "
-      f"{cpus} cores shared by dnsperf and the server; meridian dns: {cpus} UDP workers on a {cpus}-thread "
-      f"runtime; gdnsd udp_threads = {gthreads}")
+      f"{cpus} cores shared by dnsperf and the server; meridian dns: {mworkers} UDP workers; "
+      f"gdnsd udp_threads = {gthreads}")
 print()
-print("| scenario | meridian/gdnsd qps | lost (meridian / gdnsd) |")
-print("|---|---|---|")
+print("| scenario | meridian/gdnsd qps | meridian/gdnsd avg latency | lost (meridian / gdnsd) |")
+print("|---|---|---|---|")
 for scen in ["plain", "resolver-kr", "ecs-de"]:
     m = qps[(scen, "meridian")]; g = qps[(scen, "gdnsd")]
     if not m or not g:
         continue
-    ratio = (sum(m) / len(m)) / (sum(g) / len(g)) if sum(g) else float("nan")
-    print(f"| {scen}: {desc[scen]} | {ratio:.2f} | {lost[(scen, 'meridian')]} / {lost[(scen, 'gdnsd')]} |")
+    ratio = mean(m) / mean(g) if sum(g) else float("nan")
+    lratio = mean(lat[(scen, "meridian")]) / mean(lat[(scen, "gdnsd")])
+    print(f"| {scen}: {desc[scen]} | {ratio:.2f} | {lratio:.2f} | {lost[(scen, 'meridian')]} / {lost[(scen, 'gdnsd')]} |")
 print()
-print("raw qps per round (for the record, not a claim):")
+print("raw qps and average latency per round (for the record, not a claim):")
 for (scen, server), v in sorted(qps.items()):
-    print(f"  {scen:12} {server:9} " + " ".join(f"{x:.0f}" for x in v))
+    print(f"  {scen:12} {server:9} " + " ".join(f"{x:.0f}" for x in v)
+          + "   latency ms: " + " ".join(f"{x * 1000:.3f}" for x in lat[(scen, server)]))
 PY

@@ -36,6 +36,9 @@ fn dns_config() -> Config {
     let dns = config.dns.as_mut().expect("[dns] in examples/local.toml");
     dns.health.interval = HumanDuration::millis(50);
     dns.health.timeout = HumanDuration::millis(500);
+    // These tests ask the same question from one address faster than any caching resolver would;
+    // rate limiting has its own test.
+    dns.rrl.responses_per_second = 0;
     config
 }
 
@@ -510,5 +513,105 @@ fn malformed_truncated_wrong_class_and_random_packets_never_crash_or_stall_the_s
     assert!(
         formerr.unwrap_or(0.0) >= 1.0,
         "garbage answered FORMERR: {formerr:?}"
+    );
+}
+
+#[test]
+fn rate_limiting_answers_a_spoofed_flood_at_the_rate_and_leaves_other_clients_alone() {
+    const FLOOD: usize = 60;
+    const RATE: u32 = 5;
+    let mut config = dns_config();
+    let dns = config.dns.as_mut().expect("[dns]");
+    dns.rrl.responses_per_second = RATE;
+    dns.rrl.slip = 2;
+    let world = World::start(config);
+    let server = dns_addr(&world);
+    let dropped = |world: &World| metric(world, "meridian_dns_rrl_total{action=\"dropped\"}");
+    assert_eq!(
+        dropped(&world),
+        Some(0.0),
+        "the series exists from the start"
+    );
+
+    // The "victim" 127.15.0.77: every query of the flood claims to come from there.
+    let victim = std::net::UdpSocket::bind((ip("127.15.0.77"), 0)).expect("bind victim");
+    victim
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let started = Instant::now();
+    for id in 0..FLOOD {
+        let mut message = query("api.example.test.", RecordType::A);
+        message.metadata.id = id as u16;
+        victim
+            .send_to(&message.to_vec().expect("encodes"), server)
+            .expect("send");
+    }
+    // Every query is either answered (in full or slipped) or counted as dropped: read until the
+    // two add up.
+    let (mut full, mut slipped) = (0usize, 0usize);
+    let mut buffer = vec![0u8; 65_535];
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let dropped = dropped(&world).unwrap_or(0.0) as usize;
+        if full + slipped + dropped >= FLOOD {
+            break;
+        }
+        assert!(Instant::now() < deadline, "every flood query accounted for");
+        if let Ok((len, _)) = victim.recv_from(&mut buffer) {
+            let reply = Message::from_vec(&buffer[..len]).expect("decodes");
+            if reply.metadata.truncation {
+                assert!(reply.answers.is_empty(), "a slipped answer is empty");
+                assert_eq!(reply.queries.len(), 1, "and echoes the question");
+                slipped += 1;
+            } else {
+                assert_eq!(addresses(&reply), ["127.2.6.1"]);
+                full += 1;
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    // The burst is one second of the rate; more only as time passes (refill at RATE per second).
+    let refill = (elapsed.as_secs_f64() * f64::from(RATE)).ceil() as usize;
+    assert!(
+        (RATE as usize..=RATE as usize + refill).contains(&full),
+        "{full} full answers in {elapsed:?}"
+    );
+    let limited = FLOOD - full;
+    assert_eq!(slipped, limited / 2, "every 2nd limited answer slips");
+    assert_eq!(
+        dropped(&world),
+        Some((limited - slipped) as f64),
+        "the rest is dropped"
+    );
+    assert_eq!(
+        metric(&world, "meridian_dns_rrl_total{action=\"slipped\"}"),
+        Some(slipped as f64)
+    );
+
+    // Unaffected: another network asking the same name, the flooded network asking another
+    // name, and the victim itself over TCP (which cannot be spoofed).
+    assert_eq!(
+        addresses(&udp(
+            &world,
+            ip("127.16.0.9"),
+            &query("api.example.test.", RecordType::A)
+        )),
+        ["127.2.7.1"]
+    );
+    assert_eq!(
+        addresses(&udp(
+            &world,
+            ip("127.15.0.9"),
+            &query("static.example.test.", RecordType::A)
+        )),
+        ["127.2.3.1"]
+    );
+    assert_eq!(
+        addresses(&tcp(
+            &world,
+            ip("127.15.0.77"),
+            &query("api.example.test.", RecordType::A)
+        )),
+        ["127.2.6.1"]
     );
 }

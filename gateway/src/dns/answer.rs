@@ -8,6 +8,7 @@ use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 
+use super::fast::{self, RankCache};
 use super::zone::{Steered, Zone};
 use crate::core::geo::distance_km;
 
@@ -290,6 +291,65 @@ pub fn answer(
         edns.options_mut().insert(EdnsOption::Subnet(subnet));
     }
     finish(reply, qtype, steered_pops, fail_open, transport, udp_limit)
+}
+
+/// What one query produced when its answer went into a caller's buffer (see [`respond`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// Whether an answer was appended (`false`: drop the packet).
+    pub sent: bool,
+    pub qtype: &'static str,
+    pub rcode: &'static str,
+    pub fail_open: bool,
+    pub truncated: bool,
+}
+
+/// Answers one DNS message like [`answer`], appending the answer to `out` and the steered PoPs to
+/// `chosen`: the prepared fast path when the query has a common shape, [`answer`] otherwise. The
+/// buffers are the caller's to reuse, so a warm worker allocates nothing per query.
+#[allow(clippy::too_many_arguments)]
+pub fn respond(
+    zone: &Zone,
+    ranks: &mut RankCache,
+    request: &[u8],
+    source: IpAddr,
+    transport: Transport,
+    healthy: &dyn Fn(usize) -> bool,
+    locate: &dyn Fn(IpAddr) -> Option<(f64, f64)>,
+    out: &mut Vec<u8>,
+    chosen: &mut Vec<usize>,
+) -> Outcome {
+    if let Some(meta) = fast::respond(
+        &zone.prepared,
+        ranks,
+        request,
+        source,
+        transport,
+        healthy,
+        locate,
+        out,
+        chosen,
+    ) {
+        return Outcome {
+            sent: true,
+            qtype: meta.qtype,
+            rcode: meta.rcode,
+            fail_open: meta.fail_open,
+            truncated: false,
+        };
+    }
+    let answer = answer(zone, request, source, transport, healthy, locate);
+    if let Some(bytes) = &answer.bytes {
+        out.extend_from_slice(bytes);
+    }
+    chosen.extend_from_slice(&answer.pops);
+    Outcome {
+        sent: answer.bytes.is_some(),
+        qtype: answer.qtype,
+        rcode: answer.rcode,
+        fail_open: answer.fail_open,
+        truncated: answer.truncated,
+    }
 }
 
 fn negative_soa(zone: &Zone) -> Record {

@@ -11,6 +11,7 @@ pub struct DnsMetrics {
     pub pop_healthy: IntGaugeVec,
     pub fail_open: IntCounter,
     pub reloads: IntCounterVec,
+    pub rrl: IntCounterVec,
 }
 
 impl DnsMetrics {
@@ -57,7 +58,15 @@ impl DnsMetrics {
             ),
             &["result"],
         )?;
+        let rrl = IntCounterVec::new(
+            Opts::new(
+                "meridian_dns_rrl_total",
+                "UDP answers held back by response rate limiting, by action (slipped: sent empty with TC; dropped).",
+            ),
+            &["action"],
+        )?;
         registry.register(Box::new(queries.clone()))?;
+        registry.register(Box::new(rrl.clone()))?;
         registry.register(Box::new(answers.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(pop_healthy.clone()))?;
@@ -67,7 +76,11 @@ impl DnsMetrics {
         for result in ["ok", "error"] {
             reloads.with_label_values(&[result]);
         }
+        for action in ["slipped", "dropped"] {
+            rrl.with_label_values(&[action]);
+        }
         Ok(Self {
+            rrl,
             queries,
             answers,
             duration,

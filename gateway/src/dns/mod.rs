@@ -7,9 +7,12 @@
 //! - [`server`]: UDP and TCP on one address, both calling the same handler; zone hot reload.
 
 pub mod answer;
+pub mod fast;
 pub mod health;
 pub mod metrics;
+pub mod rrl;
 pub mod server;
+mod udp;
 pub mod zone;
 
 use std::net::SocketAddr;

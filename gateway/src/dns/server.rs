@@ -1,6 +1,8 @@
 //! Sockets around the pure answer function: one UDP and one TCP listener on the same address, a
 //! health prober, and zone rebuilds when the config changes.
 
+use std::cell::RefCell;
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -9,30 +11,36 @@ use std::time::Instant;
 use arc_swap::ArcSwap;
 use meridian_config::Config;
 use meridian_geoip::GeoIp;
+use prometheus::local::{LocalHistogram, LocalIntCounter};
 use prometheus::{IntCounter, Registry};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 
 use super::answer::{self, Answer, Transport};
+use super::fast::RankCache;
 use super::health::{self, HealthUrl, PopHealth};
 use super::metrics::DnsMetrics;
+use super::rrl::RateLimiter;
+use super::udp;
 use super::zone::Zone;
 use super::DnsError;
 
-/// A compiled zone with the health flags and answer counters of its PoPs (same indices), and the
-/// GeoIP database that locates clients for it (swapped together, so one query sees one version).
-struct Serving {
-    zone: Arc<Zone>,
-    geoip: Arc<GeoIp>,
+/// A compiled zone with the health flags and answer counters of its PoPs (same indices), the
+/// GeoIP database that locates clients for it (swapped together, so one query sees one version),
+/// and its response rate limiter.
+pub(super) struct Serving {
+    pub(super) zone: Arc<Zone>,
+    pub(super) geoip: Arc<GeoIp>,
     health: Vec<Arc<AtomicBool>>,
     answers: Vec<IntCounter>,
+    pub(super) rrl: Arc<RateLimiter>,
 }
 
-struct Shared {
-    serving: ArcSwap<Serving>,
+pub(super) struct Shared {
+    pub(super) serving: ArcSwap<Serving>,
     health: PopHealth,
-    metrics: DnsMetrics,
+    pub(super) metrics: DnsMetrics,
     /// Wakes the prober after a reload, so new PoPs are probed at once.
     reloaded: Notify,
     listen: SocketAddr,
@@ -86,16 +94,18 @@ impl RunningDns {
             })?;
         let metrics = DnsMetrics::register(registry)?;
         let health = PopHealth::default();
-        let serving = serving(zone, geoip, &health, &metrics);
-        let (udp, tcp) = bind(listen)?;
-        let addr = udp.local_addr().map_err(|source| DnsError::Listen {
+        let serving = serving(zone, geoip, &health, &metrics, None);
+        // Standalone servers get one worker per core unless `[dns] workers` says otherwise.
+        let workers = match config.dns.as_ref().map_or(0, |d| d.workers) {
+            0 => udp_workers,
+            n => n,
+        }
+        .max(1);
+        let (udp, tcp) = bind(listen, workers)?;
+        let addr = tcp.local_addr().map_err(|source| DnsError::Listen {
             addr: listen.to_string(),
             source,
         })?;
-        let udp = Arc::new(UdpSocket::from_std(udp).map_err(|source| DnsError::Listen {
-            addr: addr.to_string(),
-            source,
-        })?);
         let tcp = TcpListener::from_std(tcp).map_err(|source| DnsError::Listen {
             addr: addr.to_string(),
             source,
@@ -107,12 +117,22 @@ impl RunningDns {
             reloaded: Notify::new(),
             listen,
         });
-        for _ in 0..udp_workers.max(1) {
-            tokio::spawn(serve_udp(
-                Arc::clone(&udp),
-                Arc::clone(&shared),
-                stop.clone(),
-            ));
+        let stopped = Arc::new(AtomicBool::new(false));
+        for (i, socket) in udp.into_iter().enumerate() {
+            udp::spawn(i, socket, Arc::downgrade(&shared), Arc::clone(&stopped)).map_err(
+                |source| DnsError::Listen {
+                    addr: addr.to_string(),
+                    source,
+                },
+            )?;
+        }
+        {
+            let mut stop = stop.clone();
+            let stopped = Arc::clone(&stopped);
+            tokio::spawn(async move {
+                let _ = stop.wait_for(|s| *s).await;
+                stopped.store(true, Ordering::Relaxed);
+            });
         }
         tokio::spawn(serve_tcp(tcp, Arc::clone(&shared), stop.clone()));
         tokio::spawn(probe_loop(Arc::clone(&shared), stop));
@@ -155,7 +175,13 @@ impl RunningDns {
         for gone in self.shared.health.retain(&names) {
             let _ = metrics.pop_healthy.remove_label_values(&[&gone]);
         }
-        let serving = serving(zone, geoip, &self.shared.health, metrics);
+        let serving = serving(
+            zone,
+            geoip,
+            &self.shared.health,
+            metrics,
+            Some(&self.shared.serving.load()),
+        );
         self.shared.serving.store(Arc::new(serving));
         metrics.reloads.with_label_values(&["ok"]).inc();
         self.shared.reloaded.notify_one();
@@ -173,11 +199,14 @@ impl RunningDns {
     }
 }
 
+/// `previous`: the serving zone being replaced, whose rate-limit state carries over when the
+/// limits did not change (a config push must not reset an attacker's buckets).
 fn serving(
     zone: Arc<Zone>,
     geoip: Arc<GeoIp>,
     health: &PopHealth,
     metrics: &DnsMetrics,
+    previous: Option<&Serving>,
 ) -> Serving {
     let flags: Vec<Arc<AtomicBool>> = zone.pops.iter().map(|p| health.state(&p.name)).collect();
     for (pop, flag) in zone.pops.iter().zip(&flags) {
@@ -191,11 +220,16 @@ fn serving(
         .iter()
         .map(|p| metrics.answers.with_label_values(&[&p.name]))
         .collect();
+    let rrl = match previous {
+        Some(previous) if previous.zone.rrl == zone.rrl => Arc::clone(&previous.rrl),
+        _ => Arc::new(RateLimiter::new(&zone.rrl)),
+    };
     Serving {
         zone,
         geoip,
         health: flags,
         answers,
+        rrl,
     }
 }
 
@@ -211,8 +245,7 @@ impl Shared {
         };
         let locate = |ip: IpAddr| serving.geoip.lookup(ip).and_then(|l| l.coordinates);
         let answer = answer::answer(&serving.zone, request, source, transport, &healthy, &locate);
-        let metrics = &self.metrics;
-        metrics
+        self.metrics
             .queries
             .with_label_values(&[answer.qtype, answer.rcode, transport.label()])
             .inc();
@@ -222,15 +255,164 @@ impl Shared {
             }
         }
         if answer.fail_open {
-            metrics.fail_open.inc();
+            self.metrics.fail_open.inc();
         }
-        metrics.duration.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .duration
+            .observe(started.elapsed().as_secs_f64());
         answer
+    }
+
+    /// Answers one query into `out` (appended) with a worker's reusable `scratch`, and counts it.
+    /// Returns whether there is an answer to send.
+    pub(super) fn respond(
+        &self,
+        serving: &Serving,
+        scratch: &mut Scratch,
+        request: &[u8],
+        source: IpAddr,
+        transport: Transport,
+        out: &mut Vec<u8>,
+    ) -> bool {
+        let started = Instant::now();
+        let healthy = |p: usize| {
+            serving
+                .health
+                .get(p)
+                .is_none_or(|flag| flag.load(Ordering::Relaxed))
+        };
+        scratch.places.refresh(serving.zone.prepared.id(), started);
+        let places = RefCell::new(&mut scratch.places.known);
+        let locate = |ip: IpAddr| {
+            let mut places = places.borrow_mut();
+            if let Some(&place) = places.get(&ip) {
+                return place;
+            }
+            let place = serving.geoip.lookup(ip).and_then(|l| l.coordinates);
+            places.insert(ip, place);
+            place
+        };
+        scratch.chosen.clear();
+        let outcome = answer::respond(
+            &serving.zone,
+            &mut scratch.ranks,
+            request,
+            source,
+            transport,
+            &healthy,
+            &locate,
+            out,
+            &mut scratch.chosen,
+        );
+        scratch
+            .counters
+            .get(&self.metrics, outcome.qtype, outcome.rcode, transport)
+            .inc();
+        for &p in &scratch.chosen {
+            if let Some(counter) = serving.answers.get(p) {
+                counter.inc();
+            }
+        }
+        if outcome.fail_open {
+            self.metrics.fail_open.inc();
+        }
+        scratch
+            .duration
+            .get_or_insert_with(|| self.metrics.duration.local())
+            .observe(started.elapsed().as_secs_f64());
+        outcome.sent
     }
 }
 
-/// Binds UDP and TCP on the same address; with port 0, UDP picks the port and TCP follows it.
-fn bind(listen: SocketAddr) -> Result<(std::net::UdpSocket, std::net::TcpListener), DnsError> {
+/// A worker's reusable state: PoP rankings by location, the current query's PoPs, and worker-local
+/// query counters and duration histogram (label lookups and atomics every core writes are not free
+/// at a few hundred thousand queries/s), added to the shared series by [`Scratch::flush`].
+#[derive(Default)]
+pub(super) struct Scratch {
+    ranks: RankCache,
+    places: Places,
+    chosen: Vec<usize>,
+    counters: QueryCounters,
+    duration: Option<LocalHistogram>,
+}
+
+impl Scratch {
+    /// Publishes the local counts. Workers call it before sending what they counted, so a scrape
+    /// that follows an answer sees it.
+    pub(super) fn flush(&mut self) {
+        for (.., counter) in &self.counters.known {
+            counter.flush();
+        }
+        if let Some(duration) = &self.duration {
+            duration.flush();
+        }
+    }
+}
+
+/// A worker's memory of GeoIP answers by exact address: resolvers and ECS networks repeat, and a
+/// database lookup decodes a record every time. Forgotten when the zone changes, at most a second
+/// after it was learnt (so a replaced database is seen within a second) and when it grows large.
+#[derive(Default)]
+struct Places {
+    known: HashMap<IpAddr, Option<(f64, f64)>>,
+    zone: u64,
+    since: Option<Instant>,
+}
+
+impl Places {
+    const LARGEST: usize = 1 << 16;
+    const LONGEST: std::time::Duration = std::time::Duration::from_secs(1);
+
+    fn refresh(&mut self, zone: u64, now: Instant) {
+        let expired = self
+            .since
+            .is_none_or(|since| now.saturating_duration_since(since) >= Self::LONGEST);
+        if expired || self.zone != zone || self.known.len() >= Self::LARGEST {
+            self.known.clear();
+            self.zone = zone;
+            self.since = Some(now);
+        }
+    }
+}
+
+#[derive(Default)]
+struct QueryCounters {
+    known: Vec<(&'static str, &'static str, Transport, LocalIntCounter)>,
+}
+
+impl QueryCounters {
+    fn get(
+        &mut self,
+        metrics: &DnsMetrics,
+        qtype: &'static str,
+        rcode: &'static str,
+        transport: Transport,
+    ) -> &LocalIntCounter {
+        let found = self
+            .known
+            .iter()
+            .position(|(q, r, t, _)| *q == qtype && *r == rcode && *t == transport);
+        let at = match found {
+            Some(at) => at,
+            None => {
+                let counter = metrics
+                    .queries
+                    .with_label_values(&[qtype, rcode, transport.label()])
+                    .local();
+                self.known.push((qtype, rcode, transport, counter));
+                self.known.len() - 1
+            }
+        };
+        &self.known[at].3
+    }
+}
+
+/// Binds `workers` UDP sockets (`SO_REUSEPORT`) and one TCP listener on the same address; with
+/// port 0, UDP picks the port and TCP follows it.
+fn bind(
+    listen: SocketAddr,
+    workers: usize,
+) -> Result<(Vec<std::net::UdpSocket>, std::net::TcpListener), DnsError> {
     let error = |source| DnsError::Listen {
         addr: listen.to_string(),
         source,
@@ -238,40 +420,20 @@ fn bind(listen: SocketAddr) -> Result<(std::net::UdpSocket, std::net::TcpListene
     let mut attempts = 0;
     loop {
         attempts += 1;
-        let udp = std::net::UdpSocket::bind(listen).map_err(error)?;
-        let addr = udp.local_addr().map_err(error)?;
+        let first = udp::bind(listen).map_err(error)?;
+        let addr = first.local_addr().map_err(error)?;
         match std::net::TcpListener::bind(addr) {
             Ok(tcp) => {
-                udp.set_nonblocking(true).map_err(error)?;
                 tcp.set_nonblocking(true).map_err(error)?;
-                return Ok((udp, tcp));
+                let mut sockets = vec![first];
+                for _ in 1..workers {
+                    sockets.push(udp::bind(addr).map_err(error)?);
+                }
+                return Ok((sockets, tcp));
             }
             // The kernel's free UDP port can be taken for TCP: try another one.
             Err(_) if listen.port() == 0 && attempts < 16 => continue,
             Err(source) => return Err(error(source)),
-        }
-    }
-}
-
-async fn serve_udp(socket: Arc<UdpSocket>, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
-    // The largest datagram there is: a longer query would be cut, then answered FORMERR.
-    let mut buffer = vec![0u8; 65_535];
-    loop {
-        let (len, peer) = tokio::select! {
-            received = socket.recv_from(&mut buffer) => match received {
-                Ok(pair) => pair,
-                Err(e) => {
-                    tracing::debug!("dns udp receive: {e}");
-                    continue;
-                }
-            },
-            _ = stop.wait_for(|s| *s) => return,
-        };
-        let answer = shared.answer(&buffer[..len], peer.ip(), Transport::Udp);
-        if let Some(bytes) = answer.bytes {
-            if let Err(e) = socket.send_to(&bytes, peer).await {
-                tracing::debug!(%peer, "dns udp send: {e}");
-            }
         }
     }
 }
@@ -315,6 +477,8 @@ async fn serve_connection(
     mut stop: watch::Receiver<bool>,
 ) {
     let idle = shared.serving.load().zone.tcp_idle_timeout;
+    let mut scratch = Scratch::default();
+    let mut framed = Vec::new();
     loop {
         let read = async {
             let mut length = [0u8; 2];
@@ -330,14 +494,25 @@ async fn serve_connection(
             },
             _ = stop.wait_for(|s| *s) => return,
         };
-        let answer = shared.answer(&message, peer.ip(), Transport::Tcp);
-        let Some(bytes) = answer.bytes else { return };
-        let Ok(length) = u16::try_from(bytes.len()) else {
+        framed.clear();
+        framed.extend_from_slice(&[0, 0]);
+        let serving = shared.serving.load_full();
+        if !shared.respond(
+            &serving,
+            &mut scratch,
+            &message,
+            peer.ip(),
+            Transport::Tcp,
+            &mut framed,
+        ) {
+            scratch.flush();
+            return;
+        }
+        scratch.flush();
+        let Ok(length) = u16::try_from(framed.len() - 2) else {
             return;
         };
-        let mut framed = Vec::with_capacity(bytes.len() + 2);
-        framed.extend_from_slice(&length.to_be_bytes());
-        framed.extend_from_slice(&bytes);
+        framed[..2].copy_from_slice(&length.to_be_bytes());
         match tokio::time::timeout(idle, stream.write_all(&framed)).await {
             Ok(Ok(())) => {}
             _ => return,

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use hickory_proto::rr::rdata::{NS, SOA};
 use hickory_proto::rr::{Name, RData, Record};
-use meridian_config::{Config, DnsSection, Pop};
+use meridian_config::{Config, DnsRrl, DnsSection, Pop};
+
+use super::fast::Prepared;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ZoneError {
@@ -66,6 +68,11 @@ pub struct Zone {
     pub health_timeout: Duration,
     pub max_tcp_connections: usize,
     pub tcp_idle_timeout: Duration,
+    /// Response rate limiting (applied by the UDP workers, not by the answer functions).
+    pub rrl: DnsRrl,
+    /// The answers above in wire format, for the fast path. Built by [`Zone::compile`]; a zone
+    /// changed by hand afterwards needs [`Zone::prepare`] again.
+    pub prepared: Prepared,
 }
 
 impl Zone {
@@ -167,7 +174,7 @@ impl Zone {
             .enumerate()
             .map(|(i, p)| index(format!("dns.default_pops[{i}]"), p))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Zone {
+        let mut zone = Zone {
             origin,
             ttl: dns.ttl,
             soa,
@@ -182,7 +189,16 @@ impl Zone {
             health_timeout: dns.health.timeout.as_duration(),
             max_tcp_connections: dns.limits.max_tcp_connections.max(1),
             tcp_idle_timeout: dns.limits.tcp_idle_timeout.as_duration(),
-        })
+            rrl: dns.rrl.clone(),
+            prepared: Prepared::default(),
+        };
+        zone.prepare();
+        Ok(zone)
+    }
+
+    /// Rebuilds [`Zone::prepared`] from the fields above.
+    pub fn prepare(&mut self) {
+        self.prepared = Prepared::build(self);
     }
 
     pub fn soa_record(&self, ttl: u32) -> Record {

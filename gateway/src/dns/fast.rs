@@ -1,0 +1,1002 @@
+//! The answer path nearly every query takes: the zone's answers are prepared in wire format when the
+//! zone compiles ([`Prepared`]), and a query is parsed in place, steered through a per-worker cache
+//! of PoP rankings ([`RankCache`]) and answered by copying prepared bytes behind the patched header
+//! and the echoed question. Nothing is allocated per query once a worker is warm.
+//!
+//! It handles the common shapes only (one IN question in the zone, at most one OPT record, plain
+//! labels) and declines everything else by returning `None`; the caller then runs the general
+//! [`super::answer::answer`], which stays the definition of what an answer is. The unit tests below
+//! hold the two paths to the same answers.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use hickory_proto::rr::Name;
+
+use super::answer::{Transport, CLASSIC_UDP_LIMIT};
+use super::zone::Zone;
+use crate::core::geo::distance_km;
+
+const TYPE_A: u16 = 1;
+const TYPE_NS: u16 = 2;
+const TYPE_SOA: u16 = 6;
+const TYPE_AAAA: u16 = 28;
+const TYPE_OPT: u16 = 41;
+const TYPE_ANY: u16 = 255;
+const CLASS_IN: u16 = 1;
+const OPTION_NSID: u16 = 3;
+const OPTION_SUBNET: u16 = 8;
+/// A compression pointer to the question name, which always starts right after the header.
+const QNAME_POINTER: [u8; 2] = [0xc0, 0x0c];
+/// Distinct client locations one worker keeps rankings for before it starts over (a City database
+/// has about as many distinct coordinates; the cost of a miss is one ranking of every record).
+const RANKED_LOCATIONS: usize = 1 << 17;
+
+/// Tells apart the prepared zones a [`RankCache`] has seen (rankings belong to one zone version).
+static PREPARED_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// The zone in wire format, built once per compile.
+#[derive(Clone, Debug, Default)]
+pub struct Prepared {
+    id: u64,
+    /// The apex, lower-case, in wire format.
+    origin: Vec<u8>,
+    /// Every existing name (lower-case wire format) → whether it is steered.
+    names: HashMap<Box<[u8]>, Option<usize>>,
+    pops: Vec<PopRecords>,
+    records: Vec<RecordPlan>,
+    /// Ranked PoPs stored per location: the sum of every record's candidate count.
+    ranks_per_location: usize,
+    /// SOA record after its owner name, TTL `ttl` (apex answer) and the negative TTL (authority).
+    soa_answer: Vec<u8>,
+    soa_negative: Vec<u8>,
+    /// The apex NS records, owner = the question name.
+    ns_answer: Vec<u8>,
+    ns_count: u16,
+    answers: usize,
+    max_udp_payload: u16,
+}
+
+/// One PoP's A and AAAA records, owner = the question name, TTL = the zone's.
+#[derive(Clone, Debug, Default)]
+struct PopRecords {
+    location: (f64, f64),
+    a: Vec<u8>,
+    a_count: u16,
+    aaaa: Vec<u8>,
+    aaaa_count: u16,
+}
+
+/// A steered name's candidates as the steering needs them.
+#[derive(Clone, Debug)]
+struct RecordPlan {
+    candidates: Vec<u32>,
+    weights: Vec<f64>,
+    /// `default_pops` that are candidates of this record, in `default_pops` order.
+    defaults: Vec<u32>,
+    /// Where this record's ranking starts within one location's block of a [`RankCache`].
+    rank_offset: usize,
+}
+
+impl Prepared {
+    /// Tells this preparation apart from every other one in the process (caches keyed on a zone
+    /// version use it).
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Prepares `zone`'s answers. Infallible: `zone` was validated when it compiled.
+    pub fn build(zone: &Zone) -> Self {
+        let ttl = zone.ttl.to_be_bytes();
+        let pops = zone
+            .pops
+            .iter()
+            .map(|pop| {
+                let mut records = PopRecords {
+                    location: pop.location,
+                    ..PopRecords::default()
+                };
+                for ip in &pop.v4 {
+                    records.a.extend_from_slice(&QNAME_POINTER);
+                    records.a.extend_from_slice(&TYPE_A.to_be_bytes());
+                    records.a.extend_from_slice(&CLASS_IN.to_be_bytes());
+                    records.a.extend_from_slice(&ttl);
+                    records.a.extend_from_slice(&4u16.to_be_bytes());
+                    records.a.extend_from_slice(&ip.octets());
+                    records.a_count += 1;
+                }
+                for ip in &pop.v6 {
+                    records.aaaa.extend_from_slice(&QNAME_POINTER);
+                    records.aaaa.extend_from_slice(&TYPE_AAAA.to_be_bytes());
+                    records.aaaa.extend_from_slice(&CLASS_IN.to_be_bytes());
+                    records.aaaa.extend_from_slice(&ttl);
+                    records.aaaa.extend_from_slice(&16u16.to_be_bytes());
+                    records.aaaa.extend_from_slice(&ip.octets());
+                    records.aaaa_count += 1;
+                }
+                records
+            })
+            .collect();
+
+        let mut names: HashMap<Box<[u8]>, Option<usize>> = zone
+            .existing
+            .iter()
+            .map(|name| (wire(name).into_boxed_slice(), None))
+            .collect();
+        let mut records = Vec::with_capacity(zone.records.len());
+        let mut rank_offset = 0;
+        for (name, steered) in &zone.records {
+            names.insert(wire(name).into_boxed_slice(), Some(records.len()));
+            let candidates: Vec<u32> = steered.pops.iter().map(|&p| index(p)).collect();
+            let defaults = zone
+                .default_pops
+                .iter()
+                .filter(|d| steered.pops.contains(d))
+                .map(|&d| index(d))
+                .collect();
+            records.push(RecordPlan {
+                weights: steered.weights.clone(),
+                defaults,
+                rank_offset,
+                candidates,
+            });
+            rank_offset += steered.pops.len();
+        }
+
+        let soa = |ttl: u32| {
+            let mut rdata = wire(&zone.soa.mname);
+            rdata.extend_from_slice(&wire(&zone.soa.rname));
+            for value in [
+                zone.soa.serial,
+                zone.soa.refresh as u32,
+                zone.soa.retry as u32,
+                zone.soa.expire as u32,
+                zone.soa.minimum,
+            ] {
+                rdata.extend_from_slice(&value.to_be_bytes());
+            }
+            let mut record = Vec::with_capacity(rdata.len() + 10);
+            record.extend_from_slice(&TYPE_SOA.to_be_bytes());
+            record.extend_from_slice(&CLASS_IN.to_be_bytes());
+            record.extend_from_slice(&ttl.to_be_bytes());
+            record.extend_from_slice(&rdlength(&rdata));
+            record.extend_from_slice(&rdata);
+            record
+        };
+        let mut ns_answer = Vec::new();
+        for ns in &zone.ns {
+            let rdata = wire(ns);
+            ns_answer.extend_from_slice(&QNAME_POINTER);
+            ns_answer.extend_from_slice(&TYPE_NS.to_be_bytes());
+            ns_answer.extend_from_slice(&CLASS_IN.to_be_bytes());
+            ns_answer.extend_from_slice(&ttl);
+            ns_answer.extend_from_slice(&rdlength(&rdata));
+            ns_answer.extend_from_slice(&rdata);
+        }
+        Prepared {
+            id: PREPARED_IDS.fetch_add(1, Ordering::Relaxed),
+            origin: wire(&zone.origin),
+            names,
+            pops,
+            records,
+            ranks_per_location: rank_offset,
+            soa_answer: soa(zone.ttl),
+            soa_negative: soa(zone.negative_ttl()),
+            ns_answer,
+            ns_count: u16::try_from(zone.ns.len()).unwrap_or(u16::MAX),
+            answers: zone.answers,
+            max_udp_payload: zone.max_udp_payload,
+        }
+    }
+
+    /// The steering of one query: which PoPs answer `record` for a client at `location`, into
+    /// `chosen`; returns whether this was a fail-open answer. The same choice as
+    /// [`super::answer::steer`], with the distance ranking taken from `ranks`.
+    fn steer(
+        &self,
+        record: usize,
+        family: (bool, bool),
+        healthy: &dyn Fn(usize) -> bool,
+        location: Option<(f64, f64)>,
+        ranks: &mut RankCache,
+        chosen: &mut Vec<usize>,
+    ) -> bool {
+        let Some(plan) = self.records.get(record) else {
+            return false;
+        };
+        let (v4, v6) = family;
+        let want = |p: usize| {
+            self.pops
+                .get(p)
+                .is_some_and(|pop| (v4 && pop.a_count > 0) || (v6 && pop.aaaa_count > 0))
+        };
+        let up = |p: usize| want(p) && healthy(p);
+        let start = chosen.len();
+        if !plan.candidates.iter().any(|&p| up(p as usize)) {
+            chosen.extend(
+                plan.candidates
+                    .iter()
+                    .map(|&p| p as usize)
+                    .filter(|&p| want(p)),
+            );
+            return chosen.len() > start;
+        }
+        let take = self.answers;
+        match location {
+            Some(location) => {
+                let ranked = ranks.ranked(self, location, plan);
+                chosen.extend(
+                    ranked
+                        .iter()
+                        .map(|&p| p as usize)
+                        .filter(|&p| up(p))
+                        .take(take),
+                );
+            }
+            None => {
+                chosen.extend(
+                    plan.defaults
+                        .iter()
+                        .map(|&p| p as usize)
+                        .filter(|&p| up(p))
+                        .take(take),
+                );
+                if chosen.len() == start {
+                    chosen.extend(
+                        plan.candidates
+                            .iter()
+                            .map(|&p| p as usize)
+                            .filter(|&p| up(p))
+                            .take(take),
+                    );
+                }
+            }
+        }
+        false
+    }
+}
+
+/// Per-worker memory of PoP rankings by client location: each distinct location is ranked once
+/// (every record's healthy-or-not candidates by distance / weight), after which steering a query is
+/// a lookup plus a health filter. Health changes need no re-ranking: the filter reads the current
+/// flags.
+#[derive(Debug, Default)]
+pub struct RankCache {
+    prepared: u64,
+    slots: HashMap<(u64, u64), usize>,
+    ranks: Vec<u32>,
+}
+
+impl RankCache {
+    fn ranked(&mut self, prepared: &Prepared, location: (f64, f64), plan: &RecordPlan) -> &[u32] {
+        if self.prepared != prepared.id || self.slots.len() >= RANKED_LOCATIONS {
+            self.prepared = prepared.id;
+            self.slots.clear();
+            self.ranks.clear();
+        }
+        let key = (location.0.to_bits(), location.1.to_bits());
+        let base =
+            match self.slots.get(&key) {
+                Some(&base) => base,
+                None => {
+                    let base = self.ranks.len();
+                    let mut costed: Vec<(f64, u32)> = Vec::new();
+                    for record in &prepared.records {
+                        costed.clear();
+                        costed.extend(record.candidates.iter().zip(&record.weights).map(
+                            |(&p, &w)| {
+                                let at = prepared
+                                    .pops
+                                    .get(p as usize)
+                                    .map_or((0.0, 0.0), |pop| pop.location);
+                                (distance_km(location, at) / w, p)
+                            },
+                        ));
+                        costed.sort_by(|a, b| a.0.total_cmp(&b.0).then(a.1.cmp(&b.1)));
+                        self.ranks.extend(costed.iter().map(|&(_, p)| p));
+                    }
+                    debug_assert_eq!(self.ranks.len() - base, prepared.ranks_per_location);
+                    self.slots.insert(key, base);
+                    base
+                }
+            };
+        let start = base + plan.rank_offset;
+        self.ranks
+            .get(start..start + plan.candidates.len())
+            .unwrap_or(&[])
+    }
+}
+
+/// What [`respond`] answered, for the metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Meta {
+    pub qtype: &'static str,
+    pub rcode: &'static str,
+    pub fail_open: bool,
+}
+
+/// A query as the fast path understands it.
+struct Query<'a> {
+    id: [u8; 2],
+    recursion_desired: bool,
+    /// The question as received (echoed byte for byte, so 0x20 case survives).
+    question: &'a [u8],
+    /// The question name, lower-cased, wire format.
+    name: [u8; 255],
+    name_len: usize,
+    qtype: u16,
+    edns: Option<EdnsQuery>,
+}
+
+struct EdnsQuery {
+    payload: u16,
+    /// (address, source prefix) of an EDNS Client Subnet option.
+    subnet: Option<(IpAddr, u8)>,
+}
+
+/// Answers `request` into `out` (appended) and the steered PoPs into `chosen`, or returns `None`
+/// (and leaves both as they were) when the query is not one of the shapes this path handles.
+#[allow(clippy::too_many_arguments)]
+pub fn respond(
+    prepared: &Prepared,
+    ranks: &mut RankCache,
+    request: &[u8],
+    source: IpAddr,
+    transport: Transport,
+    healthy: &dyn Fn(usize) -> bool,
+    locate: &dyn Fn(IpAddr) -> Option<(f64, f64)>,
+    out: &mut Vec<u8>,
+    chosen: &mut Vec<usize>,
+) -> Option<Meta> {
+    let query = parse(request)?;
+    let name = query.name.get(..query.name_len)?;
+    // Only names under the apex, cut at a label boundary; everything else (REFUSED) goes the
+    // general way.
+    let origin = prepared.origin.as_slice();
+    let mut at = 0;
+    while name.len() - at > origin.len() {
+        at += 1 + usize::from(name[at]);
+    }
+    if name.get(at..)? != origin {
+        return None;
+    }
+    let origin_pointer = u16::try_from(12 + at).ok()? | 0xc000;
+
+    let (client, subnet_prefix) = match query.edns.as_ref().and_then(|e| e.subnet) {
+        Some((address, prefix)) if prefix > 0 => (address, Some(prefix)),
+        _ => (source, None),
+    };
+    let udp_limit = query.edns.as_ref().map_or(CLASSIC_UDP_LIMIT, |e| {
+        usize::from(e.payload.clamp(512, prepared.max_udp_payload))
+    });
+
+    let start = out.len();
+    let chosen_start = chosen.len();
+    out.extend_from_slice(&query.id);
+    out.push(0x80 | 0x04 | u8::from(query.recursion_desired));
+    out.push(0);
+    out.extend_from_slice(&[0, 1, 0, 0, 0, 0, 0, 0]);
+    out.extend_from_slice(query.question);
+
+    let entry = prepared.names.get(name);
+    let qtype = query.qtype;
+    let mut answers: u16 = 0;
+    let mut nxdomain = false;
+    let mut fail_open = false;
+    let mut tailored = false;
+    if at == 0 && matches!(qtype, TYPE_SOA | TYPE_NS | TYPE_ANY) {
+        if matches!(qtype, TYPE_SOA | TYPE_ANY) {
+            out.extend_from_slice(&QNAME_POINTER);
+            out.extend_from_slice(&prepared.soa_answer);
+            answers += 1;
+        }
+        if matches!(qtype, TYPE_NS | TYPE_ANY) {
+            out.extend_from_slice(&prepared.ns_answer);
+            answers = answers.saturating_add(prepared.ns_count);
+        }
+    } else if let (Some(Some(record)), true) =
+        (entry, matches!(qtype, TYPE_A | TYPE_AAAA | TYPE_ANY))
+    {
+        let location = locate(client);
+        tailored = location.is_some();
+        let v4 = matches!(qtype, TYPE_A | TYPE_ANY);
+        let v6 = matches!(qtype, TYPE_AAAA | TYPE_ANY);
+        fail_open = prepared.steer(*record, (v4, v6), healthy, location, ranks, chosen);
+        for &p in &chosen[chosen_start..] {
+            let Some(pop) = prepared.pops.get(p) else {
+                continue;
+            };
+            if v4 {
+                out.extend_from_slice(&pop.a);
+                answers = answers.saturating_add(pop.a_count);
+            }
+            if v6 {
+                out.extend_from_slice(&pop.aaaa);
+                answers = answers.saturating_add(pop.aaaa_count);
+            }
+        }
+    } else if entry.is_none() {
+        nxdomain = true;
+    }
+    let mut authority = 0u8;
+    if answers == 0 {
+        // NXDOMAIN or NODATA: the SOA in authority lets resolvers cache the negative answer.
+        out.extend_from_slice(&origin_pointer.to_be_bytes());
+        out.extend_from_slice(&prepared.soa_negative);
+        authority = 1;
+    }
+    let mut additional = 0u8;
+    if query.edns.is_some() {
+        additional = 1;
+        out.push(0);
+        out.extend_from_slice(&TYPE_OPT.to_be_bytes());
+        out.extend_from_slice(&prepared.max_udp_payload.max(512).to_be_bytes());
+        out.extend_from_slice(&[0, 0, 0, 0]);
+        match subnet_prefix {
+            Some(prefix) => {
+                // RFC 7871 §7.2.1: echo the option; the scope says how much of the address the
+                // answer used.
+                let scope = if tailored { prefix } else { 0 };
+                let bytes = usize::from(prefix).div_ceil(8);
+                let (family, octets) = match mask(client, prefix) {
+                    IpAddr::V4(v4) => (1u16, v4.to_ipv6_mapped().octets()),
+                    IpAddr::V6(v6) => (2u16, v6.octets()),
+                };
+                let octets = if family == 1 {
+                    &octets[12..12 + bytes.min(4)]
+                } else {
+                    &octets[..bytes.min(16)]
+                };
+                let option_len = u16::try_from(4 + octets.len()).ok()?;
+                out.extend_from_slice(&(option_len + 4).to_be_bytes());
+                out.extend_from_slice(&OPTION_SUBNET.to_be_bytes());
+                out.extend_from_slice(&option_len.to_be_bytes());
+                out.extend_from_slice(&family.to_be_bytes());
+                out.push(prefix);
+                out.push(scope);
+                out.extend_from_slice(octets);
+            }
+            None => out.extend_from_slice(&[0, 0]),
+        }
+    }
+    // What does not fit in UDP goes the general way, which decides truncation.
+    if transport == Transport::Udp && out.len() - start > udp_limit {
+        out.truncate(start);
+        chosen.truncate(chosen_start);
+        return None;
+    }
+    if let Some(header) = out.get_mut(start..start + 12) {
+        header[3] = if nxdomain { 3 } else { 0 };
+        header[6..8].copy_from_slice(&answers.to_be_bytes());
+        header[9] = authority;
+        header[11] = additional;
+    }
+    Some(Meta {
+        qtype: qtype_label(qtype),
+        rcode: if nxdomain { "NXDOMAIN" } else { "NOERROR" },
+        fail_open,
+    })
+}
+
+fn parse(request: &[u8]) -> Option<Query<'_>> {
+    let header = request.get(..12)?;
+    let flags = header[2];
+    // A query (QR clear) with opcode QUERY, one question, nothing in answer or authority.
+    if flags & 0x80 != 0 || (flags >> 3) & 0x0f != 0 {
+        return None;
+    }
+    if be16(header, 4)? != 1 || be16(header, 6)? != 0 || be16(header, 8)? != 0 {
+        return None;
+    }
+    let additional = be16(header, 10)?;
+    if additional > 1 {
+        return None;
+    }
+    let mut name = [0u8; 255];
+    let mut name_len = 0;
+    let mut at = 12;
+    loop {
+        let len = usize::from(*request.get(at)?);
+        if len == 0 {
+            *name.get_mut(name_len)? = 0;
+            name_len += 1;
+            at += 1;
+            break;
+        }
+        // Compression pointers, extended label types and anything but letters, digits, '-' and
+        // '_' in a label: the general path.
+        if len > 63 || name_len + len + 2 > name.len() {
+            return None;
+        }
+        let label = request.get(at + 1..at + 1 + len)?;
+        name[name_len] = len as u8;
+        for (to, &byte) in name[name_len + 1..].iter_mut().zip(label) {
+            if !(byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_') {
+                return None;
+            }
+            *to = byte.to_ascii_lowercase();
+        }
+        name_len += 1 + len;
+        at += 1 + len;
+    }
+    let qtype = be16(request, at)?;
+    if be16(request, at + 2)? != CLASS_IN {
+        return None;
+    }
+    at += 4;
+    let question = request.get(12..at)?;
+    let mut edns = None;
+    if additional == 1 {
+        // Only an OPT record at the root, version 0, with well-formed options.
+        if *request.get(at)? != 0 || be16(request, at + 1)? != TYPE_OPT {
+            return None;
+        }
+        let payload = be16(request, at + 3)?;
+        if *request.get(at + 6)? != 0 {
+            return None;
+        }
+        let length = usize::from(be16(request, at + 9)?);
+        let options = request.get(at + 11..at + 11 + length)?;
+        at += 11 + length;
+        let mut subnet = None;
+        let mut i = 0;
+        while i < options.len() {
+            let code = be16(options, i)?;
+            let len = usize::from(be16(options, i + 2)?);
+            let data = options.get(i + 4..i + 4 + len)?;
+            match code {
+                OPTION_SUBNET if subnet.is_none() => subnet = Some(parse_subnet(data)?),
+                OPTION_SUBNET | OPTION_NSID => return None,
+                _ => {}
+            }
+            i += 4 + len;
+        }
+        edns = Some(EdnsQuery { payload, subnet });
+    }
+    if at != request.len() {
+        return None;
+    }
+    Some(Query {
+        id: [header[0], header[1]],
+        recursion_desired: flags & 0x01 != 0,
+        question,
+        name,
+        name_len,
+        qtype,
+        edns,
+    })
+}
+
+/// RFC 7871 option data: family, source prefix, scope prefix, the address cut to the prefix.
+fn parse_subnet(data: &[u8]) -> Option<(IpAddr, u8)> {
+    let family = be16(data, 0)?;
+    let prefix = *data.get(2)?;
+    let bytes = usize::from(prefix).div_ceil(8);
+    let address = data.get(4..)?;
+    if address.len() != bytes {
+        return None;
+    }
+    match family {
+        1 if prefix <= 32 => {
+            let mut octets = [0u8; 4];
+            octets[..bytes].copy_from_slice(address);
+            Some((IpAddr::V4(Ipv4Addr::from(octets)), prefix))
+        }
+        2 if prefix <= 128 => {
+            let mut octets = [0u8; 16];
+            octets[..bytes].copy_from_slice(address);
+            Some((IpAddr::V6(Ipv6Addr::from(octets)), prefix))
+        }
+        _ => None,
+    }
+}
+
+fn be16(bytes: &[u8], at: usize) -> Option<u16> {
+    let pair = bytes.get(at..at + 2)?;
+    Some(u16::from_be_bytes([pair[0], pair[1]]))
+}
+
+fn qtype_label(qtype: u16) -> &'static str {
+    match qtype {
+        TYPE_A => "A",
+        TYPE_AAAA => "AAAA",
+        TYPE_SOA => "SOA",
+        TYPE_NS => "NS",
+        TYPE_ANY => "ANY",
+        _ => "other",
+    }
+}
+
+fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V4(v4) => {
+            let keep = u32::MAX
+                .checked_shl(32 - u32::from(prefix.min(32)))
+                .unwrap_or(0);
+            IpAddr::V4((u32::from(v4) & keep).into())
+        }
+        IpAddr::V6(v6) => {
+            let keep = u128::MAX
+                .checked_shl(128 - u32::from(prefix.min(128)))
+                .unwrap_or(0);
+            IpAddr::V6((u128::from(v6) & keep).into())
+        }
+    }
+}
+
+/// A (lower-case, fully qualified) name in uncompressed wire format.
+fn wire(name: &Name) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(name.len() + 1);
+    for label in name.iter() {
+        bytes.push(label.len() as u8);
+        bytes.extend(label.iter().map(u8::to_ascii_lowercase));
+    }
+    bytes.push(0);
+    bytes
+}
+
+fn rdlength(rdata: &[u8]) -> [u8; 2] {
+    u16::try_from(rdata.len()).unwrap_or(u16::MAX).to_be_bytes()
+}
+
+fn index(p: usize) -> u32 {
+    u32::try_from(p).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The fast path against the general one ([`super::super::answer::answer`], the answers GeoDNS
+    //! gave before the fast path existed): the same message for every test-world client, name,
+    //! type, EDNS shape and health state, and for thousands of damaged queries.
+
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+    use hickory_proto::op::{Edns, Message, Query};
+    use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
+    use hickory_proto::rr::{Name, RecordType};
+    use meridian_geoip::{test_world, GeoDb};
+    use meridian_testkit::test_world::build as build_test_world;
+
+    use super::super::answer::{answer, respond, Transport};
+    use super::super::zone::Zone;
+    use super::{Prepared, RankCache};
+
+    const LOCAL: &str = include_str!("../../../examples/local.toml");
+
+    /// `examples/local.toml`, and a variant that exercises the rest of the steering: several PoPs
+    /// per answer, weights, the apex and an empty non-terminal steered, a PoP without IPv6, no
+    /// configured default PoPs.
+    fn zones() -> Vec<Zone> {
+        let local = meridian_config::Config::from_toml_str(LOCAL).expect("examples/local.toml");
+        let mut variant = local.clone();
+        {
+            let dns = variant.dns.as_mut().expect("[dns]");
+            dns.answers = 3;
+            dns.default_pops.clear();
+            dns.records.push(meridian_config::DnsRecord {
+                name: "@".into(),
+                pops: Vec::new(),
+                weights: [("frankfurt".to_string(), 7)].into_iter().collect(),
+            });
+            dns.records.push(meridian_config::DnsRecord {
+                name: "a.b".into(),
+                pops: vec!["seoul".into(), "frankfurt".into(), "manila".into()],
+                weights: [("manila".to_string(), 3)].into_iter().collect(),
+            });
+        }
+        variant.pops[5].addresses.retain(|a| !a.contains(':'));
+        variant.validate().expect("variant validates");
+        [local, variant]
+            .iter()
+            .map(|config| Zone::compile(config).expect("zone compiles"))
+            .collect()
+    }
+
+    fn geo() -> GeoDb {
+        GeoDb::from_bytes(build_test_world().expect("test world")).expect("test world opens")
+    }
+
+    fn message(
+        name: &str,
+        qtype: RecordType,
+        edns: Option<(u16, Option<ClientSubnet>)>,
+    ) -> Vec<u8> {
+        let mut message = Message::query();
+        message.metadata.id = 0x5a17;
+        message.metadata.recursion_desired = name.len().is_multiple_of(2);
+        message.add_query(Query::query(Name::from_ascii(name).expect("name"), qtype));
+        if let Some((payload, subnet)) = edns {
+            let mut edns = Edns::new();
+            edns.set_max_payload(payload);
+            if let Some(subnet) = subnet {
+                edns.options_mut().insert(EdnsOption::Subnet(subnet));
+            }
+            message.set_edns(edns);
+        }
+        message.to_vec().expect("encodes")
+    }
+
+    /// Runs both paths; when the fast one answers, its answer must be the general one's. Returns
+    /// whether the fast path answered.
+    fn same(
+        zone: &Zone,
+        ranks: &mut RankCache,
+        request: &[u8],
+        source: IpAddr,
+        healthy: &dyn Fn(usize) -> bool,
+        locate: &dyn Fn(IpAddr) -> Option<(f64, f64)>,
+        context: &str,
+    ) -> bool {
+        let general = answer(zone, request, source, Transport::Udp, healthy, locate);
+        // Earlier answers of a batch sit in front: the fast path appends after them.
+        let mut out = vec![0xaa, 0xbb];
+        let mut chosen = vec![99];
+        let fast = super::respond(
+            &zone.prepared,
+            ranks,
+            request,
+            source,
+            Transport::Udp,
+            healthy,
+            locate,
+            &mut out,
+            &mut chosen,
+        );
+        let Some(meta) = fast else {
+            assert_eq!(out, [0xaa, 0xbb], "{context}: declined, buffer untouched");
+            assert_eq!(chosen, [99], "{context}: declined, PoPs untouched");
+            return false;
+        };
+        let bytes = general
+            .bytes
+            .as_deref()
+            .expect("the general path answers too");
+        let expected = Message::from_vec(bytes).expect("general answer decodes");
+        let got = Message::from_vec(&out[2..]).expect("fast answer decodes");
+        assert_eq!(got, expected, "{context}");
+        assert!(out.len() - 2 <= bytes.len().max(512), "{context}: size");
+        assert_eq!(
+            (meta.qtype, meta.rcode, meta.fail_open),
+            (general.qtype, general.rcode, general.fail_open),
+            "{context}"
+        );
+        assert_eq!(&chosen[1..], general.pops.as_slice(), "{context}: PoPs");
+        assert!(!general.truncated, "{context}");
+        true
+    }
+
+    #[test]
+    fn same_answers_as_the_general_path_for_the_whole_test_world() {
+        let db = geo();
+        let locate = |ip: IpAddr| db.lookup(ip).ok().flatten().and_then(|l| l.coordinates);
+        let names = [
+            "api.example.test.",
+            "API.Example.TEST.",
+            "inference.example.test.",
+            "static.example.test.",
+            "example.test.",
+            "eXample.tesT.",
+            "nope.example.test.",
+            "missing.api.example.test.",
+            "b.example.test.",
+            "a.b.example.test.",
+            "_x-1.a.b.example.test.",
+        ];
+        let qtypes = [
+            RecordType::A,
+            RecordType::AAAA,
+            RecordType::ANY,
+            RecordType::SOA,
+            RecordType::NS,
+            RecordType::MX,
+            RecordType::TXT,
+            RecordType::CNAME,
+            RecordType::AXFR,
+            RecordType::Unknown(65_000),
+        ];
+        let mut sources: Vec<IpAddr> = test_world::PLACES
+            .iter()
+            .map(|place| place.client_addr(53))
+            .collect();
+        sources.extend([
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
+            IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ]);
+        let subnet_sources = [sources[0], IpAddr::V4(Ipv4Addr::LOCALHOST)];
+        // EDNS shapes: none, plain (small and large buffers), and client subnets of every
+        // test-world network at several prefix lengths, unplaced ones and opted-out (/0) ones.
+        let mut shapes: Vec<Option<(u16, Option<ClientSubnet>)>> =
+            vec![None, Some((100, None)), Some((4096, None))];
+        for place in test_world::PLACES {
+            let net: ipnet::Ipv4Net = place.network.parse().expect("network");
+            let base = net.network();
+            for (address, prefix) in [(base, 24), (base, 16), (base, 32), (base, 20)] {
+                shapes.push(Some((
+                    1232,
+                    Some(ClientSubnet::new(IpAddr::V4(address), prefix, 0)),
+                )));
+            }
+        }
+        for (address, prefix) in [
+            (IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
+            (IpAddr::V4(Ipv4Addr::new(192, 0, 2, 0)), 24),
+            (IpAddr::V4(Ipv4Addr::new(127, 15, 3, 7)), 31),
+            (IpAddr::V6("2001:db8:aa::".parse().expect("v6")), 56),
+            (IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0),
+        ] {
+            shapes.push(Some((1232, Some(ClientSubnet::new(address, prefix, 0)))));
+        }
+        let all_up = |_: usize| true;
+        let (mut fast, mut total) = (0, 0);
+        for (z, zone) in zones().iter().enumerate() {
+            let pops = zone.pops.len();
+            // Health: all up, each PoP down alone, all down, only one up.
+            let mut patterns: Vec<Vec<bool>> = vec![vec![true; pops], vec![false; pops]];
+            for down in 0..pops {
+                patterns.push((0..pops).map(|p| p != down).collect());
+            }
+            patterns.push((0..pops).map(|p| p == 5).collect());
+            patterns.push((0..pops).map(|p| p % 2 == 0).collect());
+            let mut ranks = RankCache::default();
+            for name in names {
+                for qtype in qtypes {
+                    let steerable =
+                        matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::ANY);
+                    for shape in &shapes {
+                        let request = message(name, qtype, *shape);
+                        // A client subnet decides alone; without one, the resolver's address.
+                        let has_subnet = matches!(shape, Some((_, Some(_))));
+                        let from: &[IpAddr] = if has_subnet {
+                            &subnet_sources
+                        } else {
+                            &sources
+                        };
+                        for &source in from {
+                            let context =
+                                format!("zone {z} {name} {qtype} {shape:?} from {source}");
+                            total += 1;
+                            if same(
+                                zone, &mut ranks, &request, source, &all_up, &locate, &context,
+                            ) {
+                                fast += 1;
+                            }
+                            if !steerable {
+                                continue;
+                            }
+                            for health in &patterns {
+                                let healthy = |p: usize| health.get(p).copied().unwrap_or(true);
+                                let context = format!("{context} health {health:?}");
+                                total += 1;
+                                if same(
+                                    zone, &mut ranks, &request, source, &healthy, &locate, &context,
+                                ) {
+                                    fast += 1;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Every query above is in the zone, class IN, one OPT at most: all of them are fast.
+        assert_eq!(fast, total, "queries the fast path declined");
+    }
+
+    #[test]
+    fn damaged_queries_are_declined_or_answered_the_same() {
+        let db = geo();
+        let locate = |ip: IpAddr| db.lookup(ip).ok().flatten().and_then(|l| l.coordinates);
+        let zones = zones();
+        let seeds = [
+            message("api.example.test.", RecordType::A, None),
+            message(
+                "Static.example.test.",
+                RecordType::AAAA,
+                Some((
+                    1232,
+                    Some(ClientSubnet::new(
+                        IpAddr::V4(Ipv4Addr::new(127, 14, 0, 0)),
+                        24,
+                        0,
+                    )),
+                )),
+            ),
+            message("example.test.", RecordType::SOA, Some((4096, None))),
+            message("nope.example.test.", RecordType::A, Some((1232, None))),
+        ];
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut ranks = RankCache::default();
+        let healthy = |p: usize| p != 2;
+        let mut answered = 0;
+        for round in 0..20_000 {
+            let zone = &zones[round % zones.len()];
+            let mut packet = seeds[round % seeds.len()].clone();
+            for _ in 0..=(next() % 3) {
+                match next() % 4 {
+                    0 if !packet.is_empty() => {
+                        let at = next() as usize % packet.len();
+                        packet[at] = next() as u8;
+                    }
+                    1 => packet.truncate(next() as usize % (packet.len() + 1)),
+                    2 => packet.push(next() as u8),
+                    _ if packet.len() > 12 => {
+                        // Header fields are where shapes differ: counts, flags, opcode.
+                        let at = 2 + next() as usize % 10;
+                        packet[at] = next() as u8;
+                    }
+                    _ => {}
+                }
+            }
+            let source = IpAddr::V4(Ipv4Addr::new(127, 10 + (round % 9) as u8, 0, 9));
+            if same(
+                zone,
+                &mut ranks,
+                &packet,
+                source,
+                &healthy,
+                &locate,
+                &format!("round {round}: {packet:02x?}"),
+            ) {
+                answered += 1;
+            }
+        }
+        assert!(
+            answered > 300,
+            "the fast path still answers most lightly damaged queries: {answered}"
+        );
+    }
+
+    #[test]
+    fn what_does_not_fit_goes_the_general_way_and_truncates() {
+        let mut zone = zones().remove(0);
+        zone.pops[1].v4 = (1..=60).map(|i| Ipv4Addr::new(198, 51, 100, i)).collect();
+        zone.prepare();
+        let request = message("api.example.test.", RecordType::A, None);
+        let source = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let mut ranks = RankCache::default();
+        let (mut out, mut chosen) = (Vec::new(), Vec::new());
+        let none = |_: IpAddr| None;
+        let outcome = respond(
+            &zone,
+            &mut ranks,
+            &request,
+            source,
+            Transport::Udp,
+            &|_| true,
+            &none,
+            &mut out,
+            &mut chosen,
+        );
+        assert!(outcome.sent && outcome.truncated);
+        assert!(
+            Message::from_vec(&out)
+                .expect("decodes")
+                .metadata
+                .truncation
+        );
+        out.clear();
+        let outcome = respond(
+            &zone,
+            &mut ranks,
+            &request,
+            source,
+            Transport::Tcp,
+            &|_| true,
+            &none,
+            &mut out,
+            &mut chosen,
+        );
+        assert!(outcome.sent && !outcome.truncated);
+        assert_eq!(Message::from_vec(&out).expect("decodes").answers.len(), 60);
+        // A stale prepared zone is never used by a cache built for another one.
+        assert_ne!(zone.prepared.id, Prepared::default().id);
+    }
+}
