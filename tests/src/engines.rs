@@ -324,3 +324,96 @@ fn ping(addr: SocketAddr) -> bool {
     let mut answer = [0u8; 7];
     stream.read_exact(&mut answer).is_ok() && &answer == b"+PONG\r\n"
 }
+
+/// An in-process `meridian config-server --etcd …` replica on an ephemeral port. Several can
+/// run against one cluster.
+pub struct EtcdConfigService {
+    pub addr: SocketAddr,
+    pub token: String,
+    pub state: std::sync::Arc<meridian_config_service::ServiceState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl EtcdConfigService {
+    pub fn start(
+        runtime: &tokio::runtime::Runtime,
+        endpoints: &[String],
+        prefix: &str,
+    ) -> EtcdConfigService {
+        let store = runtime
+            .block_on(meridian_config_service::EtcdStore::connect(
+                endpoints, prefix, 0,
+            ))
+            .expect("config store on etcd");
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind config service");
+        let addr = listener.local_addr().expect("addr");
+        let token = "test-token".to_string();
+        let state = std::sync::Arc::new(meridian_config_service::ServiceState::with_store(
+            std::sync::Arc::new(store),
+            token.clone(),
+        ));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let serving = state.clone();
+        let task = runtime.spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.await;
+            };
+            let _ = meridian_config_service::serve(listener, serving, shutdown).await;
+        });
+        EtcdConfigService {
+            addr,
+            token,
+            state,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn client(&self) -> meridian_config_service::ConfigClient {
+        meridian_config_service::ConfigClient::new(&self.url(), Some(self.token.clone()))
+            .expect("client")
+    }
+
+    /// Stops the replica and waits for it to finish.
+    pub fn stop(&mut self, runtime: &tokio::runtime::Runtime) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = runtime.block_on(task);
+        }
+    }
+}
+
+/// Another edge of `world` (same origins) whose `[control]` is `control`, with its last-good
+/// cache in `cache_dir`, on fresh ephemeral ports.
+pub fn start_edge_with_control(
+    world: &crate::World,
+    control: meridian_config::Control,
+) -> meridian_gateway::edge::RunningEdge {
+    let mut config = world.config.clone();
+    config.edge.http = crate::free_local_addr().to_string();
+    config.edge.admin.listen = "127.0.0.1:0".into();
+    if config.edge.https.is_some() {
+        config.edge.https = Some(crate::free_local_addr().to_string());
+    }
+    config.control = Some(control);
+    meridian_gateway::edge::RunningEdge::start(meridian_gateway::edge::EdgeOptions {
+        config,
+        meta: meridian_gateway::core::SnapshotMeta {
+            version: 0,
+            hash: "test".into(),
+        },
+        handle_signals: false,
+        watch_file: None,
+        base_dir: None,
+    })
+    .expect("edge starts")
+}
