@@ -4,10 +4,13 @@
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use meridian_config::{Config, Control, HumanDuration};
+use meridian_config::inference::{ApiKey, RateLimit, RouteInference};
+use meridian_config::{
+    Config, Control, HumanDuration, LimitsBackend, LimitsSection, OnBackendError,
+};
 use meridian_config_service::{ClientError, ConfigClient};
 use meridian_tests::engines::{start_edge_with_control, EtcdCluster, EtcdConfigService, Redis};
-use meridian_tests::{local_config, source_for, World};
+use meridian_tests::{local_config, source_for, Protocol, World};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
@@ -259,5 +262,184 @@ fn edges_follow_replicas_through_an_etcd_leader_kill_and_a_full_outage() {
         history.len(),
         acknowledged.len() + 1,
         "nothing but the pushes"
+    );
+}
+
+const INFERENCE_HOST: &str = "inference.example.test";
+/// sha256("sk-alpha") and sha256("sk-beta").
+const ALPHA_SHA256: &str = "2179e632e89277f18aa600491b68ad55121fd6caa045e047fdeb426088a5a5f1";
+const BETA_SHA256: &str = "c29d79ad08b23ba5095b823d0b2e777320983be14c1150de96d07a86da5cd78c";
+
+/// The demo config with a per-key request limit on the inference route, counted in `redis`.
+fn globally_limited(
+    requests_per_minute: u32,
+    redis: &Redis,
+    on_backend_error: OnBackendError,
+) -> Config {
+    let mut config = local_config();
+    let route = config
+        .routes
+        .iter_mut()
+        .find(|r| r.name == "inference")
+        .expect("inference route");
+    route.inference = Some(RouteInference {
+        max_body_bytes: 65536,
+        rate_limit: Some(RateLimit {
+            requests_per_minute: Some(requests_per_minute),
+            tokens_per_minute: None,
+        }),
+    });
+    config.api_keys = vec![
+        ApiKey {
+            name: "alpha".into(),
+            sha256: ALPHA_SHA256.into(),
+        },
+        ApiKey {
+            name: "beta".into(),
+            sha256: BETA_SHA256.into(),
+        },
+    ];
+    config.limits = LimitsSection {
+        backend: LimitsBackend::Redis,
+        redis: vec![redis.url()],
+        on_backend_error,
+        lease: 0,
+    };
+    config
+}
+
+async fn model_call(target: std::net::SocketAddr, token: &str) -> u16 {
+    let auth = format!("Bearer {token}");
+    meridian_tests::Client::new(target)
+        .request(
+            Protocol::Http1,
+            source_for("SG"),
+            "POST",
+            INFERENCE_HOST,
+            "/v1/chat/completions",
+            &[("authorization", &auth)],
+            br#"{"model":"qwen-turbo","max_tokens":8}"#.to_vec(),
+        )
+        .await
+        .map_or_else(
+            |e| {
+                eprintln!("model call failed: {e:#}");
+                0
+            },
+            |reply| reply.status,
+        )
+}
+
+/// Limits count per wall-clock minute, the same on every edge: a measurement must not straddle
+/// two. When less than 40 s of the current minute are left, wait for the next one to begin.
+fn wait_for_a_fresh_minute() {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock after 1970");
+    let into_minute = now.as_millis() % 60_000;
+    if into_minute > 20_000 {
+        std::thread::sleep(std::time::Duration::from_millis(
+            (60_000 - into_minute) as u64 + 50,
+        ));
+    }
+}
+
+#[test]
+fn three_edges_share_a_redis_limit_within_two_percent() {
+    let redis = Redis::start();
+    let world = World::start(globally_limited(600, &redis, OnBackendError::Allow));
+    let more = [world.start_edge("edge-1"), world.start_edge("edge-2")];
+    let edges = [world.edge.http_addr, more[0].http_addr, more[1].http_addr];
+    wait_for_a_fresh_minute();
+    // Three times the limit, spread evenly over the three edges, 4 connections per edge.
+    let started = std::time::Instant::now();
+    let statuses = world.runtime.block_on(async {
+        let mut calls = tokio::task::JoinSet::new();
+        for worker in 0..12 {
+            let target = edges[worker % 3];
+            calls.spawn(async move {
+                let mut seen = Vec::with_capacity(150);
+                for _ in 0..150 {
+                    seen.push(model_call(target, "sk-alpha").await);
+                }
+                seen
+            });
+        }
+        calls.join_all().await.concat()
+    });
+    let admitted = statuses.iter().filter(|&&s| s == 200).count();
+    let refused = statuses.iter().filter(|&&s| s == 429).count();
+    eprintln!(
+        "1800 calls over 3 edges in {:?}: {admitted} admitted, {refused} refused",
+        started.elapsed()
+    );
+    let mut by_status = std::collections::BTreeMap::new();
+    for status in &statuses {
+        *by_status.entry(*status).or_insert(0) += 1;
+    }
+    assert_eq!(
+        admitted + refused,
+        1800,
+        "every call answered 200 or 429: {by_status:?}"
+    );
+    assert!(
+        (588..=612).contains(&admitted),
+        "admitted {admitted}, want 600 ± 2 %"
+    );
+    // Another key has its own budget.
+    assert_eq!(world.runtime.block_on(model_call(edges[1], "sk-beta")), 200);
+    let metrics = world.metrics();
+    let refills = meridian_tests::metric_value(&metrics, "meridian_limits_lease_refills_total")
+        .expect("lease refills counted");
+    assert!(
+        (1.0..600.0).contains(&refills),
+        "leases save round trips: {refills}"
+    );
+}
+
+#[test]
+fn with_redis_killed_allow_admits_and_the_edge_stays_up() {
+    redis_killed(OnBackendError::Allow, 200);
+}
+
+#[test]
+fn with_redis_killed_deny_refuses_and_the_edge_stays_up() {
+    redis_killed(OnBackendError::Deny, 429);
+}
+
+fn redis_killed(on_error: OnBackendError, expected: u16) {
+    let mut redis = Redis::start();
+    let world = World::start(globally_limited(600, &redis, on_error));
+    assert_eq!(
+        world
+            .runtime
+            .block_on(model_call(world.edge.http_addr, "sk-alpha")),
+        200
+    );
+    redis.kill();
+    for _ in 0..5 {
+        assert_eq!(
+            world
+                .runtime
+                .block_on(model_call(world.edge.http_addr, "sk-beta")),
+            expected,
+            "{on_error:?}"
+        );
+    }
+    // The edge itself is fine: other routes answer.
+    let reply = world.get_from("DE", "api.example.test", "/still-up");
+    assert_eq!(reply.status, 200);
+    let label = match on_error {
+        OnBackendError::Allow => "allow",
+        OnBackendError::Deny => "deny",
+    };
+    let decided = world.metric_eventually(
+        &format!(r#"meridian_limits_backend_error_decisions_total{{decision="{label}"}}"#),
+        5.0,
+    );
+    assert_eq!(decided, Some(5.0));
+    assert!(
+        meridian_tests::metric_value(&world.metrics(), "meridian_limits_backend_errors_total")
+            .is_some_and(|n| n >= 1.0)
     );
 }
