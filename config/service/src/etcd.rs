@@ -39,6 +39,29 @@ const WATCH_RETRY: Duration = Duration::from_millis(100);
 /// (only without `If-Match`; with it, that race is the conflict the caller asked about).
 const MAX_WRITE_ATTEMPTS: usize = 32;
 
+/// Tries of an idempotent read: a member that just died still gets some requests until the
+/// client's balancer notices, and a read can safely go again (to another member).
+const READ_ATTEMPTS: usize = 5;
+
+/// Runs the idempotent read `op` until it succeeds or [`READ_ATTEMPTS`] tries failed.
+async fn read_with_retry<T, F, Fut>(client: &Client, op: F) -> Result<T, etcd_client::Error>
+where
+    F: Fn(Client) -> Fut,
+    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let mut attempt = 1;
+    loop {
+        match op(client.clone()).await {
+            Ok(value) => return Ok(value),
+            Err(e) if attempt >= READ_ATTEMPTS => return Err(e),
+            Err(e) => {
+                tracing::debug!(error = %e, attempt, "etcd read failed; trying again");
+                attempt += 1;
+            }
+        }
+    }
+}
+
 /// Connection settings shared by the config server's store and the edges that follow etcd.
 pub fn connect_options() -> ConnectOptions {
     ConnectOptions::new()
@@ -153,11 +176,14 @@ impl EtcdStore {
         message: &str,
         if_match: Option<u64>,
     ) -> Result<Option<VersionMeta>, PutError> {
+        let key = self.keys.current();
+        let pointer = read_with_retry(&self.client, |mut c| {
+            let key = key.clone();
+            async move { c.get(key, None).await }
+        })
+        .await
+        .map_err(|e| PutError::Unavailable(e.to_string()))?;
         let mut client = self.client.clone();
-        let pointer = client
-            .get(self.keys.current(), None)
-            .await
-            .map_err(|e| PutError::Unavailable(e.to_string()))?;
         let (current, compare) = match pointer.kvs().first() {
             Some(kv) => (
                 parse_pointer(kv.value()).map_err(|e| PutError::Unavailable(e.0))?,
@@ -218,12 +244,16 @@ impl EtcdStore {
     }
 
     async fn read_version(&self, version: u64) -> Result<Option<StoredVersion>, Unavailable> {
-        let mut client = self.client.clone();
-        let txn = Txn::new().and_then([
-            TxnOp::get(self.keys.meta(version), None),
-            TxnOp::get(self.keys.doc(version), None),
-        ]);
-        let response = client.txn(txn).await.map_err(unavailable)?;
+        let (meta_key, doc_key) = (self.keys.meta(version), self.keys.doc(version));
+        let response = read_with_retry(&self.client, |mut c| {
+            let txn = Txn::new().and_then([
+                TxnOp::get(meta_key.clone(), None),
+                TxnOp::get(doc_key.clone(), None),
+            ]);
+            async move { c.txn(txn).await }
+        })
+        .await
+        .map_err(unavailable)?;
         let mut values = response.op_responses().into_iter().map(|op| match op {
             etcd_client::TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
             _ => None,
@@ -297,11 +327,13 @@ async fn follow_pointer(mut client: Client, keys: Keys, latest: Arc<watch::Sende
 #[async_trait]
 impl VersionStore for EtcdStore {
     async fn current(&self) -> Result<Option<StoredVersion>, Unavailable> {
-        let mut client = self.client.clone();
-        let pointer = client
-            .get(self.keys.current(), None)
-            .await
-            .map_err(unavailable)?;
+        let key = self.keys.current();
+        let pointer = read_with_retry(&self.client, |mut c| {
+            let key = key.clone();
+            async move { c.get(key, None).await }
+        })
+        .await
+        .map_err(unavailable)?;
         let Some(kv) = pointer.kvs().first() else {
             return Ok(None);
         };
@@ -315,18 +347,18 @@ impl VersionStore for EtcdStore {
     }
 
     async fn history(&self) -> Result<Vec<VersionMeta>, Unavailable> {
-        let mut client = self.client.clone();
-        let response = client
-            .get(
-                self.keys.meta_prefix(),
-                Some(
-                    GetOptions::new()
-                        .with_prefix()
-                        .with_sort(SortTarget::Key, SortOrder::Descend),
-                ),
-            )
-            .await
-            .map_err(unavailable)?;
+        let prefix = self.keys.meta_prefix();
+        let response = read_with_retry(&self.client, |mut c| {
+            let prefix = prefix.clone();
+            async move {
+                let options = GetOptions::new()
+                    .with_prefix()
+                    .with_sort(SortTarget::Key, SortOrder::Descend);
+                c.get(prefix, Some(options)).await
+            }
+        })
+        .await
+        .map_err(unavailable)?;
         response
             .kvs()
             .iter()
