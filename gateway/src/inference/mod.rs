@@ -48,6 +48,15 @@ pub struct InferenceState {
     metrics: Option<InferenceMetrics>,
 }
 
+/// The rate-limit key of an anonymous caller: a hash of its address (never all zeros, the
+/// marker of "no API key").
+fn anonymous_key(client: std::net::IpAddr) -> KeyHash {
+    let mut hasher = Sha256::new();
+    hasher.update(b"meridian anonymous caller ");
+    hasher.update(client.to_string().as_bytes());
+    hasher.finalize().into()
+}
+
 /// The limit store of one decision: this edge's counters or the shared Redis limiter.
 enum BackendRef<'a> {
     Local(&'a RateLimiter),
@@ -289,6 +298,13 @@ impl InferenceState {
             );
             return Err((error, None));
         };
+        // Without API keys every caller is anonymous: each client address gets its own quota
+        // rather than all of them sharing one.
+        let key = if key == [0; 32] {
+            anonymous_key(view.client)
+        } else {
+            key
+        };
         let ctx = Box::new(InferenceCtx {
             model,
             route: decision.route,
@@ -457,4 +473,18 @@ fn hex_eq(hex: &str, bytes: &[u8; 32]) -> bool {
         && bytes.iter().enumerate().all(|(i, b)| {
             u8::from_str_radix(hex.get(2 * i..2 * i + 2).unwrap_or("zz"), 16) == Ok(*b)
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anonymous_callers_are_limited_per_address() {
+        let a = anonymous_key("127.1.0.1".parse().expect("ip"));
+        let b = anonymous_key("127.1.0.2".parse().expect("ip"));
+        assert_ne!(a, b);
+        assert_ne!(a, [0; 32]);
+        assert_eq!(a, anonymous_key("127.1.0.1".parse().expect("ip")));
+    }
 }
