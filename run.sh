@@ -3,5 +3,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 source scripts/ensure-packages.sh
-ensure_packages cmake
+# protobuf-compiler + libprotobuf-dev: the etcd client generates its gRPC code at build time.
+ensure_packages cmake protobuf-compiler libprotobuf-dev
 exec cargo run --release -- demo "$@"

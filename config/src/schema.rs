@@ -43,6 +43,55 @@ pub struct Config {
     /// Inference (issue 8): API keys, stored as the hex sha256 of the bearer token.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub api_keys: Vec<crate::inference::ApiKey>,
+    /// Where rate-limit counters live: this edge (default) or Redis, shared by the fleet.
+    #[serde(default, skip_serializing_if = "LimitsSection::is_default")]
+    pub limits: LimitsSection,
+}
+
+/// `[limits]`: the backend of the inference routes' `rate_limit`s.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsSection {
+    pub backend: LimitsBackend,
+    /// Redis servers (`redis://host:port`); keys are spread over them by hash.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub redis: Vec<String>,
+    /// What a request gets while Redis cannot be asked.
+    pub on_backend_error: OnBackendError,
+    /// Requests an edge takes from a key's shared budget per Redis round trip; 0 picks 1 % of
+    /// the limit (at least 1). 1 is a round trip per request.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub lease: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+impl LimitsSection {
+    pub fn is_default(&self) -> bool {
+        *self == LimitsSection::default()
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitsBackend {
+    /// Counters per edge: a key gets its quota at every edge.
+    #[default]
+    Local,
+    /// Counters in Redis: a key's quota holds across every edge using the same servers.
+    Redis,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnBackendError {
+    /// Admit (and count it): an outage of Redis does not become an outage of the API.
+    #[default]
+    Allow,
+    /// Refuse with 429: the quota is never exceeded, at the price of availability.
+    Deny,
 }
 
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]

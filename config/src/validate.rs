@@ -41,6 +41,7 @@ impl Config {
         if let Some(control) = &self.control {
             validate_control(control, &mut errors);
         }
+        validate_limits(&self.limits, &mut errors);
         if errors.0.is_empty() {
             Ok(())
         } else {
@@ -473,6 +474,26 @@ fn validate_residency(rules: &[Residency], regions: &HashSet<&str>, errors: &mut
                 );
             }
         }
+    }
+}
+
+fn validate_limits(limits: &LimitsSection, errors: &mut Errors) {
+    for (i, url) in limits.redis.iter().enumerate() {
+        let authority = url
+            .strip_prefix("redis://")
+            .map(|r| r.trim_end_matches('/'));
+        if authority.is_none_or(|a| a.is_empty() || a.contains('/')) {
+            errors.push(
+                format!("limits.redis[{i}]"),
+                format!("bad URL {url:?} (expected redis://host:port)"),
+            );
+        }
+    }
+    if limits.backend == LimitsBackend::Redis && limits.redis.is_empty() {
+        errors.push(
+            "limits.redis",
+            "backend = \"redis\" needs at least one server",
+        );
     }
 }
 

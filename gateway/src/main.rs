@@ -49,11 +49,21 @@ enum Command {
         #[arg(long, default_value = meridian_gateway::dns::STANDALONE_METRICS)]
         metrics: String,
     },
-    /// Run the config service: versioned store on local disk, HTTP API, long-poll watch.
+    /// Run the config service: versioned store on local disk (or on etcd), HTTP API, long-poll watch.
     ConfigServer {
         /// Directory holding every version (created if missing).
-        #[arg(long)]
-        data: PathBuf,
+        #[arg(long, required_unless_present = "etcd", conflicts_with = "etcd")]
+        data: Option<PathBuf>,
+        /// Keep the versions on this etcd cluster instead (client URLs, comma-separated): the
+        /// server is then stateless and several may serve one cluster.
+        #[arg(long, value_delimiter = ',')]
+        etcd: Vec<String>,
+        /// Key prefix of the versions on etcd.
+        #[arg(long, default_value = meridian_config_service::etcd::DEFAULT_PREFIX)]
+        etcd_prefix: String,
+        /// Versions kept on etcd (older ones are deleted as new ones are written; 0 keeps all).
+        #[arg(long, default_value_t = meridian_config_service::etcd::DEFAULT_RETAIN)]
+        etcd_retain: u64,
         #[arg(long, default_value = "127.0.0.1:7070")]
         listen: std::net::SocketAddr,
         /// File holding the bearer token that writes must present.
@@ -259,9 +269,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         },
         Command::ConfigServer {
             data,
+            etcd,
+            etcd_prefix,
+            etcd_retain,
             listen,
             token_file,
-        } => runtime()?.block_on(operator::config_server(data, listen, token_file)),
+        } => {
+            let backend = match data {
+                Some(data) => operator::StoreBackend::Dir(data),
+                None => operator::StoreBackend::Etcd {
+                    endpoints: etcd,
+                    prefix: etcd_prefix,
+                    retain: etcd_retain,
+                },
+            };
+            runtime()?.block_on(operator::config_server(backend, listen, token_file))
+        }
         Command::Cache {
             command: CacheCommand::Purge(args),
         } => runtime()?.block_on(purge_cli::run(args)),

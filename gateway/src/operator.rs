@@ -138,8 +138,18 @@ fn report_rejection(file: &std::path::Path, error: ClientError) -> anyhow::Resul
     }
 }
 
+/// Where `meridian config-server` keeps its versions.
+pub enum StoreBackend {
+    Dir(PathBuf),
+    Etcd {
+        endpoints: Vec<String>,
+        prefix: String,
+        retain: u64,
+    },
+}
+
 pub async fn config_server(
-    data: PathBuf,
+    backend: StoreBackend,
     listen: SocketAddr,
     token_file: PathBuf,
 ) -> anyhow::Result<ExitCode> {
@@ -148,13 +158,35 @@ pub async fn config_server(
         .trim()
         .to_string();
     anyhow::ensure!(!token.is_empty(), "{} is empty", token_file.display());
-    let store = meridian_config_service::ConfigStore::open(&data)
-        .with_context(|| format!("opening {}", data.display()))?;
+    let store: std::sync::Arc<dyn meridian_config_service::VersionStore> = match backend {
+        StoreBackend::Dir(data) => {
+            let store = meridian_config_service::ConfigStore::open(&data)
+                .with_context(|| format!("opening {}", data.display()))?;
+            tracing::info!(data = %data.display(), version = store.current_version(), "config store on local disk");
+            std::sync::Arc::new(meridian_config_service::FileStore(std::sync::Arc::new(
+                store,
+            )))
+        }
+        StoreBackend::Etcd {
+            endpoints,
+            prefix,
+            retain,
+        } => {
+            anyhow::ensure!(!endpoints.is_empty(), "--etcd needs at least one URL");
+            let store = meridian_config_service::EtcdStore::connect(&endpoints, &prefix, retain)
+                .await
+                .with_context(|| format!("connecting to etcd {}", endpoints.join(",")))?;
+            tracing::info!(etcd = %endpoints.join(","), %prefix, version = store.current_version(), "config store on etcd");
+            std::sync::Arc::new(store)
+        }
+    };
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("listening on {listen}"))?;
-    tracing::info!(%listen, data = %data.display(), version = store.current_version(), "config service running");
-    let state = std::sync::Arc::new(meridian_config_service::ServiceState::new(store, token));
+    tracing::info!(%listen, "config service running");
+    let state = std::sync::Arc::new(meridian_config_service::ServiceState::with_store(
+        store, token,
+    ));
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -3,6 +3,7 @@
 //! request appears to come from any country.
 
 pub mod client;
+pub mod engines;
 pub mod h3client;
 pub mod secure;
 

@@ -1,14 +1,20 @@
-//! Meridian's config service: [`store::ConfigStore`] (versioned, crash-safe, on local disk), its
-//! HTTP API [`service::serve`] and the [`client::ConfigClient`] that edges and operators use.
+//! Meridian's config service: [`store::ConfigStore`] (versioned, crash-safe, on local disk) or
+//! [`etcd::EtcdStore`] (on an etcd cluster, for stateless replicas) behind
+//! [`versions::VersionStore`], its HTTP API [`service::serve`] and the [`client::ConfigClient`]
+//! that edges and operators use.
 //!
 //! Kept apart from `meridian-config` so that the schema, validation and diff stay free of tokio
 //! and hyper: only what serves or fetches versions over the network pulls them in.
 
 pub mod client;
+pub mod etcd;
 pub mod service;
 pub mod store;
+pub mod versions;
 mod wire;
 
 pub use client::{ClientError, ConfigClient};
+pub use etcd::EtcdStore;
 pub use service::{serve, ServiceState};
 pub use store::{ConfigStore, PutError, StoreError, StoredVersion, VersionMeta};
+pub use versions::{FileStore, Unavailable, VersionStore};

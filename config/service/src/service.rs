@@ -32,6 +32,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::store::{ConfigStore, PutError, StoredVersion};
+use crate::versions::{FileStore, Unavailable, VersionStore};
 use crate::wire::{self, header_text, parse_version_tag};
 use meridian_config::HumanDuration;
 
@@ -52,7 +53,7 @@ const DISCARD_LIMIT: u64 = 16 * 1024 * 1024;
 type Body = Full<Bytes>;
 
 pub struct ServiceState {
-    pub store: ConfigStore,
+    pub store: Arc<dyn VersionStore>,
     /// Bearer token required for writes. An empty token disables every write (401).
     pub token: String,
     /// Largest accepted `PUT /v1/config` body; more is answered `413`.
@@ -62,7 +63,13 @@ pub struct ServiceState {
 impl ServiceState {
     pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 
+    /// The API over the embedded file store.
     pub fn new(store: ConfigStore, token: impl Into<String>) -> Self {
+        Self::with_store(Arc::new(FileStore(Arc::new(store))), token)
+    }
+
+    /// The API over any version store (etcd for replicated config servers).
+    pub fn with_store(store: Arc<dyn VersionStore>, token: impl Into<String>) -> Self {
         Self {
             store,
             token: token.into(),
@@ -155,16 +162,20 @@ async fn handle(
             _ => not_allowed("GET, PUT"),
         },
         "/v1/history" => match method {
-            Method::GET => json_response(StatusCode::OK, &state.store.history()),
+            Method::GET => match state.store.history().await {
+                Ok(history) => json_response(StatusCode::OK, &history),
+                Err(e) => unavailable(&e),
+            },
             _ => not_allowed("GET"),
         },
         _ => {
             if let Some(n) = path.strip_prefix("/v1/versions/") {
                 match method {
                     Method::GET => match parse_path_version(n) {
-                        Ok(n) => match state.store.get(n) {
-                            Some(version) => document(&version),
-                            None => error(StatusCode::NOT_FOUND, &format!("no version {n}")),
+                        Ok(n) => match state.store.get(n).await {
+                            Ok(Some(version)) => document(&version),
+                            Ok(None) => error(StatusCode::NOT_FOUND, &format!("no version {n}")),
+                            Err(e) => unavailable(&e),
                         },
                         Err(reject) => reject.into_response(),
                     },
@@ -194,8 +205,10 @@ async fn get_config(
     let (after, wait) = match parse_watch_query(query) {
         Ok(Some(watch)) => watch,
         Ok(None) => {
-            let Some(current) = state.store.current() else {
-                return error(StatusCode::NOT_FOUND, "no config version stored yet");
+            let current = match state.store.current().await {
+                Ok(Some(current)) => current,
+                Ok(None) => return error(StatusCode::NOT_FOUND, "no config version stored yet"),
+                Err(e) => return unavailable(&e),
             };
             let if_none_match = headers
                 .get(header::IF_NONE_MATCH)
@@ -221,9 +234,10 @@ async fn get_config(
             return error(StatusCode::SERVICE_UNAVAILABLE, "config service is shutting down");
         }
     }
-    match state.store.current() {
-        Some(current) => document(&current),
-        None => not_modified(),
+    match state.store.current().await {
+        Ok(Some(current)) => document(&current),
+        Ok(None) => not_modified(),
+        Err(e) => unavailable(&e),
     }
 }
 
@@ -278,14 +292,7 @@ async fn put_config(request: Request<Incoming>, state: Arc<ServiceState>) -> Res
     let Ok(document) = String::from_utf8(body.to_vec()) else {
         return error(StatusCode::BAD_REQUEST, "the document is not UTF-8");
     };
-    let store_state = state.clone();
-    let result = tokio::task::spawn_blocking(move || {
-        store_state
-            .store
-            .put(&document, &author, &message, if_match)
-    })
-    .await;
-    put_response(result)
+    put_response(state.store.put(document, author, message, if_match).await)
 }
 
 async fn rollback(
@@ -297,22 +304,10 @@ async fn rollback(
         return unauthorized();
     }
     let author = author(&request);
-    let store_state = state.clone();
-    let result =
-        tokio::task::spawn_blocking(move || store_state.store.rollback(version, &author)).await;
-    put_response(result)
+    put_response(state.store.rollback(version, author).await)
 }
 
-fn put_response(
-    result: Result<Result<crate::VersionMeta, PutError>, tokio::task::JoinError>,
-) -> Response<Body> {
-    let result = match result {
-        Ok(result) => result,
-        Err(e) => {
-            tracing::error!(error = %e, "config store write task failed");
-            return error(StatusCode::INTERNAL_SERVER_ERROR, "internal error");
-        }
-    };
+fn put_response(result: Result<crate::VersionMeta, PutError>) -> Response<Body> {
     match result {
         Ok(meta) => {
             let mut response = json_response(StatusCode::CREATED, &meta);
@@ -331,6 +326,12 @@ fn put_response(
             &json!({ "error": "conflict", "current": current }),
         ),
         Err(PutError::NoSuchVersion(n)) => error(StatusCode::NOT_FOUND, &format!("no version {n}")),
+        Err(PutError::Unavailable(e)) => {
+            // Nothing is known to be written: the client may retry (after checking history
+            // when the write may have landed before the answer was lost).
+            tracing::warn!(error = %e, "config store unavailable for a write");
+            error(StatusCode::SERVICE_UNAVAILABLE, "config store unavailable")
+        }
         Err(PutError::Io(e)) => {
             tracing::error!(error = %e, "config store write failed");
             error(
@@ -482,6 +483,11 @@ fn document(version: &StoredVersion) -> Response<Body> {
         set_header(&mut response, name, &value);
     }
     response
+}
+
+fn unavailable(e: &Unavailable) -> Response<Body> {
+    tracing::warn!(error = %e, "config store read failed");
+    error(StatusCode::SERVICE_UNAVAILABLE, "config store unavailable")
 }
 
 fn invalid(errors: serde_json::Value) -> Response<Body> {

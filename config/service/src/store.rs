@@ -73,6 +73,19 @@ pub enum PutError {
     NoSuchVersion(u64),
     #[error("config store write failed: {0}")]
     Io(#[from] io::Error),
+    /// The backing store could not be reached; nothing was written.
+    #[error("config store unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// The validation every store runs before accepting a document.
+pub(crate) fn validate(document: &str) -> Result<(), PutError> {
+    match Config::from_toml_str(document) {
+        Ok(_) => Ok(()),
+        Err(ConfigError::Parse(message)) => Err(PutError::Parse(message)),
+        Err(ConfigError::Invalid(errors)) => Err(PutError::Invalid(errors)),
+        Err(ConfigError::Io { source, .. }) => Err(PutError::Io(source)),
+    }
 }
 
 /// Versioned, validated, crash-safe config store. Cheap reads (versions are kept in memory);
@@ -183,12 +196,7 @@ impl ConfigStore {
         message: &str,
         if_match: Option<u64>,
     ) -> Result<VersionMeta, PutError> {
-        match Config::from_toml_str(document) {
-            Ok(_) => {}
-            Err(ConfigError::Parse(message)) => return Err(PutError::Parse(message)),
-            Err(ConfigError::Invalid(errors)) => return Err(PutError::Invalid(errors)),
-            Err(ConfigError::Io { source, .. }) => return Err(PutError::Io(source)),
-        }
+        validate(document)?;
         // The poisoned case: a panicking writer left at most a burnt version number behind.
         let mut next = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(expected) = if_match {

@@ -366,7 +366,10 @@ async fn writes_need_the_right_token() {
     )
     .await;
     assert_eq!(basic.status, 401);
-    assert_eq!(server.state.store.history().len(), 1);
+    assert_eq!(
+        server.state.store.history().await.expect("history").len(),
+        1
+    );
     server.shutdown().await;
 }
 

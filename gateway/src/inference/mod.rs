@@ -14,6 +14,7 @@
 //!
 //! Other paths on an inference route are proxied like any route (no model, route-level regions).
 
+pub mod limiter;
 mod metrics;
 pub mod ratelimit;
 
@@ -25,11 +26,14 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use meridian_geoip::GeoIp;
+use sha2::{Digest, Sha256};
 
 use crate::core::models::ModelId;
 use crate::core::{decide_for_model, Refusal, RequestView, RouteDecision, Snapshot};
 use crate::metrics::STATUS_CLASSES;
 
+use limiter::{LimitBackend, LimiterMetrics, RedisLimiter};
+use meridian_config::{LimitsBackend, LimitsSection};
 pub use metrics::InferenceMetrics;
 use openai::ApiError;
 use ratelimit::{KeyHash, RateLimiter};
@@ -38,7 +42,36 @@ use usage::UsageScanner;
 /// Per-edge inference state: rate-limit windows and metrics (outlive snapshots).
 pub struct InferenceState {
     limiter: RateLimiter,
+    /// The shared limiter of `[limits] backend = "redis"`, rebuilt when the settings change.
+    global: std::sync::Mutex<Option<std::sync::Arc<RedisLimiter>>>,
+    registry: prometheus::Registry,
+    /// Registered with the first Redis limiter, so that an edge counting locally exports none.
+    limiter_metrics: std::sync::OnceLock<Option<LimiterMetrics>>,
     metrics: Option<InferenceMetrics>,
+}
+
+/// The rate-limit key of an anonymous caller: a hash of its address (never all zeros, the
+/// marker of "no API key").
+fn anonymous_key(client: std::net::IpAddr) -> KeyHash {
+    let mut hasher = Sha256::new();
+    hasher.update(b"meridian anonymous caller ");
+    hasher.update(client.to_string().as_bytes());
+    hasher.finalize().into()
+}
+
+/// The limit store of one decision: this edge's counters or the shared Redis limiter.
+enum BackendRef<'a> {
+    Local(&'a RateLimiter),
+    Shared(std::sync::Arc<RedisLimiter>),
+}
+
+impl BackendRef<'_> {
+    fn get(&self) -> &dyn LimitBackend {
+        match self {
+            BackendRef::Local(local) => *local,
+            BackendRef::Shared(shared) => shared.as_ref(),
+        }
+    }
 }
 
 /// Per-request inference state, kept in the proxy's request context.
@@ -102,7 +135,44 @@ impl InferenceState {
         };
         Self {
             limiter: RateLimiter::default(),
+            global: std::sync::Mutex::new(None),
+            registry: registry.clone(),
+            limiter_metrics: std::sync::OnceLock::new(),
             metrics,
+        }
+    }
+
+    /// The limit store that `settings` asks for. A Redis set-up that cannot even be built (a URL
+    /// the client refuses) falls back to this edge's counters, loudly.
+    fn backend(&self, settings: &LimitsSection) -> BackendRef<'_> {
+        if settings.backend == LimitsBackend::Local {
+            return BackendRef::Local(&self.limiter);
+        }
+        let mut global = self.global.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(redis) = global.as_ref().filter(|r| r.settings() == settings) {
+            return BackendRef::Shared(redis.clone());
+        }
+        let metrics = self
+            .limiter_metrics
+            .get_or_init(|| match LimiterMetrics::new(&self.registry) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!("rate-limit backend metrics not registered: {e}");
+                    None
+                }
+            })
+            .clone();
+        match RedisLimiter::new(settings.clone(), metrics) {
+            Ok(redis) => {
+                let redis = std::sync::Arc::new(redis);
+                *global = Some(redis.clone());
+                BackendRef::Shared(redis)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot set up the Redis limiter; counting per edge");
+                *global = None;
+                BackendRef::Local(&self.limiter)
+            }
         }
     }
 
@@ -111,7 +181,7 @@ impl InferenceState {
     /// refusal, the error to answer with (and the request's inference state when it counts in
     /// the inference metrics).
     #[allow(clippy::too_many_arguments)]
-    pub fn route_call(
+    pub async fn route_call(
         &self,
         snapshot: &Snapshot,
         decision: RouteDecision,
@@ -130,6 +200,13 @@ impl InferenceState {
             .unwrap_or_default();
         let name = model_name(body).map_err(|error| (error, None))?;
         let model = model_served(snapshot, route, &name).map_err(|error| (error, None))?;
+        // Without API keys every caller is anonymous: each client address gets its own quota
+        // rather than all of them sharing one.
+        let key = if key == [0; 32] {
+            anonymous_key(view.client)
+        } else {
+            key
+        };
         let ctx = Box::new(InferenceCtx {
             model,
             route: decision.route,
@@ -144,9 +221,11 @@ impl InferenceState {
         });
 
         if let Some(limit) = &settings.rate_limit {
-            if let Err((which, retry_after)) =
-                self.limiter
-                    .admit(&route.name, &key, limit, crate::clock::now_ms())
+            let backend = self.backend(&snapshot.config.limits);
+            if let Err((which, retry_after)) = backend
+                .get()
+                .admit(&route.name, &key, limit, crate::clock::now_ms())
+                .await
             {
                 if let Some(m) = &self.metrics {
                     m.ratelimited
@@ -210,8 +289,12 @@ impl InferenceState {
         let usage = ctx.usage.usage();
         let route_name = snapshot.routes.get(ctx.route).map(|r| r.name.as_str());
         if let (Some(usage), Some(route), true) = (usage, route_name, ctx.charge_tokens) {
-            self.limiter
-                .charge(route, &ctx.key, usage.total(), crate::clock::now_ms());
+            self.backend(&snapshot.config.limits).get().charge(
+                route,
+                &ctx.key,
+                usage.total(),
+                crate::clock::now_ms(),
+            );
         }
         let Some(metrics) = &self.metrics else {
             return;
@@ -246,5 +329,19 @@ impl InferenceState {
                 .with_label_values(&[&model.name, region, "completion"])
                 .inc_by(usage.completion_tokens);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anonymous_callers_are_limited_per_address() {
+        let a = anonymous_key("127.1.0.1".parse().expect("ip"));
+        let b = anonymous_key("127.1.0.2".parse().expect("ip"));
+        assert_ne!(a, b);
+        assert_ne!(a, [0; 32]);
+        assert_eq!(a, anonymous_key("127.1.0.1".parse().expect("ip")));
     }
 }

@@ -1,5 +1,5 @@
-//! Per-API-key request and token limits of inference routes, per edge (limits are not shared
-//! between edges: a global limit needs a shared store and is a later step). Fixed one-minute
+//! Per-API-key request and token limits of inference routes, counted in this edge (the default
+//! backend; `[limits] backend = "redis"` shares them across edges, see `limiter`). Fixed one-minute
 //! windows per (route, key); tokens are charged after the response from its `usage`, so a request
 //! that starts under the token limit may end above it, and the next one waits for the window.
 

@@ -233,15 +233,19 @@ impl Pipeline {
                     path: head.uri.path(),
                     client,
                 };
-                match self.inference.route_call(
-                    snapshot,
-                    decision,
-                    key,
-                    &view,
-                    &loaded.geoip,
-                    started,
-                    &call_body,
-                ) {
+                match self
+                    .inference
+                    .route_call(
+                        snapshot,
+                        decision,
+                        key,
+                        &view,
+                        &loaded.geoip,
+                        started,
+                        &call_body,
+                    )
+                    .await
+                {
                     Ok((model_decision, ctx)) => {
                         state.decision = Some(model_decision);
                         state.inference = Some(ctx);
