@@ -1,4 +1,4 @@
-//! Inference settings (issue 8): models per region (`regions[].models`), aliases, API keys and the
+//! Inference settings: models per region (`regions[].models`), aliases, API keys and the
 //! per-route `inference = { max_body_bytes, rate_limit = { ... } }` table, with their validation.
 
 use std::collections::{BTreeMap, HashMap, HashSet};

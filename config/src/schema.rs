@@ -34,13 +34,13 @@ pub struct Config {
     /// an edge boots with; the same section in a pushed document is ignored by running edges.
     #[serde(default)]
     pub control: Option<Control>,
-    /// Inference (issue 8): model aliases shared by every inference route.
+    /// Inference: model aliases shared by every inference route.
     #[serde(
         default,
         skip_serializing_if = "crate::inference::InferenceSection::is_empty"
     )]
     pub inference: crate::inference::InferenceSection,
-    /// Inference (issue 8): API keys, stored as the hex sha256 of the bearer token.
+    /// Inference: API keys, stored as the hex sha256 of the bearer token.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub api_keys: Vec<crate::inference::ApiKey>,
     /// Where rate-limit counters live: this edge (default) or Redis, shared by the fleet.
@@ -139,7 +139,7 @@ pub struct Edge {
     pub shutdown_timeout: HumanDuration,
     /// The response cache shared by every front; routes opt in with `cache.enabled`.
     pub cache: EdgeCache,
-    /// `[edge.access_log]`: one JSON line per request (issue 11), off by default.
+    /// `[edge.access_log]`: one JSON line per request, off by default.
     pub access_log: AccessLog,
 }
 
@@ -292,7 +292,7 @@ pub struct Region {
     /// Stop sending new requests here; in-flight ones finish.
     #[serde(default)]
     pub drain: bool,
-    /// Inference models served here (issue 8). Empty: this region serves no model, so inference
+    /// Inference models served here. Empty: this region serves no model, so inference
     /// requests naming a model never go here (other requests on inference routes still may).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub models: Vec<String>,
@@ -412,7 +412,7 @@ pub struct Route {
     /// Response caching for this route (off unless `enabled = true`).
     #[serde(default)]
     pub cache: RouteCache,
-    /// `kind = "inference"` only (issue 8): body limit and per-API-key rate limits.
+    /// `kind = "inference"` only: body limit and per-API-key rate limits.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inference: Option<crate::inference::RouteInference>,
 }

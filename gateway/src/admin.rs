@@ -79,7 +79,7 @@ async fn handle(
             )
         }
         "/admin/regions" => httpd::json(StatusCode::OK, &regions_json(&store)),
-        // The operator status page (issue 11) and the document it polls.
+        // The operator status page and the document it polls.
         "/" => httpd::respond(
             StatusCode::OK,
             "text/html; charset=utf-8",

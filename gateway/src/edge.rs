@@ -65,7 +65,7 @@ pub struct RunningEdge {
     /// HTTPS (h1 + h2 by ALPN) when the config has `edge.https`; HTTP/3 listens on the same
     /// address (UDP) when `edge.h3` is on.
     pub https_addr: Option<SocketAddr>,
-    /// The HTTP/3 front and its own runtime (issue 5), when `edge.h3` is on.
+    /// The HTTP/3 front and its own runtime, when `edge.h3` is on.
     h3: Option<(crate::h3::H3Front, tokio::runtime::Runtime)>,
     pub store: Arc<SnapshotStore>,
     shutdown: mpsc::UnboundedSender<ShutdownSignal>,
@@ -186,7 +186,7 @@ impl RunningEdge {
             ));
         }
 
-        // GeoDNS (issue 9): with `[dns]` in the config, the authoritative DNS server runs on the
+        // GeoDNS: with `[dns]` in the config, the authoritative DNS server runs on the
         // sidecar runtime, registers its metrics in this edge's registry and rebuilds its zone on
         // every reload of `store`.
         let dns_addr = {
@@ -260,7 +260,7 @@ impl RunningEdge {
             app.server_options = Some(options);
         }
         service.add_tcp(&http_addr.to_string());
-        // --- TLS listener (issue 5): SNI-selected certificates, reloaded off the request path. ---
+        // --- TLS listener: SNI-selected certificates, reloaded off the request path. ---
         if let (Some(addr), Some(resolver)) = (https_addr, cert_resolver.as_ref()) {
             drop(
                 std::net::TcpListener::bind(addr).map_err(|source| StartError::Listen {
@@ -278,7 +278,7 @@ impl RunningEdge {
             ));
         }
         // --- end TLS listener ---
-        // --- HTTP/3 front (issue 5): quinn + h3 on UDP at the HTTPS address, same certificates,
+        // --- HTTP/3 front: quinn + h3 on UDP at the HTTPS address, same certificates,
         // same routing core; its own runtime so QUIC work never queues behind the sidecar. ---
         let h3 = match (https_addr, cert_resolver.as_ref()) {
             (Some(addr), Some(resolver)) if edge.h3 => {

@@ -194,7 +194,7 @@ fn main() -> ExitCode {
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("MERIDIAN_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Access logs (issue 11) are JSON lines on stdout, governed by [edge.access_log] rather than
+    // Access logs are JSON lines on stdout, governed by [edge.access_log] rather than
     // MERIDIAN_LOG; every other event goes to stderr through the usual formatter.
     let filter = match "meridian::access=off".parse() {
         Ok(directive) => filter.add_directive(directive),

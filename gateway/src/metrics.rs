@@ -48,7 +48,7 @@ pub struct EdgeMetrics {
     pub tls: TlsMetrics,
 }
 
-/// TLS and QUIC termination (issue 5).
+/// TLS and QUIC termination.
 pub struct TlsMetrics {
     /// `meridian_tls_handshakes_total{version,alpn}`: completed handshakes, TCP and QUIC.
     pub handshakes: IntCounterVec,
@@ -117,7 +117,7 @@ impl TlsMetrics {
     }
 }
 
-/// Region and upstream health, retries and failovers (issue 4).
+/// Region and upstream health, retries and failovers.
 pub struct HealthMetrics {
     pub upstream_healthy: IntGaugeVec,
     pub region_healthy: IntGaugeVec,

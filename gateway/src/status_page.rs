@@ -1,4 +1,4 @@
-//! The operator status page on the admin listener (issue 11): `GET /` is a self-contained HTML
+//! The operator status page on the admin listener: `GET /` is a self-contained HTML
 //! page (inline CSS and JS, no external assets) that renders `GET /admin/status.json` and polls it
 //! every 2 s. Everything is computed from the edge's own state and its metrics registry, at request
 //! time on the admin listener, so the request path pays nothing for it.

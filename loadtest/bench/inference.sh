@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Inference streams (issue 8): SSE token streams straight from a simulated model server vs through
+# Inference streams: SSE token streams straight from a simulated model server vs through
 # `meridian serve` with a `kind = "inference"` route in front of the same server, same load.
 #   - ttft:   8 concurrent streams from a model server that sends its first token at once
 #             (--sse-interval 0ms), so time to first byte is the proxy path alone;

@@ -33,7 +33,7 @@ pub struct World {
     pub client: Client,
     pub runtime: tokio::runtime::Runtime,
     pub dir: tempfile::TempDir,
-    /// The World's CA and certificates when the config has `edge.https` (issue 5).
+    /// The World's CA and certificates when the config has `edge.https`.
     pub tls: Option<TestTls>,
     _stop: watch::Sender<bool>,
 }
@@ -76,7 +76,7 @@ impl World {
         let db = dir.path().join("test-world.mmdb");
         meridian_testkit::test_world::write(&db).expect("geoip db");
         config.geoip.database = Some(db.display().to_string());
-        // TLS (issue 5): a per-World CA and certificates; each edge gets its own HTTPS port.
+        // TLS: a per-World CA and certificates; each edge gets its own HTTPS port.
         meridian_gateway::tls::install_crypto_provider();
         let tls = config.edge.https.is_some().then(|| {
             config.edge.https = Some(free_local_addr().to_string());

@@ -1,4 +1,4 @@
-//! Access logs (issue 11): one JSON line per request through `tracing` (target
+//! Access logs: one JSON line per request through `tracing` (target
 //! `meridian::access`), with W3C `traceparent` propagated upstream or generated.
 
 use std::io::Write;

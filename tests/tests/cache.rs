@@ -1,4 +1,4 @@
-//! The edge response cache end to end (issue 6): RFC 9111 directives, validators, Vary, coalescing,
+//! The edge response cache end to end: RFC 9111 directives, validators, Vary, coalescing,
 //! stale serving, size limits, purge, metrics — through real sockets, with the origins counting.
 
 use std::net::{IpAddr, Ipv4Addr};

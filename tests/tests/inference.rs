@@ -1,4 +1,4 @@
-//! Inference traffic end to end (issue 8): model-aware region choice, the OpenAI-compatible surface,
+//! Inference traffic end to end: model-aware region choice, the OpenAI-compatible surface,
 //! body limits, SSE streaming, 429 fallback, per-key rate limits and the inference metrics.
 
 use std::net::{IpAddr, SocketAddr};

@@ -1,5 +1,5 @@
 //! One conformance suite, run over HTTP/1.1 and HTTP/2 on TLS and over HTTP/3 (QUIC): every
-//! protocol goes through the same routing core and must behave the same (issue 5).
+//! protocol goes through the same routing core and must behave the same.
 
 use std::net::IpAddr;
 use std::time::{Duration, Instant};

@@ -121,7 +121,7 @@ fn unknown_location_goes_to_the_default_region() {
     let world = World::start(local_config());
     let reply = world.get_from("??", "api.example.test", "/");
     assert_eq!(reply.region(), Some("us-east"));
-    // (`/v1/models` is answered by the edge itself since issue 8; any other path is proxied.)
+    // (`/v1/models` is answered by the edge itself; any other path is proxied.)
     let reply = world.get_from("??", "inference.example.test", "/hello");
     assert_eq!(reply.region(), Some("ap-southeast-1"));
 }

@@ -1,4 +1,4 @@
-//! The operator status page (issue 11): `GET /` on the admin listener, rendered by a real headless
+//! The operator status page: `GET /` on the admin listener, rendered by a real headless
 //! Chromium. The test keeps a screenshot (`status.png`) in `target/status-page/` as an artefact.
 
 use std::path::{Path, PathBuf};

@@ -59,7 +59,7 @@ pub fn decide(
     decide_serving(snapshot, view, locate, now_ms, None)
 }
 
-/// [`decide`] for an inference request naming `model` (issue 8): only regions serving the model
+/// [`decide`] for an inference request naming `model`: only regions serving the model
 /// are candidates (eligible ∩ residency ∩ serves model ∩ healthy ∩ below capacity, nearest first).
 pub fn decide_for_model(
     snapshot: &Snapshot,

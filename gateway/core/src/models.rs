@@ -1,4 +1,4 @@
-//! Which regions serve which inference model (issue 8), compiled once per snapshot: a model id is an
+//! Which regions serve which inference model, compiled once per snapshot: a model id is an
 //! index, and each model carries a `Vec<bool>` indexed by region, so the request path filters
 //! candidate regions with no allocation.
 

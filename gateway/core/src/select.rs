@@ -115,7 +115,7 @@ pub fn order_regions(
     order_regions_serving(snapshot, route, from, residency, now_ms, None)
 }
 
-/// [`order_regions`] restricted to the regions `serves` marks (indexed by region; issue 8: the
+/// [`order_regions`] restricted to the regions `serves` marks (indexed by region; the
 /// regions serving the requested model). `None`: no restriction.
 pub fn order_regions_serving(
     snapshot: &Snapshot,

@@ -41,7 +41,7 @@ pub struct Snapshot {
     pub residency: HashMap<CountryCode, ResidencyRule>,
     pub trusted_proxies: Vec<IpNet>,
     pub limits: Limits,
-    /// Inference models and the regions serving them (issue 8).
+    /// Inference models and the regions serving them.
     pub models: super::models::ModelTable,
     /// Share of requests written to the access log, in [0, 1]: 0 when `[edge.access_log]` is off.
     pub access_log_sample: f64,

@@ -155,7 +155,7 @@ impl Drop for InflightGuard {
 pub struct RegionState {
     inflight: AtomicU32,
     pub budget: RetryBudget,
-    /// Issue 8: the region answered 429/503 with `Retry-After`; no new request goes here before
+    /// The region answered 429/503 with `Retry-After`; no new request goes here before
     /// this time (it counts as full).
     penalized_until_ms: AtomicU64,
 }

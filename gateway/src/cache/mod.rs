@@ -1,7 +1,7 @@
 //! The edge response cache, shared by every front (Pingora h1/h2 today, h3 later). Fronts do not
 //! touch moka or RFC 9111 directly; they call [`ResponseCache::lookup`], then either serve what it
 //! returns or fetch and feed the response through [`ResponseCache::admit`] and a [`CacheWriter`].
-//! See `INTEGRATION.md` beside this file for the exact calls per `ProxyHttp` phase.
+//! See `README.md` beside this file for where the request pipeline calls it.
 
 pub mod coalesce;
 pub use meridian_core::cache::{key, policy};

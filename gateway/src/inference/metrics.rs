@@ -1,4 +1,4 @@
-//! Inference metrics (issue 8), registered into the edge's own registry.
+//! Inference metrics, registered into the edge's own registry.
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry};
 
