@@ -231,11 +231,20 @@ impl Connector {
         timeouts: Timeouts,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let (parts, body) = request.into_parts();
-        let head = encode_head(&parts, &body);
+        let (head, chunked) = encode_head(&parts, &body);
         let head_request = parts.method == Method::HEAD;
         let idempotent = parts.method.is_idempotent();
         while let Some(mut conn) = checkout(addr) {
-            match exchange(&mut conn, addr, &head, &body, head_request, timeouts).await {
+            match exchange(
+                &mut conn,
+                addr,
+                (&head, chunked),
+                &body,
+                head_request,
+                timeouts,
+            )
+            .await
+            {
                 Ok(response) => {
                     return Ok(self.wrap(conn, addr, response, timeouts, Duration::ZERO));
                 }
@@ -256,7 +265,16 @@ impl Connector {
         let started = Instant::now();
         let mut conn = connect(addr, timeouts.connect).await?;
         let connect = started.elapsed();
-        match exchange(&mut conn, addr, &head, &body, head_request, timeouts).await {
+        match exchange(
+            &mut conn,
+            addr,
+            (&head, chunked),
+            &body,
+            head_request,
+            timeouts,
+        )
+        .await
+        {
             Ok(response) => Ok(self.wrap(conn, addr, response, timeouts, connect)),
             Err(Attempt::Stale { .. }) => Err(UpstreamError::Failed {
                 addr,
@@ -313,9 +331,10 @@ async fn connect(addr: SocketAddr, limit: Duration) -> Result<Conn, UpstreamErro
     })
 }
 
-/// The request head as HTTP/1.1 bytes. Whole bodies get their exact `Content-Length`; streamed
-/// ones keep the client's declared length, else go chunked.
-fn encode_head(parts: &http::request::Parts, body: &UpstreamBody) -> Vec<u8> {
+/// The request head as HTTP/1.1 bytes, and whether the body goes chunked. Whole bodies get their
+/// exact `Content-Length`; streamed ones keep the client's declared length, else go chunked.
+fn encode_head(parts: &http::request::Parts, body: &UpstreamBody) -> (Vec<u8>, bool) {
+    use std::io::Write;
     let mut out = Vec::with_capacity(256 + parts.headers.len() * 48);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -338,17 +357,15 @@ fn encode_head(parts: &http::request::Parts, body: &UpstreamBody) -> Vec<u8> {
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
-    if streamed {
-        if !declared {
-            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-        }
-    } else if !body.head.is_empty() || expects_body(&parts.method) {
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(body.head.len().to_string().as_bytes());
-        out.extend_from_slice(b"\r\n");
+    let chunked = streamed && !declared;
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    } else if !streamed && (!body.head.is_empty() || expects_body(&parts.method)) {
+        // Writing into a Vec cannot fail.
+        let _ = write!(out, "content-length: {}\r\n", body.head.len());
     }
     out.extend_from_slice(b"\r\n");
-    out
+    (out, chunked)
 }
 
 /// Methods whose empty body is still announced (`Content-Length: 0`), as origins expect.
@@ -363,7 +380,7 @@ fn expects_body(method: &Method) -> bool {
 async fn exchange(
     conn: &mut Conn,
     addr: SocketAddr,
-    head: &[u8],
+    (head, chunked): (&[u8], bool),
     body: &UpstreamBody,
     head_request: bool,
     timeouts: Timeouts,
@@ -372,7 +389,7 @@ async fn exchange(
     let Conn { stream, buf } = conn;
     let (mut reader, mut writer) = stream.split();
     let work = async {
-        let write = write_request(&mut writer, addr, head, body, timeouts.write);
+        let write = write_request(&mut writer, addr, (head, chunked), body, timeouts.write);
         let read = read_head(&mut reader, buf, addr, head_request);
         tokio::pin!(write);
         tokio::pin!(read);
@@ -412,7 +429,7 @@ async fn exchange(
 async fn write_request<W: tokio::io::AsyncWrite + Unpin>(
     w: &mut W,
     addr: SocketAddr,
-    head: &[u8],
+    (head, chunked): (&[u8], bool),
     body: &UpstreamBody,
     write_timeout: Duration,
 ) -> Result<(), Attempt> {
@@ -432,7 +449,6 @@ async fn write_request<W: tokio::io::AsyncWrite + Unpin>(
         }
         Err(e) => return Err(e),
     }
-    let chunked = body.rest.is_some() && !head_declares_length(head);
     if body.head.len() > COALESCE_BODY || (body.rest.is_some() && !body.head.is_empty()) {
         write_body_chunk(w, addr, &body.head, chunked, write_timeout).await?;
     }
@@ -457,11 +473,6 @@ async fn write_request<W: tokio::io::AsyncWrite + Unpin>(
     Ok(())
 }
 
-fn head_declares_length(head: &[u8]) -> bool {
-    head.windows(16)
-        .any(|w| w.eq_ignore_ascii_case(b"content-length: "))
-}
-
 async fn write_body_chunk<W: tokio::io::AsyncWrite + Unpin>(
     w: &mut W,
     addr: SocketAddr,
@@ -473,8 +484,13 @@ async fn write_body_chunk<W: tokio::io::AsyncWrite + Unpin>(
         return Ok(());
     }
     if chunked {
-        let size = format!("{:x}\r\n", chunk.len());
-        write_all(w, addr, size.as_bytes(), write_timeout).await?;
+        use std::io::Write;
+        // A chunk-size line: at most 16 hex digits and CRLF, built on the stack.
+        let mut line = [0u8; 18];
+        let mut cursor = std::io::Cursor::new(&mut line[..]);
+        let _ = write!(cursor, "{:x}\r\n", chunk.len());
+        let len = cursor.position() as usize;
+        write_all(w, addr, &line[..len], write_timeout).await?;
         write_all(w, addr, chunk, write_timeout).await?;
         write_all(w, addr, b"\r\n", write_timeout).await
     } else {
@@ -965,22 +981,23 @@ mod tests {
                 builder = builder.header("content-length", "99");
             }
             let (parts, body) = builder.body(body).expect("request").into_parts();
-            String::from_utf8(encode_head(&parts, &body)).expect("utf8")
+            let (head, chunked) = encode_head(&parts, &body);
+            (String::from_utf8(head).expect("utf8"), chunked)
         };
-        let get = request("GET", UpstreamBody::full(Bytes::new()), false);
+        let (get, _) = request("GET", UpstreamBody::full(Bytes::new()), false);
         assert_eq!(get, "GET /p?q=1 HTTP/1.1\r\nhost: h.test\r\n\r\n");
-        let post = request("POST", UpstreamBody::full(Bytes::from_static(b"abc")), true);
+        let (post, _) = request("POST", UpstreamBody::full(Bytes::from_static(b"abc")), true);
         assert!(
             post.ends_with("host: h.test\r\ncontent-length: 3\r\n\r\n"),
             "{post}"
         );
         let (feed, _tx) = BodyFeed::channel();
-        let streamed = request("PUT", UpstreamBody::streamed(Bytes::new(), &feed), false);
+        let (streamed, _) = request("PUT", UpstreamBody::streamed(Bytes::new(), &feed), false);
         assert!(
             streamed.ends_with("transfer-encoding: chunked\r\n\r\n"),
             "{streamed}"
         );
-        let declared = request("PUT", UpstreamBody::streamed(Bytes::new(), &feed), true);
+        let (declared, _) = request("PUT", UpstreamBody::streamed(Bytes::new(), &feed), true);
         assert!(declared.contains("content-length: 99\r\n"), "{declared}");
         assert!(!declared.contains("chunked"), "{declared}");
     }

@@ -83,14 +83,13 @@ impl Client {
     }
 }
 
-/// One request on a fresh connection over `io` (HTTP/1.1, or HTTP/2 with prior knowledge/ALPN).
-pub(crate) async fn exchange<IO>(
-    io: IO,
-    http2: bool,
-    request: Request<Full<Bytes>>,
-) -> anyhow::Result<Reply>
+/// One request on a fresh connection over `io` (HTTP/1.1, or HTTP/2 with prior knowledge/ALPN);
+/// any request body (a test may send one that never ends).
+pub async fn exchange<IO, B>(io: IO, http2: bool, request: Request<B>) -> anyhow::Result<Reply>
 where
     IO: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let response = if http2 {
         let (mut sender, conn) =

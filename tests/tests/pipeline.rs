@@ -72,25 +72,9 @@ async fn stalled_request(
                     builder = builder.header(*name, *value);
                 }
                 let request = builder.body(Stalled { first: Some(first) })?;
-                let response = if protocol == Secure::H2 {
-                    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-                        hyper_util::rt::TokioExecutor::new(),
-                        io,
-                    )
-                    .await?;
-                    tokio::spawn(conn);
-                    sender.send_request(request).await?
-                } else {
-                    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-                    tokio::spawn(conn);
-                    sender.send_request(request).await?
-                };
-                let status = response.status().as_u16();
-                let body = http_body_util::BodyExt::collect(response.into_body())
-                    .await
-                    .map(|b| b.to_bytes())
-                    .unwrap_or_default();
-                Ok((status, body))
+                let reply =
+                    meridian_tests::client::exchange(io, protocol == Secure::H2, request).await?;
+                Ok((reply.status, reply.body))
             }
         }
     };
