@@ -190,8 +190,23 @@ pub struct Limits {
     pub max_headers: usize,
     /// Request body bytes; more is answered `413`.
     pub max_body_bytes: u64,
-    /// How long a client may take to send its request headers (and idle between keep-alive requests).
+    /// The request target (path and query); longer is answered `414`.
+    pub max_uri_bytes: usize,
+    /// Total time a client may take to send a request head, from its first byte (and, for a new
+    /// connection, from the accept); slower heads get `408` and the connection is closed.
     pub client_header_timeout: HumanDuration,
+    /// A kept-alive connection with no new request for this long is closed.
+    pub keepalive_timeout: HumanDuration,
+    /// A request body that makes no progress for this long gets `408` (never an upstream failure).
+    pub client_body_timeout: HumanDuration,
+    /// A response the client does not read for this long is abandoned and the connection closed.
+    pub send_timeout: HumanDuration,
+    /// Open client connections per TCP listener; beyond it new connections are closed at accept.
+    pub max_connections: usize,
+    /// Requests served on one HTTP/1.1 connection before the edge closes it.
+    pub max_requests_per_connection: u32,
+    /// Concurrent streams on one HTTP/2 connection.
+    pub h2_max_streams: u32,
 }
 
 impl Default for Limits {
@@ -200,7 +215,14 @@ impl Default for Limits {
             max_header_bytes: 32 * 1024,
             max_headers: 100,
             max_body_bytes: 10 * 1024 * 1024,
-            client_header_timeout: HumanDuration::secs(60),
+            max_uri_bytes: 8 * 1024,
+            client_header_timeout: HumanDuration::secs(10),
+            keepalive_timeout: HumanDuration::secs(60),
+            client_body_timeout: HumanDuration::secs(30),
+            send_timeout: HumanDuration::secs(30),
+            max_connections: 20_000,
+            max_requests_per_connection: 10_000,
+            h2_max_streams: 128,
         }
     }
 }

@@ -82,11 +82,42 @@ fn validate_edge(edge: &Edge, errors: &mut Errors) {
     if limits.max_body_bytes == 0 {
         errors.push("edge.limits.max_body_bytes", "must be greater than 0");
     }
-    if limits.client_header_timeout.as_duration().is_zero() {
-        errors.push(
+    for (path, timeout) in [
+        (
             "edge.limits.client_header_timeout",
+            &limits.client_header_timeout,
+        ),
+        ("edge.limits.keepalive_timeout", &limits.keepalive_timeout),
+        (
+            "edge.limits.client_body_timeout",
+            &limits.client_body_timeout,
+        ),
+        ("edge.limits.send_timeout", &limits.send_timeout),
+    ] {
+        if timeout.as_duration().is_zero() {
+            errors.push(path, "must be greater than 0");
+        }
+    }
+    if limits.max_uri_bytes < 256 || limits.max_uri_bytes > limits.max_header_bytes {
+        errors.push(
+            "edge.limits.max_uri_bytes",
+            "must be between 256 and edge.limits.max_header_bytes",
+        );
+    }
+    if !(1..=10_000_000).contains(&limits.max_connections) {
+        errors.push(
+            "edge.limits.max_connections",
+            "must be between 1 and 10000000",
+        );
+    }
+    if limits.max_requests_per_connection == 0 {
+        errors.push(
+            "edge.limits.max_requests_per_connection",
             "must be greater than 0",
         );
+    }
+    if !(1..=10_000).contains(&limits.h2_max_streams) {
+        errors.push("edge.limits.h2_max_streams", "must be between 1 and 10000");
     }
 }
 

@@ -23,6 +23,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
+use crate::core::http1::{content_length, decode, ChunkState, Framing};
+
 /// Largest response head accepted from an upstream.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 /// Most headers in an upstream response head.
@@ -612,7 +614,7 @@ fn parse_head(
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
     {
         Framing::Chunked(ChunkState::Size)
-    } else if let Some(length) = content_length(&headers).map_err(failed)? {
+    } else if let Some(length) = content_length(&headers).map_err(|m| failed(m.into()))? {
         if length == 0 {
             Framing::Done
         } else {
@@ -631,48 +633,6 @@ fn parse_head(
     };
     parts.headers = headers;
     Ok(Some((parts, framing, reusable, used)))
-}
-
-/// `Content-Length`, when present: every value the same number (RFC 9110 §8.6), else an error.
-fn content_length(headers: &HeaderMap) -> Result<Option<u64>, String> {
-    let mut found = None;
-    for value in headers.get_all(http::header::CONTENT_LENGTH) {
-        for part in value.to_str().unwrap_or("x").split(',') {
-            let n: u64 = part
-                .trim()
-                .parse()
-                .map_err(|_| "invalid content-length".to_string())?;
-            if found.is_some_and(|f| f != n) {
-                return Err("conflicting content-length".into());
-            }
-            found = Some(n);
-        }
-    }
-    Ok(found)
-}
-
-/// How the rest of a response body is delimited.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Framing {
-    /// No (more) body.
-    Done,
-    /// This many bytes still to come.
-    Length(u64),
-    Chunked(ChunkState),
-    /// Until the upstream closes the connection (never reused).
-    UntilClose,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ChunkState {
-    /// Expecting a chunk-size line.
-    Size,
-    /// This many data bytes of the current chunk left, then its CRLF.
-    Data(u64),
-    /// The CRLF after a chunk's data.
-    DataEnd,
-    /// After the last chunk: trailer lines until an empty one.
-    Trailers,
 }
 
 /// Waits for `work` until `read` passes without progress: a streamed request body that keeps
@@ -738,9 +698,11 @@ impl UpstreamResponse {
         let Some(conn) = self.conn.as_mut() else {
             return Ok(None);
         };
-        decode(&mut self.framing, &mut conn.buf).map_err(|message| UpstreamError::Failed {
-            addr: self.addr,
-            message: message.into(),
+        decode(&mut self.framing, &mut conn.buf, MAX_RESPONSE_HEAD).map_err(|message| {
+            UpstreamError::Failed {
+                addr: self.addr,
+                message: message.into(),
+            }
         })
     }
 
@@ -802,89 +764,6 @@ impl UpstreamResponse {
     }
 }
 
-/// The next piece of body in `buf` under `framing` (advancing both); `None` when more bytes must
-/// be read first, or the body is done.
-fn decode(framing: &mut Framing, buf: &mut BytesMut) -> Result<Option<Bytes>, &'static str> {
-    loop {
-        match *framing {
-            Framing::Done => return Ok(None),
-            Framing::Length(left) => {
-                if buf.is_empty() {
-                    return Ok(None);
-                }
-                let n = (left as usize).min(buf.len());
-                let chunk = buf.split_to(n).freeze();
-                *framing = match left - n as u64 {
-                    0 => Framing::Done,
-                    rest => Framing::Length(rest),
-                };
-                return Ok(Some(chunk));
-            }
-            Framing::UntilClose => {
-                if buf.is_empty() {
-                    return Ok(None);
-                }
-                return Ok(Some(buf.split().freeze()));
-            }
-            Framing::Chunked(ChunkState::Size) => {
-                let Some(end) = find_crlf(buf) else {
-                    if buf.len() > 4096 {
-                        return Err("chunk size line too long");
-                    }
-                    return Ok(None);
-                };
-                let line = std::str::from_utf8(&buf[..end]).map_err(|_| "invalid chunk size")?;
-                let hex = line.split(';').next().unwrap_or("").trim();
-                let size = u64::from_str_radix(hex, 16).map_err(|_| "invalid chunk size")?;
-                buf.advance(end + 2);
-                *framing = Framing::Chunked(if size == 0 {
-                    ChunkState::Trailers
-                } else {
-                    ChunkState::Data(size)
-                });
-            }
-            Framing::Chunked(ChunkState::Data(left)) => {
-                if buf.is_empty() {
-                    return Ok(None);
-                }
-                let n = (left as usize).min(buf.len());
-                let chunk = buf.split_to(n).freeze();
-                *framing = Framing::Chunked(match left - n as u64 {
-                    0 => ChunkState::DataEnd,
-                    rest => ChunkState::Data(rest),
-                });
-                return Ok(Some(chunk));
-            }
-            Framing::Chunked(ChunkState::DataEnd) => {
-                if buf.len() < 2 {
-                    return Ok(None);
-                }
-                if &buf[..2] != b"\r\n" {
-                    return Err("missing CRLF after chunk data");
-                }
-                buf.advance(2);
-                *framing = Framing::Chunked(ChunkState::Size);
-            }
-            Framing::Chunked(ChunkState::Trailers) => {
-                let Some(end) = find_crlf(buf) else {
-                    if buf.len() > MAX_RESPONSE_HEAD {
-                        return Err("trailers too large");
-                    }
-                    return Ok(None);
-                };
-                buf.advance(end + 2);
-                if end == 0 {
-                    *framing = Framing::Done;
-                }
-            }
-        }
-    }
-}
-
-fn find_crlf(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\r\n")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -896,7 +775,7 @@ mod tests {
     fn drain(mut framing: Framing, buffered: &[u8]) -> (Vec<u8>, Framing) {
         let mut buf = BytesMut::from(buffered);
         let mut out = Vec::new();
-        while let Ok(Some(chunk)) = decode(&mut framing, &mut buf) {
+        while let Ok(Some(chunk)) = decode(&mut framing, &mut buf, MAX_RESPONSE_HEAD) {
             out.extend_from_slice(&chunk);
         }
         (out, framing)
@@ -914,7 +793,12 @@ mod tests {
         assert_eq!(body, b"hel");
         assert_eq!(framing, Framing::Chunked(ChunkState::Data(2)));
         let mut framing = Framing::Chunked(ChunkState::Size);
-        assert!(decode(&mut framing, &mut BytesMut::from(&b"zz\r\n"[..])).is_err());
+        assert!(decode(
+            &mut framing,
+            &mut BytesMut::from(&b"zz\r\n"[..]),
+            MAX_RESPONSE_HEAD
+        )
+        .is_err());
     }
 
     #[test]

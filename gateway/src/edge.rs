@@ -220,14 +220,14 @@ impl RunningEdge {
             (None, None) => {}
         }
 
-        // Fail early and clearly if the proxy port is taken (Pingora would exit the process).
-        drop(
+        // Bound here, so a taken port fails the start with a clear error.
+        let http_listener =
             std::net::TcpListener::bind(http_addr).map_err(|source| StartError::Listen {
                 what: "http listener",
                 addr: http_addr.to_string(),
                 source,
-            })?,
-        );
+            })?;
+        let http_addr = http_listener.local_addr().map_err(StartError::Runtime)?;
 
         let conf = ServerConf {
             threads: edge.threads,
@@ -252,14 +252,21 @@ impl RunningEdge {
             Some(cache.clone()),
             alt_svc,
         ));
+        // HTTP/2 (h2c on the cleartext listener, ALPN h2 on TLS) and TLS termination stay with
+        // Pingora's session for now; HTTP/1.1 on the cleartext listener is Meridian's own loop.
+        let mut h2_proxy = pingora::proxy::http_proxy(
+            &server.configuration,
+            EdgeProxy::new(Arc::clone(&pipeline)),
+        );
+        let mut options = HttpServerOptions::default();
+        options.h2c = true;
+        h2_proxy.server_options = Some(options);
+        let h2_proxy = Arc::new(h2_proxy);
+        let front =
+            crate::front::Front::new(Arc::clone(&pipeline), Arc::new(Arc::clone(&h2_proxy)));
+        server.add_service(crate::front::PlainListener::new(http_listener, front));
         let proxy = EdgeProxy::new(Arc::clone(&pipeline));
         let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
-        if let Some(app) = service.app_logic_mut() {
-            let mut options = HttpServerOptions::default();
-            options.h2c = true;
-            app.server_options = Some(options);
-        }
-        service.add_tcp(&http_addr.to_string());
         // --- TLS listener: SNI-selected certificates, reloaded off the request path. ---
         if let (Some(addr), Some(resolver)) = (https_addr, cert_resolver.as_ref()) {
             drop(
@@ -306,7 +313,9 @@ impl RunningEdge {
             _ => None,
         };
         // --- end HTTP/3 front ---
-        server.add_service(service);
+        if https_addr.is_some() {
+            server.add_service(service);
+        }
 
         let (shutdown, shutdown_rx) = mpsc::unbounded_channel();
         let watch = ChannelShutdown {

@@ -16,6 +16,7 @@ pub use meridian_core as core;
 pub mod demo;
 pub mod dns;
 pub mod edge;
+pub mod front;
 pub mod h3;
 pub(crate) mod health;
 pub mod httpd;

@@ -46,6 +46,7 @@ pub struct EdgeMetrics {
     pub config: ConfigMetrics,
     pub health: HealthMetrics,
     pub tls: TlsMetrics,
+    pub front: crate::front::FrontMetrics,
 }
 
 /// TLS and QUIC termination.
@@ -315,7 +316,9 @@ impl EdgeMetrics {
         let config = ConfigMetrics::new(&registry)?;
         let health = HealthMetrics::new(&registry)?;
         let tls = TlsMetrics::new(&registry)?;
+        let front = crate::front::FrontMetrics::new(&registry)?;
         Ok(Self {
+            front,
             config,
             health,
             tls,

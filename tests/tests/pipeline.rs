@@ -123,15 +123,13 @@ async fn stalled_h3(
     Ok((response.status().as_u16(), Bytes::from(body)))
 }
 
-fn short_read_timeout(mut config: Config, route: &str) -> Config {
-    for r in config.routes.iter_mut().filter(|r| r.name == route) {
-        r.timeouts.read = HumanDuration::secs(1);
-    }
+fn short_body_timeout(mut config: Config) -> Config {
+    config.edge.limits.client_body_timeout = HumanDuration::secs(1);
     config
 }
 
 fn model_call_body_timeout_is_408(protocol: Secure) {
-    let world = World::start(short_read_timeout(local_config(), "inference"));
+    let world = World::start(short_body_timeout(local_config()));
     let body = Bytes::from_static(br#"{"model":"qwen-max","messages":[{"role":"user","#);
     let (status, body) = world
         .runtime

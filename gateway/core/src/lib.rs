@@ -8,7 +8,8 @@
 //! - one request's life: [`exchange`] (head accepted → tries → upstream head/error → finish);
 //! - HTTP caching rules: [`cache`] (RFC 9111 policy and cache keys);
 //! - [`inference`]: the OpenAI-compatible surface, callers, models;
-//! - [`headers`]: which headers a proxy must not forward.
+//! - [`headers`]: which headers a proxy must not forward;
+//! - [`http1`]: HTTP/1.1 framing and request-head rules (RFC 9112), for the client and upstream sides.
 
 pub mod cache;
 pub mod client;
@@ -16,6 +17,7 @@ pub mod decide;
 pub mod exchange;
 pub mod geo;
 pub mod headers;
+pub mod http1;
 pub mod inference;
 pub mod models;
 pub mod route_match;

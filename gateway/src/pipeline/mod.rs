@@ -217,7 +217,8 @@ impl Pipeline {
                 let read = match declared_length(head.headers) {
                     Some(len) if len > max_body_bytes => Err(BodyError::TooLarge),
                     _ => {
-                        body::read_whole(out.downstream(), max_body_bytes, route.read_timeout).await
+                        body::read_whole(out.downstream(), max_body_bytes, body_timeout(snapshot))
+                            .await
                     }
                 };
                 let call_body = match read {
@@ -324,7 +325,7 @@ impl Pipeline {
                     out.downstream(),
                     REPLAY_BYTES.min(limit),
                     limit,
-                    route.read_timeout,
+                    body_timeout(snapshot),
                 )
                 .await;
                 match read {
@@ -362,7 +363,7 @@ impl Pipeline {
             Some(pump) => {
                 // The client's remaining body is read while the tries run, in this task: the pump
                 // borrows the downstream until the upstream answered (or gave up).
-                let pump = pump.run(out.downstream(), limit, route.read_timeout);
+                let pump = pump.run(out.downstream(), limit, body_timeout(snapshot));
                 tokio::pin!(forward);
                 tokio::pin!(pump);
                 let mut pumping = true;
@@ -683,4 +684,10 @@ fn origin_form(uri: &http::Uri) -> http::Uri {
         Some(pq) => http::Uri::from(pq.clone()),
         None => http::Uri::from_static("/"),
     }
+}
+
+/// How long a request body may make no progress before the client gets `408`: the edge's
+/// `client_body_timeout`, whatever the route's upstream timeouts are.
+fn body_timeout(snapshot: &crate::core::Snapshot) -> std::time::Duration {
+    snapshot.limits.client_body_timeout.as_duration()
 }

@@ -1,0 +1,418 @@
+//! Meridian's HTTP/1.1 connection loop: reads a head (bounded in bytes and in total time), hands the
+//! request to the one [`Pipeline`] as a [`Downstream`], writes the answer, and waits for the next
+//! request holding almost nothing.
+//!
+//! Why its own loop rather than a framework's session: a kept-alive connection spends most of its
+//! life waiting, and what it holds while it waits is what a million idle mobile clients cost. Here
+//! the wait holds the socket, a deadline and a few words: the read buffer is released, and the
+//! request's state (head, pipeline future) lives in a separate allocation that is freed when the
+//! answer is written. The request cycle itself spawns nothing and crosses no channel.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Version};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
+
+use crate::core::exchange::EdgeReply;
+use crate::core::http1::{
+    connection_header, decode, encode_response_head, parse_request, response_has_body, Framing,
+    HeadError, RequestHead,
+};
+use crate::metrics::Protocol;
+use crate::pipeline::{Arrival, ClientBodyError, Downstream, Head};
+
+use super::{ConnLimits, Connection, Front, Timeout};
+
+/// First read of a head; grows (up to the header limit) only for bigger heads.
+const HEAD_READ: usize = 4096;
+/// Body reads: big enough that a 64 KiB upload is a handful of reads.
+const BODY_READ: usize = 16 * 1024;
+/// Body bytes copied behind a pending head (one write for both); bigger chunks go out as they are.
+const COALESCE: usize = 16 * 1024;
+
+const HEAD_TIMEOUT: HeadError = HeadError {
+    status: 408,
+    message: "request head not received in time (edge.limits.client_header_timeout)",
+};
+
+/// A client transport the loop can wait on without a buffer.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Resolves when the connection has bytes to read (or is closed). Transports that cannot
+    /// wait without reading return at once and the read itself waits.
+    fn idle(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+impl Transport for tokio::net::TcpStream {
+    async fn idle(&mut self) -> io::Result<()> {
+        self.readable().await
+    }
+}
+
+/// Serves HTTP/1.1 requests on `io` until the client or a limit closes it.
+pub async fn serve<T: Transport>(
+    front: &Front,
+    mut io: T,
+    peer: SocketAddr,
+    tls: bool,
+    mut conn: Connection,
+) {
+    let limits = conn.limits;
+    let arrival = Arrival {
+        peer: peer.ip(),
+        protocol: Protocol::H1,
+        tls,
+    };
+    let mut buf = BytesMut::new();
+    let mut served: u32 = 0;
+    // The first head is due within the header timeout of the accept.
+    let mut deadline = Some(conn.accepted + limits.header_timeout);
+    loop {
+        if buf.is_empty() {
+            let wait = deadline.unwrap_or_else(|| Instant::now() + limits.keepalive_timeout);
+            tokio::select! {
+                ready = tokio::time::timeout_at(wait, io.idle()) => match ready {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        let kind = if served == 0 { Timeout::Header } else { Timeout::KeepAlive };
+                        front.metrics().timeout(kind);
+                        return;
+                    }
+                },
+                _ = conn.shutdown.changed() => return,
+            }
+        }
+        let deadline_now = deadline
+            .take()
+            .unwrap_or_else(|| Instant::now() + limits.header_timeout);
+        let head = match read_head(&mut io, &mut buf, &limits, deadline_now).await {
+            HeadRead::Head(head) => head,
+            HeadRead::Closed => return,
+            HeadRead::TimedOut => {
+                front.metrics().timeout(Timeout::Header);
+                refuse(front, &mut io, &limits, HEAD_TIMEOUT).await;
+                return;
+            }
+            HeadRead::Refused(error) => {
+                refuse(front, &mut io, &limits, error).await;
+                return;
+            }
+        };
+        served += 1;
+        let keep_alive =
+            head.keep_alive && served < limits.max_requests && !*conn.shutdown.borrow();
+        // Boxed: the request's state (head, pipeline future) is its own allocation, gone once
+        // answered, so the connection's task stays small while it waits for the next request.
+        let reusable = Box::pin(exchange(
+            front, &mut io, &mut buf, head, keep_alive, &limits, arrival,
+        ))
+        .await;
+        if !reusable {
+            let _ = tokio::time::timeout(limits.send_timeout, io.shutdown()).await;
+            return;
+        }
+        if buf.is_empty() {
+            // Release the buffer while idle (a pipelined next request keeps it).
+            buf = BytesMut::new();
+        }
+    }
+}
+
+/// Returned once per request and never stored, so the size difference between variants costs
+/// nothing worth a heap allocation.
+#[allow(clippy::large_enum_variant)]
+enum HeadRead {
+    Head(RequestHead),
+    Closed,
+    TimedOut,
+    Refused(HeadError),
+}
+
+/// Serves one request; whether the connection may carry another.
+async fn exchange<T: Transport>(
+    front: &Front,
+    io: &mut T,
+    buf: &mut BytesMut,
+    head: RequestHead,
+    keep_alive: bool,
+    limits: &ConnLimits,
+    arrival: Arrival,
+) -> bool {
+    let mut exchange = Exchange {
+        io,
+        buf,
+        framing: head.framing,
+        expect_continue: head.expect_continue,
+        head,
+        keep_alive,
+        broken: false,
+        out: Vec::new(),
+        response: Response::NotStarted,
+        limits,
+    };
+    front.pipeline.serve(&mut exchange, arrival).await;
+    exchange.keep_alive
+        && !exchange.broken
+        && exchange.response == Response::Complete
+        && exchange.framing == Framing::Done
+}
+
+/// Reads until a complete head is buffered (leaving what follows it in `buf`), within `deadline`
+/// for the whole head and `limits` for its size — checked as bytes arrive, not after.
+async fn read_head<T: Transport>(
+    io: &mut T,
+    buf: &mut BytesMut,
+    limits: &ConnLimits,
+    deadline: Instant,
+) -> HeadRead {
+    loop {
+        // Empty lines before a request line are ignored (RFC 9112 §2.2).
+        let blank = buf
+            .iter()
+            .take_while(|b| matches!(b, b'\r' | b'\n'))
+            .count();
+        if blank > 0 {
+            let _ = buf.split_to(blank);
+        }
+        if !buf.is_empty() {
+            match parse_request(buf, &limits.head) {
+                Ok(Some(head)) => {
+                    let _ = buf.split_to(head.length);
+                    return HeadRead::Head(head);
+                }
+                Ok(None) => {}
+                Err(e) => return HeadRead::Refused(e),
+            }
+        }
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(HEAD_READ.max(buf.len()));
+        }
+        match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return HeadRead::Closed,
+            Ok(Ok(_)) => {}
+            Err(_) if buf.is_empty() => return HeadRead::Closed,
+            Err(_) => return HeadRead::TimedOut,
+        }
+    }
+}
+
+/// Answers a head the edge refused, and closes: nothing after a bad head can be trusted.
+async fn refuse<T: Transport>(front: &Front, io: &mut T, limits: &ConnLimits, error: HeadError) {
+    let reply = EdgeReply::new(error.status, error.message);
+    let body = reply.body(&front.pipeline.store.load().snapshot.pop);
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    let mut out = Vec::with_capacity(256 + body.len());
+    encode_response_head(
+        &mut out,
+        error.status,
+        &headers,
+        connection_header(Version::HTTP_11, false),
+        false,
+    );
+    out.extend_from_slice(&body);
+    let _ = tokio::time::timeout(limits.send_timeout, async {
+        io.write_all(&out).await?;
+        io.shutdown().await
+    })
+    .await;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Response {
+    NotStarted,
+    /// Head written (or pending in `out`), body under way.
+    Body {
+        chunked: bool,
+        has_body: bool,
+    },
+    Complete,
+}
+
+/// One request on the connection, as the pipeline sees it.
+struct Exchange<'c, T> {
+    io: &'c mut T,
+    buf: &'c mut BytesMut,
+    head: RequestHead,
+    /// What is left of the request body.
+    framing: Framing,
+    expect_continue: bool,
+    keep_alive: bool,
+    /// The connection cannot be reused (a read or write failed, or the answer was cut).
+    broken: bool,
+    /// Response bytes not written yet (a head waiting to go out with the first body bytes).
+    out: Vec<u8>,
+    response: Response,
+    limits: &'c ConnLimits,
+}
+
+impl<T: Transport> Exchange<'_, T> {
+    async fn write_out(&mut self) -> io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let result = within(self.limits.send_timeout, self.io.write_all(&self.out)).await;
+        self.out.clear();
+        self.failed(result)
+    }
+
+    async fn write_chunk(&mut self, chunk: &[u8]) -> io::Result<()> {
+        if self.out.len() + chunk.len() <= COALESCE {
+            self.out.extend_from_slice(chunk);
+            return Ok(());
+        }
+        self.write_out().await?;
+        let result = within(self.limits.send_timeout, self.io.write_all(chunk)).await;
+        self.failed(result)
+    }
+
+    fn failed(&mut self, result: io::Result<()>) -> io::Result<()> {
+        if result.is_err() {
+            self.broken = true;
+        }
+        result
+    }
+}
+
+async fn within<F: Future<Output = io::Result<()>>>(limit: Duration, work: F) -> io::Result<()> {
+    match tokio::time::timeout(limit, work).await {
+        Ok(result) => result,
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client did not read the response in time",
+        )),
+    }
+}
+
+impl<T: Transport> Downstream for Exchange<'_, T> {
+    fn head(&self) -> Head<'_> {
+        Head {
+            method: &self.head.method,
+            uri: &self.head.uri,
+            headers: &self.head.headers,
+        }
+    }
+
+    async fn read_body(&mut self) -> Result<Option<Bytes>, ClientBodyError> {
+        if self.expect_continue {
+            self.expect_continue = false;
+            let sent = within(
+                self.limits.send_timeout,
+                self.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n"),
+            )
+            .await;
+            self.failed(sent)
+                .map_err(|e| ClientBodyError(e.to_string()))?;
+        }
+        loop {
+            match decode(
+                &mut self.framing,
+                self.buf,
+                self.limits.head.max_header_bytes,
+            ) {
+                Ok(Some(chunk)) => return Ok(Some(chunk)),
+                Ok(None) if self.framing == Framing::Done => return Ok(None),
+                Ok(None) => {}
+                Err(message) => {
+                    self.broken = true;
+                    return Err(ClientBodyError(message.into()));
+                }
+            }
+            self.buf.reserve(BODY_READ);
+            match self.io.read_buf(self.buf).await {
+                Ok(0) => {
+                    self.broken = true;
+                    return Err(ClientBodyError(
+                        "the client closed before the end of the body".into(),
+                    ));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.broken = true;
+                    return Err(ClientBodyError(e.to_string()));
+                }
+            }
+        }
+    }
+
+    async fn send_head(
+        &mut self,
+        status: u16,
+        mut headers: HeaderMap,
+        end: bool,
+    ) -> io::Result<()> {
+        let has_body = response_has_body(&self.head.method, status);
+        let length_known = headers.contains_key(http::header::CONTENT_LENGTH);
+        if has_body && end && !length_known {
+            headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        }
+        let open_ended = has_body && !end && !length_known;
+        let chunked = open_ended && self.head.version == Version::HTTP_11;
+        if open_ended && !chunked {
+            // An HTTP/1.0 client without a length: the body ends when the connection does.
+            self.keep_alive = false;
+        }
+        if self.framing != Framing::Done && !self.broken {
+            // The answer comes before the whole request body was read: the rest of it must not
+            // be taken for the next request.
+            self.keep_alive = false;
+        }
+        // 1xx answers are not final (the client keeps waiting), but this edge sends none itself.
+        self.out.reserve(256 + headers.len() * 48);
+        encode_response_head(
+            &mut self.out,
+            status,
+            &headers,
+            connection_header(self.head.version, self.keep_alive),
+            chunked,
+        );
+        if end || !has_body {
+            self.response = Response::Complete;
+            return self.write_out().await;
+        }
+        self.response = Response::Body { chunked, has_body };
+        Ok(())
+    }
+
+    async fn send_body(&mut self, chunk: Bytes, end: bool) -> io::Result<()> {
+        let Response::Body { chunked, has_body } = self.response else {
+            return Ok(());
+        };
+        if has_body && !chunk.is_empty() {
+            if chunked {
+                use std::io::Write;
+                // Writing into a Vec cannot fail.
+                let _ = write!(self.out, "{:x}\r\n", chunk.len());
+                self.write_chunk(&chunk).await?;
+                self.out.extend_from_slice(b"\r\n");
+            } else {
+                self.write_chunk(&chunk).await?;
+            }
+        }
+        if end {
+            if chunked {
+                self.out.extend_from_slice(b"0\r\n\r\n");
+            }
+            self.response = Response::Complete;
+        }
+        // Every call goes out now: a streamed answer (server-sent events) must not wait here.
+        self.write_out().await
+    }
+
+    fn abort(&mut self) {
+        self.broken = true;
+    }
+
+    fn close_after(&mut self) {
+        self.keep_alive = false;
+    }
+}

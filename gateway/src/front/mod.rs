@@ -1,0 +1,313 @@
+//! The TCP front: Meridian's own accept loop and HTTP/1.1 connection loop ([`h1`]) on the cleartext
+//! listener, in front of the one [`Pipeline`]. Pingora's server still provides the worker threads
+//! (one single-threaded runtime each), signal handling and graceful shutdown; HTTP/2 (h2c by prior
+//! knowledge) is handed to Pingora's h2 session, which answers through the same pipeline.
+//!
+//! Every connection is bounded: a cap per listener (beyond it a connection is closed at accept and
+//! counted), a total time for each request head, an idle time between requests, a number of
+//! requests, and a time for the client to read what it is sent.
+
+pub mod h1;
+mod metrics;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use meridian_config::Limits;
+use pingora::apps::ServerApp;
+use pingora::server::ShutdownWatch;
+use pingora::services::Service;
+use tokio::time::Instant;
+
+pub use metrics::FrontMetrics;
+
+use crate::core::http1::HeadLimits;
+use crate::metrics::EdgeMetrics;
+use crate::pipeline::Pipeline;
+
+/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// What ended a connection early, for `meridian_client_timeouts_total{kind}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Timeout {
+    /// A request head did not complete within `client_header_timeout`.
+    Header,
+    /// No next request within `keepalive_timeout`.
+    KeepAlive,
+}
+
+impl Timeout {
+    pub const ALL: [Timeout; 2] = [Timeout::Header, Timeout::KeepAlive];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Timeout::Header => "header",
+            Timeout::KeepAlive => "keepalive",
+        }
+    }
+}
+
+/// `[edge.limits]` as one connection applies them (read when it is accepted).
+#[derive(Clone, Copy, Debug)]
+pub struct ConnLimits {
+    pub head: HeadLimits,
+    pub header_timeout: Duration,
+    pub keepalive_timeout: Duration,
+    pub send_timeout: Duration,
+    pub max_requests: u32,
+    pub max_connections: usize,
+}
+
+impl ConnLimits {
+    pub fn of(limits: &Limits) -> Self {
+        Self {
+            head: HeadLimits {
+                max_header_bytes: limits.max_header_bytes,
+                max_headers: limits.max_headers,
+                max_uri_bytes: limits.max_uri_bytes,
+            },
+            header_timeout: limits.client_header_timeout.as_duration(),
+            keepalive_timeout: limits.keepalive_timeout.as_duration(),
+            send_timeout: limits.send_timeout.as_duration(),
+            max_requests: limits.max_requests_per_connection,
+            max_connections: limits.max_connections,
+        }
+    }
+}
+
+/// One listener's open-connection count.
+pub struct ListenerSlots {
+    label: &'static str,
+    open: AtomicUsize,
+}
+
+impl ListenerSlots {
+    pub fn new(label: &'static str) -> Arc<Self> {
+        Arc::new(Self {
+            label,
+            open: AtomicUsize::new(0),
+        })
+    }
+}
+
+/// An admitted connection: its limits, when it was accepted, the shutdown signal, and its slot
+/// (released when this is dropped).
+pub struct Connection {
+    pub limits: ConnLimits,
+    pub accepted: Instant,
+    pub shutdown: ShutdownWatch,
+    _slot: Slot,
+}
+
+struct Slot {
+    listener: Arc<ListenerSlots>,
+    metrics: Arc<EdgeMetrics>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.listener.open.fetch_sub(1, Ordering::Relaxed);
+        self.metrics
+            .front
+            .open
+            .with_label_values(&[self.listener.label])
+            .dec();
+    }
+}
+
+/// What every connection of the TCP front shares.
+pub struct Front {
+    pub pipeline: Arc<Pipeline>,
+    metrics: Arc<EdgeMetrics>,
+    /// HTTP/2 connections go to Pingora's h2 session (through the same pipeline).
+    h2: Arc<dyn H2App>,
+}
+
+/// Serves one HTTP/2 connection to its end.
+#[async_trait]
+pub trait H2App: Send + Sync {
+    async fn serve_h2(&self, stream: pingora::protocols::Stream, shutdown: &ShutdownWatch);
+}
+
+#[async_trait]
+impl<A: ServerApp + Send + Sync + 'static> H2App for Arc<A> {
+    async fn serve_h2(&self, stream: pingora::protocols::Stream, shutdown: &ShutdownWatch) {
+        let _ = self.process_new(stream, shutdown).await;
+    }
+}
+
+impl Front {
+    pub fn new(pipeline: Arc<Pipeline>, h2: Arc<dyn H2App>) -> Arc<Self> {
+        let metrics = Arc::clone(pipeline.store.metrics());
+        Arc::new(Self {
+            pipeline,
+            metrics,
+            h2,
+        })
+    }
+
+    pub fn metrics(&self) -> &FrontMetrics {
+        &self.metrics.front
+    }
+
+    /// Admits a new connection of `listener` unless it is at its cap.
+    pub fn admit(
+        &self,
+        listener: &Arc<ListenerSlots>,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Connection> {
+        let limits = ConnLimits::of(&self.pipeline.store.load().snapshot.limits);
+        let open = listener.open.fetch_add(1, Ordering::Relaxed);
+        if open >= limits.max_connections {
+            listener.open.fetch_sub(1, Ordering::Relaxed);
+            self.metrics
+                .front
+                .refused
+                .with_label_values(&[listener.label])
+                .inc();
+            return None;
+        }
+        self.metrics
+            .front
+            .open
+            .with_label_values(&[listener.label])
+            .inc();
+        Some(Connection {
+            limits,
+            accepted: Instant::now(),
+            shutdown: shutdown.clone(),
+            _slot: Slot {
+                listener: Arc::clone(listener),
+                metrics: Arc::clone(&self.metrics),
+            },
+        })
+    }
+
+    /// A cleartext connection: HTTP/2 by prior knowledge when it starts with the preface, else
+    /// HTTP/1.1 on Meridian's own loop.
+    async fn serve_plain(&self, tcp: tokio::net::TcpStream, peer: SocketAddr, conn: Connection) {
+        let deadline = conn.accepted + conn.limits.header_timeout;
+        match tokio::time::timeout_at(deadline, starts_with_h2_preface(&tcp)).await {
+            Ok(Ok(true)) => {
+                let shutdown = conn.shutdown.clone();
+                use pingora::protocols::{l4, GetSocketDigest};
+                use std::os::fd::AsRawFd;
+                // The h2 session reads the client address from the socket digest; it is
+                // known already, so no getpeername.
+                let digest = pingora::protocols::SocketDigest::from_raw_fd(tcp.as_raw_fd());
+                let _ = digest
+                    .peer_addr
+                    .set(Some(l4::socket::SocketAddr::Inet(peer)));
+                let mut l4 = l4::stream::Stream::from(tcp);
+                l4.set_socket_digest(digest);
+                let stream: pingora::protocols::Stream = Box::new(l4);
+                self.h2.serve_h2(stream, &shutdown).await;
+                drop(conn);
+            }
+            Ok(Ok(false)) => h1::serve(self, tcp, peer, false, conn).await,
+            Ok(Err(_)) => {}
+            Err(_) => self.metrics().timeout(Timeout::Header),
+        }
+    }
+}
+
+/// Peeks (reads nothing) until the first bytes either are or cannot be the HTTP/2 preface.
+async fn starts_with_h2_preface(tcp: &tokio::net::TcpStream) -> std::io::Result<bool> {
+    let mut seen = [0u8; 24];
+    loop {
+        let n = tcp.peek(&mut seen).await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        if seen[..n] != H2_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        // A prefix of the preface so far: wait for more bytes.
+        tcp.readable().await?;
+        tokio::task::yield_now().await;
+    }
+}
+
+/// The cleartext listener as a Pingora service: Pingora runs it on its worker threads and tells it
+/// when to stop; the accept loop and everything after it are Meridian's.
+pub struct PlainListener {
+    listener: Option<std::net::TcpListener>,
+    front: Arc<Front>,
+    slots: Arc<ListenerSlots>,
+}
+
+impl PlainListener {
+    /// `listener` is bound already, so a taken port fails the start with a clear error.
+    pub fn new(listener: std::net::TcpListener, front: Arc<Front>) -> Self {
+        Self {
+            listener: Some(listener),
+            front,
+            slots: ListenerSlots::new("http"),
+        }
+    }
+}
+
+#[async_trait]
+impl Service for PlainListener {
+    async fn start_service(
+        &mut self,
+        _fds: Option<pingora::server::ListenFds>,
+        mut shutdown: ShutdownWatch,
+        _listeners_per_fd: usize,
+    ) {
+        let Some(std_listener) = self.listener.take() else {
+            return;
+        };
+        let listener = match std_listener
+            .set_nonblocking(true)
+            .and_then(|()| tokio::net::TcpListener::from_std(std_listener))
+        {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::error!("http listener: {e}");
+                return;
+            }
+        };
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        break;
+                    }
+                    continue;
+                }
+            };
+            match accepted {
+                Ok((tcp, peer)) => {
+                    let Some(conn) = self.front.admit(&self.slots, &shutdown) else {
+                        continue;
+                    };
+                    let _ = tcp.set_nodelay(true);
+                    let front = Arc::clone(&self.front);
+                    // Spread over the worker threads; each connection then stays on its thread.
+                    pingora_runtime::current_handle().spawn(async move {
+                        front.serve_plain(tcp, peer, conn).await;
+                    });
+                }
+                Err(e) => {
+                    // Out of descriptors or memory: accept fails at once until something is
+                    // released, so back off instead of spinning.
+                    tracing::warn!("http listener: accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    fn name(&self) -> &str {
+        "meridian http"
+    }
+}

@@ -1,0 +1,428 @@
+//! The TCP front's own HTTP/1.1 loop, over raw sockets: request smuggling and malformed heads are
+//! answered as RFC 9112 says with nothing forwarded upstream, and every connection is bounded in
+//! time (head, idle, body) and count.
+//!
+//! Clients here write bytes by hand: no HTTP client library would send these requests. Socket reads
+//! have a generous safety timeout so a regression fails the test instead of hanging it; no test
+//! asserts on elapsed time.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use meridian_config::HumanDuration;
+use meridian_tests::{local_config, metric_value, World};
+
+/// Long enough never to fire on a healthy run; only a hang reaches it.
+const SAFETY: Duration = Duration::from_secs(30);
+
+fn connect(addr: SocketAddr) -> TcpStream {
+    let stream = TcpStream::connect(addr).expect("connect to the edge");
+    stream.set_read_timeout(Some(SAFETY)).expect("timeout");
+    stream
+}
+
+/// One response read off `stream`: status, lower-cased head text, body (by Content-Length or
+/// chunked).
+struct Raw {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+impl Raw {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.head.lines().find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            (n.trim() == name).then(|| v.trim())
+        })
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// Reads one response (skipping `100 Continue`), or `None` if the edge closed first.
+fn read_response(stream: &mut TcpStream, pending: &mut Vec<u8>) -> Option<Raw> {
+    loop {
+        let end = loop {
+            if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            let mut chunk = [0u8; 8192];
+            match stream.read(&mut chunk) {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => pending.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&pending[..end]).to_ascii_lowercase();
+        pending.drain(..end);
+        let status: u16 = head.get(9..12)?.parse().ok()?;
+        if status == 100 {
+            continue;
+        }
+        let mut raw = Raw {
+            status,
+            head,
+            body: Vec::new(),
+        };
+        if let Some(length) = raw.header("content-length") {
+            let length: usize = length.parse().ok()?;
+            fill(stream, pending, length)?;
+            raw.body = pending.drain(..length).collect();
+        } else if raw.header("transfer-encoding") == Some("chunked") {
+            loop {
+                let line_end = loop {
+                    if let Some(i) = pending.windows(2).position(|w| w == b"\r\n") {
+                        break i;
+                    }
+                    fill(stream, pending, pending.len() + 1)?;
+                };
+                let size =
+                    usize::from_str_radix(String::from_utf8_lossy(&pending[..line_end]).trim(), 16)
+                        .ok()?;
+                pending.drain(..line_end + 2);
+                fill(stream, pending, size + 2)?;
+                raw.body.extend(pending.drain(..size));
+                pending.drain(..2);
+                if size == 0 {
+                    break;
+                }
+            }
+        }
+        return Some(raw);
+    }
+}
+
+fn fill(stream: &mut TcpStream, pending: &mut Vec<u8>, want: usize) -> Option<()> {
+    while pending.len() < want {
+        let mut chunk = [0u8; 8192];
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => pending.extend_from_slice(&chunk[..n]),
+        }
+    }
+    Some(())
+}
+
+/// True when the edge closed the connection (EOF or reset) rather than leaving it open.
+fn closed_by_edge(stream: &mut TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(stream.read(&mut byte), Ok(0) | Err(_))
+}
+
+/// Sends `raw` on a new connection; the response, and whether the edge then closed.
+fn exchange(addr: SocketAddr, raw: &[u8]) -> (Option<Raw>, bool) {
+    let mut stream = connect(addr);
+    stream.write_all(raw).expect("send");
+    let mut pending = Vec::new();
+    let response = read_response(&mut stream, &mut pending);
+    let closed = closed_by_edge(&mut stream);
+    (response, closed)
+}
+
+#[test]
+fn smuggling_and_malformed_heads_are_refused_and_never_forwarded() {
+    let world = World::start(local_config());
+    let addr = world.edge.http_addr;
+    let h = "Host: api.example.test\r\n";
+    let cases: Vec<(&str, String, u16)> = vec![
+        (
+            "CL + TE",
+            format!("POST /a HTTP/1.1\r\n{h}Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+            400,
+        ),
+        (
+            "conflicting Content-Length",
+            format!("POST /a HTTP/1.1\r\n{h}Content-Length: 4\r\nContent-Length: 5\r\n\r\nabcde"),
+            400,
+        ),
+        (
+            "Content-Length list",
+            format!("POST /a HTTP/1.1\r\n{h}Content-Length: 4, 5\r\n\r\nabcde"),
+            400,
+        ),
+        (
+            "TE other than chunked",
+            format!("POST /a HTTP/1.1\r\n{h}Transfer-Encoding: gzip\r\n\r\nxx"),
+            501,
+        ),
+        (
+            "TE chunked not last",
+            format!("POST /a HTTP/1.1\r\n{h}Transfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n"),
+            501,
+        ),
+        (
+            "TE in HTTP/1.0",
+            format!("POST /a HTTP/1.0\r\n{h}Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n"),
+            400,
+        ),
+        ("obs-fold", format!("GET /a HTTP/1.1\r\n{h}X-A: 1\r\n  2\r\n\r\n"), 400),
+        (
+            "bad chunk size",
+            format!("POST /a HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\n\r\n+5\r\nhello\r\n0\r\n\r\n"),
+            400,
+        ),
+        (
+            "chunk without CRLF",
+            format!("POST /a HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\n\r\n5\r\nhelloXX0\r\n\r\n"),
+            400,
+        ),
+        (
+            "duplicate Host",
+            format!("GET /a HTTP/1.1\r\n{h}Host: other.test\r\n\r\n"),
+            400,
+        ),
+        ("no Host", "GET /a HTTP/1.1\r\n\r\n".to_string(), 400),
+        ("NUL in a value", format!("GET /a HTTP/1.1\r\n{h}X-A: a\0b\r\n\r\n"), 400),
+        ("CR in a value", format!("GET /a HTTP/1.1\r\n{h}X-A: a\rb\r\n\r\n"), 400),
+        (
+            "request line too long",
+            format!("GET /{} HTTP/1.1\r\n{h}\r\n", "a".repeat(40_000)),
+            414,
+        ),
+        (
+            "head too large",
+            format!("GET /a HTTP/1.1\r\n{h}X-A: {}\r\n\r\n", "b".repeat(40_000)),
+            431,
+        ),
+        ("HTTP/2.0 text", format!("GET /a HTTP/2.0\r\n{h}\r\n"), 505),
+        ("CONNECT", format!("CONNECT a.test:443 HTTP/1.1\r\n{h}\r\n"), 405),
+        (
+            "unknown expectation",
+            format!("GET /a HTTP/1.1\r\n{h}Expect: 200-ok\r\n\r\n"),
+            417,
+        ),
+    ];
+    for (name, raw, want) in &cases {
+        let (response, closed) = exchange(addr, raw.as_bytes());
+        let response = response.unwrap_or_else(|| panic!("{name}: no response"));
+        assert_eq!(response.status, *want, "{name}: {}", response.head);
+        assert!(
+            closed,
+            "{name}: the connection must close after a refused head"
+        );
+    }
+    assert_eq!(
+        world.origin_requests(),
+        0,
+        "nothing the edge refused may reach an upstream"
+    );
+}
+
+#[test]
+fn absolute_form_pipelining_http10_and_expect_continue() {
+    let world = World::start(local_config());
+    let addr = world.edge.http_addr;
+
+    // Absolute form: the target's authority is the host, whatever Host says (RFC 9112 §3.2.2).
+    let (response, _) = exchange(
+        addr,
+        b"GET http://api.example.test/abs HTTP/1.1\r\nHost: evil.test\r\nConnection: close\r\n\r\n",
+    );
+    let response = response.expect("absolute-form answer");
+    assert_eq!(response.status, 200, "{}", response.head);
+    assert_eq!(response.json()["host"], "api.example.test");
+
+    // Two pipelined requests in one write: two answers, in order, on one connection.
+    let mut stream = connect(addr);
+    stream
+        .write_all(
+            b"GET /one HTTP/1.1\r\nHost: api.example.test\r\n\r\n\
+              GET /two HTTP/1.1\r\nHost: api.example.test\r\n\r\n",
+        )
+        .expect("send");
+    let mut pending = Vec::new();
+    let first = read_response(&mut stream, &mut pending).expect("first answer");
+    let second = read_response(&mut stream, &mut pending).expect("second answer");
+    assert_eq!(first.json()["path"], "/one");
+    assert_eq!(second.json()["path"], "/two");
+
+    // HTTP/1.0: closed after the answer unless the client asked for keep-alive.
+    let (response, closed) = exchange(addr, b"GET /old HTTP/1.0\r\nHost: api.example.test\r\n\r\n");
+    assert_eq!(response.expect("1.0 answer").status, 200);
+    assert!(
+        closed,
+        "HTTP/1.0 without keep-alive is closed after the answer"
+    );
+    let mut stream = connect(addr);
+    let mut pending = Vec::new();
+    for path in ["/ka1", "/ka2"] {
+        write!(
+            stream,
+            "GET {path} HTTP/1.0\r\nHost: api.example.test\r\nConnection: keep-alive\r\n\r\n"
+        )
+        .expect("send");
+        let response = read_response(&mut stream, &mut pending).expect("1.0 keep-alive answer");
+        assert_eq!(response.status, 200);
+        assert_eq!(response.header("connection"), Some("keep-alive"));
+    }
+
+    // Expect: 100-continue: the edge asks for the body, and the body arrives whole.
+    let mut stream = connect(addr);
+    stream
+        .write_all(
+            b"POST /upload HTTP/1.1\r\nHost: api.example.test\r\nContent-Length: 5\r\n\
+              Expect: 100-continue\r\n\r\n",
+        )
+        .expect("send head");
+    let mut interim = [0u8; 25];
+    stream.read_exact(&mut interim).expect("100 Continue");
+    assert_eq!(&interim, b"HTTP/1.1 100 Continue\r\n\r\n");
+    stream.write_all(b"hello").expect("send body");
+    let mut pending = Vec::new();
+    let response = read_response(&mut stream, &mut pending).expect("upload answer");
+    assert_eq!(response.status, 200);
+    assert_eq!(response.json()["body_bytes"], 5);
+    // The edge answered the expectation itself: the origin never saw it.
+    assert_eq!(world.origin_requests(), 7);
+}
+
+#[test]
+fn slow_heads_idle_connections_and_request_counts_are_bounded() {
+    let mut config = local_config();
+    config.edge.limits.client_header_timeout = HumanDuration::secs(1);
+    config.edge.limits.keepalive_timeout = HumanDuration::secs(1);
+    config.edge.limits.max_requests_per_connection = 2;
+    let world = World::start(config);
+    let addr = world.edge.http_addr;
+
+    // Slowloris: a head that never completes gets 408 and the connection closes.
+    let mut slow = connect(addr);
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: api.example.test\r\nX-a: ")
+        .expect("send part of a head");
+    let mut pending = Vec::new();
+    let response = read_response(&mut slow, &mut pending).expect("408 for a slow head");
+    assert_eq!(response.status, 408);
+    assert!(closed_by_edge(&mut slow));
+
+    // A connection that never sends anything is closed too (no answer owed).
+    let mut silent = connect(addr);
+    assert!(closed_by_edge(&mut silent), "a silent connection is closed");
+
+    // Idle after a request: closed at the keep-alive timeout.
+    let mut idle = connect(addr);
+    idle.write_all(b"GET /a HTTP/1.1\r\nHost: api.example.test\r\n\r\n")
+        .expect("send");
+    let mut pending = Vec::new();
+    assert_eq!(
+        read_response(&mut idle, &mut pending)
+            .expect("answer")
+            .status,
+        200
+    );
+    assert!(
+        closed_by_edge(&mut idle),
+        "an idle keep-alive connection is closed"
+    );
+
+    // The second request of a connection is its last: `Connection: close`, then EOF.
+    let mut counted = connect(addr);
+    let mut pending = Vec::new();
+    for (i, path) in ["/1", "/2"].iter().enumerate() {
+        write!(
+            counted,
+            "GET {path} HTTP/1.1\r\nHost: api.example.test\r\n\r\n"
+        )
+        .expect("send");
+        let response = read_response(&mut counted, &mut pending).expect("answer");
+        assert_eq!(response.status, 200);
+        assert_eq!(
+            response.header("connection") == Some("close"),
+            i == 1,
+            "{}",
+            response.head
+        );
+    }
+    assert!(closed_by_edge(&mut counted));
+
+    let metrics = world.metrics();
+    assert!(
+        metric_value(&metrics, r#"meridian_client_timeouts_total{kind="header"}"#) >= Some(2.0),
+        "{metrics}"
+    );
+    assert!(
+        metric_value(
+            &metrics,
+            r#"meridian_client_timeouts_total{kind="keepalive"}"#
+        ) >= Some(1.0),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn connections_beyond_the_cap_are_closed_at_accept() {
+    let mut config = local_config();
+    config.edge.limits.max_connections = 2;
+    let world = World::start(config);
+    let addr = world.edge.http_addr;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = connect(addr);
+        stream
+            .write_all(b"GET /a HTTP/1.1\r\nHost: api.example.test\r\n\r\n")
+            .expect("send");
+        let mut pending = Vec::new();
+        assert_eq!(
+            read_response(&mut stream, &mut pending)
+                .expect("admitted")
+                .status,
+            200
+        );
+        held.push(stream);
+    }
+    let mut third = connect(addr);
+    let _ = third.write_all(b"GET /a HTTP/1.1\r\nHost: api.example.test\r\n\r\n");
+    let mut pending = Vec::new();
+    assert!(
+        read_response(&mut third, &mut pending).is_none(),
+        "the third connection is closed without an answer"
+    );
+    // A slot frees when a connection closes.
+    drop(held.pop());
+    let admitted = world.metric_eventually(r#"meridian_client_connections{listener="http"}"#, 1.0);
+    assert_eq!(admitted, Some(1.0));
+    let (response, _) = exchange(
+        addr,
+        b"GET /a HTTP/1.1\r\nHost: api.example.test\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(response.expect("admitted again").status, 200);
+    let metrics = world.metrics();
+    assert_eq!(
+        metric_value(
+            &metrics,
+            r#"meridian_client_connections_refused_total{listener="http"}"#
+        ),
+        Some(1.0),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn a_stalled_request_body_gets_408_and_ejects_nobody() {
+    let mut config = local_config();
+    config.edge.limits.client_body_timeout = HumanDuration::secs(1);
+    let world = World::start(config);
+    let addr = world.edge.http_addr;
+    // Small (held whole before any try) and large (streamed to the upstream while it arrives).
+    for (declared, sent) in [(100usize, 10usize), (1 << 20, 200 * 1024)] {
+        let mut stream = connect(addr);
+        write!(
+            stream,
+            "POST /upload HTTP/1.1\r\nHost: api.example.test\r\nContent-Length: {declared}\r\n\r\n"
+        )
+        .expect("send head");
+        stream.write_all(&vec![b'x'; sent]).expect("send some body");
+        let mut pending = Vec::new();
+        let response = read_response(&mut stream, &mut pending).expect("an answer, not silence");
+        assert_eq!(response.status, 408, "{declared}: {}", response.head);
+    }
+    let metrics = world.metrics();
+    let ejected: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("meridian_upstream_ejections_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(ejected, 0.0, "a slow client is not an upstream failure");
+}
