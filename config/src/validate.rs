@@ -98,10 +98,11 @@ fn validate_edge(edge: &Edge, errors: &mut Errors) {
             errors.push(path, "must be greater than 0");
         }
     }
-    if limits.max_uri_bytes < 256 || limits.max_uri_bytes > limits.max_header_bytes {
+    // Within the head, so never more than max_header_bytes in effect.
+    if !(256..=1024 * 1024).contains(&limits.max_uri_bytes) {
         errors.push(
             "edge.limits.max_uri_bytes",
-            "must be between 256 and edge.limits.max_header_bytes",
+            "must be between 256 and 1048576",
         );
     }
     if !(1..=10_000_000).contains(&limits.max_connections) {

@@ -260,13 +260,19 @@ impl RunningEdge {
         );
         let mut options = HttpServerOptions::default();
         options.h2c = true;
+        // An HTTP/2 connection with no open stream is closed like an idle HTTP/1.1 one.
+        options.h2_idle_timeout = Some(edge.limits.keepalive_timeout.as_duration());
         h2_proxy.server_options = Some(options);
-        let h2_proxy = Arc::new(h2_proxy);
-        let front =
-            crate::front::Front::new(Arc::clone(&pipeline), Arc::new(Arc::clone(&h2_proxy)));
-        server.add_service(crate::front::PlainListener::new(http_listener, front));
-        let proxy = EdgeProxy::new(Arc::clone(&pipeline));
-        let mut service = pingora::proxy::http_proxy_service(&server.configuration, proxy);
+        h2_proxy.h2_options = Some(crate::front::h2_options(&edge.limits));
+        let front = crate::front::Front::new(Arc::clone(&pipeline), Arc::new(Arc::new(h2_proxy)));
+        server.add_service(crate::front::PlainListener::new(
+            http_listener,
+            Arc::clone(&front),
+        ));
+        let mut service = pingora::services::listening::Service::new(
+            "meridian https".to_string(),
+            crate::front::TlsConnections::new(front),
+        );
         // --- TLS listener: SNI-selected certificates, reloaded off the request path. ---
         if let (Some(addr), Some(resolver)) = (https_addr, cert_resolver.as_ref()) {
             drop(
@@ -277,7 +283,13 @@ impl RunningEdge {
                 })?,
             );
             let settings = crate::tls::tcp_settings(Arc::clone(resolver))?;
-            service.add_tls_with_settings(&addr.to_string(), None, settings);
+            // Unbuffered: rustls keeps its own record buffer, so a second 64 KiB one per
+            // connection would only cost memory.
+            service.add_listener(
+                pingora::listeners::ListenerConfig::tcp(addr.to_string())
+                    .tls(settings)
+                    .l4_buffer(pingora::protocols::l4::stream::L4BufferSettings::unbuffered()),
+            );
             sidecar.spawn(crate::tls::follow(
                 Arc::clone(&store),
                 Duration::from_secs(2),

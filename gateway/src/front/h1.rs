@@ -53,6 +53,50 @@ impl Transport for tokio::net::TcpStream {
     }
 }
 
+/// A TLS connection from Pingora's listener. rustls reads whole records into its own buffer, so
+/// the wait happens in the read itself.
+pub struct TlsStream(pub pingora::protocols::Stream);
+
+impl Transport for TlsStream {
+    async fn idle(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl AsyncRead for TlsStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<io::Result<usize>> {
+        std::pin::Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        std::pin::Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
 /// Serves HTTP/1.1 requests on `io` until the client or a limit closes it.
 pub async fn serve<T: Transport>(
     front: &Front,
@@ -104,6 +148,13 @@ pub async fn serve<T: Transport>(
             }
         };
         served += 1;
+        if let Some(handshake) = conn.handshake.take() {
+            crate::tls::count_handshake(
+                Some(&handshake),
+                Protocol::H1,
+                front.pipeline.store.metrics(),
+            );
+        }
         let keep_alive =
             head.keep_alive && served < limits.max_requests && !*conn.shutdown.borrow();
         // Boxed: the request's state (head, pipeline future) is its own allocation, gone once

@@ -100,6 +100,9 @@ pub struct Connection {
     pub limits: ConnLimits,
     pub accepted: Instant,
     pub shutdown: ShutdownWatch,
+    /// A TLS connection's handshake, counted (once) when its first request arrives, as the h2
+    /// session does: a handshake that never carries a request is not a served client.
+    pub handshake: Option<Arc<pingora::protocols::tls::SslDigest>>,
     _slot: Slot,
 }
 
@@ -180,6 +183,7 @@ impl Front {
             limits,
             accepted: Instant::now(),
             shutdown: shutdown.clone(),
+            handshake: None,
             _slot: Slot {
                 listener: Arc::clone(listener),
                 metrics: Arc::clone(&self.metrics),
@@ -215,6 +219,19 @@ impl Front {
     }
 }
 
+/// HTTP/2 settings from `[edge.limits]`. The h2 crate also bounds what attackers use against
+/// HTTP/2 servers: streams reset right after opening (rapid reset) are capped per connection, and
+/// header blocks (CONTINUATION frames included) are bounded by the header-list size.
+pub fn h2_options(limits: &Limits) -> pingora::protocols::http::v2::server::H2Options {
+    let mut options = pingora::protocols::http::v2::server::default_h2_options();
+    options
+        .max_concurrent_streams(limits.h2_max_streams)
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_pending_accept_reset_streams(20)
+        .max_local_error_reset_streams(Some(256));
+    options
+}
+
 /// Peeks (reads nothing) until the first bytes either are or cannot be the HTTP/2 preface.
 async fn starts_with_h2_preface(tcp: &tokio::net::TcpStream) -> std::io::Result<bool> {
     let mut seen = [0u8; 24];
@@ -232,6 +249,50 @@ async fn starts_with_h2_preface(tcp: &tokio::net::TcpStream) -> std::io::Result<
         // A prefix of the preface so far: wait for more bytes.
         tcp.readable().await?;
         tokio::task::yield_now().await;
+    }
+}
+
+/// The TLS listener's connections after Pingora's listener accepted them and rustls completed the
+/// handshake: `h2` by ALPN goes to the h2 session, everything else to Meridian's HTTP/1.1 loop.
+pub struct TlsConnections {
+    front: Arc<Front>,
+    slots: Arc<ListenerSlots>,
+}
+
+impl TlsConnections {
+    pub fn new(front: Arc<Front>) -> Self {
+        Self {
+            front,
+            slots: ListenerSlots::new("https"),
+        }
+    }
+}
+
+#[async_trait]
+impl ServerApp for TlsConnections {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: pingora::protocols::Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<pingora::protocols::Stream> {
+        let conn = self.front.admit(&self.slots, shutdown)?;
+        let h2 = matches!(
+            stream.selected_alpn_proto(),
+            Some(pingora::protocols::ALPN::H2)
+        );
+        if h2 {
+            // The h2 session counts the handshake on the connection's first request.
+            self.front.h2.serve_h2(stream, shutdown).await;
+            return None;
+        }
+        let peer = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied())
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+        let mut conn = conn;
+        conn.handshake = stream.get_ssl_digest();
+        h1::serve(&self.front, h1::TlsStream(stream), peer, true, conn).await;
+        None
     }
 }
 

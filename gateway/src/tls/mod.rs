@@ -255,20 +255,8 @@ impl Downstream {
         } else {
             Protocol::H1
         };
-        let ssl = session.digest().and_then(|d| d.ssl_digest.as_ref());
-        if let Some(mark) = ssl.and_then(|d| d.extension.get::<HandshakeMark>()) {
-            if !mark.counted.swap(true, Ordering::Relaxed) {
-                let alpn = match protocol {
-                    Protocol::H2 => "h2",
-                    _ => "http/1.1",
-                };
-                metrics
-                    .tls
-                    .handshakes
-                    .with_label_values(&[mark.version, alpn])
-                    .inc();
-            }
-        }
+        let ssl = session.digest().and_then(|d| d.ssl_digest.as_deref());
+        count_handshake(ssl, protocol, metrics);
         Self {
             tls: ssl.is_some(),
             protocol,
@@ -280,6 +268,27 @@ impl Downstream {
             "https"
         } else {
             "http"
+        }
+    }
+}
+
+/// Counts a TCP connection's TLS handshake once, with the protocol it ended up speaking.
+pub fn count_handshake(
+    ssl: Option<&pingora::protocols::tls::SslDigest>,
+    protocol: Protocol,
+    metrics: &EdgeMetrics,
+) {
+    if let Some(mark) = ssl.and_then(|d| d.extension.get::<HandshakeMark>()) {
+        if !mark.counted.swap(true, Ordering::Relaxed) {
+            let alpn = match protocol {
+                Protocol::H2 => "h2",
+                _ => "http/1.1",
+            };
+            metrics
+                .tls
+                .handshakes
+                .with_label_values(&[mark.version, alpn])
+                .inc();
         }
     }
 }
