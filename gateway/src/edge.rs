@@ -220,6 +220,14 @@ impl RunningEdge {
             (None, None) => {}
         }
 
+        if let Some(limit) = crate::front::raise_open_file_limit() {
+            let wanted = edge.limits.max_connections as u64 * 2 + 1024;
+            if limit < wanted {
+                tracing::warn!(
+                    "open-file limit {limit} is below what edge.limits.max_connections may need ({wanted}): connections beyond it fail at accept"
+                );
+            }
+        }
         // Bound here, so a taken port fails the start with a clear error.
         let http_listener =
             std::net::TcpListener::bind(http_addr).map_err(|source| StartError::Listen {

@@ -49,7 +49,9 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
 
 impl Transport for tokio::net::TcpStream {
     async fn idle(&mut self) -> io::Result<()> {
-        self.readable().await
+        // Polls the socket's readiness directly: no waiter node inside the future, which
+        // `readable()` would keep (~150 bytes) in every idle connection.
+        std::future::poll_fn(|cx| self.poll_read_ready(cx)).await
     }
 }
 
@@ -98,52 +100,52 @@ impl AsyncWrite for TlsStream {
 }
 
 /// Serves HTTP/1.1 requests on `io` until the client or a limit closes it.
+///
+/// While a kept-alive connection waits, this future holds the socket, the connection's limits and
+/// one timer: everything bigger (refusals, the request itself) is boxed and freed after use. A
+/// waiting connection does not watch for shutdown: Pingora ends the worker's tasks when the grace
+/// period is over, and a request in flight then is finished first and answered `Connection: close`.
 pub async fn serve<T: Transport>(
     front: &Front,
     mut io: T,
     peer: SocketAddr,
     tls: bool,
     mut conn: Connection,
+    mut buf: BytesMut,
 ) {
-    let limits = conn.limits;
-    let arrival = Arrival {
-        peer: peer.ip(),
-        protocol: Protocol::H1,
-        tls,
-    };
-    let mut buf = BytesMut::new();
     let mut served: u32 = 0;
     // The first head is due within the header timeout of the accept.
-    let mut deadline = Some(conn.accepted + limits.header_timeout);
+    let mut deadline = Some(conn.accepted + conn.limits.header_timeout);
     loop {
         if buf.is_empty() {
-            let wait = deadline.unwrap_or_else(|| Instant::now() + limits.keepalive_timeout);
-            tokio::select! {
-                ready = tokio::time::timeout_at(wait, io.idle()) => match ready {
-                    Ok(Ok(())) => {}
-                    Ok(Err(_)) => return,
-                    Err(_) => {
-                        let kind = if served == 0 { Timeout::Header } else { Timeout::KeepAlive };
-                        front.metrics().timeout(kind);
-                        return;
-                    }
-                },
-                _ = conn.shutdown.changed() => return,
+            let wait = deadline.unwrap_or_else(|| Instant::now() + conn.limits.keepalive_timeout);
+            match tokio::time::timeout_at(wait, io.idle()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    let kind = if served == 0 {
+                        Timeout::Header
+                    } else {
+                        Timeout::KeepAlive
+                    };
+                    front.metrics().timeout(kind);
+                    return;
+                }
             }
         }
         let deadline_now = deadline
             .take()
-            .unwrap_or_else(|| Instant::now() + limits.header_timeout);
-        let head = match read_head(&mut io, &mut buf, &limits, deadline_now).await {
+            .unwrap_or_else(|| Instant::now() + conn.limits.header_timeout);
+        let head = match read_head(&mut io, &mut buf, &conn.limits, deadline_now).await {
             HeadRead::Head(head) => head,
             HeadRead::Closed => return,
             HeadRead::TimedOut => {
                 front.metrics().timeout(Timeout::Header);
-                refuse(front, &mut io, &limits, HEAD_TIMEOUT).await;
+                Box::pin(refuse(front, &mut io, &conn.limits, HEAD_TIMEOUT)).await;
                 return;
             }
             HeadRead::Refused(error) => {
-                refuse(front, &mut io, &limits, error).await;
+                Box::pin(refuse(front, &mut io, &conn.limits, error)).await;
                 return;
             }
         };
@@ -156,15 +158,26 @@ pub async fn serve<T: Transport>(
             );
         }
         let keep_alive =
-            head.keep_alive && served < limits.max_requests && !*conn.shutdown.borrow();
+            head.keep_alive && served < conn.limits.max_requests && !*conn.shutdown.borrow();
+        let arrival = Arrival {
+            peer: peer.ip(),
+            protocol: Protocol::H1,
+            tls,
+        };
         // Boxed: the request's state (head, pipeline future) is its own allocation, gone once
         // answered, so the connection's task stays small while it waits for the next request.
         let reusable = Box::pin(exchange(
-            front, &mut io, &mut buf, head, keep_alive, &limits, arrival,
+            front,
+            &mut io,
+            &mut buf,
+            head,
+            keep_alive,
+            &conn.limits,
+            arrival,
         ))
         .await;
-        if !reusable {
-            let _ = tokio::time::timeout(limits.send_timeout, io.shutdown()).await;
+        if !reusable || *conn.shutdown.borrow() {
+            let _ = tokio::time::timeout(conn.limits.send_timeout, io.shutdown()).await;
             return;
         }
         if buf.is_empty() {

@@ -192,31 +192,67 @@ impl Front {
     }
 
     /// A cleartext connection: HTTP/2 by prior knowledge when it starts with the preface, else
-    /// HTTP/1.1 on Meridian's own loop.
-    async fn serve_plain(&self, tcp: tokio::net::TcpStream, peer: SocketAddr, conn: Connection) {
+    /// HTTP/1.1 on Meridian's own loop. The first bytes are read (not peeked: a peek leaves the
+    /// socket readable, so waiting for the rest of a trickled preface would spin) and handed on.
+    async fn serve_plain(
+        &self,
+        mut tcp: tokio::net::TcpStream,
+        peer: SocketAddr,
+        conn: Connection,
+    ) {
+        use tokio::io::AsyncReadExt;
         let deadline = conn.accepted + conn.limits.header_timeout;
-        match tokio::time::timeout_at(deadline, starts_with_h2_preface(&tcp)).await {
-            Ok(Ok(true)) => {
-                let shutdown = conn.shutdown.clone();
-                use pingora::protocols::{l4, GetSocketDigest};
-                use std::os::fd::AsRawFd;
-                // The h2 session reads the client address from the socket digest; it is
-                // known already, so no getpeername.
-                let digest = pingora::protocols::SocketDigest::from_raw_fd(tcp.as_raw_fd());
-                let _ = digest
-                    .peer_addr
-                    .set(Some(l4::socket::SocketAddr::Inet(peer)));
-                let mut l4 = l4::stream::Stream::from(tcp);
-                l4.set_socket_digest(digest);
-                let stream: pingora::protocols::Stream = Box::new(l4);
-                self.h2.serve_h2(stream, &shutdown).await;
-                drop(conn);
+        let mut first = bytes::BytesMut::new();
+        let h2 = loop {
+            if first.len() >= H2_PREFACE.len() || first[..] != H2_PREFACE[..first.len()] {
+                break first.starts_with(H2_PREFACE);
             }
-            Ok(Ok(false)) => h1::serve(self, tcp, peer, false, conn).await,
-            Ok(Err(_)) => {}
-            Err(_) => self.metrics().timeout(Timeout::Header),
+            first.reserve(4096);
+            match tokio::time::timeout_at(deadline, tcp.read_buf(&mut first)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return,
+                Ok(Ok(_)) => {}
+                Err(_) => {
+                    if first.is_empty() {
+                        self.metrics().timeout(Timeout::Header);
+                        return;
+                    }
+                    // A head under way: let the loop answer 408 at once.
+                    break false;
+                }
+            }
+        };
+        if h2 {
+            use pingora::protocols::{l4, GetSocketDigest};
+            use std::os::fd::AsRawFd;
+            let shutdown = conn.shutdown.clone();
+            // The h2 session reads the client address from the socket digest; it is known
+            // already, so no getpeername.
+            let digest = pingora::protocols::SocketDigest::from_raw_fd(tcp.as_raw_fd());
+            let _ = digest
+                .peer_addr
+                .set(Some(l4::socket::SocketAddr::Inet(peer)));
+            let mut l4 = l4::stream::Stream::from(tcp);
+            l4.set_socket_digest(digest);
+            l4.rewind(&first);
+            drop(first);
+            self.h2.serve_h2(Box::new(l4), &shutdown).await;
+            drop(conn);
+        } else {
+            h1::serve(self, tcp, peer, false, conn, first).await;
         }
     }
+}
+
+/// Raises the soft open-file limit to the hard one: every client connection, upstream connection
+/// and listener is a descriptor, and the usual soft default (1,024) is far below
+/// `max_connections`. Returns the limit now in force.
+pub fn raise_open_file_limit() -> Option<u64> {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
+    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        return Some(hard);
+    }
+    Some(soft)
 }
 
 /// HTTP/2 settings from `[edge.limits]`. The h2 crate also bounds what attackers use against
@@ -230,26 +266,6 @@ pub fn h2_options(limits: &Limits) -> pingora::protocols::http::v2::server::H2Op
         .max_pending_accept_reset_streams(20)
         .max_local_error_reset_streams(Some(256));
     options
-}
-
-/// Peeks (reads nothing) until the first bytes either are or cannot be the HTTP/2 preface.
-async fn starts_with_h2_preface(tcp: &tokio::net::TcpStream) -> std::io::Result<bool> {
-    let mut seen = [0u8; 24];
-    loop {
-        let n = tcp.peek(&mut seen).await?;
-        if n == 0 {
-            return Ok(false);
-        }
-        if seen[..n] != H2_PREFACE[..n] {
-            return Ok(false);
-        }
-        if n == H2_PREFACE.len() {
-            return Ok(true);
-        }
-        // A prefix of the preface so far: wait for more bytes.
-        tcp.readable().await?;
-        tokio::task::yield_now().await;
-    }
 }
 
 /// The TLS listener's connections after Pingora's listener accepted them and rustls completed the
@@ -291,7 +307,15 @@ impl ServerApp for TlsConnections {
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
         let mut conn = conn;
         conn.handshake = stream.get_ssl_digest();
-        h1::serve(&self.front, h1::TlsStream(stream), peer, true, conn).await;
+        h1::serve(
+            &self.front,
+            h1::TlsStream(stream),
+            peer,
+            true,
+            conn,
+            bytes::BytesMut::new(),
+        )
+        .await;
         None
     }
 }
