@@ -11,6 +11,7 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -35,16 +36,40 @@ const BODY_READ: usize = 16 * 1024;
 /// Body bytes copied behind a pending head (one write for both); bigger chunks go out as they are.
 const COALESCE: usize = 16 * 1024;
 
+/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads more of a head that has not arrived whole: `Ok(false)` when the client closed,
+/// `Err(())` when the head is overdue.
+async fn read_more<T: Transport>(
+    io: &mut T,
+    buf: &mut BytesMut,
+    deadline: Instant,
+) -> Result<bool, ()> {
+    buf.reserve(HEAD_READ);
+    match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
+        Ok(Ok(n)) => Ok(n > 0),
+        Ok(Err(_)) => Ok(false),
+        Err(_) => Err(()),
+    }
+}
+
 const HEAD_TIMEOUT: HeadError = HeadError {
     status: 408,
     message: "request head not received in time (edge.limits.client_header_timeout)",
 };
 
 /// A client transport the loop can wait on without a buffer.
-pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send {
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Resolves when the connection has bytes to read (or is closed). Transports that cannot
     /// wait without reading return at once and the read itself waits.
     fn idle(&mut self) -> impl Future<Output = io::Result<()>> + Send;
+
+    /// The cleartext socket, when this transport may turn out to speak HTTP/2 by prior knowledge
+    /// (h2c); TLS connections chose their protocol by ALPN already.
+    fn into_h2c(self) -> Result<tokio::net::TcpStream, Self>
+    where
+        Self: Sized;
 }
 
 impl Transport for tokio::net::TcpStream {
@@ -52,6 +77,10 @@ impl Transport for tokio::net::TcpStream {
         // Polls the socket's readiness directly: no waiter node inside the future, which
         // `readable()` would keep (~150 bytes) in every idle connection.
         std::future::poll_fn(|cx| self.poll_read_ready(cx)).await
+    }
+
+    fn into_h2c(self) -> Result<tokio::net::TcpStream, Self> {
+        Ok(self)
     }
 }
 
@@ -62,6 +91,10 @@ pub struct TlsStream(pub pingora::protocols::Stream);
 impl Transport for TlsStream {
     async fn idle(&mut self) -> io::Result<()> {
         Ok(())
+    }
+
+    fn into_h2c(self) -> Result<tokio::net::TcpStream, Self> {
+        Err(self)
     }
 }
 
@@ -102,54 +135,124 @@ impl AsyncWrite for TlsStream {
 /// Serves HTTP/1.1 requests on `io` until the client or a limit closes it.
 ///
 /// While a kept-alive connection waits, this future holds the socket, the connection's limits and
-/// one timer: everything bigger (refusals, the request itself) is boxed and freed after use. A
-/// waiting connection does not watch for shutdown: Pingora ends the worker's tasks when the grace
-/// period is over, and a request in flight then is finished first and answered `Connection: close`.
-pub async fn serve<T: Transport>(
-    front: &Front,
+/// one timer: each request (its head, refusal or exchange) runs in its own boxed future, freed when
+/// answered. A waiting connection does not watch for shutdown: Pingora ends the worker's tasks when
+/// the grace period is over, and a request in flight then is finished first and answered
+/// `Connection: close`.
+///
+/// A plain `fn` returning an `async move` block, not an `async fn`: an async fn's future keeps
+/// each argument twice (the argument and its binding), which for a connection is most of its
+/// size. It is spawned as it is, for the same reason.
+#[allow(clippy::manual_async_fn)]
+pub fn serve<T: Transport>(
+    front: Arc<Front>,
     mut io: T,
     peer: SocketAddr,
     tls: bool,
     mut conn: Connection,
-    mut buf: BytesMut,
-) {
-    let mut served: u32 = 0;
-    // The first head is due within the header timeout of the accept.
-    let mut deadline = Some(conn.accepted + conn.limits.header_timeout);
-    loop {
-        if buf.is_empty() {
-            let wait = deadline.unwrap_or_else(|| Instant::now() + conn.limits.keepalive_timeout);
-            match tokio::time::timeout_at(wait, io.idle()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(_)) => return,
-                Err(_) => {
-                    let kind = if served == 0 {
-                        Timeout::Header
-                    } else {
-                        Timeout::KeepAlive
-                    };
-                    front.metrics().timeout(kind);
-                    return;
+) -> impl Future<Output = ()> + Send + 'static {
+    async move {
+        let front = &*front;
+        let mut buf = BytesMut::new();
+        let mut served: u32 = 0;
+        // The first head is due within the header timeout of the accept.
+        let mut deadline = Some(conn.accepted + conn.limits.header_timeout);
+        loop {
+            if buf.is_empty() {
+                let wait =
+                    deadline.unwrap_or_else(|| Instant::now() + conn.limits.keepalive_timeout);
+                match tokio::time::timeout_at(wait, io.idle()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(_)) => return,
+                    Err(_) => {
+                        let kind = if served == 0 {
+                            Timeout::Header
+                        } else {
+                            Timeout::KeepAlive
+                        };
+                        front.metrics().timeout(kind);
+                        return;
+                    }
                 }
             }
+            let head_due = deadline
+                .take()
+                .unwrap_or_else(|| Instant::now() + conn.limits.header_timeout);
+            served += 1;
+            let request = Request {
+                front,
+                peer,
+                tls,
+                head_due,
+                served,
+            };
+            let outcome = Box::pin(request.serve(&mut io, &mut buf, &mut conn)).await;
+            if outcome == Outcome::H2c {
+                if let Ok(tcp) = io.into_h2c() {
+                    // Boxed: the HTTP/2 hand-off's state must not size every connection.
+                    Box::pin(front.serve_h2c(tcp, peer, conn, buf)).await;
+                }
+                return;
+            }
+            if outcome != Outcome::KeepAlive || *conn.shutdown.borrow() {
+                let _ = tokio::time::timeout(conn.limits.send_timeout, io.shutdown()).await;
+                return;
+            }
+            if buf.is_empty() {
+                // Release the buffer while idle (a pipelined next request keeps it).
+                buf = BytesMut::new();
+            }
         }
-        let deadline_now = deadline
-            .take()
-            .unwrap_or_else(|| Instant::now() + conn.limits.header_timeout);
-        let head = match read_head(&mut io, &mut buf, &conn.limits, deadline_now).await {
+    }
+}
+
+/// One request on a connection, from its first head byte to its answer.
+struct Request<'f> {
+    front: &'f Front,
+    peer: SocketAddr,
+    tls: bool,
+    /// The head must be complete by then.
+    head_due: Instant,
+    /// Requests on this connection so far, this one included.
+    served: u32,
+}
+
+/// What a request leaves the connection able to do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    KeepAlive,
+    Close,
+    /// The first bytes were the HTTP/2 preface: the connection speaks h2c.
+    H2c,
+}
+
+impl Request<'_> {
+    async fn serve<T: Transport>(
+        self,
+        io: &mut T,
+        buf: &mut BytesMut,
+        conn: &mut Connection,
+    ) -> Outcome {
+        let front = self.front;
+        let may_be_h2c = self.served == 1 && !self.tls;
+        let head = match read_head(io, buf, &conn.limits, self.head_due, may_be_h2c).await {
             HeadRead::Head(head) => head,
-            HeadRead::Closed => return,
+            HeadRead::H2c => return Outcome::H2c,
+            HeadRead::Closed => return Outcome::Close,
+            HeadRead::Overdue => {
+                front.metrics().timeout(Timeout::Header);
+                return Outcome::Close;
+            }
             HeadRead::TimedOut => {
                 front.metrics().timeout(Timeout::Header);
-                Box::pin(refuse(front, &mut io, &conn.limits, HEAD_TIMEOUT)).await;
-                return;
+                refuse(front, io, &conn.limits, HEAD_TIMEOUT).await;
+                return Outcome::Close;
             }
             HeadRead::Refused(error) => {
-                Box::pin(refuse(front, &mut io, &conn.limits, error)).await;
-                return;
+                refuse(front, io, &conn.limits, error).await;
+                return Outcome::Close;
             }
         };
-        served += 1;
         if let Some(handshake) = conn.handshake.take() {
             crate::tls::count_handshake(
                 Some(&handshake),
@@ -158,31 +261,16 @@ pub async fn serve<T: Transport>(
             );
         }
         let keep_alive =
-            head.keep_alive && served < conn.limits.max_requests && !*conn.shutdown.borrow();
+            head.keep_alive && self.served < conn.limits.max_requests && !*conn.shutdown.borrow();
         let arrival = Arrival {
-            peer: peer.ip(),
+            peer: self.peer.ip(),
             protocol: Protocol::H1,
-            tls,
+            tls: self.tls,
         };
-        // Boxed: the request's state (head, pipeline future) is its own allocation, gone once
-        // answered, so the connection's task stays small while it waits for the next request.
-        let reusable = Box::pin(exchange(
-            front,
-            &mut io,
-            &mut buf,
-            head,
-            keep_alive,
-            &conn.limits,
-            arrival,
-        ))
-        .await;
-        if !reusable || *conn.shutdown.borrow() {
-            let _ = tokio::time::timeout(conn.limits.send_timeout, io.shutdown()).await;
-            return;
-        }
-        if buf.is_empty() {
-            // Release the buffer while idle (a pipelined next request keeps it).
-            buf = BytesMut::new();
+        if exchange(front, io, buf, head, keep_alive, &conn.limits, arrival).await {
+            Outcome::KeepAlive
+        } else {
+            Outcome::Close
         }
     }
 }
@@ -192,7 +280,11 @@ pub async fn serve<T: Transport>(
 #[allow(clippy::large_enum_variant)]
 enum HeadRead {
     Head(RequestHead),
+    /// The HTTP/2 connection preface, complete, at the start of `buf`.
+    H2c,
     Closed,
+    /// Not one byte of a head arrived in time: closed without an answer.
+    Overdue,
     TimedOut,
     Refused(HeadError),
 }
@@ -233,8 +325,22 @@ async fn read_head<T: Transport>(
     buf: &mut BytesMut,
     limits: &ConnLimits,
     deadline: Instant,
+    may_be_h2c: bool,
 ) -> HeadRead {
     loop {
+        if may_be_h2c && !buf.is_empty() {
+            let n = buf.len().min(H2_PREFACE.len());
+            if buf[..n] == H2_PREFACE[..n] {
+                if n == H2_PREFACE.len() {
+                    return HeadRead::H2c;
+                }
+                match read_more(io, buf, deadline).await {
+                    Ok(true) => continue,
+                    Ok(false) => return HeadRead::Closed,
+                    Err(()) => return HeadRead::TimedOut,
+                }
+            }
+        }
         // Empty lines before a request line are ignored (RFC 9112 §2.2).
         let blank = buf
             .iter()
@@ -259,7 +365,7 @@ async fn read_head<T: Transport>(
         match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return HeadRead::Closed,
             Ok(Ok(_)) => {}
-            Err(_) if buf.is_empty() => return HeadRead::Closed,
+            Err(_) if buf.is_empty() => return HeadRead::Overdue,
             Err(_) => return HeadRead::TimedOut,
         }
     }

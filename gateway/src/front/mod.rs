@@ -28,9 +28,6 @@ use crate::core::http1::HeadLimits;
 use crate::metrics::EdgeMetrics;
 use crate::pipeline::Pipeline;
 
-/// The first bytes of every HTTP/2 connection (RFC 9113 §3.4).
-const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
 /// What ended a connection early, for `meridian_client_timeouts_total{kind}`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Timeout {
@@ -191,55 +188,29 @@ impl Front {
         })
     }
 
-    /// A cleartext connection: HTTP/2 by prior knowledge when it starts with the preface, else
-    /// HTTP/1.1 on Meridian's own loop. The first bytes are read (not peeked: a peek leaves the
-    /// socket readable, so waiting for the rest of a trickled preface would spin) and handed on.
-    async fn serve_plain(
+    /// HTTP/2 by prior knowledge, through Pingora's h2 session; `first` (bytes already read) is
+    /// put back in front of the stream.
+    pub(crate) async fn serve_h2c(
         &self,
-        mut tcp: tokio::net::TcpStream,
+        tcp: tokio::net::TcpStream,
         peer: SocketAddr,
         conn: Connection,
+        first: bytes::BytesMut,
     ) {
-        use tokio::io::AsyncReadExt;
-        let deadline = conn.accepted + conn.limits.header_timeout;
-        let mut first = bytes::BytesMut::new();
-        let h2 = loop {
-            if first.len() >= H2_PREFACE.len() || first[..] != H2_PREFACE[..first.len()] {
-                break first.starts_with(H2_PREFACE);
-            }
-            first.reserve(4096);
-            match tokio::time::timeout_at(deadline, tcp.read_buf(&mut first)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => return,
-                Ok(Ok(_)) => {}
-                Err(_) => {
-                    if first.is_empty() {
-                        self.metrics().timeout(Timeout::Header);
-                        return;
-                    }
-                    // A head under way: let the loop answer 408 at once.
-                    break false;
-                }
-            }
-        };
-        if h2 {
-            use pingora::protocols::{l4, GetSocketDigest};
-            use std::os::fd::AsRawFd;
-            let shutdown = conn.shutdown.clone();
-            // The h2 session reads the client address from the socket digest; it is known
-            // already, so no getpeername.
-            let digest = pingora::protocols::SocketDigest::from_raw_fd(tcp.as_raw_fd());
-            let _ = digest
-                .peer_addr
-                .set(Some(l4::socket::SocketAddr::Inet(peer)));
-            let mut l4 = l4::stream::Stream::from(tcp);
-            l4.set_socket_digest(digest);
-            l4.rewind(&first);
-            drop(first);
-            self.h2.serve_h2(Box::new(l4), &shutdown).await;
-            drop(conn);
-        } else {
-            h1::serve(self, tcp, peer, false, conn, first).await;
-        }
+        use pingora::protocols::{l4, GetSocketDigest};
+        use std::os::fd::AsRawFd;
+        let shutdown = conn.shutdown.clone();
+        // The h2 session reads the client address from the socket digest; it is known already,
+        // so no getpeername.
+        let digest = pingora::protocols::SocketDigest::from_raw_fd(tcp.as_raw_fd());
+        let _ = digest
+            .peer_addr
+            .set(Some(l4::socket::SocketAddr::Inet(peer)));
+        let mut l4 = l4::stream::Stream::from(tcp);
+        l4.set_socket_digest(digest);
+        l4.rewind(&first);
+        self.h2.serve_h2(Box::new(l4), &shutdown).await;
+        drop(conn);
     }
 }
 
@@ -308,12 +279,11 @@ impl ServerApp for TlsConnections {
         let mut conn = conn;
         conn.handshake = stream.get_ssl_digest();
         h1::serve(
-            &self.front,
+            Arc::clone(&self.front),
             h1::TlsStream(stream),
             peer,
             true,
             conn,
-            bytes::BytesMut::new(),
         )
         .await;
         None
@@ -376,11 +346,11 @@ impl Service for PlainListener {
                         continue;
                     };
                     let _ = tcp.set_nodelay(true);
-                    let front = Arc::clone(&self.front);
-                    // Spread over the worker threads; each connection then stays on its thread.
-                    pingora_runtime::current_handle().spawn(async move {
-                        front.serve_plain(tcp, peer, conn).await;
-                    });
+                    // The connection loop's future is spawned as it is (no wrapping block, which
+                    // would keep a second copy of the socket and connection). Spread over the
+                    // worker threads; each connection then stays on its thread.
+                    let serve = h1::serve(Arc::clone(&self.front), tcp, peer, false, conn);
+                    pingora_runtime::current_handle().spawn(serve);
                 }
                 Err(e) => {
                     // Out of descriptors or memory: accept fails at once until something is
@@ -394,5 +364,71 @@ impl Service for PlainListener {
 
     fn name(&self) -> &str {
         "meridian http"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reload::{Process, SnapshotStore};
+
+    struct NoH2;
+
+    #[async_trait]
+    impl H2App for NoH2 {
+        async fn serve_h2(&self, _stream: pingora::protocols::Stream, _shutdown: &ShutdownWatch) {}
+    }
+
+    fn front() -> Arc<Front> {
+        let config = meridian_config::Config::from_toml_str(
+            r#"
+            schema = 1
+            [[regions]]
+            name = "r"
+            location = { lat = 0.0, lon = 0.0 }
+            upstreams = [{ address = "127.0.0.1:9", weight = 1 }]
+            [[routes]]
+            name = "a"
+            hosts = ["a.test"]
+            path_prefix = "/"
+            kind = "api"
+            regions = ["r"]
+            default_region = "r"
+            "#,
+        )
+        .expect("minimal config");
+        let metrics = Arc::new(EdgeMetrics::new().expect("metrics"));
+        let process = Process {
+            metrics,
+            cache: None,
+            base_dir: None,
+            pinned: None,
+        };
+        let meta = crate::core::SnapshotMeta {
+            version: 1,
+            hash: "one".into(),
+        };
+        let store = Arc::new(SnapshotStore::new(config, meta, process).expect("installs"));
+        Front::new(Arc::new(Pipeline::new(store, None, None)), Arc::new(NoH2))
+    }
+
+    /// What an idle kept-alive connection costs is mostly the size of its task's future: keep
+    /// the whole connection future small (the request's own state is boxed separately).
+    #[tokio::test]
+    async fn a_connection_future_stays_small() {
+        let front = front();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (tcp, peer) = listener.accept().await.expect("accept");
+        let (_tx, shutdown) = tokio::sync::watch::channel(false);
+        let slots = ListenerSlots::new("http");
+        let conn = front.admit(&slots, &shutdown).expect("admitted");
+        let plain = h1::serve(Arc::clone(&front), tcp, peer, false, conn);
+        let size = std::mem::size_of_val(&plain);
+        eprintln!("cleartext connection future: {size} bytes");
+        assert!(size <= 768, "cleartext connection future is {size} bytes");
     }
 }
