@@ -156,11 +156,16 @@ pub fn serve<T: Transport>(
         let mut buf = BytesMut::new();
         let mut served: u32 = 0;
         // The first head is due within the header timeout of the accept.
-        let mut deadline = Some(conn.accepted + conn.limits.header_timeout);
         loop {
+            // The first head is due within the header timeout of the accept; later ones within
+            // the header timeout of their first byte, after at most the keep-alive idle time.
+            let first = served == 0;
             if buf.is_empty() {
-                let wait =
-                    deadline.unwrap_or_else(|| Instant::now() + conn.limits.keepalive_timeout);
+                let wait = if first {
+                    conn.accepted + conn.limits.header_timeout()
+                } else {
+                    Instant::now() + conn.limits.keepalive_timeout()
+                };
                 match tokio::time::timeout_at(wait, io.idle()).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return,
@@ -175,9 +180,11 @@ pub fn serve<T: Transport>(
                     }
                 }
             }
-            let head_due = deadline
-                .take()
-                .unwrap_or_else(|| Instant::now() + conn.limits.header_timeout);
+            let head_due = if first {
+                conn.accepted + conn.limits.header_timeout()
+            } else {
+                Instant::now() + conn.limits.header_timeout()
+            };
             served += 1;
             let request = Request {
                 front,
@@ -195,7 +202,7 @@ pub fn serve<T: Transport>(
                 return;
             }
             if outcome != Outcome::KeepAlive || *conn.shutdown.borrow() {
-                let _ = tokio::time::timeout(conn.limits.send_timeout, io.shutdown()).await;
+                let _ = tokio::time::timeout(conn.limits.send_timeout(), io.shutdown()).await;
                 return;
             }
             if buf.is_empty() {
@@ -350,7 +357,7 @@ async fn read_head<T: Transport>(
             let _ = buf.split_to(blank);
         }
         if !buf.is_empty() {
-            match parse_request(buf, &limits.head) {
+            match parse_request(buf, &limits.head()) {
                 Ok(Some(head)) => {
                     let _ = buf.split_to(head.length);
                     return HeadRead::Head(head);
@@ -390,7 +397,7 @@ async fn refuse<T: Transport>(front: &Front, io: &mut T, limits: &ConnLimits, er
         false,
     );
     out.extend_from_slice(&body);
-    let _ = tokio::time::timeout(limits.send_timeout, async {
+    let _ = tokio::time::timeout(limits.send_timeout(), async {
         io.write_all(&out).await?;
         io.shutdown().await
     })
@@ -430,7 +437,7 @@ impl<T: Transport> Exchange<'_, T> {
         if self.out.is_empty() {
             return Ok(());
         }
-        let result = within(self.limits.send_timeout, self.io.write_all(&self.out)).await;
+        let result = within(self.limits.send_timeout(), self.io.write_all(&self.out)).await;
         self.out.clear();
         self.failed(result)
     }
@@ -441,7 +448,7 @@ impl<T: Transport> Exchange<'_, T> {
             return Ok(());
         }
         self.write_out().await?;
-        let result = within(self.limits.send_timeout, self.io.write_all(chunk)).await;
+        let result = within(self.limits.send_timeout(), self.io.write_all(chunk)).await;
         self.failed(result)
     }
 
@@ -476,7 +483,7 @@ impl<T: Transport> Downstream for Exchange<'_, T> {
         if self.expect_continue {
             self.expect_continue = false;
             let sent = within(
-                self.limits.send_timeout,
+                self.limits.send_timeout(),
                 self.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n"),
             )
             .await;
@@ -487,7 +494,7 @@ impl<T: Transport> Downstream for Exchange<'_, T> {
             match decode(
                 &mut self.framing,
                 self.buf,
-                self.limits.head.max_header_bytes,
+                self.limits.head().max_header_bytes,
             ) {
                 Ok(Some(chunk)) => return Ok(Some(chunk)),
                 Ok(None) if self.framing == Framing::Done => return Ok(None),

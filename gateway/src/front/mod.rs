@@ -48,45 +48,70 @@ impl Timeout {
     }
 }
 
-/// `[edge.limits]` as one connection applies them (read when it is accepted).
+/// `[edge.limits]` as one connection applies them (read when it is accepted). Compact on purpose:
+/// every idle connection carries a copy.
 #[derive(Clone, Copy, Debug)]
 pub struct ConnLimits {
-    pub head: HeadLimits,
-    pub header_timeout: Duration,
-    pub keepalive_timeout: Duration,
-    pub send_timeout: Duration,
+    max_header_bytes: u32,
+    max_uri_bytes: u32,
+    max_headers: u16,
+    header_timeout_ms: u32,
+    keepalive_timeout_ms: u32,
+    send_timeout_ms: u32,
     pub max_requests: u32,
-    pub max_connections: usize,
 }
 
 impl ConnLimits {
     pub fn of(limits: &Limits) -> Self {
+        let ms = |d: &meridian_config::HumanDuration| {
+            u32::try_from(d.as_duration().as_millis()).unwrap_or(u32::MAX)
+        };
+        let bytes = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         Self {
-            head: HeadLimits {
-                max_header_bytes: limits.max_header_bytes,
-                max_headers: limits.max_headers,
-                max_uri_bytes: limits.max_uri_bytes,
-            },
-            header_timeout: limits.client_header_timeout.as_duration(),
-            keepalive_timeout: limits.keepalive_timeout.as_duration(),
-            send_timeout: limits.send_timeout.as_duration(),
+            max_header_bytes: bytes(limits.max_header_bytes),
+            max_uri_bytes: bytes(limits.max_uri_bytes),
+            max_headers: u16::try_from(limits.max_headers).unwrap_or(u16::MAX),
+            header_timeout_ms: ms(&limits.client_header_timeout),
+            keepalive_timeout_ms: ms(&limits.keepalive_timeout),
+            send_timeout_ms: ms(&limits.send_timeout),
             max_requests: limits.max_requests_per_connection,
-            max_connections: limits.max_connections,
         }
+    }
+
+    pub fn head(&self) -> HeadLimits {
+        HeadLimits {
+            max_header_bytes: self.max_header_bytes as usize,
+            max_headers: self.max_headers as usize,
+            max_uri_bytes: self.max_uri_bytes as usize,
+        }
+    }
+
+    pub fn header_timeout(&self) -> Duration {
+        Duration::from_millis(self.header_timeout_ms.into())
+    }
+
+    pub fn keepalive_timeout(&self) -> Duration {
+        Duration::from_millis(self.keepalive_timeout_ms.into())
+    }
+
+    pub fn send_timeout(&self) -> Duration {
+        Duration::from_millis(self.send_timeout_ms.into())
     }
 }
 
-/// One listener's open-connection count.
+/// One listener's open-connection count, and its metrics.
 pub struct ListenerSlots {
-    label: &'static str,
     open: AtomicUsize,
+    open_gauge: prometheus::IntGauge,
+    refused: prometheus::IntCounter,
 }
 
 impl ListenerSlots {
-    pub fn new(label: &'static str) -> Arc<Self> {
+    pub fn new(label: &'static str, metrics: &FrontMetrics) -> Arc<Self> {
         Arc::new(Self {
-            label,
             open: AtomicUsize::new(0),
+            open_gauge: metrics.open.with_label_values(&[label]),
+            refused: metrics.refused.with_label_values(&[label]),
         })
     }
 }
@@ -103,19 +128,12 @@ pub struct Connection {
     _slot: Slot,
 }
 
-struct Slot {
-    listener: Arc<ListenerSlots>,
-    metrics: Arc<EdgeMetrics>,
-}
+struct Slot(Arc<ListenerSlots>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.listener.open.fetch_sub(1, Ordering::Relaxed);
-        self.metrics
-            .front
-            .open
-            .with_label_values(&[self.listener.label])
-            .dec();
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+        self.0.open_gauge.dec();
     }
 }
 
@@ -160,31 +178,20 @@ impl Front {
         listener: &Arc<ListenerSlots>,
         shutdown: &ShutdownWatch,
     ) -> Option<Connection> {
-        let limits = ConnLimits::of(&self.pipeline.store.load().snapshot.limits);
+        let loaded = self.pipeline.store.load();
         let open = listener.open.fetch_add(1, Ordering::Relaxed);
-        if open >= limits.max_connections {
+        if open >= loaded.snapshot.limits.max_connections {
             listener.open.fetch_sub(1, Ordering::Relaxed);
-            self.metrics
-                .front
-                .refused
-                .with_label_values(&[listener.label])
-                .inc();
+            listener.refused.inc();
             return None;
         }
-        self.metrics
-            .front
-            .open
-            .with_label_values(&[listener.label])
-            .inc();
+        listener.open_gauge.inc();
         Some(Connection {
-            limits,
+            limits: ConnLimits::of(&loaded.snapshot.limits),
             accepted: Instant::now(),
             shutdown: shutdown.clone(),
             handshake: None,
-            _slot: Slot {
-                listener: Arc::clone(listener),
-                metrics: Arc::clone(&self.metrics),
-            },
+            _slot: Slot(Arc::clone(listener)),
         })
     }
 
@@ -249,8 +256,8 @@ pub struct TlsConnections {
 impl TlsConnections {
     pub fn new(front: Arc<Front>) -> Self {
         Self {
+            slots: ListenerSlots::new("https", front.metrics()),
             front,
-            slots: ListenerSlots::new("https"),
         }
     }
 }
@@ -303,8 +310,8 @@ impl PlainListener {
     pub fn new(listener: std::net::TcpListener, front: Arc<Front>) -> Self {
         Self {
             listener: Some(listener),
+            slots: ListenerSlots::new("http", front.metrics()),
             front,
-            slots: ListenerSlots::new("http"),
         }
     }
 }
@@ -414,6 +421,7 @@ mod tests {
 
     /// What an idle kept-alive connection costs is mostly the size of its task's future: keep
     /// the whole connection future small (the request's own state is boxed separately).
+    /// Measured at 352 bytes (debug build) when this bound was set.
     #[tokio::test]
     async fn a_connection_future_stays_small() {
         let front = front();
@@ -424,11 +432,11 @@ mod tests {
         let _client = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let (tcp, peer) = listener.accept().await.expect("accept");
         let (_tx, shutdown) = tokio::sync::watch::channel(false);
-        let slots = ListenerSlots::new("http");
+        let slots = ListenerSlots::new("http", front.metrics());
         let conn = front.admit(&slots, &shutdown).expect("admitted");
         let plain = h1::serve(Arc::clone(&front), tcp, peer, false, conn);
         let size = std::mem::size_of_val(&plain);
         eprintln!("cleartext connection future: {size} bytes");
-        assert!(size <= 768, "cleartext connection future is {size} bytes");
+        assert!(size <= 512, "cleartext connection future is {size} bytes");
     }
 }
