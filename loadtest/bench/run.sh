@@ -8,7 +8,14 @@
 #        OUT (JSON dir), MERIDIAN_BIN (skip building meridian), CARGO_TARGET_DIR,
 #        CACHE_ONLY=1 (only the cache-hit scenario), TLS=0 (skip the Meridian-only TLS/QUIC runs),
 #        BASELINE_BIN (a second `meridian`, e.g. built from an earlier commit: it runs beside the
-#        others as `meridian-base`, so a change is measured against its baseline in the same run).
+#        others as `meridian-base`, so a change is measured against its baseline in the same run),
+#        IDLE (10000: kept-alive connections held idle for the RSS-per-connection scenario; 0 skips it),
+#        SLOW (1000: slowloris connections against Meridian while CONNECTIONS normal clients run get-1k;
+#        0 skips it), SLOW_HEADER_TIMEOUT (10s: Meridian's edge.limits.client_header_timeout here),
+#        SLOW_CAP (30s: a slow connection still open this long after its connect is given up).
+#
+# Proxies: NGINX, HAProxy, Meridian and `pingora` — a bare Pingora ProxyHttp to the same origin
+# (gateway/examples/bare_pingora.rs), the ceiling of the framework Meridian's TCP front started from.
 #
 # Traffic stays on 127.0.0.0/8; every process started here is stopped on exit.
 set -euo pipefail
@@ -21,6 +28,19 @@ ROUNDS="${ROUNDS:-2}"
 CONNECTIONS="${CONNECTIONS:-64}"
 RATE="${RATE:-5000}"
 LOADGEN_THREADS="${LOADGEN_THREADS:-1}"
+IDLE="${IDLE:-10000}"
+SLOW="${SLOW:-1000}"
+SLOW_HEADER_TIMEOUT="${SLOW_HEADER_TIMEOUT:-10s}"
+SLOW_CAP="${SLOW_CAP:-30s}"
+# Every proxy (and the generator) needs a descriptor per idle connection, plus slack.
+ulimit -n "$(ulimit -Hn)"
+FD_SLACK=1024
+NOFILE="$(ulimit -n)"; [ "$NOFILE" = unlimited ] && NOFILE=1048576
+MAXCONN=$(( IDLE + SLOW + FD_SLACK > 4096 ? IDLE + SLOW + FD_SLACK : 4096 ))
+if [ "$NOFILE" -lt "$(( IDLE + FD_SLACK ))" ]; then
+  echo "IDLE=$IDLE needs an open-file limit above $(( IDLE + FD_SLACK )); the hard limit is $NOFILE" >&2
+  exit 1
+fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 
 ORIGIN_PORT=18100
@@ -33,6 +53,7 @@ MERIDIAN_TLS_PORT=18106
 BASE_PORT=18107
 BASE_ADMIN_PORT=18108
 BASE_TLS_PORT=18109
+PINGORA_PORT=18110
 
 WORK="$(mktemp -d /tmp/meridian-bench.XXXXXX)"
 PIDS=()
@@ -66,16 +87,20 @@ HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
 systemctl stop nginx haproxy >/dev/null 2>&1 || true
 
 # MERIDIAN_BIN=path uses an already built `meridian` (e.g. one built from a clean checkout).
+# The bare Pingora proxy is always built from this tree (it is the framework, not Meridian).
 if [ -n "${MERIDIAN_BIN:-}" ]; then
-  log "building meridian-loadtest (release); meridian from $MERIDIAN_BIN"
-  (cd "$ROOT" && cargo build --release -q -p meridian-loadtest --bin meridian-loadtest)
+  log "building meridian-loadtest and bare_pingora (release); meridian from $MERIDIAN_BIN"
+  (cd "$ROOT" && cargo build --release -q -p meridian-loadtest --bin meridian-loadtest \
+    -p meridian-gateway --example bare_pingora)
   MERIDIAN="$MERIDIAN_BIN"
 else
-  log "building meridian and meridian-loadtest (release)"
-  (cd "$ROOT" && cargo build --release -q -p meridian-gateway --bin meridian -p meridian-loadtest --bin meridian-loadtest)
+  log "building meridian, bare_pingora and meridian-loadtest (release)"
+  (cd "$ROOT" && cargo build --release -q -p meridian-gateway --bin meridian --example bare_pingora \
+    -p meridian-loadtest --bin meridian-loadtest)
   MERIDIAN="$CARGO_TARGET_DIR/release/meridian"
 fi
 LOADTEST="$CARGO_TARGET_DIR/release/meridian-loadtest"
+PINGORA="$CARGO_TARGET_DIR/release/examples/bare_pingora"
 
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json
@@ -94,7 +119,8 @@ worker_processes 1;
 daemon off;
 pid $WORK/nginx/nginx.pid;
 error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
+worker_rlimit_nofile $NOFILE;
+events { worker_connections $MAXCONN; }
 http {
   access_log off;
   client_body_temp_path $WORK/nginx/tmp/body;
@@ -143,7 +169,7 @@ NGINX_MASTER=$!
 cat >"$WORK/haproxy.cfg" <<CONF
 global
   nbthread 1
-  maxconn 4096
+  maxconn $MAXCONN
 defaults
   mode http
   timeout connect 5s
@@ -185,6 +211,7 @@ shutdown_timeout = "2s"
 
 [edge.limits]
 max_body_bytes = 10485760
+client_header_timeout = "$SLOW_HEADER_TIMEOUT"
 
 [[tls.certificates]]
 hosts = ["bench.example.test"]
@@ -219,6 +246,11 @@ CONF
 PIDS+=($!)
 MERIDIAN_PID=$!
 
+# --- bare Pingora: a fixed-peer ProxyHttp, one thread, no work stealing, mimalloc --------------------
+"$PINGORA" "127.0.0.1:$PINGORA_PORT" "127.0.0.1:$ORIGIN_PORT" >"$WORK/pingora.log" 2>&1 &
+PIDS+=($!)
+PINGORA_PID=$!
+
 BASE_PID=""
 if [ -n "${BASELINE_BIN:-}" ]; then
   sed -e "s/127.0.0.1:$MERIDIAN_PORT/127.0.0.1:$BASE_PORT/" \
@@ -232,7 +264,7 @@ if [ -n "${BASELINE_BIN:-}" ]; then
 fi
 
 wait_port "$NGINX_PORT"; wait_port "$NGINX_CACHE_PORT"; wait_port "$HAPROXY_PORT"; wait_port "$MERIDIAN_PORT"
-wait_port "$MERIDIAN_TLS_PORT"
+wait_port "$MERIDIAN_TLS_PORT"; wait_port "$PINGORA_PORT"
 # NGINX's worker is the process that does the work (the master only supervises).
 NGINX_WORKER="$(pgrep -P "$NGINX_MASTER" | head -1 || true)"
 NGINX_WORKER="${NGINX_WORKER:-$NGINX_MASTER}"
@@ -240,6 +272,12 @@ NGINX_WORKER="${NGINX_WORKER:-$NGINX_MASTER}"
 head -c 16384 /dev/zero | tr '\0' 'p' >"$WORK/post16k.bin"
 
 peak_rss_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+# Resident memory of every proxy before any load: the idle process RSS.
+declare -A START_RSS=(["nginx"]="$(rss_kb "$NGINX_WORKER")" ["haproxy"]="$(rss_kb "$HAPROXY_PID")"
+                      ["meridian"]="$(rss_kb "$MERIDIAN_PID")" ["pingora"]="$(rss_kb "$PINGORA_PID")")
+if [ -n "$BASE_PID" ]; then START_RSS["meridian-base"]="$(rss_kb "$BASE_PID")"; fi
 
 # run_one SCENARIO PROXY PID PORT ROUND [loadtest args...]   (SCHEME=https for the TLS runs)
 run_one() {
@@ -280,9 +318,11 @@ for round in $(seq 1 "$ROUNDS"); do
   for scenario in "${SCEN_NAMES[@]}"; do
     PATH_QUERY="${SCEN_PATH[$scenario]}"
     # Interleave: the order of proxies rotates every round.
-    order=("nginx:$NGINX_WORKER:$NGINX_PORT" "haproxy:$HAPROXY_PID:$HAPROXY_PORT" "meridian:$MERIDIAN_PID:$MERIDIAN_PORT")
+    order=("nginx:$NGINX_WORKER:$NGINX_PORT" "haproxy:$HAPROXY_PID:$HAPROXY_PORT" "meridian:$MERIDIAN_PID:$MERIDIAN_PORT"
+           "pingora:$PINGORA_PID:$PINGORA_PORT")
     if [ $((round % 2)) -eq 0 ]; then
-      order=("meridian:$MERIDIAN_PID:$MERIDIAN_PORT" "haproxy:$HAPROXY_PID:$HAPROXY_PORT" "nginx:$NGINX_WORKER:$NGINX_PORT")
+      order=("pingora:$PINGORA_PID:$PINGORA_PORT" "meridian:$MERIDIAN_PID:$MERIDIAN_PORT"
+             "haproxy:$HAPROXY_PID:$HAPROXY_PORT" "nginx:$NGINX_WORKER:$NGINX_PORT")
     fi
     if [ -n "$BASE_PID" ]; then order+=("meridian-base:$BASE_PID:$BASE_PORT"); fi
     for entry in "${order[@]}"; do
@@ -319,6 +359,77 @@ for round in $(seq 1 "$ROUNDS"); do
     done
   fi
 done
+
+# --- idle keep-alive connections: RSS per connection ----------------------------------------------
+# IDLE connections, each answered once (GET 1 KiB) and then held idle; the proxy's resident memory
+# is read just before they open and once they are all open (the NGINX worker, the others' only
+# process). The server gets a second after the last answer to finish its per-request work.
+idle_one() {
+  local proxy=$1 pid=$2 port=$3
+  local json="$OUT/idle.$proxy.json" txt="$WORK/idle.$proxy.txt"
+  local before with lt
+  before=$(rss_kb "$pid")
+  "$LOADTEST" "http://127.0.0.1:$port/bench" --host bench.example.test --idle "$IDLE" --idle-for 3s \
+    --threads "$LOADGEN_THREADS" --timeout 30s --json "$json" >"$txt" 2>&1 &
+  lt=$!
+  for _ in $(seq 1 1200); do
+    if grep -q '^ready:' "$txt" || ! kill -0 "$lt" 2>/dev/null; then break; fi
+    sleep 0.1
+  done
+  sleep 1
+  with=$(rss_kb "$pid")
+  wait "$lt" || { echo "idle run against $proxy failed: $(cat "$txt")" >&2; return 1; }
+  python3 - "$json" "$proxy" "${START_RSS[$proxy]}" "$before" "$with" <<'PY'
+import json, sys
+path, proxy, start, before, with_ = sys.argv[1:]
+r = json.load(open(path))
+r["idle_bench"] = {"proxy": proxy, "start_rss_kb": int(start), "before_rss_kb": int(before),
+                   "with_rss_kb": int(with_)}
+json.dump(r, open(path, "w"), indent=2)
+PY
+  log "idle / $proxy: $(head -1 "$txt"); RSS ${before} KiB -> ${with} KiB"
+}
+if [ "$IDLE" -gt 0 ] && [ "${CACHE_ONLY:-0}" != 1 ]; then
+  idle_order=("nginx:$NGINX_WORKER:$NGINX_PORT" "haproxy:$HAPROXY_PID:$HAPROXY_PORT"
+              "meridian:$MERIDIAN_PID:$MERIDIAN_PORT" "pingora:$PINGORA_PID:$PINGORA_PORT")
+  if [ -n "$BASE_PID" ]; then idle_order+=("meridian-base:$BASE_PID:$BASE_PORT"); fi
+  for entry in "${idle_order[@]}"; do
+    IFS=: read -r proxy pid port <<<"$entry"
+    idle_one "$proxy" "$pid" "$port"
+  done
+fi
+
+# --- slowloris against Meridian beside a normal load -----------------------------------------------
+# SLOW connections trickle a head that never completes (a byte a second) while CONNECTIONS clients
+# run get-1k; the same get-1k right before, unloaded, is the reference for errors and p99. The
+# slow connections should be answered 408 and closed at SLOW_HEADER_TIMEOUT; any still open at
+# SLOW_CAP is given up and counted as such.
+if [ "$SLOW" -gt 0 ] && [ "${CACHE_ONLY:-0}" != 1 ]; then
+  PATH_QUERY="/bench"
+  run_one "slowloris-unloaded" meridian "$MERIDIAN_PID" "$MERIDIAN_PORT" 1 -c "$CONNECTIONS" -d "$DURATION"
+  "$LOADTEST" "http://127.0.0.1:$MERIDIAN_PORT/bench" --host bench.example.test --slow "$SLOW" \
+    --slow-interval 1s --slow-for "$SLOW_CAP" --threads 1 --json "$OUT/slowloris.json" \
+    >"$WORK/slowloris.txt" 2>&1 &
+  slow_pid=$!
+  # The slow connections open within a fraction of a second (256 connects in flight); start the
+  # normal load once they have.
+  for _ in $(seq 1 100); do
+    open=$(ss -Htn state established "( dport = :$MERIDIAN_PORT )" 2>/dev/null | wc -l)
+    if [ "$open" -ge "$SLOW" ]; then break; fi
+    sleep 0.1
+  done
+  run_one "slowloris-loaded" meridian "$MERIDIAN_PID" "$MERIDIAN_PORT" 1 -c "$CONNECTIONS" -d "$DURATION"
+  wait "$slow_pid" || { echo "slowloris run failed: $(cat "$WORK/slowloris.txt")" >&2; exit 1; }
+  python3 - "$OUT/slowloris.json" "$SLOW_HEADER_TIMEOUT" <<'PY'
+import json, sys
+path, timeout = sys.argv[1:]
+r = json.load(open(path))
+r["header_timeout"] = timeout
+json.dump(r, open(path, "w"), indent=2)
+PY
+  log "slowloris / meridian: $(grep -E '^  (closed by server|still open at cap|time to close|server answered)' \
+    "$WORK/slowloris.txt" | tr -s ' ' | tr '\n' ';')"
+fi
 
 python3 "$BENCH/table.py" "$OUT" "$(nproc)" "$DURATION" "$CONNECTIONS" "$LOADGEN_THREADS" >"$BENCH/results.md"
 cat "$BENCH/results.md"
