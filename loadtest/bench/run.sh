@@ -37,6 +37,11 @@ ulimit -n "$(ulimit -Hn)"
 FD_SLACK=1024
 NOFILE="$(ulimit -n)"; [ "$NOFILE" = unlimited ] && NOFILE=1048576
 MAXCONN=$(( IDLE + SLOW + FD_SLACK > 4096 ? IDLE + SLOW + FD_SLACK : 4096 ))
+# HAProxy reserves two descriptors per connection (client and server side) and refuses to start
+# when maxconn needs more than the open-file limit, so its maxconn (and its share of the idle
+# scenario) may be lower than the others' when the hard limit is tight.
+HAPROXY_MAXCONN=$(( (NOFILE - 64) / 2 < MAXCONN ? (NOFILE - 64) / 2 : MAXCONN ))
+HAPROXY_IDLE=$(( HAPROXY_MAXCONN - 64 < IDLE ? HAPROXY_MAXCONN - 64 : IDLE ))
 if [ "$NOFILE" -lt "$(( IDLE + FD_SLACK ))" ]; then
   echo "IDLE=$IDLE needs an open-file limit above $(( IDLE + FD_SLACK )); the hard limit is $NOFILE" >&2
   exit 1
@@ -169,9 +174,10 @@ NGINX_MASTER=$!
 cat >"$WORK/haproxy.cfg" <<CONF
 global
   nbthread 1
-  maxconn $MAXCONN
+  maxconn $HAPROXY_MAXCONN
 defaults
   mode http
+  maxconn $HAPROXY_MAXCONN
   timeout connect 5s
   timeout client 60s
   timeout server 60s
@@ -365,11 +371,11 @@ done
 # is read just before they open and once they are all open (the NGINX worker, the others' only
 # process). The server gets a second after the last answer to finish its per-request work.
 idle_one() {
-  local proxy=$1 pid=$2 port=$3
+  local proxy=$1 pid=$2 port=$3 count=$4
   local json="$OUT/idle.$proxy.json" txt="$WORK/idle.$proxy.txt"
   local before with lt
   before=$(rss_kb "$pid")
-  "$LOADTEST" "http://127.0.0.1:$port/bench" --host bench.example.test --idle "$IDLE" --idle-for 3s \
+  "$LOADTEST" "http://127.0.0.1:$port/bench" --host bench.example.test --idle "$count" --idle-for 3s \
     --threads "$LOADGEN_THREADS" --timeout 30s --json "$json" >"$txt" 2>&1 &
   lt=$!
   for _ in $(seq 1 1200); do
@@ -395,7 +401,9 @@ if [ "$IDLE" -gt 0 ] && [ "${CACHE_ONLY:-0}" != 1 ]; then
   if [ -n "$BASE_PID" ]; then idle_order+=("meridian-base:$BASE_PID:$BASE_PORT"); fi
   for entry in "${idle_order[@]}"; do
     IFS=: read -r proxy pid port <<<"$entry"
-    idle_one "$proxy" "$pid" "$port"
+    count=$IDLE
+    if [ "$proxy" = haproxy ]; then count=$HAPROXY_IDLE; fi
+    idle_one "$proxy" "$pid" "$port" "$count"
   done
 fi
 

@@ -113,7 +113,8 @@ if idle:
     print(f"\nIdle keep-alive connections: {n} connections, each answered once (GET 1 KiB) and then held "
           "idle; resident memory (VmRSS) of the proxy process (NGINX: its worker) at start, just before "
           "they opened and with all of them open. KiB per connection = (with - before) / connections "
-          "open. Absolute KiB: memory, not speed, so it does not depend on the machine's load.\n")
+          "open (HAProxy may hold fewer: its maxconn needs two descriptors each within the open-file limit). "
+          "Absolute KiB: memory, not speed, so it does not depend on the machine's load.\n")
     print("| proxy | open | RSS at start (KiB) | RSS before (KiB) | RSS with idle (KiB) | KiB per idle connection | failed |")
     print("|---|---|---|---|---|---|---|")
     for proxy in ("nginx", "haproxy", "meridian", "meridian-base", "pingora"):
