@@ -5,14 +5,16 @@
 #   bash loadtest/bench/run.sh                 # 10 s per run, 2 interleaved rounds
 #   DURATION=5s ROUNDS=1 bash loadtest/bench/run.sh
 #   Env: DURATION, ROUNDS, CONNECTIONS (64), RATE (open loop, 5000/s), LOADGEN_THREADS (1),
-#        OUT (JSON dir), MERIDIAN_BIN (skip building meridian), CARGO_TARGET_DIR,
+#        OUT (JSON dir), MERIDIAN_BIN / LOADTEST_BIN / PINGORA_BIN (prebuilt binaries: skip building
+#        meridian, meridian-loadtest, the bare_pingora example), CARGO_TARGET_DIR,
 #        CACHE_ONLY=1 (only the cache-hit scenario), TLS=0 (skip the Meridian-only TLS/QUIC runs),
 #        BASELINE_BIN (a second `meridian`, e.g. built from an earlier commit: it runs beside the
 #        others as `meridian-base`, so a change is measured against its baseline in the same run),
 #        IDLE (10000: kept-alive connections held idle for the RSS-per-connection scenario; 0 skips it),
 #        SLOW (1000: slowloris connections against Meridian while CONNECTIONS normal clients run get-1k;
 #        0 skips it), SLOW_HEADER_TIMEOUT (10s: Meridian's edge.limits.client_header_timeout here),
-#        SLOW_CAP (30s: a slow connection still open this long after its connect is given up).
+#        SLOW_CAP (30s: a slow connection still open this long after its connect is given up),
+#        SLOW_LOAD_DURATION (12s: the normal get-1k runs of the slowloris scenario, alone and beside).
 #
 # Proxies: NGINX, HAProxy, Meridian and `pingora` — a bare Pingora ProxyHttp to the same origin
 # (gateway/examples/bare_pingora.rs), the ceiling of the framework Meridian's TCP front started from.
@@ -32,6 +34,8 @@ IDLE="${IDLE:-10000}"
 SLOW="${SLOW:-1000}"
 SLOW_HEADER_TIMEOUT="${SLOW_HEADER_TIMEOUT:-10s}"
 SLOW_CAP="${SLOW_CAP:-30s}"
+# Long enough that the normal load is still running when the slow connections are closed.
+SLOW_LOAD_DURATION="${SLOW_LOAD_DURATION:-12s}"
 # Every proxy (and the generator) needs a descriptor per idle connection, plus slack.
 ulimit -n "$(ulimit -Hn)"
 FD_SLACK=1024
@@ -92,20 +96,20 @@ HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
 systemctl stop nginx haproxy >/dev/null 2>&1 || true
 
 # MERIDIAN_BIN=path uses an already built `meridian` (e.g. one built from a clean checkout).
-# The bare Pingora proxy is always built from this tree (it is the framework, not Meridian).
-if [ -n "${MERIDIAN_BIN:-}" ]; then
-  log "building meridian-loadtest and bare_pingora (release); meridian from $MERIDIAN_BIN"
-  (cd "$ROOT" && cargo build --release -q -p meridian-loadtest --bin meridian-loadtest \
-    -p meridian-gateway --example bare_pingora)
-  MERIDIAN="$MERIDIAN_BIN"
-else
-  log "building meridian, bare_pingora and meridian-loadtest (release)"
-  (cd "$ROOT" && cargo build --release -q -p meridian-gateway --bin meridian --example bare_pingora \
-    -p meridian-loadtest --bin meridian-loadtest)
-  MERIDIAN="$CARGO_TARGET_DIR/release/meridian"
+# The bare Pingora proxy is built from this tree (it is the framework, not Meridian), like the
+# generator; LOADTEST_BIN / PINGORA_BIN use prebuilt ones instead (all three set: no cargo at all).
+build=()
+if [ -z "${MERIDIAN_BIN:-}" ] || [ -z "${PINGORA_BIN:-}" ]; then build+=(-p meridian-gateway); fi
+if [ -z "${MERIDIAN_BIN:-}" ]; then build+=(--bin meridian); fi
+if [ -z "${PINGORA_BIN:-}" ]; then build+=(--example bare_pingora); fi
+if [ -z "${LOADTEST_BIN:-}" ]; then build+=(-p meridian-loadtest --bin meridian-loadtest); fi
+if [ "${#build[@]}" -gt 0 ]; then
+  log "building (release): ${build[*]}"
+  (cd "$ROOT" && cargo build --release -q "${build[@]}")
 fi
-LOADTEST="$CARGO_TARGET_DIR/release/meridian-loadtest"
-PINGORA="$CARGO_TARGET_DIR/release/examples/bare_pingora"
+MERIDIAN="${MERIDIAN_BIN:-$CARGO_TARGET_DIR/release/meridian}"
+LOADTEST="${LOADTEST_BIN:-$CARGO_TARGET_DIR/release/meridian-loadtest}"
+PINGORA="${PINGORA_BIN:-$CARGO_TARGET_DIR/release/examples/bare_pingora}"
 
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json
@@ -409,12 +413,13 @@ fi
 
 # --- slowloris against Meridian beside a normal load -----------------------------------------------
 # SLOW connections trickle a head that never completes (a byte a second) while CONNECTIONS clients
-# run get-1k; the same get-1k right before, unloaded, is the reference for errors and p99. The
+# run get-1k for SLOW_LOAD_DURATION (past the header timeout, so the closing happens under load);
+# the same get-1k right before, unloaded, is the reference for errors and p99. The
 # slow connections should be answered 408 and closed at SLOW_HEADER_TIMEOUT; any still open at
 # SLOW_CAP is given up and counted as such.
 if [ "$SLOW" -gt 0 ] && [ "${CACHE_ONLY:-0}" != 1 ]; then
   PATH_QUERY="/bench"
-  run_one "slowloris-unloaded" meridian "$MERIDIAN_PID" "$MERIDIAN_PORT" 1 -c "$CONNECTIONS" -d "$DURATION"
+  run_one "slowloris-unloaded" meridian "$MERIDIAN_PID" "$MERIDIAN_PORT" 1 -c "$CONNECTIONS" -d "$SLOW_LOAD_DURATION"
   "$LOADTEST" "http://127.0.0.1:$MERIDIAN_PORT/bench" --host bench.example.test --slow "$SLOW" \
     --slow-interval 1s --slow-for "$SLOW_CAP" --threads 1 --json "$OUT/slowloris.json" \
     >"$WORK/slowloris.txt" 2>&1 &
@@ -426,7 +431,7 @@ if [ "$SLOW" -gt 0 ] && [ "${CACHE_ONLY:-0}" != 1 ]; then
     if [ "$open" -ge "$SLOW" ]; then break; fi
     sleep 0.1
   done
-  run_one "slowloris-loaded" meridian "$MERIDIAN_PID" "$MERIDIAN_PORT" 1 -c "$CONNECTIONS" -d "$DURATION"
+  run_one "slowloris-loaded" meridian "$MERIDIAN_PID" "$MERIDIAN_PORT" 1 -c "$CONNECTIONS" -d "$SLOW_LOAD_DURATION"
   wait "$slow_pid" || { echo "slowloris run failed: $(cat "$WORK/slowloris.txt")" >&2; exit 1; }
   python3 - "$OUT/slowloris.json" "$SLOW_HEADER_TIMEOUT" <<'PY'
 import json, sys

@@ -32,8 +32,9 @@ def agg(reports):
     cpu10k = cpu / responses * 10000 if responses else float("nan")
     rss = max(r["bench"]["peak_rss_kb"] for r in reports)
     failed = sum(r["requests"]["failed"] for r in reports)
+    elapsed = statistics.mean(r["elapsed_s"] for r in reports)
     return {"rps": rps, "p50": p50, "p99": p99, "cpu10k": cpu10k, "rss": rss,
-            "failed": failed, "responses": responses, "rounds": len(reports)}
+            "failed": failed, "responses": responses, "rounds": len(reports), "elapsed_s": elapsed}
 
 
 def ratio(a, b):
@@ -148,8 +149,9 @@ if os.path.exists(slow_path):
     if ("slowloris-unloaded", "meridian") in runs and ("slowloris-loaded", "meridian") in runs:
         u = agg(runs[("slowloris-unloaded", "meridian")])
         lo = agg(runs[("slowloris-loaded", "meridian")])
-        print(f"\n{connections} normal clients running get-1k beside them, relative to the same run without "
-              "them right before:\n")
+        print(f"\n{connections} normal clients running get-1k beside them (for "
+              f"{lo['elapsed_s']:.0f} s, past the header timeout), relative to the same run without them "
+              "right before:\n")
         print("| run | requests/s | p50 | p99 | failed |")
         print("|---|---|---|---|---|")
         print(f"| unloaded | 1.00 | 1.00 | 1.00 | {u['failed']} |")
