@@ -5,10 +5,19 @@
 #   bash loadtest/bench/run.sh                 # 10 s per run, 2 interleaved rounds
 #   DURATION=5s ROUNDS=1 bash loadtest/bench/run.sh
 #   Env: DURATION, ROUNDS, CONNECTIONS (64), RATE (open loop, 5000/s), LOADGEN_THREADS (1),
-#        OUT (JSON dir), MERIDIAN_BIN (skip building meridian), CARGO_TARGET_DIR,
+#        OUT (JSON dir), MERIDIAN_BIN / LOADTEST_BIN / PINGORA_BIN (prebuilt binaries: skip building
+#        meridian, meridian-loadtest, the bare_pingora example), CARGO_TARGET_DIR,
 #        CACHE_ONLY=1 (only the cache-hit scenario), TLS=0 (skip the Meridian-only TLS/QUIC runs),
 #        BASELINE_BIN (a second `meridian`, e.g. built from an earlier commit: it runs beside the
-#        others as `meridian-base`, so a change is measured against its baseline in the same run).
+#        others as `meridian-base`, so a change is measured against its baseline in the same run),
+#        IDLE (10000: kept-alive connections held idle for the RSS-per-connection scenario; 0 skips it),
+#        SLOW (1000: slowloris connections against Meridian while CONNECTIONS normal clients run get-1k;
+#        0 skips it), SLOW_HEADER_TIMEOUT (10s: Meridian's edge.limits.client_header_timeout here),
+#        SLOW_CAP (30s: a slow connection still open this long after its connect is given up),
+#        SLOW_LOAD_DURATION (12s: the normal get-1k runs of the slowloris scenario, alone and beside).
+#
+# Proxies: NGINX, HAProxy, Meridian and `pingora` — a bare Pingora ProxyHttp to the same origin
+# (gateway/examples/bare_pingora.rs), the ceiling of the framework Meridian's TCP front started from.
 #
 # Traffic stays on 127.0.0.0/8; every process started here is stopped on exit.
 set -euo pipefail
@@ -21,6 +30,26 @@ ROUNDS="${ROUNDS:-2}"
 CONNECTIONS="${CONNECTIONS:-64}"
 RATE="${RATE:-5000}"
 LOADGEN_THREADS="${LOADGEN_THREADS:-1}"
+IDLE="${IDLE:-10000}"
+SLOW="${SLOW:-1000}"
+SLOW_HEADER_TIMEOUT="${SLOW_HEADER_TIMEOUT:-10s}"
+SLOW_CAP="${SLOW_CAP:-30s}"
+# Long enough that the normal load is still running when the slow connections are closed.
+SLOW_LOAD_DURATION="${SLOW_LOAD_DURATION:-12s}"
+# Every proxy (and the generator) needs a descriptor per idle connection, plus slack.
+ulimit -n "$(ulimit -Hn)"
+FD_SLACK=1024
+NOFILE="$(ulimit -n)"; [ "$NOFILE" = unlimited ] && NOFILE=1048576
+MAXCONN=$(( IDLE + SLOW + FD_SLACK > 4096 ? IDLE + SLOW + FD_SLACK : 4096 ))
+# HAProxy reserves two descriptors per connection (client and server side) and refuses to start
+# when maxconn needs more than the open-file limit, so its maxconn (and its share of the idle
+# scenario) may be lower than the others' when the hard limit is tight.
+HAPROXY_MAXCONN=$(( (NOFILE - 64) / 2 < MAXCONN ? (NOFILE - 64) / 2 : MAXCONN ))
+HAPROXY_IDLE=$(( HAPROXY_MAXCONN - 64 < IDLE ? HAPROXY_MAXCONN - 64 : IDLE ))
+if [ "$NOFILE" -lt "$(( IDLE + FD_SLACK ))" ]; then
+  echo "IDLE=$IDLE needs an open-file limit above $(( IDLE + FD_SLACK )); the hard limit is $NOFILE" >&2
+  exit 1
+fi
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 
 ORIGIN_PORT=18100
@@ -33,6 +62,7 @@ MERIDIAN_TLS_PORT=18106
 BASE_PORT=18107
 BASE_ADMIN_PORT=18108
 BASE_TLS_PORT=18109
+PINGORA_PORT=18110
 
 WORK="$(mktemp -d /tmp/meridian-bench.XXXXXX)"
 PIDS=()
@@ -66,16 +96,20 @@ HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
 systemctl stop nginx haproxy >/dev/null 2>&1 || true
 
 # MERIDIAN_BIN=path uses an already built `meridian` (e.g. one built from a clean checkout).
-if [ -n "${MERIDIAN_BIN:-}" ]; then
-  log "building meridian-loadtest (release); meridian from $MERIDIAN_BIN"
-  (cd "$ROOT" && cargo build --release -q -p meridian-loadtest --bin meridian-loadtest)
-  MERIDIAN="$MERIDIAN_BIN"
-else
-  log "building meridian and meridian-loadtest (release)"
-  (cd "$ROOT" && cargo build --release -q -p meridian-gateway --bin meridian -p meridian-loadtest --bin meridian-loadtest)
-  MERIDIAN="$CARGO_TARGET_DIR/release/meridian"
+# The bare Pingora proxy is built from this tree (it is the framework, not Meridian), like the
+# generator; LOADTEST_BIN / PINGORA_BIN use prebuilt ones instead (all three set: no cargo at all).
+build=()
+if [ -z "${MERIDIAN_BIN:-}" ] || [ -z "${PINGORA_BIN:-}" ]; then build+=(-p meridian-gateway); fi
+if [ -z "${MERIDIAN_BIN:-}" ]; then build+=(--bin meridian); fi
+if [ -z "${PINGORA_BIN:-}" ]; then build+=(--example bare_pingora); fi
+if [ -z "${LOADTEST_BIN:-}" ]; then build+=(-p meridian-loadtest --bin meridian-loadtest); fi
+if [ "${#build[@]}" -gt 0 ]; then
+  log "building (release): ${build[*]}"
+  (cd "$ROOT" && cargo build --release -q "${build[@]}")
 fi
-LOADTEST="$CARGO_TARGET_DIR/release/meridian-loadtest"
+MERIDIAN="${MERIDIAN_BIN:-$CARGO_TARGET_DIR/release/meridian}"
+LOADTEST="${LOADTEST_BIN:-$CARGO_TARGET_DIR/release/meridian-loadtest}"
+PINGORA="${PINGORA_BIN:-$CARGO_TARGET_DIR/release/examples/bare_pingora}"
 
 mkdir -p "$OUT"
 rm -f "$OUT"/*.json
@@ -94,7 +128,8 @@ worker_processes 1;
 daemon off;
 pid $WORK/nginx/nginx.pid;
 error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
+worker_rlimit_nofile $NOFILE;
+events { worker_connections $MAXCONN; }
 http {
   access_log off;
   client_body_temp_path $WORK/nginx/tmp/body;
@@ -143,9 +178,10 @@ NGINX_MASTER=$!
 cat >"$WORK/haproxy.cfg" <<CONF
 global
   nbthread 1
-  maxconn 4096
+  maxconn $HAPROXY_MAXCONN
 defaults
   mode http
+  maxconn $HAPROXY_MAXCONN
   timeout connect 5s
   timeout client 60s
   timeout server 60s
@@ -185,6 +221,7 @@ shutdown_timeout = "2s"
 
 [edge.limits]
 max_body_bytes = 10485760
+client_header_timeout = "$SLOW_HEADER_TIMEOUT"
 
 [[tls.certificates]]
 hosts = ["bench.example.test"]
@@ -219,6 +256,11 @@ CONF
 PIDS+=($!)
 MERIDIAN_PID=$!
 
+# --- bare Pingora: a fixed-peer ProxyHttp, one thread, no work stealing, mimalloc --------------------
+"$PINGORA" "127.0.0.1:$PINGORA_PORT" "127.0.0.1:$ORIGIN_PORT" >"$WORK/pingora.log" 2>&1 &
+PIDS+=($!)
+PINGORA_PID=$!
+
 BASE_PID=""
 if [ -n "${BASELINE_BIN:-}" ]; then
   sed -e "s/127.0.0.1:$MERIDIAN_PORT/127.0.0.1:$BASE_PORT/" \
@@ -232,7 +274,7 @@ if [ -n "${BASELINE_BIN:-}" ]; then
 fi
 
 wait_port "$NGINX_PORT"; wait_port "$NGINX_CACHE_PORT"; wait_port "$HAPROXY_PORT"; wait_port "$MERIDIAN_PORT"
-wait_port "$MERIDIAN_TLS_PORT"
+wait_port "$MERIDIAN_TLS_PORT"; wait_port "$PINGORA_PORT"
 # NGINX's worker is the process that does the work (the master only supervises).
 NGINX_WORKER="$(pgrep -P "$NGINX_MASTER" | head -1 || true)"
 NGINX_WORKER="${NGINX_WORKER:-$NGINX_MASTER}"
@@ -240,6 +282,12 @@ NGINX_WORKER="${NGINX_WORKER:-$NGINX_MASTER}"
 head -c 16384 /dev/zero | tr '\0' 'p' >"$WORK/post16k.bin"
 
 peak_rss_kb() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
+rss_kb() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+
+# Resident memory of every proxy before any load: the idle process RSS.
+declare -A START_RSS=(["nginx"]="$(rss_kb "$NGINX_WORKER")" ["haproxy"]="$(rss_kb "$HAPROXY_PID")"
+                      ["meridian"]="$(rss_kb "$MERIDIAN_PID")" ["pingora"]="$(rss_kb "$PINGORA_PID")")
+if [ -n "$BASE_PID" ]; then START_RSS["meridian-base"]="$(rss_kb "$BASE_PID")"; fi
 
 # run_one SCENARIO PROXY PID PORT ROUND [loadtest args...]   (SCHEME=https for the TLS runs)
 run_one() {
@@ -280,9 +328,11 @@ for round in $(seq 1 "$ROUNDS"); do
   for scenario in "${SCEN_NAMES[@]}"; do
     PATH_QUERY="${SCEN_PATH[$scenario]}"
     # Interleave: the order of proxies rotates every round.
-    order=("nginx:$NGINX_WORKER:$NGINX_PORT" "haproxy:$HAPROXY_PID:$HAPROXY_PORT" "meridian:$MERIDIAN_PID:$MERIDIAN_PORT")
+    order=("nginx:$NGINX_WORKER:$NGINX_PORT" "haproxy:$HAPROXY_PID:$HAPROXY_PORT" "meridian:$MERIDIAN_PID:$MERIDIAN_PORT"
+           "pingora:$PINGORA_PID:$PINGORA_PORT")
     if [ $((round % 2)) -eq 0 ]; then
-      order=("meridian:$MERIDIAN_PID:$MERIDIAN_PORT" "haproxy:$HAPROXY_PID:$HAPROXY_PORT" "nginx:$NGINX_WORKER:$NGINX_PORT")
+      order=("pingora:$PINGORA_PID:$PINGORA_PORT" "meridian:$MERIDIAN_PID:$MERIDIAN_PORT"
+             "haproxy:$HAPROXY_PID:$HAPROXY_PORT" "nginx:$NGINX_WORKER:$NGINX_PORT")
     fi
     if [ -n "$BASE_PID" ]; then order+=("meridian-base:$BASE_PID:$BASE_PORT"); fi
     for entry in "${order[@]}"; do
@@ -319,6 +369,80 @@ for round in $(seq 1 "$ROUNDS"); do
     done
   fi
 done
+
+# --- idle keep-alive connections: RSS per connection ----------------------------------------------
+# IDLE connections, each answered once (GET 1 KiB) and then held idle; the proxy's resident memory
+# is read just before they open and once they are all open (the NGINX worker, the others' only
+# process). The server gets a second after the last answer to finish its per-request work.
+idle_one() {
+  local proxy=$1 pid=$2 port=$3 count=$4
+  local json="$OUT/idle.$proxy.json" txt="$WORK/idle.$proxy.txt"
+  local before with lt
+  before=$(rss_kb "$pid")
+  "$LOADTEST" "http://127.0.0.1:$port/bench" --host bench.example.test --idle "$count" --idle-for 3s \
+    --threads "$LOADGEN_THREADS" --timeout 30s --json "$json" >"$txt" 2>&1 &
+  lt=$!
+  for _ in $(seq 1 1200); do
+    if grep -q '^ready:' "$txt" || ! kill -0 "$lt" 2>/dev/null; then break; fi
+    sleep 0.1
+  done
+  sleep 1
+  with=$(rss_kb "$pid")
+  wait "$lt" || { echo "idle run against $proxy failed: $(cat "$txt")" >&2; return 1; }
+  python3 - "$json" "$proxy" "${START_RSS[$proxy]}" "$before" "$with" <<'PY'
+import json, sys
+path, proxy, start, before, with_ = sys.argv[1:]
+r = json.load(open(path))
+r["idle_bench"] = {"proxy": proxy, "start_rss_kb": int(start), "before_rss_kb": int(before),
+                   "with_rss_kb": int(with_)}
+json.dump(r, open(path, "w"), indent=2)
+PY
+  log "idle / $proxy: $(head -1 "$txt"); RSS ${before} KiB -> ${with} KiB"
+}
+if [ "$IDLE" -gt 0 ] && [ "${CACHE_ONLY:-0}" != 1 ]; then
+  idle_order=("nginx:$NGINX_WORKER:$NGINX_PORT" "haproxy:$HAPROXY_PID:$HAPROXY_PORT"
+              "meridian:$MERIDIAN_PID:$MERIDIAN_PORT" "pingora:$PINGORA_PID:$PINGORA_PORT")
+  if [ -n "$BASE_PID" ]; then idle_order+=("meridian-base:$BASE_PID:$BASE_PORT"); fi
+  for entry in "${idle_order[@]}"; do
+    IFS=: read -r proxy pid port <<<"$entry"
+    count=$IDLE
+    if [ "$proxy" = haproxy ]; then count=$HAPROXY_IDLE; fi
+    idle_one "$proxy" "$pid" "$port" "$count"
+  done
+fi
+
+# --- slowloris against Meridian beside a normal load -----------------------------------------------
+# SLOW connections trickle a head that never completes (a byte a second) while CONNECTIONS clients
+# run get-1k for SLOW_LOAD_DURATION (past the header timeout, so the closing happens under load);
+# the same get-1k right before, unloaded, is the reference for errors and p99. The
+# slow connections should be answered 408 and closed at SLOW_HEADER_TIMEOUT; any still open at
+# SLOW_CAP is given up and counted as such.
+if [ "$SLOW" -gt 0 ] && [ "${CACHE_ONLY:-0}" != 1 ]; then
+  PATH_QUERY="/bench"
+  run_one "slowloris-unloaded" meridian "$MERIDIAN_PID" "$MERIDIAN_PORT" 1 -c "$CONNECTIONS" -d "$SLOW_LOAD_DURATION"
+  "$LOADTEST" "http://127.0.0.1:$MERIDIAN_PORT/bench" --host bench.example.test --slow "$SLOW" \
+    --slow-interval 1s --slow-for "$SLOW_CAP" --threads 1 --json "$OUT/slowloris.json" \
+    >"$WORK/slowloris.txt" 2>&1 &
+  slow_pid=$!
+  # The slow connections open within a fraction of a second (256 connects in flight); start the
+  # normal load once they have.
+  for _ in $(seq 1 100); do
+    open=$(ss -Htn state established "( dport = :$MERIDIAN_PORT )" 2>/dev/null | wc -l)
+    if [ "$open" -ge "$SLOW" ]; then break; fi
+    sleep 0.1
+  done
+  run_one "slowloris-loaded" meridian "$MERIDIAN_PID" "$MERIDIAN_PORT" 1 -c "$CONNECTIONS" -d "$SLOW_LOAD_DURATION"
+  wait "$slow_pid" || { echo "slowloris run failed: $(cat "$WORK/slowloris.txt")" >&2; exit 1; }
+  python3 - "$OUT/slowloris.json" "$SLOW_HEADER_TIMEOUT" <<'PY'
+import json, sys
+path, timeout = sys.argv[1:]
+r = json.load(open(path))
+r["header_timeout"] = timeout
+json.dump(r, open(path, "w"), indent=2)
+PY
+  log "slowloris / meridian: $(grep -E '^  (closed by server|still open at cap|time to close|server answered)' \
+    "$WORK/slowloris.txt" | tr -s ' ' | tr '\n' ';')"
+fi
 
 python3 "$BENCH/table.py" "$OUT" "$(nproc)" "$DURATION" "$CONNECTIONS" "$LOADGEN_THREADS" >"$BENCH/results.md"
 cat "$BENCH/results.md"

@@ -2,7 +2,9 @@
 """Turns the bench JSON reports into a Markdown table of ratios relative to NGINX.
 
 Usage: table.py RESULTS_DIR CORES DURATION CONNECTIONS LOADGEN_THREADS
-Each report carries "bench": {proxy, scenario, round, cpu_s, peak_rss_kb} added by run.sh.
+Each report carries "bench": {proxy, scenario, round, cpu_s, peak_rss_kb} added by run.sh; the idle
+scenario's reports (idle.PROXY.json) carry "idle_bench" instead, and slowloris.json is the
+`--slow` report of the slowloris scenario.
 """
 import glob
 import json
@@ -30,8 +32,9 @@ def agg(reports):
     cpu10k = cpu / responses * 10000 if responses else float("nan")
     rss = max(r["bench"]["peak_rss_kb"] for r in reports)
     failed = sum(r["requests"]["failed"] for r in reports)
+    elapsed = statistics.mean(r["elapsed_s"] for r in reports)
     return {"rps": rps, "p50": p50, "p99": p99, "cpu10k": cpu10k, "rss": rss,
-            "failed": failed, "responses": responses, "rounds": len(reports)}
+            "failed": failed, "responses": responses, "rounds": len(reports), "elapsed_s": elapsed}
 
 
 def ratio(a, b):
@@ -45,25 +48,26 @@ for (scenario, _proxy) in runs:
     if scenario not in scenarios:
         scenarios.append(scenario)
 
-print("# Meridian vs NGINX vs HAProxy — ratios relative to NGINX\n")
+print("# Meridian vs NGINX vs HAProxy (and bare Pingora) — ratios relative to NGINX\n")
 print(f"Machine: {cores} cores shared by the load generator ({lg_threads} thread), the proxy under test "
       f"(1 worker) and the origin (1 thread). Closed loop: {connections} connections, {duration} per run; "
       "values are the mean over rounds (proxies interleaved). Ratios only: absolute numbers are in the "
       "JSON reports and are not claims.\n")
 print("requests/s: higher is better; p50, p99, CPU per 10k requests and peak RSS: lower is better. "
-      "`failed` is an absolute count of non-2xx/3xx answers and transport errors.\n")
-print("| scenario | proxy | requests/s | p50 | p99 | CPU s / 10k req | peak RSS | failed | Meridian req/s vs best other |")
+      "`failed` is an absolute count of non-2xx/3xx answers and transport errors. `pingora` is a bare "
+      "Pingora `ProxyHttp` to the same origin (fixed peer, nothing else): the framework's ceiling.\n")
+print("| scenario | proxy | requests/s | p50 | p99 | CPU s / 10k req | peak RSS | failed | req/s vs better of NGINX/HAProxy |")
 print("|---|---|---|---|---|---|---|---|---|")
 for scenario in scenarios:
     base = runs.get((scenario, "nginx"))
     if not base:
         continue
     n = agg(base)
-    results = {p: agg(runs[(scenario, p)]) for p in ("nginx", "haproxy", "meridian", "meridian-base")
+    results = {p: agg(runs[(scenario, p)]) for p in ("nginx", "haproxy", "meridian", "meridian-base", "pingora")
                if (scenario, p) in runs}
-    best_other = max((v["rps"] for p, v in results.items() if not p.startswith("meridian")), default=None)
+    best_other = max((v["rps"] for p, v in results.items() if p in ("nginx", "haproxy")), default=None)
     for proxy, a in results.items():
-        vs_best = ratio(a["rps"], best_other) if proxy.startswith("meridian") and best_other else ""
+        vs_best = ratio(a["rps"], best_other) if proxy not in ("nginx", "haproxy") and best_other else ""
         print(f"| {scenario} | {proxy} | {ratio(a['rps'], n['rps'])} | {ratio(a['p50'], n['p50'])} | "
               f"{ratio(a['p99'], n['p99'])} | {ratio(a['cpu10k'], n['cpu10k'])} | {ratio(a['rss'], n['rss'])} | "
               f"{a['failed']} | {vs_best} |")
@@ -98,3 +102,58 @@ if tls_rows and ("get-1k", "meridian") in runs:
         print(f"| {s} | {ratio(a['rps'], plain['rps'])} | {ratio(a['p50'], plain['p50'])} | "
               f"{ratio(a['p99'], plain['p99'])} | {ratio(a['cpu10k'], plain['cpu10k'])} | {opened} | "
               f"{a['failed']} |")
+
+idle = {}
+for path in sorted(glob.glob(os.path.join(out_dir, "idle.*.json"))):
+    with open(path) as f:
+        r = json.load(f)
+    if "idle_bench" in r:
+        idle[r["idle_bench"]["proxy"]] = r
+if idle:
+    n = max(r["connections"] for r in idle.values())
+    print(f"\nIdle keep-alive connections: {n} connections, each answered once (GET 1 KiB) and then held "
+          "idle; resident memory (VmRSS) of the proxy process (NGINX: its worker) at start, just before "
+          "they opened and with all of them open. KiB per connection = (with - before) / connections "
+          "open (HAProxy may hold fewer: its maxconn needs two descriptors each within the open-file limit). "
+          "Absolute KiB: memory, not speed, so it does not depend on the machine's load.\n")
+    print("| proxy | open | RSS at start (KiB) | RSS before (KiB) | RSS with idle (KiB) | KiB per idle connection | failed |")
+    print("|---|---|---|---|---|---|---|")
+    for proxy in ("nginx", "haproxy", "meridian", "meridian-base", "pingora"):
+        r = idle.get(proxy)
+        if not r:
+            continue
+        b = r["idle_bench"]
+        held = r["still_open_at_end"]
+        per = (b["with_rss_kb"] - b["before_rss_kb"]) / held if held else float("nan")
+        failed = r["connect_failed"] + r["request_failed"] + r["closed_while_held"]
+        print(f"| {proxy} | {held} | {b['start_rss_kb']} | {b['before_rss_kb']} | {b['with_rss_kb']} | "
+              f"{per:.2f} | {failed} |")
+
+slow_path = os.path.join(out_dir, "slowloris.json")
+if os.path.exists(slow_path):
+    with open(slow_path) as f:
+        slow = json.load(f)
+    ttc = slow["time_to_close_ms"]
+
+    def secs(ms):
+        return "-" if ms is None else f"{ms / 1000:.2f}"
+
+    answers = " ".join(f"{k}={v}" for k, v in sorted(slow["answers"].items())) or "-"
+    print(f"\nSlowloris against Meridian (client_header_timeout {slow.get('header_timeout', '?')}): "
+          f"{slow['connections']} connections sending a byte every {slow['interval_s']:g} s of a head that "
+          f"never ends, given up after {slow['cap_s']:g} s. Time to close counts from each connect.\n")
+    print("| opened | closed by Meridian | still open at cap | answered | time to close p50 / p99 / max (s) |")
+    print("|---|---|---|---|---|")
+    print(f"| {slow['opened']} | {slow['closed_by_server']} | {slow['still_open_at_cap']} | {answers} | "
+          f"{secs(ttc['p50'])} / {secs(ttc['p99'])} / {secs(ttc['max'])} |")
+    if ("slowloris-unloaded", "meridian") in runs and ("slowloris-loaded", "meridian") in runs:
+        u = agg(runs[("slowloris-unloaded", "meridian")])
+        lo = agg(runs[("slowloris-loaded", "meridian")])
+        print(f"\n{connections} normal clients running get-1k beside them (for "
+              f"{lo['elapsed_s']:.0f} s, past the header timeout), relative to the same run without them "
+              "right before:\n")
+        print("| run | requests/s | p50 | p99 | failed |")
+        print("|---|---|---|---|---|")
+        print(f"| unloaded | 1.00 | 1.00 | 1.00 | {u['failed']} |")
+        print(f"| with slowloris | {ratio(lo['rps'], u['rps'])} | {ratio(lo['p50'], u['p50'])} | "
+              f"{ratio(lo['p99'], u['p99'])} | {lo['failed']} |")

@@ -105,6 +105,26 @@ pub struct LoadArgs {
     /// Worker threads of the generator (default: the number of CPUs).
     #[arg(long)]
     pub threads: Option<usize>,
+    /// Slowloris: open N connections (cleartext HTTP/1.1) that each send
+    /// `GET PATH HTTP/1.1`, `Host: HOST` and `X-a: `, then one more byte every --slow-interval
+    /// and never finish the head. Reports how long the server kept them and what it answered.
+    #[arg(long, value_name = "N", conflicts_with_all = ["idle", "rate", "requests", "reconnect"])]
+    pub slow: Option<usize>,
+    /// Slowloris: pause between the trickled bytes.
+    #[arg(long, value_parser = duration::parse, default_value = "1s")]
+    pub slow_interval: Duration,
+    /// Slowloris: a connection the server has not closed after this long (from its connect) is
+    /// given up and counted as still open, so a run always ends by itself.
+    #[arg(long, value_parser = duration::parse, default_value = "60s")]
+    pub slow_for: Duration,
+    /// Idle keep-alive connections: open N connections, send one request on each, then hold them
+    /// all idle for --idle-for. Prints `ready: ...` on stdout once they are all open, so a script
+    /// can measure the server meanwhile.
+    #[arg(long, value_name = "N", conflicts_with_all = ["rate", "requests", "reconnect"])]
+    pub idle: Option<usize>,
+    /// Idle mode: how long to hold the connections after they are all open.
+    #[arg(long, value_parser = duration::parse, default_value = "60s")]
+    pub idle_for: Duration,
     /// Write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,

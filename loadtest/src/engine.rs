@@ -75,32 +75,41 @@ impl Template {
 }
 
 pub fn main(args: LoadArgs) -> anyhow::Result<ExitCode> {
-    let threads = args.threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
+    let runtime = runtime(args.threads)?;
     let json_path = args.json.clone();
     let settings = Settings::from_args(args)?;
-    let runtime = if threads <= 1 {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?
-    } else {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads)
-            .enable_all()
-            .build()?
-    };
     let settings = Arc::new(settings);
     let outcome = runtime.block_on(run(Arc::clone(&settings)));
     let json = report::json(&settings, &outcome);
     print!("{}", report::summary(&settings, &outcome));
     if let Some(path) = json_path {
-        let text = serde_json::to_string_pretty(&json)?;
-        std::fs::write(&path, text + "\n").with_context(|| format!("write {}", path.display()))?;
+        write_json(&path, &json)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The generator's runtime: `threads` workers (default: the number of CPUs), 1 = current-thread.
+pub fn runtime(threads: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let threads = threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .enable_all()
+            .build()
+    }
+}
+
+pub fn write_json(path: &std::path::Path, json: &serde_json::Value) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(json)?;
+    std::fs::write(path, text + "\n").with_context(|| format!("write {}", path.display()))
 }
 
 impl Settings {
@@ -249,6 +258,20 @@ impl Settings {
                 body,
             },
         })
+    }
+
+    /// The request every connection sends (a fresh copy).
+    pub fn request(&self) -> Request<Bytes> {
+        self.template.build()
+    }
+
+    pub fn connector(&self) -> &Connector {
+        &self.connector
+    }
+
+    /// Source address of each planned connection (`--geo-mix`), `None` for the default.
+    pub fn sources(&self) -> impl Iterator<Item = Option<IpAddr>> + '_ {
+        self.plan.connections.iter().map(|c| c.source)
     }
 
     /// Open loop: how many arrivals the schedule holds.
@@ -649,6 +672,6 @@ async fn attempt(lane: &mut Lane, settings: &Settings, start: Instant) -> Attemp
     Attempt::Done
 }
 
-fn micros(d: Duration) -> u64 {
+pub fn micros(d: Duration) -> u64 {
     u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }

@@ -5,9 +5,12 @@ mod cli;
 mod duration;
 mod engine;
 mod geo;
+mod idle;
 mod origin;
 mod protocol;
 mod report;
+mod rlimit;
+mod slowloris;
 mod stats;
 
 use std::process::ExitCode;
@@ -16,8 +19,11 @@ use clap::Parser;
 
 fn main() -> ExitCode {
     let cli = cli::Cli::parse();
+    rlimit::raise_nofile();
     let result = match cli.command {
         Some(cli::Command::Origin(args)) => origin::main(args),
+        None if cli.load.slow.is_some() => slowloris::main(cli.load),
+        None if cli.load.idle.is_some() => idle::main(cli.load),
         None => engine::main(cli.load),
     };
     match result {

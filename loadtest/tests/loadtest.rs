@@ -311,3 +311,20 @@ fn reconnect_opens_a_connection_per_request() {
     assert_eq!(report["reconnect"], false);
     assert_eq!(u(&report, "/connections_opened"), 3);
 }
+
+#[test]
+fn idle_mode_holds_answered_connections() {
+    let origin = Origin::start(&[]);
+    let url = format!("http://{}/hello", origin.addr);
+    let (output, report) = run_load(&[&url, "--idle", "30", "--idle-for", "0s"]);
+    assert_eq!(report["mode"], "idle");
+    assert_eq!(u(&report, "/opened"), 30, "{report:#}");
+    assert_eq!(u(&report, "/connect_failed"), 0, "{report:#}");
+    assert_eq!(u(&report, "/request_failed"), 0, "{report:#}");
+    assert_eq!(u(&report, "/status_codes/200"), 30, "{report:#}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.starts_with("ready: 30 idle connections open"),
+        "the ready line comes first: {stdout}"
+    );
+}
