@@ -804,6 +804,14 @@ pub struct RouteCache {
     /// Serve a stale entry for this long when every eligible region fails, when the response does
     /// not say (`stale-if-error=`).
     pub stale_if_error: Option<HumanDuration>,
+    /// Use the cache for requests that carry `Cookie` (off: they go to the origin, so a response
+    /// shaped by one caller's cookie is never stored for everyone). The cookie is not in the key.
+    pub allow_cookie: bool,
+    /// Heuristic freshness (RFC 9111 §4.2.2) for heuristically cacheable responses that state no
+    /// freshness but carry `Last-Modified`: 10 % of their age at `Date`, capped by `heuristic_max`.
+    pub heuristic: bool,
+    /// Cap on a heuristic freshness lifetime (default 1 day).
+    pub heuristic_max: Option<HumanDuration>,
 }
 
 /// What, besides method, scheme, host, path and query, tells two requests' responses apart.
