@@ -220,8 +220,6 @@ pub enum Bypass {
     Method,
     /// Request `Cache-Control: no-store`.
     NoStore,
-    /// `Authorization` on a route that does not allow caching it.
-    Authorization,
     /// `Cookie` on a route that does not allow caching it.
     Cookie,
     /// A range the cache does not answer (several ranges, or nothing fresh stored to cut from).
@@ -349,12 +347,6 @@ pub fn heuristically_cacheable(status: u16) -> bool {
     )
 }
 
-/// Kept for callers that ask the old question: may this status be stored without stating its
-/// freshness?
-pub fn cacheable_status(status: u16) -> bool {
-    heuristically_cacheable(status)
-}
-
 /// Final status codes whose caching requirements this cache implements, for `must-understand`
 /// (RFC 9111 §5.2.2.3). 206 is absent: partial responses are not stored.
 fn understood_status(status: u16) -> bool {
@@ -471,6 +463,11 @@ pub fn storability(
     }
     let headers = response.headers;
     let ResponseDirectives { cc, targeted } = ResponseDirectives::of(headers);
+    let shared_by_origin = cc.public || cc.s_maxage.is_some() || cc.must_revalidate;
+    if request.authorization && !rules.allow_authorization && !shared_by_origin {
+        // RFC 9111 §3.5: only these three directives let a shared cache store such a response.
+        return Err(NotStorable::Authorization);
+    }
     if cc.must_understand {
         // must-understand overrides no-store, but only for status codes whose rules we implement
         // (RFC 9111 §5.2.2.3).
@@ -485,11 +482,6 @@ pub fn storability(
     }
     if headers.contains_key(header::SET_COOKIE) && !rules.allow_set_cookie {
         return Err(NotStorable::SetCookie);
-    }
-    let shared_by_origin = cc.public || cc.s_maxage.is_some() || cc.must_revalidate;
-    if request.authorization && !rules.allow_authorization && !shared_by_origin {
-        // RFC 9111 §3.5: only these three directives let a shared cache store such a response.
-        return Err(NotStorable::Authorization);
     }
     let vary = match parse_vary(headers) {
         Vary::Headers(names) => names,
