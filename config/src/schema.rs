@@ -772,6 +772,9 @@ pub struct EdgeCache {
     pub max_object_bytes: u64,
     /// How long a request waits for an identical in-flight miss before fetching on its own.
     pub coalesce_timeout: HumanDuration,
+    /// Targeted cache-control fields (RFC 9213) this edge obeys, in order of precedence: the first
+    /// present with a valid value replaces `Cache-Control` and `Expires` for the edge. `[]`: none.
+    pub targeted: Vec<String>,
 }
 
 impl Default for EdgeCache {
@@ -781,6 +784,7 @@ impl Default for EdgeCache {
             max_bytes: 256 * 1024 * 1024,
             max_object_bytes: 8 * 1024 * 1024,
             coalesce_timeout: HumanDuration::secs(5),
+            targeted: vec!["CDN-Cache-Control".into()],
         }
     }
 }

@@ -497,6 +497,8 @@ struct Inner {
     coalescer: Coalescer,
     enabled: bool,
     coalesce_timeout: Duration,
+    /// `[edge.cache] targeted`, compiled.
+    targeted: Vec<HeaderName>,
     metrics: CacheMetrics,
 }
 
@@ -552,6 +554,7 @@ impl ResponseCache {
                 coalescer: Coalescer::default(),
                 enabled: config.enabled,
                 coalesce_timeout: config.coalesce_timeout.as_duration(),
+                targeted: policy::targeted_names(&config.targeted),
                 metrics,
             }),
         })
@@ -561,6 +564,7 @@ impl ResponseCache {
     pub fn route_policy(&self, route: &str, config: &RouteCache) -> RoutePolicy {
         let mut rules = RouteRules::from_config(config);
         rules.enabled &= self.inner.enabled;
+        rules.targeted = self.inner.targeted.clone();
         let counter = |s: CacheStatus| {
             self.inner
                 .metrics

@@ -36,6 +36,7 @@ fn cache_with(
         max_bytes,
         max_object_bytes,
         coalesce_timeout: HumanDuration(timeout),
+        ..EdgeCache::default()
     };
     (
         ResponseCache::new(&config, &registry).expect("metrics"),

@@ -19,12 +19,12 @@ const MAX_LIFETIME: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Default cap on a heuristic freshness lifetime.
 pub const DEFAULT_HEURISTIC_MAX: Duration = Duration::from_secs(24 * 3600);
 
-/// Targeted cache-control fields this cache obeys, in order of precedence (RFC 9213 §2.1). As a
-/// CDN, the edge is a target of `CDN-Cache-Control`.
-pub const TARGETED_FIELDS: [&str; 1] = ["cdn-cache-control"];
+/// Targeted cache-control fields obeyed unless the edge lists its own (RFC 9213 §2.1): as a CDN,
+/// the edge is a target of `CDN-Cache-Control`.
+pub const DEFAULT_TARGETED: [&str; 1] = ["cdn-cache-control"];
 
 /// A route's cache rules, compiled once per snapshot from its `cache = { ... }`.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct RouteRules {
     pub enabled: bool,
     pub default_ttl: Option<Duration>,
@@ -37,6 +37,33 @@ pub struct RouteRules {
     pub key: KeyOptions,
     pub stale_while_revalidate: Option<Duration>,
     pub stale_if_error: Option<Duration>,
+    /// Targeted cache-control fields, in order of precedence (the edge's `[edge.cache] targeted`).
+    pub targeted: Vec<HeaderName>,
+}
+
+impl Default for RouteRules {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            default_ttl: None,
+            allow_authorization: false,
+            allow_set_cookie: false,
+            allow_cookie: false,
+            heuristic: None,
+            key: KeyOptions::default(),
+            stale_while_revalidate: None,
+            stale_if_error: None,
+            targeted: targeted_names(&DEFAULT_TARGETED),
+        }
+    }
+}
+
+/// Field names as `HeaderName`s (lowercased); names that do not parse were refused by the config.
+pub fn targeted_names<S: AsRef<str>>(names: &[S]) -> Vec<HeaderName> {
+    names
+        .iter()
+        .filter_map(|n| HeaderName::from_bytes(n.as_ref().to_ascii_lowercase().as_bytes()).ok())
+        .collect()
 }
 
 impl RouteRules {
@@ -55,6 +82,7 @@ impl RouteRules {
             key: KeyOptions::from_config(&config.key),
             stale_while_revalidate: config.stale_while_revalidate.map(|d| d.as_duration()),
             stale_if_error: config.stale_if_error.map(|d| d.as_duration()),
+            targeted: targeted_names(&DEFAULT_TARGETED),
         }
     }
 }
@@ -129,13 +157,13 @@ pub struct ResponseDirectives {
 }
 
 impl ResponseDirectives {
-    pub fn of(headers: &HeaderMap) -> Self {
-        for name in TARGETED_FIELDS {
-            let name = HeaderName::from_static(name);
-            if !headers.contains_key(&name) || !targeted_field_is_valid(headers, &name) {
+    /// `targeted`: the field names this cache is a target of, highest precedence first.
+    pub fn of(headers: &HeaderMap, targeted: &[HeaderName]) -> Self {
+        for name in targeted {
+            if !headers.contains_key(name) || !targeted_field_is_valid(headers, name) {
                 continue;
             }
-            let (cc, seen) = CacheControl::parse_field(headers, &name);
+            let (cc, seen) = CacheControl::parse_field(headers, name);
             if seen {
                 return Self { cc, targeted: true };
             }
@@ -462,7 +490,7 @@ pub fn storability(
         return Err(NotStorable::Method);
     }
     let headers = response.headers;
-    let ResponseDirectives { cc, targeted } = ResponseDirectives::of(headers);
+    let ResponseDirectives { cc, targeted } = ResponseDirectives::of(headers, &rules.targeted);
     let shared_by_origin = cc.public || cc.s_maxage.is_some() || cc.must_revalidate;
     if request.authorization && !rules.allow_authorization && !shared_by_origin {
         // RFC 9111 §3.5: only these three directives let a shared cache store such a response.
@@ -1555,6 +1583,24 @@ mod tests {
         )
         .expect("storable");
         assert_eq!(s.freshness.lifetime, Duration::from_secs(5));
+        // The edge's own list, in order: the first valid field wins; [] turns targeting off.
+        let own = RouteRules {
+            targeted: targeted_names(&["Meridian-Cache-Control", "CDN-Cache-Control"]),
+            ..enabled()
+        };
+        let both = [
+            ("cache-control", "max-age=1"),
+            ("cdn-cache-control", "max-age=2"),
+            ("meridian-cache-control", "max-age=3"),
+        ];
+        let lifetime = |rules: &RouteRules| store(200, &both, rules).map(|s| s.freshness.lifetime);
+        assert_eq!(lifetime(&own), Ok(Duration::from_secs(3)));
+        assert_eq!(lifetime(&enabled()), Ok(Duration::from_secs(2)));
+        let none = RouteRules {
+            targeted: Vec::new(),
+            ..enabled()
+        };
+        assert_eq!(lifetime(&none), Ok(Duration::from_secs(1)));
         // An invalid targeted field (not a dictionary) falls back to Cache-Control.
         let s = store(
             200,
