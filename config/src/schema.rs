@@ -794,6 +794,9 @@ pub struct EdgeCache {
     pub max_object_bytes: u64,
     /// How long a request waits for an identical in-flight miss before fetching on its own.
     pub coalesce_timeout: HumanDuration,
+    /// Targeted cache-control fields (RFC 9213) this edge obeys, in order of precedence: the first
+    /// present with a valid value replaces `Cache-Control` and `Expires` for the edge. `[]`: none.
+    pub targeted: Vec<String>,
 }
 
 impl Default for EdgeCache {
@@ -803,6 +806,7 @@ impl Default for EdgeCache {
             max_bytes: 256 * 1024 * 1024,
             max_object_bytes: 8 * 1024 * 1024,
             coalesce_timeout: HumanDuration::secs(5),
+            targeted: vec!["CDN-Cache-Control".into()],
         }
     }
 }
@@ -826,6 +830,14 @@ pub struct RouteCache {
     /// Serve a stale entry for this long when every eligible region fails, when the response does
     /// not say (`stale-if-error=`).
     pub stale_if_error: Option<HumanDuration>,
+    /// Use the cache for requests that carry `Cookie` (off: they go to the origin, so a response
+    /// shaped by one caller's cookie is never stored for everyone). The cookie is not in the key.
+    pub allow_cookie: bool,
+    /// Heuristic freshness (RFC 9111 §4.2.2) for heuristically cacheable responses that state no
+    /// freshness but carry `Last-Modified`: 10 % of their age at `Date`, capped by `heuristic_max`.
+    pub heuristic: bool,
+    /// Cap on a heuristic freshness lifetime (default 1 day).
+    pub heuristic_max: Option<HumanDuration>,
 }
 
 /// What, besides method, scheme, host, path and query, tells two requests' responses apart.

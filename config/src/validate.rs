@@ -852,6 +852,25 @@ fn validate_cache(edge: &Edge, routes: &[Route], errors: &mut Errors) {
     if coalesce.is_zero() || coalesce.as_secs() > 60 {
         errors.push("edge.cache.coalesce_timeout", "must be between 1ms and 60s");
     }
+    let mut targeted = HashSet::new();
+    for (i, name) in cache.targeted.iter().enumerate() {
+        let lower = name.to_ascii_lowercase();
+        let token = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+        if !token || matches!(lower.as_str(), "cache-control" | "expires" | "pragma") {
+            errors.push(
+                format!("edge.cache.targeted[{i}]"),
+                format!("{name:?} is not a targeted cache-control field name"),
+            );
+        } else if !targeted.insert(lower) {
+            errors.push(
+                format!("edge.cache.targeted[{i}]"),
+                format!("{name:?} listed twice"),
+            );
+        }
+    }
     if let Some(file) = &edge.admin.token_file {
         if file.trim().is_empty() {
             errors.push(
@@ -870,6 +889,14 @@ fn validate_cache(edge: &Edge, routes: &[Route], errors: &mut Errors) {
                     "must be between 1s and 7 days",
                 );
             }
+        }
+        if rc.heuristic_max.is_some_and(|m| {
+            m.as_duration().is_zero() || m.as_duration().as_secs() > MAX_WINDOW_SECS
+        }) {
+            errors.push(
+                format!("{path}.heuristic_max"),
+                "must be between 1s and 7 days",
+            );
         }
         for (field, value) in [
             ("stale_while_revalidate", rc.stale_while_revalidate),

@@ -126,3 +126,47 @@ cache = { enabled = true, default_ttl = "0s", stale_if_error = "30h", key = { ig
         "30h is within 7 days"
     );
 }
+
+#[test]
+fn rfc_options_parse_and_are_checked() {
+    let config = parse(
+        r#"
+[edge.cache]
+targeted = ["Meridian-Cache-Control", "CDN-Cache-Control"]
+
+[[routes]]
+name = "static"
+hosts = ["static.example.test"]
+cache = { enabled = true, allow_cookie = true, heuristic = true, heuristic_max = "1h" }
+"#,
+    )
+    .expect("valid");
+    assert_eq!(config.edge.cache.targeted.len(), 2);
+    let cache = &config.routes[0].cache;
+    assert!(cache.allow_cookie && cache.heuristic);
+    assert_eq!(
+        cache.heuristic_max.map(|d| d.as_duration()),
+        Some(Duration::from_secs(3600))
+    );
+    let defaults = parse("").expect("valid");
+    assert_eq!(defaults.edge.cache.targeted, vec!["CDN-Cache-Control"]);
+    let errs = errors(
+        r#"
+[edge.cache]
+targeted = ["CDN-Cache-Control", "cdn-cache-control", "Cache-Control", "bad name"]
+
+[[routes]]
+name = "static"
+hosts = ["static.example.test"]
+cache = { enabled = true, heuristic = true, heuristic_max = "200h" }
+"#,
+    );
+    for want in [
+        "edge.cache.targeted[1]: \"cdn-cache-control\" listed twice",
+        "edge.cache.targeted[2]: \"Cache-Control\" is not a targeted",
+        "edge.cache.targeted[3]: \"bad name\" is not a targeted",
+        "routes[0].cache.heuristic_max: must be between 1s and 7 days",
+    ] {
+        assert!(errs.iter().any(|e| e.starts_with(want)), "{want}: {errs:?}");
+    }
+}

@@ -4,7 +4,7 @@
 //! See `README.md` beside this file for where the request pipeline calls it.
 
 pub mod coalesce;
-pub use meridian_core::cache::{key, policy};
+pub use meridian_core::cache::{key, policy, range};
 pub mod store;
 
 use std::sync::Arc;
@@ -18,7 +18,8 @@ use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use coalesce::{Coalescer, Join, LeaderGuard};
 pub use key::{CacheKey, CacheRequest, PrimaryKey};
 pub use policy::{Bypass, NotStorable, RouteRules};
-use policy::{RequestRules, Usability};
+use policy::{Invalidation, RequestRules, Usability};
+use range::RangeAnswer;
 pub use store::CachedResponse;
 use store::{Store, StoreGauges};
 
@@ -79,6 +80,8 @@ pub struct CacheMetrics {
     gauges: StoreGauges,
     pub coalesced: IntCounter,
     purges: IntCounterVec,
+    /// By reason: the order of [`Invalidation::ALL`].
+    invalidations: [IntCounter; 3],
 }
 
 impl CacheMetrics {
@@ -119,6 +122,15 @@ impl CacheMetrics {
         for kind in ["url", "prefix", "tag"] {
             purges.with_label_values(&[kind]);
         }
+        let invalidations = IntCounterVec::new(
+            Opts::new(
+                "meridian_cache_invalidations_total",
+                "URLs invalidated by a non-error response to an unsafe request (RFC 9111 4.4), \
+                 by reason (unsafe_method: the request's URL; location, content_location).",
+            ),
+            &["reason"],
+        )?;
+        registry.register(Box::new(invalidations.clone()))?;
         Ok(Self {
             lookups,
             gauges: StoreGauges {
@@ -128,6 +140,8 @@ impl CacheMetrics {
             },
             coalesced,
             purges,
+            invalidations: Invalidation::ALL
+                .map(|r| invalidations.with_label_values(&[r.as_str()])),
         })
     }
 }
@@ -173,24 +187,107 @@ pub struct Served {
     /// HEAD: headers only.
     pub head: bool,
     pub status: CacheStatus,
+    /// A byte range of the stored body instead of all of it.
+    pub partial: Option<Partial>,
+    /// Headers for this client only, never stored (the `Set-Cookie` of the 304 that answered its
+    /// revalidation).
+    pub client_only: Option<HeaderMap>,
+}
+
+/// A `Range` answered from a stored response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Partial {
+    /// `206`: bytes `start..=end`, as slices of the stored chunks (no copy).
+    Bytes {
+        start: u64,
+        end: u64,
+        chunks: Vec<Bytes>,
+    },
+    /// `416`.
+    Unsatisfiable,
+}
+
+impl Partial {
+    fn of(entry: &CachedResponse, start: u64, end: u64) -> Self {
+        let mut chunks = Vec::new();
+        let mut offset = 0u64;
+        for chunk in &entry.body {
+            let len = chunk.len() as u64;
+            let (from, to) = (start.max(offset), end.saturating_add(1).min(offset + len));
+            if from < to {
+                chunks.push(chunk.slice((from - offset) as usize..(to - offset) as usize));
+            }
+            offset += len;
+        }
+        Partial::Bytes { start, end, chunks }
+    }
 }
 
 impl Served {
-    pub fn status_code(&self) -> u16 {
-        if self.not_modified {
-            304
-        } else {
-            self.entry.status
+    fn new(
+        entry: Arc<CachedResponse>,
+        now: SystemTime,
+        request_headers: &HeaderMap,
+        request: &RequestRules,
+        status: CacheStatus,
+    ) -> Self {
+        Served {
+            age: entry.freshness.age(now),
+            not_modified: policy::client_not_modified(request_headers, &entry.headers),
+            head: request.head,
+            status,
+            partial: None,
+            client_only: None,
+            entry,
         }
     }
 
-    /// Headers to send: the stored ones (or the 304 subset), `Age`, and `x-meridian-cache`.
+    pub fn status_code(&self) -> u16 {
+        match (&self.partial, self.not_modified) {
+            (_, true) => 304,
+            (Some(Partial::Bytes { .. }), false) => 206,
+            (Some(Partial::Unsatisfiable), false) => 416,
+            (None, false) => self.entry.status,
+        }
+    }
+
+    /// Headers to send: the stored ones (or the 304 subset), `Content-Range` for a range, `Age`,
+    /// and `x-meridian-cache`. The stored `Date` is kept: with `Age` it tells the client how old
+    /// the response is (RFC 9111 §5.1).
     pub fn headers(&self) -> HeaderMap {
         let mut headers = if self.not_modified {
             policy::not_modified_headers(&self.entry.headers)
         } else {
-            self.entry.headers.clone()
+            match &self.partial {
+                None => self.entry.headers.clone(),
+                Some(Partial::Bytes { start, end, .. }) => {
+                    let mut h = self.entry.headers.clone();
+                    let range = format!("bytes {start}-{end}/{}", self.entry.body_len);
+                    if let Ok(v) = HeaderValue::from_str(&range) {
+                        h.insert(http::header::CONTENT_RANGE, v);
+                    }
+                    h
+                }
+                Some(Partial::Unsatisfiable) => {
+                    let mut h = HeaderMap::new();
+                    let range = format!("bytes */{}", self.entry.body_len);
+                    if let Ok(v) = HeaderValue::from_str(&range) {
+                        h.insert(http::header::CONTENT_RANGE, v);
+                    }
+                    for name in [http::header::DATE, http::header::ETAG] {
+                        if let Some(v) = self.entry.headers.get(&name) {
+                            h.insert(name, v.clone());
+                        }
+                    }
+                    h
+                }
+            }
         };
+        if let Some(extra) = &self.client_only {
+            for (name, value) in extra {
+                headers.append(name.clone(), value.clone());
+            }
+        }
         headers.insert(http::header::AGE, HeaderValue::from(self.age.as_secs()));
         headers.insert(
             HeaderName::from_static(HEADER_CACHE),
@@ -199,12 +296,27 @@ impl Served {
         headers
     }
 
+    /// The `Content-Length` to send; `None` for a 304.
+    pub fn content_length(&self) -> Option<u64> {
+        if self.not_modified {
+            return None;
+        }
+        Some(match &self.partial {
+            None => self.entry.body_len,
+            Some(Partial::Bytes { start, end, .. }) => end - start + 1,
+            Some(Partial::Unsatisfiable) => 0,
+        })
+    }
+
     /// Body chunks to send (refcounted clones; empty for HEAD and 304).
     pub fn body(&self) -> &[Bytes] {
         if self.not_modified || self.head {
-            &[]
-        } else {
-            &self.entry.body
+            return &[];
+        }
+        match &self.partial {
+            None => &self.entry.body,
+            Some(Partial::Bytes { chunks, .. }) => chunks,
+            Some(Partial::Unsatisfiable) => &[],
         }
     }
 }
@@ -274,6 +386,8 @@ impl Ticket {
             not_modified: false,
             head: self.request.head,
             status: CacheStatus::Stale,
+            partial: None,
+            client_only: None,
         })
     }
 }
@@ -294,6 +408,10 @@ impl Admission {
         match self {
             Admission::Store(w) => w.tally.status,
             Admission::Revalidated(s) => s.status,
+            // An unsafe method's response (stored or not, it was never a cache lookup).
+            Admission::Pass(NotStorable::Method | NotStorable::Authorization) => {
+                CacheStatus::Bypass
+            }
             Admission::Pass(_) => CacheStatus::Miss,
         }
     }
@@ -379,6 +497,8 @@ struct Inner {
     coalescer: Coalescer,
     enabled: bool,
     coalesce_timeout: Duration,
+    /// `[edge.cache] targeted`, compiled.
+    targeted: Vec<HeaderName>,
     metrics: CacheMetrics,
 }
 
@@ -434,6 +554,7 @@ impl ResponseCache {
                 coalescer: Coalescer::default(),
                 enabled: config.enabled,
                 coalesce_timeout: config.coalesce_timeout.as_duration(),
+                targeted: policy::targeted_names(&config.targeted),
                 metrics,
             }),
         })
@@ -443,6 +564,7 @@ impl ResponseCache {
     pub fn route_policy(&self, route: &str, config: &RouteCache) -> RoutePolicy {
         let mut rules = RouteRules::from_config(config);
         rules.enabled &= self.inner.enabled;
+        rules.targeted = self.inner.targeted.clone();
         let counter = |s: CacheStatus| {
             self.inner
                 .metrics
@@ -479,12 +601,8 @@ impl ResponseCache {
             return bypass(Bypass::Unkeyable);
         };
         let inner = &self.inner;
-        let served = |entry: Arc<CachedResponse>, status| Served {
-            age: entry.freshness.age(now),
-            not_modified: policy::client_not_modified(req.headers, &entry.headers),
-            head: request.head,
-            status,
-            entry,
+        let served = |entry: Arc<CachedResponse>, status| {
+            Served::new(entry, now, req.headers, &request, status)
         };
         let ticket = |stale: Option<Arc<CachedResponse>>, leader: Option<LeaderGuard>| Ticket {
             primary: primary.clone(),
@@ -493,7 +611,9 @@ impl ResponseCache {
             request_headers: req.headers.clone(),
             tally: Tally {
                 counters: Arc::clone(&policy.counters),
-                status: if stale.is_some() {
+                status: if request.origin_only {
+                    CacheStatus::Bypass
+                } else if stale.is_some() {
                     CacheStatus::Expired
                 } else {
                     CacheStatus::Miss
@@ -503,6 +623,11 @@ impl ResponseCache {
             leader,
             requested_at: now,
         };
+        if request.origin_only {
+            // The origin answers (unsafe method, or an authorized request on a route that does not
+            // share those); `admit` invalidates or stores what its answer allows.
+            return Lookup::Fetch(ticket(None, None));
+        }
         let stored = match inner.store.vary_of(&primary) {
             Some(vary) => match CacheKey::with_vary(primary.clone(), &vary, req.headers) {
                 Ok(key) => inner.store.get(&key).await,
@@ -510,6 +635,37 @@ impl ResponseCache {
             },
             None => None,
         };
+        if request.range {
+            // Ranges are cut from a fresh complete response; anything else (several ranges, a
+            // miss, a stale entry) goes to the origin as it is, and its 206 is not stored.
+            let fresh = stored
+                .filter(|e| entry_is_fresh(e, now, &request))
+                .map(|entry| {
+                    let answer = if entry.status == 200 {
+                        range::answer(req.headers, &entry.headers, entry.body_len)
+                    } else {
+                        RangeAnswer::Full
+                    };
+                    (entry, answer)
+                });
+            return match fresh {
+                Some((_, RangeAnswer::Multiple)) | None => bypass(Bypass::Range),
+                Some((entry, answer)) => {
+                    policy.count(CacheStatus::Hit);
+                    let mut hit = served(entry, CacheStatus::Hit);
+                    if !hit.not_modified {
+                        hit.partial = match answer {
+                            RangeAnswer::Partial { start, end } => {
+                                Some(Partial::of(&hit.entry, start, end))
+                            }
+                            RangeAnswer::Unsatisfiable => Some(Partial::Unsatisfiable),
+                            RangeAnswer::Full | RangeAnswer::Multiple => None,
+                        };
+                    }
+                    Lookup::Hit(hit)
+                }
+            };
+        }
         if let Some(entry) = stored {
             match entry.freshness.usability(now, &request) {
                 Usability::Fresh => {
@@ -561,6 +717,21 @@ impl ResponseCache {
         }
     }
 
+    /// Invalidates `url` (and its twin under the other scheme: one origin behind both) for
+    /// `reason`, counted.
+    async fn invalidate(&self, reason: Invalidation, url: &str) {
+        self.inner.metrics.invalidations[reason as usize].inc();
+        self.inner.store.purge_url(url).await;
+        let twin = if let Some(rest) = url.strip_prefix("http://") {
+            format!("https://{rest}")
+        } else if let Some(rest) = url.strip_prefix("https://") {
+            format!("http://{rest}")
+        } else {
+            return;
+        };
+        self.inner.store.purge_url(&twin).await;
+    }
+
     /// Waits for a leader; the entry it stored serves us only if it is the variant we would select.
     async fn follow(
         &self,
@@ -593,6 +764,21 @@ impl ResponseCache {
                 return self.refresh(ticket, stale, headers, now).await;
             }
         }
+        if ticket.request.unsafe_method {
+            for (reason, url) in policy::invalidations(status, headers, &ticket.primary.url) {
+                self.invalidate(reason, &url).await;
+            }
+            // A POST answer may serve later GETs only when it names its own URL (RFC 9110
+            // §9.3.3); nothing else an unsafe method returns is stored.
+            let names_itself = ticket.request.post
+                && headers
+                    .get(http::header::CONTENT_LOCATION)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|l| policy::names_same_url(l, &ticket.primary.url));
+            if !names_itself {
+                return Admission::Pass(NotStorable::Method);
+            }
+        }
         let facts = policy::ResponseFacts {
             status,
             headers,
@@ -611,7 +797,9 @@ impl ResponseCache {
                     // The origin now says "do not store": the old entry must not serve anyone.
                     inner.store.remove(&stale.key).await;
                 }
-                return Admission::Pass(reason);
+                let pass = Admission::Pass(reason);
+                ticket.tally.status = pass.status();
+                return pass;
             }
         };
         let Ok(key) = CacheKey::with_vary(
@@ -621,12 +809,26 @@ impl ResponseCache {
         ) else {
             return Admission::Pass(NotStorable::Vary);
         };
-        let Ticket { leader, tally, .. } = ticket;
+        let Ticket {
+            leader, mut tally, ..
+        } = ticket;
+        if tally.status == CacheStatus::Bypass {
+            // An origin-only request whose answer the origin allowed to be shared.
+            tally.status = CacheStatus::Miss;
+        }
+        let mut stored_headers = policy::headers_to_store(headers);
+        if !stored_headers.contains_key(http::header::DATE) {
+            // RFC 9110 §6.6.1: a cache records when a response without Date arrived, so it can be
+            // served later with a Date that its Age is counted from.
+            if let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(now)) {
+                stored_headers.insert(http::header::DATE, date);
+            }
+        }
         Admission::Store(Box::new(CacheWriter {
             cache: self.clone(),
             key,
             status,
-            headers: policy::headers_to_store(headers),
+            headers: stored_headers,
             chunks: Vec::new(),
             len: 0,
             freshness: storable.freshness,
@@ -646,7 +848,24 @@ impl ResponseCache {
         not_modified: &HeaderMap,
         now: SystemTime,
     ) -> Admission {
-        let merged = policy::merge_not_modified(&stale.headers, not_modified);
+        let mut merged = policy::merge_not_modified(&stale.headers, not_modified, &ticket.rules);
+        if !not_modified.contains_key(http::header::DATE) {
+            // A 304 without Date was generated now (RFC 9110 §6.6.1); keeping the old Date would
+            // age the refreshed entry by its whole previous life.
+            if let Ok(date) = HeaderValue::from_str(&httpdate::fmt_http_date(now)) {
+                merged.insert(http::header::DATE, date);
+            }
+        }
+        // The 304's cookie is for the client that asked, never for the stored entry.
+        let client_only = (!ticket.rules.allow_set_cookie
+            && not_modified.contains_key(http::header::SET_COOKIE))
+        .then(|| {
+            let mut h = HeaderMap::new();
+            for v in not_modified.get_all(http::header::SET_COOKIE) {
+                h.append(http::header::SET_COOKIE, v.clone());
+            }
+            h
+        });
         let facts = policy::ResponseFacts {
             status: stale.status,
             headers: &merged,
@@ -654,14 +873,39 @@ impl ResponseCache {
             response_time: now,
         };
         let inner = &self.inner;
-        let freshness = policy::storability(&ticket.request, &facts, &ticket.rules, u64::MAX)
-            .map(|s| s.freshness)
-            .unwrap_or(policy::Freshness {
-                response_time: now,
-                initial_age: Duration::ZERO,
-                lifetime: Duration::ZERO,
-                ..stale.freshness
+        let storable = policy::storability(&ticket.request, &facts, &ticket.rules, u64::MAX);
+        ticket.tally.status = CacheStatus::Revalidated;
+        let head = ticket.request.head;
+        let Ok(storable) = storable else {
+            // The refreshed headers make the response unstorable (now `no-store`, `private`,
+            // ...): the entry goes, and only this client gets the merged response.
+            inner.store.remove(&stale.key).await;
+            if let Some(leader) = ticket.leader.take() {
+                leader.complete(None);
+            }
+            let entry = Arc::new(CachedResponse {
+                id: stale.id,
+                key: stale.key.clone(),
+                status: stale.status,
+                headers: merged,
+                body: stale.body.clone(),
+                body_len: stale.body_len,
+                keep_for: Duration::ZERO,
+                freshness: stale.freshness,
+                vary: stale.vary.clone(),
+                tags: Vec::new(),
             });
+            return Admission::Revalidated(Served {
+                age: Duration::ZERO,
+                entry,
+                not_modified: false,
+                head,
+                status: CacheStatus::Revalidated,
+                partial: None,
+                client_only,
+            });
+        };
+        let freshness = storable.freshness;
         let entry = Arc::new(CachedResponse {
             id: inner.store.next_id(),
             key: stale.key.clone(),
@@ -681,17 +925,16 @@ impl ResponseCache {
         if let Some(leader) = ticket.leader.take() {
             leader.complete(Some(Arc::clone(&entry)));
         }
-        ticket.tally.status = CacheStatus::Revalidated;
         // The client's own conditional is answered from the refreshed entry.
-        let not_modified_to_client =
-            policy::client_not_modified(&ticket.request_headers, &entry.headers);
-        Admission::Revalidated(Served {
-            age: entry.freshness.age(now),
+        let mut served = Served::new(
             entry,
-            not_modified: not_modified_to_client,
-            head: ticket.request.head,
-            status: CacheStatus::Revalidated,
-        })
+            now,
+            &ticket.request_headers,
+            &ticket.request,
+            CacheStatus::Revalidated,
+        );
+        served.client_only = client_only;
+        Admission::Revalidated(served)
     }
 
     /// Removes every variant stored for the absolute URL (normalised: host case, port, query order).
@@ -745,3 +988,8 @@ impl ResponseCache {
 
 #[cfg(test)]
 mod tests;
+
+/// Fresh for this request (ranges are cut only from fresh entries).
+fn entry_is_fresh(entry: &CachedResponse, now: SystemTime, request: &RequestRules) -> bool {
+    entry.freshness.usability(now, request) == Usability::Fresh
+}

@@ -36,6 +36,7 @@ fn cache_with(
         max_bytes,
         max_object_bytes,
         coalesce_timeout: HumanDuration(timeout),
+        ..EdgeCache::default()
     };
     (
         ResponseCache::new(&config, &registry).expect("metrics"),
@@ -198,14 +199,28 @@ async fn bypass_cases_are_counted() {
         method: &Method::POST,
         ..req("/", &h)
     };
+    // Unsafe methods and authorized requests reach the origin (counted as bypass when dropped).
     assert!(matches!(
         cache.lookup(&post, &policy, t(0)).await,
-        Lookup::Bypass(Bypass::Method)
+        Lookup::Fetch(_)
     ));
     let auth = headers(&[("authorization", "Bearer x")]);
     assert!(matches!(
         cache.lookup(&req("/", &auth), &policy, t(0)).await,
-        Lookup::Bypass(Bypass::Authorization)
+        Lookup::Fetch(_)
+    ));
+    let options = CacheRequest {
+        method: &Method::OPTIONS,
+        ..req("/", &h)
+    };
+    assert!(matches!(
+        cache.lookup(&options, &policy, t(0)).await,
+        Lookup::Bypass(Bypass::Method)
+    ));
+    let cookie = headers(&[("cookie", "sid=1")]);
+    assert!(matches!(
+        cache.lookup(&req("/", &cookie), &policy, t(0)).await,
+        Lookup::Bypass(Bypass::Cookie)
     ));
     assert_eq!(
         counter(
@@ -213,7 +228,7 @@ async fn bypass_cases_are_counted() {
             "meridian_cache_lookups_total",
             &[("result", "bypass")]
         ),
-        3
+        5
     );
 }
 
@@ -686,5 +701,243 @@ fn purge_json_and_bearer() {
     assert!(!bearer_matches(
         Some(&HeaderValue::from_static("Bearer ")),
         ""
+    ));
+}
+
+/// RFC 9111 §4.3.4 with shared-cache safety: a 304's `Set-Cookie` reaches the client whose
+/// request revalidated, and nobody after it; a 304 that makes the response unstorable removes it.
+#[tokio::test]
+async fn revalidation_never_stores_set_cookie_and_drops_unstorable_entries() {
+    let (cache, _r) = cache();
+    let policy = cache.route_policy("api", &route());
+    let h = HeaderMap::new();
+    let resp = [("cache-control", "max-age=10"), ("etag", "\"v1\"")];
+    fetch(&cache, &policy, "/sc", &h, &resp, &["body"], t(0)).await;
+    let Lookup::Fetch(ticket) = cache.lookup(&req("/sc", &h), &policy, t(20)).await else {
+        panic!("expected revalidation");
+    };
+    let nm = headers(&[
+        ("cache-control", "max-age=100"),
+        ("set-cookie", "sid=attacker"),
+    ]);
+    let Admission::Revalidated(served) = cache.admit(ticket, 304, &nm, t(20)).await else {
+        panic!("expected revalidated");
+    };
+    assert_eq!(
+        served
+            .headers()
+            .get("set-cookie")
+            .and_then(|v| v.to_str().ok()),
+        Some("sid=attacker"),
+        "the revalidating client gets its cookie"
+    );
+    let Lookup::Hit(next) = cache.lookup(&req("/sc", &h), &policy, t(21)).await else {
+        panic!("expected a hit");
+    };
+    assert!(!next.headers().contains_key("set-cookie"));
+    assert!(!next.entry.headers.contains_key("set-cookie"));
+
+    // Now the origin's 304 says no-store: the entry goes.
+    let Lookup::Fetch(ticket) = cache.lookup(&req("/sc", &h), &policy, t(200)).await else {
+        panic!("expected revalidation");
+    };
+    let nm = headers(&[("cache-control", "no-store")]);
+    let Admission::Revalidated(served) = cache.admit(ticket, 304, &nm, t(200)).await else {
+        panic!("expected revalidated");
+    };
+    assert_eq!(served.body(), &[Bytes::from_static(b"body")]);
+    let Lookup::Fetch(ticket) = cache.lookup(&req("/sc", &h), &policy, t(201)).await else {
+        panic!("expected a miss");
+    };
+    assert_eq!(
+        ticket.status(),
+        CacheStatus::Miss,
+        "nothing stored any more"
+    );
+}
+
+/// RFC 9111 §4.4: a non-error answer to an unsafe method invalidates the URL and same-origin
+/// Location / Content-Location; an error answer does not. Counted by reason.
+#[tokio::test]
+async fn unsafe_methods_invalidate() {
+    let (cache, registry) = cache();
+    let policy = cache.route_policy("api", &route());
+    let h = HeaderMap::new();
+    let resp = [("cache-control", "max-age=60")];
+    for path in ["/item", "/list", "/other"] {
+        fetch(&cache, &policy, path, &h, &resp, &["x"], t(0)).await;
+    }
+    let post = |m: &'static Method| CacheRequest {
+        method: m,
+        ..req("/item", &h)
+    };
+    let unsafe_fetch = |method: &'static Method, status: u16, resp: HeaderMap| {
+        let cache = cache.clone();
+        let policy = &policy;
+        async move {
+            let Lookup::Fetch(ticket) = cache.lookup(&post(method), policy, t(1)).await else {
+                panic!("unsafe methods fetch");
+            };
+            let admission = cache.admit(ticket, status, &resp, t(1)).await;
+            assert_eq!(admission.status(), CacheStatus::Bypass);
+        }
+    };
+    unsafe_fetch(&Method::DELETE, 500, HeaderMap::new()).await;
+    assert_eq!(
+        fetch(&cache, &policy, "/item", &h, &resp, &[], t(2)).await,
+        CacheStatus::Hit
+    );
+    unsafe_fetch(
+        &Method::PUT,
+        204,
+        headers(&[
+            ("location", "/list"),
+            ("content-location", "http://elsewhere.test/other"),
+        ]),
+    )
+    .await;
+    assert_eq!(
+        fetch(&cache, &policy, "/item", &h, &resp, &[], t(3)).await,
+        CacheStatus::Miss
+    );
+    assert_eq!(
+        fetch(&cache, &policy, "/list", &h, &resp, &[], t(3)).await,
+        CacheStatus::Miss
+    );
+    assert_eq!(
+        fetch(&cache, &policy, "/other", &h, &resp, &[], t(3)).await,
+        CacheStatus::Hit
+    );
+    let invalidated = |reason| {
+        counter(
+            &registry,
+            "meridian_cache_invalidations_total",
+            &[("reason", reason)],
+        )
+    };
+    assert_eq!(invalidated("unsafe_method"), 1);
+    assert_eq!(invalidated("location"), 1);
+    assert_eq!(invalidated("content_location"), 0);
+}
+
+/// RFC 9110 §9.3.3: a POST answer that names its own URL in Content-Location and states its
+/// freshness serves later GETs.
+#[tokio::test]
+async fn post_with_own_content_location_is_stored() {
+    let (cache, _r) = cache();
+    let policy = cache.route_policy("api", &route());
+    let h = HeaderMap::new();
+    let post = CacheRequest {
+        method: &Method::POST,
+        ..req("/form", &h)
+    };
+    let Lookup::Fetch(ticket) = cache.lookup(&post, &policy, t(0)).await else {
+        panic!("fetch");
+    };
+    let resp = headers(&[
+        ("cache-control", "max-age=60"),
+        ("content-location", "/form"),
+    ]);
+    let Admission::Store(mut w) = cache.admit(ticket, 200, &resp, t(0)).await else {
+        panic!("stored");
+    };
+    w.push(&Bytes::from_static(b"posted"));
+    w.finish().await;
+    let Lookup::Hit(s) = cache.lookup(&req("/form", &h), &policy, t(1)).await else {
+        panic!("a GET is answered from the POST's response");
+    };
+    assert_eq!(s.body(), &[Bytes::from_static(b"posted")]);
+}
+
+/// RFC 9110 §14: ranges cut from a fresh complete entry (slices of the stored chunks); 416 when
+/// unsatisfiable; several ranges or nothing stored go to the origin.
+#[tokio::test]
+async fn ranges_are_served_from_complete_entries() {
+    let (cache, _r) = cache();
+    let policy = cache.route_policy("api", &route());
+    let h = HeaderMap::new();
+    let range = |spec: &str| headers(&[("range", spec)]);
+    assert!(matches!(
+        cache
+            .lookup(&req("/r", &range("bytes=0-1")), &policy, t(0))
+            .await,
+        Lookup::Bypass(Bypass::Range)
+    ));
+    let resp = [("cache-control", "max-age=60"), ("etag", "\"r1\"")];
+    fetch(
+        &cache,
+        &policy,
+        "/r",
+        &h,
+        &resp,
+        &["0123", "4567", "89"],
+        t(0),
+    )
+    .await;
+    let Lookup::Hit(s) = cache
+        .lookup(&req("/r", &range("bytes=3-8")), &policy, t(1))
+        .await
+    else {
+        panic!("range hit");
+    };
+    assert_eq!(s.status_code(), 206);
+    assert_eq!(s.content_length(), Some(6));
+    let body: Vec<u8> = s.body().iter().flat_map(|b| b.to_vec()).collect();
+    assert_eq!(body, b"345678");
+    assert_eq!(
+        s.headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok()),
+        Some("bytes 3-8/10")
+    );
+    let Lookup::Hit(s) = cache
+        .lookup(&req("/r", &range("bytes=-3")), &policy, t(1))
+        .await
+    else {
+        panic!("suffix hit");
+    };
+    assert_eq!(s.body().concat(), b"789");
+    let Lookup::Hit(s) = cache
+        .lookup(&req("/r", &range("bytes=10-")), &policy, t(1))
+        .await
+    else {
+        panic!("416 hit");
+    };
+    assert_eq!((s.status_code(), s.content_length()), (416, Some(0)));
+    assert_eq!(
+        s.headers()
+            .get("content-range")
+            .and_then(|v| v.to_str().ok()),
+        Some("bytes */10")
+    );
+    assert!(matches!(
+        cache
+            .lookup(&req("/r", &range("bytes=0-1,3-4")), &policy, t(1))
+            .await,
+        Lookup::Bypass(Bypass::Range)
+    ));
+    // If-Range with another validator: the whole response.
+    let stale_validator = headers(&[("range", "bytes=0-1"), ("if-range", "\"old\"")]);
+    let Lookup::Hit(s) = cache
+        .lookup(&req("/r", &stale_validator), &policy, t(1))
+        .await
+    else {
+        panic!("full hit");
+    };
+    assert_eq!((s.status_code(), s.content_length()), (200, Some(10)));
+}
+
+/// RFC 9110 §12.5.4: Accept-Language variants match whatever the order, case and spacing.
+#[tokio::test]
+async fn accept_language_variants_are_normalised() {
+    let (cache, _r) = cache();
+    let policy = cache.route_policy("api", &route());
+    let resp = [("cache-control", "max-age=60"), ("vary", "Accept-Language")];
+    let a = headers(&[("accept-language", "en-US, de;q=0.5")]);
+    fetch(&cache, &policy, "/l", &a, &resp, &["en"], t(0)).await;
+    let b = headers(&[("accept-language", "DE; q=0.5,en-us")]);
+    assert!(matches!(
+        cache.lookup(&req("/l", &b), &policy, t(1)).await,
+        Lookup::Hit(_)
     ));
 }

@@ -114,11 +114,8 @@ impl<'a, D: Downstream> Writer<'a, D> {
     /// `x-meridian-region` that produced it), this edge's pop, the body length.
     pub(super) async fn served(&mut self, served: &Served) -> Result<u16, u16> {
         let mut headers = served.headers();
-        if !served.not_modified {
-            headers.insert(
-                http::header::CONTENT_LENGTH,
-                HeaderValue::from(served.entry.body_len),
-            );
+        if let Some(length) = served.content_length() {
+            headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
         }
         self.cache = Some(served.status);
         self.send(served.status_code(), headers, served.body())

@@ -113,7 +113,10 @@ impl CacheKey {
     ) -> Result<Self, KeyError> {
         let mut variant = String::new();
         for name in vary {
-            let value = header_value(headers, name)?;
+            let mut value = header_value(headers, name)?;
+            if name == http::header::ACCEPT_LANGUAGE {
+                value = normalise_accept_language(&value);
+            }
             if !variant.is_empty() {
                 variant.push('\n');
             }
@@ -223,6 +226,62 @@ pub fn normalise_url(url: &str) -> Option<String> {
         out.push_str(&query);
     }
     Some(out)
+}
+
+/// `Accept-Language` as a set of weighted tags (RFC 9110 §12.5.4): tags are case-insensitive and
+/// their order carries no meaning beyond the q-values, so `en-US, fr;q=0.5` and `FR; q=0.5,en-us`
+/// select the same variant. Sorted by weight (highest first), then by tag.
+pub fn normalise_accept_language(value: &str) -> String {
+    let mut tags: Vec<(u16, String)> = value
+        .split(',')
+        .filter_map(|part| {
+            let mut pieces = part.split(';');
+            let tag = pieces.next()?.trim().to_ascii_lowercase();
+            if tag.is_empty() {
+                return None;
+            }
+            let mut weight = 1000u16;
+            for param in pieces {
+                let Some((name, q)) = param.split_once('=') else {
+                    continue;
+                };
+                if name.trim().eq_ignore_ascii_case("q") {
+                    weight = parse_qvalue(q.trim()).unwrap_or(1000);
+                }
+            }
+            Some((weight, tag))
+        })
+        .collect();
+    tags.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+    tags.dedup_by(|a, b| a.1 == b.1);
+    let mut out = String::with_capacity(value.len());
+    for (weight, tag) in tags {
+        if !out.is_empty() {
+            out.push(',');
+        }
+        out.push_str(&tag);
+        if weight != 1000 {
+            out.push_str(&format!(";q={}", weight as f64 / 1000.0));
+        }
+    }
+    out
+}
+
+/// A qvalue (`0`, `0.5`, `1.000`) in thousandths.
+fn parse_qvalue(text: &str) -> Option<u16> {
+    let (int, frac) = text.split_once('.').unwrap_or((text, ""));
+    if frac.len() > 3 || !frac.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let mut thousandths: u16 = match int {
+        "0" => 0,
+        "1" => 1000,
+        _ => return None,
+    };
+    for (i, b) in frac.bytes().enumerate() {
+        thousandths += u16::from(b - b'0') * [100, 10, 1][i];
+    }
+    (thousandths <= 1000).then_some(thousandths)
 }
 
 /// All values of `name`, joined by `,`, whitespace-normalised; absent headers key as empty.
@@ -424,5 +483,38 @@ mod tests {
         );
         assert_eq!(normalise_url("https://h").as_deref(), Some("https://h/"));
         assert_eq!(normalise_url("not a url"), None);
+    }
+
+    /// RFC 9110 §12.5.4: Accept-Language variants match regardless of tag order, case and
+    /// whitespace; q-values still separate them.
+    #[test]
+    fn rfc9110_12_5_4_accept_language_normalised() {
+        assert_eq!(
+            normalise_accept_language("en-US, fr;q=0.5"),
+            normalise_accept_language("FR; q=0.500,en-us")
+        );
+        assert_eq!(
+            normalise_accept_language("de, en"),
+            normalise_accept_language("en,de")
+        );
+        assert_ne!(
+            normalise_accept_language("de;q=0.5, en"),
+            normalise_accept_language("en;q=0.5, de")
+        );
+        assert_eq!(normalise_accept_language("en;q=1, fr;q=0"), "en,fr;q=0");
+        let vary = [http::header::ACCEPT_LANGUAGE];
+        let primary = PrimaryKey {
+            url: "http://a/".into(),
+            keyed_headers: String::new(),
+        };
+        let key = |v: &'static str| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                http::header::ACCEPT_LANGUAGE,
+                http::HeaderValue::from_static(v),
+            );
+            CacheKey::with_vary(primary.clone(), &vary, &h).expect("key")
+        };
+        assert_eq!(key("en-GB,  de;q=0.8"), key("de;q=0.8, EN-gb"));
     }
 }

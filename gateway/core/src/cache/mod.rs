@@ -1,8 +1,10 @@
 //! The HTTP caching rules the edge cache follows, without the store: cache keys and variants
-//! ([`key`]), and request/response storability, freshness and revalidation ([`policy`]).
+//! ([`key`]), request/response storability, freshness, invalidation and revalidation
+//! ([`policy`]), and byte ranges answered from stored responses ([`range`]).
 
 pub mod key;
 pub mod policy;
+pub mod range;
 
 /// The response header that says what the cache did (`hit`, `miss`, `stale`, ...).
 pub const HEADER_CACHE: &str = "x-meridian-cache";

@@ -1,0 +1,792 @@
+//! The edge cache against the letter of RFC 9111 (HTTP caching), RFC 9213 (targeted cache
+//! control) and the range rules of RFC 9110 §14, end to end over h1, h2 and h3: a scripted origin
+//! (raw HTTP/1.1 on a real socket, so it can send any header combination, interim responses
+//! included) behind an edge whose `static` route caches.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use meridian_config::{Config, RouteCache};
+use meridian_gateway::edge::RunningEdge;
+use meridian_tests::{
+    local_config, metric_value, secure, source_for, Client, Protocol, Reply, Secure, World,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const HOST: &str = "static.example.test";
+
+/// One scripted answer: optional raw interim responses, then the final head and body.
+#[derive(Clone, Debug, Default)]
+struct Script {
+    interim: Vec<String>,
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+fn script(status: u16, headers: &[(&str, &str)], body: &str) -> Script {
+    Script {
+        interim: Vec::new(),
+        status,
+        headers: headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect(),
+        body: body.as_bytes().to_vec(),
+    }
+}
+
+/// A request as the origin saw it.
+#[derive(Clone, Debug)]
+struct Seen {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The origin's script (by path and query) and what it has seen.
+#[derive(Default)]
+struct Origin {
+    replies: Mutex<HashMap<String, Script>>,
+    seen: Mutex<Vec<Seen>>,
+}
+
+impl Origin {
+    fn set(&self, path: &str, script: Script) {
+        lock(&self.replies).insert(path.to_string(), script);
+    }
+
+    fn requests_for(&self, path: &str) -> Vec<Seen> {
+        lock(&self.seen)
+            .iter()
+            .filter(|s| s.path == path)
+            .cloned()
+            .collect()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn serve(listener: TcpListener, origin: Arc<Origin>) {
+    while let Ok((stream, _)) = listener.accept().await {
+        let origin = Arc::clone(&origin);
+        tokio::spawn(async move {
+            let _ = connection(stream, origin).await;
+        });
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Keep-alive HTTP/1.1: reads each request (Content-Length or chunked body), answers its script.
+async fn connection(mut stream: TcpStream, origin: Arc<Origin>) -> std::io::Result<()> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        let head_end = loop {
+            if let Some(i) = find(&buf, b"\r\n\r\n") {
+                break i + 4;
+            }
+            let n = stream.read(&mut chunk).await?;
+            if n == 0 {
+                return Ok(());
+            }
+            buf.extend_from_slice(&chunk[..n]);
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+        buf.drain(..head_end);
+        let mut lines = head.split("\r\n");
+        let mut request_line = lines.next().unwrap_or_default().split(' ');
+        let method = request_line.next().unwrap_or_default().to_string();
+        let path = request_line.next().unwrap_or_default().to_string();
+        let headers: Vec<(String, String)> = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        let seen = Seen {
+            method,
+            path,
+            headers,
+        };
+        if seen
+            .header("transfer-encoding")
+            .is_some_and(|t| t.contains("chunked"))
+        {
+            while find(&buf, b"0\r\n\r\n").is_none() {
+                let n = stream.read(&mut chunk).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            let end = find(&buf, b"0\r\n\r\n").map_or(0, |i| i + 5);
+            buf.drain(..end);
+        } else {
+            let length: usize = seen
+                .header("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            while buf.len() < length {
+                let n = stream.read(&mut chunk).await?;
+                if n == 0 {
+                    return Ok(());
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+            buf.drain(..length);
+        }
+        let script = lock(&origin.replies)
+            .get(&seen.path)
+            .cloned()
+            .unwrap_or_else(|| script(404, &[], "no script\n"));
+        let head_only = seen.method == "HEAD";
+        lock(&origin.seen).push(seen);
+        let mut out = Vec::new();
+        for interim in &script.interim {
+            out.extend_from_slice(interim.as_bytes());
+        }
+        out.extend_from_slice(format!("HTTP/1.1 {} Scripted\r\n", script.status).as_bytes());
+        for (name, value) in &script.headers {
+            out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
+        }
+        let bodyless = matches!(script.status, 204 | 304);
+        if !bodyless {
+            out.extend_from_slice(format!("content-length: {}\r\n", script.body.len()).as_bytes());
+        }
+        out.extend_from_slice(b"\r\n");
+        if !bodyless && !head_only {
+            out.extend_from_slice(&script.body);
+        }
+        stream.write_all(&out).await?;
+    }
+}
+
+/// A World whose `static` route caches, and a second edge on the same config whose every
+/// upstream is the scripted origin.
+struct Rig {
+    edge: RunningEdge,
+    origin: Arc<Origin>,
+    world: World,
+    protocol: Secure,
+}
+
+fn rig(protocol: Secure, edit: impl FnOnce(&mut RouteCache)) -> Rig {
+    let mut config: Config = local_config();
+    for region in &mut config.regions {
+        region.health.enabled = false;
+    }
+    let route = config
+        .routes
+        .iter_mut()
+        .find(|r| r.name == "static")
+        .expect("route static");
+    route.cache = RouteCache {
+        enabled: true,
+        ..RouteCache::default()
+    };
+    route.retry.attempts = 1;
+    edit(&mut route.cache);
+    let mut world = World::start(config);
+    let origin = Arc::new(Origin::default());
+    let listener = {
+        let _runtime = world.runtime.enter();
+        let std = std::net::TcpListener::bind("127.0.0.1:0").expect("bind origin");
+        std.set_nonblocking(true).expect("nonblocking");
+        TcpListener::from_std(std).expect("tokio listener")
+    };
+    let address: SocketAddr = listener.local_addr().expect("origin address");
+    world.runtime.spawn(serve(listener, Arc::clone(&origin)));
+    for region in &mut world.config.regions {
+        region.upstreams.truncate(1);
+        for upstream in &mut region.upstreams {
+            upstream.address = address.to_string();
+        }
+    }
+    let edge = world.start_edge("scripted-edge");
+    Rig {
+        edge,
+        origin,
+        world,
+        protocol,
+    }
+}
+
+impl Rig {
+    fn send(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> Reply {
+        let source = source_for("US");
+        let body = body.as_bytes().to_vec();
+        let reply = match self.protocol {
+            Secure::H1 => self
+                .world
+                .runtime
+                .block_on(Client::new(self.edge.http_addr).request(
+                    Protocol::Http1,
+                    source,
+                    method,
+                    HOST,
+                    path,
+                    headers,
+                    body,
+                )),
+            protocol => {
+                let tls = self.world.tls.as_ref().expect("World TLS");
+                let target = self.edge.https_addr.expect("edge https");
+                self.world.runtime.block_on(secure::request(
+                    protocol,
+                    tls.roots(),
+                    target,
+                    source,
+                    method,
+                    HOST,
+                    path,
+                    headers,
+                    body,
+                ))
+            }
+        };
+        reply.unwrap_or_else(|e| panic!("{method} {path} over {:?}: {e:#}", self.protocol))
+    }
+
+    fn get(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        self.send("GET", path, headers, "")
+    }
+
+    fn metric(&self, series: &str) -> f64 {
+        let reply = self
+            .world
+            .runtime
+            .block_on(Client::new(self.edge.admin_addr).request(
+                Protocol::Http1,
+                IpAddr::from([127, 0, 0, 1]),
+                "GET",
+                "localhost",
+                "/metrics",
+                &[],
+                Vec::new(),
+            ))
+            .expect("metrics");
+        metric_value(&reply.text(), series).unwrap_or(0.0)
+    }
+}
+
+fn cache(reply: &Reply) -> &str {
+    reply.header("x-meridian-cache").unwrap_or("-")
+}
+
+fn http_date(at: SystemTime) -> String {
+    // IMF-fixdate by hand, so the test does not lean on the code under test.
+    let secs = at
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let t = time::OffsetDateTime::from_unix_timestamp(secs as i64).expect("timestamp");
+    let day = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+        [t.weekday().number_days_from_monday() as usize];
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][t.month() as usize - 1];
+    format!(
+        "{day}, {:02} {month} {} {:02}:{:02}:{:02} GMT",
+        t.day(),
+        t.year(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+/// Shared-cache safety: a response to a request carrying `Cookie` is neither served from nor
+/// stored in the cache, so an attacker who goes first cannot plant a page shaped by their cookie.
+fn cookie_requests_cannot_poison(protocol: Secure) {
+    let rig = rig(protocol, |_| {});
+    let path = "/account";
+    rig.origin.set(
+        path,
+        script(200, &[("cache-control", "max-age=600")], "hello attacker"),
+    );
+    let attacker = rig.get(path, &[("cookie", "sid=attacker")]);
+    assert_eq!(attacker.status, 200, "{}", attacker.text());
+    assert_eq!(cache(&attacker), "bypass");
+    rig.origin.set(
+        path,
+        script(200, &[("cache-control", "max-age=600")], "hello guest"),
+    );
+    let victim = rig.get(path, &[]);
+    assert_eq!(
+        (cache(&victim), victim.text().as_str()),
+        ("miss", "hello guest")
+    );
+    let next = rig.get(path, &[]);
+    assert_eq!((cache(&next), next.text().as_str()), ("hit", "hello guest"));
+    // A cookie-bearing request is not answered from the cache either.
+    let with_cookie = rig.get(path, &[("cookie", "sid=other")]);
+    assert_eq!(cache(&with_cookie), "bypass");
+    assert_eq!(rig.origin.requests_for(path).len(), 3);
+}
+
+/// RFC 9111 §4.3.4: a 304's `Set-Cookie` goes to the client whose request revalidated and is never
+/// stored; a 304 that makes the response unstorable removes the entry.
+fn revalidation_never_stores_set_cookie(protocol: Secure) {
+    let rig = rig(protocol, |_| {});
+    let path = "/page";
+    let validated = [("cache-control", "no-cache"), ("etag", "\"v1\"")];
+    rig.origin.set(path, script(200, &validated, "page v1"));
+    assert_eq!(cache(&rig.get(path, &[])), "miss");
+    // The attacker's request revalidates; the origin hands it a session cookie on the 304.
+    rig.origin.set(
+        path,
+        script(
+            304,
+            &[
+                ("cache-control", "no-cache"),
+                ("etag", "\"v1\""),
+                ("set-cookie", "sid=attacker"),
+            ],
+            "",
+        ),
+    );
+    let attacker = rig.get(path, &[]);
+    assert_eq!(cache(&attacker), "revalidated");
+    assert_eq!(attacker.header("set-cookie"), Some("sid=attacker"));
+    assert_eq!(
+        rig.origin.requests_for(path)[1].header("if-none-match"),
+        Some("\"v1\"")
+    );
+    rig.origin.set(path, script(304, &validated, ""));
+    let victim = rig.get(path, &[]);
+    assert_eq!(cache(&victim), "revalidated");
+    assert_eq!(victim.text(), "page v1");
+    assert_eq!(
+        victim.header("set-cookie"),
+        None,
+        "the cookie was not stored"
+    );
+    // The origin now says no-store on the 304: the entry is removed.
+    rig.origin.set(
+        path,
+        script(
+            304,
+            &[("cache-control", "no-store"), ("etag", "\"v1\"")],
+            "",
+        ),
+    );
+    assert_eq!(rig.get(path, &[]).text(), "page v1");
+    rig.origin.set(path, script(200, &validated, "page v2"));
+    let after = rig.get(path, &[]);
+    assert_eq!((cache(&after), after.text().as_str()), ("miss", "page v2"));
+    let last = rig.origin.requests_for(path);
+    assert_eq!(
+        last.last().and_then(|s| s.header("if-none-match")),
+        None,
+        "nothing stored was left to revalidate"
+    );
+}
+
+/// RFC 9111 §4.4: a non-error answer to an unsafe method invalidates the URL and same-origin
+/// Location / Content-Location; an error answer does not. Counted by reason.
+fn unsafe_methods_invalidate(protocol: Secure) {
+    let rig = rig(protocol, |_| {});
+    let fresh = [("cache-control", "max-age=600")];
+    for path in ["/item", "/list", "/elsewhere"] {
+        rig.origin.set(path, script(200, &fresh, path));
+        assert_eq!(cache(&rig.get(path, &[])), "miss", "{path}");
+        assert_eq!(cache(&rig.get(path, &[])), "hit", "{path}");
+    }
+    rig.origin.set("/item", script(500, &[], "broken"));
+    let failed = rig.send("DELETE", "/item", &[], "");
+    assert_eq!((failed.status, cache(&failed)), (500, "bypass"));
+    assert_eq!(
+        cache(&rig.get("/item", &[])),
+        "hit",
+        "an error invalidates nothing"
+    );
+
+    rig.origin.set(
+        "/item",
+        script(
+            201,
+            &[
+                ("location", "/list"),
+                ("content-location", "http://other.example.test/elsewhere"),
+            ],
+            "created",
+        ),
+    );
+    let posted = rig.send("POST", "/item", &[("content-type", "text/plain")], "new");
+    assert_eq!((posted.status, cache(&posted)), (201, "bypass"));
+    rig.origin.set("/item", script(200, &fresh, "/item"));
+    assert_eq!(cache(&rig.get("/item", &[])), "miss");
+    assert_eq!(cache(&rig.get("/list", &[])), "miss");
+    assert_eq!(
+        cache(&rig.get("/elsewhere", &[])),
+        "hit",
+        "another origin's URL is left alone"
+    );
+    let series = |reason: &str| {
+        rig.metric(&format!(
+            "meridian_cache_invalidations_total{{reason=\"{reason}\"}}"
+        ))
+    };
+    assert_eq!(series("unsafe_method"), 1.0);
+    assert_eq!(series("location"), 1.0);
+    assert_eq!(series("content_location"), 0.0);
+}
+
+/// RFC 9111 §5.1 / §4.2.3: a hit carries the stored Date and an Age counted from it; an invalid
+/// Age makes the response stale; RFC 850 and asctime dates are understood.
+fn date_age_and_date_forms(protocol: Secure) {
+    let rig = rig(protocol, |_| {});
+    let then = SystemTime::now() - Duration::from_secs(100);
+    let date = http_date(then);
+    rig.origin.set(
+        "/dated",
+        script(
+            200,
+            &[("cache-control", "max-age=1000"), ("date", &date)],
+            "x",
+        ),
+    );
+    assert_eq!(cache(&rig.get("/dated", &[])), "miss");
+    let hit = rig.get("/dated", &[]);
+    assert_eq!(cache(&hit), "hit");
+    if protocol == Secure::H3 {
+        assert_eq!(hit.header("date"), Some(date.as_str()), "the stored Date");
+    }
+    // Over TCP the front's HTTP library (Pingora) stamps every response with the current Date;
+    // Age still counts from the stored one, so downstream caches compute the right age.
+    let age: u64 = hit.header("age").and_then(|a| a.parse().ok()).expect("Age");
+    assert!((100..1000).contains(&age), "Age {age} counts from Date");
+
+    rig.origin.set(
+        "/bad-age",
+        script(
+            200,
+            &[("cache-control", "max-age=600"), ("age", "old, 0")],
+            "x",
+        ),
+    );
+    assert_eq!(cache(&rig.get("/bad-age", &[])), "miss");
+    assert_eq!(
+        cache(&rig.get("/bad-age", &[])),
+        "miss",
+        "invalid Age: stale"
+    );
+
+    // Date in RFC 850 form (wrong case), Expires in asctime form: 10 minutes of freshness.
+    let now = time::OffsetDateTime::now_utc();
+    let later = now + time::Duration::minutes(10);
+    let rfc850 = format!(
+        "{}, {:02}-{}-{:02} {:02}:{:02}:{:02} gmt",
+        now.weekday().to_string().to_ascii_lowercase(),
+        now.day(),
+        &now.month().to_string()[..3].to_ascii_uppercase(),
+        now.year() % 100,
+        now.hour(),
+        now.minute(),
+        now.second()
+    );
+    let asctime = format!(
+        "{} {} {:>2} {:02}:{:02}:{:02} {}",
+        &later.weekday().to_string()[..3],
+        &later.month().to_string()[..3],
+        later.day(),
+        later.hour(),
+        later.minute(),
+        later.second(),
+        later.year()
+    );
+    rig.origin.set(
+        "/forms",
+        script(200, &[("date", &rfc850), ("expires", &asctime)], "x"),
+    );
+    assert_eq!(cache(&rig.get("/forms", &[])), "miss");
+    assert_eq!(
+        cache(&rig.get("/forms", &[])),
+        "hit",
+        "Date {rfc850:?} / Expires {asctime:?}"
+    );
+}
+
+/// RFC 9213: CDN-Cache-Control takes precedence over Cache-Control for the edge.
+fn cdn_cache_control_wins(protocol: Secure) {
+    let rig = rig(protocol, |_| {});
+    rig.origin.set(
+        "/cdn",
+        script(
+            200,
+            &[
+                ("cache-control", "no-store"),
+                ("cdn-cache-control", "max-age=600"),
+            ],
+            "x",
+        ),
+    );
+    assert_eq!(cache(&rig.get("/cdn", &[])), "miss");
+    let hit = rig.get("/cdn", &[]);
+    assert_eq!(cache(&hit), "hit");
+    assert_eq!(
+        hit.header("cache-control"),
+        Some("no-store"),
+        "Cache-Control still reaches clients"
+    );
+    rig.origin.set(
+        "/cdn-off",
+        script(
+            200,
+            &[
+                ("cache-control", "max-age=600"),
+                ("cdn-cache-control", "no-store"),
+            ],
+            "x",
+        ),
+    );
+    assert_eq!(cache(&rig.get("/cdn-off", &[])), "miss");
+    assert_eq!(cache(&rig.get("/cdn-off", &[])), "miss");
+}
+
+/// RFC 9111 §3: every final status with explicit freshness is reused; heuristic freshness
+/// (opt-in) for heuristically cacheable codes; Authorization with `public` is shared
+/// (§3.5); a POST answer naming its own URL serves GETs (RFC 9110 §9.3.3); If-Modified-Since
+/// against an entry without Last-Modified compares with Date.
+fn status_codes_authorization_post_and_conditionals(protocol: Secure) {
+    let rig = rig(protocol, |cache| cache.heuristic = true);
+    for (path, status) in [
+        ("/moved", 302),
+        ("/teapot", 418),
+        ("/oops", 500),
+        ("/gone", 410),
+    ] {
+        rig.origin.set(
+            path,
+            script(status, &[("cache-control", "max-age=600")], "x"),
+        );
+        let first = rig.get(path, &[]);
+        assert_eq!((first.status, cache(&first)), (status, "miss"), "{path}");
+        let second = rig.get(path, &[]);
+        assert_eq!((second.status, cache(&second)), (status, "hit"), "{path}");
+    }
+    // Heuristic: Last-Modified 1000 s before Date gives 100 s.
+    let now = SystemTime::now();
+    let (date, modified) = (http_date(now), http_date(now - Duration::from_secs(1000)));
+    rig.origin.set(
+        "/heuristic",
+        script(200, &[("date", &date), ("last-modified", &modified)], "x"),
+    );
+    assert_eq!(cache(&rig.get("/heuristic", &[])), "miss");
+    assert_eq!(cache(&rig.get("/heuristic", &[])), "hit");
+
+    rig.origin.set(
+        "/shared",
+        script(200, &[("cache-control", "public, max-age=600")], "public"),
+    );
+    let authorized = rig.get("/shared", &[("authorization", "Bearer u1")]);
+    assert_eq!(cache(&authorized), "miss");
+    let anonymous = rig.get("/shared", &[]);
+    assert_eq!(
+        (cache(&anonymous), anonymous.text().as_str()),
+        ("hit", "public")
+    );
+    assert_eq!(
+        cache(&rig.get("/shared", &[("authorization", "Bearer u2")])),
+        "miss",
+        "authorized requests are still answered by the origin"
+    );
+
+    rig.origin.set(
+        "/form",
+        script(
+            200,
+            &[
+                ("cache-control", "max-age=600"),
+                ("content-location", "/form"),
+            ],
+            "posted",
+        ),
+    );
+    rig.send("POST", "/form", &[("content-type", "text/plain")], "a=1");
+    let get = rig.get("/form", &[]);
+    assert_eq!((cache(&get), get.text().as_str()), ("hit", "posted"));
+
+    let date = http_date(SystemTime::now() - Duration::from_secs(5));
+    rig.origin.set(
+        "/undated",
+        script(
+            200,
+            &[("cache-control", "max-age=600"), ("date", &date)],
+            "x",
+        ),
+    );
+    rig.get("/undated", &[]);
+    let conditional = rig.get("/undated", &[("if-modified-since", &date)]);
+    assert_eq!((conditional.status, cache(&conditional)), (304, "hit"));
+}
+
+/// Interim responses pass by and are never stored with the final one; hop-by-hop headers (also
+/// those `Connection` nominates) are never stored.
+fn interim_and_hop_by_hop_are_not_stored(protocol: Secure) {
+    let rig = rig(protocol, |_| {});
+    let mut early = script(
+        200,
+        &[
+            ("cache-control", "max-age=600"),
+            ("connection", "x-secret"),
+            ("x-secret", "hop"),
+        ],
+        "final",
+    );
+    early.interim = vec![
+        "HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\nx-interim: yes\r\n\r\n"
+            .to_string(),
+    ];
+    rig.origin.set("/hints", early);
+    let first = rig.get("/hints", &[]);
+    assert_eq!((first.status, first.text().as_str()), (200, "final"));
+    let hit = rig.get("/hints", &[]);
+    assert_eq!((cache(&hit), hit.text().as_str()), ("hit", "final"));
+    for name in ["x-interim", "link", "x-secret"] {
+        assert_eq!(hit.header(name), None, "{name} stored");
+    }
+}
+
+/// RFC 9110 §14: byte ranges cut from a complete stored 200 (206 + Content-Range), 416 when
+/// unsatisfiable; several ranges go to the origin.
+fn ranges_from_stored_responses(protocol: Secure) {
+    let rig = rig(protocol, |_| {});
+    let body: String = (0..1000)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    rig.origin.set(
+        "/blob",
+        script(
+            200,
+            &[("cache-control", "max-age=600"), ("etag", "\"b1\"")],
+            &body,
+        ),
+    );
+    let ranged = rig.get("/blob", &[("range", "bytes=0-9")]);
+    assert_eq!(
+        cache(&ranged),
+        "bypass",
+        "nothing stored yet: the origin answers"
+    );
+    assert_eq!(cache(&rig.get("/blob", &[])), "miss");
+    for (spec, from, to) in [
+        ("bytes=10-19", 10, 19),
+        ("bytes=990-", 990, 999),
+        ("bytes=-5", 995, 999),
+        ("bytes=995-5000", 995, 999),
+    ] {
+        let reply = rig.get("/blob", &[("range", spec)]);
+        assert_eq!((reply.status, cache(&reply)), (206, "hit"), "{spec}");
+        assert_eq!(reply.text(), body[from..=to], "{spec}");
+        let want = format!("bytes {from}-{to}/1000");
+        assert_eq!(reply.header("content-range"), Some(want.as_str()), "{spec}");
+    }
+    let unsatisfiable = rig.get("/blob", &[("range", "bytes=1000-")]);
+    assert_eq!(unsatisfiable.status, 416);
+    assert_eq!(unsatisfiable.header("content-range"), Some("bytes */1000"));
+    let if_range = rig.get("/blob", &[("range", "bytes=0-0"), ("if-range", "\"b0\"")]);
+    assert_eq!((if_range.status, if_range.body.len()), (200, 1000));
+    let before = rig.origin.requests_for("/blob").len();
+    let multi = rig.get("/blob", &[("range", "bytes=0-1,5-6")]);
+    assert_eq!(cache(&multi), "bypass");
+    assert_eq!(rig.origin.requests_for("/blob").len(), before + 1);
+}
+
+/// RFC 9110 §12.5.4: Accept-Language variants match whatever the order, case and spacing.
+fn accept_language_is_normalised(protocol: Secure) {
+    let rig = rig(protocol, |_| {});
+    rig.origin.set(
+        "/lang",
+        script(
+            200,
+            &[
+                ("cache-control", "max-age=600"),
+                ("vary", "Accept-Language"),
+            ],
+            "english",
+        ),
+    );
+    let first = rig.get("/lang", &[("accept-language", "en-US, de;q=0.5")]);
+    assert_eq!(cache(&first), "miss");
+    let same = rig.get("/lang", &[("accept-language", "DE; q=0.5,en-us")]);
+    assert_eq!(cache(&same), "hit");
+    let other = rig.get("/lang", &[("accept-language", "de, en-US;q=0.5")]);
+    assert_eq!(
+        cache(&other),
+        "miss",
+        "different weights are another variant"
+    );
+}
+
+macro_rules! conformance {
+    ($($proto:ident => $value:expr),* $(,)?) => {
+        $(
+            mod $proto {
+                use super::*;
+
+                #[test]
+                fn cookie_requests_cannot_poison_the_cache() {
+                    cookie_requests_cannot_poison($value);
+                }
+
+                #[test]
+                fn a_304_never_stores_set_cookie_and_unstorable_entries_go() {
+                    revalidation_never_stores_set_cookie($value);
+                }
+
+                #[test]
+                fn unsafe_methods_invalidate_the_url_and_its_locations() {
+                    unsafe_methods_invalidate($value);
+                }
+
+                #[test]
+                fn stored_date_with_age_invalid_age_and_all_date_forms() {
+                    date_age_and_date_forms($value);
+                }
+
+                #[test]
+                fn cdn_cache_control_takes_precedence() {
+                    cdn_cache_control_wins($value);
+                }
+
+                #[test]
+                fn status_codes_authorization_post_and_if_modified_since() {
+                    status_codes_authorization_post_and_conditionals($value);
+                }
+
+                #[test]
+                fn interim_and_hop_by_hop_headers_are_not_stored() {
+                    interim_and_hop_by_hop_are_not_stored($value);
+                }
+
+                #[test]
+                fn byte_ranges_are_served_from_stored_responses() {
+                    ranges_from_stored_responses($value);
+                }
+
+                #[test]
+                fn accept_language_variants_are_normalised() {
+                    accept_language_is_normalised($value);
+                }
+            }
+        )*
+    };
+}
+
+conformance!(h1 => Secure::H1, h2 => Secure::H2, h3 => Secure::H3);
