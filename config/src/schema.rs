@@ -543,6 +543,25 @@ pub struct DnsSection {
     /// an edge.
     #[serde(default)]
     pub workers: usize,
+    /// `[dns.dnssec]`: sign answers online. Absent: the zone is unsigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dnssec: Option<DnsDnssec>,
+}
+
+/// `[dns.dnssec]`: the zone's signing key. Signatures are computed when the zone compiles (every
+/// answer variant), never per query.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsDnssec {
+    /// PKCS#8 private key (PEM or DER), e.g. written by `meridian dns keygen`.
+    pub key_file: String,
+    /// Signing algorithm; only `ECDSAP256SHA256` (algorithm 13) is supported.
+    #[serde(default = "default_dnssec_algorithm")]
+    pub algorithm: String,
+}
+
+fn default_dnssec_algorithm() -> String {
+    "ECDSAP256SHA256".into()
 }
 
 fn default_dns_listen() -> String {

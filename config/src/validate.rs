@@ -713,6 +713,23 @@ fn validate_dns(pops: &[Pop], dns: Option<&DnsSection>, errors: &mut Errors) {
     if dns.workers > 256 {
         errors.push("dns.workers", "must be between 0 (one per core) and 256");
     }
+    if let Some(dnssec) = &dns.dnssec {
+        if dnssec.key_file.is_empty() {
+            errors.push("dns.dnssec.key_file", "must not be empty");
+        }
+        if !dnssec.algorithm.eq_ignore_ascii_case("ECDSAP256SHA256") {
+            errors.push(
+                "dns.dnssec.algorithm",
+                format!(
+                    "unsupported algorithm {:?} (supported: \"ECDSAP256SHA256\")",
+                    dnssec.algorithm
+                ),
+            );
+        }
+        if pops.len() > 128 {
+            errors.push("dns.dnssec", "a signed zone has at most 128 pops");
+        }
+    }
 }
 
 /// `http://host:port/path` (what the GeoDNS health prober can fetch: plain HTTP/1.1).

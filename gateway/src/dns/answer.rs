@@ -5,10 +5,12 @@ use std::net::IpAddr;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
-use hickory_proto::rr::rdata::{A, AAAA};
-use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
+use hickory_proto::rr::rdata::{A, AAAA, NULL};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::BinDecodable;
 
-use super::fast::{self, RankCache};
+use super::dnssec::{self, Rr};
+use super::fast::{self, pop_mask, RankCache};
 use super::zone::{Steered, Zone};
 use crate::core::geo::distance_km;
 
@@ -173,10 +175,16 @@ pub fn answer(
     // EDNS0 (RFC 6891): answer with our own OPT; the client's payload size bounds UDP answers.
     let mut udp_limit = CLASSIC_UDP_LIMIT;
     let mut client_subnet = None;
+    // DNSSEC records go to clients that set DO, and only when the zone is signed.
+    let signed = zone
+        .prepared
+        .signed()
+        .filter(|_| query.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok));
     if let Some(edns) = &query.edns {
         let mut ours = Edns::new();
         ours.set_max_payload(zone.max_udp_payload);
         ours.set_version(0);
+        ours.set_dnssec_ok(signed.is_some());
         if edns.version() > 0 {
             reply.metadata.response_code = ResponseCode::BADVERS;
             ours.set_rcode_high(ResponseCode::BADVERS.high());
@@ -232,12 +240,25 @@ pub fn answer(
             let mut soa = zone.soa_record(zone.ttl);
             soa.name = owner.clone();
             reply.add_answer(soa);
+            if let Some(signed) = signed {
+                reply.add_answer(raw(owner.clone(), &signed.soa_rrsig));
+            }
         }
         if matches!(qt, RecordType::NS | RecordType::ANY) {
             for mut ns in zone.ns_records() {
                 ns.name = owner.clone();
                 reply.add_answer(ns);
             }
+            if let Some(signed) = signed {
+                reply.add_answer(raw(owner.clone(), &signed.ns_rrsig));
+            }
+        }
+    } else if let (true, RecordType::DNSKEY, Some(zone_signed)) =
+        (is_apex, qt, zone.prepared.signed())
+    {
+        reply.add_answer(raw(owner.clone(), &zone_signed.dnskey));
+        if let Some(signed) = signed {
+            reply.add_answer(raw(owner.clone(), &signed.dnskey_rrsig));
         }
     } else if let (Some(record), true) = (
         zone.records.get(&name),
@@ -276,6 +297,27 @@ pub fn answer(
                 }
             }
         }
+        if let Some(signed) = signed {
+            let record = zone.prepared.record_index(&wire(&name));
+            for (wanted, rtype) in [(v4, dnssec::TYPE_A), (v6, dnssec::TYPE_AAAA)] {
+                let mask = pop_mask(&steering.pops, |p| {
+                    zone.pops.get(p).is_some_and(|pop| {
+                        if rtype == dnssec::TYPE_A {
+                            !pop.v4.is_empty()
+                        } else {
+                            !pop.v6.is_empty()
+                        }
+                    })
+                });
+                if !wanted || mask == 0 {
+                    continue;
+                }
+                let key = (record.map_or(u32::MAX, |r| r as u32), rtype, mask);
+                if let Some(rr) = signed.variants.get(&key) {
+                    reply.add_answer(raw(owner.clone(), rr));
+                }
+            }
+        }
         steered_pops = steering.pops;
     } else if !zone.existing.contains(&name) {
         reply.metadata.response_code = ResponseCode::NXDomain;
@@ -283,6 +325,25 @@ pub fn answer(
     if reply.answers.is_empty() {
         // NXDOMAIN or NODATA: the SOA in authority lets resolvers cache the negative answer.
         reply.add_authority(negative_soa(zone));
+        if let Some(signed) = signed {
+            // ... and, signed, the NSEC records that prove there is nothing to answer.
+            reply.add_authority(raw(zone.origin.clone(), &signed.soa_negative_rrsig));
+            let qname = wire(&name);
+            let proof = if reply.metadata.response_code == ResponseCode::NXDomain {
+                let exists =
+                    |n: &[u8]| Name::from_bytes(n).is_ok_and(|n| zone.existing.contains(&n));
+                dnssec::nxdomain_proof(&signed.nsec, &qname, &exists)
+            } else {
+                [signed.nsec.at(&qname), None]
+            };
+            for entry in proof.into_iter().flatten() {
+                let Ok(owner) = Name::from_bytes(&entry.owner) else {
+                    continue;
+                };
+                reply.add_authority(raw(owner.clone(), &entry.nsec));
+                reply.add_authority(raw(owner, &entry.rrsig));
+            }
+        }
     }
     // RFC 7871 §7.2.1: echo the option; the scope says how much of the address the answer used.
     if let (Some(prefix), Some(edns)) = (ecs_prefix, reply.edns.as_mut()) {
@@ -350,6 +411,30 @@ pub fn respond(
         fail_open: answer.fail_open,
         truncated: answer.truncated,
     }
+}
+
+/// A prepared DNSSEC record (RRSIG, NSEC, DNSKEY) as an opaque hickory record: the data was built
+/// in wire format and goes out byte for byte.
+fn raw(owner: Name, rr: &Rr) -> Record {
+    Record::from_rdata(
+        owner,
+        rr.ttl,
+        RData::Unknown {
+            code: RecordType::from(rr.rtype),
+            rdata: NULL::with(rr.rdata.clone()),
+        },
+    )
+}
+
+/// A (lower-case, fully qualified) name in uncompressed wire format.
+fn wire(name: &Name) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(name.len() + 1);
+    for label in name.iter() {
+        bytes.push(label.len() as u8);
+        bytes.extend(label.iter().map(u8::to_ascii_lowercase));
+    }
+    bytes.push(0);
+    bytes
 }
 
 fn negative_soa(zone: &Zone) -> Record {

@@ -3,12 +3,15 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::time::Duration;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use hickory_proto::rr::rdata::{NS, SOA};
 use hickory_proto::rr::{Name, RData, Record};
 use meridian_config::{Config, DnsRrl, DnsSection, Pop};
 
+use super::dnssec::{DnssecError, SigningKey};
 use super::fast::Prepared;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +28,8 @@ pub enum ZoneError {
     UnknownPop { path: String, name: String },
     #[error("{path}: bad address {value:?}")]
     Address { path: String, value: String },
+    #[error("dnssec: {0}")]
+    Dnssec(#[from] DnssecError),
 }
 
 /// One PoP as answers need it.
@@ -70,6 +75,10 @@ pub struct Zone {
     pub tcp_idle_timeout: Duration,
     /// Response rate limiting (applied by the UDP workers, not by the answer functions).
     pub rrl: DnsRrl,
+    /// The key that signs the zone (`[dns.dnssec]`); `None`: unsigned.
+    pub dnssec: Option<Arc<SigningKey>>,
+    /// When the prepared signatures were made (the server re-prepares before they expire).
+    pub signed_at: Option<SystemTime>,
     /// The answers above in wire format, for the fast path. Built by [`Zone::compile`]; a zone
     /// changed by hand afterwards needs [`Zone::prepare`] again.
     pub prepared: Prepared,
@@ -190,15 +199,30 @@ impl Zone {
             max_tcp_connections: dns.limits.max_tcp_connections.max(1),
             tcp_idle_timeout: dns.limits.tcp_idle_timeout.as_duration(),
             rrl: dns.rrl.clone(),
+            dnssec: None,
+            signed_at: None,
             prepared: Prepared::default(),
         };
-        zone.prepare();
+        if let Some(dnssec) = &dns.dnssec {
+            zone.dnssec = Some(Arc::new(SigningKey::load(Path::new(&dnssec.key_file))?));
+        }
+        zone.prepare()?;
         Ok(zone)
     }
 
-    /// Rebuilds [`Zone::prepared`] from the fields above.
-    pub fn prepare(&mut self) {
-        self.prepared = Prepared::build(self);
+    /// Rebuilds [`Zone::prepared`] from the fields above, signing every answer variant when the
+    /// zone has a key. Fails only when signing does.
+    pub fn prepare(&mut self) -> Result<(), ZoneError> {
+        let now = SystemTime::now();
+        self.prepared = Prepared::build(self, now)?;
+        self.signed_at = self.dnssec.as_ref().map(|_| now);
+        Ok(())
+    }
+
+    /// Signs the zone with `key` (replacing any key it had) and prepares it again.
+    pub fn sign_with(&mut self, key: Arc<SigningKey>) -> Result<(), ZoneError> {
+        self.dnssec = Some(key);
+        self.prepare()
     }
 
     pub fn soa_record(&self, ttl: u32) -> Record {
@@ -216,6 +240,29 @@ impl Zone {
     pub fn negative_ttl(&self) -> u32 {
         self.soa.minimum.min(self.ttl)
     }
+}
+
+/// The apex and every name below it that exists, with the types each owns (for the NSEC chain).
+pub(super) fn owned_types(zone: &Zone) -> Vec<(Name, Vec<u16>)> {
+    use super::dnssec::{TYPE_A, TYPE_AAAA, TYPE_DNSKEY, TYPE_NS, TYPE_SOA};
+    zone.existing
+        .iter()
+        .map(|name| {
+            let mut types = Vec::new();
+            if *name == zone.origin {
+                types.extend([TYPE_SOA, TYPE_NS, TYPE_DNSKEY]);
+            }
+            if let Some(steered) = zone.records.get(name) {
+                if steered.pops.iter().any(|&p| !zone.pops[p].v4.is_empty()) {
+                    types.push(TYPE_A);
+                }
+                if steered.pops.iter().any(|&p| !zone.pops[p].v6.is_empty()) {
+                    types.push(TYPE_AAAA);
+                }
+            }
+            (name.clone(), types)
+        })
+        .collect()
 }
 
 fn compile_pop(i: usize, pop: &Pop) -> Result<ZonePop, ZoneError> {
