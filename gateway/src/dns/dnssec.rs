@@ -59,6 +59,8 @@ pub enum DnssecError {
     },
     #[error("dns.dnssec.key_file {path}: not a PKCS#8 ECDSA P-256 private key ({reason})")]
     Key { path: String, reason: String },
+    #[error("the config has no [dns.dnssec] section")]
+    NotSigned,
     #[error("generating a key failed")]
     Generate,
     #[error("signing failed")]
@@ -183,6 +185,38 @@ impl SigningKey {
             base64(&self.dnskey[4..])
         )
     }
+}
+
+/// A new key as PEM, for `meridian dns keygen`.
+pub fn keygen() -> Result<String, DnssecError> {
+    Ok(SigningKey::pkcs8_pem(&SigningKey::generate_pkcs8()?))
+}
+
+/// The DS and DNSKEY records of `config`'s `[dns.dnssec]` key, one per line (`meridian dns ds`).
+pub fn ds_records(config: &meridian_config::Config) -> Result<String, super::DnsError> {
+    let dns = config.dns.as_ref().ok_or(super::ZoneError::NoDnsSection)?;
+    let dnssec = dns.dnssec.as_ref().ok_or(DnssecError::NotSigned)?;
+    let key = SigningKey::load(Path::new(&dnssec.key_file))?;
+    let mut origin =
+        hickory_proto::rr::Name::from_ascii(&dns.zone).map_err(|e| super::ZoneError::Name {
+            path: "dns.zone".into(),
+            name: dns.zone.clone(),
+            reason: e.to_string(),
+        })?;
+    origin.set_fqdn(true);
+    let origin = origin.to_lowercase();
+    let mut owner = Vec::new();
+    for label in origin.iter() {
+        owner.push(label.len() as u8);
+        owner.extend_from_slice(label);
+    }
+    owner.push(0);
+    let text = origin.to_ascii();
+    Ok(format!(
+        "{}\n{}\n",
+        key.ds_text(&text, &owner),
+        key.dnskey_text(&text)
+    ))
 }
 
 /// RFC 4034 Appendix B.

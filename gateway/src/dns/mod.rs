@@ -45,6 +45,8 @@ pub enum DnsError {
     Config(#[from] meridian_config::ConfigError),
     #[error("geoip: {0}")]
     GeoIp(#[from] meridian_geoip::GeoIpError),
+    #[error(transparent)]
+    Dnssec(#[from] dnssec::DnssecError),
     #[error("runtime: {0}")]
     Runtime(#[source] std::io::Error),
 }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use meridian_config::Config;
@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 
 use super::answer::{self, Answer, Transport};
+use super::dnssec::RESIGN_AFTER;
 use super::fast::RankCache;
 use super::health::{self, HealthUrl, PopHealth};
 use super::metrics::DnsMetrics;
@@ -135,7 +136,14 @@ impl RunningDns {
             });
         }
         tokio::spawn(serve_tcp(tcp, Arc::clone(&shared), stop.clone()));
-        tokio::spawn(probe_loop(Arc::clone(&shared), stop));
+        tokio::spawn(probe_loop(Arc::clone(&shared), stop.clone()));
+        tokio::spawn(resign_loop(
+            RunningDns {
+                addr,
+                shared: Arc::clone(&shared),
+            },
+            stop,
+        ));
         tracing::info!(%addr, zone = %shared.serving.load().zone.origin, "GeoDNS listening (udp+tcp)");
         Ok(Self { addr, shared })
     }
@@ -170,6 +178,11 @@ impl RunningDns {
     /// Serves `zone`, locating clients with `geoip`, from the next query on (a zone compiled
     /// elsewhere, e.g. as part of an edge's installed config version).
     pub fn serve(&self, zone: Arc<Zone>, geoip: Arc<GeoIp>) {
+        self.install(zone, geoip);
+        self.shared.metrics.reloads.with_label_values(&["ok"]).inc();
+    }
+
+    fn install(&self, zone: Arc<Zone>, geoip: Arc<GeoIp>) {
         let metrics = &self.shared.metrics;
         let names: Vec<&str> = zone.pops.iter().map(|p| p.name.as_str()).collect();
         for gone in self.shared.health.retain(&names) {
@@ -183,7 +196,6 @@ impl RunningDns {
             Some(&self.shared.serving.load()),
         );
         self.shared.serving.store(Arc::new(serving));
-        metrics.reloads.with_label_values(&["ok"]).inc();
         self.shared.reloaded.notify_one();
     }
 
@@ -516,6 +528,38 @@ async fn serve_connection(
         match tokio::time::timeout(idle, stream.write_all(&framed)).await {
             Ok(Ok(())) => {}
             _ => return,
+        }
+    }
+}
+
+/// Keeps a signed zone's signatures fresh: once they are [`RESIGN_AFTER`] old, the serving zone is
+/// prepared (signed) again off the runtime's workers and swapped in, long before they expire.
+async fn resign_loop(running: RunningDns, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let serving = running.shared.serving.load_full();
+        let Some(signed_at) = serving.zone.signed_at else {
+            continue;
+        };
+        if signed_at.elapsed().unwrap_or_default() < RESIGN_AFTER {
+            continue;
+        }
+        let original = Arc::clone(&serving.zone);
+        let mut zone = (*serving.zone).clone();
+        let geoip = Arc::clone(&serving.geoip);
+        drop(serving);
+        match tokio::task::spawn_blocking(move || zone.prepare().map(|()| zone)).await {
+            // A reload while signing wins: its zone was signed when it compiled.
+            Ok(Ok(_)) if !Arc::ptr_eq(&running.shared.serving.load().zone, &original) => {}
+            Ok(Ok(zone)) => {
+                running.install(Arc::new(zone), geoip);
+                tracing::info!("GeoDNS zone re-signed");
+            }
+            Ok(Err(e)) => tracing::error!("GeoDNS re-signing failed, old signatures stay: {e}"),
+            Err(e) => tracing::error!("GeoDNS re-signing failed, old signatures stay: {e}"),
         }
     }
 }
