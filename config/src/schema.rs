@@ -543,6 +543,13 @@ pub struct DnsSection {
     /// an edge.
     #[serde(default)]
     pub workers: usize,
+    /// EDNS Client Subnet: at most this many bits of a client's IPv4 subnet are used to steer
+    /// (and returned as the answer's scope); longer source prefixes are cut to it.
+    #[serde(default = "default_ecs_max_source_v4")]
+    pub ecs_max_source_v4: u8,
+    /// ... and of an IPv6 subnet.
+    #[serde(default = "default_ecs_max_source_v6")]
+    pub ecs_max_source_v6: u8,
     /// `[dns.dnssec]`: sign answers online. Absent: the zone is unsigned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dnssec: Option<DnsDnssec>,
@@ -558,6 +565,14 @@ pub struct DnsDnssec {
     /// Signing algorithm; only `ECDSAP256SHA256` (algorithm 13) is supported.
     #[serde(default = "default_dnssec_algorithm")]
     pub algorithm: String,
+}
+
+fn default_ecs_max_source_v4() -> u8 {
+    24
+}
+
+fn default_ecs_max_source_v6() -> u8 {
+    56
 }
 
 fn default_dnssec_algorithm() -> String {
@@ -625,6 +640,10 @@ pub struct DnsHealth {
     pub interval: HumanDuration,
     /// One probe's deadline (connect + response head).
     pub timeout: HumanDuration,
+    /// Consecutive passing probes before a down PoP is back in answers.
+    pub healthy_after: u32,
+    /// Consecutive failing probes before a healthy PoP leaves answers.
+    pub unhealthy_after: u32,
 }
 
 impl Default for DnsHealth {
@@ -632,6 +651,8 @@ impl Default for DnsHealth {
         Self {
             interval: HumanDuration::secs(2),
             timeout: HumanDuration::secs(1),
+            healthy_after: 2,
+            unhealthy_after: 2,
         }
     }
 }
@@ -645,6 +666,9 @@ pub struct DnsLimits {
     pub max_tcp_connections: usize,
     /// A TCP connection with no complete query for this long is closed.
     pub tcp_idle_timeout: HumanDuration,
+    /// TCP connections one client address may hold at once (its share of the slots above); past
+    /// it, new ones from that address are closed at once.
+    pub max_tcp_per_address: usize,
 }
 
 impl Default for DnsLimits {
@@ -653,6 +677,7 @@ impl Default for DnsLimits {
             max_udp_payload: 1232,
             max_tcp_connections: 256,
             tcp_idle_timeout: HumanDuration::secs(10),
+            max_tcp_per_address: 16,
         }
     }
 }

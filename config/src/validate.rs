@@ -688,6 +688,12 @@ fn validate_dns(pops: &[Pop], dns: Option<&DnsSection>, errors: &mut Errors) {
             "must be between 1 and 65536",
         );
     }
+    if limits.max_tcp_per_address == 0 || limits.max_tcp_per_address > limits.max_tcp_connections {
+        errors.push(
+            "dns.limits.max_tcp_per_address",
+            "must be between 1 and dns.limits.max_tcp_connections",
+        );
+    }
     if limits.tcp_idle_timeout.as_duration().is_zero() {
         errors.push("dns.limits.tcp_idle_timeout", "must be greater than 0");
     }
@@ -712,6 +718,20 @@ fn validate_dns(pops: &[Pop], dns: Option<&DnsSection>, errors: &mut Errors) {
     }
     if dns.workers > 256 {
         errors.push("dns.workers", "must be between 0 (one per core) and 256");
+    }
+    for (field, value) in [
+        ("dns.health.healthy_after", dns.health.healthy_after),
+        ("dns.health.unhealthy_after", dns.health.unhealthy_after),
+    ] {
+        if !(1..=100).contains(&value) {
+            errors.push(field, "must be between 1 and 100");
+        }
+    }
+    if !(1..=32).contains(&dns.ecs_max_source_v4) {
+        errors.push("dns.ecs_max_source_v4", "must be between 1 and 32");
+    }
+    if !(1..=128).contains(&dns.ecs_max_source_v6) {
+        errors.push("dns.ecs_max_source_v6", "must be between 1 and 128");
     }
     if let Some(dnssec) = &dns.dnssec {
         if dnssec.key_file.is_empty() {

@@ -264,7 +264,11 @@ pub fn answer(
         zone.records.get(&name),
         matches!(qt, RecordType::A | RecordType::AAAA | RecordType::ANY),
     ) {
-        let location = locate(client_ip);
+        // A client subnet steers with at most the configured number of bits.
+        let location = locate(match ecs_prefix {
+            Some(prefix) => mask(client_ip, prefix.min(ecs_bound(zone, client_ip))),
+            None => client_ip,
+        });
         let (v4, v6) = (
             matches!(qt, RecordType::A | RecordType::ANY),
             matches!(qt, RecordType::AAAA | RecordType::ANY),
@@ -347,7 +351,11 @@ pub fn answer(
     }
     // RFC 7871 §7.2.1: echo the option; the scope says how much of the address the answer used.
     if let (Some(prefix), Some(edns)) = (ecs_prefix, reply.edns.as_mut()) {
-        let scope = if tailored { prefix } else { 0 };
+        let scope = if tailored {
+            prefix.min(ecs_bound(zone, client_ip))
+        } else {
+            0
+        };
         let subnet = ClientSubnet::new(mask(client_ip, prefix), prefix, scope);
         edns.options_mut().insert(EdnsOption::Subnet(subnet));
     }
@@ -480,6 +488,15 @@ fn finish(
         pops: if truncated { Vec::new() } else { pops },
         fail_open,
         truncated,
+    }
+}
+
+/// The longest client subnet prefix the zone steers with for `ip`'s family.
+fn ecs_bound(zone: &Zone, ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        zone.ecs_max_source.0
+    } else {
+        zone.ecs_max_source.1
     }
 }
 
@@ -700,6 +717,34 @@ addresses = ["192.0.2.8", "192.0.2.9"]
         );
         let (_, reply) = ask(&zone, &q, [10, 0, 0, 1], ALL_UP);
         assert_eq!(addresses(&reply), ["192.0.2.6"]);
+    }
+
+    #[test]
+    fn client_subnet_scope_is_bounded_by_config() {
+        let mut zone = zone();
+        // A /32 from a client: steered (and scoped) by its /24 only.
+        let subnet = ClientSubnet::new(IpAddr::V4(Ipv4Addr::new(10, 2, 7, 9)), 32, 0);
+        let q = with_edns(
+            query("api.example.test.", RecordType::A),
+            1232,
+            Some(subnet),
+        );
+        let (_, reply) = ask(&zone, &q, [10, 0, 0, 1], ALL_UP);
+        assert_eq!(addresses(&reply), ["192.0.2.8", "192.0.2.9"]);
+        assert_eq!(scope_of(&reply), Some((32, 24)));
+        // With a /8 bound the same client is located by 10.0.0.0: Seoul.
+        zone.ecs_max_source = (8, 56);
+        zone.prepare().expect("prepares");
+        let (_, reply) = ask(&zone, &q, [10, 0, 0, 1], ALL_UP);
+        assert_eq!(addresses(&reply), ["192.0.2.6"]);
+        assert_eq!(scope_of(&reply), Some((32, 8)));
+    }
+
+    fn scope_of(reply: &Message) -> Option<(u8, u8)> {
+        match reply.edns.as_ref()?.option(EdnsCode::Subnet)? {
+            EdnsOption::Subnet(s) => Some((s.source_prefix(), s.scope_prefix())),
+            _ => None,
+        }
     }
 
     #[test]

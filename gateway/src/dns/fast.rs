@@ -61,6 +61,7 @@ pub struct Prepared {
     ns_count: u16,
     answers: usize,
     max_udp_payload: u16,
+    ecs_max_source: (u8, u8),
     /// The zone's DNSSEC records and signatures; `None`: unsigned.
     signed: Option<Box<Signed>>,
 }
@@ -225,6 +226,7 @@ impl Prepared {
             ns_count: u16::try_from(zone.ns.len()).unwrap_or(u16::MAX),
             answers: zone.answers,
             max_udp_payload: zone.max_udp_payload,
+            ecs_max_source: zone.ecs_max_source,
             signed,
         })
     }
@@ -558,6 +560,15 @@ pub fn respond(
         Some((address, prefix)) if prefix > 0 => (address, Some(prefix)),
         _ => (source, None),
     };
+    // A client subnet steers with at most the configured number of bits (the answer's scope).
+    let used_prefix = subnet_prefix.map(|prefix| {
+        let (v4, v6) = prepared.ecs_max_source;
+        prefix.min(if client.is_ipv4() { v4 } else { v6 })
+    });
+    let located = match used_prefix {
+        Some(prefix) => mask(client, prefix),
+        None => client,
+    };
     let udp_limit = query.edns.as_ref().map_or(CLASSIC_UDP_LIMIT, |e| {
         usize::from(e.payload.clamp(512, prepared.max_udp_payload))
     });
@@ -610,7 +621,7 @@ pub fn respond(
     } else if let (Some(Some(record)), true) =
         (entry, matches!(qtype, TYPE_A | TYPE_AAAA | TYPE_ANY))
     {
-        let location = locate(client);
+        let location = locate(located);
         tailored = location.is_some();
         let v4 = matches!(qtype, TYPE_A | TYPE_ANY);
         let v6 = matches!(qtype, TYPE_AAAA | TYPE_ANY);
@@ -697,7 +708,10 @@ pub fn respond(
             Some(prefix) => {
                 // RFC 7871 §7.2.1: echo the option; the scope says how much of the address the
                 // answer used.
-                let scope = if tailored { prefix } else { 0 };
+                let scope = match used_prefix {
+                    Some(used) if tailored => used,
+                    _ => 0,
+                };
                 let bytes = usize::from(prefix).div_ceil(8);
                 let (family, octets) = match mask(client, prefix) {
                     IpAddr::V4(v4) => (1u16, v4.to_ipv6_mapped().octets()),

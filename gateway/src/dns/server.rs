@@ -450,9 +450,39 @@ fn bind(
     }
 }
 
+/// Open TCP connections by client address, so one address cannot take every slot.
+#[derive(Default)]
+struct PerAddress {
+    open: std::sync::Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerAddress {
+    /// Counts a connection from `ip` unless it already holds `cap`.
+    fn admit(&self, ip: IpAddr, cap: usize) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(ip).or_insert(0);
+        if *count >= cap {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&ip);
+            }
+        }
+    }
+}
+
 async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let max = shared.serving.load().zone.max_tcp_connections;
     let slots = Arc::new(Semaphore::new(max));
+    let per_address = Arc::new(PerAddress::default());
     loop {
         // Take a slot first: past the limit, new connections wait in the kernel backlog.
         let permit = tokio::select! {
@@ -472,10 +502,21 @@ async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
             },
             _ = stop.wait_for(|s| *s) => return,
         };
+        // Fair shares: an address at its cap gets its new connection closed (it still has open
+        // ones to ask on), and the slot goes back to everyone else.
+        let cap = shared.serving.load().zone.max_tcp_per_address;
+        if !per_address.admit(peer.ip(), cap) {
+            shared.metrics.tcp_refused.inc();
+            drop(stream);
+            drop(permit);
+            continue;
+        }
         let shared = Arc::clone(&shared);
         let stop = stop.clone();
+        let per_address = Arc::clone(&per_address);
         tokio::spawn(async move {
             serve_connection(stream, peer, shared, stop).await;
+            per_address.release(peer.ip());
             drop(permit);
         });
     }
@@ -576,13 +617,31 @@ async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     let timeout = zone.health_timeout;
                     probes.spawn(async move { (i, health::probe(&url, timeout).await) });
                 }
-                None => set_health(&shared, &serving, i, true),
+                None => {
+                    // No health URL: always in answers.
+                    let changed = serving
+                        .health
+                        .get(i)
+                        .is_some_and(|flag| !flag.swap(true, Ordering::Relaxed));
+                    set_health(&shared, &serving, i, true, changed);
+                }
             }
         }
         while let Some(result) = probes.join_next().await {
-            if let Ok((i, up)) = result {
-                set_health(&shared, &serving, i, up);
-            }
+            let Ok((i, passed)) = result else {
+                continue;
+            };
+            let Some(pop) = zone.pops.get(i) else {
+                continue;
+            };
+            let changed = shared.health.record_probe(
+                &pop.name,
+                passed,
+                zone.healthy_after,
+                zone.unhealthy_after,
+            );
+            let up = PopHealth::is_healthy(&shared.health.state(&pop.name));
+            set_health(&shared, &serving, i, up, changed.is_some());
         }
         tokio::select! {
             _ = tokio::time::sleep(zone.health_interval) => {}
@@ -592,12 +651,12 @@ async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-fn set_health(shared: &Shared, serving: &Serving, pop: usize, up: bool) {
-    let (Some(flag), Some(zone_pop)) = (serving.health.get(pop), serving.zone.pops.get(pop)) else {
+/// Publishes PoP `pop`'s verdict `up` (already in its flag); `changed`: it just flipped.
+fn set_health(shared: &Shared, serving: &Serving, pop: usize, up: bool, changed: bool) {
+    let Some(zone_pop) = serving.zone.pops.get(pop) else {
         return;
     };
-    let was = flag.swap(up, Ordering::Relaxed);
-    if was != up {
+    if changed {
         if up {
             tracing::info!(pop = %zone_pop.name, "PoP healthy again: back in DNS answers");
         } else {

@@ -71,7 +71,13 @@ pub struct Zone {
     pub max_udp_payload: u16,
     pub health_interval: Duration,
     pub health_timeout: Duration,
+    /// Consecutive passing / failing probes that bring a PoP back / take it out (hysteresis).
+    pub healthy_after: u32,
+    pub unhealthy_after: u32,
+    /// Longest EDNS Client Subnet source prefix used for steering, IPv4 and IPv6.
+    pub ecs_max_source: (u8, u8),
     pub max_tcp_connections: usize,
+    pub max_tcp_per_address: usize,
     pub tcp_idle_timeout: Duration,
     /// Response rate limiting (applied by the UDP workers, not by the answer functions).
     pub rrl: DnsRrl,
@@ -196,7 +202,14 @@ impl Zone {
             max_udp_payload: dns.limits.max_udp_payload.max(512),
             health_interval: dns.health.interval.as_duration(),
             health_timeout: dns.health.timeout.as_duration(),
+            healthy_after: dns.health.healthy_after.max(1),
+            unhealthy_after: dns.health.unhealthy_after.max(1),
+            ecs_max_source: (
+                dns.ecs_max_source_v4.clamp(1, 32),
+                dns.ecs_max_source_v6.clamp(1, 128),
+            ),
             max_tcp_connections: dns.limits.max_tcp_connections.max(1),
+            max_tcp_per_address: dns.limits.max_tcp_per_address.max(1),
             tcp_idle_timeout: dns.limits.tcp_idle_timeout.as_duration(),
             rrl: dns.rrl.clone(),
             dnssec: None,
@@ -253,10 +266,11 @@ pub(super) fn owned_types(zone: &Zone) -> Vec<(Name, Vec<u16>)> {
                 types.extend([TYPE_SOA, TYPE_NS, TYPE_DNSKEY]);
             }
             if let Some(steered) = zone.records.get(name) {
-                if steered.pops.iter().any(|&p| !zone.pops[p].v4.is_empty()) {
+                let pops = || steered.pops.iter().filter_map(|&p| zone.pops.get(p));
+                if pops().any(|pop| !pop.v4.is_empty()) {
                     types.push(TYPE_A);
                 }
-                if steered.pops.iter().any(|&p| !zone.pops[p].v6.is_empty()) {
+                if pops().any(|pop| !pop.v6.is_empty()) {
                     types.push(TYPE_AAAA);
                 }
             }
