@@ -543,6 +543,10 @@ pub struct DnsSection {
     /// an edge.
     #[serde(default)]
     pub workers: usize,
+    /// Addresses of in-zone name servers (`ns1.example.test = ["192.0.2.53"]`): answered for
+    /// those names and sent as glue with the apex NS records.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub glue: std::collections::BTreeMap<String, Vec<String>>,
     /// EDNS Client Subnet: at most this many bits of a client's IPv4 subnet are used to steer
     /// (and returned as the answer's scope); longer source prefixes are cut to it.
     #[serde(default = "default_ecs_max_source_v4")]

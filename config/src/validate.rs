@@ -719,6 +719,37 @@ fn validate_dns(pops: &[Pop], dns: Option<&DnsSection>, errors: &mut Errors) {
     if dns.workers > 256 {
         errors.push("dns.workers", "must be between 0 (one per core) and 256");
     }
+    let zone = dns.zone.trim_end_matches('.').to_ascii_lowercase();
+    let ns_names: Vec<String> = if dns.ns.is_empty() {
+        vec![format!("ns1.{zone}")]
+    } else {
+        dns.ns
+            .iter()
+            .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+            .collect()
+    };
+    for (name, addresses) in &dns.glue {
+        let path = format!("dns.glue.{name}");
+        let lower = name.trim_end_matches('.').to_ascii_lowercase();
+        if !ns_names.contains(&lower) {
+            errors.push(
+                &path,
+                format!("{name:?} is not one of the zone's name servers"),
+            );
+        } else if !lower.ends_with(&format!(".{zone}")) {
+            errors.push(&path, format!("{name:?} is not inside the zone {zone:?}"));
+        } else if records.contains_key(lower.trim_end_matches(&format!(".{zone}"))) {
+            errors.push(&path, format!("{name:?} is also a steered record"));
+        }
+        if addresses.is_empty() {
+            errors.push(&path, "needs at least one address");
+        }
+        for (j, address) in addresses.iter().enumerate() {
+            if address.parse::<IpAddr>().is_err() {
+                errors.push(format!("{path}[{j}]"), format!("bad address {address:?}"));
+            }
+        }
+    }
     for (field, value) in [
         ("dns.health.healthy_after", dns.health.healthy_after),
         ("dns.health.unhealthy_after", dns.health.unhealthy_after),

@@ -38,6 +38,10 @@ fn signed_config(dir: &Path) -> Config {
     let dns = config.dns.as_mut().expect("[dns] in examples/local.toml");
     dns.health.interval = HumanDuration::millis(50);
     dns.rrl.responses_per_second = 0;
+    dns.glue.insert(
+        "ns1.example.test".into(),
+        vec!["127.0.0.53".into(), "2001:db8::53".into()],
+    );
     dns.dnssec = Some(DnsDnssec {
         key_file: key_file.display().to_string(),
         algorithm: "ECDSAP256SHA256".into(),
@@ -116,6 +120,11 @@ fn delv_fully_validates_every_pop_variant_nxdomain_and_nodata() {
     assert!(out.contains("; fully validated"), "SOA: {out}");
     let out = delv(server, "127.17.0.53", &anchor, "example.test.", "NS");
     assert!(out.contains("; fully validated"), "NS: {out}");
+    // The in-zone name server's own addresses (also sent as glue with the NS records).
+    for qtype in ["A", "AAAA"] {
+        let out = delv(server, "127.17.0.53", &anchor, "ns1.example.test.", qtype);
+        assert!(out.contains("; fully validated"), "ns1 {qtype}: {out}");
+    }
 
     // Denial of existence: a name that does not exist (before, between and after the zone's
     // names in canonical order) and names that exist without the asked type.
@@ -214,6 +223,19 @@ fn the_do_bit_decides_whether_dnssec_records_are_sent() {
     assert!(authority.contains(&RecordType::RRSIG), "{authority:?}");
     let denied = ask("nope.example.test.", RecordType::A, false).expect("answer");
     assert_eq!(types(&denied.authorities), [RecordType::SOA]);
+
+    // Glue: the in-zone name server's addresses, signed, in the additional section.
+    let ns = ask("example.test.", RecordType::NS, true).expect("answer");
+    assert_eq!(types(&ns.answers), [RecordType::NS, RecordType::RRSIG]);
+    assert_eq!(
+        types(&ns.additionals),
+        [
+            RecordType::A,
+            RecordType::RRSIG,
+            RecordType::AAAA,
+            RecordType::RRSIG
+        ]
+    );
 
     // The apex DNSKEY is there with or without DO (resolvers fetch it to validate).
     let keys = ask("example.test.", RecordType::DNSKEY, false).expect("answer");

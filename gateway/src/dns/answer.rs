@@ -252,7 +252,29 @@ pub fn answer(
             if let Some(signed) = signed {
                 reply.add_answer(raw(owner.clone(), &signed.ns_rrsig));
             }
+            // Glue: the addresses of in-zone name servers travel with their NS records.
+            for glue in &zone.glue {
+                add_glue(glue, zone.ttl, signed, &mut |r| {
+                    reply.add_additional(r);
+                });
+            }
         }
+    } else if let (Some(glue), true) = (
+        zone.glue.iter().find(|g| g.name == name),
+        matches!(qt, RecordType::A | RecordType::AAAA | RecordType::ANY),
+    ) {
+        let mut glue = glue.clone();
+        glue.name = owner.clone();
+        if qt == RecordType::A {
+            glue.v6.clear();
+        }
+        if qt == RecordType::AAAA {
+            glue.v4.clear();
+        }
+        let signed_owner = name.clone();
+        add_glue_as(&glue, &signed_owner, zone.ttl, signed, &mut |r| {
+            reply.add_answer(r);
+        });
     } else if let (true, RecordType::DNSKEY, Some(zone_signed)) =
         (is_apex, qt, zone.prepared.signed())
     {
@@ -418,6 +440,48 @@ pub fn respond(
         rcode: answer.rcode,
         fail_open: answer.fail_open,
         truncated: answer.truncated,
+    }
+}
+
+/// An in-zone name server's A and AAAA records (each set followed by its RRSIG when signed).
+fn add_glue(
+    glue: &super::zone::Glue,
+    ttl: u32,
+    signed: Option<&fast::Signed>,
+    add: &mut dyn FnMut(Record),
+) {
+    add_glue_as(glue, &glue.name, ttl, signed, add);
+}
+
+/// [`add_glue`] with the records owned by `glue.name` as written (the question's case) and their
+/// signatures looked up by `signed_owner` (lower case).
+fn add_glue_as(
+    glue: &super::zone::Glue,
+    signed_owner: &Name,
+    ttl: u32,
+    signed: Option<&fast::Signed>,
+    add: &mut dyn FnMut(Record),
+) {
+    let key = wire(signed_owner);
+    if !glue.v4.is_empty() {
+        for ip in &glue.v4 {
+            add(Record::from_rdata(glue.name.clone(), ttl, RData::A(A(*ip))));
+        }
+        if let Some(rrsig) = signed.and_then(|s| s.glue.get(&(key.clone(), dnssec::TYPE_A))) {
+            add(raw(glue.name.clone(), rrsig));
+        }
+    }
+    if !glue.v6.is_empty() {
+        for ip in &glue.v6 {
+            add(Record::from_rdata(
+                glue.name.clone(),
+                ttl,
+                RData::AAAA(AAAA(*ip)),
+            ));
+        }
+        if let Some(rrsig) = signed.and_then(|s| s.glue.get(&(key.clone(), dnssec::TYPE_AAAA))) {
+            add(raw(glue.name.clone(), rrsig));
+        }
     }
 }
 
@@ -738,6 +802,63 @@ addresses = ["192.0.2.8", "192.0.2.9"]
         let (_, reply) = ask(&zone, &q, [10, 0, 0, 1], ALL_UP);
         assert_eq!(addresses(&reply), ["192.0.2.6"]);
         assert_eq!(scope_of(&reply), Some((32, 8)));
+    }
+
+    #[test]
+    fn in_zone_name_servers_answer_and_travel_as_glue() {
+        let mut config = meridian_config::Config::from_toml_str(CONFIG).expect("test config");
+        let dns = config.dns.as_mut().expect("[dns]");
+        dns.ns = vec!["ns1.example.test".into(), "ns.elsewhere.test".into()];
+        dns.glue.insert(
+            "ns1.example.test".into(),
+            vec!["192.0.2.53".into(), "2001:db8::53".into()],
+        );
+        config.validate().expect("valid");
+        let zone = Zone::compile(&config).expect("zone compiles");
+        let (_, reply) = ask(
+            &zone,
+            &query("example.test.", RecordType::NS),
+            [10, 0, 0, 1],
+            ALL_UP,
+        );
+        assert_eq!(reply.answers.len(), 2);
+        let glue: Vec<String> = reply
+            .additionals
+            .iter()
+            .map(|r| format!("{} {}", r.name, r.data))
+            .collect();
+        assert_eq!(
+            glue,
+            [
+                "ns1.example.test. 192.0.2.53",
+                "ns1.example.test. 2001:db8::53"
+            ]
+        );
+        let (_, reply) = ask(
+            &zone,
+            &query("NS1.example.test.", RecordType::A),
+            [10, 0, 0, 1],
+            ALL_UP,
+        );
+        assert_eq!(addresses(&reply), ["192.0.2.53"]);
+        assert_eq!(reply.answers[0].name.to_ascii(), "NS1.example.test.");
+        let (_, reply) = ask(
+            &zone,
+            &query("ns1.example.test.", RecordType::MX),
+            [10, 0, 0, 1],
+            ALL_UP,
+        );
+        assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+        assert!(reply.answers.is_empty());
+        // Glue for a name server outside the zone, or one that is not a name server: refused.
+        let mut bad = config.clone();
+        let dns = bad.dns.as_mut().expect("[dns]");
+        dns.glue
+            .insert("ns.elsewhere.test".into(), vec!["192.0.2.54".into()]);
+        dns.glue
+            .insert("api.example.test".into(), vec!["192.0.2.55".into()]);
+        let errors = bad.validate().expect_err("invalid");
+        assert_eq!(errors.len(), 2, "{errors:?}");
     }
 
     fn scope_of(reply: &Message) -> Option<(u8, u8)> {

@@ -62,6 +62,9 @@ pub struct Prepared {
     answers: usize,
     max_udp_payload: u16,
     ecs_max_source: (u8, u8),
+    /// In-zone name servers with addresses: their names and the apex NS answers (which carry
+    /// glue) go the general way.
+    glue_names: Vec<Box<[u8]>>,
     /// The zone's DNSSEC records and signatures; `None`: unsigned.
     signed: Option<Box<Signed>>,
 }
@@ -77,6 +80,8 @@ pub struct Signed {
     pub ns_rrsig: Rr,
     /// Every steered answer variant: (record, type, PoPs as a bit mask) → RRSIG.
     pub variants: Variants,
+    /// In-zone name servers' address sets: (name, type) → RRSIG.
+    pub glue: HashMap<(Vec<u8>, u16), Rr>,
     pub nsec: NsecChain,
 }
 
@@ -227,6 +232,11 @@ impl Prepared {
             answers: zone.answers,
             max_udp_payload: zone.max_udp_payload,
             ecs_max_source: zone.ecs_max_source,
+            glue_names: zone
+                .glue
+                .iter()
+                .map(|g| wire(&g.name).into_boxed_slice())
+                .collect(),
             signed,
         })
     }
@@ -418,7 +428,22 @@ fn sign(
         .map(|(name, types)| (wire(&name), types))
         .collect();
     let nsec = NsecChain::build(&signer, names, zone.negative_ttl())?;
+    let mut glue = HashMap::new();
+    for entry in &zone.glue {
+        let owner = wire(&entry.name);
+        let v4: Vec<Vec<u8>> = entry.v4.iter().map(|ip| ip.octets().to_vec()).collect();
+        let v6: Vec<Vec<u8>> = entry.v6.iter().map(|ip| ip.octets().to_vec()).collect();
+        for (rtype, rdatas) in [(dnssec::TYPE_A, v4), (dnssec::TYPE_AAAA, v6)] {
+            if rdatas.is_empty() {
+                continue;
+            }
+            let refs: Vec<&[u8]> = rdatas.iter().map(Vec::as_slice).collect();
+            let rrsig = signer.rrsig(&owner, rtype, zone.ttl, &refs)?;
+            glue.insert((owner.clone(), rtype), rrsig);
+        }
+    }
     Ok(Signed {
+        glue,
         dnskey,
         dnskey_rrsig,
         soa_rrsig,
@@ -555,6 +580,12 @@ pub fn respond(
         return None;
     }
     let origin_pointer = u16::try_from(12 + at).ok()? | 0xc000;
+    if !prepared.glue_names.is_empty()
+        && ((at == 0 && matches!(query.qtype, TYPE_NS | TYPE_ANY))
+            || prepared.glue_names.iter().any(|g| **g == *name))
+    {
+        return None;
+    }
 
     let (client, subnet_prefix) = match query.edns.as_ref().and_then(|e| e.subnet) {
         Some((address, prefix)) if prefix > 0 => (address, Some(prefix)),

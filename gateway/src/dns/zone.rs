@@ -44,6 +44,14 @@ pub struct ZonePop {
     pub health: Option<String>,
 }
 
+/// An in-zone name server's addresses (answered for its name, glue with the apex NS records).
+#[derive(Clone, Debug)]
+pub struct Glue {
+    pub name: Name,
+    pub v4: Vec<Ipv4Addr>,
+    pub v6: Vec<Ipv6Addr>,
+}
+
 /// A name steered to PoPs: candidate PoP indices and their weights (same order).
 #[derive(Clone, Debug)]
 pub struct Steered {
@@ -58,6 +66,8 @@ pub struct Zone {
     pub ttl: u32,
     pub soa: SOA,
     pub ns: Vec<Name>,
+    /// Addresses of in-zone name servers, in `ns` order.
+    pub glue: Vec<Glue>,
     pub pops: Vec<ZonePop>,
     /// Steered names (lower-case, fully qualified).
     pub records: HashMap<Name, Steered>,
@@ -183,6 +193,41 @@ impl Zone {
                 },
             );
         }
+        let mut glue = Vec::new();
+        for ns_name in &ns {
+            let Some((written, addresses)) = dns
+                .glue
+                .iter()
+                .find(|(written, _)| fqdn("dns.glue", written).is_ok_and(|n| n == *ns_name))
+            else {
+                continue;
+            };
+            let mut entry = Glue {
+                name: ns_name.clone(),
+                v4: Vec::new(),
+                v6: Vec::new(),
+            };
+            for (j, address) in addresses.iter().enumerate() {
+                match address.parse::<IpAddr>() {
+                    Ok(IpAddr::V4(ip)) => entry.v4.push(ip),
+                    Ok(IpAddr::V6(ip)) => entry.v6.push(ip),
+                    Err(_) => {
+                        return Err(ZoneError::Address {
+                            path: format!("dns.glue.{written}[{j}]"),
+                            value: address.clone(),
+                        })
+                    }
+                }
+            }
+            if origin.zone_of(ns_name) {
+                let mut ancestor = ns_name.clone();
+                while ancestor.num_labels() > origin.num_labels() {
+                    existing.insert(ancestor.clone());
+                    ancestor = ancestor.base_name();
+                }
+                glue.push(entry);
+            }
+        }
         let default_pops = dns
             .default_pops
             .iter()
@@ -194,6 +239,7 @@ impl Zone {
             ttl: dns.ttl,
             soa,
             ns,
+            glue,
             pops,
             records,
             existing,
@@ -264,6 +310,14 @@ pub(super) fn owned_types(zone: &Zone) -> Vec<(Name, Vec<u16>)> {
             let mut types = Vec::new();
             if *name == zone.origin {
                 types.extend([TYPE_SOA, TYPE_NS, TYPE_DNSKEY]);
+            }
+            if let Some(glue) = zone.glue.iter().find(|g| g.name == *name) {
+                if !glue.v4.is_empty() {
+                    types.push(TYPE_A);
+                }
+                if !glue.v6.is_empty() {
+                    types.push(TYPE_AAAA);
+                }
             }
             if let Some(steered) = zone.records.get(name) {
                 let pops = || steered.pops.iter().filter_map(|&p| zone.pops.get(p));
