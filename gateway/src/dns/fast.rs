@@ -397,9 +397,9 @@ fn sign(
                 }
             }
             let key = (index(r), rtype, mask);
-            if !variants.contains_key(&key) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = variants.entry(key) {
                 let refs: Vec<&[u8]> = rdatas.iter().map(Vec::as_slice).collect();
-                variants.insert(key, signer.rrsig(&owner, rtype, zone.ttl, &refs)?);
+                slot.insert(signer.rrsig(&owner, rtype, zone.ttl, &refs)?);
             }
             Ok(())
         };
