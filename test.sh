@@ -6,7 +6,7 @@ cd "$(dirname "$0")"
 source scripts/ensure-packages.sh
 # etcd-server/etcd-client/redis-server: the fleet tests run the real engines (tests/src/engines.rs).
 # protobuf-compiler + libprotobuf-dev: the etcd client generates its gRPC code at build time.
-ensure_packages cmake protobuf-compiler libprotobuf-dev prometheus chromium etcd-server etcd-client redis-server
+ensure_packages cmake protobuf-compiler libprotobuf-dev prometheus chromium etcd-server etcd-client redis-server bind9-dnsutils
 if ! cargo nextest --version >/dev/null 2>&1; then
   cargo install --locked cargo-nextest
 fi

@@ -565,6 +565,44 @@ pub struct DnsSection {
     /// an edge.
     #[serde(default)]
     pub workers: usize,
+    /// Addresses of in-zone name servers (`ns1.example.test = ["192.0.2.53"]`): answered for
+    /// those names and sent as glue with the apex NS records.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub glue: std::collections::BTreeMap<String, Vec<String>>,
+    /// EDNS Client Subnet: at most this many bits of a client's IPv4 subnet are used to steer
+    /// (and returned as the answer's scope); longer source prefixes are cut to it.
+    #[serde(default = "default_ecs_max_source_v4")]
+    pub ecs_max_source_v4: u8,
+    /// ... and of an IPv6 subnet.
+    #[serde(default = "default_ecs_max_source_v6")]
+    pub ecs_max_source_v6: u8,
+    /// `[dns.dnssec]`: sign answers online. Absent: the zone is unsigned.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dnssec: Option<DnsDnssec>,
+}
+
+/// `[dns.dnssec]`: the zone's signing key. Signatures are computed when the zone compiles (every
+/// answer variant), never per query.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DnsDnssec {
+    /// PKCS#8 private key (PEM or DER), e.g. written by `meridian dns keygen`.
+    pub key_file: String,
+    /// Signing algorithm; only `ECDSAP256SHA256` (algorithm 13) is supported.
+    #[serde(default = "default_dnssec_algorithm")]
+    pub algorithm: String,
+}
+
+fn default_ecs_max_source_v4() -> u8 {
+    24
+}
+
+fn default_ecs_max_source_v6() -> u8 {
+    56
+}
+
+fn default_dnssec_algorithm() -> String {
+    "ECDSAP256SHA256".into()
 }
 
 fn default_dns_listen() -> String {
@@ -628,6 +666,10 @@ pub struct DnsHealth {
     pub interval: HumanDuration,
     /// One probe's deadline (connect + response head).
     pub timeout: HumanDuration,
+    /// Consecutive passing probes before a down PoP is back in answers.
+    pub healthy_after: u32,
+    /// Consecutive failing probes before a healthy PoP leaves answers.
+    pub unhealthy_after: u32,
 }
 
 impl Default for DnsHealth {
@@ -635,6 +677,8 @@ impl Default for DnsHealth {
         Self {
             interval: HumanDuration::secs(2),
             timeout: HumanDuration::secs(1),
+            healthy_after: 2,
+            unhealthy_after: 2,
         }
     }
 }
@@ -648,6 +692,9 @@ pub struct DnsLimits {
     pub max_tcp_connections: usize,
     /// A TCP connection with no complete query for this long is closed.
     pub tcp_idle_timeout: HumanDuration,
+    /// TCP connections one client address may hold at once (its share of the slots above); past
+    /// it, new ones from that address are closed at once.
+    pub max_tcp_per_address: usize,
 }
 
 impl Default for DnsLimits {
@@ -656,6 +703,7 @@ impl Default for DnsLimits {
             max_udp_payload: 1232,
             max_tcp_connections: 256,
             tcp_idle_timeout: HumanDuration::secs(10),
+            max_tcp_per_address: 16,
         }
     }
 }

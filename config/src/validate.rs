@@ -720,6 +720,12 @@ fn validate_dns(pops: &[Pop], dns: Option<&DnsSection>, errors: &mut Errors) {
             "must be between 1 and 65536",
         );
     }
+    if limits.max_tcp_per_address == 0 || limits.max_tcp_per_address > limits.max_tcp_connections {
+        errors.push(
+            "dns.limits.max_tcp_per_address",
+            "must be between 1 and dns.limits.max_tcp_connections",
+        );
+    }
     if limits.tcp_idle_timeout.as_duration().is_zero() {
         errors.push("dns.limits.tcp_idle_timeout", "must be greater than 0");
     }
@@ -744,6 +750,68 @@ fn validate_dns(pops: &[Pop], dns: Option<&DnsSection>, errors: &mut Errors) {
     }
     if dns.workers > 256 {
         errors.push("dns.workers", "must be between 0 (one per core) and 256");
+    }
+    let zone = dns.zone.trim_end_matches('.').to_ascii_lowercase();
+    let ns_names: Vec<String> = if dns.ns.is_empty() {
+        vec![format!("ns1.{zone}")]
+    } else {
+        dns.ns
+            .iter()
+            .map(|n| n.trim_end_matches('.').to_ascii_lowercase())
+            .collect()
+    };
+    for (name, addresses) in &dns.glue {
+        let path = format!("dns.glue.{name}");
+        let lower = name.trim_end_matches('.').to_ascii_lowercase();
+        if !ns_names.contains(&lower) {
+            errors.push(
+                &path,
+                format!("{name:?} is not one of the zone's name servers"),
+            );
+        } else if !lower.ends_with(&format!(".{zone}")) {
+            errors.push(&path, format!("{name:?} is not inside the zone {zone:?}"));
+        } else if records.contains_key(lower.trim_end_matches(&format!(".{zone}"))) {
+            errors.push(&path, format!("{name:?} is also a steered record"));
+        }
+        if addresses.is_empty() {
+            errors.push(&path, "needs at least one address");
+        }
+        for (j, address) in addresses.iter().enumerate() {
+            if address.parse::<IpAddr>().is_err() {
+                errors.push(format!("{path}[{j}]"), format!("bad address {address:?}"));
+            }
+        }
+    }
+    for (field, value) in [
+        ("dns.health.healthy_after", dns.health.healthy_after),
+        ("dns.health.unhealthy_after", dns.health.unhealthy_after),
+    ] {
+        if !(1..=100).contains(&value) {
+            errors.push(field, "must be between 1 and 100");
+        }
+    }
+    if !(1..=32).contains(&dns.ecs_max_source_v4) {
+        errors.push("dns.ecs_max_source_v4", "must be between 1 and 32");
+    }
+    if !(1..=128).contains(&dns.ecs_max_source_v6) {
+        errors.push("dns.ecs_max_source_v6", "must be between 1 and 128");
+    }
+    if let Some(dnssec) = &dns.dnssec {
+        if dnssec.key_file.is_empty() {
+            errors.push("dns.dnssec.key_file", "must not be empty");
+        }
+        if !dnssec.algorithm.eq_ignore_ascii_case("ECDSAP256SHA256") {
+            errors.push(
+                "dns.dnssec.algorithm",
+                format!(
+                    "unsupported algorithm {:?} (supported: \"ECDSAP256SHA256\")",
+                    dnssec.algorithm
+                ),
+            );
+        }
+        if pops.len() > 128 {
+            errors.push("dns.dnssec", "a signed zone has at most 128 pops");
+        }
     }
 }
 

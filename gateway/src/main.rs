@@ -31,6 +31,22 @@ struct Cli {
     command: Command,
 }
 
+/// `meridian dns ...`: DNSSEC key management.
+#[derive(Subcommand)]
+enum DnsCommand {
+    /// Write a new DNSSEC signing key (ECDSA P-256, PKCS#8 PEM) for `[dns.dnssec] key_file`.
+    Keygen {
+        /// Where to write the key (refuses to overwrite; created readable by the owner only).
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the DS record (and the DNSKEY) of a config's `[dns.dnssec]` key, for the parent zone.
+    Ds {
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the whole local world: simulated regions, the edge, admin, and print a tour.
@@ -42,12 +58,15 @@ enum Command {
         config: PathBuf,
     },
     /// Run only the GeoDNS server of a config file (`[dns]` + `[[pops]]`); SIGHUP reloads the file.
+    #[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
     Dns {
-        #[arg(long)]
-        config: PathBuf,
+        #[arg(long, required = true)]
+        config: Option<PathBuf>,
         /// Serve /metrics and /healthz here (keep it on loopback); `off` disables it.
         #[arg(long, default_value = meridian_gateway::dns::STANDALONE_METRICS)]
         metrics: String,
+        #[command(subcommand)]
+        command: Option<DnsCommand>,
     },
     /// Run the config service: versioned store on local disk (or on etcd), HTTP API, long-poll watch.
     ConfigServer {
@@ -231,7 +250,45 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             edge.wait();
             Ok(ExitCode::SUCCESS)
         }
-        Command::Dns { config, metrics } => {
+        Command::Dns {
+            command: Some(DnsCommand::Keygen { out }),
+            ..
+        } => {
+            let pem = meridian_gateway::dns::dnssec::keygen()?;
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&out)
+                .with_context(|| format!("creating {}", out.display()))?;
+            file.write_all(pem.as_bytes())
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("wrote {}", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dns {
+            command: Some(DnsCommand::Ds { config }),
+            ..
+        } => {
+            let source = std::fs::read_to_string(&config)
+                .with_context(|| format!("reading {}", config.display()))?;
+            let parsed = Config::from_toml_str(&source)
+                .with_context(|| format!("loading {}", config.display()))?;
+            print!("{}", meridian_gateway::dns::dnssec::ds_records(&parsed)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dns {
+            config: None,
+            command: None,
+            ..
+        } => anyhow::bail!("meridian dns needs --config FILE (or a subcommand)"),
+        Command::Dns {
+            config: Some(config),
+            metrics,
+            command: None,
+        } => {
             let metrics = match metrics.as_str() {
                 "off" => None,
                 addr => Some(

@@ -8,6 +8,8 @@
 #   WORKERS=1 DURATION=5 ROUNDS=1 bash loadtest/bench/dns.sh
 #   Env: DURATION (seconds), ROUNDS, CLIENTS (dnsperf -c, 4), OUTSTANDING (dnsperf -q, 100),
 #        WORKERS (Meridian `[dns] workers` = gdnsd `udp_threads`, default 2),
+#        DNSSEC=1 (Meridian signs the zone, `[dns.dnssec]` with a key from `meridian dns keygen`, and
+#        every query sets DO (dnsperf -D): signed Meridian against unsigned gdnsd),
 #        LEGACY_MERIDIAN=1 (a Meridian built before `[dns] workers` existed: the key is left out and
 #        it runs one worker per core), MERIDIAN_BIN (skip building), CARGO_TARGET_DIR, OUT.
 #
@@ -24,6 +26,7 @@ OUTSTANDING="${OUTSTANDING:-100}"
 WORKERS="${WORKERS:-2}"
 GDNSD_UDP_THREADS="$WORKERS"
 LEGACY_MERIDIAN="${LEGACY_MERIDIAN:-0}"
+DNSSEC="${DNSSEC:-0}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 
 WORK="$(mktemp -d /tmp/meridian-dnsbench.XXXXXX)"
@@ -60,6 +63,9 @@ else
   MERIDIAN="$CARGO_TARGET_DIR/release/meridian"
 fi
 mkdir -p "$OUT"
+if [ "$DNSSEC" = 1 ]; then
+  "$MERIDIAN" dns keygen --out "$WORK/zone.key" >/dev/null
+fi
 
 free_port() {
   python3 - <<'PY'
@@ -128,6 +134,7 @@ default_pops = ["virginia"]
 soa = { rname = "hostmaster.example.test", serial = 1, refresh = 3600, retry = 600, expire = 86400, minimum = 60 }
 limits = { max_udp_payload = 1232, max_tcp_connections = 256, tcp_idle_timeout = "10s" }
 $([ "$LEGACY_MERIDIAN" = 1 ] || printf 'workers = %s\n# dnsperf asks the same questions from one address: rate limiting would measure drops.\nrrl = { responses_per_second = 0 }' "$WORKERS")
+$([ "$DNSSEC" = 1 ] && printf '\n[dns.dnssec]\nkey_file = "%s"\n' "$WORK/zone.key" || true)
 
 [[dns.records]]
 name = "api"
@@ -260,6 +267,12 @@ declare -A SCEN_DESC=(["plain"]="no EDNS, resolver 127.0.0.1 (not placed: defaul
                       ["resolver-kr"]="no EDNS, resolver 127.15.0.5 (Seoul, by source address)"
                       ["ecs-de"]="EDNS Client Subnet 127.17.0.0/24 (Germany)")
 
+PERF_EXTRA=""
+SUFFIX=""
+if [ "$DNSSEC" = 1 ]; then
+  PERF_EXTRA="-D"
+  SUFFIX=".dnssec"
+fi
 RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
 run_one() {
@@ -267,7 +280,7 @@ run_one() {
   local out="$OUT/dns.$scen.$server.r$round.txt"
   # shellcheck disable=SC2086
   dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/queries.txt" -l "$DURATION" -c "$CLIENTS" -q "$OUTSTANDING" \
-    ${SCEN_ARGS[$scen]} >"$out" 2>&1
+    ${SCEN_ARGS[$scen]} $PERF_EXTRA >"$out" 2>&1
   local qps lost latency
   qps=$(awk '/Queries per second:/ {print $4}' "$out")
   lost=$(awk '/Queries lost:/ {print $3}' "$out")
@@ -290,7 +303,7 @@ MERIDIAN_WORKERS="$WORKERS"
 [ "$LEGACY_MERIDIAN" = 1 ] && MERIDIAN_WORKERS="$(nproc) (legacy: one per core)"
 python3 - "$RESULTS" "$(nproc)" "$DURATION" "$CLIENTS" "$OUTSTANDING" "$GDNSD_UDP_THREADS" "$MERIDIAN_WORKERS" \
   "plain=${SCEN_DESC[plain]}" "resolver-kr=${SCEN_DESC[resolver-kr]}" "ecs-de=${SCEN_DESC[ecs-de]}" \
-  <<'PY' | tee "$OUT/dns.w$WORKERS.md"
+  <<'PY' | tee "$OUT/dns.w$WORKERS$SUFFIX.md"
 import sys, collections
 path, cpus, dur, clients, outstanding, gthreads, mworkers, *descs = sys.argv[1:]
 desc = dict(d.split("=", 1) for d in descs)

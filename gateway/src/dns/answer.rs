@@ -5,10 +5,12 @@ use std::net::IpAddr;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
-use hickory_proto::rr::rdata::{A, AAAA};
-use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
+use hickory_proto::rr::rdata::{A, AAAA, NULL};
+use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
+use hickory_proto::serialize::binary::BinDecodable;
 
-use super::fast::{self, RankCache};
+use super::dnssec::{self, Rr};
+use super::fast::{self, pop_mask, RankCache};
 use super::zone::{Steered, Zone};
 use crate::core::geo::distance_km;
 
@@ -173,10 +175,16 @@ pub fn answer(
     // EDNS0 (RFC 6891): answer with our own OPT; the client's payload size bounds UDP answers.
     let mut udp_limit = CLASSIC_UDP_LIMIT;
     let mut client_subnet = None;
+    // DNSSEC records go to clients that set DO, and only when the zone is signed.
+    let signed = zone
+        .prepared
+        .signed()
+        .filter(|_| query.edns.as_ref().is_some_and(|e| e.flags().dnssec_ok));
     if let Some(edns) = &query.edns {
         let mut ours = Edns::new();
         ours.set_max_payload(zone.max_udp_payload);
         ours.set_version(0);
+        ours.set_dnssec_ok(signed.is_some());
         if edns.version() > 0 {
             reply.metadata.response_code = ResponseCode::BADVERS;
             ours.set_rcode_high(ResponseCode::BADVERS.high());
@@ -232,18 +240,57 @@ pub fn answer(
             let mut soa = zone.soa_record(zone.ttl);
             soa.name = owner.clone();
             reply.add_answer(soa);
+            if let Some(signed) = signed {
+                reply.add_answer(raw(owner.clone(), &signed.soa_rrsig));
+            }
         }
         if matches!(qt, RecordType::NS | RecordType::ANY) {
             for mut ns in zone.ns_records() {
                 ns.name = owner.clone();
                 reply.add_answer(ns);
             }
+            if let Some(signed) = signed {
+                reply.add_answer(raw(owner.clone(), &signed.ns_rrsig));
+            }
+            // Glue: the addresses of in-zone name servers travel with their NS records.
+            for glue in &zone.glue {
+                add_glue(glue, zone.ttl, signed, &mut |r| {
+                    reply.add_additional(r);
+                });
+            }
+        }
+    } else if let (Some(glue), true) = (
+        zone.glue.iter().find(|g| g.name == name),
+        matches!(qt, RecordType::A | RecordType::AAAA | RecordType::ANY),
+    ) {
+        let mut glue = glue.clone();
+        glue.name = owner.clone();
+        if qt == RecordType::A {
+            glue.v6.clear();
+        }
+        if qt == RecordType::AAAA {
+            glue.v4.clear();
+        }
+        let signed_owner = name.clone();
+        add_glue_as(&glue, &signed_owner, zone.ttl, signed, &mut |r| {
+            reply.add_answer(r);
+        });
+    } else if let (true, RecordType::DNSKEY, Some(zone_signed)) =
+        (is_apex, qt, zone.prepared.signed())
+    {
+        reply.add_answer(raw(owner.clone(), &zone_signed.dnskey));
+        if let Some(signed) = signed {
+            reply.add_answer(raw(owner.clone(), &signed.dnskey_rrsig));
         }
     } else if let (Some(record), true) = (
         zone.records.get(&name),
         matches!(qt, RecordType::A | RecordType::AAAA | RecordType::ANY),
     ) {
-        let location = locate(client_ip);
+        // A client subnet steers with at most the configured number of bits.
+        let location = locate(match ecs_prefix {
+            Some(prefix) => mask(client_ip, prefix.min(ecs_bound(zone, client_ip))),
+            None => client_ip,
+        });
         let (v4, v6) = (
             matches!(qt, RecordType::A | RecordType::ANY),
             matches!(qt, RecordType::AAAA | RecordType::ANY),
@@ -276,6 +323,27 @@ pub fn answer(
                 }
             }
         }
+        if let Some(signed) = signed {
+            let record = zone.prepared.record_index(&wire(&name));
+            for (wanted, rtype) in [(v4, dnssec::TYPE_A), (v6, dnssec::TYPE_AAAA)] {
+                let mask = pop_mask(&steering.pops, |p| {
+                    zone.pops.get(p).is_some_and(|pop| {
+                        if rtype == dnssec::TYPE_A {
+                            !pop.v4.is_empty()
+                        } else {
+                            !pop.v6.is_empty()
+                        }
+                    })
+                });
+                if !wanted || mask == 0 {
+                    continue;
+                }
+                let key = (record.map_or(u32::MAX, |r| r as u32), rtype, mask);
+                if let Some(rr) = signed.variants.get(&key) {
+                    reply.add_answer(raw(owner.clone(), rr));
+                }
+            }
+        }
         steered_pops = steering.pops;
     } else if !zone.existing.contains(&name) {
         reply.metadata.response_code = ResponseCode::NXDomain;
@@ -283,10 +351,33 @@ pub fn answer(
     if reply.answers.is_empty() {
         // NXDOMAIN or NODATA: the SOA in authority lets resolvers cache the negative answer.
         reply.add_authority(negative_soa(zone));
+        if let Some(signed) = signed {
+            // ... and, signed, the NSEC records that prove there is nothing to answer.
+            reply.add_authority(raw(zone.origin.clone(), &signed.soa_negative_rrsig));
+            let qname = wire(&name);
+            let proof = if reply.metadata.response_code == ResponseCode::NXDomain {
+                let exists =
+                    |n: &[u8]| Name::from_bytes(n).is_ok_and(|n| zone.existing.contains(&n));
+                dnssec::nxdomain_proof(&signed.nsec, &qname, &exists)
+            } else {
+                [signed.nsec.at(&qname), None]
+            };
+            for entry in proof.into_iter().flatten() {
+                let Ok(owner) = Name::from_bytes(&entry.owner) else {
+                    continue;
+                };
+                reply.add_authority(raw(owner.clone(), &entry.nsec));
+                reply.add_authority(raw(owner, &entry.rrsig));
+            }
+        }
     }
     // RFC 7871 §7.2.1: echo the option; the scope says how much of the address the answer used.
     if let (Some(prefix), Some(edns)) = (ecs_prefix, reply.edns.as_mut()) {
-        let scope = if tailored { prefix } else { 0 };
+        let scope = if tailored {
+            prefix.min(ecs_bound(zone, client_ip))
+        } else {
+            0
+        };
         let subnet = ClientSubnet::new(mask(client_ip, prefix), prefix, scope);
         edns.options_mut().insert(EdnsOption::Subnet(subnet));
     }
@@ -352,6 +443,72 @@ pub fn respond(
     }
 }
 
+/// An in-zone name server's A and AAAA records (each set followed by its RRSIG when signed).
+fn add_glue(
+    glue: &super::zone::Glue,
+    ttl: u32,
+    signed: Option<&fast::Signed>,
+    add: &mut dyn FnMut(Record),
+) {
+    add_glue_as(glue, &glue.name, ttl, signed, add);
+}
+
+/// [`add_glue`] with the records owned by `glue.name` as written (the question's case) and their
+/// signatures looked up by `signed_owner` (lower case).
+fn add_glue_as(
+    glue: &super::zone::Glue,
+    signed_owner: &Name,
+    ttl: u32,
+    signed: Option<&fast::Signed>,
+    add: &mut dyn FnMut(Record),
+) {
+    let key = wire(signed_owner);
+    if !glue.v4.is_empty() {
+        for ip in &glue.v4 {
+            add(Record::from_rdata(glue.name.clone(), ttl, RData::A(A(*ip))));
+        }
+        if let Some(rrsig) = signed.and_then(|s| s.glue.get(&(key.clone(), dnssec::TYPE_A))) {
+            add(raw(glue.name.clone(), rrsig));
+        }
+    }
+    if !glue.v6.is_empty() {
+        for ip in &glue.v6 {
+            add(Record::from_rdata(
+                glue.name.clone(),
+                ttl,
+                RData::AAAA(AAAA(*ip)),
+            ));
+        }
+        if let Some(rrsig) = signed.and_then(|s| s.glue.get(&(key.clone(), dnssec::TYPE_AAAA))) {
+            add(raw(glue.name.clone(), rrsig));
+        }
+    }
+}
+
+/// A prepared DNSSEC record (RRSIG, NSEC, DNSKEY) as an opaque hickory record: the data was built
+/// in wire format and goes out byte for byte.
+fn raw(owner: Name, rr: &Rr) -> Record {
+    Record::from_rdata(
+        owner,
+        rr.ttl,
+        RData::Unknown {
+            code: RecordType::from(rr.rtype),
+            rdata: NULL::with(rr.rdata.clone()),
+        },
+    )
+}
+
+/// A (lower-case, fully qualified) name in uncompressed wire format.
+fn wire(name: &Name) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(name.len() + 1);
+    for label in name.iter() {
+        bytes.push(label.len() as u8);
+        bytes.extend(label.iter().map(u8::to_ascii_lowercase));
+    }
+    bytes.push(0);
+    bytes
+}
+
 fn negative_soa(zone: &Zone) -> Record {
     zone.soa_record(zone.negative_ttl())
 }
@@ -395,6 +552,15 @@ fn finish(
         pops: if truncated { Vec::new() } else { pops },
         fail_open,
         truncated,
+    }
+}
+
+/// The longest client subnet prefix the zone steers with for `ip`'s family.
+fn ecs_bound(zone: &Zone, ip: IpAddr) -> u8 {
+    if ip.is_ipv4() {
+        zone.ecs_max_source.0
+    } else {
+        zone.ecs_max_source.1
     }
 }
 
@@ -615,6 +781,91 @@ addresses = ["192.0.2.8", "192.0.2.9"]
         );
         let (_, reply) = ask(&zone, &q, [10, 0, 0, 1], ALL_UP);
         assert_eq!(addresses(&reply), ["192.0.2.6"]);
+    }
+
+    #[test]
+    fn client_subnet_scope_is_bounded_by_config() {
+        let mut zone = zone();
+        // A /32 from a client: steered (and scoped) by its /24 only.
+        let subnet = ClientSubnet::new(IpAddr::V4(Ipv4Addr::new(10, 2, 7, 9)), 32, 0);
+        let q = with_edns(
+            query("api.example.test.", RecordType::A),
+            1232,
+            Some(subnet),
+        );
+        let (_, reply) = ask(&zone, &q, [10, 0, 0, 1], ALL_UP);
+        assert_eq!(addresses(&reply), ["192.0.2.8", "192.0.2.9"]);
+        assert_eq!(scope_of(&reply), Some((32, 24)));
+        // With a /8 bound the same client is located by 10.0.0.0: Seoul.
+        zone.ecs_max_source = (8, 56);
+        zone.prepare().expect("prepares");
+        let (_, reply) = ask(&zone, &q, [10, 0, 0, 1], ALL_UP);
+        assert_eq!(addresses(&reply), ["192.0.2.6"]);
+        assert_eq!(scope_of(&reply), Some((32, 8)));
+    }
+
+    #[test]
+    fn in_zone_name_servers_answer_and_travel_as_glue() {
+        let mut config = meridian_config::Config::from_toml_str(CONFIG).expect("test config");
+        let dns = config.dns.as_mut().expect("[dns]");
+        dns.ns = vec!["ns1.example.test".into(), "ns.elsewhere.test".into()];
+        dns.glue.insert(
+            "ns1.example.test".into(),
+            vec!["192.0.2.53".into(), "2001:db8::53".into()],
+        );
+        config.validate().expect("valid");
+        let zone = Zone::compile(&config).expect("zone compiles");
+        let (_, reply) = ask(
+            &zone,
+            &query("example.test.", RecordType::NS),
+            [10, 0, 0, 1],
+            ALL_UP,
+        );
+        assert_eq!(reply.answers.len(), 2);
+        let glue: Vec<String> = reply
+            .additionals
+            .iter()
+            .map(|r| format!("{} {}", r.name, r.data))
+            .collect();
+        assert_eq!(
+            glue,
+            [
+                "ns1.example.test. 192.0.2.53",
+                "ns1.example.test. 2001:db8::53"
+            ]
+        );
+        let (_, reply) = ask(
+            &zone,
+            &query("NS1.example.test.", RecordType::A),
+            [10, 0, 0, 1],
+            ALL_UP,
+        );
+        assert_eq!(addresses(&reply), ["192.0.2.53"]);
+        assert_eq!(reply.answers[0].name.to_ascii(), "NS1.example.test.");
+        let (_, reply) = ask(
+            &zone,
+            &query("ns1.example.test.", RecordType::MX),
+            [10, 0, 0, 1],
+            ALL_UP,
+        );
+        assert_eq!(reply.metadata.response_code, ResponseCode::NoError);
+        assert!(reply.answers.is_empty());
+        // Glue for a name server outside the zone, or one that is not a name server: refused.
+        let mut bad = config.clone();
+        let dns = bad.dns.as_mut().expect("[dns]");
+        dns.glue
+            .insert("ns.elsewhere.test".into(), vec!["192.0.2.54".into()]);
+        dns.glue
+            .insert("api.example.test".into(), vec!["192.0.2.55".into()]);
+        let errors = bad.validate().expect_err("invalid");
+        assert_eq!(errors.len(), 2, "{errors:?}");
+    }
+
+    fn scope_of(reply: &Message) -> Option<(u8, u8)> {
+        match reply.edns.as_ref()?.option(EdnsCode::Subnet)? {
+            EdnsOption::Subnet(s) => Some((s.source_prefix(), s.scope_prefix())),
+            _ => None,
+        }
     }
 
     #[test]

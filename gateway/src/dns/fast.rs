@@ -12,10 +12,15 @@ use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::time::SystemTime;
+
 use hickory_proto::rr::Name;
 
 use super::answer::{Transport, CLASSIC_UDP_LIMIT};
-use super::zone::Zone;
+use super::dnssec::{
+    self, DnssecError, NsecChain, Rr, Signer, Variants, DNSKEY_TTL, MAX_SIGNATURES, TYPE_DNSKEY,
+};
+use super::zone::{owned_types, Zone};
 use crate::core::geo::distance_km;
 
 const TYPE_A: u16 = 1;
@@ -56,6 +61,28 @@ pub struct Prepared {
     ns_count: u16,
     answers: usize,
     max_udp_payload: u16,
+    ecs_max_source: (u8, u8),
+    /// In-zone name servers with addresses: their names and the apex NS answers (which carry
+    /// glue) go the general way.
+    glue_names: Vec<Box<[u8]>>,
+    /// The zone's DNSSEC records and signatures; `None`: unsigned.
+    signed: Option<Box<Signed>>,
+}
+
+/// A signed zone's DNSSEC records, all made when the zone was prepared: a query only copies them.
+#[derive(Clone, Debug)]
+pub struct Signed {
+    pub dnskey: Rr,
+    pub dnskey_rrsig: Rr,
+    /// Over the SOA with the zone's TTL (apex answers) and with the negative TTL (authority).
+    pub soa_rrsig: Rr,
+    pub soa_negative_rrsig: Rr,
+    pub ns_rrsig: Rr,
+    /// Every steered answer variant: (record, type, PoPs as a bit mask) → RRSIG.
+    pub variants: Variants,
+    /// In-zone name servers' address sets: (name, type) → RRSIG.
+    pub glue: HashMap<(Vec<u8>, u16), Rr>,
+    pub nsec: NsecChain,
 }
 
 /// One PoP's A and AAAA records, owner = the question name, TTL = the zone's.
@@ -86,8 +113,19 @@ impl Prepared {
         self.id
     }
 
-    /// Prepares `zone`'s answers. Infallible: `zone` was validated when it compiled.
-    pub fn build(zone: &Zone) -> Self {
+    /// The DNSSEC records, when the zone is signed.
+    pub fn signed(&self) -> Option<&Signed> {
+        self.signed.as_deref()
+    }
+
+    /// The index of the steered record `name` (lower-case wire format) has here.
+    pub fn record_index(&self, name: &[u8]) -> Option<usize> {
+        self.names.get(name).copied().flatten()
+    }
+
+    /// Prepares `zone`'s answers, signing them (with validity from `now`) when the zone has a key.
+    /// Fails only when signing does.
+    pub fn build(zone: &Zone, now: SystemTime) -> Result<Self, DnssecError> {
         let ttl = zone.ttl.to_be_bytes();
         let pops = zone
             .pops
@@ -126,7 +164,9 @@ impl Prepared {
             .collect();
         let mut records = Vec::with_capacity(zone.records.len());
         let mut rank_offset = 0;
+        let mut record_names = Vec::with_capacity(zone.records.len());
         for (name, steered) in &zone.records {
+            record_names.push(name);
             names.insert(wire(name).into_boxed_slice(), Some(records.len()));
             let candidates: Vec<u32> = steered.pops.iter().map(|&p| index(p)).collect();
             let defaults = zone
@@ -174,7 +214,11 @@ impl Prepared {
             ns_answer.extend_from_slice(&rdlength(&rdata));
             ns_answer.extend_from_slice(&rdata);
         }
-        Prepared {
+        let signed = match &zone.dnssec {
+            Some(key) => Some(Box::new(sign(zone, key, &records, &record_names, now)?)),
+            None => None,
+        };
+        Ok(Prepared {
             id: PREPARED_IDS.fetch_add(1, Ordering::Relaxed),
             origin: wire(&zone.origin),
             names,
@@ -187,7 +231,14 @@ impl Prepared {
             ns_count: u16::try_from(zone.ns.len()).unwrap_or(u16::MAX),
             answers: zone.answers,
             max_udp_payload: zone.max_udp_payload,
-        }
+            ecs_max_source: zone.ecs_max_source,
+            glue_names: zone
+                .glue
+                .iter()
+                .map(|g| wire(&g.name).into_boxed_slice())
+                .collect(),
+            signed,
+        })
     }
 
     /// The steering of one query: which PoPs answer `record` for a client at `location`, into
@@ -255,6 +306,171 @@ impl Prepared {
         }
         false
     }
+}
+
+/// Signs everything a query of a signed zone can need: the apex sets, every PoP set steering can
+/// answer a record with (each subset of at most `answers` candidates of a family, and all of them
+/// for fail-open answers), and the NSEC chain.
+fn sign(
+    zone: &Zone,
+    key: &dnssec::SigningKey,
+    records: &[RecordPlan],
+    record_names: &[&Name],
+    now: SystemTime,
+) -> Result<Signed, DnssecError> {
+    let origin = wire(&zone.origin);
+    let signer = Signer::new(key, &origin, now);
+    let soa_rdata = {
+        let mut rdata = wire(&zone.soa.mname);
+        rdata.extend_from_slice(&wire(&zone.soa.rname));
+        for value in [
+            zone.soa.serial,
+            zone.soa.refresh as u32,
+            zone.soa.retry as u32,
+            zone.soa.expire as u32,
+            zone.soa.minimum,
+        ] {
+            rdata.extend_from_slice(&value.to_be_bytes());
+        }
+        rdata
+    };
+    let ns_rdata: Vec<Vec<u8>> = zone.ns.iter().map(wire).collect();
+    let ns_refs: Vec<&[u8]> = ns_rdata.iter().map(Vec::as_slice).collect();
+    let dnskey = Rr {
+        rtype: TYPE_DNSKEY,
+        ttl: DNSKEY_TTL,
+        rdata: key.dnskey().to_vec(),
+    };
+    let dnskey_rrsig = signer.rrsig(&origin, TYPE_DNSKEY, DNSKEY_TTL, &[key.dnskey()])?;
+    let soa_rrsig = signer.rrsig(&origin, dnssec::TYPE_SOA, zone.ttl, &[&soa_rdata])?;
+    let soa_negative_rrsig = signer.rrsig(
+        &origin,
+        dnssec::TYPE_SOA,
+        zone.negative_ttl(),
+        &[&soa_rdata],
+    )?;
+    let ns_rrsig = signer.rrsig(&origin, dnssec::TYPE_NS, zone.ttl, &ns_refs)?;
+
+    let mut plans = Vec::new();
+    let mut needed = 0usize;
+    for (r, (plan, name)) in records.iter().zip(record_names).enumerate() {
+        for (rtype, family) in [(dnssec::TYPE_A, true), (dnssec::TYPE_AAAA, false)] {
+            let eligible: Vec<u32> = plan
+                .candidates
+                .iter()
+                .copied()
+                .filter(|&p| {
+                    zone.pops.get(p as usize).is_some_and(|pop| {
+                        if family {
+                            !pop.v4.is_empty()
+                        } else {
+                            !pop.v6.is_empty()
+                        }
+                    })
+                })
+                .collect();
+            if eligible.is_empty() {
+                continue;
+            }
+            let largest = zone.answers.min(eligible.len());
+            needed = needed.saturating_add(subsets(eligible.len(), largest) + 1);
+            plans.push((r, *name, rtype, family, eligible, largest));
+        }
+    }
+    if needed > MAX_SIGNATURES {
+        return Err(DnssecError::TooManyVariants { needed });
+    }
+    let mut variants = Variants::with_capacity(needed);
+    for (r, name, rtype, family, eligible, largest) in plans {
+        let owner = wire(name);
+        let mut sign_set = |set: &[u32]| -> Result<(), DnssecError> {
+            let mut mask = 0u128;
+            let mut rdatas: Vec<Vec<u8>> = Vec::new();
+            for &p in set {
+                mask |= 1u128 << (p % 128);
+                if let Some(pop) = zone.pops.get(p as usize) {
+                    if family {
+                        rdatas.extend(pop.v4.iter().map(|ip| ip.octets().to_vec()));
+                    } else {
+                        rdatas.extend(pop.v6.iter().map(|ip| ip.octets().to_vec()));
+                    }
+                }
+            }
+            let key = (index(r), rtype, mask);
+            if let std::collections::hash_map::Entry::Vacant(slot) = variants.entry(key) {
+                let refs: Vec<&[u8]> = rdatas.iter().map(Vec::as_slice).collect();
+                slot.insert(signer.rrsig(&owner, rtype, zone.ttl, &refs)?);
+            }
+            Ok(())
+        };
+        for size in 1..=largest {
+            let mut picked: Vec<usize> = (0..size).collect();
+            loop {
+                let set: Vec<u32> = picked.iter().map(|&i| eligible[i]).collect();
+                sign_set(&set)?;
+                // Next combination in lexicographic order.
+                let Some(i) = (0..size)
+                    .rev()
+                    .find(|&i| picked[i] < eligible.len() - size + i)
+                else {
+                    break;
+                };
+                picked[i] += 1;
+                for j in i + 1..size {
+                    picked[j] = picked[j - 1] + 1;
+                }
+            }
+        }
+        sign_set(&eligible)?;
+    }
+    let names = owned_types(zone)
+        .into_iter()
+        .map(|(name, types)| (wire(&name), types))
+        .collect();
+    let nsec = NsecChain::build(&signer, names, zone.negative_ttl())?;
+    let mut glue = HashMap::new();
+    for entry in &zone.glue {
+        let owner = wire(&entry.name);
+        let v4: Vec<Vec<u8>> = entry.v4.iter().map(|ip| ip.octets().to_vec()).collect();
+        let v6: Vec<Vec<u8>> = entry.v6.iter().map(|ip| ip.octets().to_vec()).collect();
+        for (rtype, rdatas) in [(dnssec::TYPE_A, v4), (dnssec::TYPE_AAAA, v6)] {
+            if rdatas.is_empty() {
+                continue;
+            }
+            let refs: Vec<&[u8]> = rdatas.iter().map(Vec::as_slice).collect();
+            let rrsig = signer.rrsig(&owner, rtype, zone.ttl, &refs)?;
+            glue.insert((owner.clone(), rtype), rrsig);
+        }
+    }
+    Ok(Signed {
+        glue,
+        dnskey,
+        dnskey_rrsig,
+        soa_rrsig,
+        soa_negative_rrsig,
+        ns_rrsig,
+        variants,
+        nsec,
+    })
+}
+
+/// Subsets of 1 to `largest` elements of a set of `n` (saturating).
+fn subsets(n: usize, largest: usize) -> usize {
+    let mut total = 0usize;
+    let mut choose = 1usize; // C(n, 0)
+    for k in 1..=largest {
+        choose = choose.saturating_mul(n + 1 - k) / k;
+        total = total.saturating_add(choose);
+    }
+    total
+}
+
+/// The bit mask of the PoPs in `chosen` that have addresses of a family (`has`).
+pub fn pop_mask(chosen: &[usize], has: impl Fn(usize) -> bool) -> u128 {
+    chosen
+        .iter()
+        .filter(|&&p| has(p))
+        .fold(0u128, |mask, &p| mask | 1u128 << (p % 128))
 }
 
 /// Per-worker memory of PoP rankings by client location: each distinct location is ranked once
@@ -331,6 +547,8 @@ struct Query<'a> {
 
 struct EdnsQuery {
     payload: u16,
+    /// The DO bit: the client wants DNSSEC records.
+    dnssec_ok: bool,
     /// (address, source prefix) of an EDNS Client Subnet option.
     subnet: Option<(IpAddr, u8)>,
 }
@@ -362,10 +580,25 @@ pub fn respond(
         return None;
     }
     let origin_pointer = u16::try_from(12 + at).ok()? | 0xc000;
+    if !prepared.glue_names.is_empty()
+        && ((at == 0 && matches!(query.qtype, TYPE_NS | TYPE_ANY))
+            || prepared.glue_names.iter().any(|g| **g == *name))
+    {
+        return None;
+    }
 
     let (client, subnet_prefix) = match query.edns.as_ref().and_then(|e| e.subnet) {
         Some((address, prefix)) if prefix > 0 => (address, Some(prefix)),
         _ => (source, None),
+    };
+    // A client subnet steers with at most the configured number of bits (the answer's scope).
+    let used_prefix = subnet_prefix.map(|prefix| {
+        let (v4, v6) = prepared.ecs_max_source;
+        prefix.min(if client.is_ipv4() { v4 } else { v6 })
+    });
+    let located = match used_prefix {
+        Some(prefix) => mask(client, prefix),
+        None => client,
     };
     let udp_limit = query.edns.as_ref().map_or(CLASSIC_UDP_LIMIT, |e| {
         usize::from(e.payload.clamp(512, prepared.max_udp_payload))
@@ -385,20 +618,41 @@ pub fn respond(
     let mut nxdomain = false;
     let mut fail_open = false;
     let mut tailored = false;
+    // DNSSEC records go to clients that set DO, and only when the zone is signed.
+    let signed = prepared
+        .signed
+        .as_deref()
+        .filter(|_| query.edns.as_ref().is_some_and(|e| e.dnssec_ok));
+    let rrsig = |out: &mut Vec<u8>, owner: &[u8], rr: &Rr, answers: &mut u16| {
+        out.extend_from_slice(owner);
+        rr.write(out);
+        *answers = answers.saturating_add(1);
+    };
     if at == 0 && matches!(qtype, TYPE_SOA | TYPE_NS | TYPE_ANY) {
         if matches!(qtype, TYPE_SOA | TYPE_ANY) {
             out.extend_from_slice(&QNAME_POINTER);
             out.extend_from_slice(&prepared.soa_answer);
             answers += 1;
+            if let Some(signed) = signed {
+                rrsig(out, &QNAME_POINTER, &signed.soa_rrsig, &mut answers);
+            }
         }
         if matches!(qtype, TYPE_NS | TYPE_ANY) {
             out.extend_from_slice(&prepared.ns_answer);
             answers = answers.saturating_add(prepared.ns_count);
+            if let Some(signed) = signed {
+                rrsig(out, &QNAME_POINTER, &signed.ns_rrsig, &mut answers);
+            }
+        }
+    } else if let (0, TYPE_DNSKEY, Some(zone_signed)) = (at, qtype, prepared.signed.as_deref()) {
+        rrsig(out, &QNAME_POINTER, &zone_signed.dnskey, &mut answers);
+        if let Some(signed) = signed {
+            rrsig(out, &QNAME_POINTER, &signed.dnskey_rrsig, &mut answers);
         }
     } else if let (Some(Some(record)), true) =
         (entry, matches!(qtype, TYPE_A | TYPE_AAAA | TYPE_ANY))
     {
-        let location = locate(client);
+        let location = locate(located);
         tailored = location.is_some();
         let v4 = matches!(qtype, TYPE_A | TYPE_ANY);
         let v6 = matches!(qtype, TYPE_AAAA | TYPE_ANY);
@@ -416,15 +670,62 @@ pub fn respond(
                 answers = answers.saturating_add(pop.aaaa_count);
             }
         }
+        if let Some(signed) = signed {
+            let picked = &chosen[chosen_start..];
+            let pops = &prepared.pops;
+            for (wanted, rtype) in [(v4, TYPE_A), (v6, TYPE_AAAA)] {
+                let mask = pop_mask(picked, |p| {
+                    pops.get(p).is_some_and(|pop| {
+                        if rtype == TYPE_A {
+                            pop.a_count > 0
+                        } else {
+                            pop.aaaa_count > 0
+                        }
+                    })
+                });
+                if !wanted || mask == 0 {
+                    continue;
+                }
+                if let Some(rr) = signed.variants.get(&(index(*record), rtype, mask)) {
+                    rrsig(out, &QNAME_POINTER, rr, &mut answers);
+                }
+            }
+        }
     } else if entry.is_none() {
         nxdomain = true;
     }
-    let mut authority = 0u8;
+    let mut authority = 0u16;
     if answers == 0 {
         // NXDOMAIN or NODATA: the SOA in authority lets resolvers cache the negative answer.
         out.extend_from_slice(&origin_pointer.to_be_bytes());
         out.extend_from_slice(&prepared.soa_negative);
         authority = 1;
+        if let Some(signed) = signed {
+            // ... and, signed, the NSEC records that prove there is nothing to answer.
+            rrsig(
+                out,
+                &origin_pointer.to_be_bytes(),
+                &signed.soa_negative_rrsig,
+                &mut authority,
+            );
+            let proof = if nxdomain {
+                dnssec::nxdomain_proof(&signed.nsec, name, &|n| prepared.names.contains_key(n))
+            } else {
+                [signed.nsec.at(name), None]
+            };
+            for entry in proof.into_iter().flatten() {
+                // Owners are zone names: their labels below the apex, then a pointer to it.
+                let below = entry.owner.len().saturating_sub(origin.len());
+                let mut owner = [0u8; 257];
+                let Some(slot) = owner.get_mut(..below + 2) else {
+                    continue;
+                };
+                slot[..below].copy_from_slice(entry.owner.get(..below)?);
+                slot[below..].copy_from_slice(&origin_pointer.to_be_bytes());
+                rrsig(out, slot, &entry.nsec, &mut authority);
+                rrsig(out, slot, &entry.rrsig, &mut authority);
+            }
+        }
     }
     let mut additional = 0u8;
     if query.edns.is_some() {
@@ -432,12 +733,16 @@ pub fn respond(
         out.push(0);
         out.extend_from_slice(&TYPE_OPT.to_be_bytes());
         out.extend_from_slice(&prepared.max_udp_payload.max(512).to_be_bytes());
-        out.extend_from_slice(&[0, 0, 0, 0]);
+        // Extended RCODE, version, flags: DO echoed when DNSSEC records were asked for and given.
+        out.extend_from_slice(&[0, 0, if signed.is_some() { 0x80 } else { 0 }, 0]);
         match subnet_prefix {
             Some(prefix) => {
                 // RFC 7871 §7.2.1: echo the option; the scope says how much of the address the
                 // answer used.
-                let scope = if tailored { prefix } else { 0 };
+                let scope = match used_prefix {
+                    Some(used) if tailored => used,
+                    _ => 0,
+                };
                 let bytes = usize::from(prefix).div_ceil(8);
                 let (family, octets) = match mask(client, prefix) {
                     IpAddr::V4(v4) => (1u16, v4.to_ipv6_mapped().octets()),
@@ -469,7 +774,7 @@ pub fn respond(
     if let Some(header) = out.get_mut(start..start + 12) {
         header[3] = if nxdomain { 3 } else { 0 };
         header[6..8].copy_from_slice(&answers.to_be_bytes());
-        header[9] = authority;
+        header[8..10].copy_from_slice(&authority.to_be_bytes());
         header[11] = additional;
     }
     Some(Meta {
@@ -536,6 +841,7 @@ fn parse(request: &[u8]) -> Option<Query<'_>> {
         if *request.get(at + 6)? != 0 {
             return None;
         }
+        let dnssec_ok = *request.get(at + 7)? & 0x80 != 0;
         let length = usize::from(be16(request, at + 9)?);
         let options = request.get(at + 11..at + 11 + length)?;
         at += 11 + length;
@@ -552,7 +858,11 @@ fn parse(request: &[u8]) -> Option<Query<'_>> {
             }
             i += 4 + len;
         }
-        edns = Some(EdnsQuery { payload, subnet });
+        edns = Some(EdnsQuery {
+            payload,
+            dnssec_ok,
+            subnet,
+        });
     }
     if at != request.len() {
         return None;
@@ -651,14 +961,19 @@ mod tests {
     //! type, EDNS shape and health state, and for thousands of damaged queries.
 
     use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    use std::sync::Arc;
 
     use hickory_proto::op::{Edns, Message, Query};
     use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsOption};
+    use hickory_proto::rr::RData;
     use hickory_proto::rr::{Name, RecordType};
+    use hickory_proto::serialize::binary::{BinEncodable, BinEncoder};
     use meridian_geoip::{test_world, GeoDb};
     use meridian_testkit::test_world::build as build_test_world;
+    use ring::signature::{UnparsedPublicKey, ECDSA_P256_SHA256_FIXED};
 
     use super::super::answer::{answer, respond, Transport};
+    use super::super::dnssec::SigningKey;
     use super::super::zone::Zone;
     use super::{Prepared, RankCache};
 
@@ -691,6 +1006,155 @@ mod tests {
             .iter()
             .map(|config| Zone::compile(config).expect("zone compiles"))
             .collect()
+    }
+
+    /// [`zones`] signed with one fresh key.
+    fn signed_zones() -> Vec<Zone> {
+        let key = Arc::new(
+            SigningKey::from_pkcs8(&SigningKey::generate_pkcs8().expect("generate")).expect("key"),
+        );
+        zones()
+            .into_iter()
+            .map(|mut zone| {
+                zone.sign_with(Arc::clone(&key)).expect("signs");
+                zone
+            })
+            .collect()
+    }
+
+    /// A query with EDNS and the DO bit.
+    fn message_do(
+        name: &str,
+        qtype: RecordType,
+        payload: u16,
+        subnet: Option<&ClientSubnet>,
+    ) -> Vec<u8> {
+        let mut message = Message::query();
+        message.metadata.id = 0x5a18;
+        message.add_query(Query::query(Name::from_ascii(name).expect("name"), qtype));
+        let mut edns = Edns::new();
+        edns.set_max_payload(payload);
+        edns.set_dnssec_ok(true);
+        if let Some(subnet) = subnet {
+            edns.options_mut().insert(EdnsOption::Subnet(*subnet));
+        }
+        message.set_edns(edns);
+        message.to_vec().expect("encodes")
+    }
+
+    /// Checks `reply` as a validator would with `key` as the trust anchor: every RRset in the
+    /// answer and authority sections is covered by an RRSIG that verifies (canonical form, RFC
+    /// 4034 §6), is in its validity window and names the key and the zone. Without DO there must
+    /// be no DNSSEC records at all. Returns the number of signatures checked.
+    fn verify_signatures(reply: &Message, zone: &Zone, dnssec_ok: bool, context: &str) -> usize {
+        let Some(key) = zone.dnssec.as_ref() else {
+            return 0;
+        };
+        let dnssec_types = [RecordType::RRSIG, RecordType::NSEC];
+        if !dnssec_ok {
+            assert!(
+                !reply
+                    .answers
+                    .iter()
+                    .chain(&reply.authorities)
+                    .any(|r| dnssec_types.contains(&r.record_type())),
+                "{context}: DNSSEC records without DO"
+            );
+            return 0;
+        }
+        let mut point = vec![4u8];
+        point.extend_from_slice(&key.dnskey()[4..]);
+        let public = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point);
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .expect("clock")
+            .as_secs() as u32;
+        let origin = super::wire(&zone.origin);
+        let mut checked = 0;
+        for section in [&reply.answers, &reply.authorities] {
+            let mut covered: Vec<(Name, u16)> = Vec::new();
+            for sig in section
+                .iter()
+                .filter(|r| r.record_type() == RecordType::RRSIG)
+            {
+                let RData::Unknown { rdata, .. } = &sig.data else {
+                    panic!("{context}: RRSIG decodes as opaque data");
+                };
+                let bytes = rdata.anything.as_slice();
+                let type_covered = u16::from_be_bytes([bytes[0], bytes[1]]);
+                let original_ttl = &bytes[4..8];
+                let expiration = u32::from_be_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+                let inception = u32::from_be_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
+                assert!(inception < now && now < expiration, "{context}: window");
+                assert_eq!(bytes[2], 13, "{context}: algorithm");
+                assert_eq!(
+                    u16::from_be_bytes([bytes[16], bytes[17]]),
+                    key.key_tag(),
+                    "{context}: key tag"
+                );
+                assert_eq!(
+                    &bytes[18..18 + origin.len()],
+                    origin.as_slice(),
+                    "{context}"
+                );
+                let owner = sig.name.to_lowercase();
+                let mut rdatas: Vec<Vec<u8>> = section
+                    .iter()
+                    .filter(|r| {
+                        r.name.to_lowercase() == owner && u16::from(r.record_type()) == type_covered
+                    })
+                    .map(|r| {
+                        assert_eq!(r.ttl, sig.ttl, "{context}: TTLs of an RRset and its RRSIG");
+                        let mut buf = Vec::new();
+                        let mut encoder = BinEncoder::new(&mut buf);
+                        encoder.set_canonical_form(true);
+                        r.data.emit(&mut encoder).expect("emits");
+                        buf
+                    })
+                    .collect();
+                rdatas.sort();
+                rdatas.dedup();
+                assert!(!rdatas.is_empty(), "{context}: RRSIG over nothing");
+                let signature_at = bytes.len() - 64;
+                let mut signed = bytes[..signature_at].to_vec();
+                let owner_wire = super::wire(&owner);
+                assert_eq!(
+                    usize::from(bytes[3]),
+                    owner.num_labels() as usize,
+                    "{context}: labels"
+                );
+                for data in rdatas {
+                    signed.extend_from_slice(&owner_wire);
+                    signed.extend_from_slice(&type_covered.to_be_bytes());
+                    signed.extend_from_slice(&[0, 1]);
+                    signed.extend_from_slice(original_ttl);
+                    signed.extend_from_slice(&(data.len() as u16).to_be_bytes());
+                    signed.extend_from_slice(&data);
+                }
+                public
+                    .verify(&signed, &bytes[signature_at..])
+                    .unwrap_or_else(|_| panic!("{context}: RRSIG {owner} {type_covered} verifies"));
+                covered.push((owner, type_covered));
+                checked += 1;
+            }
+            for record in section
+                .iter()
+                .filter(|r| r.record_type() != RecordType::RRSIG)
+            {
+                let key = (record.name.to_lowercase(), u16::from(record.record_type()));
+                assert!(covered.contains(&key), "{context}: {key:?} unsigned");
+            }
+        }
+        if reply.answers.is_empty() {
+            assert!(
+                reply
+                    .authorities
+                    .iter()
+                    .any(|r| r.record_type() == RecordType::NSEC),
+                "{context}: denial without NSEC"
+            );
+        }
+        checked
     }
 
     fn geo() -> GeoDb {
@@ -755,7 +1219,19 @@ mod tests {
         let expected = Message::from_vec(bytes).expect("general answer decodes");
         let got = Message::from_vec(&out[2..]).expect("fast answer decodes");
         assert_eq!(got, expected, "{context}");
-        assert!(out.len() - 2 <= bytes.len().max(512), "{context}: size");
+        let dnssec_ok = Message::from_vec(request)
+            .ok()
+            .and_then(|m| m.edns.map(|e| e.flags().dnssec_ok))
+            .unwrap_or(false);
+        if got.metadata.response_code != hickory_proto::op::ResponseCode::Refused {
+            verify_signatures(&got, zone, dnssec_ok, context);
+        }
+        // Signed answers: the prepared SOA and NSEC owners are compressed less than hickory does.
+        let slack = if dnssec_ok { 64 } else { 0 };
+        assert!(
+            out.len() - 2 <= bytes.len().max(512) + slack,
+            "{context}: size"
+        );
         assert_eq!(
             (meta.qtype, meta.rcode, meta.fail_open),
             (general.qtype, general.rcode, general.fail_open),
@@ -782,6 +1258,8 @@ mod tests {
             "b.example.test.",
             "a.b.example.test.",
             "_x-1.a.b.example.test.",
+            "zzz.example.test.",
+            "0.example.test.",
         ];
         let qtypes = [
             RecordType::A,
@@ -793,6 +1271,8 @@ mod tests {
             RecordType::TXT,
             RecordType::CNAME,
             RecordType::AXFR,
+            RecordType::DNSKEY,
+            RecordType::DS,
             RecordType::Unknown(65_000),
         ];
         let mut sources: Vec<IpAddr> = test_world::PLACES
@@ -830,7 +1310,9 @@ mod tests {
         }
         let all_up = |_: usize| true;
         let (mut fast, mut total) = (0, 0);
-        for (z, zone) in zones().iter().enumerate() {
+        let mut all_zones = zones();
+        all_zones.extend(signed_zones());
+        for (z, zone) in all_zones.iter().enumerate() {
             let pops = zone.pops.len();
             // Health: all up, each PoP down alone, all down, only one up.
             let mut patterns: Vec<Vec<bool>> = vec![vec![true; pops], vec![false; pops]];
@@ -844,8 +1326,23 @@ mod tests {
                 for qtype in qtypes {
                     let steerable =
                         matches!(qtype, RecordType::A | RecordType::AAAA | RecordType::ANY);
-                    for shape in &shapes {
-                        let request = message(name, qtype, *shape);
+                    for (s, shape) in shapes.iter().enumerate() {
+                        // Signed zones answer unsigned queries like the others: a sample of the
+                        // subnet shapes is enough for them (it keeps this test's run time sane).
+                        if zone.dnssec.is_some() && s > 2 && s % 4 != 0 {
+                            continue;
+                        }
+                        // Signed zones: with and without DO. A signed answer may not fit a small
+                        // buffer; that one goes the general way (which truncates).
+                        let mut requests = vec![(message(name, qtype, *shape), true)];
+                        if zone.dnssec.is_some() {
+                            if let Some((payload, subnet)) = shape {
+                                requests.push((
+                                    message_do(name, qtype, *payload, subnet.as_ref()),
+                                    *payload >= 1232,
+                                ));
+                            }
+                        }
                         // A client subnet decides alone; without one, the resolver's address.
                         let has_subnet = matches!(shape, Some((_, Some(_))));
                         let from: &[IpAddr] = if has_subnet {
@@ -853,26 +1350,32 @@ mod tests {
                         } else {
                             &sources
                         };
-                        for &source in from {
-                            let context =
-                                format!("zone {z} {name} {qtype} {shape:?} from {source}");
-                            total += 1;
-                            if same(
-                                zone, &mut ranks, &request, source, &all_up, &locate, &context,
-                            ) {
-                                fast += 1;
-                            }
-                            if !steerable {
-                                continue;
-                            }
-                            for health in &patterns {
-                                let healthy = |p: usize| health.get(p).copied().unwrap_or(true);
-                                let context = format!("{context} health {health:?}");
-                                total += 1;
+                        for (request, must_be_fast) in &requests {
+                            let must_be_fast = *must_be_fast;
+                            for &source in from {
+                                let context =
+                                    format!("zone {z} {name} {qtype} {shape:?} from {source}");
+                                total += usize::from(must_be_fast);
                                 if same(
-                                    zone, &mut ranks, &request, source, &healthy, &locate, &context,
-                                ) {
+                                    zone, &mut ranks, request, source, &all_up, &locate, &context,
+                                ) && must_be_fast
+                                {
                                     fast += 1;
+                                }
+                                if !steerable {
+                                    continue;
+                                }
+                                for health in &patterns {
+                                    let healthy = |p: usize| health.get(p).copied().unwrap_or(true);
+                                    let context = format!("{context} health {health:?}");
+                                    total += usize::from(must_be_fast);
+                                    if same(
+                                        zone, &mut ranks, request, source, &healthy, &locate,
+                                        &context,
+                                    ) && must_be_fast
+                                    {
+                                        fast += 1;
+                                    }
                                 }
                             }
                         }
@@ -958,7 +1461,7 @@ mod tests {
     fn what_does_not_fit_goes_the_general_way_and_truncates() {
         let mut zone = zones().remove(0);
         zone.pops[1].v4 = (1..=60).map(|i| Ipv4Addr::new(198, 51, 100, i)).collect();
-        zone.prepare();
+        zone.prepare().expect("prepares");
         let request = message("api.example.test.", RecordType::A, None);
         let source = IpAddr::V4(Ipv4Addr::LOCALHOST);
         let mut ranks = RankCache::default();

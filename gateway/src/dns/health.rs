@@ -1,5 +1,6 @@
 //! Active health probes of every PoP's health URL. State is kept by PoP name, so it survives zone
-//! reloads; a PoP is down after one failed probe and up again after one good one.
+//! reloads; a PoP leaves answers after `unhealthy_after` failed probes in a row and comes back
+//! after `healthy_after` good ones (hysteresis: a flapping PoP does not flap DNS answers).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -15,6 +16,8 @@ use hyper_util::rt::TokioIo;
 #[derive(Default)]
 pub struct PopHealth {
     states: Mutex<HashMap<String, Arc<AtomicBool>>>,
+    /// Consecutive (passes, failures) of each PoP's probes.
+    streaks: Mutex<HashMap<String, (u32, u32)>>,
 }
 
 impl PopHealth {
@@ -28,6 +31,37 @@ impl PopHealth {
         )
     }
 
+    /// Records one probe of `pop`; flips its flag only after `healthy_after` passes or
+    /// `unhealthy_after` failures in a row. Returns the new verdict when it changed.
+    pub fn record_probe(
+        &self,
+        pop: &str,
+        passed: bool,
+        healthy_after: u32,
+        unhealthy_after: u32,
+    ) -> Option<bool> {
+        let flag = self.state(pop);
+        let mut streaks = self.streaks.lock().unwrap_or_else(|e| e.into_inner());
+        let (passes, failures) = streaks.entry(pop.to_string()).or_insert((0, 0));
+        let healthy = flag.load(Ordering::Relaxed);
+        if passed {
+            *failures = 0;
+            *passes = passes.saturating_add(1);
+            if !healthy && *passes >= healthy_after {
+                flag.store(true, Ordering::Relaxed);
+                return Some(true);
+            }
+        } else {
+            *passes = 0;
+            *failures = failures.saturating_add(1);
+            if healthy && *failures >= unhealthy_after {
+                flag.store(false, Ordering::Relaxed);
+                return Some(false);
+            }
+        }
+        None
+    }
+
     /// Forgets PoPs that are no longer configured; returns their names.
     pub fn retain(&self, pops: &[&str]) -> Vec<String> {
         let mut states = self.states.lock().unwrap_or_else(|e| e.into_inner());
@@ -36,8 +70,10 @@ impl PopHealth {
             .filter(|k| !pops.contains(&k.as_str()))
             .cloned()
             .collect();
+        let mut streaks = self.streaks.lock().unwrap_or_else(|e| e.into_inner());
         for name in &gone {
             states.remove(name);
+            streaks.remove(name);
         }
         gone
     }
@@ -126,5 +162,30 @@ mod tests {
         assert!(!PopHealth::is_healthy(&health.state("seoul")));
         assert_eq!(health.retain(&["tokyo"]), vec!["seoul".to_string()]);
         assert!(PopHealth::is_healthy(&health.state("seoul")));
+    }
+
+    #[test]
+    fn probes_flip_the_flag_only_after_a_streak() {
+        let health = PopHealth::default();
+        let flag = health.state("seoul");
+        // Two failures to go down (a pass in between starts over) ...
+        assert_eq!(health.record_probe("seoul", false, 3, 2), None);
+        assert_eq!(health.record_probe("seoul", true, 3, 2), None);
+        assert_eq!(health.record_probe("seoul", false, 3, 2), None);
+        assert!(PopHealth::is_healthy(&flag));
+        assert_eq!(health.record_probe("seoul", false, 3, 2), Some(false));
+        assert!(!PopHealth::is_healthy(&flag));
+        // ... three passes to come back.
+        assert_eq!(health.record_probe("seoul", true, 3, 2), None);
+        assert_eq!(health.record_probe("seoul", true, 3, 2), None);
+        assert_eq!(health.record_probe("seoul", false, 3, 2), None);
+        for _ in 0..2 {
+            assert_eq!(health.record_probe("seoul", true, 3, 2), None);
+        }
+        assert_eq!(health.record_probe("seoul", true, 3, 2), Some(true));
+        assert!(PopHealth::is_healthy(&flag));
+        // With 1/1, every probe decides (the old behaviour).
+        assert_eq!(health.record_probe("tokyo", false, 1, 1), Some(false));
+        assert_eq!(health.record_probe("tokyo", true, 1, 1), Some(true));
     }
 }

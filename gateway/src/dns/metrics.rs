@@ -12,6 +12,7 @@ pub struct DnsMetrics {
     pub fail_open: IntCounter,
     pub reloads: IntCounterVec,
     pub rrl: IntCounterVec,
+    pub tcp_refused: IntCounter,
 }
 
 impl DnsMetrics {
@@ -43,7 +44,7 @@ impl DnsMetrics {
         let pop_healthy = IntGaugeVec::new(
             Opts::new(
                 "meridian_pop_healthy",
-                "1 when the PoP's last health probe succeeded (or it has no health URL), else 0.",
+                "1 while the PoP is in answers: its probes passed (healthy_after in a row to come back, unhealthy_after failures to leave), or it has no health URL.",
             ),
             &["pop"],
         )?;
@@ -65,6 +66,11 @@ impl DnsMetrics {
             ),
             &["action"],
         )?;
+        let tcp_refused = IntCounter::new(
+            "meridian_dns_tcp_refused_total",
+            "TCP connections closed at once because their client address held dns.limits.max_tcp_per_address already.",
+        )?;
+        registry.register(Box::new(tcp_refused.clone()))?;
         registry.register(Box::new(queries.clone()))?;
         registry.register(Box::new(rrl.clone()))?;
         registry.register(Box::new(answers.clone()))?;
@@ -80,6 +86,7 @@ impl DnsMetrics {
             rrl.with_label_values(&[action]);
         }
         Ok(Self {
+            tcp_refused,
             rrl,
             queries,
             answers,

@@ -7,6 +7,7 @@
 //! - [`server`]: UDP and TCP on one address, both calling the same handler; zone hot reload.
 
 pub mod answer;
+pub mod dnssec;
 pub mod fast;
 pub mod health;
 pub mod metrics;
@@ -44,6 +45,8 @@ pub enum DnsError {
     Config(#[from] meridian_config::ConfigError),
     #[error("geoip: {0}")]
     GeoIp(#[from] meridian_geoip::GeoIpError),
+    #[error(transparent)]
+    Dnssec(#[from] dnssec::DnssecError),
     #[error("runtime: {0}")]
     Runtime(#[source] std::io::Error),
 }

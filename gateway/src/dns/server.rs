@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use meridian_config::Config;
@@ -18,6 +18,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 
 use super::answer::{self, Answer, Transport};
+use super::dnssec::RESIGN_AFTER;
 use super::fast::RankCache;
 use super::health::{self, HealthUrl, PopHealth};
 use super::metrics::DnsMetrics;
@@ -135,7 +136,14 @@ impl RunningDns {
             });
         }
         tokio::spawn(serve_tcp(tcp, Arc::clone(&shared), stop.clone()));
-        tokio::spawn(probe_loop(Arc::clone(&shared), stop));
+        tokio::spawn(probe_loop(Arc::clone(&shared), stop.clone()));
+        tokio::spawn(resign_loop(
+            RunningDns {
+                addr,
+                shared: Arc::clone(&shared),
+            },
+            stop,
+        ));
         tracing::info!(%addr, zone = %shared.serving.load().zone.origin, "GeoDNS listening (udp+tcp)");
         Ok(Self { addr, shared })
     }
@@ -170,6 +178,11 @@ impl RunningDns {
     /// Serves `zone`, locating clients with `geoip`, from the next query on (a zone compiled
     /// elsewhere, e.g. as part of an edge's installed config version).
     pub fn serve(&self, zone: Arc<Zone>, geoip: Arc<GeoIp>) {
+        self.install(zone, geoip);
+        self.shared.metrics.reloads.with_label_values(&["ok"]).inc();
+    }
+
+    fn install(&self, zone: Arc<Zone>, geoip: Arc<GeoIp>) {
         let metrics = &self.shared.metrics;
         let names: Vec<&str> = zone.pops.iter().map(|p| p.name.as_str()).collect();
         for gone in self.shared.health.retain(&names) {
@@ -183,7 +196,6 @@ impl RunningDns {
             Some(&self.shared.serving.load()),
         );
         self.shared.serving.store(Arc::new(serving));
-        metrics.reloads.with_label_values(&["ok"]).inc();
         self.shared.reloaded.notify_one();
     }
 
@@ -438,9 +450,39 @@ fn bind(
     }
 }
 
+/// Open TCP connections by client address, so one address cannot take every slot.
+#[derive(Default)]
+struct PerAddress {
+    open: std::sync::Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl PerAddress {
+    /// Counts a connection from `ip` unless it already holds `cap`.
+    fn admit(&self, ip: IpAddr, cap: usize) -> bool {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(ip).or_insert(0);
+        if *count >= cap {
+            return false;
+        }
+        *count += 1;
+        true
+    }
+
+    fn release(&self, ip: IpAddr) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&ip) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                open.remove(&ip);
+            }
+        }
+    }
+}
+
 async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     let max = shared.serving.load().zone.max_tcp_connections;
     let slots = Arc::new(Semaphore::new(max));
+    let per_address = Arc::new(PerAddress::default());
     loop {
         // Take a slot first: past the limit, new connections wait in the kernel backlog.
         let permit = tokio::select! {
@@ -460,10 +502,21 @@ async fn serve_tcp(listener: TcpListener, shared: Arc<Shared>, mut stop: watch::
             },
             _ = stop.wait_for(|s| *s) => return,
         };
+        // Fair shares: an address at its cap gets its new connection closed (it still has open
+        // ones to ask on), and the slot goes back to everyone else.
+        let cap = shared.serving.load().zone.max_tcp_per_address;
+        if !per_address.admit(peer.ip(), cap) {
+            shared.metrics.tcp_refused.inc();
+            drop(stream);
+            drop(permit);
+            continue;
+        }
         let shared = Arc::clone(&shared);
         let stop = stop.clone();
+        let per_address = Arc::clone(&per_address);
         tokio::spawn(async move {
             serve_connection(stream, peer, shared, stop).await;
+            per_address.release(peer.ip());
             drop(permit);
         });
     }
@@ -520,6 +573,38 @@ async fn serve_connection(
     }
 }
 
+/// Keeps a signed zone's signatures fresh: once they are [`RESIGN_AFTER`] old, the serving zone is
+/// prepared (signed) again off the runtime's workers and swapped in, long before they expire.
+async fn resign_loop(running: RunningDns, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let serving = running.shared.serving.load_full();
+        let Some(signed_at) = serving.zone.signed_at else {
+            continue;
+        };
+        if signed_at.elapsed().unwrap_or_default() < RESIGN_AFTER {
+            continue;
+        }
+        let original = Arc::clone(&serving.zone);
+        let mut zone = (*serving.zone).clone();
+        let geoip = Arc::clone(&serving.geoip);
+        drop(serving);
+        match tokio::task::spawn_blocking(move || zone.prepare().map(|()| zone)).await {
+            // A reload while signing wins: its zone was signed when it compiled.
+            Ok(Ok(_)) if !Arc::ptr_eq(&running.shared.serving.load().zone, &original) => {}
+            Ok(Ok(zone)) => {
+                running.install(Arc::new(zone), geoip);
+                tracing::info!("GeoDNS zone re-signed");
+            }
+            Ok(Err(e)) => tracing::error!("GeoDNS re-signing failed, old signatures stay: {e}"),
+            Err(e) => tracing::error!("GeoDNS re-signing failed, old signatures stay: {e}"),
+        }
+    }
+}
+
 /// Probes every PoP with a health URL each `dns.health.interval`; PoPs without one stay healthy.
 async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     loop {
@@ -532,13 +617,31 @@ async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
                     let timeout = zone.health_timeout;
                     probes.spawn(async move { (i, health::probe(&url, timeout).await) });
                 }
-                None => set_health(&shared, &serving, i, true),
+                None => {
+                    // No health URL: always in answers.
+                    let changed = serving
+                        .health
+                        .get(i)
+                        .is_some_and(|flag| !flag.swap(true, Ordering::Relaxed));
+                    set_health(&shared, &serving, i, true, changed);
+                }
             }
         }
         while let Some(result) = probes.join_next().await {
-            if let Ok((i, up)) = result {
-                set_health(&shared, &serving, i, up);
-            }
+            let Ok((i, passed)) = result else {
+                continue;
+            };
+            let Some(pop) = zone.pops.get(i) else {
+                continue;
+            };
+            let changed = shared.health.record_probe(
+                &pop.name,
+                passed,
+                zone.healthy_after,
+                zone.unhealthy_after,
+            );
+            let up = PopHealth::is_healthy(&shared.health.state(&pop.name));
+            set_health(&shared, &serving, i, up, changed.is_some());
         }
         tokio::select! {
             _ = tokio::time::sleep(zone.health_interval) => {}
@@ -548,12 +651,12 @@ async fn probe_loop(shared: Arc<Shared>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-fn set_health(shared: &Shared, serving: &Serving, pop: usize, up: bool) {
-    let (Some(flag), Some(zone_pop)) = (serving.health.get(pop), serving.zone.pops.get(pop)) else {
+/// Publishes PoP `pop`'s verdict `up` (already in its flag); `changed`: it just flipped.
+fn set_health(shared: &Shared, serving: &Serving, pop: usize, up: bool, changed: bool) {
+    let Some(zone_pop) = serving.zone.pops.get(pop) else {
         return;
     };
-    let was = flag.swap(up, Ordering::Relaxed);
-    if was != up {
+    if changed {
         if up {
             tracing::info!(pop = %zone_pop.name, "PoP healthy again: back in DNS answers");
         } else {

@@ -3,12 +3,15 @@
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
-use std::time::Duration;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use hickory_proto::rr::rdata::{NS, SOA};
 use hickory_proto::rr::{Name, RData, Record};
 use meridian_config::{Config, DnsRrl, DnsSection, Pop};
 
+use super::dnssec::{DnssecError, SigningKey};
 use super::fast::Prepared;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +28,8 @@ pub enum ZoneError {
     UnknownPop { path: String, name: String },
     #[error("{path}: bad address {value:?}")]
     Address { path: String, value: String },
+    #[error("dnssec: {0}")]
+    Dnssec(#[from] DnssecError),
 }
 
 /// One PoP as answers need it.
@@ -37,6 +42,14 @@ pub struct ZonePop {
     pub v6: Vec<Ipv6Addr>,
     /// `http://ip:port/path`, or `None`: always healthy.
     pub health: Option<String>,
+}
+
+/// An in-zone name server's addresses (answered for its name, glue with the apex NS records).
+#[derive(Clone, Debug)]
+pub struct Glue {
+    pub name: Name,
+    pub v4: Vec<Ipv4Addr>,
+    pub v6: Vec<Ipv6Addr>,
 }
 
 /// A name steered to PoPs: candidate PoP indices and their weights (same order).
@@ -53,6 +66,8 @@ pub struct Zone {
     pub ttl: u32,
     pub soa: SOA,
     pub ns: Vec<Name>,
+    /// Addresses of in-zone name servers, in `ns` order.
+    pub glue: Vec<Glue>,
     pub pops: Vec<ZonePop>,
     /// Steered names (lower-case, fully qualified).
     pub records: HashMap<Name, Steered>,
@@ -66,10 +81,20 @@ pub struct Zone {
     pub max_udp_payload: u16,
     pub health_interval: Duration,
     pub health_timeout: Duration,
+    /// Consecutive passing / failing probes that bring a PoP back / take it out (hysteresis).
+    pub healthy_after: u32,
+    pub unhealthy_after: u32,
+    /// Longest EDNS Client Subnet source prefix used for steering, IPv4 and IPv6.
+    pub ecs_max_source: (u8, u8),
     pub max_tcp_connections: usize,
+    pub max_tcp_per_address: usize,
     pub tcp_idle_timeout: Duration,
     /// Response rate limiting (applied by the UDP workers, not by the answer functions).
     pub rrl: DnsRrl,
+    /// The key that signs the zone (`[dns.dnssec]`); `None`: unsigned.
+    pub dnssec: Option<Arc<SigningKey>>,
+    /// When the prepared signatures were made (the server re-prepares before they expire).
+    pub signed_at: Option<SystemTime>,
     /// The answers above in wire format, for the fast path. Built by [`Zone::compile`]; a zone
     /// changed by hand afterwards needs [`Zone::prepare`] again.
     pub prepared: Prepared,
@@ -168,6 +193,41 @@ impl Zone {
                 },
             );
         }
+        let mut glue = Vec::new();
+        for ns_name in &ns {
+            let Some((written, addresses)) = dns
+                .glue
+                .iter()
+                .find(|(written, _)| fqdn("dns.glue", written).is_ok_and(|n| n == *ns_name))
+            else {
+                continue;
+            };
+            let mut entry = Glue {
+                name: ns_name.clone(),
+                v4: Vec::new(),
+                v6: Vec::new(),
+            };
+            for (j, address) in addresses.iter().enumerate() {
+                match address.parse::<IpAddr>() {
+                    Ok(IpAddr::V4(ip)) => entry.v4.push(ip),
+                    Ok(IpAddr::V6(ip)) => entry.v6.push(ip),
+                    Err(_) => {
+                        return Err(ZoneError::Address {
+                            path: format!("dns.glue.{written}[{j}]"),
+                            value: address.clone(),
+                        })
+                    }
+                }
+            }
+            if origin.zone_of(ns_name) {
+                let mut ancestor = ns_name.clone();
+                while ancestor.num_labels() > origin.num_labels() {
+                    existing.insert(ancestor.clone());
+                    ancestor = ancestor.base_name();
+                }
+                glue.push(entry);
+            }
+        }
         let default_pops = dns
             .default_pops
             .iter()
@@ -179,6 +239,7 @@ impl Zone {
             ttl: dns.ttl,
             soa,
             ns,
+            glue,
             pops,
             records,
             existing,
@@ -187,18 +248,40 @@ impl Zone {
             max_udp_payload: dns.limits.max_udp_payload.max(512),
             health_interval: dns.health.interval.as_duration(),
             health_timeout: dns.health.timeout.as_duration(),
+            healthy_after: dns.health.healthy_after.max(1),
+            unhealthy_after: dns.health.unhealthy_after.max(1),
+            ecs_max_source: (
+                dns.ecs_max_source_v4.clamp(1, 32),
+                dns.ecs_max_source_v6.clamp(1, 128),
+            ),
             max_tcp_connections: dns.limits.max_tcp_connections.max(1),
+            max_tcp_per_address: dns.limits.max_tcp_per_address.max(1),
             tcp_idle_timeout: dns.limits.tcp_idle_timeout.as_duration(),
             rrl: dns.rrl.clone(),
+            dnssec: None,
+            signed_at: None,
             prepared: Prepared::default(),
         };
-        zone.prepare();
+        if let Some(dnssec) = &dns.dnssec {
+            zone.dnssec = Some(Arc::new(SigningKey::load(Path::new(&dnssec.key_file))?));
+        }
+        zone.prepare()?;
         Ok(zone)
     }
 
-    /// Rebuilds [`Zone::prepared`] from the fields above.
-    pub fn prepare(&mut self) {
-        self.prepared = Prepared::build(self);
+    /// Rebuilds [`Zone::prepared`] from the fields above, signing every answer variant when the
+    /// zone has a key. Fails only when signing does.
+    pub fn prepare(&mut self) -> Result<(), ZoneError> {
+        let now = SystemTime::now();
+        self.prepared = Prepared::build(self, now)?;
+        self.signed_at = self.dnssec.as_ref().map(|_| now);
+        Ok(())
+    }
+
+    /// Signs the zone with `key` (replacing any key it had) and prepares it again.
+    pub fn sign_with(&mut self, key: Arc<SigningKey>) -> Result<(), ZoneError> {
+        self.dnssec = Some(key);
+        self.prepare()
     }
 
     pub fn soa_record(&self, ttl: u32) -> Record {
@@ -216,6 +299,38 @@ impl Zone {
     pub fn negative_ttl(&self) -> u32 {
         self.soa.minimum.min(self.ttl)
     }
+}
+
+/// The apex and every name below it that exists, with the types each owns (for the NSEC chain).
+pub(super) fn owned_types(zone: &Zone) -> Vec<(Name, Vec<u16>)> {
+    use super::dnssec::{TYPE_A, TYPE_AAAA, TYPE_DNSKEY, TYPE_NS, TYPE_SOA};
+    zone.existing
+        .iter()
+        .map(|name| {
+            let mut types = Vec::new();
+            if *name == zone.origin {
+                types.extend([TYPE_SOA, TYPE_NS, TYPE_DNSKEY]);
+            }
+            if let Some(glue) = zone.glue.iter().find(|g| g.name == *name) {
+                if !glue.v4.is_empty() {
+                    types.push(TYPE_A);
+                }
+                if !glue.v6.is_empty() {
+                    types.push(TYPE_AAAA);
+                }
+            }
+            if let Some(steered) = zone.records.get(name) {
+                let pops = || steered.pops.iter().filter_map(|&p| zone.pops.get(p));
+                if pops().any(|pop| !pop.v4.is_empty()) {
+                    types.push(TYPE_A);
+                }
+                if pops().any(|pop| !pop.v6.is_empty()) {
+                    types.push(TYPE_AAAA);
+                }
+            }
+            (name.clone(), types)
+        })
+        .collect()
 }
 
 fn compile_pop(i: usize, pop: &Pop) -> Result<ZonePop, ZoneError> {
