@@ -339,6 +339,12 @@ pub struct OutlierDetection {
     /// First ejection; each repeat doubles it, up to `max_ejection`.
     pub base_ejection: HumanDuration,
     pub max_ejection: HumanDuration,
+    /// Most of the region's upstreams ejected at once, in percent; at least one always stays in
+    /// (a single-upstream region is never emptied by ejection).
+    pub max_ejection_percent: u32,
+    /// Below this share (percent) of the region's healthy upstreams left un-ejected, ejections
+    /// are ignored and requests spread over every healthy upstream (0: never).
+    pub panic_threshold: u32,
 }
 
 impl Default for OutlierDetection {
@@ -347,6 +353,8 @@ impl Default for OutlierDetection {
             consecutive_failures: 5,
             base_ejection: HumanDuration::secs(10),
             max_ejection: HumanDuration::secs(300),
+            max_ejection_percent: 50,
+            panic_threshold: 50,
         }
     }
 }

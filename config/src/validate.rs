@@ -287,6 +287,18 @@ fn validate_region_health(path: &str, region: &Region, errors: &mut Errors) {
             "must be at least base_ejection",
         );
     }
+    if outlier.max_ejection_percent > 100 {
+        errors.push(
+            format!("{path}.outlier.max_ejection_percent"),
+            "must be between 0 and 100",
+        );
+    }
+    if outlier.panic_threshold > 100 {
+        errors.push(
+            format!("{path}.outlier.panic_threshold"),
+            "must be between 0 and 100",
+        );
+    }
     if region.min_healthy == 0 {
         errors.push(format!("{path}.min_healthy"), "must be at least 1");
     } else if !region.upstreams.is_empty() && region.min_healthy as usize > region.upstreams.len() {

@@ -411,6 +411,14 @@ impl Pipeline {
             if pick.new_region {
                 *region_inflight = Some(region.state.begin());
             }
+            if pick.panic {
+                self.store
+                    .metrics()
+                    .health
+                    .panic
+                    .with_label_values(&[&region.name])
+                    .inc();
+            }
             let inflight = upstream.state.begin();
             let Some(body) = outbound.body.for_try() else {
                 // A streamed body already went (partly) to an upstream: it cannot be replayed.
