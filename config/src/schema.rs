@@ -141,6 +141,8 @@ pub struct Edge {
     pub cache: EdgeCache,
     /// `[edge.access_log]`: one JSON line per request, off by default.
     pub access_log: AccessLog,
+    /// Also send RFC 7239 `Forwarded` upstream (`X-Forwarded-For`/`-Proto` are always sent).
+    pub forwarded: bool,
 }
 
 impl Default for Edge {
@@ -158,6 +160,7 @@ impl Default for Edge {
             shutdown_timeout: HumanDuration::secs(5),
             cache: EdgeCache::default(),
             access_log: AccessLog::default(),
+            forwarded: false,
         }
     }
 }

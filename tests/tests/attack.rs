@@ -71,3 +71,190 @@ fn a_single_upstream_route_survives_5xx_bursts_and_closed_connections() {
     );
     assert_eq!(ejections, None, "a region's only upstream is never ejected");
 }
+
+/// An origin that echoes every request header it received (and the path) as JSON, cacheable for
+/// a minute: whatever an attacker's request makes it say is what the cache would keep.
+struct EchoOrigin {
+    address: std::net::SocketAddr,
+    requests: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    _stop: tokio::sync::watch::Sender<bool>,
+}
+
+fn echo_origin(runtime: &tokio::runtime::Runtime) -> EchoOrigin {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let listener = runtime
+        .block_on(tokio::net::TcpListener::bind("127.1.2.1:0"))
+        .expect("bind the echo origin");
+    let address = listener.local_addr().expect("address");
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let requests = std::sync::Arc::new(AtomicU64::new(0));
+    let counter = std::sync::Arc::clone(&requests);
+    runtime.spawn(meridian_gateway::httpd::serve(
+        listener,
+        move |req: hyper::Request<hyper::body::Incoming>| {
+            let counter = std::sync::Arc::clone(&counter);
+            async move {
+                counter.fetch_add(1, Ordering::Relaxed);
+                let mut headers = serde_json::Map::new();
+                for (name, value) in req.headers() {
+                    headers.insert(
+                        name.as_str().to_string(),
+                        String::from_utf8_lossy(value.as_bytes()).into(),
+                    );
+                }
+                let body = serde_json::json!({
+                    "path": req.uri().path_and_query().map(|p| p.as_str()),
+                    "headers": headers,
+                });
+                let mut response = meridian_gateway::httpd::json(hyper::StatusCode::OK, &body);
+                response.headers_mut().insert(
+                    http::header::CACHE_CONTROL,
+                    http::HeaderValue::from_static("public, max-age=60"),
+                );
+                response
+            }
+        },
+        stop_rx,
+    ));
+    EchoOrigin {
+        address,
+        requests,
+        _stop: stop,
+    }
+}
+
+/// An edge whose `static` route (cached) and `api` route (not cached) both go to `origin` alone.
+fn edge_for(origin: std::net::SocketAddr, extra: &str) -> meridian_gateway::edge::RunningEdge {
+    let text = format!(
+        r#"
+schema = 1
+[edge]
+pop = "attack"
+http = "{http}"
+admin = "127.0.0.1:0"
+threads = 1
+{extra}
+
+[[regions]]
+name = "us-east"
+location = {{ lat = 38.9, lon = -77.0 }}
+upstreams = [{{ address = "{origin}" }}]
+health = {{ enabled = false }}
+
+[[routes]]
+name = "static"
+hosts = ["static.example.test"]
+kind = "static"
+regions = ["us-east"]
+default_region = "us-east"
+cache = {{ enabled = true, default_ttl = "60s" }}
+
+[[routes]]
+name = "api"
+hosts = ["api.example.test"]
+path_prefix = "/"
+regions = ["us-east"]
+default_region = "us-east"
+
+[[routes]]
+name = "private"
+hosts = ["api.example.test"]
+path_prefix = "/private"
+regions = ["us-east"]
+default_region = "us-east"
+"#,
+        http = meridian_tests::free_local_addr(),
+    );
+    let config = Config::from_toml_str(&text).expect("attack config");
+    meridian_gateway::edge::RunningEdge::start(meridian_gateway::edge::EdgeOptions {
+        config,
+        meta: meridian_gateway::core::SnapshotMeta {
+            version: 0,
+            hash: "attack".into(),
+        },
+        handle_signals: false,
+        watch_file: None,
+        base_dir: None,
+    })
+    .expect("edge starts")
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+fn send(
+    runtime: &tokio::runtime::Runtime,
+    edge: &meridian_gateway::edge::RunningEdge,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> meridian_tests::Reply {
+    runtime
+        .block_on(meridian_tests::Client::new(edge.http_addr).request(
+            meridian_tests::Protocol::Http1,
+            meridian_tests::source_for("US"),
+            "GET",
+            host,
+            path,
+            headers,
+            Vec::new(),
+        ))
+        .expect("request completes")
+}
+
+/// Forwarding headers an untrusted client may try to plant, one cache entry each: the attacker
+/// goes first, and neither it nor the clean client after it may see the planted value reach the
+/// origin (and so the cached response).
+#[test]
+fn an_attacker_going_first_cannot_poison_the_cache_with_forwarding_headers() {
+    let runtime = runtime();
+    let origin = echo_origin(&runtime);
+    let edge = edge_for(origin.address, "");
+    let planted: [(&str, &str); 10] = [
+        ("x-forwarded-host", "evil.test"),
+        ("x-forwarded-proto", "gopher"),
+        ("x-forwarded-port", "6666"),
+        ("x-forwarded-prefix", "/evil"),
+        ("x-forwarded-for", "6.6.6.6"),
+        ("forwarded", "for=6.6.6.6;host=evil.test;proto=gopher"),
+        ("x-real-ip", "6.6.6.6"),
+        ("x-original-url", "/evil"),
+        ("x-request-id", "<script>evil()</script>"),
+        ("traceparent", "00-evil-evil-01"),
+    ];
+    for (i, (name, value)) in planted.into_iter().enumerate() {
+        let path = format!("/p?z={i}");
+        let attack = send(
+            &runtime,
+            &edge,
+            "static.example.test",
+            &path,
+            &[(name, value)],
+        );
+        assert_eq!(attack.status, 200, "{name}: {}", attack.text());
+        assert_eq!(attack.header("x-meridian-cache"), Some("miss"), "{name}");
+        let clean = send(&runtime, &edge, "static.example.test", &path, &[]);
+        assert_eq!(clean.header("x-meridian-cache"), Some("hit"), "{name}");
+        for reply in [&attack, &clean] {
+            let text = reply.text();
+            assert!(
+                !text.contains("evil") && !text.contains("6.6.6.6") && !text.contains("gopher"),
+                "{name} reached the origin: {text}"
+            );
+        }
+        let seen = &clean.json()["headers"];
+        assert_eq!(seen["x-forwarded-for"], "127.11.0.7", "{name}: {seen}");
+        assert_eq!(seen["x-forwarded-proto"], "http", "{name}");
+        assert_eq!(seen["host"], "static.example.test", "{name}");
+    }
+    assert_eq!(
+        origin.requests.load(std::sync::atomic::Ordering::Relaxed),
+        10,
+        "one origin fetch per entry"
+    );
+}

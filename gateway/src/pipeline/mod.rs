@@ -296,7 +296,16 @@ impl Pipeline {
         {
             headers.insert(http::header::HOST, value);
         }
-        forward::set_forwarding_headers(&mut headers, client, arrival.scheme());
+        forward::set_forwarding_headers(
+            &mut headers,
+            &forward::Forwarding {
+                client,
+                scheme: arrival.scheme(),
+                host: request_host(head.uri, head.headers).unwrap_or_default(),
+                trusted_peer: is_trusted(snapshot, arrival.peer),
+                rfc7239: snapshot.config.edge.forwarded,
+            },
+        );
         if let Some(access) = state.access.as_deref_mut() {
             access.note_upstream_headers(&headers);
         }
@@ -538,7 +547,16 @@ impl Pipeline {
         if let Ok(host) = HeaderValue::from_str(request.host) {
             headers.insert(http::header::HOST, host);
         }
-        forward::set_forwarding_headers(&mut headers, client, arrival.scheme());
+        forward::set_forwarding_headers(
+            &mut headers,
+            &forward::Forwarding {
+                client,
+                scheme: arrival.scheme(),
+                host: request.host,
+                trusted_peer: is_trusted(&loaded.snapshot, arrival.peer),
+                rfc7239: loaded.snapshot.config.edge.forwarded,
+            },
+        );
         for (name, value) in ticket.conditional_headers() {
             headers.insert(name, value);
         }
@@ -680,6 +698,14 @@ impl Pipeline {
             });
         }
     }
+}
+
+/// Is the connection's peer one of `geoip.trusted_proxies`?
+fn is_trusted(snapshot: &crate::core::Snapshot, peer: IpAddr) -> bool {
+    snapshot
+        .trusted_proxies
+        .iter()
+        .any(|net| net.contains(&peer))
 }
 
 /// The request target as an upstream gets it: origin-form (`/path?query`). HTTP/2 and HTTP/3
