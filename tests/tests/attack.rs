@@ -123,7 +123,8 @@ fn echo_origin(runtime: &tokio::runtime::Runtime) -> EchoOrigin {
     }
 }
 
-/// An edge whose `static` route (cached) and `api` route (not cached) both go to `origin` alone.
+/// An edge whose `static` route (cached) and `api` route (not cached) go to `origin` in
+/// us-east, and whose `private` route (`/private` on the api host) goes to it in eu-central-1.
 fn edge_for(origin: std::net::SocketAddr, extra: &str) -> meridian_gateway::edge::RunningEdge {
     let text = format!(
         r#"
@@ -156,12 +157,19 @@ path_prefix = "/"
 regions = ["us-east"]
 default_region = "us-east"
 
+[[regions]]
+name = "eu-central-1"
+location = {{ lat = 50.1, lon = 8.68 }}
+upstreams = [{{ address = "{origin}" }}]
+health = {{ enabled = false }}
+
+# A path-specific route: served from its own region (x-meridian-region says which route matched).
 [[routes]]
 name = "private"
 hosts = ["api.example.test"]
 path_prefix = "/private"
-regions = ["us-east"]
-default_region = "us-east"
+regions = ["eu-central-1"]
+default_region = "eu-central-1"
 "#,
         http = meridian_tests::free_local_addr(),
     );
@@ -256,5 +264,60 @@ fn an_attacker_going_first_cannot_poison_the_cache_with_forwarding_headers() {
         origin.requests.load(std::sync::atomic::Ordering::Relaxed),
         10,
         "one origin fetch per entry"
+    );
+}
+
+/// A path-specific route cannot be dodged with dot segments, doubled slashes or encoded
+/// characters: the edge matches the normalised path and forwards exactly that; paths servers
+/// read differently (encoded slashes, `..;`) are refused before any upstream is contacted.
+#[test]
+fn a_path_specific_route_cannot_be_left_or_dodged() {
+    let runtime = runtime();
+    let origin = echo_origin(&runtime);
+    let edge = edge_for(origin.address, "");
+    let dodges = [
+        "/public/../private/x",
+        "/public/%2e%2e/private/x",
+        "/public/.%2E/private/x",
+        "//private/x",
+        "/./private//x",
+        "/%70rivate/x",
+    ];
+    for path in dodges {
+        let reply = send(&runtime, &edge, "api.example.test", path, &[]);
+        assert_eq!(reply.status, 200, "{path}: {}", reply.text());
+        assert_eq!(
+            reply.region(),
+            Some("eu-central-1"),
+            "{path}: the private route"
+        );
+        assert_eq!(
+            reply.json()["path"],
+            "/private/x",
+            "{path}: what was matched"
+        );
+    }
+    let queried = send(&runtime, &edge, "api.example.test", "/a/../b?x=/../y", &[]);
+    assert_eq!(
+        queried.json()["path"],
+        "/b?x=/../y",
+        "the query is not a path"
+    );
+    let before = origin.requests.load(std::sync::atomic::Ordering::Relaxed);
+    for path in [
+        "/public%2f..%2fprivate/x",
+        "/public/..;/private/x",
+        "/public/%2e%2e;x/private/x",
+        "/private%5cx",
+        "/p%00",
+        "/p%zz",
+    ] {
+        let reply = send(&runtime, &edge, "api.example.test", path, &[]);
+        assert_eq!(reply.status, 400, "{path}: {}", reply.text());
+    }
+    assert_eq!(
+        origin.requests.load(std::sync::atomic::Ordering::Relaxed),
+        before,
+        "refused paths reach no upstream"
     );
 }
