@@ -217,6 +217,17 @@ pub struct H3Limits {
     pub idle_timeout: HumanDuration,
     /// Concurrent QUIC connections; more are refused.
     pub max_connections: usize,
+    /// Once this many connections are open, a new client must first prove its address with a
+    /// Retry round trip (spoofed Initials then hold no slot); 0: always.
+    pub retry_above: usize,
+    /// Concurrent connections (handshaking or open) from one client IP address; more are refused.
+    pub max_connections_per_address: usize,
+    /// A request stream must have sent its headers this long after it opened, or it is reset.
+    pub stream_header_timeout: HumanDuration,
+    /// Bytes one request stream may have in flight towards the edge (flow-control window).
+    pub stream_receive_window: u32,
+    /// Bytes one connection may have in flight towards the edge, over all its streams.
+    pub connection_receive_window: u32,
 }
 
 impl Default for H3Limits {
@@ -225,6 +236,11 @@ impl Default for H3Limits {
             max_streams: 100,
             idle_timeout: HumanDuration::secs(30),
             max_connections: 10_000,
+            retry_above: 1_000,
+            max_connections_per_address: 64,
+            stream_header_timeout: HumanDuration::secs(10),
+            stream_receive_window: 256 * 1024,
+            connection_receive_window: 4 * 1024 * 1024,
         }
     }
 }

@@ -117,6 +117,30 @@ fn validate_tls(edge: &Edge, tls: &TlsSection, errors: &mut Errors) {
     if h3.max_connections == 0 {
         errors.push("edge.h3_limits.max_connections", "must be greater than 0");
     }
+    if h3.max_connections_per_address == 0 {
+        errors.push(
+            "edge.h3_limits.max_connections_per_address",
+            "must be greater than 0",
+        );
+    }
+    if h3.stream_header_timeout.as_duration().is_zero() {
+        errors.push(
+            "edge.h3_limits.stream_header_timeout",
+            "must be greater than 0",
+        );
+    }
+    if h3.stream_receive_window < 1024 {
+        errors.push(
+            "edge.h3_limits.stream_receive_window",
+            "must be at least 1024",
+        );
+    }
+    if h3.connection_receive_window < h3.stream_receive_window {
+        errors.push(
+            "edge.h3_limits.connection_receive_window",
+            "must be at least stream_receive_window",
+        );
+    }
     let mut hosts: HashMap<String, usize> = HashMap::new();
     let mut default = None;
     for (i, cert) in tls.certificates.iter().enumerate() {

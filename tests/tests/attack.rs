@@ -321,3 +321,55 @@ fn a_path_specific_route_cannot_be_left_or_dodged() {
         "refused paths reach no upstream"
     );
 }
+
+/// HTTP/3 under a spoofing or slow client: a new client proves its address (Retry) before it
+/// holds a connection slot, one address gets at most `max_connections_per_address` connections,
+/// and a request stream that never sends its headers is ended by the edge.
+#[test]
+fn http3_validates_addresses_caps_each_address_and_ends_silent_streams() {
+    use meridian_tests::h3client::{client_config, H3Connection};
+    let mut config = local_config();
+    config.edge.h3_limits.retry_above = 0;
+    config.edge.h3_limits.max_connections_per_address = 2;
+    config.edge.h3_limits.stream_header_timeout = meridian_config::HumanDuration::millis(200);
+    let world = World::start(config);
+    let target = world.edge.https_addr.expect("https");
+    let roots = world.tls.as_ref().expect("tls").roots();
+    let connect = |country: &str| {
+        let config = client_config(roots.clone()).expect("client config");
+        world.runtime.block_on(H3Connection::connect(
+            meridian_tests::source_for(country),
+            target,
+            "api.example.test",
+            config,
+        ))
+    };
+    // Every connection goes through a Retry (retry_above = 0): a real client follows it.
+    let mut first = connect("SG").expect("first connection, after a Retry");
+    let reply = world
+        .runtime
+        .block_on(first.request("GET", "api.example.test", "/hello", &[], Vec::new()))
+        .expect("request");
+    assert_eq!(reply.status, 200);
+    let second = connect("SG").expect("second connection from the same address");
+    assert!(
+        connect("SG").is_err(),
+        "a third connection from one address is refused"
+    );
+    let other = connect("MY").expect("another address still gets in");
+    // A stream that opens (one byte of a HEADERS frame) and then says nothing.
+    let connection = second.connection.clone();
+    let ended = world.runtime.block_on(async move {
+        let (mut send, mut recv) = connection.open_bi().await.expect("stream");
+        send.write_all(&[0x01]).await.expect("write");
+        // Bounded wait: without a header timeout the stream stays open until the connection's
+        // 30 s idle timeout.
+        tokio::time::timeout(std::time::Duration::from_secs(10), recv.read_to_end(1024)).await
+    });
+    assert!(
+        ended.is_ok(),
+        "the edge ends a stream that never sent its headers"
+    );
+    drop(first);
+    world.runtime.block_on(other.close());
+}
