@@ -141,6 +141,8 @@ pub struct Edge {
     pub cache: EdgeCache,
     /// `[edge.access_log]`: one JSON line per request, off by default.
     pub access_log: AccessLog,
+    /// Also send RFC 7239 `Forwarded` upstream (`X-Forwarded-For`/`-Proto` are always sent).
+    pub forwarded: bool,
 }
 
 impl Default for Edge {
@@ -158,6 +160,7 @@ impl Default for Edge {
             shutdown_timeout: HumanDuration::secs(5),
             cache: EdgeCache::default(),
             access_log: AccessLog::default(),
+            forwarded: false,
         }
     }
 }
@@ -236,6 +239,17 @@ pub struct H3Limits {
     pub idle_timeout: HumanDuration,
     /// Concurrent QUIC connections; more are refused.
     pub max_connections: usize,
+    /// Once this many connections are open, a new client must first prove its address with a
+    /// Retry round trip (spoofed Initials then hold no slot); 0: always.
+    pub retry_above: usize,
+    /// Concurrent connections (handshaking or open) from one client IP address; more are refused.
+    pub max_connections_per_address: usize,
+    /// A request stream must have sent its headers this long after it opened, or it is reset.
+    pub stream_header_timeout: HumanDuration,
+    /// Bytes one request stream may have in flight towards the edge (flow-control window).
+    pub stream_receive_window: u32,
+    /// Bytes one connection may have in flight towards the edge, over all its streams.
+    pub connection_receive_window: u32,
 }
 
 impl Default for H3Limits {
@@ -244,6 +258,11 @@ impl Default for H3Limits {
             max_streams: 100,
             idle_timeout: HumanDuration::secs(30),
             max_connections: 10_000,
+            retry_above: 1_000,
+            max_connections_per_address: 64,
+            stream_header_timeout: HumanDuration::secs(10),
+            stream_receive_window: 256 * 1024,
+            connection_receive_window: 4 * 1024 * 1024,
         }
     }
 }
@@ -361,6 +380,12 @@ pub struct OutlierDetection {
     /// First ejection; each repeat doubles it, up to `max_ejection`.
     pub base_ejection: HumanDuration,
     pub max_ejection: HumanDuration,
+    /// Most of the region's upstreams ejected at once, in percent; at least one always stays in
+    /// (a single-upstream region is never emptied by ejection).
+    pub max_ejection_percent: u32,
+    /// Below this share (percent) of the region's healthy upstreams left un-ejected, ejections
+    /// are ignored and requests spread over every healthy upstream (0: never).
+    pub panic_threshold: u32,
 }
 
 impl Default for OutlierDetection {
@@ -369,6 +394,8 @@ impl Default for OutlierDetection {
             consecutive_failures: 5,
             base_ejection: HumanDuration::secs(10),
             max_ejection: HumanDuration::secs(300),
+            max_ejection_percent: 50,
+            panic_threshold: 50,
         }
     }
 }

@@ -149,6 +149,30 @@ fn validate_tls(edge: &Edge, tls: &TlsSection, errors: &mut Errors) {
     if h3.max_connections == 0 {
         errors.push("edge.h3_limits.max_connections", "must be greater than 0");
     }
+    if h3.max_connections_per_address == 0 {
+        errors.push(
+            "edge.h3_limits.max_connections_per_address",
+            "must be greater than 0",
+        );
+    }
+    if h3.stream_header_timeout.as_duration().is_zero() {
+        errors.push(
+            "edge.h3_limits.stream_header_timeout",
+            "must be greater than 0",
+        );
+    }
+    if h3.stream_receive_window < 1024 {
+        errors.push(
+            "edge.h3_limits.stream_receive_window",
+            "must be at least 1024",
+        );
+    }
+    if h3.connection_receive_window < h3.stream_receive_window {
+        errors.push(
+            "edge.h3_limits.connection_receive_window",
+            "must be at least stream_receive_window",
+        );
+    }
     let mut hosts: HashMap<String, usize> = HashMap::new();
     let mut default = None;
     for (i, cert) in tls.certificates.iter().enumerate() {
@@ -317,6 +341,18 @@ fn validate_region_health(path: &str, region: &Region, errors: &mut Errors) {
         errors.push(
             format!("{path}.outlier.max_ejection"),
             "must be at least base_ejection",
+        );
+    }
+    if outlier.max_ejection_percent > 100 {
+        errors.push(
+            format!("{path}.outlier.max_ejection_percent"),
+            "must be between 0 and 100",
+        );
+    }
+    if outlier.panic_threshold > 100 {
+        errors.push(
+            format!("{path}.outlier.panic_threshold"),
+            "must be between 0 and 100",
         );
     }
     if region.min_healthy == 0 {

@@ -126,6 +126,8 @@ pub struct HealthMetrics {
     pub retries: IntCounterVec,
     pub failovers: IntCounterVec,
     pub ejections: IntCounterVec,
+    /// Picks made while a region was in outlier panic (ejections ignored).
+    pub panic: IntCounterVec,
 }
 
 impl HealthMetrics {
@@ -178,6 +180,14 @@ impl HealthMetrics {
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(failovers.clone()))?;
         registry.register(Box::new(ejections.clone()))?;
+        let panic = IntCounterVec::new(
+            Opts::new(
+                "meridian_upstream_panic_total",
+                "Upstream picks made while the region was below its outlier panic threshold (ejections ignored), by region.",
+            ),
+            &["region"],
+        )?;
+        registry.register(Box::new(panic.clone()))?;
         Ok(Self {
             upstream_healthy,
             region_healthy,
@@ -185,6 +195,7 @@ impl HealthMetrics {
             retries,
             failovers,
             ejections,
+            panic,
         })
     }
 
@@ -213,6 +224,8 @@ impl HealthMetrics {
             self.region_inflight
                 .with_label_values(&[&region.name])
                 .set(i64::from(region.state.inflight()));
+            // Exported at 0 from the start: an alert on panic routing needs the series to exist.
+            let _ = self.panic.with_label_values(&[&region.name]);
         }
     }
 }

@@ -78,7 +78,8 @@ fn forwarded_for_is_believed_only_from_trusted_proxies() {
         &[("x-forwarded-for", "127.12.0.9")],
     );
     assert_eq!(spoofed.region(), Some("eu-central-1"));
-    assert_eq!(spoofed.json()["x_forwarded_for"], "127.12.0.9, 127.17.0.7");
+    // ...nor make the origin believe it: an untrusted peer's chain is replaced, not extended.
+    assert_eq!(spoofed.json()["x_forwarded_for"], "127.17.0.7");
     assert_eq!(spoofed.json()["x_forwarded_proto"], "http");
 }
 

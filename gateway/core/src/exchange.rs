@@ -22,7 +22,9 @@ use http::HeaderMap;
 use meridian_config::Limits;
 
 use crate::decide::{Refusal, RouteDecision};
-use crate::select::{pick_upstream, region_verdict, RegionVerdict};
+use crate::select::{
+    ejection_allowed, in_panic, pick_upstream, region_verdict, upstream_eligible, RegionVerdict,
+};
 use crate::snapshot::Snapshot;
 
 /// Upper bound on tries per request, whatever a route asks for (config caps it at 10).
@@ -222,6 +224,9 @@ pub struct Pick {
     pub address: SocketAddr,
     /// The first try in this region (a front counts the request in the region's in-flight total).
     pub new_region: bool,
+    /// The region was in panic (too many upstreams ejected): ejections were ignored for this
+    /// pick (`meridian_upstream_panic_total`).
+    pub panic: bool,
 }
 
 /// Side effects of a verdict that the front reports in metrics.
@@ -306,6 +311,7 @@ impl Tries {
             upstream: upstream_index,
             address: region.upstreams[upstream_index].address,
             new_region,
+            panic: in_panic(region, now_ms),
         })
     }
 
@@ -318,7 +324,7 @@ impl Tries {
         replay: Replay,
         now_ms: u64,
     ) -> (TryVerdict, Effects) {
-        let effects = if status >= 500 {
+        let effects = if upstream_failed(status) {
             self.record_failure(snapshot, now_ms)
         } else {
             if let Some(upstream) = self.current_upstream(snapshot) {
@@ -422,7 +428,8 @@ impl Tries {
             .get(self.upstream?)
     }
 
-    /// Passive outlier detection: one more failure for the upstream of the current try.
+    /// Passive outlier detection: one more failure for the upstream of the current try, which
+    /// ejects it only while the region's ejection cap leaves room.
     fn record_failure(&self, snapshot: &Snapshot, now_ms: u64) -> Effects {
         let (Some(region), Some(upstream)) = (
             self.region.and_then(|r| snapshot.regions.get(r)),
@@ -430,8 +437,11 @@ impl Tries {
         ) else {
             return Effects::default();
         };
+        let may_eject = ejection_allowed(region, now_ms);
         Effects {
-            ejected: upstream.state.record_failure(now_ms, &region.outlier),
+            ejected: upstream
+                .state
+                .record_failure(now_ms, &region.outlier, may_eject),
         }
     }
 
@@ -477,12 +487,11 @@ impl Tries {
             .map(|&r| usize::from(r))
             .any(|r| {
                 let region = &snapshot.regions[r];
+                let panic = in_panic(region, now_ms);
                 region_verdict(region, now_ms) == RegionVerdict::Available
-                    && region
-                        .upstreams
-                        .iter()
-                        .enumerate()
-                        .any(|(u, upstream)| upstream.is_available(now_ms) && !self.was_tried(r, u))
+                    && region.upstreams.iter().enumerate().any(|(u, upstream)| {
+                        upstream_eligible(upstream, now_ms, panic) && !self.was_tried(r, u)
+                    })
             })
     }
 
@@ -516,6 +525,13 @@ impl Tries {
         }
         None
     }
+}
+
+/// Does a response status count against the upstream's health? 5xx says the upstream failed,
+/// except `501` and `505`: those answer what the client asked for (a method or version the
+/// origin does not do), however healthy the upstream is.
+pub fn upstream_failed(status: u16) -> bool {
+    status >= 500 && status != 501 && status != 505
 }
 
 /// A model server's `429`/`503` refuses the work (so even a POST may go to the next region);
@@ -600,9 +616,7 @@ timeouts = { total = "5s" }
 "#;
 
     fn snapshot() -> Snapshot {
-        let config = Config::from_toml_str(TWO_REGIONS).expect("config");
-        Snapshot::compile(config, SnapshotMeta::default(), &UpstreamStates::default())
-            .expect("compile")
+        compile(TWO_REGIONS)
     }
 
     fn tries(snap: &Snapshot) -> Tries {
@@ -759,21 +773,102 @@ timeouts = { total = "5s" }
     }
 
     #[test]
-    fn consecutive_failures_eject_and_say_so() {
+    fn consecutive_failures_never_eject_a_regions_only_upstream() {
         let snap = snapshot();
-        let mut t = tries(&snap);
-        t.next(&snap, 0, 0).expect("pick");
-        let (_, first) = t.on_response(&snap, 502, &HeaderMap::new(), POST, 0);
-        assert!(!first.ejected);
-        let mut t = tries(&snap);
-        t.next(&snap, 0, 0).expect("pick");
-        let (_, second) = t.on_response(&snap, 502, &HeaderMap::new(), POST, 0);
-        assert!(second.ejected, "outlier.consecutive_failures = 2");
-        // The near region's only upstream is out: the next request starts far away and says why.
+        for _ in 0..10 {
+            let mut t = tries(&snap);
+            let pick = t.next(&snap, 0, 0).expect("pick");
+            assert_eq!(region_name(&snap, pick), "near");
+            let (_, effects) = t.on_response(&snap, 502, &HeaderMap::new(), POST, 0);
+            assert!(!effects.ejected, "at least one upstream always stays in");
+        }
         let mut t = tries(&snap);
         let pick = t.next(&snap, 1, 0).expect("pick");
-        assert_eq!(region_name(&snap, pick), "far");
-        assert_eq!(t.failover().map(|f| f.2), Some("unhealthy"));
+        assert_eq!(region_name(&snap, pick), "near", "no failover for ejection");
+        assert!(!pick.panic);
+    }
+
+    /// One region of four upstreams that fail once to be ejected.
+    const FOUR: &str = r#"
+schema = 1
+[edge]
+pop = "test"
+http = "127.0.0.1:0"
+admin = "127.0.0.1:0"
+
+[[regions]]
+name = "near"
+location = { lat = 0.0, lon = 0.0 }
+upstreams = [{ address = "127.1.1.1:80" }, { address = "127.1.1.2:80" }, { address = "127.1.1.3:80" }, { address = "127.1.1.4:80" }]
+outlier = { consecutive_failures = 1, base_ejection = "10s", max_ejection = "60s", max_ejection_percent = 50, panic_threshold = 50 }
+
+[[routes]]
+name = "api"
+hosts = ["api.test"]
+regions = ["near"]
+default_region = "near"
+"#;
+
+    fn compile(text: &str) -> Snapshot {
+        let config = Config::from_toml_str(text).expect("config");
+        Snapshot::compile(config, SnapshotMeta::default(), &UpstreamStates::default())
+            .expect("compile")
+    }
+
+    #[test]
+    fn ejections_stop_at_max_ejection_percent() {
+        let snap = compile(FOUR);
+        let mut ejected = 0;
+        for _ in 0..8 {
+            let mut t = tries(&snap);
+            t.next(&snap, 0, 0).expect("pick");
+            let (_, effects) = t.on_response(&snap, 503, &HeaderMap::new(), POST, 0);
+            ejected += usize::from(effects.ejected);
+        }
+        assert_eq!(ejected, 2, "50 % of four");
+        let region = &snap.regions[0];
+        let left = region.upstreams.iter().filter(|u| !u.state.is_ejected(0));
+        assert_eq!(left.count(), 2);
+        assert_eq!(region_verdict(region, 0), RegionVerdict::Available);
+    }
+
+    #[test]
+    fn client_caused_statuses_do_not_count_against_the_upstream() {
+        let snap = compile(FOUR);
+        for status in [501, 505, 404, 429, 499] {
+            let mut t = tries(&snap);
+            t.next(&snap, 0, 0).expect("pick");
+            let (_, effects) = t.on_response(&snap, status, &HeaderMap::new(), POST, 0);
+            assert!(!effects.ejected, "{status}");
+        }
+        assert!(snap.regions[0]
+            .upstreams
+            .iter()
+            .all(|u| !u.state.is_ejected(0)));
+    }
+
+    #[test]
+    fn below_the_panic_threshold_ejections_are_ignored() {
+        let snap = compile(FOUR);
+        // Two ejected (the cap), then active checks take the other two down: the region's only
+        // healthy upstreams are ejected ones.
+        for _ in 0..2 {
+            let mut t = tries(&snap);
+            t.next(&snap, 0, 0).expect("pick");
+            t.on_response(&snap, 503, &HeaderMap::new(), POST, 0);
+        }
+        let region = &snap.regions[0];
+        for u in region.upstreams.iter().filter(|u| !u.state.is_ejected(0)) {
+            u.state.record_probe(false, 1, 1);
+        }
+        let mut t = tries(&snap);
+        let pick = t.next(&snap, 1, 0).expect("panic routing, not a 503");
+        assert!(pick.panic);
+        assert!(region.upstreams[pick.upstream].state.is_ejected(1));
+        // Ejections over: no panic.
+        let mut t = tries(&snap);
+        let pick = t.next(&snap, 60_000, 0).expect("pick");
+        assert!(!pick.panic);
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! Upstreams: weighted least-outstanding (fewest in-flight per unit of weight), rotating ties.
 
 use super::geo::distance_km;
-use super::snapshot::{CompiledRegion, CompiledRoute, ResidencyRule, Snapshot};
+use super::snapshot::{CompiledRegion, CompiledRoute, CompiledUpstream, ResidencyRule, Snapshot};
 
 /// How many candidate regions a decision carries (enough for any retry budget; nearest kept).
 pub const MAX_CANDIDATES: usize = 16;
@@ -44,14 +44,60 @@ impl RegionVerdict {
     }
 }
 
+/// Is `region` in panic: so many of its healthy upstreams ejected (more than its
+/// `panic_threshold` allows) that ejections are ignored and every healthy upstream takes traffic?
+/// Passive verdicts are guesses from a few requests; they never empty a region on their own.
+pub fn in_panic(region: &CompiledRegion, now_ms: u64) -> bool {
+    let threshold = u64::from(region.outlier.panic_threshold);
+    if threshold == 0 {
+        return false;
+    }
+    let (mut healthy, mut not_ejected) = (0u64, 0u64);
+    for u in region.upstreams.iter().filter(|u| serves(u)) {
+        if u.state.is_healthy() {
+            healthy += 1;
+            if !u.state.is_ejected(now_ms) {
+                not_ejected += 1;
+            }
+        }
+    }
+    healthy > 0 && not_ejected * 100 < threshold * healthy
+}
+
+/// May one more upstream of `region` be ejected now? Only while the ejected ones stay within
+/// `max_ejection_percent` of the serving upstreams and at least one serving upstream stays in.
+pub fn ejection_allowed(region: &CompiledRegion, now_ms: u64) -> bool {
+    let (mut serving, mut ejected) = (0u64, 0u64);
+    for u in region.upstreams.iter().filter(|u| serves(u)) {
+        serving += 1;
+        if u.state.is_ejected(now_ms) {
+            ejected += 1;
+        }
+    }
+    let cap = serving * u64::from(region.outlier.max_ejection_percent) / 100;
+    ejected < cap && serving.saturating_sub(ejected + 1) >= 1
+}
+
+/// Takes traffic at all: weighted and not drained.
+fn serves(u: &CompiledUpstream) -> bool {
+    u.weight > 0 && !u.drain
+}
+
+/// May upstream `u` of a region take a new request now? Healthy and, unless the region is in
+/// panic, not ejected.
+pub fn upstream_eligible(u: &CompiledUpstream, now_ms: u64, panic: bool) -> bool {
+    serves(u) && u.state.is_healthy() && (panic || !u.state.is_ejected(now_ms))
+}
+
 pub fn region_verdict(region: &CompiledRegion, now_ms: u64) -> RegionVerdict {
     if region.drain {
         return RegionVerdict::Drained;
     }
+    let panic = in_panic(region, now_ms);
     let available = region
         .upstreams
         .iter()
-        .filter(|u| u.is_available(now_ms))
+        .filter(|u| upstream_eligible(u, now_ms, panic))
         .count();
     // A region whose upstreams are mostly drained on purpose still counts as healthy when every
     // remaining one is.
@@ -181,8 +227,8 @@ fn cmp(a: &(u8, f64, u16), b: &(u8, f64, u16)) -> std::cmp::Ordering {
         .then_with(|| a.2.cmp(&b.2))
 }
 
-/// Picks the upstream with the fewest in-flight requests per unit of weight, skipping weight 0 and
-/// those `excluded` says were already tried. `rotation` breaks ties so equal upstreams share load.
+/// Picks the upstream with the fewest in-flight requests per unit of weight, skipping weight 0,
+/// unhealthy, ejected (unless the region is in panic) and those `excluded` says were already tried. `rotation` breaks ties so equal upstreams share load.
 pub fn pick_upstream(
     region: &CompiledRegion,
     now_ms: u64,
@@ -190,11 +236,12 @@ pub fn pick_upstream(
     excluded: impl Fn(usize) -> bool,
 ) -> Option<usize> {
     let n = region.upstreams.len();
+    let panic = in_panic(region, now_ms);
     let mut best: Option<(u64, u64, usize)> = None; // (inflight+1, weight, index): compare a/b by cross-multiplying
     for k in 0..n {
         let i = (rotation + k) % n;
         let upstream = &region.upstreams[i];
-        if !upstream.is_available(now_ms) || excluded(i) {
+        if !upstream_eligible(upstream, now_ms, panic) || excluded(i) {
             continue;
         }
         let load = u64::from(upstream.state.inflight()) + 1;

@@ -189,6 +189,8 @@ impl Snapshot {
                         consecutive_failures: region.outlier.consecutive_failures,
                         base_ejection_ms: millis(region.outlier.base_ejection.as_duration()),
                         max_ejection_ms: millis(region.outlier.max_ejection.as_duration()),
+                        max_ejection_percent: region.outlier.max_ejection_percent,
+                        panic_threshold: region.outlier.panic_threshold,
                     },
                 }
             })

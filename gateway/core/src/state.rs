@@ -11,6 +11,12 @@ pub struct OutlierSpec {
     pub consecutive_failures: u32,
     pub base_ejection_ms: u64,
     pub max_ejection_ms: u64,
+    /// Most of a region's serving upstreams that may be ejected at once (percent); at least one
+    /// always stays in: outlier detection must never be what empties a region.
+    pub max_ejection_percent: u32,
+    /// Below this share (percent) of a region's healthy upstreams not ejected, the region ignores
+    /// ejections and spreads requests over all its healthy upstreams (0: never).
+    pub panic_threshold: u32,
 }
 
 #[derive(Debug)]
@@ -119,15 +125,17 @@ impl UpstreamState {
         }
     }
 
-    /// A request failed here (connect error, timeout, 5xx). Ejects the upstream after
-    /// `consecutive_failures` in a row, for a backoff that doubles with each ejection.
-    /// Returns true when this failure caused an ejection.
-    pub fn record_failure(&self, now_ms: u64, spec: &OutlierSpec) -> bool {
+    /// A request failed here because of the upstream (connect error, timeout, 5xx). Ejects the
+    /// upstream after `consecutive_failures` in a row, for a backoff that doubles with each
+    /// ejection — when `may_eject` (the region's ejection cap leaves room). A failure over the cap
+    /// stays counted, so the upstream goes as soon as there is room. Returns true when this
+    /// failure caused an ejection.
+    pub fn record_failure(&self, now_ms: u64, spec: &OutlierSpec, may_eject: bool) -> bool {
         let failures = self
             .consecutive_failures
             .fetch_add(1, Ordering::Relaxed)
             .saturating_add(1);
-        if failures < spec.consecutive_failures || self.is_ejected(now_ms) {
+        if failures < spec.consecutive_failures || self.is_ejected(now_ms) || !may_eject {
             return false;
         }
         self.consecutive_failures.store(0, Ordering::Relaxed);
@@ -252,6 +260,8 @@ mod tests {
         consecutive_failures: 3,
         base_ejection_ms: 1_000,
         max_ejection_ms: 5_000,
+        max_ejection_percent: 50,
+        panic_threshold: 50,
     };
 
     #[test]
@@ -279,28 +289,38 @@ mod tests {
     #[test]
     fn consecutive_failures_eject_with_growing_backoff() {
         let s = UpstreamState::default();
-        assert!(!s.record_failure(0, &SPEC));
+        assert!(!s.record_failure(0, &SPEC, true));
         s.record_success();
-        assert!(!s.record_failure(0, &SPEC));
-        assert!(!s.record_failure(0, &SPEC));
+        assert!(!s.record_failure(0, &SPEC, true));
+        assert!(!s.record_failure(0, &SPEC, true));
         assert!(
-            s.record_failure(100, &SPEC),
+            s.record_failure(100, &SPEC, true),
             "third failure in a row ejects"
         );
         assert!(s.is_ejected(1_099) && !s.is_available(1_099));
         assert!(s.is_available(1_100), "ejection over");
         for _ in 0..3 {
-            s.record_failure(2_000, &SPEC);
+            s.record_failure(2_000, &SPEC, true);
         }
         assert!(s.is_ejected(3_999), "second ejection lasts twice as long");
         assert!(!s.is_ejected(4_000));
         for round in 0..5u64 {
             for _ in 0..3 {
-                s.record_failure(10_000 * (round + 1), &SPEC);
+                s.record_failure(10_000 * (round + 1), &SPEC, true);
             }
         }
         assert!(!s.is_ejected(50_000 + 5_000), "capped at max_ejection");
         assert_eq!(s.ejections(), 7);
+    }
+
+    #[test]
+    fn no_room_under_the_cap_means_no_ejection_until_there_is() {
+        let s = UpstreamState::default();
+        for _ in 0..10 {
+            assert!(!s.record_failure(0, &SPEC, false));
+        }
+        assert!(s.is_available(0));
+        assert!(s.record_failure(0, &SPEC, true), "room again: out at once");
     }
 
     #[test]

@@ -43,6 +43,9 @@ pub fn start(
     transport.max_concurrent_bidi_streams(limits.max_streams.into());
     // HTTP/3 control and QPACK streams (three per side), plus room for extensions we ignore.
     transport.max_concurrent_uni_streams(16u32.into());
+    // Bounded buffering: quinn's defaults let one connection hold ~125 MB of unread data.
+    transport.stream_receive_window(limits.stream_receive_window.into());
+    transport.receive_window(limits.connection_receive_window.into());
     transport.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(limits.idle_timeout.as_duration())
             .map_err(|e| io_error(TlsError::Setup(e.to_string())))?,
@@ -61,9 +64,15 @@ pub fn start(
     let addr = endpoint.local_addr()?;
     let (stop, stop_rx) = watch::channel(false);
     let (done_tx, done) = std::sync::mpsc::channel();
-    let max_connections = limits.max_connections;
+    let admission = Admission {
+        max_connections: limits.max_connections,
+        retry_above: limits.retry_above,
+        per_address: limits.max_connections_per_address,
+        header_timeout: limits.stream_header_timeout.as_duration(),
+        open: Arc::default(),
+    };
     runtime.spawn(async move {
-        serve(endpoint, pipeline, max_connections, stop_rx, drain).await;
+        serve(endpoint, pipeline, admission, stop_rx, drain).await;
         let _ = done_tx.send(());
     });
     Ok(H3Front {
@@ -93,10 +102,55 @@ fn io_error(e: TlsError) -> std::io::Error {
     std::io::Error::other(e.to_string())
 }
 
+/// Who may open a connection: the connection caps (total and per client address) and when a
+/// client must first prove its address with a Retry.
+struct Admission {
+    max_connections: usize,
+    retry_above: usize,
+    per_address: usize,
+    header_timeout: Duration,
+    /// Connections (handshaking or open) per client IP address.
+    open: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+/// Counts a connection against its client address until dropped.
+struct AddressSlot {
+    ip: std::net::IpAddr,
+    open: Arc<std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>>,
+}
+
+impl Admission {
+    /// A slot for a new connection from `ip`, unless that address already has its share.
+    fn slot(&self, ip: std::net::IpAddr) -> Option<AddressSlot> {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        let count = open.entry(ip).or_insert(0);
+        if *count >= self.per_address {
+            return None;
+        }
+        *count += 1;
+        Some(AddressSlot {
+            ip,
+            open: Arc::clone(&self.open),
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(count) = open.get_mut(&self.ip) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.ip);
+            }
+        }
+    }
+}
+
 async fn serve(
     endpoint: quinn::Endpoint,
     pipeline: Arc<Pipeline>,
-    max_connections: usize,
+    admission: Admission,
     mut stop: watch::Receiver<bool>,
     drain: Duration,
 ) {
@@ -107,15 +161,34 @@ async fn serve(
             _ = stop.wait_for(|s| *s) => None,
         };
         let Some(incoming) = incoming else { break };
-        if endpoint.open_connections() >= max_connections {
+        let open = endpoint.open_connections();
+        if open >= admission.max_connections {
             incoming.refuse();
             continue;
         }
+        // Under load (or always, with retry_above = 0) a client proves it owns its address
+        // before it gets a connection slot: spoofed Initials cost one stateless packet each.
+        if !incoming.remote_address_validated() && open >= admission.retry_above {
+            if incoming.may_retry() {
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().ignore();
+                }
+            } else {
+                incoming.refuse();
+            }
+            continue;
+        }
+        let Some(slot) = admission.slot(incoming.remote_address().ip()) else {
+            incoming.refuse();
+            continue;
+        };
         let pipeline = Arc::clone(&pipeline);
         let stop = stop.clone();
+        let header_timeout = admission.header_timeout;
         connections.spawn(async move {
+            let _slot = slot;
             match incoming.await {
-                Ok(conn) => serve_connection(conn, pipeline, stop).await,
+                Ok(conn) => serve_connection(conn, pipeline, stop, header_timeout).await,
                 Err(e) => tracing::debug!("QUIC handshake failed: {e}"),
             }
         });
@@ -135,6 +208,7 @@ async fn serve_connection(
     conn: quinn::Connection,
     pipeline: Arc<Pipeline>,
     mut stop: watch::Receiver<bool>,
+    header_timeout: Duration,
 ) {
     let metrics = pipeline.store.metrics();
     metrics.tls.quic_connections.inc();
@@ -184,7 +258,21 @@ async fn serve_connection(
             Ok(Some(resolver)) => {
                 let pipeline = Arc::clone(&pipeline);
                 requests.spawn(async move {
-                    match resolver.resolve_request().await {
+                    // A stream that opens and never sends its headers would hold a stream
+                    // slot for the connection's life.
+                    let resolved = match tokio::time::timeout(
+                        header_timeout,
+                        resolver.resolve_request(),
+                    )
+                    .await
+                    {
+                        Ok(resolved) => resolved,
+                        Err(_) => {
+                            tracing::debug!("HTTP/3 request headers from {peer} timed out");
+                            return;
+                        }
+                    };
+                    match resolved {
                         Ok((req, stream)) => {
                             let arrival = Arrival {
                                 peer,

@@ -11,27 +11,137 @@ pub(crate) const X_FORWARDED_FOR_HEADER: HeaderName = HeaderName::from_static(X_
 pub const HEADER_REGION: HeaderName = HeaderName::from_static("x-meridian-region");
 pub const HEADER_POP: HeaderName = HeaderName::from_static("x-meridian-pop");
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
-/// Sets the forwarding headers of a request going upstream: `X-Forwarded-For` (the chain from
-/// trusted proxies plus the client), `X-Forwarded-Proto` (`scheme`: what the client used to reach
-/// the edge), `X-Request-Id` (the client's when sane, else a new one) and `traceparent`.
-pub(crate) fn set_forwarding_headers(
-    headers: &mut http::HeaderMap,
-    client: IpAddr,
-    scheme: &'static str,
-) {
-    if let Ok(value) = forwarded_for_chain(headers, client) {
+/// Who sent a request and how, for the forwarding headers of its upstream request.
+#[derive(Clone, Copy, Debug)]
+pub struct Forwarding<'a> {
+    /// The client, resolved through trusted proxies.
+    pub client: IpAddr,
+    /// What the client used to reach the edge (`http`/`https`).
+    pub scheme: &'static str,
+    /// The host the request was routed by.
+    pub host: &'a str,
+    /// The connection's peer is a trusted proxy (`geoip.trusted_proxies`): its forwarding
+    /// headers are kept and extended. Anyone else's are replaced by the edge's own.
+    pub trusted_peer: bool,
+    /// Also send RFC 7239 `Forwarded` (`edge.forwarded`).
+    pub rfc7239: bool,
+}
+
+/// Sets the forwarding headers of a request going upstream. From an untrusted peer, every
+/// header an origin may take as the edge's word about the client — `X-Forwarded-*`,
+/// `Forwarded`, `X-Real-IP` and the like — is dropped first: they are not in the cache key, so
+/// one client's made-up `X-Forwarded-Host` would otherwise shape a response cached for everyone.
+/// Then `X-Forwarded-For` (the chain from trusted proxies plus the client), `X-Forwarded-Proto`,
+/// optionally `Forwarded`, `X-Request-Id` (the client's when well formed, else a new one) and
+/// `traceparent` (likewise).
+pub fn set_forwarding_headers(headers: &mut http::HeaderMap, forwarding: &Forwarding<'_>) {
+    if !forwarding.trusted_peer {
+        strip_spoofable(headers);
+    }
+    if let Ok(value) = forwarded_for_chain(headers, forwarding.client) {
         headers.insert(X_FORWARDED_FOR, value);
     }
-    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(scheme));
+    if !(forwarding.trusted_peer && headers.contains_key(&X_FORWARDED_PROTO)) {
+        headers.insert(
+            X_FORWARDED_PROTO,
+            HeaderValue::from_static(forwarding.scheme),
+        );
+    }
+    if forwarding.rfc7239 {
+        if let Ok(value) = forwarded_chain(headers, forwarding) {
+            headers.insert(FORWARDED, value);
+        }
+    }
     if let Some(id) = replacement_request_id(headers) {
         headers.insert(X_REQUEST_ID, id);
     }
     crate::access_log::propagate_traceparent(headers);
 }
 
-/// `X-Request-Id` to set, unless the client sent a sane one (kept as is).
+/// Headers that carry a proxy's word about the client or the original request. Beyond the
+/// `X-Forwarded-*` family: `Forwarded` (RFC 7239), `X-Real-IP` and the client-address and
+/// original-URL headers that common origins and frameworks honour.
+const SPOOFABLE: [&str; 8] = [
+    "forwarded",
+    "x-real-ip",
+    "x-client-ip",
+    "true-client-ip",
+    "x-original-url",
+    "x-rewrite-url",
+    "x-original-host",
+    "x-host",
+];
+
+/// Is `name` a forwarding header only a trusted proxy may set?
+pub fn is_spoofable(name: &str) -> bool {
+    name.starts_with("x-forwarded-") || SPOOFABLE.contains(&name)
+}
+
+/// Drops every [`is_spoofable`] header. Nothing is allocated when there is none (the usual case).
+fn strip_spoofable(headers: &mut http::HeaderMap) {
+    if !headers.keys().any(|name| is_spoofable(name.as_str())) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| is_spoofable(name.as_str()))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
+/// The RFC 7239 `Forwarded` value: what a trusted peer sent, plus this hop's element
+/// `for=…;proto=…;host=…` (IPv6 and hosts with a port quoted, as the grammar asks). A host that
+/// is not a plain `name[:port]` is left out rather than escaped.
+fn forwarded_chain(
+    headers: &http::HeaderMap,
+    forwarding: &Forwarding<'_>,
+) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
+    let mut out = String::with_capacity(96);
+    for value in headers.get_all(&FORWARDED) {
+        if let Ok(text) = value.to_str() {
+            if !out.is_empty() {
+                out.push_str(", ");
+            }
+            out.push_str(text);
+        }
+    }
+    if !out.is_empty() {
+        out.push_str(", ");
+    }
+    out.push_str(&forwarded_element(forwarding));
+    HeaderValue::from_str(&out)
+}
+
+/// This hop's `Forwarded` element.
+pub fn forwarded_element(forwarding: &Forwarding<'_>) -> String {
+    let for_ = match forwarding.client {
+        IpAddr::V4(v4) => v4.to_string(),
+        IpAddr::V6(v6) => format!("\"[{v6}]\""),
+    };
+    let mut element = format!("for={for_};proto={}", forwarding.scheme);
+    let host = forwarding.host;
+    let plain = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+    if plain {
+        if host.bytes().any(|b| matches!(b, b':' | b'[' | b']')) {
+            element.push_str(&format!(";host=\"{host}\""));
+        } else {
+            element.push_str(";host=");
+            element.push_str(host);
+        }
+    }
+    element
+}
+
+/// `X-Request-Id` to set, unless the client sent a well-formed one (kept as is).
 fn replacement_request_id(headers: &http::HeaderMap) -> Option<HeaderValue> {
     let keep = headers
         .get(&X_REQUEST_ID)
@@ -41,7 +151,7 @@ fn replacement_request_id(headers: &http::HeaderMap) -> Option<HeaderValue> {
 
 /// The `X-Forwarded-For` chain the client (or trusted proxies) sent, with `client` appended:
 /// `a, b, client`. Values that are not visible ASCII are skipped (as `to_str` would).
-fn forwarded_for_chain(
+pub fn forwarded_for_chain(
     headers: &http::HeaderMap,
     client: IpAddr,
 ) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
@@ -76,9 +186,15 @@ fn forwarded_for_chain(
     HeaderValue::from_bytes(&chain)
 }
 
-/// Client-supplied ids are kept when they are short and printable; anything else is replaced.
-fn is_sane_request_id(id: &[u8]) -> bool {
-    !id.is_empty() && id.len() <= 128 && id.iter().all(|b| b.is_ascii_graphic())
+/// Client-supplied ids are kept when they are short and made of the characters ids are made of
+/// (UUIDs, ULIDs, base64, `svc:123`); anything else — quotes, angle brackets, separators that
+/// end up in logs and dashboards — is replaced.
+pub fn is_sane_request_id(id: &[u8]) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/+=@".contains(b))
 }
 
 /// 128-bit ids: a per-process random seed mixed with a counter (unique, unpredictable enough for
@@ -141,6 +257,9 @@ mod tests {
         assert!(!is_sane_request_id(b""));
         assert!(!is_sane_request_id(b"has space"));
         assert!(!is_sane_request_id(&[b'a'; 129]));
+        assert!(is_sane_request_id(b"0b7c1f3e-55a1-4d2b-9c1e-3f6a2b7d9e10"));
+        assert!(!is_sane_request_id(b"<script>"));
+        assert!(!is_sane_request_id(b"a\"b"));
     }
 
     #[test]
@@ -178,5 +297,93 @@ mod tests {
             forwarded_for_chain(&http::HeaderMap::new(), v6).expect("value"),
             "2001:db8::1"
         );
+    }
+}
+
+#[cfg(test)]
+mod edge_owned {
+    use super::*;
+
+    fn spoofed() -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        for (name, value) in [
+            ("x-forwarded-for", "6.6.6.6"),
+            ("x-forwarded-host", "evil.test"),
+            ("x-forwarded-proto", "https"),
+            ("x-forwarded-port", "443"),
+            ("x-forwarded-prefix", "/admin"),
+            ("forwarded", "for=6.6.6.6;host=evil.test"),
+            ("x-real-ip", "6.6.6.6"),
+            ("x-original-url", "/admin"),
+            ("x-request-id", "<img src=x>"),
+            ("traceparent", "00-zz-zz-01"),
+            ("accept", "*/*"),
+        ] {
+            h.append(name, HeaderValue::from_static(value));
+        }
+        h
+    }
+
+    fn forwarding(trusted_peer: bool, rfc7239: bool) -> Forwarding<'static> {
+        Forwarding {
+            client: "127.12.0.5".parse().expect("ip"),
+            scheme: "http",
+            host: "static.example.test",
+            trusted_peer,
+            rfc7239,
+        }
+    }
+
+    #[test]
+    fn an_untrusted_peer_cannot_speak_for_the_edge() {
+        let mut h = spoofed();
+        set_forwarding_headers(&mut h, &forwarding(false, false));
+        assert_eq!(h["x-forwarded-for"], "127.12.0.5");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        for gone in [
+            "x-forwarded-host",
+            "x-forwarded-port",
+            "x-forwarded-prefix",
+            "forwarded",
+            "x-real-ip",
+            "x-original-url",
+        ] {
+            assert!(!h.contains_key(gone), "{gone}");
+        }
+        assert_eq!(h["accept"], "*/*");
+        assert_ne!(h["x-request-id"], "<img src=x>");
+        assert_ne!(h["traceparent"], "00-zz-zz-01");
+    }
+
+    #[test]
+    fn a_trusted_peer_is_extended_and_rfc7239_is_optional() {
+        let mut h = spoofed();
+        set_forwarding_headers(&mut h, &forwarding(true, true));
+        assert_eq!(h["x-forwarded-for"], "6.6.6.6, 127.12.0.5");
+        assert_eq!(
+            h["x-forwarded-host"], "evil.test",
+            "the proxy's word stands"
+        );
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(
+            h["forwarded"],
+            "for=6.6.6.6;host=evil.test, for=127.12.0.5;proto=http;host=static.example.test"
+        );
+        let mut h = http::HeaderMap::new();
+        let v6 = Forwarding {
+            client: "2001:db8::1".parse().expect("ip"),
+            host: "h.test:8443",
+            ..forwarding(false, true)
+        };
+        set_forwarding_headers(&mut h, &v6);
+        assert_eq!(
+            h["forwarded"],
+            "for=\"[2001:db8::1]\";proto=http;host=\"h.test:8443\""
+        );
+        let odd = Forwarding {
+            host: "a\"b",
+            ..forwarding(false, true)
+        };
+        assert_eq!(forwarded_element(&odd), "for=127.12.0.5;proto=http");
     }
 }

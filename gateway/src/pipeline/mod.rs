@@ -38,6 +38,7 @@ use crate::core::client::client_ip;
 use crate::core::exchange::{
     check_head_limits, declared_length, request_host, EdgeReply, Effects, Replay, Tries, TryVerdict,
 };
+use crate::core::route_match::{normalize_path, PathError};
 use crate::core::snapshot::InflightGuard;
 use crate::core::state::RegionGuard;
 use crate::core::{decide, Refusal, RequestView, RouteDecision};
@@ -160,12 +161,18 @@ impl Pipeline {
             .iter()
             .filter_map(|v| v.to_str().ok());
         let client = client_ip(arrival.peer, forwarded, &snapshot.trusted_proxies);
+        // Routes match, the cache keys and the upstream gets one normalised path.
+        let normalized = match normalized_target(head.uri) {
+            Ok(normalized) => normalized,
+            Err(e) => return out.reply(&EdgeReply::new(400, e.to_string())).await,
+        };
+        let target = normalized.as_ref().unwrap_or(head.uri);
         let view = RequestView {
             host,
-            path: head.uri.path(),
+            path: target.path(),
             client,
         };
-        let path_and_query = head.uri.path_and_query().map_or("/", |p| p.as_str());
+        let path_and_query = target.path_and_query().map_or("/", |p| p.as_str());
         let cache_view = CacheRequest {
             method: head.method,
             scheme: arrival.scheme(),
@@ -203,7 +210,7 @@ impl Pipeline {
                 snapshot,
                 decision.route,
                 head.method,
-                head.uri.path(),
+                target.path(),
                 head.headers.get(http::header::AUTHORIZATION),
             )
         });
@@ -231,7 +238,7 @@ impl Pipeline {
                 let head = out.head();
                 let view = RequestView {
                     host: request_host(head.uri, head.headers).unwrap_or_default(),
-                    path: head.uri.path(),
+                    path: normalized.as_ref().unwrap_or(head.uri).path(),
                     client,
                 };
                 match self
@@ -297,7 +304,16 @@ impl Pipeline {
         {
             headers.insert(http::header::HOST, value);
         }
-        forward::set_forwarding_headers(&mut headers, client, arrival.scheme());
+        forward::set_forwarding_headers(
+            &mut headers,
+            &forward::Forwarding {
+                client,
+                scheme: arrival.scheme(),
+                host: request_host(head.uri, head.headers).unwrap_or_default(),
+                trusted_peer: is_trusted(snapshot, arrival.peer),
+                rfc7239: snapshot.config.edge.forwarded,
+            },
+        );
         if let Some(access) = state.access.as_deref_mut() {
             access.note_upstream_headers(&headers);
         }
@@ -313,7 +329,7 @@ impl Pipeline {
             }
         }
         let method = head.method.clone();
-        let uri = origin_form(head.uri);
+        let uri = origin_form(normalized.as_ref().unwrap_or(head.uri));
         let declared = declared_length(head.headers);
 
         let limit = snapshot.limits.max_body_bytes;
@@ -411,6 +427,14 @@ impl Pipeline {
             let upstream = &region.upstreams[pick.upstream];
             if pick.new_region {
                 *region_inflight = Some(region.state.begin());
+            }
+            if pick.panic {
+                self.store
+                    .metrics()
+                    .health
+                    .panic
+                    .with_label_values(&[&region.name])
+                    .inc();
             }
             let inflight = upstream.state.begin();
             let Some(body) = outbound.body.for_try() else {
@@ -531,7 +555,16 @@ impl Pipeline {
         if let Ok(host) = HeaderValue::from_str(request.host) {
             headers.insert(http::header::HOST, host);
         }
-        forward::set_forwarding_headers(&mut headers, client, arrival.scheme());
+        forward::set_forwarding_headers(
+            &mut headers,
+            &forward::Forwarding {
+                client,
+                scheme: arrival.scheme(),
+                host: request.host,
+                trusted_peer: is_trusted(&loaded.snapshot, arrival.peer),
+                rfc7239: loaded.snapshot.config.edge.forwarded,
+            },
+        );
         for (name, value) in ticket.conditional_headers() {
             headers.insert(name, value);
         }
@@ -673,6 +706,32 @@ impl Pipeline {
             });
         }
     }
+}
+
+/// The request target with its path normalised (see [`normalize_path`]), when that changed it;
+/// the query is kept as it came.
+fn normalized_target(uri: &http::Uri) -> Result<Option<http::Uri>, PathError> {
+    let normalized = match normalize_path(uri.path())? {
+        std::borrow::Cow::Borrowed(_) => return Ok(None),
+        std::borrow::Cow::Owned(path) => path,
+    };
+    let target = match uri.query() {
+        Some(query) => format!("{normalized}?{query}"),
+        None => normalized,
+    };
+    // Normalising only removes characters or decodes unreserved ones: still a valid target.
+    Ok(target
+        .parse::<http::uri::PathAndQuery>()
+        .ok()
+        .map(http::Uri::from))
+}
+
+/// Is the connection's peer one of `geoip.trusted_proxies`?
+fn is_trusted(snapshot: &crate::core::Snapshot, peer: IpAddr) -> bool {
+    snapshot
+        .trusted_proxies
+        .iter()
+        .any(|net| net.contains(&peer))
 }
 
 /// The request target as an upstream gets it: origin-form (`/path?query`). HTTP/2 and HTTP/3
