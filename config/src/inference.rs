@@ -7,21 +7,37 @@ use serde::{Deserialize, Serialize};
 
 use crate::schema::{Config, RouteKind};
 
-/// The largest request body an inference route may buffer: the proxy reads the body before it
-/// picks a region (the model is in it) and replays it from Pingora's 64 KiB retry buffer.
-pub const MAX_INFERENCE_BODY_BYTES: u64 = 64 * 1024;
+/// The largest `max_body_bytes` an inference route may set: a model call is held whole in memory
+/// (the model is in it, and a fallback replays it), so this bounds what one request can pin.
+pub const MAX_INFERENCE_BODY_BYTES: u64 = 256 * 1024 * 1024;
+/// `max_body_bytes` when a route does not set it: room for long contexts, tool definitions and
+/// base64 images.
+pub const DEFAULT_INFERENCE_BODY_BYTES: u64 = 16 * 1024 * 1024;
+/// Completion tokens reserved against `tokens_per_minute` for a call that names no `max_tokens`.
+pub const DEFAULT_RESERVED_COMPLETION_TOKENS: u64 = 256;
 
 /// `[inference]`: settings shared by every inference route.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InferenceSection {
     /// Alias -> model, e.g. `qwen = "qwen-plus"`. The target must be served by some region.
     pub aliases: BTreeMap<String, String>,
+    /// Completion tokens reserved against `tokens_per_minute` for a call without `max_tokens`.
+    pub default_max_tokens: u64,
+}
+
+impl Default for InferenceSection {
+    fn default() -> Self {
+        Self {
+            aliases: BTreeMap::new(),
+            default_max_tokens: DEFAULT_RESERVED_COMPLETION_TOKENS,
+        }
+    }
 }
 
 impl InferenceSection {
     pub fn is_empty(&self) -> bool {
-        self.aliases.is_empty()
+        *self == Self::default()
     }
 }
 
@@ -38,8 +54,8 @@ pub struct ApiKey {
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RouteInference {
-    /// Request bodies larger than this are answered `413` (at most 65536, see
-    /// [`MAX_INFERENCE_BODY_BYTES`]).
+    /// Request bodies larger than this are answered `413` (default 16 MiB, at most
+    /// [`MAX_INFERENCE_BODY_BYTES`]; `edge.limits.max_body_bytes` applies first).
     pub max_body_bytes: u64,
     /// Per API key, per route, per edge (not global across edges).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -49,7 +65,7 @@ pub struct RouteInference {
 impl Default for RouteInference {
     fn default() -> Self {
         Self {
-            max_body_bytes: MAX_INFERENCE_BODY_BYTES,
+            max_body_bytes: DEFAULT_INFERENCE_BODY_BYTES,
             rate_limit: None,
         }
     }
@@ -60,7 +76,9 @@ impl Default for RouteInference {
 pub struct RateLimit {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requests_per_minute: Option<u32>,
-    /// Prompt + completion tokens, charged from the response `usage` after the fact.
+    /// Prompt + completion tokens. A call reserves its estimate at admission (prompt bytes / 4 +
+    /// `max_tokens`, or `[inference] default_max_tokens`), settled to the response `usage` when it
+    /// ends (the reservation when none came).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_per_minute: Option<u64>,
 }
@@ -108,6 +126,12 @@ pub(crate) fn validate(config: &Config) -> Vec<(String, String)> {
                 format!("unknown model {target:?} (no region lists it in models)"),
             ));
         }
+    }
+    if config.inference.default_max_tokens == 0 {
+        errors.push((
+            "inference.default_max_tokens".into(),
+            "must be at least 1".into(),
+        ));
     }
     let mut names: HashMap<&str, usize> = HashMap::new();
     let mut hashes: HashMap<String, usize> = HashMap::new();
@@ -194,7 +218,7 @@ models = ["m-1", "m-1"]
 [[routes]]
 name = "r"
 hosts = ["x.test"]
-inference = { max_body_bytes = 100000, rate_limit = { requests_per_minute = 0 } }
+inference = { max_body_bytes = 300000000, rate_limit = { requests_per_minute = 0 } }
 [inference]
 aliases = { m = "nope", "m-1" = "m-1" }
 [[api_keys]]
