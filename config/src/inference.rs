@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use crate::schema::{Config, RouteKind};
+use crate::HumanDuration;
 
 /// The largest `max_body_bytes` an inference route may set: a model call is held whole in memory
 /// (the model is in it, and a fallback replays it), so this bounds what one request can pin.
@@ -24,6 +25,11 @@ pub struct InferenceSection {
     pub aliases: BTreeMap<String, String>,
     /// Completion tokens reserved against `tokens_per_minute` for a call without `max_tokens`.
     pub default_max_tokens: u64,
+    /// How often each model server (upstream of a region serving models) is asked for its
+    /// Prometheus metrics: queue, running requests, KV-cache use, loaded adapters.
+    pub scrape_interval: HumanDuration,
+    /// The path of that metrics endpoint on every model server.
+    pub scrape_path: String,
 }
 
 impl Default for InferenceSection {
@@ -31,6 +37,8 @@ impl Default for InferenceSection {
         Self {
             aliases: BTreeMap::new(),
             default_max_tokens: DEFAULT_RESERVED_COMPLETION_TOKENS,
+            scrape_interval: HumanDuration::millis(200),
+            scrape_path: "/metrics".into(),
         }
     }
 }
@@ -132,6 +140,15 @@ pub(crate) fn validate(config: &Config) -> Vec<(String, String)> {
             "inference.default_max_tokens".into(),
             "must be at least 1".into(),
         ));
+    }
+    if config.inference.scrape_interval.as_duration() < std::time::Duration::from_millis(10) {
+        errors.push((
+            "inference.scrape_interval".into(),
+            "must be at least 10ms".into(),
+        ));
+    }
+    if !config.inference.scrape_path.starts_with('/') {
+        errors.push(("inference.scrape_path".into(), "must start with '/'".into()));
     }
     let mut names: HashMap<&str, usize> = HashMap::new();
     let mut hashes: HashMap<String, usize> = HashMap::new();

@@ -322,3 +322,54 @@ fn a_client_that_leaves_mid_stream_is_charged() {
     assert_eq!(reply.status, 429, "{}", reply.text());
     assert_eq!(reply.json()["error"]["type"], "tokens");
 }
+
+#[test]
+fn model_servers_are_scraped_for_queue_and_kv_cache() {
+    use meridian_testkit::model_server::Reported;
+
+    let world = World::start(local_config());
+    let origin = &world.origins_of("eu-central-1")[0];
+    origin.model.report(Some(Reported {
+        waiting: 12,
+        running: 4,
+        kv_cache: 0.75,
+        adapters: vec!["sql-lora".into()],
+    }));
+    // Scraping starts with the first model call.
+    let body = br#"{"model":"qwen-turbo","messages":[]}"#.to_vec();
+    assert_eq!(post(&world, source_for("DE"), CHAT, &[], body).status, 200);
+    let labels = format!(r#"{{region="eu-central-1",upstream="{}"}}"#, origin.address);
+    for (name, value) in [
+        ("meridian_inference_replica_queue", 12.0),
+        ("meridian_inference_replica_running", 4.0),
+        ("meridian_inference_replica_kv_cache_ratio", 0.75),
+    ] {
+        let series = format!("{name}{labels}");
+        assert_eq!(
+            world.metric_eventually(&series, value),
+            Some(value),
+            "{series}"
+        );
+    }
+    assert!(origin.model.scrapes() >= 1);
+    // A replica that stops answering is counted, and its numbers go.
+    world.runtime.block_on(origin.set_up_and_settle(false));
+    let errors = r#"meridian_inference_scrapes_total{region="eu-central-1",result="error"}"#;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while meridian_tests::metric_value(&world.metrics(), errors).unwrap_or(0.0) < 1.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no scrape error counted"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let queue = format!("meridian_inference_replica_queue{labels}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while meridian_tests::metric_value(&world.metrics(), &queue).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "stale queue gauge kept"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}

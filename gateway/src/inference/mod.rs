@@ -22,6 +22,7 @@
 pub mod limiter;
 mod metrics;
 pub mod ratelimit;
+pub mod scrape;
 
 pub use crate::core::inference::{
     body_too_large, call_error, entry, model_name, model_served, openai, sniff, usage, Entry,
@@ -56,6 +57,8 @@ pub struct InferenceState {
     /// Registered with the first Redis limiter, so that an edge counting locally exports none.
     limiter_metrics: std::sync::OnceLock<Option<LimiterMetrics>>,
     metrics: Option<InferenceMetrics>,
+    scraper: scrape::Scraper,
+    scrape_metrics: Option<Arc<scrape::ScrapeMetrics>>,
 }
 
 /// The rate-limit key of an anonymous caller: a hash of its address — of its /64 for IPv6, which
@@ -182,7 +185,20 @@ impl InferenceState {
             registry: registry.clone(),
             limiter_metrics: std::sync::OnceLock::new(),
             metrics,
+            scraper: scrape::Scraper::default(),
+            scrape_metrics: match scrape::ScrapeMetrics::new(registry) {
+                Ok(m) => Some(Arc::new(m)),
+                Err(e) => {
+                    tracing::warn!("model server metrics not registered: {e}");
+                    None
+                }
+            },
         }
+    }
+
+    /// Starts scraping the model servers (once; later calls do nothing).
+    pub fn start_scraper(&self, store: &Arc<crate::reload::SnapshotStore>) {
+        self.scraper.start(store, self.scrape_metrics.clone());
     }
 
     /// The limit store that `settings` asks for. A Redis set-up that cannot even be built (a URL

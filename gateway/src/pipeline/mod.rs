@@ -227,6 +227,7 @@ impl Pipeline {
                 key,
                 max_body_bytes,
             }) => {
+                self.inference.start_scraper(&self.store);
                 let declared = declared_length(head.headers);
                 let mut sniffer = crate::inference::sniff::Sniffer::new(PREFIX_BYTES);
                 let read = match declared {

@@ -3,6 +3,7 @@
 //! functions over the snapshot; the gateway reads bodies, applies rate limits and counts.
 
 pub mod openai;
+pub mod pick;
 pub mod sniff;
 pub mod usage;
 
