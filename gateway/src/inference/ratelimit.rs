@@ -84,16 +84,20 @@ pub struct RateLimiter {
 
 impl Default for RateLimiter {
     fn default() -> Self {
-        Self {
-            windows: moka::future::Cache::builder()
-                .max_capacity(MAX_WINDOWS)
-                .time_to_idle(Duration::from_millis(2 * WINDOW_MS))
-                .build(),
-        }
+        Self::with_capacity(MAX_WINDOWS)
     }
 }
 
 impl RateLimiter {
+    fn with_capacity(windows: u64) -> Self {
+        Self {
+            windows: moka::future::Cache::builder()
+                .max_capacity(windows)
+                .time_to_idle(Duration::from_millis(2 * WINDOW_MS))
+                .build(),
+        }
+    }
+
     async fn slot(&self, route: &str, key: &KeyHash) -> Slot {
         self.windows
             .get_with((route.to_string(), *key), async { Slot::default() })
@@ -249,17 +253,18 @@ mod tests {
     #[test]
     fn a_flood_of_callers_stays_bounded() {
         rt().block_on(async {
-            let limiter = RateLimiter::default();
+            const BOUND: u64 = 2_000;
+            let limiter = RateLimiter::with_capacity(BOUND);
             let limit = RateLimit {
                 requests_per_minute: Some(1),
                 tokens_per_minute: None,
             };
-            for i in 0..(MAX_WINDOWS + 5_000) {
+            for i in 0..(10 * BOUND) {
                 let mut key = [0u8; 32];
                 key[..8].copy_from_slice(&i.to_le_bytes());
                 assert!(limiter.admit("r", &key, &limit, 0, 0).await.is_ok());
             }
-            assert!(limiter.len().await <= MAX_WINDOWS);
+            assert!(limiter.len().await <= BOUND);
         });
     }
 }

@@ -700,7 +700,7 @@ mod tests {
     #[test]
     fn a_multi_mebibyte_prompt_is_one_scan() {
         let mut body = br#"{"model":"qwen-max","messages":[{"role":"user","content":""#.to_vec();
-        body.extend(std::iter::repeat(b'x').take(4 << 20));
+        body.extend(std::iter::repeat_n(b'x', 4 << 20));
         body.extend_from_slice(br#""}],"stream":true}"#);
         let f = sniff(&body, 1024).expect("valid");
         assert_eq!(f.model.as_deref(), Some("qwen-max"));
