@@ -173,6 +173,23 @@ fn too_large_and_malformed_long_bodies_are_refused_openai_style() {
     assert_eq!(reply.status, 400, "{}", reply.text());
     assert_eq!(error_code(&reply), "invalid_json");
 
+    // The same answers over TLS on every protocol.
+    for protocol in [Secure::H1, Secure::H2, Secure::H3] {
+        let reply = send_secure(
+            &world,
+            protocol,
+            "MX",
+            long_chat("qwen-max", false, MIB + 10),
+        );
+        assert_eq!(reply.status, 413, "{protocol:?}: {}", reply.text());
+        assert_eq!(error_code(&reply), "request_too_large", "{protocol:?}");
+        let mut broken = long_chat("qwen-max", false, MIB / 2);
+        broken.truncate(broken.len() - 2);
+        let reply = send_secure(&world, protocol, "MX", broken);
+        assert_eq!(reply.status, 400, "{protocol:?}: {}", reply.text());
+        assert_eq!(error_code(&reply), "invalid_json", "{protocol:?}");
+    }
+
     // A second `model` (escaped or not) cannot show the edge one model and the server another.
     let twice = br#"{"model":"qwen-turbo","messages":[],"m\u006fdel":"qwen-max"}"#.to_vec();
     let reply = post(&world, source_for("MX"), CHAT, &[], twice);
