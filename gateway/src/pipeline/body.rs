@@ -149,7 +149,6 @@ pub async fn read_head<D: Downstream>(
 pub async fn read_inspected<D: Downstream, E>(
     downstream: &mut D,
     limit: u64,
-    declared: Option<u64>,
     read_timeout: Duration,
     mut inspect: impl FnMut(&[u8]) -> Result<(), E>,
 ) -> Result<Result<Bytes, E>, BodyError> {
@@ -168,8 +167,9 @@ pub async fn read_inspected<D: Downstream, E>(
             None if body.is_empty() => first = Some(chunk),
             None => body.extend_from_slice(&chunk),
             Some(previous) => {
-                let expect = declared.unwrap_or(0).min(limit) as usize;
-                body.reserve(expect.max(previous.len() + chunk.len()));
+                // Grown as bytes arrive, never by the declared length: a client announcing
+                // 16 MiB and sending two bytes must not make the edge hold 16 MiB.
+                body.reserve(previous.len() + chunk.len());
                 body.extend_from_slice(&previous);
                 body.extend_from_slice(&chunk);
             }

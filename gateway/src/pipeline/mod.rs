@@ -236,7 +236,6 @@ impl Pipeline {
                         body::read_inspected(
                             out.downstream(),
                             max_body_bytes,
-                            declared,
                             route.read_timeout,
                             |chunk| sniffer.push(chunk),
                         )
