@@ -30,6 +30,27 @@ pub struct InferenceSection {
     pub scrape_interval: HumanDuration,
     /// The path of that metrics endpoint on every model server.
     pub scrape_path: String,
+    /// A model server with at least this many waiting requests is saturated; a region whose
+    /// model servers all are sheds `sheddable` calls.
+    pub saturation_queue: u32,
+    /// Criticality per API key name (`[[api_keys]] name`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub key_criticality: BTreeMap<String, Criticality>,
+    /// Criticality per model or alias name, for callers whose key sets none.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub model_criticality: BTreeMap<String, Criticality>,
+}
+
+/// Who goes first when model servers saturate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Criticality {
+    /// Never shed while a region can still take it.
+    Critical,
+    #[default]
+    Standard,
+    /// Refused with `429` first when the region it would go to is saturated.
+    Sheddable,
 }
 
 impl Default for InferenceSection {
@@ -39,6 +60,9 @@ impl Default for InferenceSection {
             default_max_tokens: DEFAULT_RESERVED_COMPLETION_TOKENS,
             scrape_interval: HumanDuration::millis(200),
             scrape_path: "/metrics".into(),
+            saturation_queue: 8,
+            key_criticality: BTreeMap::new(),
+            model_criticality: BTreeMap::new(),
         }
     }
 }
@@ -149,6 +173,28 @@ pub(crate) fn validate(config: &Config) -> Vec<(String, String)> {
     }
     if !config.inference.scrape_path.starts_with('/') {
         errors.push(("inference.scrape_path".into(), "must start with '/'".into()));
+    }
+    if config.inference.saturation_queue == 0 {
+        errors.push((
+            "inference.saturation_queue".into(),
+            "must be at least 1".into(),
+        ));
+    }
+    for name in config.inference.key_criticality.keys() {
+        if !config.api_keys.iter().any(|k| &k.name == name) {
+            errors.push((
+                format!("inference.key_criticality.{name}"),
+                "no [[api_keys]] entry has this name".into(),
+            ));
+        }
+    }
+    for name in config.inference.model_criticality.keys() {
+        if !served.contains(name.as_str()) && !config.inference.aliases.contains_key(name) {
+            errors.push((
+                format!("inference.model_criticality.{name}"),
+                "no region serves this model and no alias has this name".into(),
+            ));
+        }
     }
     let mut names: HashMap<&str, usize> = HashMap::new();
     let mut hashes: HashMap<String, usize> = HashMap::new();

@@ -390,3 +390,78 @@ fn model_servers_are_scraped_for_queue_and_kv_cache() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
 }
+
+#[test]
+fn sheddable_calls_are_shed_before_critical_ones_when_model_servers_saturate() {
+    use meridian_config::inference::Criticality;
+    use meridian_testkit::model_server::Reported;
+
+    /// sha256("sk-beta").
+    const BETA_SHA256: &str = "c29d79ad08b23ba5095b823d0b2e777320983be14c1150de96d07a86da5cd78c";
+    let mut config = keyed(None);
+    config.api_keys.push(ApiKey {
+        name: "beta".into(),
+        sha256: BETA_SHA256.into(),
+    });
+    config
+        .inference
+        .key_criticality
+        .insert("alpha".into(), Criticality::Sheddable);
+    config
+        .inference
+        .key_criticality
+        .insert("beta".into(), Criticality::Critical);
+    let world = World::start(config);
+    let call = |token: &str| {
+        let auth = format!("Bearer {token}");
+        post(
+            &world,
+            source_for("MX"),
+            CHAT,
+            &[("authorization", &auth)],
+            br#"{"model":"qwen-max","messages":[]}"#.to_vec(),
+        )
+    };
+    // Not saturated: both are served (the first call also starts the scraping).
+    assert_eq!(call("sk-alpha").status, 200);
+    assert_eq!(call("sk-beta").status, 200);
+    let origins = world.origins_of("eu-central-1");
+    for origin in origins {
+        origin.model.report(Some(Reported {
+            waiting: 12,
+            running: 8,
+            kv_cache: 0.97,
+            adapters: vec![],
+        }));
+    }
+    for origin in origins {
+        let series = format!(
+            r#"meridian_inference_replica_queue{{region="eu-central-1",upstream="{}"}}"#,
+            origin.address
+        );
+        assert_eq!(
+            world.metric_eventually(&series, 12.0),
+            Some(12.0),
+            "{series}"
+        );
+    }
+    let shed = call("sk-alpha");
+    assert_eq!(shed.status, 429, "{}", shed.text());
+    assert_eq!(error_code(&shed), "overloaded");
+    assert!(shed.header("retry-after").is_some());
+    let critical = call("sk-beta");
+    assert_eq!(critical.status, 200, "{}", critical.text());
+    assert_eq!(critical.region(), Some("eu-central-1"));
+    // Back to normal: the sheddable caller is served again.
+    for origin in origins {
+        origin.model.report(None);
+    }
+    for origin in origins {
+        let series = format!(
+            r#"meridian_inference_replica_queue{{region="eu-central-1",upstream="{}"}}"#,
+            origin.address
+        );
+        assert_eq!(world.metric_eventually(&series, 0.0), Some(0.0), "{series}");
+    }
+    assert_eq!(call("sk-alpha").status, 200);
+}

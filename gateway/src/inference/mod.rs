@@ -39,8 +39,9 @@ use crate::core::models::ModelId;
 use crate::core::{decide_for_model, Refusal, RequestView, RouteDecision, Snapshot};
 use crate::metrics::STATUS_CLASSES;
 
+use crate::core::inference::pick::{self, PickParams, Replica};
 use limiter::{LimitBackend, LimiterMetrics, RedisLimiter};
-use meridian_config::inference::RateLimit;
+use meridian_config::inference::{Criticality, RateLimit};
 use meridian_config::{LimitsBackend, LimitsSection};
 pub use metrics::InferenceMetrics;
 use openai::ApiError;
@@ -330,6 +331,7 @@ impl InferenceState {
             .unwrap_or_default();
         let name = model_name(fields).map_err(|error| (error, None))?;
         let model = model_served(snapshot, route, name).map_err(|error| (error, None))?;
+        let authenticated = key;
         let key = Self::caller(key, view.client);
         let mut ctx = Box::new(InferenceCtx {
             model,
@@ -370,14 +372,27 @@ impl InferenceState {
             }
         }
 
-        match decide_for_model(
-            snapshot,
-            view,
-            |ip| geoip.lookup(ip),
-            crate::clock::now_ms(),
-            model,
-        ) {
-            Ok(decision) => Ok((decision, ctx)),
+        let now_ms = crate::clock::now_ms();
+        match decide_for_model(snapshot, view, |ip| geoip.lookup(ip), now_ms, model) {
+            Ok(decision) => {
+                let criticality =
+                    crate::core::inference::criticality(snapshot, &authenticated, name, model);
+                if criticality == Criticality::Sheddable
+                    && self.saturated(snapshot, decision.candidates.get(0), now_ms)
+                {
+                    let mut error = ApiError::new(
+                        429,
+                        "server_error",
+                        "overloaded",
+                        format!(
+                            "the model servers for `{name}` are saturated; sheddable calls are refused first, retry shortly"
+                        ),
+                    );
+                    error.retry_after = Some(1);
+                    return Err((error, Some(ctx)));
+                }
+                Ok((decision, ctx))
+            }
             Err(refusal) => {
                 let reason = match refusal {
                     Refusal::Residency { country, .. } => format!(
@@ -399,6 +414,31 @@ impl InferenceState {
                 Err((error, Some(ctx)))
             }
         }
+    }
+
+    /// Every available model server of `region` reported a queue of at least
+    /// `[inference] saturation_queue` in the last scrape round.
+    fn saturated(&self, snapshot: &Snapshot, region: Option<usize>, now_ms: u64) -> bool {
+        let Some(region) = region.and_then(|r| snapshot.regions.get(r)) else {
+            return false;
+        };
+        let scraped = self.scraper.replicas();
+        let replicas: Vec<Replica> = region
+            .upstreams
+            .iter()
+            .map(|u| Replica {
+                available: u.state.is_available(now_ms) && u.weight > 0 && !u.drain,
+                inflight: u.state.inflight(),
+                metrics: scraped.get(&u.address).copied(),
+                has_adapter: None,
+                id: 0,
+            })
+            .collect();
+        let params = PickParams {
+            saturation_queue: f64::from(snapshot.config.inference.saturation_queue),
+            ..PickParams::default()
+        };
+        pick::region_saturated(&replicas, &params)
     }
 
     /// At the end of the request: metrics, and the tokens charged to the caller.

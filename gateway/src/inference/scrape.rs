@@ -2,6 +2,7 @@
 //! use and loaded LoRA adapters, under vLLM's names by default and any server's names through a
 //! mapping (SGLang, TGI, ...). The text is read line by line; only the named gauges are kept.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -86,11 +87,16 @@ impl ScrapeMetrics {
     }
 }
 
+/// The state of every model server that answered the last scrape round, by address (replaced
+/// whole each round: read without a lock on the request path).
+pub type Replicas = Arc<arc_swap::ArcSwap<HashMap<SocketAddr, ReplicaMetrics>>>;
+
 /// Scrapes every model server of the current snapshot, every `[inference] scrape_interval`,
 /// from the first model call on (the edge's runtimes exist by then) until the store is gone.
 #[derive(Default)]
 pub struct Scraper {
     started: OnceLock<()>,
+    replicas: Replicas,
 }
 
 impl Scraper {
@@ -101,11 +107,20 @@ impl Scraper {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        runtime.spawn(run(Arc::downgrade(store), metrics));
+        runtime.spawn(run(
+            Arc::downgrade(store),
+            metrics,
+            Arc::clone(&self.replicas),
+        ));
+    }
+
+    /// What the last round found.
+    pub fn replicas(&self) -> Arc<HashMap<SocketAddr, ReplicaMetrics>> {
+        self.replicas.load_full()
     }
 }
 
-async fn run(store: Weak<SnapshotStore>, metrics: Option<Arc<ScrapeMetrics>>) {
+async fn run(store: Weak<SnapshotStore>, metrics: Option<Arc<ScrapeMetrics>>, replicas: Replicas) {
     let names = Arc::new(MetricNames::default());
     loop {
         let Some(live) = store.upgrade() else {
@@ -141,11 +156,19 @@ async fn run(store: Weak<SnapshotStore>, metrics: Option<Arc<ScrapeMetrics>>) {
             }
         }
         drop(loaded);
+        let mut found = HashMap::new();
         while let Some(done) = scrapes.join_next().await {
-            if let (Ok((region, address, result)), Some(metrics)) = (done, metrics.as_ref()) {
+            let Ok((region, address, result)) = done else {
+                continue;
+            };
+            if let Ok(scraped) = &result {
+                found.insert(address, scraped.metrics);
+            }
+            if let Some(metrics) = metrics.as_ref() {
                 metrics.record(&region, &address.to_string(), &result);
             }
         }
+        replicas.store(Arc::new(found));
         tokio::time::sleep(interval).await;
     }
 }

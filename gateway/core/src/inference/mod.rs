@@ -233,6 +233,38 @@ fn authenticate(
     }
 }
 
+/// The `[[api_keys]]` name of an authenticated caller.
+pub fn key_name<'a>(snapshot: &'a Snapshot, key: &KeyHash) -> Option<&'a str> {
+    snapshot
+        .config
+        .api_keys
+        .iter()
+        .find(|k| hex_eq(&k.sha256, key))
+        .map(|k| k.name.as_str())
+}
+
+/// How critical a call is: its key's setting, else its model's (the name sent, then the model it
+/// resolves to), else standard.
+pub fn criticality(
+    snapshot: &Snapshot,
+    key: &KeyHash,
+    sent: &str,
+    model: ModelId,
+) -> meridian_config::inference::Criticality {
+    let settings = &snapshot.config.inference;
+    key_name(snapshot, key)
+        .and_then(|name| settings.key_criticality.get(name))
+        .or_else(|| settings.model_criticality.get(sent))
+        .or_else(|| {
+            snapshot
+                .models
+                .get(model)
+                .and_then(|m| settings.model_criticality.get(&m.name))
+        })
+        .copied()
+        .unwrap_or_default()
+}
+
 fn hex_eq(hex: &str, bytes: &[u8; 32]) -> bool {
     hex.len() == 64
         && bytes.iter().enumerate().all(|(i, b)| {
