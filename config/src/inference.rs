@@ -6,22 +6,70 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use serde::{Deserialize, Serialize};
 
 use crate::schema::{Config, RouteKind};
+use crate::HumanDuration;
 
-/// The largest request body an inference route may buffer: the proxy reads the body before it
-/// picks a region (the model is in it) and replays it from Pingora's 64 KiB retry buffer.
-pub const MAX_INFERENCE_BODY_BYTES: u64 = 64 * 1024;
+/// The largest `max_body_bytes` an inference route may set: a model call is held whole in memory
+/// (the model is in it, and a fallback replays it), so this bounds what one request can pin.
+pub const MAX_INFERENCE_BODY_BYTES: u64 = 256 * 1024 * 1024;
+/// `max_body_bytes` when a route does not set it: room for long contexts, tool definitions and
+/// base64 images.
+pub const DEFAULT_INFERENCE_BODY_BYTES: u64 = 16 * 1024 * 1024;
+/// Completion tokens reserved against `tokens_per_minute` for a call that names no `max_tokens`.
+pub const DEFAULT_RESERVED_COMPLETION_TOKENS: u64 = 256;
 
 /// `[inference]`: settings shared by every inference route.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct InferenceSection {
     /// Alias -> model, e.g. `qwen = "qwen-plus"`. The target must be served by some region.
     pub aliases: BTreeMap<String, String>,
+    /// Completion tokens reserved against `tokens_per_minute` for a call without `max_tokens`.
+    pub default_max_tokens: u64,
+    /// How often each model server (upstream of a region serving models) is asked for its
+    /// Prometheus metrics: queue, running requests, KV-cache use, loaded adapters.
+    pub scrape_interval: HumanDuration,
+    /// The path of that metrics endpoint on every model server.
+    pub scrape_path: String,
+    /// A model server with at least this many waiting requests is saturated; a region whose
+    /// model servers all are sheds `sheddable` calls.
+    pub saturation_queue: u32,
+    /// Criticality per API key name (`[[api_keys]] name`).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub key_criticality: BTreeMap<String, Criticality>,
+    /// Criticality per model or alias name, for callers whose key sets none.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub model_criticality: BTreeMap<String, Criticality>,
+}
+
+/// Who goes first when model servers saturate.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Criticality {
+    /// Never shed while a region can still take it.
+    Critical,
+    #[default]
+    Standard,
+    /// Refused with `429` first when the region it would go to is saturated.
+    Sheddable,
+}
+
+impl Default for InferenceSection {
+    fn default() -> Self {
+        Self {
+            aliases: BTreeMap::new(),
+            default_max_tokens: DEFAULT_RESERVED_COMPLETION_TOKENS,
+            scrape_interval: HumanDuration::millis(200),
+            scrape_path: "/metrics".into(),
+            saturation_queue: 8,
+            key_criticality: BTreeMap::new(),
+            model_criticality: BTreeMap::new(),
+        }
+    }
 }
 
 impl InferenceSection {
     pub fn is_empty(&self) -> bool {
-        self.aliases.is_empty()
+        *self == Self::default()
     }
 }
 
@@ -38,8 +86,8 @@ pub struct ApiKey {
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RouteInference {
-    /// Request bodies larger than this are answered `413` (at most 65536, see
-    /// [`MAX_INFERENCE_BODY_BYTES`]).
+    /// Request bodies larger than this are answered `413` (default 16 MiB, at most
+    /// [`MAX_INFERENCE_BODY_BYTES`]; `edge.limits.max_body_bytes` applies first).
     pub max_body_bytes: u64,
     /// Per API key, per route, per edge (not global across edges).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -49,7 +97,7 @@ pub struct RouteInference {
 impl Default for RouteInference {
     fn default() -> Self {
         Self {
-            max_body_bytes: MAX_INFERENCE_BODY_BYTES,
+            max_body_bytes: DEFAULT_INFERENCE_BODY_BYTES,
             rate_limit: None,
         }
     }
@@ -60,7 +108,9 @@ impl Default for RouteInference {
 pub struct RateLimit {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub requests_per_minute: Option<u32>,
-    /// Prompt + completion tokens, charged from the response `usage` after the fact.
+    /// Prompt + completion tokens. A call reserves its estimate at admission (prompt bytes / 4 +
+    /// `max_tokens`, or `[inference] default_max_tokens`), settled to the response `usage` when it
+    /// ends (the reservation when none came).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tokens_per_minute: Option<u64>,
 }
@@ -106,6 +156,43 @@ pub(crate) fn validate(config: &Config) -> Vec<(String, String)> {
             errors.push((
                 path,
                 format!("unknown model {target:?} (no region lists it in models)"),
+            ));
+        }
+    }
+    if config.inference.default_max_tokens == 0 {
+        errors.push((
+            "inference.default_max_tokens".into(),
+            "must be at least 1".into(),
+        ));
+    }
+    if config.inference.scrape_interval.as_duration() < std::time::Duration::from_millis(10) {
+        errors.push((
+            "inference.scrape_interval".into(),
+            "must be at least 10ms".into(),
+        ));
+    }
+    if !config.inference.scrape_path.starts_with('/') {
+        errors.push(("inference.scrape_path".into(), "must start with '/'".into()));
+    }
+    if config.inference.saturation_queue == 0 {
+        errors.push((
+            "inference.saturation_queue".into(),
+            "must be at least 1".into(),
+        ));
+    }
+    for name in config.inference.key_criticality.keys() {
+        if !config.api_keys.iter().any(|k| &k.name == name) {
+            errors.push((
+                format!("inference.key_criticality.{name}"),
+                "no [[api_keys]] entry has this name".into(),
+            ));
+        }
+    }
+    for name in config.inference.model_criticality.keys() {
+        if !served.contains(name.as_str()) && !config.inference.aliases.contains_key(name) {
+            errors.push((
+                format!("inference.model_criticality.{name}"),
+                "no region serves this model and no alias has this name".into(),
             ));
         }
     }
@@ -194,7 +281,7 @@ models = ["m-1", "m-1"]
 [[routes]]
 name = "r"
 hosts = ["x.test"]
-inference = { max_body_bytes = 100000, rate_limit = { requests_per_minute = 0 } }
+inference = { max_body_bytes = 300000000, rate_limit = { requests_per_minute = 0 } }
 [inference]
 aliases = { m = "nope", "m-1" = "m-1" }
 [[api_keys]]

@@ -12,9 +12,8 @@
 //! Redis, and the fleet-wide total it returns (also returned with every lease) is what the next
 //! admission checks.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -23,7 +22,7 @@ use meridian_config::{LimitsSection, OnBackendError};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::ratelimit::{KeyHash, Limit, RateLimiter, WINDOW_MS};
+use super::ratelimit::{KeyHash, Limit, RateLimiter, Reservation, WINDOW_MS};
 
 /// A refusal: which limit, and in how many seconds its window resets.
 pub type Refusal = (Limit, u64);
@@ -31,17 +30,18 @@ pub type Refusal = (Limit, u64);
 /// What the request path needs of a limit store.
 #[async_trait]
 pub trait LimitBackend: Send + Sync {
-    /// Counts one request, or says which limit is exhausted.
+    /// Counts one request and reserves `reserve` tokens for it, or says which limit is exhausted.
     async fn admit(
         &self,
         route: &str,
         key: &KeyHash,
         limit: &RateLimit,
+        reserve: u64,
         now_ms: u64,
-    ) -> Result<(), Refusal>;
+    ) -> Result<Reservation, Refusal>;
 
-    /// Charges `tokens` used by a finished request (never blocks the caller).
-    fn charge(&self, route: &str, key: &KeyHash, tokens: u64, now_ms: u64);
+    /// Settles a finished request: `used` tokens instead of its reservation (never blocks).
+    fn settle(&self, route: &str, key: &KeyHash, reservation: &Reservation, used: u64, now_ms: u64);
 }
 
 #[async_trait]
@@ -51,13 +51,14 @@ impl LimitBackend for RateLimiter {
         route: &str,
         key: &KeyHash,
         limit: &RateLimit,
+        reserve: u64,
         now_ms: u64,
-    ) -> Result<(), Refusal> {
-        RateLimiter::admit(self, route, key, limit, now_ms)
+    ) -> Result<Reservation, Refusal> {
+        RateLimiter::admit(self, route, key, limit, reserve, now_ms).await
     }
 
-    fn charge(&self, route: &str, key: &KeyHash, tokens: u64, now_ms: u64) {
-        RateLimiter::charge(self, route, key, tokens, now_ms)
+    fn settle(&self, _: &str, _: &KeyHash, reservation: &Reservation, used: u64, now_ms: u64) {
+        RateLimiter::settle(reservation, used, now_ms);
     }
 }
 
@@ -68,8 +69,8 @@ const KEY_TTL_MS: u64 = 2 * WINDOW_MS;
 const BACKOFF_MS: u64 = 1_000;
 /// Longest a Redis call may take before it counts as an error.
 const CALL_TIMEOUT: Duration = Duration::from_millis(250);
-/// Leases kept before stale ones (older windows) are pruned.
-const PRUNE_ABOVE: usize = 10_000;
+/// Leases kept at most; beyond, the least recently used go first.
+const MAX_LEASES: u64 = 200_000;
 
 /// Grants `min(slice, limit - used)` of the requests budget and returns the grant with the
 /// tokens used so far in the same minute. KEYS: requests counter, tokens counter.
@@ -170,7 +171,9 @@ type Lease = Arc<tokio::sync::Mutex<LeaseState>>;
 pub struct RedisLimiter {
     settings: LimitsSection,
     shards: Vec<ConnectionManager>,
-    leases: Mutex<HashMap<(String, KeyHash), Lease>>,
+    /// Bounded and concurrent: a flood of distinct keys evicts idle leases (their unspent slices
+    /// are lost to the minute, as when a lease ages out) and never stalls a request.
+    leases: moka::future::Cache<(String, KeyHash), Lease>,
     /// Unix ms before which Redis is not asked (after an error).
     backoff_until_ms: AtomicU64,
     script: redis::Script,
@@ -208,7 +211,10 @@ impl RedisLimiter {
         Ok(RedisLimiter {
             settings,
             shards,
-            leases: Mutex::new(HashMap::new()),
+            leases: moka::future::Cache::builder()
+                .max_capacity(MAX_LEASES)
+                .time_to_idle(Duration::from_millis(KEY_TTL_MS))
+                .build(),
             backoff_until_ms: AtomicU64::new(0),
             script: redis::Script::new(LEASE_SCRIPT),
             metrics,
@@ -223,12 +229,14 @@ impl RedisLimiter {
         self.shards[usize::from(key[0]) % self.shards.len()].clone()
     }
 
-    fn lease(&self, route: &str, key: &KeyHash, window: u64) -> Lease {
-        let mut leases = self.leases.lock().unwrap_or_else(|p| p.into_inner());
-        if leases.len() > PRUNE_ABOVE {
-            leases.retain(|_, lease| lease.try_lock().map_or(true, |s| s.window >= window));
-        }
-        leases.entry((route.to_string(), *key)).or_default().clone()
+    async fn lease(
+        leases: &moka::future::Cache<(String, KeyHash), Lease>,
+        route: &str,
+        key: &KeyHash,
+    ) -> Lease {
+        leases
+            .get_with((route.to_string(), *key), async { Lease::default() })
+            .await
     }
 
     /// Redis keys of a (route, key, minute): a hash tag keeps the pair on one cluster slot.
@@ -302,7 +310,30 @@ impl RedisLimiter {
 
 #[async_trait]
 impl LimitBackend for RedisLimiter {
+    /// Tokens are charged in Redis once a request ends (a reservation would cost a round trip per
+    /// request); the fleet-wide total gates the next admissions.
     async fn admit(
+        &self,
+        route: &str,
+        key: &KeyHash,
+        limit: &RateLimit,
+        _reserve: u64,
+        now_ms: u64,
+    ) -> Result<Reservation, Refusal> {
+        self.admit_request(route, key, limit, now_ms)
+            .await
+            .map(|()| Reservation::none())
+    }
+
+    fn settle(&self, route: &str, key: &KeyHash, _: &Reservation, used: u64, now_ms: u64) {
+        if used > 0 {
+            self.charge(route, key, used, now_ms);
+        }
+    }
+}
+
+impl RedisLimiter {
+    async fn admit_request(
         &self,
         route: &str,
         key: &KeyHash,
@@ -314,7 +345,7 @@ impl LimitBackend for RedisLimiter {
             .saturating_sub(now_ms)
             .div_ceil(1000)
             .max(1);
-        let lease = self.lease(route, key, window);
+        let lease = Self::lease(&self.leases, route, key).await;
         let mut state = lease.lock().await;
         let state = state.current(window);
         if limit
@@ -364,7 +395,8 @@ impl LimitBackend for RedisLimiter {
             return;
         };
         let window = now_ms / WINDOW_MS;
-        let lease = self.lease(route, key, window);
+        let leases = self.leases.clone();
+        let lease_key = (route.to_string(), *key);
         let (_, tokens_key) = Self::keys(route, key, window);
         let mut connection = self.shard(key);
         let metrics = self.metrics.clone();
@@ -394,6 +426,7 @@ impl LimitBackend for RedisLimiter {
                     }
                 }
             };
+            let lease = Self::lease(&leases, &lease_key.0, &lease_key.1).await;
             let mut state = lease.lock().await;
             let state = state.current(window);
             state.tokens_seen = match total {

@@ -1,27 +1,34 @@
 //! Inference traffic: the OpenAI-compatible surface of `kind = "inference"` routes.
 //!
+//! - Every request on the route passes the gate first: its caller is authenticated (with
+//!   `[[api_keys]]`) or, anonymous, known by its address, and counted against the route's limits,
+//!   whatever the path (paths are compared normalised, so `/v1/chat/completions/` is a model call).
 //! - `GET /v1/models` is answered by the edge from the snapshot (models and the regions serving them).
-//! - `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`: the pipeline reads the body
-//!   (at most `inference.max_body_bytes`, ≤ 64 KiB) before any region is chosen, because the model
-//!   is in it, and holds it to send upstream unchanged (and again on a retry). The candidates
-//!   become the regions serving the model.
+//! - `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses`: the pipeline
+//!   reads the body (at most `inference.max_body_bytes`, 16 MiB by default) through a streaming
+//!   scan that keeps only `model`, `stream`, `max_tokens` and `user`, before any region is chosen,
+//!   and holds it to send upstream byte for byte (and again on a fallback). The candidates become
+//!   the regions serving the model.
 //! - `429`/`503` from a model server before any byte reached the client: the request goes to the
 //!   next candidate even though POST is not idempotent (the server refused the work), and a
 //!   `Retry-After` keeps new requests away from that region for that long (see
 //!   `core::exchange::model_server_refused`).
-//! - Responses stream through untouched; only their last 16 KiB are kept to find `usage`, which is
-//!   charged to the caller's token limit and counted in metrics when the request ends.
+//! - Responses stream through untouched; only their last 16 KiB are kept to find `usage`. The
+//!   caller's token limit holds a reservation from admission, settled to that `usage` when the
+//!   request ends — or kept whole when the client left before any usage arrived.
 //!
 //! Other paths on an inference route are proxied like any route (no model, route-level regions).
 
 pub mod limiter;
 mod metrics;
 pub mod ratelimit;
+pub mod scrape;
 
 pub use crate::core::inference::{
-    body_too_large, entry, model_name, model_served, openai, usage, Entry,
+    body_too_large, call_error, entry, model_name, model_served, openai, sniff, usage, Entry,
 };
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -32,55 +39,95 @@ use crate::core::models::ModelId;
 use crate::core::{decide_for_model, Refusal, RequestView, RouteDecision, Snapshot};
 use crate::metrics::STATUS_CLASSES;
 
+use crate::core::inference::pick::{self, PickParams, Replica};
 use limiter::{LimitBackend, LimiterMetrics, RedisLimiter};
+use meridian_config::inference::{Criticality, RateLimit};
 use meridian_config::{LimitsBackend, LimitsSection};
 pub use metrics::InferenceMetrics;
 use openai::ApiError;
-use ratelimit::{KeyHash, RateLimiter};
+use ratelimit::{KeyHash, RateLimiter, Reservation};
+use sniff::CallFields;
 use usage::UsageScanner;
 
 /// Per-edge inference state: rate-limit windows and metrics (outlive snapshots).
 pub struct InferenceState {
-    limiter: RateLimiter,
+    limiter: Arc<RateLimiter>,
     /// The shared limiter of `[limits] backend = "redis"`, rebuilt when the settings change.
-    global: std::sync::Mutex<Option<std::sync::Arc<RedisLimiter>>>,
+    global: std::sync::Mutex<Option<Arc<RedisLimiter>>>,
     registry: prometheus::Registry,
     /// Registered with the first Redis limiter, so that an edge counting locally exports none.
     limiter_metrics: std::sync::OnceLock<Option<LimiterMetrics>>,
     metrics: Option<InferenceMetrics>,
+    scraper: scrape::Scraper,
+    scrape_metrics: Option<Arc<scrape::ScrapeMetrics>>,
 }
 
-/// The rate-limit key of an anonymous caller: a hash of its address (never all zeros, the
-/// marker of "no API key").
+/// The rate-limit key of an anonymous caller: a hash of its address — of its /64 for IPv6, which
+/// one host usually holds whole — never all zeros (the marker of "no API key").
 fn anonymous_key(client: std::net::IpAddr) -> KeyHash {
     let mut hasher = Sha256::new();
     hasher.update(b"meridian anonymous caller ");
-    hasher.update(client.to_string().as_bytes());
+    match client {
+        std::net::IpAddr::V4(v4) => hasher.update(v4.octets()),
+        std::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => hasher.update(v4.octets()),
+            None => hasher.update(&v6.octets()[..8]),
+        },
+    }
     hasher.finalize().into()
 }
 
 /// The limit store of one decision: this edge's counters or the shared Redis limiter.
-enum BackendRef<'a> {
-    Local(&'a RateLimiter),
-    Shared(std::sync::Arc<RedisLimiter>),
+#[derive(Clone)]
+enum Backend {
+    Local(Arc<RateLimiter>),
+    Shared(Arc<RedisLimiter>),
 }
 
-impl BackendRef<'_> {
+impl Backend {
     fn get(&self) -> &dyn LimitBackend {
         match self {
-            BackendRef::Local(local) => *local,
-            BackendRef::Shared(shared) => shared.as_ref(),
+            Backend::Local(local) => local.as_ref(),
+            Backend::Shared(shared) => shared.as_ref(),
         }
+    }
+}
+
+/// A call's token reservation, settled exactly once: by [`InferenceState::finish`], or when the
+/// request is dropped before that (its client went away) — then the reservation is kept whole.
+struct Settlement {
+    backend: Backend,
+    route: String,
+    key: KeyHash,
+    reservation: Reservation,
+    settled: bool,
+}
+
+impl Settlement {
+    fn settle(&mut self, used: u64) {
+        if !std::mem::replace(&mut self.settled, true) {
+            self.backend.get().settle(
+                &self.route,
+                &self.key,
+                &self.reservation,
+                used,
+                crate::clock::now_ms(),
+            );
+        }
+    }
+}
+
+impl Drop for Settlement {
+    fn drop(&mut self) {
+        self.settle(self.reservation.tokens);
     }
 }
 
 /// Per-request inference state, kept in the proxy's request context.
 pub struct InferenceCtx {
     model: ModelId,
-    route: usize,
-    key: KeyHash,
-    /// Whether the route limits tokens (so usage must be charged).
-    charge_tokens: bool,
+    /// The tokens held against the caller's limit while the call runs (routes limiting tokens).
+    settlement: Option<Settlement>,
     started: Instant,
     first_byte: Option<Duration>,
     usage: UsageScanner,
@@ -134,23 +181,36 @@ impl InferenceState {
             }
         };
         Self {
-            limiter: RateLimiter::default(),
+            limiter: Arc::new(RateLimiter::default()),
             global: std::sync::Mutex::new(None),
             registry: registry.clone(),
             limiter_metrics: std::sync::OnceLock::new(),
             metrics,
+            scraper: scrape::Scraper::default(),
+            scrape_metrics: match scrape::ScrapeMetrics::new(registry) {
+                Ok(m) => Some(Arc::new(m)),
+                Err(e) => {
+                    tracing::warn!("model server metrics not registered: {e}");
+                    None
+                }
+            },
         }
+    }
+
+    /// Starts scraping the model servers (once; later calls do nothing).
+    pub fn start_scraper(&self, store: &Arc<crate::reload::SnapshotStore>) {
+        self.scraper.start(store, self.scrape_metrics.clone());
     }
 
     /// The limit store that `settings` asks for. A Redis set-up that cannot even be built (a URL
     /// the client refuses) falls back to this edge's counters, loudly.
-    fn backend(&self, settings: &LimitsSection) -> BackendRef<'_> {
+    fn backend(&self, settings: &LimitsSection) -> Backend {
         if settings.backend == LimitsBackend::Local {
-            return BackendRef::Local(&self.limiter);
+            return Backend::Local(Arc::clone(&self.limiter));
         }
         let mut global = self.global.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(redis) = global.as_ref().filter(|r| r.settings() == settings) {
-            return BackendRef::Shared(redis.clone());
+            return Backend::Shared(redis.clone());
         }
         let metrics = self
             .limiter_metrics
@@ -164,22 +224,93 @@ impl InferenceState {
             .clone();
         match RedisLimiter::new(settings.clone(), metrics) {
             Ok(redis) => {
-                let redis = std::sync::Arc::new(redis);
+                let redis = Arc::new(redis);
                 *global = Some(redis.clone());
-                BackendRef::Shared(redis)
+                Backend::Shared(redis)
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot set up the Redis limiter; counting per edge");
                 *global = None;
-                BackendRef::Local(&self.limiter)
+                Backend::Local(Arc::clone(&self.limiter))
             }
         }
     }
 
-    /// The model call, once its body is read (transport-free: every front calls this): finds the
-    /// model, applies the caller's rate limit, and picks the regions serving that model. On a
-    /// refusal, the error to answer with (and the request's inference state when it counts in
-    /// the inference metrics).
+    /// The caller of a request on an inference route as its limits know it: its API key, or its
+    /// address when nobody is authenticated.
+    fn caller(key: KeyHash, client: std::net::IpAddr) -> KeyHash {
+        if key == [0; 32] {
+            anonymous_key(client)
+        } else {
+            key
+        }
+    }
+
+    /// Counts one request of `key` against the route's limits, reserving `reserve` tokens; the
+    /// `429` when a limit is reached.
+    async fn admit(
+        &self,
+        snapshot: &Snapshot,
+        route: usize,
+        key: &KeyHash,
+        limit: &RateLimit,
+        reserve: u64,
+    ) -> Result<(Backend, Reservation), ApiError> {
+        let name = snapshot.routes.get(route).map_or("", |r| r.name.as_str());
+        let backend = self.backend(&snapshot.config.limits);
+        match backend
+            .get()
+            .admit(name, key, limit, reserve, crate::clock::now_ms())
+            .await
+        {
+            Ok(reservation) => Ok((backend, reservation)),
+            Err((which, retry_after)) => {
+                if let Some(m) = &self.metrics {
+                    m.ratelimited
+                        .with_label_values(&[name, which.label()])
+                        .inc();
+                }
+                let mut error = ApiError::new(
+                    429,
+                    which.label(),
+                    "rate_limit_exceeded",
+                    format!(
+                        "rate limit reached for {} per minute on route {name:?}; retry in {retry_after}s",
+                        which.label(),
+                    ),
+                );
+                error.retry_after = Some(retry_after);
+                Err(error)
+            }
+        }
+    }
+
+    /// A request on an inference route that is not a model call: counted against the route's
+    /// request limit like any call (no tokens), so no path gets past the gate.
+    pub async fn admit_other(
+        &self,
+        snapshot: &Snapshot,
+        route: usize,
+        key: KeyHash,
+        client: std::net::IpAddr,
+    ) -> Result<(), ApiError> {
+        let Some(limit) = snapshot
+            .config
+            .routes
+            .get(route)
+            .and_then(|r| r.inference.as_ref())
+            .and_then(|i| i.rate_limit.as_ref())
+        else {
+            return Ok(());
+        };
+        let key = Self::caller(key, client);
+        self.admit(snapshot, route, &key, limit, 0).await.map(drop)
+    }
+
+    /// The model call, once its body is scanned (transport-free: every front calls this): finds
+    /// the model, applies the caller's rate limit (reserving the call's tokens), and picks the
+    /// regions serving that model. On a refusal, the error to answer with (and the request's
+    /// inference state when it counts in the inference metrics).
     #[allow(clippy::too_many_arguments)]
     pub async fn route_call(
         &self,
@@ -189,7 +320,7 @@ impl InferenceState {
         view: &RequestView<'_>,
         geoip: &GeoIp,
         started: Instant,
-        body: &[u8],
+        fields: &CallFields,
     ) -> std::result::Result<(RouteDecision, Box<InferenceCtx>), Refused> {
         let route = &snapshot.routes[decision.route];
         let settings = snapshot
@@ -198,63 +329,70 @@ impl InferenceState {
             .get(decision.route)
             .and_then(|r| r.inference.clone())
             .unwrap_or_default();
-        let name = model_name(body).map_err(|error| (error, None))?;
-        let model = model_served(snapshot, route, &name).map_err(|error| (error, None))?;
-        // Without API keys every caller is anonymous: each client address gets its own quota
-        // rather than all of them sharing one.
-        let key = if key == [0; 32] {
-            anonymous_key(view.client)
-        } else {
-            key
-        };
-        let ctx = Box::new(InferenceCtx {
+        let name = model_name(fields).map_err(|error| (error, None))?;
+        let model = model_served(snapshot, route, name).map_err(|error| (error, None))?;
+        let authenticated = key;
+        let key = Self::caller(key, view.client);
+        let mut ctx = Box::new(InferenceCtx {
             model,
-            route: decision.route,
-            key,
-            charge_tokens: settings
-                .rate_limit
-                .as_ref()
-                .is_some_and(|l| l.tokens_per_minute.is_some()),
+            settlement: None,
             started,
             first_byte: None,
             usage: UsageScanner::default(),
         });
 
         if let Some(limit) = &settings.rate_limit {
-            let backend = self.backend(&snapshot.config.limits);
-            if let Err((which, retry_after)) = backend
-                .get()
-                .admit(&route.name, &key, limit, crate::clock::now_ms())
+            // The call's estimate: prompt bytes / 4 (what the simulated and most real tokenizers
+            // average) plus the completion it may ask for.
+            let reserve = if limit.tokens_per_minute.is_some() {
+                fields.body_bytes.div_ceil(4).saturating_add(
+                    fields
+                        .max_tokens
+                        .unwrap_or(snapshot.config.inference.default_max_tokens),
+                )
+            } else {
+                0
+            };
+            match self
+                .admit(snapshot, decision.route, &key, limit, reserve)
                 .await
             {
-                if let Some(m) = &self.metrics {
-                    m.ratelimited
-                        .with_label_values(&[&route.name, which.label()])
-                        .inc();
+                Ok((backend, reservation)) => {
+                    if limit.tokens_per_minute.is_some() {
+                        ctx.settlement = Some(Settlement {
+                            backend,
+                            route: route.name.clone(),
+                            key,
+                            reservation,
+                            settled: false,
+                        });
+                    }
                 }
-                let mut error = ApiError::new(
-                    429,
-                    which.label(),
-                    "rate_limit_exceeded",
-                    format!(
-                        "rate limit reached for {} per minute on route {:?}; retry in {retry_after}s",
-                        which.label(),
-                        route.name
-                    ),
-                );
-                error.retry_after = Some(retry_after);
-                return Err((error, Some(ctx)));
+                Err(error) => return Err((error, Some(ctx))),
             }
         }
 
-        match decide_for_model(
-            snapshot,
-            view,
-            |ip| geoip.lookup(ip),
-            crate::clock::now_ms(),
-            model,
-        ) {
-            Ok(decision) => Ok((decision, ctx)),
+        let now_ms = crate::clock::now_ms();
+        match decide_for_model(snapshot, view, |ip| geoip.lookup(ip), now_ms, model) {
+            Ok(decision) => {
+                let criticality =
+                    crate::core::inference::criticality(snapshot, &authenticated, name, model);
+                if criticality == Criticality::Sheddable
+                    && self.saturated(snapshot, decision.candidates.get(0), now_ms)
+                {
+                    let mut error = ApiError::new(
+                        429,
+                        "server_error",
+                        "overloaded",
+                        format!(
+                            "the model servers for `{name}` are saturated; sheddable calls are refused first, retry shortly"
+                        ),
+                    );
+                    error.retry_after = Some(1);
+                    return Err((error, Some(ctx)));
+                }
+                Ok((decision, ctx))
+            }
             Err(refusal) => {
                 let reason = match refusal {
                     Refusal::Residency { country, .. } => format!(
@@ -278,23 +416,52 @@ impl InferenceState {
         }
     }
 
+    /// Every available model server of `region` reported a queue of at least
+    /// `[inference] saturation_queue` in the last scrape round.
+    fn saturated(&self, snapshot: &Snapshot, region: Option<usize>, now_ms: u64) -> bool {
+        let Some(region) = region.and_then(|r| snapshot.regions.get(r)) else {
+            return false;
+        };
+        let scraped = self.scraper.replicas();
+        let replicas: Vec<Replica> = region
+            .upstreams
+            .iter()
+            .map(|u| Replica {
+                available: u.state.is_available(now_ms) && u.weight > 0 && !u.drain,
+                inflight: u.state.inflight(),
+                metrics: scraped.get(&u.address).copied(),
+                has_adapter: None,
+                id: 0,
+            })
+            .collect();
+        let params = PickParams {
+            saturation_queue: f64::from(snapshot.config.inference.saturation_queue),
+            ..PickParams::default()
+        };
+        pick::region_saturated(&replicas, &params)
+    }
+
     /// At the end of the request: metrics, and the tokens charged to the caller.
     pub fn finish(
         &self,
         snapshot: &Snapshot,
         region: Option<usize>,
         status: u16,
-        ctx: &InferenceCtx,
+        ctx: &mut InferenceCtx,
     ) {
         let usage = ctx.usage.usage();
-        let route_name = snapshot.routes.get(ctx.route).map(|r| r.name.as_str());
-        if let (Some(usage), Some(route), true) = (usage, route_name, ctx.charge_tokens) {
-            self.backend(&snapshot.config.limits).get().charge(
-                route,
-                &ctx.key,
-                usage.total(),
-                crate::clock::now_ms(),
-            );
+        if let Some(settlement) = ctx.settlement.as_mut() {
+            let used = match usage {
+                Some(usage) => usage.total(),
+                // The model server worked (or the client left while it did) but reported no
+                // usage: the reservation stands.
+                None if status == 0 || (200..300).contains(&status) => {
+                    settlement.reservation.tokens
+                }
+                // Refused before any work (by the edge or the model server).
+                None => 0,
+            };
+            settlement.settle(used);
         }
         let Some(metrics) = &self.metrics else {
             return;
@@ -338,10 +505,17 @@ mod tests {
 
     #[test]
     fn anonymous_callers_are_limited_per_address() {
-        let a = anonymous_key("127.1.0.1".parse().expect("ip"));
-        let b = anonymous_key("127.1.0.2".parse().expect("ip"));
-        assert_ne!(a, b);
+        let key = |ip: &str| anonymous_key(ip.parse().expect("ip"));
+        let a = key("127.1.0.1");
+        assert_ne!(a, key("127.1.0.2"));
         assert_ne!(a, [0; 32]);
-        assert_eq!(a, anonymous_key("127.1.0.1".parse().expect("ip")));
+        assert_eq!(a, key("127.1.0.1"));
+        assert_eq!(a, key("::ffff:127.1.0.1"));
+        assert_eq!(
+            key("2001:db8:1:2::1"),
+            key("2001:db8:1:2:ffff::9"),
+            "one /64"
+        );
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
     }
 }

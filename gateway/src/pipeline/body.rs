@@ -143,16 +143,39 @@ pub async fn read_head<D: Downstream>(
     }
 }
 
-/// The whole body, at most `limit` bytes (model calls read it to pick a region).
-pub async fn read_whole<D: Downstream>(
+/// The whole body of a model call, at most `limit` bytes, each chunk shown to `inspect` as it
+/// arrives (the streaming scan that finds the model): the body, or `inspect`'s verdict as soon as
+/// it refuses (the rest is not read). Held whole, so a fallback can send it again.
+pub async fn read_inspected<D: Downstream, E>(
     downstream: &mut D,
     limit: u64,
     read_timeout: Duration,
-) -> Result<Bytes, BodyError> {
-    match read_head(downstream, limit, limit, read_timeout).await? {
-        (body, false) => Ok(body),
-        (_, true) => Err(BodyError::TooLarge),
+    mut inspect: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<Result<Bytes, E>, BodyError> {
+    let mut body = BytesMut::new();
+    // One chunk that is the whole body is kept as it is (no copy).
+    let mut first: Option<Bytes> = None;
+    while let Some(chunk) = next_chunk(downstream, read_timeout).await? {
+        let held = first.as_ref().map_or(0, Bytes::len) + body.len();
+        if (held + chunk.len()) as u64 > limit {
+            return Err(BodyError::TooLarge);
+        }
+        if let Err(refused) = inspect(&chunk) {
+            return Ok(Err(refused));
+        }
+        match first.take() {
+            None if body.is_empty() => first = Some(chunk),
+            None => body.extend_from_slice(&chunk),
+            Some(previous) => {
+                // Grown as bytes arrive, never by the declared length: a client announcing
+                // 16 MiB and sending two bytes must not make the edge hold 16 MiB.
+                body.reserve(previous.len() + chunk.len());
+                body.extend_from_slice(&previous);
+                body.extend_from_slice(&chunk);
+            }
+        }
     }
+    Ok(Ok(first.unwrap_or_else(|| body.freeze())))
 }
 
 /// Starts streaming: the body for the tries, and the pump that feeds it.

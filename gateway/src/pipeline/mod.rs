@@ -49,6 +49,9 @@ use body::{BodyError, RequestBody, REPLAY_BYTES};
 pub(crate) use cached::EdgeCache;
 pub(crate) use downstream::{Arrival, ClientBodyError, Downstream, Head};
 
+/// Bytes of a model call's prompt hashed for prefix affinity.
+const PREFIX_BYTES: usize = 1024;
+
 /// What every request of every front shares: one instance per edge.
 pub struct Pipeline {
     pub(crate) store: Arc<SnapshotStore>,
@@ -214,6 +217,16 @@ impl Pipeline {
                 head.headers.get(http::header::AUTHORIZATION),
             )
         });
+        if let Some(Entry::Pass { key }) = entry {
+            // Every path of an inference route is gated; other requests are proxied as is.
+            if let Err(error) = self
+                .inference
+                .admit_other(snapshot, decision.route, key, client)
+                .await
+            {
+                return out.api_error(&error).await;
+            }
+        }
         match entry {
             Some(Entry::Refused(error)) => return out.api_error(&error).await,
             Some(Entry::Models(json)) => return out.json(200, json).await,
@@ -221,19 +234,32 @@ impl Pipeline {
                 key,
                 max_body_bytes,
             }) => {
-                let read = match declared_length(head.headers) {
+                self.inference.start_scraper(&self.store);
+                let declared = declared_length(head.headers);
+                let mut sniffer = crate::inference::sniff::Sniffer::new(PREFIX_BYTES);
+                let read = match declared {
                     Some(len) if len > max_body_bytes => Err(BodyError::TooLarge),
                     _ => {
-                        body::read_whole(out.downstream(), max_body_bytes, body_timeout(snapshot))
-                            .await
+                        body::read_inspected(
+                            out.downstream(),
+                            max_body_bytes,
+                            body_timeout(snapshot),
+                            |chunk| sniffer.push(chunk),
+                        )
+                        .await
                     }
                 };
-                let call_body = match read {
-                    Ok(b) => b,
+                let scanned = match read {
+                    Ok(Ok(body)) => sniffer.finish().map(|fields| (body, fields)),
+                    Ok(Err(e)) => Err(e),
                     Err(e) => {
                         let error = crate::inference::body_error(e, max_body_bytes);
                         return out.api_error(&error).await;
                     }
+                };
+                let (call_body, fields) = match scanned {
+                    Ok(scanned) => scanned,
+                    Err(e) => return out.api_error(&crate::inference::call_error(&e)).await,
                 };
                 let head = out.head();
                 let view = RequestView {
@@ -250,7 +276,7 @@ impl Pipeline {
                         &view,
                         &loaded.geoip,
                         started,
-                        &call_body,
+                        &fields,
                     )
                     .await
                 {
@@ -265,7 +291,7 @@ impl Pipeline {
                 }
                 model_call_body = Some(call_body);
             }
-            Some(Entry::Pass) | None => {
+            Some(Entry::Pass { .. }) | None => {
                 let lookup = match &self.cache {
                     Some(cache) => cache.lookup(loaded, decision.route, &cache_view).await,
                     None => None,
@@ -658,8 +684,9 @@ impl Pipeline {
         state.region_inflight = None;
         let snapshot = &loaded.snapshot;
         let region = state.region();
-        if let Some(inference) = state.inference.take() {
-            self.inference.finish(snapshot, region, status, &inference);
+        if let Some(mut inference) = state.inference.take() {
+            self.inference
+                .finish(snapshot, region, status, &mut inference);
         }
         if let Some((from, to, reason)) = state.tries.as_ref().and_then(Tries::failover) {
             if let (Some(route), Some(from), Some(to)) = (

@@ -6,13 +6,16 @@
 //!   stream ([`ModelControl::hold_stream_end`]) to see tokens arrive while the server is not done.
 //! - otherwise one JSON body with `usage` and, for checks, the exact request body it received.
 //! - [`ModelControl::set_status`] makes it answer `429`/`503` with `Retry-After: 1`.
+//! - `GET /metrics`: Prometheus text with vLLM's names — `vllm:num_requests_waiting`,
+//!   `vllm:num_requests_running` (the calls it is serving), `vllm:kv_cache_usage_perc` and
+//!   `vllm:lora_requests_info` — whose values a test can set ([`ModelControl::report`]).
 //!
 //! Tokens: prompt = ⌈request body bytes / 4⌉, completion = `max_tokens` (default 8, at most 1000).
 
 use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -34,6 +37,21 @@ pub struct ModelControl {
     hold_end: watch::Sender<bool>,
     requests: AtomicU64,
     streams_completed: AtomicU64,
+    /// Calls being served right now.
+    running: Arc<AtomicU64>,
+    /// What `/metrics` reports instead of the live state, when set.
+    reported: Mutex<Option<Reported>>,
+    scrapes: AtomicU64,
+}
+
+/// Values `/metrics` reports, set by a test.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Reported {
+    pub waiting: u64,
+    pub running: u64,
+    /// 0 to 1.
+    pub kv_cache: f64,
+    pub adapters: Vec<String>,
 }
 
 impl Default for ModelControl {
@@ -44,7 +62,26 @@ impl Default for ModelControl {
             hold_end: watch::channel(false).0,
             requests: AtomicU64::new(0),
             streams_completed: AtomicU64::new(0),
+            running: Arc::new(AtomicU64::new(0)),
+            reported: Mutex::new(None),
+            scrapes: AtomicU64::new(0),
         }
+    }
+}
+
+/// Counts a call as running until dropped.
+struct Running(Arc<AtomicU64>);
+
+impl Running {
+    fn start(counter: &Arc<AtomicU64>) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Running(Arc::clone(counter))
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -70,14 +107,52 @@ impl ModelControl {
     pub fn streams_completed(&self) -> u64 {
         self.streams_completed.load(Ordering::Relaxed)
     }
+    /// Makes `/metrics` report these values (`None`: the live state, no adapters).
+    pub fn report(&self, reported: Option<Reported>) {
+        *self.reported.lock().unwrap_or_else(|p| p.into_inner()) = reported;
+    }
+    /// `GET /metrics` answered so far.
+    pub fn scrapes(&self) -> u64 {
+        self.scrapes.load(Ordering::Relaxed)
+    }
+
+    fn metrics_text(&self) -> String {
+        let reported = self
+            .reported
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .unwrap_or_else(|| Reported {
+                running: self.running.load(Ordering::Relaxed),
+                ..Reported::default()
+            });
+        let labels = r#"{model_name="simulated"}"#;
+        format!(
+            "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n\
+             # TYPE vllm:num_requests_waiting gauge\n\
+             vllm:num_requests_waiting{labels} {}\n\
+             # TYPE vllm:num_requests_running gauge\n\
+             vllm:num_requests_running{labels} {}\n\
+             # TYPE vllm:kv_cache_usage_perc gauge\n\
+             vllm:kv_cache_usage_perc{labels} {}\n\
+             # TYPE vllm:lora_requests_info gauge\n\
+             vllm:lora_requests_info{{max_lora=\"4\",running_lora_adapters=\"{}\",waiting_lora_adapters=\"\"}} 1.7e9\n",
+            reported.waiting,
+            reported.running,
+            reported.kv_cache,
+            reported.adapters.join(","),
+        )
+    }
 }
 
+/// Requests the simulated model server answers: model calls, and `GET /metrics`.
 pub fn is_model_call(req: &Request<Incoming>) -> bool {
-    req.method() == hyper::Method::POST
-        && matches!(
-            req.uri().path(),
-            "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings"
-        )
+    (req.method() == hyper::Method::GET && req.uri().path() == "/metrics")
+        || req.method() == hyper::Method::POST
+            && matches!(
+                req.uri().path(),
+                "/v1/chat/completions" | "/v1/completions" | "/v1/embeddings"
+            )
 }
 
 fn json(status: StatusCode, value: &serde_json::Value) -> Response<OriginBody> {
@@ -89,7 +164,21 @@ pub async fn handle(
     region: String,
     req: Request<Incoming>,
 ) -> Response<OriginBody> {
+    if req.method() == hyper::Method::GET {
+        control.scrapes.fetch_add(1, Ordering::Relaxed);
+        let mut resp = Response::new(
+            http_body_util::Full::new(Bytes::from(control.metrics_text()))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; version=0.0.4"),
+        );
+        return resp;
+    }
     control.requests.fetch_add(1, Ordering::Relaxed);
+    let running = Running::start(&control.running);
     let path = req.uri().path().to_string();
     let body = match req.into_body().collect().await {
         Ok(body) => body.to_bytes(),
@@ -164,6 +253,7 @@ pub async fn handle(
     }
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     tokio::spawn(stream_tokens(
+        running,
         control,
         region,
         model,
@@ -185,6 +275,7 @@ pub async fn handle(
 }
 
 async fn stream_tokens(
+    _running: Running,
     control: Arc<ModelControl>,
     region: String,
     model: String,

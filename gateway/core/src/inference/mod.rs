@@ -3,6 +3,8 @@
 //! functions over the snapshot; the gateway reads bodies, applies rate limits and counts.
 
 pub mod openai;
+pub mod pick;
+pub mod sniff;
 pub mod usage;
 
 use std::borrow::Cow;
@@ -18,19 +20,23 @@ use openai::ApiError;
 pub type KeyHash = [u8; 32];
 
 /// What an inference route does with a request, before any body is read (transport-free).
+/// Every request on an inference route passes the gate: its caller is authenticated (when
+/// `[[api_keys]]` are configured) and counted against the route's request limit, whatever the path.
 pub enum Entry {
-    /// Not an OpenAI endpoint: proxy it like any route.
-    Pass,
+    /// Not a model call: proxy it like any route, once `key` is admitted by the route's limit.
+    Pass { key: KeyHash },
     /// Answer with this error (authentication).
     Refused(ApiError),
     /// `GET /v1/models`: answer `200` with this JSON body.
     Models(Bytes),
-    /// A model call: read the body (at most `max_body_bytes`, `413` beyond), then
-    /// [`InferenceState::route_call`].
+    /// A model call: read the body (at most `max_body_bytes`, `413` beyond) through a
+    /// [`sniff::Sniffer`], then route it by the fields found.
     ModelCall { key: KeyHash, max_body_bytes: u64 },
 }
 
-/// Classifies a request on inference route `route` and authenticates its caller.
+/// Classifies a request on inference route `route` and authenticates its caller. The path is
+/// compared after [`endpoint_path`], so `/v1/chat/completions/` or `//v1/./responses` are the
+/// model calls a model server would take them for.
 pub fn entry(
     snapshot: &Snapshot,
     route: usize,
@@ -38,29 +44,85 @@ pub fn entry(
     path: &str,
     authorization: Option<&http::HeaderValue>,
 ) -> Entry {
-    let is_models = path == "/v1/models" && method == http::Method::GET;
-    let is_model_call = method == http::Method::POST && MODEL_ENDPOINTS.contains(&path);
-    if !is_models && !is_model_call {
-        return Entry::Pass;
-    }
     let key = match authenticate(snapshot, authorization) {
         Ok(key) => key,
         Err(error) => return Entry::Refused(error),
     };
-    if is_models {
+    let path = endpoint_path(path);
+    if path == "/v1/models" && method == http::Method::GET {
         return Entry::Models(openai::models_body(snapshot, route));
     }
-    let max_body_bytes = snapshot
+    if method != http::Method::POST || !MODEL_ENDPOINTS.contains(&path.as_ref()) {
+        return Entry::Pass { key };
+    }
+    Entry::ModelCall {
+        key,
+        max_body_bytes: max_body_bytes(snapshot, route),
+    }
+}
+
+/// The body limit of a model call on `route`: the route's `inference.max_body_bytes`, never more
+/// than the edge-wide `edge.limits.max_body_bytes` (which every request is held to).
+pub fn max_body_bytes(snapshot: &Snapshot, route: usize) -> u64 {
+    snapshot
         .config
         .routes
         .get(route)
         .and_then(|r| r.inference.as_ref())
         .map(|i| i.max_body_bytes)
-        .unwrap_or_else(|| meridian_config::inference::RouteInference::default().max_body_bytes);
-    Entry::ModelCall {
-        key,
-        max_body_bytes,
+        .unwrap_or(meridian_config::inference::DEFAULT_INFERENCE_BODY_BYTES)
+        .min(snapshot.limits.max_body_bytes)
+}
+
+/// The path as model servers route it: `%XX` of unreserved characters decoded, empty and `.`
+/// segments dropped, `..` applied, no trailing slash. Only used to classify; the request goes
+/// upstream with the path it came with.
+pub fn endpoint_path(path: &str) -> Cow<'_, str> {
+    let plain = path.len() > 1
+        && !path.ends_with('/')
+        && !path.contains("//")
+        && !path.contains("/.")
+        && !path.contains('%');
+    if plain || path == "/" {
+        return Cow::Borrowed(path);
     }
+    let mut decoded = String::with_capacity(path.len());
+    let bytes = path.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' && i + 2 < bytes.len() {
+            let hex = std::str::from_utf8(&bytes[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok());
+            if let Some(c) = hex.filter(|c| c.is_ascii_alphanumeric() || b"-._~".contains(c)) {
+                decoded.push(char::from(c));
+                i += 3;
+                continue;
+            }
+        }
+        decoded.push(char::from(b));
+        i += 1;
+    }
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/') {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let mut normal = String::with_capacity(decoded.len());
+    for segment in &segments {
+        normal.push('/');
+        normal.push_str(segment);
+    }
+    if normal.is_empty() {
+        normal.push('/');
+    }
+    Cow::Owned(normal)
 }
 
 /// The `413` of a model call whose body is over `max` bytes.
@@ -73,23 +135,26 @@ pub fn body_too_large(max: u64) -> ApiError {
     )
 }
 
+/// The fields of a call's body, or the `400` to answer with.
+pub fn call_error(error: &sniff::SniffError) -> ApiError {
+    use sniff::SniffError;
+    let code = match error {
+        SniffError::Field { .. } | SniffError::Duplicate(_) => "invalid_value",
+        _ => "invalid_json",
+    };
+    ApiError::new(400, "invalid_request_error", code, error.to_string())
+}
+
 /// The `model` a call names, or the `400` to answer with.
-pub fn model_name(body: &[u8]) -> Result<Cow<'_, str>, ApiError> {
-    match serde_json::from_slice::<Probe<'_>>(body) {
-        Ok(Probe { model: Some(name) }) => Ok(name),
-        Ok(Probe { model: None }) => Err(ApiError::new(
+pub fn model_name(fields: &sniff::CallFields) -> Result<&str, ApiError> {
+    fields.model.as_deref().ok_or_else(|| {
+        ApiError::new(
             400,
             "invalid_request_error",
             "missing_model",
             "you must provide a model parameter".into(),
-        )),
-        Err(e) => Err(ApiError::new(
-            400,
-            "invalid_request_error",
-            "invalid_json",
-            format!("the request body is not valid JSON: {e}"),
-        )),
-    }
+        )
+    })
 }
 
 /// The model `name` resolves to, when some region `route` may use serves it; else the `404`.
@@ -119,16 +184,17 @@ pub fn model_served(
         })
 }
 
-#[derive(serde::Deserialize)]
-struct Probe<'a> {
-    #[serde(borrow, default)]
-    model: Option<std::borrow::Cow<'a, str>>,
-}
-
-const MODEL_ENDPOINTS: [&str; 3] = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings"];
+const MODEL_ENDPOINTS: [&str; 4] = [
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+];
 
 /// The caller's key: with `[[api_keys]]` configured, a bearer token whose sha256 is listed
-/// (else `401`); without, any token (or none) — limits then apply per distinct token.
+/// (else `401`); without, nobody is authenticated and every caller is anonymous (all zeros; the
+/// gateway then limits per client address). A token that proves nothing must not buy a fresh
+/// quota, or a client rotating random tokens would never be limited.
 fn authenticate(
     snapshot: &Snapshot,
     authorization: Option<&http::HeaderValue>,
@@ -141,9 +207,11 @@ fn authenticate(
         })
         .map(str::trim);
     let keys = &snapshot.config.api_keys;
+    if keys.is_empty() {
+        return Ok([0; 32]);
+    }
     let hash: KeyHash = match token {
         Some(token) => Sha256::digest(token.as_bytes()).into(),
-        None if keys.is_empty() => [0; 32],
         None => {
             return Err(ApiError::new(
                 401,
@@ -153,7 +221,7 @@ fn authenticate(
             ))
         }
     };
-    if keys.is_empty() || keys.iter().any(|k| hex_eq(&k.sha256, &hash)) {
+    if keys.iter().any(|k| hex_eq(&k.sha256, &hash)) {
         Ok(hash)
     } else {
         Err(ApiError::new(
@@ -163,6 +231,38 @@ fn authenticate(
             "incorrect API key provided".into(),
         ))
     }
+}
+
+/// The `[[api_keys]]` name of an authenticated caller.
+pub fn key_name<'a>(snapshot: &'a Snapshot, key: &KeyHash) -> Option<&'a str> {
+    snapshot
+        .config
+        .api_keys
+        .iter()
+        .find(|k| hex_eq(&k.sha256, key))
+        .map(|k| k.name.as_str())
+}
+
+/// How critical a call is: its key's setting, else its model's (the name sent, then the model it
+/// resolves to), else standard.
+pub fn criticality(
+    snapshot: &Snapshot,
+    key: &KeyHash,
+    sent: &str,
+    model: ModelId,
+) -> meridian_config::inference::Criticality {
+    let settings = &snapshot.config.inference;
+    key_name(snapshot, key)
+        .and_then(|name| settings.key_criticality.get(name))
+        .or_else(|| settings.model_criticality.get(sent))
+        .or_else(|| {
+            snapshot
+                .models
+                .get(model)
+                .and_then(|m| settings.model_criticality.get(&m.name))
+        })
+        .copied()
+        .unwrap_or_default()
 }
 
 fn hex_eq(hex: &str, bytes: &[u8; 32]) -> bool {
@@ -203,7 +303,8 @@ mod tests {
         let method: http::Method = method.parse().expect("method");
         let auth = auth.map(http::HeaderValue::from_static);
         match entry(snap, route, &method, path, auth.as_ref()) {
-            Entry::Pass => "pass".into(),
+            Entry::Pass { key } if key == [0; 32] => "pass".into(),
+            Entry::Pass { .. } => "pass keyed".into(),
             Entry::Refused(e) => format!("{} {}", e.status, e.code),
             Entry::Models(_) => "models".into(),
             Entry::ModelCall { .. } => "call".into(),
@@ -214,9 +315,13 @@ mod tests {
     fn entry_classifies_and_authenticates() {
         let open = snapshot(false);
         let keyed = snapshot(true);
-        let table: [(&Snapshot, &str, &str, Option<&'static str>, &str); 8] = [
+        let table: [(&Snapshot, &str, &str, Option<&'static str>, &str); 16] = [
             (&open, "GET", "/v1/models", None, "models"),
+            (&open, "GET", "/v1/models/", None, "models"),
             (&open, "POST", "/v1/chat/completions", None, "call"),
+            (&open, "POST", "/v1/chat/completions/", None, "call"),
+            (&open, "POST", "//v1/./chat/%63ompletions", None, "call"),
+            (&open, "POST", "/v1/x/../responses", None, "call"),
             (
                 &open,
                 "POST",
@@ -225,7 +330,7 @@ mod tests {
                 "call",
             ),
             (&open, "GET", "/v1/chat/completions", None, "pass"),
-            (&open, "GET", "/healthz", None, "pass"),
+            (&open, "GET", "/healthz", Some("Bearer random"), "pass"),
             (
                 &keyed,
                 "POST",
@@ -233,10 +338,19 @@ mod tests {
                 None,
                 "401 missing_api_key",
             ),
+            (&keyed, "POST", "/v1/responses", None, "401 missing_api_key"),
             (
                 &keyed,
                 "POST",
-                "/v1/chat/completions",
+                "/v1/chat/completions/",
+                Some("Bearer sk-bad"),
+                "401 invalid_api_key",
+            ),
+            (&keyed, "GET", "/anything/else", None, "401 missing_api_key"),
+            (
+                &keyed,
+                "GET",
+                "/v1/models",
                 Some("Bearer sk-bad"),
                 "401 invalid_api_key",
             ),
@@ -246,6 +360,13 @@ mod tests {
                 "/v1/completions",
                 Some("Bearer sk-good"),
                 "call",
+            ),
+            (
+                &keyed,
+                "GET",
+                "/healthz",
+                Some("Bearer sk-good"),
+                "pass keyed",
             ),
         ];
         for (snap, method, path, auth, expect) in table {
@@ -258,20 +379,36 @@ mod tests {
     }
 
     #[test]
+    fn endpoint_paths_are_normalised_for_classification_only() {
+        for (raw, normal) in [
+            ("/v1/models", "/v1/models"),
+            ("/", "/"),
+            ("", "/"),
+            ("/v1//chat/completions/", "/v1/chat/completions"),
+            ("/v1/%2e%2e/v1/responses", "/v1/responses"),
+            ("/../../v1/embeddings", "/v1/embeddings"),
+            ("/v1/chat%2Fcompletions", "/v1/chat%2Fcompletions"),
+            ("/v1/%7euser/%", "/v1/~user/%"),
+        ] {
+            assert_eq!(endpoint_path(raw), normal, "{raw}");
+        }
+    }
+
+    #[test]
     fn model_names_and_where_they_are_served() {
         let snap = snapshot(false);
+        let fields = |body: &[u8]| sniff::sniff(body, 16);
+        let named = fields(br#"{"model":"qwen-max"}"#).expect("valid");
+        assert_eq!(model_name(&named).ok(), Some("qwen-max"));
+        let unnamed = fields(br#"{"messages":[]}"#).expect("valid");
         assert_eq!(
-            model_name(br#"{"model":"qwen-max"}"#).ok().as_deref(),
-            Some("qwen-max")
-        );
-        assert_eq!(
-            model_name(br#"{"messages":[]}"#).err().map(|e| e.code),
+            model_name(&unnamed).err().map(|e| e.code),
             Some("missing_model")
         );
-        assert_eq!(
-            model_name(b"{not json").err().map(|e| e.code),
-            Some("invalid_json")
-        );
+        let broken = fields(b"{not json").expect_err("invalid");
+        assert_eq!(call_error(&broken).code, "invalid_json");
+        let wrong = fields(br#"{"model":1}"#).expect_err("invalid");
+        assert_eq!(call_error(&wrong).code, "invalid_value");
         let route = snap
             .routes
             .iter()
