@@ -136,6 +136,7 @@ impl DemoWorld {
             token_file: None,
             cache_dir: options.data_dir.join("edge-cache").display().to_string(),
             wait: meridian_config::HumanDuration::secs(30),
+            ..Default::default()
         });
         Ok(DemoWorld {
             config,
