@@ -198,6 +198,12 @@ enum GeoipCommand {
 fn main() -> ExitCode {
     init_tracing();
     let cli = Cli::parse();
+    // Before any listener: a gateway at the distribution's soft limit (often 1024 files)
+    // refuses clients long before the machine is busy.
+    match meridian_gateway::httpd::raise_open_file_limit() {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {

@@ -392,7 +392,16 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> std::io::Result<()> {
 mod tests {
     use super::*;
 
-    const DOC: &str = "schema = 1\n";
+    const DOC: &str = r#"schema = 1
+[[regions]]
+name = "us-east"
+location = { lat = 38.9, lon = -77.0 }
+upstreams = [{ address = "127.1.2.1:7001" }]
+[[routes]]
+name = "api"
+hosts = ["api.example.test"]
+regions = "*"
+"#;
 
     #[test]
     fn the_last_good_copy_is_one_file_with_its_version_inside() {
@@ -409,10 +418,10 @@ mod tests {
         // A version number can never go with another version's document: the number lives
         // inside the file that is replaced whole, and a document that does not match the
         // checksum next to the number is refused.
-        let other = "schema = 1\n# version 8\n";
+        let other = DOC.replace("api.example.test", "api2.example.test");
         let tampered = std::fs::read_to_string(dir.path().join(LAST_GOOD))
             .expect("read")
-            .replace(DOC, other);
+            .replace(DOC, &other);
         std::fs::write(dir.path().join(LAST_GOOD), tampered).expect("write");
         assert!(load_last_good(dir.path()).is_none());
         assert_eq!(
