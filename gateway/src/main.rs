@@ -80,6 +80,11 @@ enum Command {
         /// PEM private key of --tls-cert.
         #[arg(long, requires = "tls_cert")]
         tls_key: Option<PathBuf>,
+        /// A `Host` name the service answers besides loopback names and addresses (repeat for
+        /// more). Without any, a service on a loopback address answers only loopback names
+        /// (DNS rebinding); one on another address answers any.
+        #[arg(long = "allowed-host")]
+        allowed_hosts: Vec<String>,
     },
     /// Work with config documents.
     Config {
@@ -299,6 +304,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             read_token_file,
             tls_cert,
             tls_key,
+            allowed_hosts,
         } => {
             let backend = match data {
                 Some(data) => operator::StoreBackend::Dir(data),
@@ -313,6 +319,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 read_token_file,
                 keep_versions,
                 tls: tls_cert.zip(tls_key),
+                allowed_hosts,
             };
             runtime()?.block_on(operator::config_server(backend, options))
         }

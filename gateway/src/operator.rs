@@ -155,6 +155,7 @@ pub struct ServerOptions {
     pub keep_versions: u64,
     /// Certificate chain and key (PEM) for HTTPS.
     pub tls: Option<(PathBuf, PathBuf)>,
+    pub allowed_hosts: Vec<String>,
 }
 
 fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
@@ -176,6 +177,7 @@ pub async fn config_server(
         read_token_file,
         keep_versions,
         tls,
+        allowed_hosts,
     } = options;
     let token = read_token(&token_file)?;
     let read_token = read_token_file.as_deref().map(read_token).transpose()?;
@@ -222,6 +224,8 @@ pub async fn config_server(
     let mut state =
         meridian_config_service::ServiceState::with_store(store, token).with_read_token(read_token);
     state.tls = tls;
+    state.allowed_hosts =
+        (listen.ip().is_loopback() || !allowed_hosts.is_empty()).then_some(allowed_hosts);
     let state = std::sync::Arc::new(state);
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;

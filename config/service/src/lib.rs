@@ -10,6 +10,7 @@ pub mod client;
 pub mod etcd;
 pub mod etcd_follow;
 pub mod etcd_layout;
+pub mod host;
 pub mod purges;
 pub mod service;
 pub mod store;

@@ -76,6 +76,9 @@ pub struct ServiceState {
     long_polls: std::sync::atomic::AtomicUsize,
     /// Serve HTTPS instead of plain HTTP ([`crate::tls::acceptor`]).
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// `Some`: only requests whose `Host` is a loopback name or address or one of these are
+    /// served (DNS rebinding; [`crate::host`]). `None`: any `Host`.
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 impl ServiceState {
@@ -99,6 +102,7 @@ impl ServiceState {
             max_long_polls: Self::DEFAULT_MAX_LONG_POLLS,
             long_polls: std::sync::atomic::AtomicUsize::new(0),
             tls: None,
+            allowed_hosts: None,
         }
     }
 
@@ -229,6 +233,14 @@ async fn handle(
 ) -> Response<Body> {
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
+    if let Some(allowed) = &state.allowed_hosts {
+        if !crate::host::allowed(request.headers().get(header::HOST), allowed) {
+            return error(
+                StatusCode::MISDIRECTED_REQUEST,
+                "this Host is not served here",
+            );
+        }
+    }
     if method == Method::GET && path.starts_with("/v1/") && !state.may_read(request.headers()) {
         return unauthorized();
     }
