@@ -97,9 +97,11 @@ pub enum OnBackendError {
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Control {
-    /// Base URL of the config service, e.g. `http://127.0.0.1:7070`.
+    /// Base URL of the config service, e.g. `http://127.0.0.1:7070` or `https://…`. Empty when
+    /// the edge follows etcd directly (`etcd`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub url: String,
-    /// Bearer token file (reads need none today; kept for services that require it).
+    /// Bearer token file: the config service's read token (it guards `/v1/config`).
     #[serde(default)]
     pub token_file: Option<String>,
     /// Where the last good version is kept, so the edge can start while the service is down.
@@ -107,6 +109,34 @@ pub struct Control {
     /// Long-poll wait per request to the service.
     #[serde(default = "default_control_wait")]
     pub wait: HumanDuration,
+    /// Follow the versions on this etcd cluster directly (client URLs) instead of a config
+    /// server; exclusive with `url`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub etcd: Vec<String>,
+    /// Key prefix of the versions on etcd (the config server's `--etcd-prefix`).
+    #[serde(default = "default_etcd_prefix")]
+    pub etcd_prefix: String,
+    /// PEM file of the CA that signed an `https://` config service's certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+}
+
+impl Default for Control {
+    fn default() -> Self {
+        Self {
+            url: String::new(),
+            token_file: None,
+            cache_dir: String::new(),
+            wait: default_control_wait(),
+            etcd: Vec::new(),
+            etcd_prefix: default_etcd_prefix(),
+            ca_file: None,
+        }
+    }
+}
+
+fn default_etcd_prefix() -> String {
+    "/meridian".into()
 }
 
 fn default_control_wait() -> HumanDuration {

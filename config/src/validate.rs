@@ -566,13 +566,39 @@ fn validate_limits(limits: &LimitsSection, errors: &mut Errors) {
 }
 
 fn validate_control(control: &Control, errors: &mut Errors) {
-    let rest = control.url.strip_prefix("http://");
-    let authority = rest.map(|r| r.split('/').next().unwrap_or(""));
-    if authority.is_none_or(str::is_empty) {
-        errors.push(
-            "control.url",
-            format!("bad URL {:?} (expected http://host:port)", control.url),
-        );
+    match (control.url.is_empty(), control.etcd.is_empty()) {
+        (true, true) => errors.push("control", "set url (a config server) or etcd (endpoints)"),
+        (false, false) => errors.push("control.etcd", "url and etcd exclude each other"),
+        (false, true) => {
+            let rest = control
+                .url
+                .strip_prefix("http://")
+                .or_else(|| control.url.strip_prefix("https://"));
+            let authority = rest.map(|r| r.split('/').next().unwrap_or(""));
+            if authority.is_none_or(str::is_empty) {
+                errors.push(
+                    "control.url",
+                    format!(
+                        "bad URL {:?} (expected http://host:port or https://host:port)",
+                        control.url
+                    ),
+                );
+            }
+        }
+        (true, false) => {
+            for (i, endpoint) in control.etcd.iter().enumerate() {
+                let rest = endpoint.strip_prefix("http://");
+                if rest.is_none_or(|r| r.trim_end_matches('/').is_empty() || r.contains('/')) {
+                    errors.push(
+                        format!("control.etcd[{i}]"),
+                        format!("bad endpoint {endpoint:?} (expected http://host:port)"),
+                    );
+                }
+            }
+            if !control.etcd_prefix.starts_with('/') {
+                errors.push("control.etcd_prefix", "must start with /");
+            }
+        }
     }
     if control.cache_dir.trim().is_empty() {
         errors.push("control.cache_dir", "must not be empty");

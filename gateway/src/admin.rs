@@ -55,6 +55,14 @@ async fn handle(
     purging: Arc<Purging>,
     req: Request<hyper::body::Incoming>,
 ) -> hyper::Response<httpd::Body> {
+    // The admin listener is loopback only: a Host that is not a loopback name is a browser
+    // talking to it on another site's behalf (DNS rebinding).
+    if !meridian_config_service::host::allowed(req.headers().get(http::header::HOST), &[]) {
+        return httpd::json(
+            StatusCode::MISDIRECTED_REQUEST,
+            &serde_json::json!({"error": "this Host is not served here"}),
+        );
+    }
     if req.uri().path() == "/admin/cache/purge" {
         return purge(&purging, req).await;
     }

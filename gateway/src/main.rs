@@ -80,14 +80,30 @@ enum Command {
         /// Key prefix of the versions on etcd.
         #[arg(long, default_value = meridian_config_service::etcd::DEFAULT_PREFIX)]
         etcd_prefix: String,
-        /// Versions kept on etcd (older ones are deleted as new ones are written; 0 keeps all).
-        #[arg(long, default_value_t = meridian_config_service::etcd::DEFAULT_RETAIN)]
-        etcd_retain: u64,
+        /// Versions kept (older ones are deleted as new ones are written; 0 keeps all), on disk
+        /// or on etcd.
+        #[arg(long, alias = "etcd-retain", default_value_t = meridian_config_service::DEFAULT_KEEP_VERSIONS)]
+        keep_versions: u64,
         #[arg(long, default_value = "127.0.0.1:7070")]
         listen: std::net::SocketAddr,
         /// File holding the bearer token that writes must present.
         #[arg(long)]
         token_file: PathBuf,
+        /// File holding the bearer token that reads (`GET /v1/…`) must present; the documents
+        /// hold API key hashes and the whole routing. Without it reads are open.
+        #[arg(long)]
+        read_token_file: Option<PathBuf>,
+        /// Serve HTTPS with this PEM certificate chain (with --tls-key).
+        #[arg(long, requires = "tls_key")]
+        tls_cert: Option<PathBuf>,
+        /// PEM private key of --tls-cert.
+        #[arg(long, requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// A `Host` name the service answers besides loopback names and addresses (repeat for
+        /// more). Without any, a service on a loopback address answers only loopback names
+        /// (DNS rebinding); one on another address answers any.
+        #[arg(long = "allowed-host")]
+        allowed_hosts: Vec<String>,
     },
     /// Work with config documents.
     Config {
@@ -157,6 +173,9 @@ struct ServerArgs {
     /// Token file for writes (default: the MERIDIAN_TOKEN environment variable).
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// CA certificate (PEM) of an https:// config service.
+    #[arg(long, env = "MERIDIAN_CA_FILE")]
+    ca_file: Option<PathBuf>,
 }
 
 impl ServerArgs {
@@ -170,16 +189,18 @@ impl ServerArgs {
             ),
             None => std::env::var("MERIDIAN_TOKEN").ok(),
         };
-        Ok(meridian_config_service::ConfigClient::new(
-            &self.server,
-            token,
-        )?)
+        let client = meridian_config_service::ConfigClient::new(&self.server, token)?;
+        Ok(match &self.ca_file {
+            Some(ca) => client.with_ca_file(ca)?,
+            None => client,
+        })
     }
 }
 
 #[derive(Subcommand)]
 enum CacheCommand {
-    /// Purge by --url, --prefix or --tag through an edge's admin listener (bearer token).
+    /// Purge by --url, --prefix or --tag: on one edge (its admin listener), or on every edge of
+    /// the fleet through the config service (--server) or etcd (--etcd).
     Purge(purge_cli::PurgeArgs),
 }
 
@@ -201,6 +222,12 @@ enum GeoipCommand {
 fn main() -> ExitCode {
     init_tracing();
     let cli = Cli::parse();
+    // Before any listener: a gateway at the distribution's soft limit (often 1024 files)
+    // refuses clients long before the machine is busy.
+    match meridian_gateway::httpd::raise_open_file_limit() {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!("cannot raise the open-file limit: {e}"),
+    }
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
@@ -328,19 +355,30 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             data,
             etcd,
             etcd_prefix,
-            etcd_retain,
+            keep_versions,
             listen,
             token_file,
+            read_token_file,
+            tls_cert,
+            tls_key,
+            allowed_hosts,
         } => {
             let backend = match data {
                 Some(data) => operator::StoreBackend::Dir(data),
                 None => operator::StoreBackend::Etcd {
                     endpoints: etcd,
                     prefix: etcd_prefix,
-                    retain: etcd_retain,
                 },
             };
-            runtime()?.block_on(operator::config_server(backend, listen, token_file))
+            let options = operator::ServerOptions {
+                listen,
+                token_file,
+                read_token_file,
+                keep_versions,
+                tls: tls_cert.zip(tls_key),
+                allowed_hosts,
+            };
+            runtime()?.block_on(operator::config_server(backend, options))
         }
         Command::Cache {
             command: CacheCommand::Purge(args),

@@ -144,38 +144,75 @@ pub enum StoreBackend {
     Etcd {
         endpoints: Vec<String>,
         prefix: String,
-        retain: u64,
     },
+}
+
+/// How `meridian config-server` serves.
+pub struct ServerOptions {
+    pub listen: SocketAddr,
+    pub token_file: PathBuf,
+    pub read_token_file: Option<PathBuf>,
+    pub keep_versions: u64,
+    /// Certificate chain and key (PEM) for HTTPS.
+    pub tls: Option<(PathBuf, PathBuf)>,
+    pub allowed_hosts: Vec<String>,
+}
+
+fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .trim()
+        .to_string();
+    anyhow::ensure!(!token.is_empty(), "{} is empty", path.display());
+    Ok(token)
 }
 
 pub async fn config_server(
     backend: StoreBackend,
-    listen: SocketAddr,
-    token_file: PathBuf,
+    options: ServerOptions,
 ) -> anyhow::Result<ExitCode> {
-    let token = std::fs::read_to_string(&token_file)
-        .with_context(|| format!("reading {}", token_file.display()))?
-        .trim()
-        .to_string();
-    anyhow::ensure!(!token.is_empty(), "{} is empty", token_file.display());
+    let ServerOptions {
+        listen,
+        token_file,
+        read_token_file,
+        keep_versions,
+        tls,
+        allowed_hosts,
+    } = options;
+    let token = read_token(&token_file)?;
+    let read_token = read_token_file.as_deref().map(read_token).transpose()?;
+    if read_token.is_none() {
+        tracing::warn!(
+            "reads need no token (documents include API key hashes): set --read-token-file"
+        );
+    }
+    let tls = match tls {
+        Some((cert, key)) => Some(
+            meridian_config_service::tls::acceptor(&cert, &key).context("--tls-cert/--tls-key")?,
+        ),
+        None => {
+            if !listen.ip().is_loopback() {
+                tracing::warn!(%listen, "serving plain HTTP beyond loopback: tokens and documents travel in clear (set --tls-cert/--tls-key)");
+            }
+            None
+        }
+    };
     let store: std::sync::Arc<dyn meridian_config_service::VersionStore> = match backend {
         StoreBackend::Dir(data) => {
             let store = meridian_config_service::ConfigStore::open(&data)
-                .with_context(|| format!("opening {}", data.display()))?;
+                .with_context(|| format!("opening {}", data.display()))?
+                .with_keep_versions(keep_versions);
             tracing::info!(data = %data.display(), version = store.current_version(), "config store on local disk");
             std::sync::Arc::new(meridian_config_service::FileStore(std::sync::Arc::new(
                 store,
             )))
         }
-        StoreBackend::Etcd {
-            endpoints,
-            prefix,
-            retain,
-        } => {
+        StoreBackend::Etcd { endpoints, prefix } => {
             anyhow::ensure!(!endpoints.is_empty(), "--etcd needs at least one URL");
-            let store = meridian_config_service::EtcdStore::connect(&endpoints, &prefix, retain)
-                .await
-                .with_context(|| format!("connecting to etcd {}", endpoints.join(",")))?;
+            let store =
+                meridian_config_service::EtcdStore::connect(&endpoints, &prefix, keep_versions)
+                    .await
+                    .with_context(|| format!("connecting to etcd {}", endpoints.join(",")))?;
             tracing::info!(etcd = %endpoints.join(","), %prefix, version = store.current_version(), "config store on etcd");
             std::sync::Arc::new(store)
         }
@@ -184,9 +221,12 @@ pub async fn config_server(
         .await
         .with_context(|| format!("listening on {listen}"))?;
     tracing::info!(%listen, "config service running");
-    let state = std::sync::Arc::new(meridian_config_service::ServiceState::with_store(
-        store, token,
-    ));
+    let mut state =
+        meridian_config_service::ServiceState::with_store(store, token).with_read_token(read_token);
+    state.tls = tls;
+    state.allowed_hosts =
+        (listen.ip().is_loopback() || !allowed_hosts.is_empty()).then_some(allowed_hosts);
+    let state = std::sync::Arc::new(state);
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;
     };

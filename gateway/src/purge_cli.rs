@@ -1,4 +1,6 @@
-//! `meridian cache purge`: one `POST /admin/cache/purge` to an edge's admin listener.
+//! `meridian cache purge`: one `POST /admin/cache/purge` to an edge's admin listener, or a
+//! fleet-wide purge that every edge applies: posted to the config service (`--server`, whose
+//! edges long-poll it) or written to etcd (`--etcd`, for edges that follow etcd directly).
 
 use std::process::ExitCode;
 
@@ -22,28 +24,65 @@ pub struct PurgeArgs {
     /// The edge's admin listener.
     #[arg(long, default_value = "http://127.0.0.1:9901")]
     admin: String,
-    /// File holding the admin bearer token (default: the MERIDIAN_ADMIN_TOKEN variable).
+    /// File holding the bearer token: the admin token, or with --server the config service's
+    /// write token (default: MERIDIAN_ADMIN_TOKEN, or MERIDIAN_TOKEN with --server).
     #[arg(long)]
     token_file: Option<std::path::PathBuf>,
+    /// Purge on every edge through this config service instead of one admin listener.
+    #[arg(long, conflicts_with_all = ["admin", "etcd"])]
+    server: Option<String>,
+    /// CA certificate (PEM) of an https:// --server.
+    #[arg(long, requires = "server")]
+    ca_file: Option<std::path::PathBuf>,
+    /// Purge on every edge that follows this etcd cluster (client URLs, comma-separated).
+    #[arg(long, value_delimiter = ',', conflicts_with = "admin")]
+    etcd: Vec<String>,
+    /// Key prefix of the fleet's store on etcd.
+    #[arg(long, default_value = meridian_config_service::etcd::DEFAULT_PREFIX)]
+    etcd_prefix: String,
+}
+
+fn token(file: Option<&std::path::Path>, variable: &str) -> anyhow::Result<String> {
+    match file {
+        Some(path) => Ok(std::fs::read_to_string(path)
+            .with_context(|| format!("reading {}", path.display()))?
+            .trim()
+            .to_string()),
+        None => Ok(std::env::var(variable)
+            .with_context(|| format!("no token: pass --token-file or set {variable}"))?
+            .trim()
+            .to_string()),
+    }
 }
 
 pub async fn run(args: PurgeArgs) -> anyhow::Result<ExitCode> {
-    let token = match &args.token_file {
-        Some(path) => std::fs::read_to_string(path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .trim()
-            .to_string(),
-        None => std::env::var("MERIDIAN_ADMIN_TOKEN")
-            .context("no admin token: pass --token-file or set MERIDIAN_ADMIN_TOKEN")?
-            .trim()
-            .to_string(),
-    };
     let body = match (&args.url, &args.prefix, &args.tag) {
         (Some(url), _, _) => serde_json::json!({ "url": url }),
         (_, Some(prefix), _) => serde_json::json!({ "prefix": prefix }),
         (_, _, Some(tag)) => serde_json::json!({ "tag": tag }),
         _ => bail!("one of --url, --prefix, --tag is required"),
     };
+    if let Some(server) = &args.server {
+        let token = token(args.token_file.as_deref(), "MERIDIAN_TOKEN")?;
+        let mut client = meridian_config_service::ConfigClient::new(server, Some(token))?;
+        if let Some(ca) = &args.ca_file {
+            client = client.with_ca_file(ca)?;
+        }
+        let seq = client.purge(&body).await?;
+        println!("purge {seq} published to every edge following {server}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !args.etcd.is_empty() {
+        let revision = meridian_config_service::etcd_follow::publish_purge(
+            &args.etcd,
+            &args.etcd_prefix,
+            &body,
+        )
+        .await?;
+        println!("purge published on etcd at revision {revision}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let token = token(args.token_file.as_deref(), "MERIDIAN_ADMIN_TOKEN")?;
     let authority = args
         .admin
         .trim_start_matches("http://")

@@ -333,6 +333,7 @@ fn start_edge(
         token_file: None,
         cache_dir: cache_dir.display().to_string(),
         wait: meridian_config::HumanDuration::secs(30),
+        ..Default::default()
     });
     RunningEdge::start(EdgeOptions {
         config,

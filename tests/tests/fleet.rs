@@ -156,6 +156,7 @@ fn edges_follow_replicas_through_an_etcd_leader_kill_and_a_full_outage() {
                     token_file: None,
                     cache_dir: world.path(&format!("edge-{i}-cache")).display().to_string(),
                     wait: HumanDuration::secs(30),
+                    ..Default::default()
                 },
             )
         })

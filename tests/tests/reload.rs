@@ -158,6 +158,7 @@ fn edges_keep_serving_without_the_service_and_restart_from_their_cache() {
             token_file: None,
             cache_dir: world.path("edge-0-cache").display().to_string(),
             wait: meridian_config::HumanDuration::secs(30),
+            ..Default::default()
         });
         meridian_gateway::edge::RunningEdge::start(meridian_gateway::edge::EdgeOptions {
             config,

@@ -1,5 +1,5 @@
-//! Client of the config service (plain HTTP/1.1). One connection per request: calls are rare
-//! (a push, or one long-poll at a time), and a fresh connection never inherits a broken one.
+//! Client of the config service (HTTP/1.1, plain or over TLS). One connection per request: calls
+//! are rare (a push, or one long-poll at a time), and a fresh connection never inherits a broken one.
 
 use std::time::Duration;
 
@@ -70,6 +70,19 @@ pub struct ConfigClient {
     base_path: String,
     token: Option<String>,
     request_timeout: Duration,
+    /// `https://`: the connector trusting the configured CA (`None` until one is given).
+    https: bool,
+    tls: Option<Connector>,
+}
+
+/// The TLS connector (it has no `Debug` of its own).
+#[derive(Clone)]
+struct Connector(tokio_rustls::TlsConnector);
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsConnector")
+    }
 }
 
 struct Reply {
@@ -86,9 +99,11 @@ impl ConfigClient {
             reason: reason.to_owned(),
         };
         let uri: Uri = base_url.parse().map_err(|_| bad("not a URL"))?;
-        if uri.scheme_str() != Some("http") {
-            return Err(bad("only http:// is supported"));
-        }
+        let https = match uri.scheme_str() {
+            Some("http") => false,
+            Some("https") => true,
+            _ => return Err(bad("expected http:// or https://")),
+        };
         let authority = uri.authority().ok_or_else(|| bad("no host"))?;
         if authority.as_str().contains('@') {
             return Err(bad("credentials in the URL are not supported"));
@@ -98,14 +113,70 @@ impl ConfigClient {
         }
         let authority = match authority.port_u16() {
             Some(_) => authority.as_str().to_owned(),
-            None => format!("{}:80", authority.as_str()),
+            None => format!("{}:{}", authority.as_str(), if https { 443 } else { 80 }),
         };
         Ok(Self {
             authority,
             base_path: uri.path().trim_end_matches('/').to_owned(),
             token,
             request_timeout: REQUEST_TIMEOUT,
+            https,
+            tls: None,
         })
+    }
+
+    /// Trusts the CA certificates in `ca_file` for an `https://` service.
+    pub fn with_ca_file(mut self, ca_file: &std::path::Path) -> Result<Self, ClientError> {
+        let connector =
+            crate::tls::connector(ca_file).map_err(|e| ClientError::Request(e.to_string()))?;
+        self.tls = Some(Connector(connector));
+        Ok(self)
+    }
+
+    /// Posts a fleet-wide cache purge (`{"url"|"prefix"|"tag": …}`); returns its number.
+    pub async fn purge(&self, purge: &serde_json::Value) -> Result<u64, ClientError> {
+        let headers = [("content-type", "application/json".to_owned())];
+        let body = Bytes::from(purge.to_string());
+        let reply = self
+            .send(
+                Method::POST,
+                "/v1/purge",
+                &headers,
+                body,
+                self.request_timeout,
+            )
+            .await?;
+        match reply.status {
+            StatusCode::ACCEPTED => {
+                let answer: serde_json::Value = json_body(&reply)?;
+                answer["seq"]
+                    .as_u64()
+                    .ok_or_else(|| ClientError::Protocol("a purge answer without seq".into()))
+            }
+            _ => Err(unexpected(reply)),
+        }
+    }
+
+    /// The purges after `after` (waiting up to `wait` for one); `None` asks for the cursor.
+    pub async fn purges(
+        &self,
+        after: Option<u64>,
+        wait: Duration,
+    ) -> Result<crate::PurgeBatch, ClientError> {
+        let (path, timeout) = match after {
+            Some(after) => (
+                format!("/v1/purges?after={after}&wait={}ms", wait.as_millis()),
+                wait.min(crate::service::MAX_WAIT) + LONG_POLL_GRACE,
+            ),
+            None => ("/v1/purges".to_owned(), self.request_timeout),
+        };
+        let reply = self
+            .send(Method::GET, &path, &[], Bytes::new(), timeout)
+            .await?;
+        match reply.status {
+            StatusCode::OK => json_body(&reply),
+            _ => Err(unexpected(reply)),
+        }
     }
 
     /// Overrides the whole-exchange timeout of ordinary (non-long-poll) requests.
@@ -260,9 +331,49 @@ impl ConfigClient {
             })?;
         let _ = stream.set_nodelay(true);
 
-        let exchange = async {
+        let exchange =
+            async {
+                if !self.https {
+                    return exchange(stream, request).await;
+                }
+                let connector = self.tls.as_ref().ok_or_else(|| {
+                    ClientError::Request("an https:// config service needs a CA file".into())
+                })?;
+                let host = self
+                    .authority
+                    .rsplit_once(':')
+                    .map_or(self.authority.as_str(), |(host, _)| host)
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned();
+                let name = rustls::pki_types::ServerName::try_from(host)
+                    .map_err(|e| ClientError::Request(format!("TLS server name: {e}")))?;
+                let tls = connector.0.connect(name, stream).await.map_err(|source| {
+                    ClientError::Connect {
+                        addr: self.authority.clone(),
+                        source,
+                    }
+                })?;
+                exchange(tls, request).await
+            };
+        tokio::time::timeout(timeout, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                what,
+                after: timeout,
+            })?
+    }
+}
+
+/// One request and its whole (bounded) answer on a fresh connection.
+async fn exchange<I>(io: I, request: Request<Full<Bytes>>) -> Result<Reply, ClientError>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    {
+        {
             let (mut sender, connection) =
-                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
             let _driver = AbortOnDrop(tokio::spawn(async move {
                 let _ = connection.await;
             }));
@@ -278,13 +389,7 @@ impl ConfigClient {
                 headers: parts.headers,
                 body,
             })
-        };
-        tokio::time::timeout(timeout, exchange)
-            .await
-            .map_err(|_| ClientError::Timeout {
-                what,
-                after: timeout,
-            })?
+        }
     }
 }
 
@@ -362,7 +467,9 @@ mod tests {
         let client = ConfigClient::new("http://config.test/meridian/", None).expect("prefix");
         assert_eq!(client.authority, "config.test:80");
         assert_eq!(client.base_path, "/meridian");
-        assert!(ConfigClient::new("https://127.0.0.1:7070", None).is_err());
+        let client = ConfigClient::new("https://config.test", None).expect("https");
+        assert_eq!(client.authority, "config.test:443");
+        assert!(ConfigClient::new("ftp://127.0.0.1:7070", None).is_err());
         assert!(ConfigClient::new("127.0.0.1:7070", None).is_err());
         assert!(ConfigClient::new("http://u:p@127.0.0.1:7070", None).is_err());
         assert!(ConfigClient::new("http://127.0.0.1:7070/?x=1", None).is_err());

@@ -1,13 +1,7 @@
 //! The config store on an etcd cluster: the config server keeps no state of its own, so any
 //! number of replicas can serve the same API from one cluster.
 //!
-//! Keys under the prefix (default `/meridian`), for version 7:
-//!
-//! ```text
-//! {prefix}/current                 "7": the pointer to the newest version
-//! {prefix}/meta/00000000000000000007   VersionMeta as JSON (immutable)
-//! {prefix}/doc/00000000000000000007    the document exactly as pushed (immutable)
-//! ```
+//! The keys are described in [`crate::etcd_layout`].
 //!
 //! A write is one etcd transaction: "if `current` is still at the revision I read, point it at
 //! n+1 and create n+1's keys (and drop the ones past retention)". That compare-and-swap on the
@@ -19,18 +13,20 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, SortOrder, SortTarget, Txn,
-    TxnOp, WatchOptions,
+    Client, Compare, CompareOp, EventType, GetOptions, SortOrder, SortTarget, Txn, TxnOp,
+    WatchOptions,
 };
 use tokio::sync::watch;
 
 use meridian_config::content_hash;
 
+use crate::etcd_layout::{read_version, read_with_retry, unavailable, KeyKind};
+use crate::purges::PurgeLog;
 use crate::store::{validate, PutError, StoredVersion, VersionMeta};
 use crate::versions::{Unavailable, VersionStore};
 
-/// Key prefix when none is given.
-pub const DEFAULT_PREFIX: &str = "/meridian";
+pub use crate::etcd_layout::{connect_options, parse_pointer, Keys, DEFAULT_PREFIX};
+
 /// Versions kept when no retention is given: old ones are deleted as new ones are written.
 pub const DEFAULT_RETAIN: u64 = 1000;
 /// Pause before re-establishing a broken watch on the pointer.
@@ -39,75 +35,12 @@ const WATCH_RETRY: Duration = Duration::from_millis(100);
 /// (only without `If-Match`; with it, that race is the conflict the caller asked about).
 const MAX_WRITE_ATTEMPTS: usize = 32;
 
-/// Tries of an idempotent read: a member that just died still gets some requests until the
-/// client's balancer notices, and a read can safely go again (to another member).
-const READ_ATTEMPTS: usize = 5;
-
-/// Runs the idempotent read `op` until it succeeds or [`READ_ATTEMPTS`] tries failed.
-async fn read_with_retry<T, F, Fut>(client: &Client, op: F) -> Result<T, etcd_client::Error>
-where
-    F: Fn(Client) -> Fut,
-    Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
-{
-    let mut attempt = 1;
-    loop {
-        match op(client.clone()).await {
-            Ok(value) => return Ok(value),
-            Err(e) if attempt >= READ_ATTEMPTS => return Err(e),
-            Err(e) => {
-                tracing::debug!(error = %e, attempt, "etcd read failed; trying again");
-                attempt += 1;
-            }
-        }
-    }
-}
-
-/// Connection settings shared by the config server's store and the edges that follow etcd.
-pub fn connect_options() -> ConnectOptions {
-    ConnectOptions::new()
-        .with_connect_timeout(Duration::from_secs(2))
-        .with_timeout(Duration::from_secs(5))
-        .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2))
-        // A member cut off from the quorum cancels our watch instead of going silent, so the
-        // watcher reconnects to a member that still hears the leader.
-        .with_require_leader(true)
-}
-
-/// The etcd keys of one store.
-#[derive(Clone, Debug)]
-pub struct Keys {
-    prefix: String,
-}
-
-impl Keys {
-    pub fn new(prefix: &str) -> Keys {
-        Keys {
-            prefix: prefix.trim_end_matches('/').to_string(),
-        }
-    }
-
-    pub fn current(&self) -> String {
-        format!("{}/current", self.prefix)
-    }
-
-    pub fn meta(&self, version: u64) -> String {
-        format!("{}/meta/{version:020}", self.prefix)
-    }
-
-    pub fn meta_prefix(&self) -> String {
-        format!("{}/meta/", self.prefix)
-    }
-
-    pub fn doc(&self, version: u64) -> String {
-        format!("{}/doc/{version:020}", self.prefix)
-    }
-}
-
 pub struct EtcdStore {
     client: Client,
     keys: Keys,
     retain: u64,
     latest: Arc<watch::Sender<u64>>,
+    purges: Arc<PurgeLog>,
     follower: tokio::task::JoinHandle<()>,
 }
 
@@ -115,18 +48,6 @@ impl Drop for EtcdStore {
     fn drop(&mut self) {
         self.follower.abort();
     }
-}
-
-fn unavailable(error: etcd_client::Error) -> Unavailable {
-    Unavailable(error.to_string())
-}
-
-/// The version number a `current` value names.
-pub fn parse_pointer(value: &[u8]) -> Result<u64, Unavailable> {
-    std::str::from_utf8(value)
-        .ok()
-        .and_then(|text| text.trim().parse().ok())
-        .ok_or_else(|| Unavailable("the current-version key does not hold a number".into()))
 }
 
 impl EtcdStore {
@@ -141,26 +62,25 @@ impl EtcdStore {
             .await
             .map_err(unavailable)?;
         let keys = Keys::new(prefix);
-        let store_client = client.clone();
-        let mut reader = client.clone();
-        let current = match reader
-            .get(keys.current(), None)
-            .await
-            .map_err(unavailable)?
-            .kvs()
-            .first()
-        {
-            Some(kv) => parse_pointer(kv.value())?,
-            None => 0,
-        };
+        let (current, revision) = crate::etcd_layout::read_pointer(&client, &keys).await?;
         let (latest, _) = watch::channel(current);
         let latest = Arc::new(latest);
-        let follower = tokio::spawn(follow_pointer(client, keys.clone(), latest.clone()));
+        // Purges are numbered by their etcd revision: the same cursor means the same on every
+        // replica. Only the ones after this replica started are known to it.
+        let purges = Arc::new(PurgeLog::new(u64::try_from(revision).unwrap_or(0)));
+        let follower = tokio::spawn(follow_pointer(
+            client.clone(),
+            keys.clone(),
+            latest.clone(),
+            purges.clone(),
+            revision,
+        ));
         Ok(EtcdStore {
-            client: store_client,
+            client,
             keys,
             retain,
             latest,
+            purges,
             follower,
         })
     }
@@ -244,28 +164,7 @@ impl EtcdStore {
     }
 
     async fn read_version(&self, version: u64) -> Result<Option<StoredVersion>, Unavailable> {
-        let (meta_key, doc_key) = (self.keys.meta(version), self.keys.doc(version));
-        let response = read_with_retry(&self.client, |mut c| {
-            let txn = Txn::new().and_then([
-                TxnOp::get(meta_key.clone(), None),
-                TxnOp::get(doc_key.clone(), None),
-            ]);
-            async move { c.txn(txn).await }
-        })
-        .await
-        .map_err(unavailable)?;
-        let mut values = response.op_responses().into_iter().map(|op| match op {
-            etcd_client::TxnOpResponse::Get(get) => get.kvs().first().map(|kv| kv.value().to_vec()),
-            _ => None,
-        });
-        let (Some(Some(meta)), Some(Some(document))) = (values.next(), values.next()) else {
-            return Ok(None);
-        };
-        let meta: VersionMeta = serde_json::from_slice(&meta)
-            .map_err(|e| Unavailable(format!("version {version}: bad metadata: {e}")))?;
-        let document = String::from_utf8(document)
-            .map_err(|_| Unavailable(format!("version {version}: document is not UTF-8")))?;
-        Ok(Some(StoredVersion { meta, document }))
+        read_version(&self.client, &self.keys, version).await
     }
 }
 
@@ -282,43 +181,70 @@ fn advance(latest: &watch::Sender<u64>, version: u64) {
     });
 }
 
-/// Keeps `latest` at the pointer's value: read it, watch it from the next revision, and start
-/// over with a fresh read whenever the watch breaks or was compacted away.
-async fn follow_pointer(mut client: Client, keys: Keys, latest: Arc<watch::Sender<u64>>) {
+/// Keeps `latest` at the pointer's value and `purges` up to date: one watch on the whole
+/// prefix, resumed after the last revision seen when it breaks; when that revision was
+/// compacted away, the pointer is read afresh and purges in the gap are reported as lost.
+async fn follow_pointer(
+    client: Client,
+    keys: Keys,
+    latest: Arc<watch::Sender<u64>>,
+    purges: Arc<PurgeLog>,
+    mut revision: i64,
+) {
     loop {
-        let result: Result<(), etcd_client::Error> = async {
-            let response = client.get(keys.current(), None).await?;
-            let revision = response.header().map_or(0, |h| h.revision());
-            if let Some(kv) = response.kvs().first() {
-                if let Ok(version) = parse_pointer(kv.value()) {
-                    advance(&latest, version);
-                }
+        let result: Result<(), Unavailable> = async {
+            if revision == 0 {
+                let (version, read_at) = crate::etcd_layout::read_pointer(&client, &keys).await?;
+                advance(&latest, version);
+                purges.reset(u64::try_from(read_at).unwrap_or(0));
+                revision = read_at;
             }
+            let options = WatchOptions::new()
+                .with_prefix()
+                .with_start_revision(revision + 1);
             let mut stream = client
-                .watch(
-                    keys.current(),
-                    Some(WatchOptions::new().with_start_revision(revision + 1)),
-                )
-                .await?;
-            while let Some(message) = stream.message().await? {
+                .clone()
+                .watch(keys.all(), Some(options))
+                .await
+                .map_err(unavailable)?;
+            while let Some(message) = stream.message().await.map_err(unavailable)? {
                 if message.canceled() {
-                    break;
+                    if message.compact_revision() > 0 {
+                        revision = 0;
+                    }
+                    return Err(Unavailable(format!(
+                        "watch canceled: {}",
+                        message.cancel_reason()
+                    )));
                 }
                 for event in message.events() {
+                    let Some(kv) = event.kv() else { continue };
                     if event.event_type() == EventType::Put {
-                        if let Some(version) =
-                            event.kv().and_then(|kv| parse_pointer(kv.value()).ok())
-                        {
-                            advance(&latest, version);
+                        match keys.classify(kv.key()) {
+                            KeyKind::Current => {
+                                if let Ok(version) = parse_pointer(kv.value()) {
+                                    advance(&latest, version);
+                                }
+                            }
+                            KeyKind::Purge => {
+                                if let Ok(purge) = serde_json::from_slice(kv.value()) {
+                                    purges.record(
+                                        u64::try_from(kv.mod_revision()).unwrap_or(0),
+                                        purge,
+                                    );
+                                }
+                            }
+                            _ => {}
                         }
                     }
+                    revision = revision.max(kv.mod_revision());
                 }
             }
             Ok(())
         }
         .await;
         if let Err(e) = result {
-            tracing::warn!(error = %e, "etcd watch on the config pointer broke; re-reading");
+            tracing::warn!(error = %e, "etcd watch of the config store broke; resuming");
         }
         tokio::time::sleep(WATCH_RETRY).await;
     }
@@ -414,5 +340,25 @@ impl VersionStore for EtcdStore {
 
     fn watchers(&self) -> usize {
         self.latest.receiver_count()
+    }
+
+    async fn purge(&self, purge: serde_json::Value) -> Result<u64, Unavailable> {
+        let body = serde_json::to_vec(&purge).map_err(|e| Unavailable(e.to_string()))?;
+        let response = self
+            .client
+            .clone()
+            .put(self.keys.purge(), body, None)
+            .await
+            .map_err(unavailable)?;
+        let seq = response
+            .header()
+            .map_or(0, |h| u64::try_from(h.revision()).unwrap_or(0));
+        // Known here at once, whenever the watch delivers it.
+        self.purges.record(seq, purge);
+        Ok(seq)
+    }
+
+    fn purges(&self) -> &PurgeLog {
+        &self.purges
     }
 }

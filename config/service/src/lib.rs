@@ -8,13 +8,22 @@
 
 pub mod client;
 pub mod etcd;
+pub mod etcd_follow;
+pub mod etcd_layout;
+pub mod host;
+pub mod purges;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod versions;
 mod wire;
 
 pub use client::{ClientError, ConfigClient};
 pub use etcd::EtcdStore;
+pub use etcd_follow::{Change, EtcdFollower};
+pub use purges::{PurgeBatch, PurgeEntry};
 pub use service::{serve, ServiceState};
-pub use store::{ConfigStore, PutError, StoreError, StoredVersion, VersionMeta};
+pub use store::{
+    ConfigStore, PutError, StoreError, StoredVersion, VersionMeta, DEFAULT_KEEP_VERSIONS,
+};
 pub use versions::{FileStore, Unavailable, VersionStore};

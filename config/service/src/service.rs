@@ -6,11 +6,14 @@
 //! | `GET /v1/config?after=N&wait=30s` | long-poll: 200 as soon as a version > N exists, else 304 |
 //! | `PUT /v1/config` (token) | 201 VersionMeta; 409 on `If-Match` mismatch; 413; 422 with every error |
 //! | `GET /v1/history` | VersionMeta array, newest first |
+//! | `POST /v1/purge` (token) | 202 `{"seq": n}`: a cache purge (`{"url"\|"prefix"\|"tag": …}`) for every edge |
+//! | `GET /v1/purges?after=N&wait=30s` | long-poll: purges after N (`PurgeBatch`); without `after`, the cursor |
 //! | `GET /v1/versions/{n}` | 200 TOML as above, or 404 |
 //! | `POST /v1/rollback/{n}` (token) | 201 VersionMeta of the new version, or 404 |
 //! | `GET /healthz` | 200 `ok` |
 //!
-//! Every error body is JSON `{"error": "..."}`.
+//! Every error body is JSON `{"error": "..."}`. With a read token, every `GET` under `/v1/`
+//! needs it (or the write token): the document holds API key hashes and the whole routing.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -27,7 +30,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::json;
 use sha2::{Digest, Sha256};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
@@ -42,6 +45,11 @@ pub const MAX_WAIT: Duration = Duration::from_secs(60);
 pub const DEFAULT_WAIT: Duration = Duration::from_secs(30);
 /// How long a client may take to send its request headers (also the keep-alive idle limit).
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head (line and headers) read before the connection is refused.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Pause after a failed accept, doubling up to the maximum while it keeps failing.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 /// How long a client may take to send a request body.
 const BODY_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long open connections get to finish after shutdown was requested.
@@ -56,12 +64,27 @@ pub struct ServiceState {
     pub store: Arc<dyn VersionStore>,
     /// Bearer token required for writes. An empty token disables every write (401).
     pub token: String,
+    /// Bearer token required for reads (the write token is accepted too). `None`: reads are open.
+    pub read_token: Option<String>,
     /// Largest accepted `PUT /v1/config` body; more is answered `413`.
     pub max_body_bytes: usize,
+    /// Open connections at most; more wait in the kernel's accept queue.
+    pub max_connections: usize,
+    /// Pending long-polls (config and purges) at most; more are answered 503 at once, so that
+    /// watchers cannot take every connection slot from pushes.
+    pub max_long_polls: usize,
+    long_polls: std::sync::atomic::AtomicUsize,
+    /// Serve HTTPS instead of plain HTTP ([`crate::tls::acceptor`]).
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// `Some`: only requests whose `Host` is a loopback name or address or one of these are
+    /// served (DNS rebinding; [`crate::host`]). `None`: any `Host`.
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 impl ServiceState {
     pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+    pub const DEFAULT_MAX_LONG_POLLS: usize = 768;
 
     /// The API over the embedded file store.
     pub fn new(store: ConfigStore, token: impl Into<String>) -> Self {
@@ -73,8 +96,43 @@ impl ServiceState {
         Self {
             store,
             token: token.into(),
+            read_token: None,
             max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            max_long_polls: Self::DEFAULT_MAX_LONG_POLLS,
+            long_polls: std::sync::atomic::AtomicUsize::new(0),
+            tls: None,
+            allowed_hosts: None,
         }
+    }
+
+    /// Requires `token` for reads too.
+    pub fn with_read_token(mut self, token: Option<String>) -> Self {
+        self.read_token = token.filter(|t| !t.is_empty());
+        self
+    }
+
+    fn may_read(&self, headers: &http::HeaderMap) -> bool {
+        match &self.read_token {
+            None => true,
+            Some(read) => authorized(headers, read) || authorized(headers, &self.token),
+        }
+    }
+
+    /// Takes a long-poll slot; `None` when all are taken.
+    fn long_poll(&self) -> Option<LongPollSlot<'_>> {
+        use std::sync::atomic::Ordering;
+        let taken = self.long_polls.fetch_add(1, Ordering::AcqRel);
+        let slot = LongPollSlot(&self.long_polls);
+        (taken < self.max_long_polls).then_some(slot)
+    }
+}
+
+struct LongPollSlot<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for LongPollSlot<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -88,17 +146,41 @@ pub async fn serve(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut connections = JoinSet::new();
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut backoff = ACCEPT_BACKOFF_MIN;
     loop {
+        // At the cap, stop accepting until a connection ends: the rest wait in the backlog.
+        let room = connections.len() < state.max_connections;
         tokio::select! {
             () = &mut shutdown => break,
-            accepted = listener.accept() => match accepted {
+            accepted = listener.accept(), if room => match accepted {
                 Ok((stream, _peer)) => {
-                    connections.spawn(serve_connection(stream, state.clone(), stop_rx.clone()));
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    let _ = stream.set_nodelay(true);
+                    let state = state.clone();
+                    let stop = stop_rx.clone();
+                    connections.spawn(async move {
+                        match &state.tls {
+                            None => serve_connection(stream, state.clone(), stop).await,
+                            Some(acceptor) => {
+                                let handshake = tokio::time::timeout(
+                                    HEADER_READ_TIMEOUT,
+                                    acceptor.accept(stream),
+                                );
+                                match handshake.await {
+                                    Ok(Ok(tls)) => serve_connection(tls, state.clone(), stop).await,
+                                    Ok(Err(e)) => tracing::debug!(error = %e, "config service TLS handshake failed"),
+                                    Err(_) => tracing::debug!("config service TLS handshake timed out"),
+                                }
+                            }
+                        }
+                    });
                 }
                 Err(e) => {
-                    // Typically EMFILE or an aborted handshake: keep serving, but do not spin.
+                    // Typically EMFILE: keep serving, but back off instead of spinning on an
+                    // error that only a closing connection clears.
                     tracing::warn!(error = %e, "config service accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -110,11 +192,10 @@ pub async fn serve(
     Ok(())
 }
 
-async fn serve_connection(
-    stream: TcpStream,
-    state: Arc<ServiceState>,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn serve_connection<I>(stream: I, state: Arc<ServiceState>, mut stop: watch::Receiver<bool>)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let handler_stop = stop.clone();
     let service = service_fn(move |request| {
         let state = state.clone();
@@ -124,6 +205,7 @@ async fn serve_connection(
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
         .serve_connection(TokioIo::new(stream), service);
     let mut connection = std::pin::pin!(connection);
     tokio::select! {
@@ -151,7 +233,26 @@ async fn handle(
 ) -> Response<Body> {
     let path = request.uri().path().to_owned();
     let method = request.method().clone();
+    if let Some(allowed) = &state.allowed_hosts {
+        if !crate::host::allowed(request.headers().get(header::HOST), allowed) {
+            return error(
+                StatusCode::MISDIRECTED_REQUEST,
+                "this Host is not served here",
+            );
+        }
+    }
+    if method == Method::GET && path.starts_with("/v1/") && !state.may_read(request.headers()) {
+        return unauthorized();
+    }
     match path.as_str() {
+        "/v1/purge" => match method {
+            Method::POST => post_purge(request, state).await,
+            _ => not_allowed("POST"),
+        },
+        "/v1/purges" => match method {
+            Method::GET => get_purges(request.uri().query(), &state, stop).await,
+            _ => not_allowed("GET"),
+        },
         "/healthz" => match method {
             Method::GET => text(StatusCode::OK, "ok"),
             _ => not_allowed("GET"),
@@ -221,6 +322,9 @@ async fn get_config(
         }
         Err(message) => return error(StatusCode::BAD_REQUEST, &message),
     };
+    let Some(_slot) = state.long_poll() else {
+        return busy();
+    };
     // Subscribe before looking: a put that lands in between is then seen by `wait_for`.
     let mut latest = state.store.subscribe();
     let newer = async { latest.wait_for(|&version| version > after).await.is_ok() };
@@ -266,6 +370,70 @@ fn parse_watch_query(query: Option<&str>) -> Result<Option<(u64, Duration)>, Str
         (None, Some(_)) => Err("wait needs after=<version>".into()),
         (Some(after), wait) => Ok(Some((after, wait.unwrap_or(DEFAULT_WAIT)))),
     }
+}
+
+async fn post_purge(request: Request<Incoming>, state: Arc<ServiceState>) -> Response<Body> {
+    if !authorized(request.headers(), &state.token) {
+        return unauthorized();
+    }
+    let body = match read_body(request, crate::purges::MAX_PURGE_BYTES).await {
+        Ok(body) => body,
+        Err(reject) => return reject.into_response(),
+    };
+    let purge = match crate::purges::parse_purge(&body) {
+        Ok(purge) => purge,
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+    };
+    match state.store.purge(purge.clone()).await {
+        Ok(seq) => {
+            tracing::info!(%purge, seq, "fleet-wide cache purge");
+            json_response(StatusCode::ACCEPTED, &json!({ "seq": seq }))
+        }
+        Err(e) => unavailable(&e),
+    }
+}
+
+/// Without `after`: the cursor to poll from (no purges). With it: the purges after it, as soon
+/// as there are any or when `wait` is over (then with none).
+async fn get_purges(
+    query: Option<&str>,
+    state: &ServiceState,
+    mut stop: watch::Receiver<bool>,
+) -> Response<Body> {
+    let purges = state.store.purges();
+    let (after, wait) = match parse_watch_query(query) {
+        Ok(Some(watch)) => watch,
+        Ok(None) => {
+            let cursor = crate::purges::PurgeBatch {
+                seq: purges.latest(),
+                purges: Vec::new(),
+                lost: false,
+            };
+            return json_response(StatusCode::OK, &cursor);
+        }
+        Err(message) => return error(StatusCode::BAD_REQUEST, &message),
+    };
+    let Some(_slot) = state.long_poll() else {
+        return busy();
+    };
+    let mut latest = purges.subscribe();
+    let newer = async { latest.wait_for(|&seq| seq != after).await.is_ok() };
+    tokio::select! {
+        _ = tokio::time::timeout(wait, newer) => {}
+        () = stopping(&mut stop) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "config service is shutting down");
+        }
+    }
+    json_response(StatusCode::OK, &purges.after(after))
+}
+
+fn busy() -> Response<Body> {
+    let mut response = error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "too many pending long-polls",
+    );
+    set_header(&mut response, "retry-after", "1");
+    response
 }
 
 async fn put_config(request: Request<Incoming>, state: Arc<ServiceState>) -> Response<Body> {

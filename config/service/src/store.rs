@@ -100,7 +100,13 @@ pub struct ConfigStore {
     /// failed write).
     writer: Mutex<u64>,
     latest: watch::Sender<u64>,
+    /// Versions kept (older ones are deleted as new ones are written); 0 keeps all.
+    keep_versions: u64,
+    purges: crate::purges::PurgeLog,
 }
+
+/// Versions kept by default: enough history to roll back far, without growing forever.
+pub const DEFAULT_KEEP_VERSIONS: u64 = 1000;
 
 impl ConfigStore {
     /// Opens (creating if needed) the store in `dir`, loads every committed version and removes
@@ -161,7 +167,20 @@ impl ConfigStore {
             versions: RwLock::new(versions),
             writer: Mutex::new(highest_seen + 1),
             latest,
+            keep_versions: DEFAULT_KEEP_VERSIONS,
+            purges: crate::purges::PurgeLog::new(0),
         })
+    }
+
+    /// Keeps only the newest `keep` versions from the next write on (0 keeps all).
+    pub fn with_keep_versions(mut self, keep: u64) -> Self {
+        self.keep_versions = keep;
+        self
+    }
+
+    /// Fleet-wide cache purges posted to this service (in memory).
+    pub fn purges(&self) -> &crate::purges::PurgeLog {
+        &self.purges
     }
 
     pub fn dir(&self) -> &Path {
@@ -277,7 +296,40 @@ impl ConfigStore {
                 },
             );
         self.latest.send_replace(version);
+        self.drop_old_versions(version);
         Ok(meta)
+    }
+
+    /// Deletes versions past retention, oldest first. A failure only leaves old files behind
+    /// (they are tried again on the next write).
+    fn drop_old_versions(&self, newest: u64) {
+        if self.keep_versions == 0 || newest <= self.keep_versions {
+            return;
+        }
+        let keep_from = newest - self.keep_versions + 1;
+        let old: Vec<u64> = {
+            let mut versions = self
+                .versions
+                .write()
+                .unwrap_or_else(PoisonError::into_inner);
+            let kept = versions.split_off(&keep_from);
+            let old = versions.keys().copied().collect();
+            *versions = kept;
+            old
+        };
+        for version in old {
+            for suffix in [DOC_SUFFIX, META_SUFFIX] {
+                let path = self.dir.join(file_name(version, suffix));
+                if let Err(e) = fs::remove_file(&path) {
+                    if e.kind() != io::ErrorKind::NotFound {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot delete an old version");
+                    }
+                }
+            }
+        }
+        if let Err(e) = sync_dir(&self.dir) {
+            tracing::warn!(error = %e, "cannot sync the store directory after deleting old versions");
+        }
     }
 }
 
@@ -402,6 +454,26 @@ regions = "*"
             store.put("schema = [", "x", "", None),
             Err(PutError::Parse(_))
         ));
+    }
+
+    #[test]
+    fn only_the_newest_versions_are_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = ConfigStore::open(dir.path())
+            .expect("open")
+            .with_keep_versions(3);
+        for n in 1..=5 {
+            store.put(DOC, "a", &n.to_string(), None).expect("put");
+        }
+        let kept: Vec<u64> = store.history().iter().map(|m| m.version).collect();
+        assert_eq!(kept, [5, 4, 3]);
+        assert!(store.get(2).is_none());
+        assert!(!dir.path().join(file_name(2, DOC_SUFFIX)).exists());
+        assert!(!dir.path().join(file_name(2, META_SUFFIX)).exists());
+        drop(store);
+        let store = ConfigStore::open(dir.path()).expect("reopen");
+        assert_eq!(store.history().len(), 3);
+        assert_eq!(store.put(DOC, "a", "6", None).expect("put 6").version, 6);
     }
 
     #[test]

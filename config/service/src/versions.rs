@@ -7,6 +7,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use tokio::sync::watch;
 
+use crate::purges::PurgeLog;
 use crate::store::{ConfigStore, PutError, StoredVersion, VersionMeta};
 
 /// A read from the backing store failed (the backend is unreachable or answered garbage).
@@ -42,6 +43,13 @@ pub trait VersionStore: Send + Sync {
 
     /// How many subscribers (pending long-polls, watchers) currently exist.
     fn watchers(&self) -> usize;
+
+    /// Publishes a fleet-wide cache purge (already checked by [`crate::purges::parse_purge`]);
+    /// returns its number.
+    async fn purge(&self, purge: serde_json::Value) -> Result<u64, Unavailable>;
+
+    /// The purges edges poll for.
+    fn purges(&self) -> &PurgeLog;
 }
 
 /// The embedded file store behind the trait. Writes fsync, so they run on the blocking pool.
@@ -87,5 +95,15 @@ impl VersionStore for FileStore {
 
     fn watchers(&self) -> usize {
         self.0.watchers()
+    }
+
+    async fn purge(&self, purge: serde_json::Value) -> Result<u64, Unavailable> {
+        // Purges are not versions: they matter to the edges running now and are kept in
+        // memory only (a restarted service makes edges drop their caches, see `PurgeBatch`).
+        Ok(self.0.purges().append(purge))
+    }
+
+    fn purges(&self) -> &PurgeLog {
+        self.0.purges()
     }
 }

@@ -269,6 +269,11 @@ impl SnapshotStore {
     pub fn metrics(&self) -> &Arc<EdgeMetrics> {
         &self.installer.metrics
     }
+
+    /// The process's response cache (fleet-wide purges apply to it).
+    pub fn cache(&self) -> Option<&ResponseCache> {
+        self.installer.cache.as_ref()
+    }
 }
 
 impl Installer {
@@ -636,6 +641,7 @@ mod tests {
             token_file: None,
             cache_dir: "cache".into(),
             wait: meridian_config::HumanDuration::secs(30),
+            ..Default::default()
         });
         let pinned = Pinned::from_boot(&boot);
         let mut shared = document();

@@ -48,7 +48,12 @@ impl ConfigService {
             .block_on(tokio::net::TcpListener::bind(listen))
             .map_err(bind)?;
         let addr = listener.local_addr().map_err(bind)?;
-        let state = Arc::new(ServiceState::new(store, token));
+        let mut state = ServiceState::new(store, token);
+        // As `meridian config-server` on a loopback address: loopback Host names only.
+        if addr.ip().is_loopback() {
+            state.allowed_hosts = Some(Vec::new());
+        }
+        let state = Arc::new(state);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = runtime.spawn(async move {
             let shutdown = async move {

@@ -34,8 +34,11 @@ pub struct DemoOptions {
 
 impl Default for DemoOptions {
     fn default() -> Self {
+        // A fresh name per run: a fixed one in the shared /tmp could be created (or linked)
+        // beforehand by another user. `DemoWorld::start` creates it private (0700).
+        let suffix = random_hex(8).unwrap_or_else(|_| format!("{:x}", std::process::id()));
         Self {
-            data_dir: std::env::temp_dir().join("meridian-demo"),
+            data_dir: std::env::temp_dir().join(format!("meridian-demo-{suffix}")),
             config_service: SocketAddr::from(([127, 0, 0, 1], 7070)),
             control: CONTROL_ADDR
                 .parse()
@@ -85,6 +88,8 @@ pub struct DemoWorld {
     pub token: String,
     pub token_file: PathBuf,
     pub config_service: SocketAddr,
+    /// Where the control API listens.
+    pub control: SocketAddr,
     _service: ConfigService,
     _runtime: tokio::runtime::Runtime,
     _stop: watch::Sender<bool>,
@@ -97,6 +102,10 @@ impl DemoWorld {
         let geoip_db = options.data_dir.join("test-world.mmdb");
         test_world::write(&geoip_db)?;
         let mut config = Config::from_toml_str(LOCAL_CONFIG)?;
+        private_dir(&options.data_dir)?;
+        // One secret for the config service's writes and the control API, one for the edge's
+        // admin writes: from the OS's random source, in files only this user can read.
+        let token = format!("demo-{}", random_hex(16).map_err(io("random token"))?);
         let ca_file = write_demo_certificates(&options.data_dir)?;
 
         let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -107,7 +116,13 @@ impl DemoWorld {
             .map_err(io("demo runtime"))?;
         let (stop, stop_rx) = watch::channel(false);
         let regions = runtime
-            .block_on(origin::spawn_for(&mut config, false, stop_rx.clone()))
+            // A control API on port 0 means a demo on ephemeral ports throughout (tests run
+            // several at once); otherwise the origins take the fixed addresses of the tour.
+            .block_on(origin::spawn_for(
+                &mut config,
+                options.control.port() == 0,
+                stop_rx.clone(),
+            ))
             .map_err(io("simulated origins"))?;
         for control in regions.values().flatten() {
             // Tokens a person can watch arrive.
@@ -118,24 +133,35 @@ impl DemoWorld {
         let control_listener = runtime
             .block_on(tokio::net::TcpListener::bind(options.control))
             .map_err(io(&format!("demo control API {}", options.control)))?;
+        let control_addr = control_listener
+            .local_addr()
+            .map_err(io("demo control API address"))?;
         let handler_regions = Arc::clone(&regions);
+        let control_token = Arc::new(token.clone());
         runtime.spawn(httpd::serve(
             control_listener,
-            move |req| control(Arc::clone(&handler_regions), req),
+            move |req| {
+                control(
+                    Arc::clone(&handler_regions),
+                    Arc::clone(&control_token),
+                    req,
+                )
+            },
             stop_rx,
         ));
 
         // The config service, holding the embedded config as version 1; the edge follows it.
-        let (service, token) = start_config_service(&runtime, options)?;
+        let service = start_config_service(&runtime, options, &token)?;
         // Bearer token of the edge's cache purge endpoint (`token_file = "admin.token"` in local.toml).
-        let admin_token = format!("admin-{:016x}\n", demo_token_seed().rotate_left(17));
-        std::fs::write(options.data_dir.join("admin.token"), admin_token)
+        let admin_token = format!("admin-{}\n", random_hex(16).map_err(io("random token"))?);
+        write_private(&options.data_dir.join("admin.token"), &admin_token)
             .map_err(io("demo admin token file"))?;
         config.control = Some(meridian_config::Control {
             url: service.url(),
             token_file: None,
             cache_dir: options.data_dir.join("edge-cache").display().to_string(),
             wait: meridian_config::HumanDuration::secs(30),
+            ..Default::default()
         });
         Ok(DemoWorld {
             config,
@@ -146,6 +172,7 @@ impl DemoWorld {
             token,
             token_file: options.data_dir.join("token"),
             config_service: service.addr,
+            control: control_addr,
             _service: service,
             _runtime: runtime,
             _stop: stop,
@@ -158,11 +185,46 @@ fn io(what: &str) -> impl FnOnce(std::io::Error) -> DemoError {
     move |source| DemoError::Io { what, source }
 }
 
+/// `n` bytes from the OS's random source, as hex.
+pub fn random_hex(n: usize) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut bytes = vec![0u8; n];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Creates `dir` (and missing parents) and makes it readable by this user only.
+fn private_dir(dir: &Path) -> Result<(), DemoError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let what = format!("creating {}", dir.display());
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(&what))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(&what))
+}
+
+/// Writes a secret readable by this user only (also when the file existed with wider rights).
+fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    file.write_all(contents.as_bytes())
+}
+
 /// A fresh local CA and the leaf certificates `examples/local.toml` names (`tls/*.crt|key` in the
 /// data directory). Returns the CA file clients should trust.
 fn write_demo_certificates(data_dir: &Path) -> Result<PathBuf, DemoError> {
+    use std::os::unix::fs::PermissionsExt;
     let dir = data_dir.join("tls");
-    std::fs::create_dir_all(&dir).map_err(io(&format!("creating {}", dir.display())))?;
+    private_dir(&dir)?;
     let ca = DevCa::new("Meridian demo CA")?;
     let ca_file = dir.join("demo-ca.crt");
     devcerts::write(&ca_file, &ca.pem)?;
@@ -174,44 +236,76 @@ fn write_demo_certificates(data_dir: &Path) -> Result<PathBuf, DemoError> {
         "eu.example.test",
     ])?
     .write(&dir, "example.test")?;
+    for name in ["api.example.test.key", "example.test.key"] {
+        let key = dir.join(name);
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))
+            .map_err(io(&format!("protecting {}", key.display())))?;
+    }
     Ok(ca_file)
 }
 
-/// Starts the config service on a fresh store holding the embedded config as version 1. Returns
-/// it and the write token (also written to `<data_dir>/token`).
+/// Starts the config service on a fresh store holding the embedded config as version 1, with
+/// `token` for writes (also written to `<data_dir>/token`).
 fn start_config_service(
     runtime: &tokio::runtime::Runtime,
     options: &DemoOptions,
-) -> Result<(ConfigService, String), DemoError> {
+    token: &str,
+) -> Result<ConfigService, DemoError> {
     let store_dir = options.data_dir.join("config-store");
     // The demo always starts on the embedded defaults.
     if store_dir.exists() {
         std::fs::remove_dir_all(&store_dir).map_err(io("clearing the demo config store"))?;
     }
-    let token = format!("demo-{:016x}", demo_token_seed());
-    std::fs::write(options.data_dir.join("token"), &token).map_err(io("demo token file"))?;
-    let service = ConfigService::start(runtime, &store_dir, options.config_service, &token)?;
+    write_private(&options.data_dir.join("token"), token).map_err(io("demo token file"))?;
+    let service = ConfigService::start(runtime, &store_dir, options.config_service, token)?;
     runtime.block_on(service.client().push(
         LOCAL_CONFIG,
         "meridian demo",
         "embedded examples/local.toml",
         None,
     ))?;
-    Ok((service, token))
+    Ok(service)
 }
 
-fn demo_token_seed() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    nanos ^ (u64::from(std::process::id()) << 32)
+/// `Authorization: Bearer <token>`, compared in constant time.
+fn bearer_is(header: Option<&http::HeaderValue>, token: &str) -> bool {
+    let Some(given) = header
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    a.len() == b.len()
+        && !b.is_empty()
+        && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// The demo control API: `POST /regions/{name}/down|up|slow?ms=N`, `GET /regions`.
+/// The demo control API: `POST /regions/{name}/down|up|slow?ms=N`, `GET /regions`. Every call
+/// needs the demo token as a bearer token (a web page cannot send it, so a cross-site POST
+/// cannot break regions) and a loopback `Host` (DNS rebinding).
 async fn control(
     regions: Regions,
+    token: Arc<String>,
     req: Request<hyper::body::Incoming>,
 ) -> hyper::Response<httpd::Body> {
+    if !meridian_config_service::host::allowed(req.headers().get(hyper::header::HOST), &[]) {
+        return httpd::json(
+            StatusCode::MISDIRECTED_REQUEST,
+            &serde_json::json!({"error": "this Host is not served here"}),
+        );
+    }
+    if !bearer_is(req.headers().get(hyper::header::AUTHORIZATION), &token) {
+        let mut response = httpd::json(
+            StatusCode::UNAUTHORIZED,
+            &serde_json::json!({"error": "send the demo token: -H \"Authorization: Bearer $(cat <data dir>/token)\""}),
+        );
+        response.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            http::HeaderValue::from_static("Bearer"),
+        );
+        return response;
+    }
     let path = req.uri().path().trim_end_matches('/');
     let parts: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
     match (req.method(), parts.as_slice()) {
@@ -303,8 +397,10 @@ pub fn tour(demo: &DemoWorld, edge: &EdgeAddrs) -> String {
     let admin = edge.admin;
     let mut out = String::new();
     out.push_str(&format!(
-        "\nMeridian demo is running.\n\n  edge (HTTP/1.1 + h2c)  http://{http}\n  admin + /metrics       http://{admin}/metrics\n  demo control API       http://{CONTROL_ADDR}/regions\n  test-world GeoIP db    {}\n\n",
-        demo.geoip_db.display()
+        "\nMeridian demo is running.\n\n  edge (HTTP/1.1 + h2c)  http://{http}\n  admin + /metrics       http://{admin}/metrics\n  demo control API       http://{CONTROL_ADDR}/regions (bearer: the demo token)\n  test-world GeoIP db    {}\n  demo files (0600/0700) {}\n\n  export MERIDIAN_TOKEN=$(cat {})   # the demo token: control API and config pushes\n\n",
+        demo.geoip_db.display(),
+        demo.data_dir.display(),
+        demo.token_file.display()
     ));
     out.push_str("Clients in each test-world country (source address picks the country):\n");
     for place in PLACES {
@@ -326,7 +422,7 @@ pub fn tour(demo: &DemoWorld, edge: &EdgeAddrs) -> String {
     if let Some(dns) = edge.dns {
         let (ip, port) = (dns.ip(), dns.port());
         out.push_str(&format!(
-            "\nGeoDNS (authoritative for example.test, udp+tcp on {dns}):\n  dig @{ip} -p {port} api.example.test +subnet=127.15.0.0/24   # a client in Seoul -> seoul PoP 127.2.6.1\n  dig @{ip} -p {port} api.example.test AAAA +subnet=127.17.0.0/24  # Frankfurt, IPv6\n  dig @{ip} -p {port} nope.example.test                          # NXDOMAIN (SOA in authority); other zones: REFUSED\n  curl -s -X POST http://{CONTROL_ADDR}/regions/ap-northeast-2/down  # Seoul's health check fails -> Seoul clients get manila\n"
+            "\nGeoDNS (authoritative for example.test, udp+tcp on {dns}):\n  dig @{ip} -p {port} api.example.test +subnet=127.15.0.0/24   # a client in Seoul -> seoul PoP 127.2.6.1\n  dig @{ip} -p {port} api.example.test AAAA +subnet=127.17.0.0/24  # Frankfurt, IPv6\n  dig @{ip} -p {port} nope.example.test                          # NXDOMAIN (SOA in authority); other zones: REFUSED\n  curl -s -H \"Authorization: Bearer $MERIDIAN_TOKEN\" -X POST http://{CONTROL_ADDR}/regions/ap-northeast-2/down  # Seoul's health check fails -> Seoul clients get manila\n"
         ));
     }
     let svc = demo.config_service;
@@ -336,9 +432,8 @@ pub fn tour(demo: &DemoWorld, edge: &EdgeAddrs) -> String {
         "\nEdge cache (route static, x-meridian-cache: miss, then hit; Age counts up):\n  curl -si -H 'Host: static.example.test' 'http://{http}/logo.png?cc=max-age%3D300&tag=brand' | grep -i -e x-meridian-cache -e age\n  curl -si -H 'Host: static.example.test' 'http://{http}/logo.png?cc=max-age%3D300&tag=brand' | grep -i -e x-meridian-cache -e age\n  MERIDIAN_ADMIN_TOKEN=$(cat {}) meridian cache purge --tag brand --admin http://{admin}   # then: miss again\n  curl -s http://{admin}/metrics | grep meridian_cache_\n",
         admin_token.display()
     ));
-    let token = demo.token_file.display();
     out.push_str(&format!(
-        "\nMore:\n  curl -si -H 'Host: api.example.test' http://{http}/hello                         # unknown location -> default region us-east\n  curl -si --interface 127.15.0.1 -H 'Host: eu.example.test' http://{http}/v1/x  # KR residency is strict -> 503\n  curl -si -H 'Host: nobody.test' http://{http}/                                  # no route claims it -> 421\n  curl -s -H 'Host: api.example.test' -H 'X-Forwarded-For: 127.12.0.9' http://{http}/  # XFF trusted from 127.0.0.1 -> ap-southeast-1\n  curl -s --http2-prior-knowledge --interface 127.17.0.1 -H 'Host: api.example.test' http://{http}/  # h2c\n  curl -s -X POST http://{CONTROL_ADDR}/regions/mx-central/down                  # break a region; /up to heal\n\nInference (OpenAI-compatible; the model in the body picks the region):\n  curl -s -H 'Host: inference.example.test' http://{http}/v1/models\n  curl -si --interface 127.10.0.1 -H 'Host: inference.example.test' http://{http}/v1/chat/completions -d '{{\"model\":\"qwen-max\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'   # Mexico asks for qwen-max -> eu-central-1 (Frankfurt: nearer than Singapore)\n  curl -sN --interface 127.10.0.1 -H 'Host: inference.example.test' http://{http}/v1/chat/completions -d '{{\"model\":\"qwen-turbo\",\"stream\":true,\"max_tokens\":20}}'   # SSE tokens stream from mx-central\n  curl -s -X POST 'http://{CONTROL_ADDR}/regions/eu-central-1/status?code=429'    # Frankfurt saturated -> qwen-max from Mexico falls back to ap-southeast-1; code=200 heals\n  curl -s http://{admin}/admin/snapshot\n  curl -s http://{admin}/admin/regions                                          # health, ejections, in-flight per region\n\nChange routing live (the edge follows the config service on {svc}):\n  export MERIDIAN_TOKEN=$(cat {token})\n  $EDITOR examples/local.toml            # e.g. set default_region = \"eu-central-1\" on route api\n  meridian config diff examples/local.toml\n  meridian config push examples/local.toml -m 'send unknown clients to Frankfurt'\n  curl -si -H 'Host: api.example.test' http://{http}/hello | grep x-meridian-region\n  meridian config history; meridian config rollback 1\n  (meridian = cargo run --release --)\n\nCtrl-C stops everything.\n"
+        "\nMore:\n  curl -si -H 'Host: api.example.test' http://{http}/hello                         # unknown location -> default region us-east\n  curl -si --interface 127.15.0.1 -H 'Host: eu.example.test' http://{http}/v1/x  # KR residency is strict -> 503\n  curl -si -H 'Host: nobody.test' http://{http}/                                  # no route claims it -> 421\n  curl -s -H 'Host: api.example.test' -H 'X-Forwarded-For: 127.12.0.9' http://{http}/  # XFF trusted from 127.0.0.1 -> ap-southeast-1\n  curl -s --http2-prior-knowledge --interface 127.17.0.1 -H 'Host: api.example.test' http://{http}/  # h2c\n  curl -s -H \"Authorization: Bearer $MERIDIAN_TOKEN\" -X POST http://{CONTROL_ADDR}/regions/mx-central/down                  # break a region; /up to heal\n\nInference (OpenAI-compatible; the model in the body picks the region):\n  curl -s -H 'Host: inference.example.test' http://{http}/v1/models\n  curl -si --interface 127.10.0.1 -H 'Host: inference.example.test' http://{http}/v1/chat/completions -d '{{\"model\":\"qwen-max\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'   # Mexico asks for qwen-max -> eu-central-1 (Frankfurt: nearer than Singapore)\n  curl -sN --interface 127.10.0.1 -H 'Host: inference.example.test' http://{http}/v1/chat/completions -d '{{\"model\":\"qwen-turbo\",\"stream\":true,\"max_tokens\":20}}'   # SSE tokens stream from mx-central\n  curl -s -H \"Authorization: Bearer $MERIDIAN_TOKEN\" -X POST 'http://{CONTROL_ADDR}/regions/eu-central-1/status?code=429'    # Frankfurt saturated -> qwen-max from Mexico falls back to ap-southeast-1; code=200 heals\n  curl -s http://{admin}/admin/snapshot\n  curl -s http://{admin}/admin/regions                                          # health, ejections, in-flight per region\n\nChange routing live (the edge follows the config service on {svc}; MERIDIAN_TOKEN as above):\n  $EDITOR examples/local.toml            # e.g. set default_region = \"eu-central-1\" on route api\n  meridian config diff examples/local.toml\n  meridian config push examples/local.toml -m 'send unknown clients to Frankfurt'\n  curl -si -H 'Host: api.example.test' http://{http}/hello | grep x-meridian-region\n  meridian config history; meridian config rollback 1\n  (meridian = cargo run --release --)\n\nCtrl-C stops everything.\n"
     ));
     out
 }
