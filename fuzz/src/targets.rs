@@ -241,7 +241,7 @@ fn cache_headers(input: &[u8]) {
         }
     }
     let stored = headers_to_store(&headers);
-    let _ = merge_not_modified(&stored, &headers);
+    let _ = merge_not_modified(&stored, &headers, &rules);
 }
 
 // --- config TOML -> validate -> compile ---
@@ -292,7 +292,21 @@ fn inference_seeds() -> Vec<Vec<u8>> {
 }
 
 fn inference_json(input: &[u8]) {
-    let _ = meridian_core::inference::model_name(input);
+    // The streaming scan of a request body, whole and in small chunks, must agree.
+    let whole_fields = meridian_core::inference::sniff::sniff(input, 64);
+    let mut sniffer = meridian_core::inference::sniff::Sniffer::new(64);
+    let chunked_fields = input
+        .chunks(5)
+        .try_for_each(|chunk| sniffer.push(chunk))
+        .and_then(|()| sniffer.finish());
+    assert_eq!(
+        whole_fields.as_ref().ok().map(|f| f.model.clone()),
+        chunked_fields.as_ref().ok().map(|f| f.model.clone()),
+        "the model name does not depend on how the body is split"
+    );
+    if let Ok(fields) = &whole_fields {
+        let _ = meridian_core::inference::model_name(fields);
+    }
     let mut whole = meridian_core::inference::usage::UsageScanner::default();
     whole.push(input);
     let mut chunked = meridian_core::inference::usage::UsageScanner::default();
