@@ -201,6 +201,10 @@ pub fn serve<T: Transport>(
                 }
                 return;
             }
+            if outcome == Outcome::Linger {
+                Box::pin(linger(&mut io, &conn.limits)).await;
+                return;
+            }
             if outcome != Outcome::KeepAlive || *conn.shutdown.borrow() {
                 let _ = tokio::time::timeout(conn.limits.send_timeout(), io.shutdown()).await;
                 return;
@@ -229,6 +233,9 @@ struct Request<'f> {
 enum Outcome {
     KeepAlive,
     Close,
+    /// Close, but the client may still be sending a request body the edge did not read: see
+    /// [`linger`].
+    Linger,
     /// The first bytes were the HTTP/2 preface: the connection speaks h2c.
     H2c,
 }
@@ -257,7 +264,7 @@ impl Request<'_> {
             }
             HeadRead::Refused(error) => {
                 refuse(front, io, &conn.limits, error).await;
-                return Outcome::Close;
+                return Outcome::Linger;
             }
         };
         if let Some(handshake) = conn.handshake.take() {
@@ -274,11 +281,7 @@ impl Request<'_> {
             protocol: Protocol::H1,
             tls: self.tls,
         };
-        if exchange(front, io, buf, head, keep_alive, &conn.limits, arrival).await {
-            Outcome::KeepAlive
-        } else {
-            Outcome::Close
-        }
+        exchange(front, io, buf, head, keep_alive, &conn.limits, arrival).await
     }
 }
 
@@ -296,7 +299,7 @@ enum HeadRead {
     Refused(HeadError),
 }
 
-/// Serves one request; whether the connection may carry another.
+/// Serves one request; whether (and how) the connection may carry another.
 async fn exchange<T: Transport>(
     front: &Front,
     io: &mut T,
@@ -305,7 +308,7 @@ async fn exchange<T: Transport>(
     keep_alive: bool,
     limits: &ConnLimits,
     arrival: Arrival,
-) -> bool {
+) -> Outcome {
     let mut exchange = Exchange {
         io,
         buf,
@@ -319,10 +322,41 @@ async fn exchange<T: Transport>(
         limits,
     };
     front.pipeline.serve(&mut exchange, arrival).await;
-    exchange.keep_alive
-        && !exchange.broken
-        && exchange.response == Response::Complete
-        && exchange.framing == Framing::Done
+    let unread_body = exchange.framing != Framing::Done;
+    if exchange.broken {
+        Outcome::Close
+    } else if unread_body {
+        Outcome::Linger
+    } else if exchange.keep_alive && exchange.response == Response::Complete {
+        Outcome::KeepAlive
+    } else {
+        Outcome::Close
+    }
+}
+
+/// How long a closing connection keeps reading what the client still sends.
+const LINGER: Duration = Duration::from_secs(5);
+/// Scratch space for discarded bytes (in the boxed linger future, not the connection's).
+const LINGER_READ: usize = 16 * 1024;
+
+/// Closes a connection whose client may still be sending (a body the edge answered without
+/// reading): the write side is shut first, then what arrives is read and dropped until the client
+/// closes or [`LINGER`] passes. Closing with unread bytes would make the kernel answer them with a
+/// reset, which can destroy the response before the client read it (NGINX's "lingering close").
+async fn linger<T: Transport>(io: &mut T, limits: &ConnLimits) {
+    if tokio::time::timeout(limits.send_timeout(), io.shutdown())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let deadline = Instant::now() + LINGER;
+    let mut scratch = vec![0u8; LINGER_READ];
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, io.read(&mut scratch)).await {
+        if n == 0 {
+            break;
+        }
+    }
 }
 
 /// Reads until a complete head is buffered (leaving what follows it in `buf`), within `deadline`
@@ -397,11 +431,7 @@ async fn refuse<T: Transport>(front: &Front, io: &mut T, limits: &ConnLimits, er
         false,
     );
     out.extend_from_slice(&body);
-    let _ = tokio::time::timeout(limits.send_timeout(), async {
-        io.write_all(&out).await?;
-        io.shutdown().await
-    })
-    .await;
+    let _ = tokio::time::timeout(limits.send_timeout(), io.write_all(&out)).await;
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
