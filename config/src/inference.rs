@@ -284,6 +284,12 @@ hosts = ["x.test"]
 inference = { max_body_bytes = 300000000, rate_limit = { requests_per_minute = 0 } }
 [inference]
 aliases = { m = "nope", "m-1" = "m-1" }
+default_max_tokens = 0
+scrape_interval = "1ms"
+scrape_path = "metrics"
+saturation_queue = 0
+key_criticality = { nobody = "critical" }
+model_criticality = { gpt-9 = "sheddable" }
 [[api_keys]]
 name = "k"
 sha256 = "abc"
@@ -307,6 +313,12 @@ sha256 = "abc"
             "routes[0].inference:",
             "routes[0].inference.max_body_bytes",
             "routes[0].inference.rate_limit.requests_per_minute",
+            "inference.default_max_tokens",
+            "inference.scrape_interval",
+            "inference.scrape_path",
+            "inference.saturation_queue",
+            "inference.key_criticality.nobody",
+            "inference.model_criticality.gpt-9",
         ] {
             assert!(all.contains(path), "{path} missing in:\n{all}");
         }
