@@ -119,7 +119,9 @@ hosts = ["api.example.test"]
     let snapshot = |admin: u16| -> Option<serde_json::Value> {
         let mut stream = std::net::TcpStream::connect(("127.0.0.1", admin)).ok()?;
         stream
-            .write_all(b"GET /admin/snapshot HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .write_all(
+                b"GET /admin/snapshot HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+            )
             .ok()?;
         let mut text = String::new();
         stream.read_to_string(&mut text).ok()?;

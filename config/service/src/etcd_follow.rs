@@ -119,11 +119,16 @@ impl EtcdFollower {
             }
         }
         if self.stream.is_none() {
-            let mut client = self.client().await?;
+            let client = self.client().await?;
+            // A catch-up after a long disconnect can carry many versions: etcd may split it
+            // (fragments), and one message may be larger than gRPC's default 4 MiB.
             let options = WatchOptions::new()
                 .with_prefix()
+                .with_fragment()
                 .with_start_revision(self.revision + 1);
             let stream = client
+                .watch_client()
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .watch(self.keys.all(), Some(options))
                 .await
                 .map_err(unavailable)?;
