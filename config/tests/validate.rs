@@ -273,3 +273,44 @@ addresses = ["127.2.6.1"]
     );
     assert_eq!(dns.workers, 0);
 }
+
+#[test]
+fn dns_signing_glue_ecs_health_and_tcp_shares_are_checked() {
+    let text = r#"
+schema = 1
+[[regions]]
+name = "r"
+location = { lat = 0.0, lon = 0.0 }
+upstreams = [{ address = "127.1.1.1:7001" }]
+
+[dns]
+zone = "example.test"
+ns = ["ns1.example.test", "ns.example.net"]
+ecs_max_source_v4 = 33
+ecs_max_source_v6 = 0
+health = { healthy_after = 0, unhealthy_after = 101 }
+limits = { max_tcp_connections = 4, max_tcp_per_address = 5 }
+glue = { "ns1.example.test" = ["192.0.2.53", "nope"], "ns.example.net" = ["192.0.2.54"], "ns9.example.test" = [] }
+dnssec = { key_file = "", algorithm = "RSASHA1" }
+
+[[pops]]
+name = "seoul"
+location = { lat = 37.57, lon = 126.98 }
+addresses = ["127.2.6.1"]
+"#;
+    let errors = errors_of(text);
+    let expected = [
+        "dns.limits.max_tcp_per_address: must be between 1 and dns.limits.max_tcp_connections",
+        "dns.glue.ns.example.net: \"ns.example.net\" is not inside the zone \"example.test\"",
+        "dns.glue.ns1.example.test[1]: bad address \"nope\"",
+        "dns.glue.ns9.example.test: \"ns9.example.test\" is not one of the zone's name servers",
+        "dns.glue.ns9.example.test: needs at least one address",
+        "dns.health.healthy_after: must be between 1 and 100",
+        "dns.health.unhealthy_after: must be between 1 and 100",
+        "dns.ecs_max_source_v4: must be between 1 and 32",
+        "dns.ecs_max_source_v6: must be between 1 and 128",
+        "dns.dnssec.key_file: must not be empty",
+        "dns.dnssec.algorithm: unsupported algorithm \"RSASHA1\" (supported: \"ECDSAP256SHA256\")",
+    ];
+    assert_eq!(errors, expected);
+}
