@@ -55,6 +55,10 @@ fn main() -> ExitCode {
     let conf = ServerConf {
         threads: 1,
         work_stealing: false,
+        // SIGTERM (how the bench script stops it) would otherwise wait Pingora's default grace
+        // period of five minutes before exiting.
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     let mut server = Server::new_with_opt_and_conf(None, conf);

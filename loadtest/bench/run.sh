@@ -379,6 +379,7 @@ idle_one() {
   local json="$OUT/idle.$proxy.json" txt="$WORK/idle.$proxy.txt"
   local before with lt
   before=$(rss_kb "$pid")
+  : >"$txt"  # exists before the poll below reads it
   "$LOADTEST" "http://127.0.0.1:$port/bench" --host bench.example.test --idle "$count" --idle-for 3s \
     --threads "$LOADGEN_THREADS" --timeout 30s --json "$json" >"$txt" 2>&1 &
   lt=$!
