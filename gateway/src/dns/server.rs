@@ -573,12 +573,16 @@ async fn serve_connection(
     }
 }
 
+/// How often the re-signing loop looks at the serving zone's signature age: signatures are
+/// re-made after days ([`RESIGN_AFTER`]), so an hourly look is ample and costs nothing.
+const RESIGN_CHECK_EVERY: Duration = Duration::from_secs(60 * 60);
+
 /// Keeps a signed zone's signatures fresh: once they are [`RESIGN_AFTER`] old, the serving zone is
 /// prepared (signed) again off the runtime's workers and swapped in, long before they expire.
 async fn resign_loop(running: RunningDns, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = tokio::time::sleep(RESIGN_CHECK_EVERY) => {}
             _ = stop.wait_for(|s| *s) => return,
         }
         let serving = running.shared.serving.load_full();

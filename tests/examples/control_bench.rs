@@ -1,8 +1,11 @@
-//! Benchmarks of the control plane, not tests (ignored by default; run them alone on a quiet
-//! machine and copy the figures to docs/benchmarks.md):
+//! Benchmarks of the control plane: measurements, not tests, so they are an example the test
+//! command never runs. Run each alone on a quiet machine and copy the figures to
+//! docs/benchmarks.md:
 //!
 //! ```sh
-//! cargo nextest run -p meridian-tests --test control_bench --run-ignored ignored-only --no-capture
+//! cargo run --release -p meridian-tests --example control_bench -- push
+//! cargo run --release -p meridian-tests --example control_bench -- limiter-round-trip
+//! cargo run --release -p meridian-tests --example control_bench -- limiter-leases
 //! ```
 //!
 //! * push → applied on 3 edges, p50/p99 over 100 pushes: edges following the embedded file
@@ -74,8 +77,6 @@ fn report(what: &str, (samples, acks): &(Vec<Duration>, Vec<Duration>)) {
     );
 }
 
-#[test]
-#[ignore = "benchmark: run alone, see the module docs"]
 fn push_to_applied_file_store_vs_etcd() {
     // The embedded file store: edges long-poll one config service.
     let world = World::start_following(local_config());
@@ -181,14 +182,14 @@ fn limiter_cost(what: &str, lease: u32) {
 
 // One process per variant: a second edge in the same process after the first stopped does not
 // become ready (Pingora keeps process-wide state).
-#[test]
-#[ignore = "benchmark: run alone, see the module docs"]
-fn limiter_cost_with_a_round_trip_per_request() {
-    limiter_cost("round trip per request (lease = 1)", 1);
-}
-
-#[test]
-#[ignore = "benchmark: run alone, see the module docs"]
-fn limiter_cost_with_leases() {
-    limiter_cost("leases (default: 1 % of the limit)", 0);
+fn main() {
+    match std::env::args().nth(1).as_deref() {
+        Some("push") => push_to_applied_file_store_vs_etcd(),
+        Some("limiter-round-trip") => limiter_cost("round trip per request (lease = 1)", 1),
+        Some("limiter-leases") => limiter_cost("leases (default: 1 % of the limit)", 0),
+        _ => {
+            eprintln!("usage: control_bench push | limiter-round-trip | limiter-leases");
+            std::process::exit(2);
+        }
+    }
 }
