@@ -492,12 +492,7 @@ async fn write_body_chunk<W: tokio::io::AsyncWrite + Unpin>(
         return Ok(());
     }
     if chunked {
-        use std::io::Write;
-        // A chunk-size line: at most 16 hex digits and CRLF, built on the stack.
-        let mut line = [0u8; 18];
-        let mut cursor = std::io::Cursor::new(&mut line[..]);
-        let _ = write!(cursor, "{:x}\r\n", chunk.len());
-        let len = cursor.position() as usize;
+        let (line, len) = crate::core::http1::chunk_size_line(chunk.len());
         write_all(w, addr, &line[..len], write_timeout).await?;
         write_all(w, addr, chunk, write_timeout).await?;
         write_all(w, addr, b"\r\n", write_timeout).await

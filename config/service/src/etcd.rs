@@ -9,7 +9,7 @@
 //! collide: two writers that read the same current version cannot both commit.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use etcd_client::{
@@ -17,8 +17,6 @@ use etcd_client::{
     WatchOptions,
 };
 use tokio::sync::watch;
-
-use meridian_config::content_hash;
 
 use crate::etcd_layout::{read_version, read_with_retry, unavailable, KeyKind};
 use crate::purges::PurgeLog;
@@ -120,16 +118,7 @@ impl EtcdStore {
             }
         }
         let version = current + 1;
-        let meta = VersionMeta {
-            version,
-            author: author.to_owned(),
-            message: message.to_owned(),
-            timestamp: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            sha256: content_hash(document),
-        };
+        let meta = VersionMeta::new(version, author, message, document);
         let meta_json = serde_json::to_vec(&meta).map_err(|e| PutError::Io(e.into()))?;
         let mut ops = vec![
             TxnOp::put(self.keys.current(), version.to_string(), None),

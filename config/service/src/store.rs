@@ -43,6 +43,22 @@ pub struct VersionMeta {
     pub sha256: String,
 }
 
+impl VersionMeta {
+    /// The metadata of `document` stored now as `version` (both stores write it the same way).
+    pub fn new(version: u64, author: &str, message: &str, document: &str) -> Self {
+        Self {
+            version,
+            author: author.to_owned(),
+            message: message.to_owned(),
+            timestamp: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+            sha256: content_hash(document),
+        }
+    }
+}
+
 /// One version: its metadata and the exact document text that was pushed.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredVersion {
@@ -268,16 +284,7 @@ impl ConfigStore {
         let version = *next;
         // Burn the number up front: after a failed write, files for it may exist on disk.
         *next += 1;
-        let meta = VersionMeta {
-            version,
-            author: author.to_owned(),
-            message: message.to_owned(),
-            timestamp: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_secs())
-                .unwrap_or(0),
-            sha256: content_hash(document),
-        };
+        let meta = VersionMeta::new(version, author, message, document);
         let meta_json = serde_json::to_vec_pretty(&meta).map_err(io::Error::other)?;
         write_atomically(&self.dir, &file_name(version, META_SUFFIX), &meta_json)?;
         write_atomically(

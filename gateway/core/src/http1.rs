@@ -149,6 +149,20 @@ fn chunk_size(line: &[u8]) -> Result<u64, &'static str> {
     Ok(size)
 }
 
+/// A chunk-size line (`<hex>\r\n`) for a chunk of `len` bytes, built on the stack; the line is
+/// `line[..n]` of the returned `(line, n)`. Both sides of the edge frame chunked bodies with it.
+pub fn chunk_size_line(len: usize) -> ([u8; 18], usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut line = [0u8; 18];
+    let digits = ((usize::BITS - len.leading_zeros()).div_ceil(4)).max(1) as usize;
+    for (i, slot) in line[..digits].iter_mut().enumerate() {
+        let shift = 4 * (digits - 1 - i);
+        *slot = HEX[(len >> shift) & 0xf];
+    }
+    line[digits..digits + 2].copy_from_slice(b"\r\n");
+    (line, digits + 2)
+}
+
 pub fn find_crlf(buf: &[u8]) -> Option<usize> {
     buf.windows(2).position(|w| w == b"\r\n")
 }
@@ -579,6 +593,21 @@ mod tests {
         assert!(parse_request(b"GET / HTTP/1.1\r\nHost: a\r\n", &LIMITS)
             .expect("accepted")
             .is_none());
+    }
+
+    #[test]
+    fn chunk_size_lines_are_lower_case_hex() {
+        for (len, want) in [
+            (0, "0\r\n"),
+            (5, "5\r\n"),
+            (255, "ff\r\n"),
+            (65536, "10000\r\n"),
+        ] {
+            let (line, n) = chunk_size_line(len);
+            assert_eq!(&line[..n], want.as_bytes());
+        }
+        let (line, n) = chunk_size_line(usize::MAX);
+        assert_eq!(&line[..n], b"ffffffffffffffff\r\n");
     }
 
     #[test]

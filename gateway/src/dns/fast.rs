@@ -185,17 +185,7 @@ impl Prepared {
         }
 
         let soa = |ttl: u32| {
-            let mut rdata = wire(&zone.soa.mname);
-            rdata.extend_from_slice(&wire(&zone.soa.rname));
-            for value in [
-                zone.soa.serial,
-                zone.soa.refresh as u32,
-                zone.soa.retry as u32,
-                zone.soa.expire as u32,
-                zone.soa.minimum,
-            ] {
-                rdata.extend_from_slice(&value.to_be_bytes());
-            }
+            let rdata = soa_rdata(zone);
             let mut record = Vec::with_capacity(rdata.len() + 10);
             record.extend_from_slice(&TYPE_SOA.to_be_bytes());
             record.extend_from_slice(&CLASS_IN.to_be_bytes());
@@ -320,20 +310,7 @@ fn sign(
 ) -> Result<Signed, DnssecError> {
     let origin = wire(&zone.origin);
     let signer = Signer::new(key, &origin, now);
-    let soa_rdata = {
-        let mut rdata = wire(&zone.soa.mname);
-        rdata.extend_from_slice(&wire(&zone.soa.rname));
-        for value in [
-            zone.soa.serial,
-            zone.soa.refresh as u32,
-            zone.soa.retry as u32,
-            zone.soa.expire as u32,
-            zone.soa.minimum,
-        ] {
-            rdata.extend_from_slice(&value.to_be_bytes());
-        }
-        rdata
-    };
+    let soa_rdata = soa_rdata(zone);
     let ns_rdata: Vec<Vec<u8>> = zone.ns.iter().map(wire).collect();
     let ns_refs: Vec<&[u8]> = ns_rdata.iter().map(Vec::as_slice).collect();
     let dnskey = Rr {
@@ -936,6 +913,22 @@ fn mask(ip: IpAddr, prefix: u8) -> IpAddr {
 }
 
 /// A (lower-case, fully qualified) name in uncompressed wire format.
+/// The zone's SOA record data (mname, rname, then the five counters), as answered and as signed.
+fn soa_rdata(zone: &Zone) -> Vec<u8> {
+    let mut rdata = wire(&zone.soa.mname);
+    rdata.extend_from_slice(&wire(&zone.soa.rname));
+    for value in [
+        zone.soa.serial,
+        zone.soa.refresh as u32,
+        zone.soa.retry as u32,
+        zone.soa.expire as u32,
+        zone.soa.minimum,
+    ] {
+        rdata.extend_from_slice(&value.to_be_bytes());
+    }
+    rdata
+}
+
 fn wire(name: &Name) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(name.len() + 1);
     for label in name.iter() {

@@ -596,9 +596,8 @@ impl<T: Transport> Downstream for Exchange<'_, T> {
         };
         if has_body && !chunk.is_empty() {
             if chunked {
-                use std::io::Write;
-                // Writing into a Vec cannot fail.
-                let _ = write!(self.out, "{:x}\r\n", chunk.len());
+                let (line, len) = crate::core::http1::chunk_size_line(chunk.len());
+                self.out.extend_from_slice(&line[..len]);
                 self.write_chunk(&chunk).await?;
                 self.out.extend_from_slice(b"\r\n");
             } else {
