@@ -11,6 +11,7 @@ pub mod etcd;
 pub mod etcd_follow;
 pub mod etcd_layout;
 pub mod host;
+pub mod purge_journal;
 pub mod purges;
 pub mod service;
 pub mod store;

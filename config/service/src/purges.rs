@@ -66,13 +66,30 @@ struct Log {
 impl PurgeLog {
     /// An empty log whose cursor starts at `start`.
     pub fn new(start: u64) -> PurgeLog {
-        PurgeLog {
-            entries: Mutex::new(Log {
-                entries: VecDeque::new(),
-                complete_after: start,
-            }),
-            latest: watch::channel(start).0,
+        PurgeLog::restored(start, Vec::new())
+    }
+
+    /// A log holding `entries` (in ascending order), complete after `complete_after`: what a
+    /// store reads back from disk, so edges' cursors stay valid across a restart.
+    pub fn restored(complete_after: u64, entries: Vec<PurgeEntry>) -> PurgeLog {
+        let latest = entries.last().map_or(complete_after, |e| e.seq);
+        let mut log = Log {
+            entries: VecDeque::with_capacity(entries.len()),
+            complete_after,
+        };
+        for entry in entries {
+            Self::push(&mut log, entry);
         }
+        PurgeLog {
+            entries: Mutex::new(log),
+            latest: watch::channel(latest).0,
+        }
+    }
+
+    /// The entries still remembered and the cursor after which they are complete.
+    pub fn snapshot(&self) -> (u64, Vec<PurgeEntry>) {
+        let log = self.entries.lock().unwrap_or_else(PoisonError::into_inner);
+        (log.complete_after, log.entries.iter().cloned().collect())
     }
 
     pub fn latest(&self) -> u64 {

@@ -7,6 +7,7 @@
 //! v0000000007.meta.json   written (temp file, fsync, rename, fsync dir) FIRST
 //! v0000000007.toml        renamed into place LAST: this rename is the commit point
 //! .tmp-*                  in-flight writes; removed on open
+//! purges.jsonl            fleet-wide cache purges (see `purge_journal`)
 //! ```
 //!
 //! A version exists iff both files exist, the metadata parses, names the same version and its
@@ -118,7 +119,7 @@ pub struct ConfigStore {
     latest: watch::Sender<u64>,
     /// Versions kept (older ones are deleted as new ones are written); 0 keeps all.
     keep_versions: u64,
-    purges: crate::purges::PurgeLog,
+    purges: crate::purge_journal::PurgeJournal,
 }
 
 /// Versions kept by default: enough history to roll back far, without growing forever.
@@ -176,6 +177,8 @@ impl ConfigStore {
             sync_dir(dir).map_err(io_err(dir))?;
         }
 
+        let purges = crate::purge_journal::PurgeJournal::open(dir)
+            .map_err(io_err(&dir.join(crate::purge_journal::JOURNAL_FILE)))?;
         let current = versions.keys().next_back().copied().unwrap_or(0);
         let (latest, _) = watch::channel(current);
         Ok(ConfigStore {
@@ -184,7 +187,7 @@ impl ConfigStore {
             writer: Mutex::new(highest_seen + 1),
             latest,
             keep_versions: DEFAULT_KEEP_VERSIONS,
-            purges: crate::purges::PurgeLog::new(0),
+            purges,
         })
     }
 
@@ -194,9 +197,14 @@ impl ConfigStore {
         self
     }
 
-    /// Fleet-wide cache purges posted to this service (in memory).
+    /// Fleet-wide cache purges posted to this service.
     pub fn purges(&self) -> &crate::purges::PurgeLog {
-        &self.purges
+        self.purges.log()
+    }
+
+    /// Records a fleet-wide purge durably and returns its number (blocking file I/O).
+    pub fn append_purge(&self, purge: serde_json::Value) -> io::Result<u64> {
+        self.purges.append(purge)
     }
 
     pub fn dir(&self) -> &Path {
@@ -375,7 +383,7 @@ fn load_version(n: u64, doc_path: &Path, meta_path: &Path) -> Result<StoredVersi
 }
 
 /// Temp file in the same directory, fsync, rename over the final name, fsync the directory.
-fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> io::Result<()> {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let temp = dir.join(format!(
         "{TEMP_PREFIX}{}-{}-{name}",

@@ -98,9 +98,11 @@ impl VersionStore for FileStore {
     }
 
     async fn purge(&self, purge: serde_json::Value) -> Result<u64, Unavailable> {
-        // Purges are not versions: they matter to the edges running now and are kept in
-        // memory only (a restarted service makes edges drop their caches, see `PurgeBatch`).
-        Ok(self.0.purges().append(purge))
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(move || store.append_purge(purge))
+            .await
+            .map_err(|e| Unavailable(format!("purge write task failed: {e}")))?
+            .map_err(|e| Unavailable(format!("cannot record the purge: {e}")))
     }
 
     fn purges(&self) -> &PurgeLog {
