@@ -143,53 +143,57 @@ mod tests {
 
     #[test]
     fn purges_survive_a_restart_with_their_numbers() {
-        let dir = tempfile::tempdir().unwrap();
-        let journal = PurgeJournal::open(dir.path()).unwrap();
-        assert_eq!(journal.append(tag("a")).unwrap(), 1);
-        assert_eq!(journal.append(tag("b")).unwrap(), 2);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal = PurgeJournal::open(dir.path()).expect("open");
+        assert_eq!(journal.append(tag("a")).expect("append"), 1);
+        assert_eq!(journal.append(tag("b")).expect("append"), 2);
         drop(journal);
 
-        let journal = PurgeJournal::open(dir.path()).unwrap();
+        let journal = PurgeJournal::open(dir.path()).expect("open");
         let batch = journal.log().after(1);
         assert!(!batch.lost, "an edge at cursor 1 keeps its cache");
         assert_eq!((batch.seq, batch.purges.len()), (2, 1));
         assert_eq!(batch.purges[0].purge, tag("b"));
-        assert_eq!(journal.append(tag("c")).unwrap(), 3, "numbering continues");
+        assert_eq!(
+            journal.append(tag("c")).expect("append"),
+            3,
+            "numbering continues"
+        );
     }
 
     #[test]
     fn a_torn_last_line_is_dropped_and_the_file_stays_appendable() {
-        let dir = tempfile::tempdir().unwrap();
-        let journal = PurgeJournal::open(dir.path()).unwrap();
-        journal.append(tag("a")).unwrap();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal = PurgeJournal::open(dir.path()).expect("open");
+        journal.append(tag("a")).expect("append");
         drop(journal);
         let path = dir.path().join(JOURNAL_FILE);
-        let mut file = OpenOptions::new().append(true).open(&path).unwrap();
-        file.write_all(br#"{"seq":2,"purge":{"ta"#).unwrap();
+        let mut file = OpenOptions::new().append(true).open(&path).expect("append");
+        file.write_all(br#"{"seq":2,"purge":{"ta"#).expect("tear");
         drop(file);
 
-        let journal = PurgeJournal::open(dir.path()).unwrap();
+        let journal = PurgeJournal::open(dir.path()).expect("open");
         assert_eq!(journal.log().latest(), 1);
-        assert_eq!(journal.append(tag("b")).unwrap(), 2);
+        assert_eq!(journal.append(tag("b")).expect("append"), 2);
         drop(journal);
-        let journal = PurgeJournal::open(dir.path()).unwrap();
+        let journal = PurgeJournal::open(dir.path()).expect("open");
         assert_eq!(journal.log().after(0).purges.len(), 2);
     }
 
     #[test]
     fn the_journal_is_compacted_to_what_is_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        let journal = PurgeJournal::open(dir.path()).unwrap();
+        let dir = tempfile::tempdir().expect("tempdir");
+        let journal = PurgeJournal::open(dir.path()).expect("open");
         for i in 0..(2 * KEPT_PURGES + 1) {
-            journal.append(tag(&i.to_string())).unwrap();
+            journal.append(tag(&i.to_string())).expect("append");
         }
         let lines = std::fs::read_to_string(dir.path().join(JOURNAL_FILE))
-            .unwrap()
+            .expect("journal")
             .lines()
             .count();
         assert!(lines < 2 * KEPT_PURGES, "{lines} lines: never compacted");
         drop(journal);
-        let journal = PurgeJournal::open(dir.path()).unwrap();
+        let journal = PurgeJournal::open(dir.path()).expect("open");
         let seq = (2 * KEPT_PURGES + 1) as u64;
         assert_eq!(journal.log().latest(), seq);
         assert!(journal.log().after(1).lost, "forgotten purges are reported");
