@@ -8,14 +8,12 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use meridian_config::Config;
-use pingora::apps::HttpServerOptions;
 use pingora::server::configuration::ServerConf;
 use pingora::server::{RunArgs, Server, ShutdownSignal, ShutdownSignalWatch};
 use tokio::sync::{mpsc, watch};
 
 use crate::core::{CompileError, SnapshotMeta};
 use crate::metrics::EdgeMetrics;
-use crate::proxy::EdgeProxy;
 use crate::reload::control::{self, ControlSettings};
 use crate::reload::{InstallErrors, Pinned, Process, SnapshotStore};
 
@@ -260,19 +258,9 @@ impl RunningEdge {
             Some(cache.clone()),
             alt_svc,
         ));
-        // HTTP/2 (h2c on the cleartext listener, ALPN h2 on TLS) and TLS termination stay with
-        // Pingora's session for now; HTTP/1.1 on the cleartext listener is Meridian's own loop.
-        let mut h2_proxy = pingora::proxy::http_proxy(
-            &server.configuration,
-            EdgeProxy::new(Arc::clone(&pipeline)),
-        );
-        let mut options = HttpServerOptions::default();
-        options.h2c = true;
-        // An HTTP/2 connection with no open stream is closed like an idle HTTP/1.1 one.
-        options.h2_idle_timeout = Some(edge.limits.keepalive_timeout.as_duration());
-        h2_proxy.server_options = Some(options);
-        h2_proxy.h2_options = Some(crate::front::h2_options(&edge.limits));
-        let front = crate::front::Front::new(Arc::clone(&pipeline), Arc::new(Arc::new(h2_proxy)));
+        // HTTP/1.1 and HTTP/2 (h2c on the cleartext listener, ALPN h2 on TLS) are Meridian's own
+        // drivers; Pingora provides the worker runtimes, the TLS listener and graceful shutdown.
+        let front = crate::front::Front::new(Arc::clone(&pipeline));
         server.add_service(crate::front::PlainListener::new(
             http_listener,
             Arc::clone(&front),

@@ -23,7 +23,6 @@ pub mod httpd;
 pub(crate) mod inference;
 pub(crate) mod metrics;
 pub(crate) mod pipeline;
-pub(crate) mod proxy;
 pub(crate) mod reload;
 pub(crate) mod status_page;
 pub mod tls;

@@ -1,6 +1,6 @@
-//! The TCP front's own HTTP/1.1 loop, over raw sockets: request smuggling and malformed heads are
-//! answered as RFC 9112 says with nothing forwarded upstream, and every connection is bounded in
-//! time (head, idle, body) and count.
+//! The TCP front's own HTTP/1.1 loop and HTTP/2 driver, over raw sockets: request smuggling and
+//! malformed heads are answered as RFC 9112 says with nothing forwarded upstream, and every
+//! connection is bounded in time (head, idle, body) and count.
 //!
 //! Clients here write bytes by hand: no HTTP client library would send these requests. Socket reads
 //! have a generous safety timeout so a regression fails the test instead of hanging it; no test
@@ -11,7 +11,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use meridian_config::HumanDuration;
-use meridian_tests::{local_config, metric_value, World};
+use meridian_tests::{local_config, metric_value, Protocol, World, PLACES};
 
 /// Long enough never to fire on a healthy run; only a hang reaches it.
 const SAFETY: Duration = Duration::from_secs(30);
@@ -425,4 +425,97 @@ fn a_stalled_request_body_gets_408_and_ejects_nobody() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(ejected, 0.0, "a slow client is not an upstream failure");
+}
+
+/// Every answer carries a Date (RFC 9110 §6.6.1), the edge's own refusals included, over HTTP/1.1
+/// and HTTP/2.
+#[test]
+fn every_answer_is_dated_over_h1_and_h2() {
+    let world = World::start(local_config());
+    let source = PLACES[0].client_addr(3);
+    for protocol in [Protocol::Http1, Protocol::H2c] {
+        for (host, status) in [("api.example.test", 200), ("nobody.test", 421)] {
+            let reply = world.request(protocol, source, host, "/dated", &[]);
+            assert_eq!(reply.status, status, "{protocol:?} {host}");
+            let date = reply.header("date").unwrap_or_default();
+            assert!(date.ends_with(" GMT"), "{protocol:?} {host}: Date {date:?}");
+        }
+    }
+}
+
+/// An HTTP/2 connection is bounded like an HTTP/1.1 one: a connection that opens no stream is
+/// closed after the header timeout, an idle one after the keep-alive time, and one that reached
+/// `max_requests_per_connection` is told (GOAWAY) to go elsewhere after its last request.
+#[test]
+fn http2_connections_are_bounded_in_time_and_requests() {
+    let mut config = local_config();
+    config.edge.limits.client_header_timeout = HumanDuration::secs(1);
+    config.edge.limits.keepalive_timeout = HumanDuration::secs(1);
+    config.edge.limits.max_requests_per_connection = 2;
+    let world = World::start(config);
+    let addr = world.edge.http_addr;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let open = || async {
+            let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let (client, connection) = h2::client::handshake(tcp).await.expect("h2c handshake");
+            (client, tokio::spawn(connection))
+        };
+        let get = |path: &str| {
+            http::Request::get(format!("http://api.example.test{path}"))
+                .body(())
+                .expect("request")
+        };
+        let ends = |connection: tokio::task::JoinHandle<Result<(), h2::Error>>| async move {
+            // How it ends (GOAWAY, or the socket closed) does not matter; that it ends does.
+            let _ = tokio::time::timeout(SAFETY, connection)
+                .await
+                .expect("the edge closes the connection")
+                .expect("connection task");
+        };
+
+        // No stream at all: closed after the header timeout.
+        let (_silent, connection) = open().await;
+        ends(connection).await;
+
+        // One request, then idle: closed after the keep-alive time.
+        let (client, connection) = open().await;
+        let mut client = client.ready().await.expect("ready");
+        let (response, _) = client.send_request(get("/idle"), true).expect("send");
+        let response = response.await.expect("response");
+        assert_eq!(response.status(), 200);
+        ends(connection).await;
+
+        // Two requests are the connection's share; a third is refused by GOAWAY.
+        let (client, connection) = open().await;
+        let mut client = client.ready().await.expect("ready");
+        for path in ["/1", "/2"] {
+            let (response, _) = client.send_request(get(path), true).expect("send");
+            assert_eq!(response.await.expect("response").status(), 200);
+        }
+        let refused = match client.ready().await {
+            Ok(mut client) => match client.send_request(get("/3"), true) {
+                Ok((response, _)) => response.await.is_err(),
+                Err(_) => true,
+            },
+            Err(_) => true,
+        };
+        assert!(refused, "a third request on the connection is refused");
+        ends(connection).await;
+    });
+    let metrics = world.metrics();
+    assert!(
+        metric_value(&metrics, r#"meridian_client_timeouts_total{kind="header"}"#) >= Some(1.0),
+        "{metrics}"
+    );
+    assert!(
+        metric_value(
+            &metrics,
+            r#"meridian_client_timeouts_total{kind="keepalive"}"#
+        ) >= Some(1.0),
+        "{metrics}"
+    );
 }

@@ -152,7 +152,7 @@ pub fn serve<T: Transport>(
     mut conn: Connection,
 ) -> impl Future<Output = ()> + Send + 'static {
     async move {
-        let front = &*front;
+        let front = &front;
         let mut buf = BytesMut::new();
         let mut served: u32 = 0;
         // The first head is due within the header timeout of the accept.
@@ -422,6 +422,7 @@ async fn refuse<T: Transport>(front: &Front, io: &mut T, limits: &ConnLimits, er
         HeaderValue::from_static("application/json"),
     );
     headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(body.len()));
+    headers.insert(http::header::DATE, super::date_now());
     let mut out = Vec::with_capacity(256 + body.len());
     encode_response_head(
         &mut out,
@@ -561,6 +562,11 @@ impl<T: Transport> Downstream for Exchange<'_, T> {
         let length_known = headers.contains_key(http::header::CONTENT_LENGTH);
         if has_body && end && !length_known {
             headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        }
+        if !headers.contains_key(http::header::DATE) {
+            // An origin's (or the cache's stored) Date passes through; the edge's own answers
+            // and an origin without a clock get the time now (RFC 9110 §6.6.1).
+            headers.insert(http::header::DATE, super::date_now());
         }
         let open_ended = has_body && !end && !length_known;
         let chunked = open_ended && self.head.version == Version::HTTP_11;

@@ -1,13 +1,14 @@
-//! The TCP front: Meridian's own accept loop and HTTP/1.1 connection loop ([`h1`]) on the cleartext
-//! listener, in front of the one [`Pipeline`]. Pingora's server still provides the worker threads
-//! (one single-threaded runtime each), signal handling and graceful shutdown; HTTP/2 (h2c by prior
-//! knowledge) is handed to Pingora's h2 session, which answers through the same pipeline.
+//! The TCP front: Meridian's own accept loop, HTTP/1.1 connection loop ([`h1`]) and HTTP/2 driver
+//! ([`h2`], on the `h2` crate) in front of the one [`Pipeline`]. Pingora's server still provides the
+//! worker threads (one single-threaded runtime each), the TLS listener (rustls handshakes), signal
+//! handling and graceful shutdown.
 //!
 //! Every connection is bounded: a cap per listener (beyond it a connection is closed at accept and
 //! counted), a total time for each request head, an idle time between requests, a number of
 //! requests, and a time for the client to read what it is sent.
 
 pub mod h1;
+pub mod h2;
 mod metrics;
 
 use std::net::SocketAddr;
@@ -141,31 +142,18 @@ impl Drop for Slot {
 pub struct Front {
     pub pipeline: Arc<Pipeline>,
     metrics: Arc<EdgeMetrics>,
-    /// HTTP/2 connections go to Pingora's h2 session (through the same pipeline).
-    h2: Arc<dyn H2App>,
 }
 
-/// Serves one HTTP/2 connection to its end.
-#[async_trait]
-pub trait H2App: Send + Sync {
-    async fn serve_h2(&self, stream: pingora::protocols::Stream, shutdown: &ShutdownWatch);
-}
-
-#[async_trait]
-impl<A: ServerApp + Send + Sync + 'static> H2App for Arc<A> {
-    async fn serve_h2(&self, stream: pingora::protocols::Stream, shutdown: &ShutdownWatch) {
-        let _ = self.process_new(stream, shutdown).await;
-    }
+/// The `Date` of a response the edge writes without one (RFC 9110 §6.6.1): formatted once a
+/// second per thread, not per response.
+pub(crate) fn date_now() -> http::HeaderValue {
+    pingora::protocols::http::date::get_cached_date()
 }
 
 impl Front {
-    pub fn new(pipeline: Arc<Pipeline>, h2: Arc<dyn H2App>) -> Arc<Self> {
+    pub fn new(pipeline: Arc<Pipeline>) -> Arc<Self> {
         let metrics = Arc::clone(pipeline.store.metrics());
-        Arc::new(Self {
-            pipeline,
-            metrics,
-            h2,
-        })
+        Arc::new(Self { pipeline, metrics })
     }
 
     pub fn metrics(&self) -> &FrontMetrics {
@@ -195,29 +183,17 @@ impl Front {
         })
     }
 
-    /// HTTP/2 by prior knowledge, through Pingora's h2 session; `first` (bytes already read) is
-    /// put back in front of the stream.
+    /// HTTP/2 by prior knowledge; `first` (the preface, and whatever followed it, already read
+    /// while looking for an HTTP/1.1 head) is read again first.
     pub(crate) async fn serve_h2c(
-        &self,
+        self: &Arc<Self>,
         tcp: tokio::net::TcpStream,
         peer: SocketAddr,
         conn: Connection,
         first: bytes::BytesMut,
     ) {
-        use pingora::protocols::{l4, GetSocketDigest};
-        use std::os::fd::AsRawFd;
-        let shutdown = conn.shutdown.clone();
-        // The h2 session reads the client address from the socket digest; it is known already,
-        // so no getpeername.
-        let digest = pingora::protocols::SocketDigest::from_raw_fd(tcp.as_raw_fd());
-        let _ = digest
-            .peer_addr
-            .set(Some(l4::socket::SocketAddr::Inet(peer)));
-        let mut l4 = l4::stream::Stream::from(tcp);
-        l4.set_socket_digest(digest);
-        l4.rewind(&first);
-        self.h2.serve_h2(Box::new(l4), &shutdown).await;
-        drop(conn);
+        let io = h2::Prefixed::new(first.freeze(), tcp);
+        h2::serve(Arc::clone(self), io, peer, false, conn).await;
     }
 }
 
@@ -236,8 +212,8 @@ pub fn raise_open_file_limit() -> Option<u64> {
 /// HTTP/2 settings from `[edge.limits]`. The h2 crate also bounds what attackers use against
 /// HTTP/2 servers: streams reset right after opening (rapid reset) are capped per connection, and
 /// header blocks (CONTINUATION frames included) are bounded by the header-list size.
-pub fn h2_options(limits: &Limits) -> pingora::protocols::http::v2::server::H2Options {
-    let mut options = pingora::protocols::http::v2::server::default_h2_options();
+pub fn h2_options(limits: &Limits) -> ::h2::server::Builder {
+    let mut options = ::h2::server::Builder::new();
     options
         .max_concurrent_streams(limits.h2_max_streams)
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
@@ -247,7 +223,7 @@ pub fn h2_options(limits: &Limits) -> pingora::protocols::http::v2::server::H2Op
 }
 
 /// The TLS listener's connections after Pingora's listener accepted them and rustls completed the
-/// handshake: `h2` by ALPN goes to the h2 session, everything else to Meridian's HTTP/1.1 loop.
+/// handshake: `h2` by ALPN goes to the HTTP/2 driver, everything else to the HTTP/1.1 loop.
 pub struct TlsConnections {
     front: Arc<Front>,
     slots: Arc<ListenerSlots>,
@@ -269,22 +245,22 @@ impl ServerApp for TlsConnections {
         stream: pingora::protocols::Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<pingora::protocols::Stream> {
-        let conn = self.front.admit(&self.slots, shutdown)?;
+        let mut conn = self.front.admit(&self.slots, shutdown)?;
         let h2 = matches!(
             stream.selected_alpn_proto(),
             Some(pingora::protocols::ALPN::H2)
         );
-        if h2 {
-            // The h2 session counts the handshake on the connection's first request.
-            self.front.h2.serve_h2(stream, shutdown).await;
-            return None;
-        }
         let peer = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).copied())
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
-        let mut conn = conn;
+        // Counted on the connection's first request: a handshake that never carries a request
+        // is not a served client.
         conn.handshake = stream.get_ssl_digest();
+        if h2 {
+            h2::serve(Arc::clone(&self.front), stream, peer, true, conn).await;
+            return None;
+        }
         h1::serve(
             Arc::clone(&self.front),
             h1::TlsStream(stream),
@@ -379,13 +355,6 @@ mod tests {
     use super::*;
     use crate::reload::{Process, SnapshotStore};
 
-    struct NoH2;
-
-    #[async_trait]
-    impl H2App for NoH2 {
-        async fn serve_h2(&self, _stream: pingora::protocols::Stream, _shutdown: &ShutdownWatch) {}
-    }
-
     fn front() -> Arc<Front> {
         let config = meridian_config::Config::from_toml_str(
             r#"
@@ -416,7 +385,7 @@ mod tests {
             hash: "one".into(),
         };
         let store = Arc::new(SnapshotStore::new(config, meta, process).expect("installs"));
-        Front::new(Arc::new(Pipeline::new(store, None, None)), Arc::new(NoH2))
+        Front::new(Arc::new(Pipeline::new(store, None, None)))
     }
 
     /// What an idle kept-alive connection costs is mostly the size of its task's future: keep

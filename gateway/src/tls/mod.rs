@@ -231,47 +231,6 @@ impl TlsAccept for HandshakeObserver {
     }
 }
 
-/// What the proxy needs to know about the client connection of a request.
-#[derive(Clone, Copy, Debug)]
-pub struct Downstream {
-    pub tls: bool,
-    pub protocol: Protocol,
-}
-
-impl Default for Downstream {
-    fn default() -> Self {
-        Self {
-            tls: false,
-            protocol: Protocol::H1,
-        }
-    }
-}
-
-impl Downstream {
-    /// Reads the connection digest; counts the TLS handshake on a connection's first request.
-    pub fn of(session: &pingora::proxy::Session, metrics: &EdgeMetrics) -> Self {
-        let protocol = if session.is_http2() {
-            Protocol::H2
-        } else {
-            Protocol::H1
-        };
-        let ssl = session.digest().and_then(|d| d.ssl_digest.as_deref());
-        count_handshake(ssl, protocol, metrics);
-        Self {
-            tls: ssl.is_some(),
-            protocol,
-        }
-    }
-
-    pub fn scheme(&self) -> &'static str {
-        if self.tls {
-            "https"
-        } else {
-            "http"
-        }
-    }
-}
-
 /// Counts a TCP connection's TLS handshake once, with the protocol it ended up speaking.
 pub fn count_handshake(
     ssl: Option<&pingora::protocols::tls::SslDigest>,
