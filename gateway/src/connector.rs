@@ -624,7 +624,11 @@ fn parse_head(
     } else {
         Framing::UntilClose
     };
-    let reusable = http11 && !close && !matches!(framing, Framing::UntilClose);
+    // After a 101 the connection speaks another protocol: it is never pooled.
+    let reusable = http11
+        && !close
+        && !matches!(framing, Framing::UntilClose)
+        && status != StatusCode::SWITCHING_PROTOCOLS;
     let mut parts = http::Response::new(()).into_parts().0;
     parts.status = status;
     parts.version = if http11 {
@@ -673,7 +677,26 @@ pub struct UpstreamResponse {
     max_idle: usize,
 }
 
+/// An upstream connection that switched protocols (`101`): the socket, and what the upstream
+/// sent after its response head.
+pub struct Upgraded {
+    pub stream: tokio::net::TcpStream,
+    pub buffered: BytesMut,
+}
+
 impl UpstreamResponse {
+    /// The connection of a `101 Switching Protocols`, for the caller to relay as it is.
+    pub fn into_upgraded(mut self) -> Option<Upgraded> {
+        if self.head.status != StatusCode::SWITCHING_PROTOCOLS {
+            return None;
+        }
+        let conn = self.conn.take()?;
+        Some(Upgraded {
+            stream: conn.stream,
+            buffered: conn.buf,
+        })
+    }
+
     /// The response has no body at all (HEAD, 204, 304, `Content-Length: 0`).
     pub fn body_is_empty(&self) -> bool {
         self.framing == Framing::Done

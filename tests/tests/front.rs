@@ -519,3 +519,111 @@ fn http2_connections_are_bounded_in_time_and_requests() {
         "{metrics}"
     );
 }
+
+/// A WebSocket handshake (HTTP/1.1 `Upgrade`) is passed on to the upstream, its `101` comes back,
+/// and from then on bytes flow both ways as they are, including what the client sent right
+/// behind its head, until one side closes.
+#[test]
+fn websocket_upgrades_are_relayed_both_ways() {
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the upstream");
+    let upstream_addr = upstream.local_addr().expect("upstream address");
+    std::thread::spawn(move || {
+        for conn in upstream.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if conn.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                if !(head.contains("\r\nupgrade: websocket\r\n")
+                    && head.contains("\r\nconnection: upgrade\r\n"))
+                {
+                    let _ =
+                        conn.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n");
+                    return;
+                }
+                let _ = conn.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
+                      Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n",
+                );
+                let mut echo = [0u8; 1024];
+                loop {
+                    match conn.read(&mut echo) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => {
+                            if conn.write_all(&echo[..n]).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    let mut config = local_config();
+    let route = config
+        .routes
+        .iter_mut()
+        .find(|r| r.name == "api")
+        .expect("api route");
+    route.regions = meridian_config::RegionSet::List(vec!["us-east".into()]);
+    route.default_region = Some("us-east".into());
+    // The harness gives every configured upstream a simulated origin; this route's one upstream
+    // becomes the raw WebSocket echo by a pushed version.
+    let world = World::start_following(config);
+    let mut pushed = world.config.clone();
+    let region = pushed
+        .regions
+        .iter_mut()
+        .find(|r| r.name == "us-east")
+        .expect("us-east");
+    region.upstreams.truncate(1);
+    region.upstreams[0].address = upstream_addr.to_string();
+    region.health.enabled = false;
+    let version = world.push(&pushed, "a WebSocket upstream");
+    assert_eq!(world.wait_for_version(&world.edge, version), version);
+
+    let mut client = connect(world.edge.http_addr);
+    client
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: api.example.test\r\nConnection: keep-alive, Upgrade\r\n\
+              Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\nearly",
+        )
+        .expect("send the handshake and early bytes");
+    let mut pending = Vec::new();
+    let response = read_response(&mut client, &mut pending).expect("the 101");
+    assert_eq!(response.status, 101, "{}", response.head);
+    assert_eq!(response.header("upgrade"), Some("websocket"));
+    assert_eq!(response.header("connection"), Some("upgrade"));
+    assert!(response.header("sec-websocket-accept").is_some());
+    fill(&mut client, &mut pending, 5).expect("the early bytes echoed");
+    assert_eq!(&pending[..5], b"early");
+    pending.clear();
+    client.write_all(b"frame-two").expect("send more");
+    fill(&mut client, &mut pending, 9).expect("echoed");
+    assert_eq!(&pending[..9], b"frame-two");
+    client
+        .shutdown(std::net::Shutdown::Write)
+        .expect("client done");
+    assert!(
+        closed_by_edge(&mut client),
+        "the tunnel ends when both sides are done"
+    );
+
+    // A plain request on the same route still works (and is not upgraded).
+    let (response, _) = exchange(
+        world.edge.http_addr,
+        b"GET /plain HTTP/1.1\r\nHost: api.example.test\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(
+        response.expect("answer").status,
+        400,
+        "the raw upstream refuses non-upgrades"
+    );
+}

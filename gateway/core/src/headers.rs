@@ -53,6 +53,31 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The protocol an HTTP/1.1 request asks the connection to switch to (RFC 9110 §7.8), such as a
+/// WebSocket handshake (RFC 6455 §4.1): a `GET` whose `Connection` names `upgrade` and that
+/// carries one `Upgrade`. `Upgrade` is hop-by-hop, so a proxy that passes the switch on must
+/// say so again on its own hop.
+pub fn requested_upgrade<'h>(
+    method: &http::Method,
+    headers: &'h HeaderMap,
+) -> Option<&'h http::HeaderValue> {
+    if method != http::Method::GET {
+        return None;
+    }
+    let mut upgrades = headers.get_all(http::header::UPGRADE).iter();
+    let protocol = upgrades.next()?;
+    if upgrades.next().is_some() || protocol.is_empty() {
+        return None;
+    }
+    let nominated = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|token| token.trim().eq_ignore_ascii_case("upgrade"));
+    nominated.then_some(protocol)
+}
+
 /// A copy of `headers` without the hop-by-hop ones (for a new message built from another).
 pub fn forwardable(headers: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(headers.len() + 4);
@@ -122,6 +147,7 @@ mod tests {
         ];
         for (input, kept) in cases {
             let headers = map(input);
+            assert!(requested_upgrade(&http::Method::GET, &headers).is_none());
             let copied = forwardable(&headers);
             let mut stripped = headers.clone();
             strip_hop_by_hop(&mut stripped);
@@ -130,5 +156,29 @@ mod tests {
                 assert_eq!(&names, kept, "{input:?}");
             }
         }
+    }
+
+    #[test]
+    fn an_upgrade_needs_get_connection_upgrade_and_one_upgrade_header() {
+        let get = http::Method::GET;
+        let websocket = map(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert_eq!(
+            requested_upgrade(&get, &websocket).map(|v| v.as_bytes()),
+            Some(&b"websocket"[..])
+        );
+        assert!(requested_upgrade(&http::Method::POST, &websocket).is_none());
+        let not_nominated = map(&[("connection", "keep-alive"), ("upgrade", "websocket")]);
+        assert!(requested_upgrade(&get, &not_nominated).is_none());
+        let no_protocol = map(&[("connection", "upgrade")]);
+        assert!(requested_upgrade(&get, &no_protocol).is_none());
+        let two = map(&[
+            ("connection", "upgrade"),
+            ("upgrade", "websocket"),
+            ("upgrade", "h2c"),
+        ]);
+        assert!(requested_upgrade(&get, &two).is_none());
     }
 }

@@ -27,7 +27,7 @@ use crate::core::http1::{
 use crate::metrics::Protocol;
 use crate::pipeline::{Arrival, ClientBodyError, Downstream, Head};
 
-use super::{ConnLimits, Connection, Front, Timeout};
+use super::{tunnel, ConnLimits, Connection, Front, Timeout};
 
 /// First read of a head; grows (up to the header limit) only for bigger heads.
 const HEAD_READ: usize = 4096;
@@ -626,5 +626,35 @@ impl<T: Transport> Downstream for Exchange<'_, T> {
 
     fn close_after(&mut self) {
         self.keep_alive = false;
+    }
+
+    fn can_upgrade(&self) -> bool {
+        // After the switch the connection's bytes belong to the new protocol: a request body
+        // still to come would be mixed into it.
+        self.head.version == Version::HTTP_11 && self.framing == Framing::Done
+    }
+
+    async fn tunnel(
+        &mut self,
+        headers: HeaderMap,
+        upstream: crate::connector::Upgraded,
+        idle: Duration,
+    ) -> io::Result<u64> {
+        // Whatever happens next, this connection carries no further HTTP/1.1 request.
+        self.keep_alive = false;
+        self.broken = true;
+        self.response = Response::Complete;
+        encode_response_head(
+            &mut self.out,
+            101,
+            &headers,
+            Some(b"connection: upgrade\r\n"),
+            false,
+        );
+        let sent = within(self.limits.send_timeout(), self.io.write_all(&self.out)).await;
+        self.out.clear();
+        sent?;
+        let client_early = self.buf.split().freeze();
+        Ok(Box::pin(tunnel::relay(&mut *self.io, client_early, upstream, idle)).await)
     }
 }

@@ -10,6 +10,7 @@
 pub mod h1;
 pub mod h2;
 mod metrics;
+mod tunnel;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -72,4 +72,28 @@ pub trait Downstream: Send {
 
     /// Do not read another request from this connection after this response (h1 only).
     fn close_after(&mut self);
+
+    /// Whether this request's connection can be handed to the protocol it asks to switch to
+    /// (HTTP/1.1 `Upgrade`, e.g. WebSocket). HTTP/2 and HTTP/3 have no such switch.
+    fn can_upgrade(&self) -> bool {
+        false
+    }
+
+    /// Writes the `101` head, then relays bytes both ways between the client and `upstream`
+    /// until either side is done or `idle` passes without a byte. Returns the bytes sent to the
+    /// client; an error only when the head could not be written.
+    fn tunnel(
+        &mut self,
+        headers: HeaderMap,
+        upstream: crate::connector::Upgraded,
+        idle: std::time::Duration,
+    ) -> impl Future<Output = std::io::Result<u64>> + Send {
+        let _ = (headers, upstream, idle);
+        async {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "this protocol cannot switch protocols",
+            ))
+        }
+    }
 }

@@ -79,6 +79,8 @@ struct RequestState {
     bytes_sent: u64,
     /// `x-meridian-cache` of the response.
     cache: Option<CacheStatus>,
+    /// The protocol the client asked to switch to, passed on to the upstream (HTTP/1.1 only).
+    upgrade: Option<HeaderValue>,
 }
 
 impl RequestState {
@@ -323,8 +325,22 @@ impl Pipeline {
         let decision = state.decision.unwrap_or(decision);
 
         // --- the request as the tries send it ---
+        let can_upgrade = out.can_upgrade();
         let head = out.head();
         let mut headers = crate::core::headers::forwardable(head.headers);
+        if can_upgrade {
+            if let Some(protocol) =
+                crate::core::headers::requested_upgrade(head.method, head.headers)
+            {
+                // `Upgrade` is hop-by-hop: the switch is asked for again on the upstream hop.
+                headers.insert(http::header::UPGRADE, protocol.clone());
+                headers.insert(
+                    http::header::CONNECTION,
+                    HeaderValue::from_static("upgrade"),
+                );
+                state.upgrade = Some(protocol.clone());
+            }
+        }
         if let Ok(value) =
             HeaderValue::from_str(request_host(head.uri, head.headers).unwrap_or_default())
         {

@@ -11,6 +11,7 @@ use super::downstream::{Arrival, Downstream, Head};
 use super::forward::{HEADER_POP, HEADER_REGION};
 use super::{EdgeCache, Relayed, RequestState};
 use crate::cache::{Admission, CacheStatus, CacheWriter, Served, Ticket, HEADER_CACHE};
+use crate::connector::UpstreamResponse;
 use crate::core::exchange::{cache_on_response, CacheOnResponse, EdgeReply};
 use crate::inference::openai::ApiError;
 use crate::reload::Loaded;
@@ -147,6 +148,44 @@ impl<'a, D: Downstream> Writer<'a, D> {
         Ok(status)
     }
 
+    /// Whether the driver can pass a protocol switch (`Upgrade`) on to the client.
+    pub(super) fn can_upgrade(&self) -> bool {
+        self.downstream.can_upgrade()
+    }
+
+    /// The upstream agreed to switch protocols: its `101` goes to the client and the two
+    /// connections are joined until either is done. A `101` nobody asked for is a broken upstream.
+    async fn switch_protocols(
+        &mut self,
+        mut response: UpstreamResponse,
+        state: &RequestState,
+    ) -> Result<u16, u16> {
+        let Some(protocol) = state.upgrade.clone() else {
+            return Err(502);
+        };
+        let mut headers = std::mem::take(&mut response.head.headers);
+        crate::core::headers::strip_hop_by_hop(&mut headers);
+        // The driver writes its own `Connection: upgrade` on the client's hop.
+        headers.insert(http::header::UPGRADE, protocol);
+        let headers = self.edge_headers(headers);
+        let idle = state
+            .route
+            .and_then(|r| self.loaded.snapshot.routes.get(r))
+            .map_or(std::time::Duration::from_secs(60), |route| {
+                crate::connector::Timeouts::of(route).read
+            });
+        let Some(upstream) = response.into_upgraded() else {
+            return Err(502);
+        };
+        match self.downstream.tunnel(headers, upstream, idle).await {
+            Ok(sent) => {
+                self.bytes_sent += sent;
+                Ok(101)
+            }
+            Err(_) => Err(0),
+        }
+    }
+
     /// This edge's per-client headers: `x-meridian-pop`, and `alt-svc` for TLS clients over TCP.
     fn edge_headers(&self, mut headers: HeaderMap) -> HeaderMap {
         headers.insert(HEADER_POP, self.loaded.snapshot.pop_header.clone());
@@ -171,6 +210,9 @@ impl<'a, D: Downstream> Writer<'a, D> {
         } = relayed;
         let snapshot = &self.loaded.snapshot;
         let status = response.head.status.as_u16();
+        if status == 101 {
+            return self.switch_protocols(response, state).await;
+        }
         let mut headers = std::mem::take(&mut response.head.headers);
         crate::core::headers::strip_hop_by_hop(&mut headers);
         if let Some(r) = state.region().and_then(|r| snapshot.regions.get(r)) {
