@@ -31,6 +31,12 @@ const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 const MAX_RESPONSE_HEADERS: usize = 128;
 /// Read size for response bodies: large reads mean few syscalls and few chunks to relay.
 const READ_CHUNK: usize = 64 * 1024;
+/// First read of a response: a usual head and a small body in one read, without holding a
+/// body-sized buffer for every request in flight (thousands at once when many clients connect
+/// together).
+const HEAD_READ: usize = 8 * 1024;
+/// Smallest body read worth a syscall.
+const MIN_BODY_READ: usize = 4 * 1024;
 /// Whole request bodies up to this size go out in the same write as the head.
 const COALESCE_BODY: usize = 16 * 1024;
 
@@ -546,7 +552,7 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
                 message: "response head too large".into(),
             }));
         }
-        buf.reserve(READ_CHUNK);
+        buf.reserve(HEAD_READ);
         match r.read_buf(buf).await {
             Ok(0) | Err(_) if !received_any => return Err(Attempt::Stale { written: true }),
             Ok(0) => {
@@ -739,7 +745,13 @@ impl UpstreamResponse {
                 message: "connection gone".into(),
             });
         };
-        conn.buf.reserve(READ_CHUNK);
+        // A known remainder is read in one go when it fits a chunk; an unknown one in chunks.
+        let want = match self.framing {
+            Framing::Length(left) => usize::try_from(left)
+                .map_or(READ_CHUNK, |left| left.clamp(MIN_BODY_READ, READ_CHUNK)),
+            _ => READ_CHUNK,
+        };
+        conn.buf.reserve(want);
         let read = tokio::time::timeout(self.read_timeout, conn.stream.read_buf(&mut conn.buf))
             .await
             .map_err(|_| UpstreamError::Timeout { addr })?;
