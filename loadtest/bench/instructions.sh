@@ -1,0 +1,179 @@
+#!/usr/bin/env bash
+# Instructions per proxied request, counted by valgrind (callgrind): NGINX, HAProxy, Meridian and the
+# bare Pingora proxy in front of the same origin, the same fixed number of keep-alive GETs of 1 KiB.
+# Instruction counts do not depend on what else the machine is doing, so this runs (and compares)
+# on a busy machine where requests/s cannot; it is a guide to CPU per request, not a speed figure.
+#
+#   bash loadtest/bench/instructions.sh
+#   Env: REQUESTS (20000 measured, after 2000 warm-up), CONNECTIONS (16), MERIDIAN_BIN, PINGORA_BIN,
+#        LOADTEST_BIN, CARGO_TARGET_DIR, OUT (loadtest/bench/results), ONLY (a space-separated subset
+#        of "nginx haproxy pingora meridian"), KEEP (a directory: the callgrind profiles are copied
+#        there, for `callgrind_annotate`).
+#
+# Traffic stays on 127.0.0.1; every process started here is stopped on exit.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "$0")/../.." && pwd)"
+OUT="${OUT:-$ROOT/loadtest/bench/results}"
+REQUESTS="${REQUESTS:-20000}"
+WARMUP=2000
+CONNECTIONS="${CONNECTIONS:-16}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+WORK="$(mktemp -d /tmp/meridian-instr.XXXXXX)"
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+source "$ROOT/loadtest/bench/lib.sh"
+
+missing=()
+command -v valgrind >/dev/null || missing+=(valgrind)
+command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
+if [ "${#missing[@]}" -gt 0 ]; then
+  log "installing ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
+HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
+
+if [ -z "${MERIDIAN_BIN:-}" ] || [ -z "${LOADTEST_BIN:-}" ] || [ -z "${PINGORA_BIN:-}" ]; then
+  log "building (release)"
+  (cd "$ROOT" && cargo build --release -q -p meridian-gateway --bin meridian --example bare_pingora \
+    && cargo build --release -q -p meridian-loadtest)
+fi
+MERIDIAN="${MERIDIAN_BIN:-$CARGO_TARGET_DIR/release/meridian}"
+PINGORA="${PINGORA_BIN:-$CARGO_TARGET_DIR/release/examples/bare_pingora}"
+LOADTEST="${LOADTEST_BIN:-$CARGO_TARGET_DIR/release/meridian-loadtest}"
+
+ORIGIN_PORT=18200; NGINX_PORT=18201; HAPROXY_PORT=18202
+MERIDIAN_PORT=18203; MERIDIAN_ADMIN_PORT=18204; PINGORA_PORT=18205
+
+# Under valgrind a proxy takes a while to start listening.
+wait_port_slowly() {
+  for _ in $(seq 1 600); do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; then return 0; fi
+    sleep 0.1
+  done
+  echo "nothing listening on 127.0.0.1:$1" >&2
+  return 1
+}
+
+"$LOADTEST" origin --listen "127.0.0.1:$ORIGIN_PORT" --threads 1 --body-bytes 1024 >"$WORK/origin.log" 2>&1 &
+PIDS+=($!)
+wait_port "$ORIGIN_PORT"
+
+mkdir -p "$WORK/nginx/tmp"
+cat >"$WORK/nginx/nginx.conf" <<CONF
+master_process off;
+daemon off;
+worker_processes 1;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 1024; }
+http {
+  access_log off;
+  client_body_temp_path $WORK/nginx/tmp/body;
+  proxy_temp_path $WORK/nginx/tmp/proxy;
+  fastcgi_temp_path $WORK/nginx/tmp/fastcgi;
+  uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
+  scgi_temp_path $WORK/nginx/tmp/scgi;
+  keepalive_requests 1000000;
+  upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 128; keepalive_requests 1000000; }
+  server {
+    listen 127.0.0.1:$NGINX_PORT;
+    location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
+CONF
+cat >"$WORK/haproxy.cfg" <<CONF
+global
+  nbthread 1
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+  http-reuse always
+frontend bench
+  bind 127.0.0.1:$HAPROXY_PORT
+  default_backend origin
+backend origin
+  server o1 127.0.0.1:$ORIGIN_PORT maxconn 1000
+CONF
+cat >"$WORK/meridian.toml" <<CONF
+schema = 1
+[edge]
+pop = "bench-1"
+http = "127.0.0.1:$MERIDIAN_PORT"
+admin = "127.0.0.1:$MERIDIAN_ADMIN_PORT"
+threads = 1
+shutdown_grace = "1s"
+shutdown_timeout = "2s"
+[[regions]]
+name = "bench"
+location = { lat = 50.1, lon = 8.68 }
+upstreams = [{ address = "127.0.0.1:$ORIGIN_PORT", weight = 1 }]
+[regions.health]
+enabled = false
+[[routes]]
+name = "bench"
+hosts = ["bench.example.test"]
+path_prefix = "/"
+kind = "api"
+regions = ["bench"]
+default_region = "bench"
+CONF
+
+# Runs one proxy under callgrind, counting only the measured requests: instructions per request.
+measure() {
+  local name=$1 port=$2; shift 2
+  case " ${ONLY:-nginx haproxy pingora meridian} " in *" $name "*) ;; *) return 0 ;; esac
+  local file="$WORK/callgrind.$name"
+  valgrind --tool=callgrind --callgrind-out-file="$file.%p" --instr-atstart=no \
+    --trace-children=no "$@" >"$WORK/$name.log" 2>&1 &
+  local pid=$!
+  PIDS+=($pid)
+  wait_port_slowly "$port"
+  "$LOADTEST" "http://127.0.0.1:$port/bench" --host bench.example.test -c "$CONNECTIONS" \
+    --requests "$WARMUP" --timeout 60s >/dev/null
+  callgrind_control -i on "$pid" >/dev/null
+  "$LOADTEST" "http://127.0.0.1:$port/bench" --host bench.example.test -c "$CONNECTIONS" \
+    --requests "$REQUESTS" --timeout 60s >"$WORK/$name.load" 2>&1
+  callgrind_control -i off "$pid" >/dev/null
+  callgrind_control -d "$pid" >/dev/null
+  kill "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$file".* "$KEEP"/; fi
+  local total
+  total=$(cat "$file".* | awk '/^(summary|totals):/ {s += $2} END {print s + 0}')
+  local per=$(( total / REQUESTS ))
+  log "$name: $per instructions per request ($(head -1 "$WORK/$name.load"))"
+  echo "$name $per" >>"$WORK/results"
+}
+
+: >"$WORK/results"
+measure nginx "$NGINX_PORT" "$NGINX" -c "$WORK/nginx/nginx.conf" -p "$WORK/nginx"
+measure haproxy "$HAPROXY_PORT" "$HAPROXY" -f "$WORK/haproxy.cfg" -db
+measure pingora "$PINGORA_PORT" "$PINGORA" "127.0.0.1:$PINGORA_PORT" "127.0.0.1:$ORIGIN_PORT"
+measure meridian "$MERIDIAN_PORT" "$MERIDIAN" serve --config "$WORK/meridian.toml"
+
+mkdir -p "$OUT"
+python3 - "$WORK/results" "$OUT/instructions.md" "$REQUESTS" "$CONNECTIONS" <<'PY'
+import sys
+path, out, requests, connections = sys.argv[1:]
+rows = dict(line.split() for line in open(path) if line.strip())
+per = {k: int(v) for k, v in rows.items()}
+best = min(per.get("nginx", 0) or per.get("haproxy", 0) or 1, per.get("haproxy", 0) or per.get("nginx", 0) or 1)
+lines = [f"Instructions per proxied GET (1 KiB body, keep-alive, {connections} connections, {requests} requests, callgrind):", "",
+         "| proxy | instructions / request | ratio to the better of NGINX and HAProxy |", "|---|---|---|"]
+for name in ["nginx", "haproxy", "pingora", "meridian"]:
+    if name in per:
+        lines.append(f"| {name} | {per[name]:,} | {per[name] / best:.2f} |")
+open(out, "w").write("\n".join(lines) + "\n")
+print("\n".join(lines))
+PY
