@@ -2,7 +2,6 @@
 //! use and loaded LoRA adapters, under vLLM's names by default and any server's names through a
 //! mapping (SGLang, TGI, ...). The text is read line by line; only the named gauges are kept.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -158,28 +157,33 @@ async fn run(store: Weak<SnapshotStore>, metrics: Option<Arc<ScrapeMetrics>>, re
             }
         }
         drop(loaded);
-        let mut found = HashMap::new();
+        let mut results = Vec::new();
         while let Some(done) = scrapes.join_next().await {
-            let Ok((region, address, result)) = done else {
-                continue;
-            };
-            if let Ok(scraped) = &result {
-                found.insert(
-                    address,
-                    ReplicaState {
-                        metrics: scraped.metrics,
-                        adapters: scraped.adapters.clone(),
-                    },
-                );
-            }
-            if let Some(metrics) = metrics.as_ref() {
-                metrics.record(&region, &address.to_string(), &result);
+            if let Ok(result) = done {
+                results.push(result);
             }
         }
+        let found = results
+            .iter()
+            .filter_map(|(_, address, result)| {
+                let scraped = result.as_ref().ok()?;
+                let state = ReplicaState {
+                    metrics: scraped.metrics,
+                    adapters: scraped.adapters.clone(),
+                };
+                Some((*address, state))
+            })
+            .collect();
         replicas.store(Arc::new(ReplicaTable {
             at_ms: crate::clock::now_ms(),
             replicas: found,
         }));
+        // Exported after the table is in place, so whoever sees a gauge knows the picks do too.
+        if let Some(metrics) = metrics.as_ref() {
+            for (region, address, result) in &results {
+                metrics.record(region, &address.to_string(), result);
+            }
+        }
         tokio::time::sleep(interval).await;
     }
 }
