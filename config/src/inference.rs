@@ -39,6 +39,64 @@ pub struct InferenceSection {
     /// Criticality per model or alias name, for callers whose key sets none.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub model_criticality: BTreeMap<String, Criticality>,
+    /// How a model call's replica is chosen inside a region.
+    pub picking: Picking,
+    /// A request header whose value keys prefix affinity instead of the prompt (a conversation
+    /// or session id): calls carrying the same value go to the same replica. Empty: none.
+    pub session_header: String,
+    /// Which Prometheus series of a model server hold its queue, running requests, KV-cache use
+    /// and loaded adapters (vLLM's names by default).
+    pub metric_names: MetricNames,
+}
+
+/// `[inference] picking`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Picking {
+    /// Score by the model servers' own state (queue, KV cache, adapters) with prefix affinity;
+    /// least outstanding when their metrics are stale or missing.
+    #[default]
+    ModelAware,
+    /// Weighted least outstanding, as for any route (for comparison, or servers without metrics).
+    LeastOutstanding,
+}
+
+/// `[inference.metric_names]`: for each value, the series names that hold it. Any listed name
+/// counts, so a fleet mixing servers lists the names of each.
+#[derive(Clone, Debug, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricNames {
+    /// Requests waiting for a slot.
+    pub waiting: Vec<String>,
+    /// Requests being served.
+    pub running: Vec<String>,
+    /// KV-cache utilisation, 0 to 1 (several samples are averaged).
+    pub kv_cache: Vec<String>,
+    /// An info series whose `running_lora_adapters` label lists the loaded adapters.
+    pub lora_info: Vec<String>,
+}
+
+impl Default for MetricNames {
+    fn default() -> Self {
+        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect();
+        Self {
+            waiting: names(&["vllm:num_requests_waiting"]),
+            running: names(&["vllm:num_requests_running"]),
+            kv_cache: names(&["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"]),
+            lora_info: names(&["vllm:lora_requests_info"]),
+        }
+    }
+}
+
+/// The session header when `[inference] session_header` is not set.
+pub const DEFAULT_SESSION_HEADER: &str = "x-meridian-session";
+
+fn is_metric_name(name: &str) -> bool {
+    let mut bytes = name.bytes();
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_' || b == b':')
+        && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b':')
 }
 
 /// Who goes first when model servers saturate.
@@ -63,6 +121,9 @@ impl Default for InferenceSection {
             saturation_queue: 8,
             key_criticality: BTreeMap::new(),
             model_criticality: BTreeMap::new(),
+            picking: Picking::default(),
+            session_header: DEFAULT_SESSION_HEADER.into(),
+            metric_names: MetricNames::default(),
         }
     }
 }
@@ -123,6 +184,16 @@ fn is_model_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'/'))
 }
 
+/// `name` when it is a lowercase token a header may be named by.
+fn http_header_name(name: &str) -> Option<&str> {
+    (name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !name.starts_with('-'))
+    .then_some(name)
+}
+
 /// Every inference problem as (path, message), in document order.
 pub(crate) fn validate(config: &Config) -> Vec<(String, String)> {
     let mut errors = Vec::new();
@@ -179,6 +250,35 @@ pub(crate) fn validate(config: &Config) -> Vec<(String, String)> {
             "inference.saturation_queue".into(),
             "must be at least 1".into(),
         ));
+    }
+    let header = &config.inference.session_header;
+    if !header.is_empty() && http_header_name(header).is_none() {
+        errors.push((
+            "inference.session_header".into(),
+            format!("{header:?} is not a lowercase header name (a-z, 0-9, '-')"),
+        ));
+    }
+    let names = &config.inference.metric_names;
+    if names.waiting.is_empty() {
+        errors.push((
+            "inference.metric_names.waiting".into(),
+            "name at least one series (the queue is what picking and saturation need)".into(),
+        ));
+    }
+    for (field, list) in [
+        ("waiting", &names.waiting),
+        ("running", &names.running),
+        ("kv_cache", &names.kv_cache),
+        ("lora_info", &names.lora_info),
+    ] {
+        for (i, name) in list.iter().enumerate() {
+            if !is_metric_name(name) {
+                errors.push((
+                    format!("inference.metric_names.{field}[{i}]"),
+                    format!("{name:?} is not a Prometheus metric name"),
+                ));
+            }
+        }
     }
     for name in config.inference.key_criticality.keys() {
         if !config.api_keys.iter().any(|k| &k.name == name) {
@@ -288,6 +388,8 @@ default_max_tokens = 0
 scrape_interval = "1ms"
 scrape_path = "metrics"
 saturation_queue = 0
+session_header = "X Session"
+metric_names = { waiting = [], kv_cache = ["ok:name", "9bad"] }
 key_criticality = { nobody = "critical" }
 model_criticality = { gpt-9 = "sheddable" }
 [[api_keys]]
@@ -317,6 +419,9 @@ sha256 = "abc"
             "inference.scrape_interval",
             "inference.scrape_path",
             "inference.saturation_queue",
+            "inference.session_header",
+            "inference.metric_names.waiting",
+            "inference.metric_names.kv_cache[1]",
             "inference.key_criticality.nobody",
             "inference.model_criticality.gpt-9",
         ] {

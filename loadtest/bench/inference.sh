@@ -1,5 +1,18 @@
 #!/usr/bin/env bash
-# Inference streams: SSE token streams straight from a simulated model server vs through
+# Two inference benchmarks (PART=picking|overhead|all, default all):
+#
+# picking: replica picking inside a region, model-aware vs least outstanding, same run. Four
+#   simulated GPU model servers (`meridian-loadtest model-servers`: 4 slots each, a queue beyond
+#   them, a prefix cache of 4 prompts; a cached prefix prefills in 6 ms instead of 60 ms, tokens
+#   2 ms apart) behind one region of `meridian serve`, whose `[inference] picking` is
+#   `model_aware` or `least_outstanding`. The load (`meridian-loadtest prefix-load`): open loop,
+#   RATE calls/s for DURATION, 16 system prompts of 3 KB with Zipf(1) popularity (the hottest takes
+#   30 %), answers of 4, 16 or 64 tokens; the same calls at the same times in every run (fixed
+#   seed). Each mode starts on fresh servers and a fresh edge; modes alternate over ROUNDS.
+#   Reports TTFT p50/p99 (from each call's scheduled start: queueing counts) and completed
+#   calls/s, with ratios least-outstanding / model-aware, and the servers' prefix-cache hit rates.
+#
+# overhead: SSE token streams straight from a simulated model server vs through
 # `meridian serve` with a `kind = "inference"` route in front of the same server, same load.
 #   - ttft:   8 concurrent streams from a model server that sends its first token at once
 #             (--sse-interval 0ms), so time to first byte is the proxy path alone;
@@ -8,8 +21,10 @@
 # Prints ratios edge/direct; writes loadtest/bench/results/inference.md and the JSON reports.
 #
 #   bash loadtest/bench/inference.sh
-#   DURATION=5s ROUNDS=1 bash loadtest/bench/inference.sh
-#   Env: DURATION, ROUNDS, LOADGEN_THREADS (1), EDGE_THREADS (1), MERIDIAN_BIN, CARGO_TARGET_DIR, OUT.
+#   PART=picking RATE=150 PICK_DURATION=20s ROUNDS=2 bash loadtest/bench/inference.sh
+#   DURATION=5s ROUNDS=1 PART=overhead bash loadtest/bench/inference.sh
+#   Env: PART, RATE (150), PICK_DURATION (20s), DURATION, ROUNDS, LOADGEN_THREADS (1),
+#   EDGE_THREADS (1), MERIDIAN_BIN, CARGO_TARGET_DIR, OUT.
 #
 # Traffic stays on 127.0.0.0/8; every process started here is stopped on exit.
 set -euo pipefail
@@ -20,6 +35,9 @@ OUT="${OUT:-$BENCH/results}"
 DURATION="${DURATION:-10s}"
 ROUNDS="${ROUNDS:-2}"
 LOADGEN_THREADS="${LOADGEN_THREADS:-1}"
+PART="${PART:-all}"
+RATE="${RATE:-150}"
+PICK_DURATION="${PICK_DURATION:-20s}"
 EDGE_THREADS="${EDGE_THREADS:-1}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 
@@ -50,6 +68,112 @@ else
 fi
 LOADTEST="$CARGO_TARGET_DIR/release/meridian-loadtest"
 mkdir -p "$OUT"
+
+# --- picking: model-aware vs least outstanding ---------------------------------------------------
+REPLICA_PORTS=(18120 18121 18122 18123)
+PICK_EDGE_PORT=18124
+PICK_ADMIN_PORT=18125
+
+# pick_run MODE ROUND: fresh model servers and a fresh edge, one load run, everything stopped.
+pick_run() {
+  local mode=$1 round=$2 listen="" upstreams="" p servers edge
+  for p in "${REPLICA_PORTS[@]}"; do
+    listen="${listen:+$listen,}127.0.0.1:$p"
+    upstreams="${upstreams:+$upstreams, }{ address = \"127.0.0.1:$p\" }"
+  done
+  "$LOADTEST" model-servers --listen "$listen" --stats "$OUT/picking.$mode.r$round.servers.json" >"$WORK/servers.log" 2>&1 &
+  servers=$!
+  PIDS+=($servers)
+  cat >"$WORK/picking.toml" <<CONF
+schema = 1
+
+[edge]
+pop = "bench-picking"
+http = "127.0.0.1:$PICK_EDGE_PORT"
+admin = "127.0.0.1:$PICK_ADMIN_PORT"
+threads = $EDGE_THREADS
+shutdown_grace = "1s"
+shutdown_timeout = "2s"
+
+[[regions]]
+name = "gpu"
+location = { lat = 50.1, lon = 8.68 }
+upstreams = [$upstreams]
+models = ["bench-model"]
+
+[inference]
+picking = "$mode"
+
+[[routes]]
+name = "inference"
+hosts = ["inference.example.test"]
+path_prefix = "/"
+kind = "inference"
+regions = "*"
+default_region = "gpu"
+timeouts = { connect = "1s", read = "120s", write = "30s" }
+CONF
+  for p in "${REPLICA_PORTS[@]}"; do wait_port "$p"; done
+  "$MERIDIAN" serve --config "$WORK/picking.toml" >"$WORK/picking-edge.log" 2>&1 &
+  edge=$!
+  PIDS+=($edge)
+  wait_port "$PICK_EDGE_PORT"
+  # The first model call starts the scraping; wait until every server has been scraped.
+  curl -sf -o /dev/null -H 'host: inference.example.test' -H 'content-type: application/json' \
+    -d '{"model":"bench-model","max_tokens":1}' "http://127.0.0.1:$PICK_EDGE_PORT/v1/chat/completions"
+  for _ in $(seq 1 500); do
+    [ "$(curl -sf "http://127.0.0.1:$PICK_ADMIN_PORT/metrics" | grep -c '^meridian_inference_replica_queue{')" -ge 4 ] && break
+    sleep 0.01
+  done
+  "$LOADTEST" prefix-load "http://127.0.0.1:$PICK_EDGE_PORT/v1/chat/completions" --host inference.example.test \
+    --rate "$RATE" -d "$PICK_DURATION" --label "$mode" --json "$OUT/picking.$mode.r$round.json" >"$WORK/last.txt"
+  log "picking / $mode / round $round: $(cat "$WORK/last.txt")"
+  kill "$edge" "$servers" 2>/dev/null || true
+  wait "$edge" 2>/dev/null || true
+  wait "$servers" 2>/dev/null || true
+}
+
+if [ "$PART" != overhead ]; then
+  rm -f "$OUT"/picking.*.json
+  for round in $(seq 1 "$ROUNDS"); do
+    order=(model_aware least_outstanding)
+    if [ $((round % 2)) -eq 0 ]; then order=(least_outstanding model_aware); fi
+    for mode in "${order[@]}"; do pick_run "$mode" "$round"; done
+  done
+  python3 - "$OUT" "$(nproc)" "$RATE" "$PICK_DURATION" <<'PY' | tee "$OUT/picking.md"
+import glob, json, os, statistics, sys
+out, cores, rate, duration = sys.argv[1:]
+runs, hits = {}, {}
+for p in sorted(glob.glob(os.path.join(out, "picking.*.r*.json"))):
+    name = os.path.basename(p).split(".")
+    mode = name[1]
+    if p.endswith(".servers.json"):
+        servers = json.load(open(p))
+        hits.setdefault(mode, []).append(sum(s["prefix_hits"] for s in servers) / max(1, sum(s["calls"] for s in servers)))
+    else:
+        runs.setdefault(mode, []).append(json.load(open(p)))
+def m(mode, f):
+    return statistics.mean(f(r) for r in runs[mode])
+print(f"{cores} cores; 4 simulated model servers (4 slots, prefix cache of 4, prefill 60 ms / 6 ms cached, "
+      f"tokens 2 ms apart); open loop {rate} calls/s for {duration}, 16 prefixes Zipf(1); mean over rounds.\n")
+print("| picking | TTFT p50 ms | TTFT p99 ms | completed/s | failed | prefix-cache hits |")
+print("|---|---|---|---|---|---|")
+for mode in ("model_aware", "least_outstanding"):
+    if mode not in runs:
+        continue
+    print(f"| {mode} | {m(mode, lambda r: r['ttft_ms']['p50']):.1f} | {m(mode, lambda r: r['ttft_ms']['p99']):.1f} | "
+          f"{m(mode, lambda r: r['completed_per_s']):.1f} | {sum(r['failed'] for r in runs[mode])} | "
+          f"{statistics.mean(hits.get(mode, [0])) * 100:.0f} % |")
+if "model_aware" in runs and "least_outstanding" in runs:
+    ratio = lambda q: m("least_outstanding", lambda r: r["ttft_ms"][q]) / max(1e-9, m("model_aware", lambda r: r["ttft_ms"][q]))
+    tput = m("model_aware", lambda r: r["completed_per_s"]) / max(1e-9, m("least_outstanding", lambda r: r["completed_per_s"]))
+    print(f"\nleast_outstanding / model_aware: TTFT p50 {ratio('p50'):.2f}x, TTFT p99 {ratio('p99'):.2f}x; "
+          f"completed/s model_aware / least_outstanding {tput:.2f}x")
+PY
+fi
+[ "$PART" = picking ] && exit 0
+
+# --- overhead: direct vs through the edge --------------------------------------------------------
 rm -f "$OUT"/inference.*.json
 
 

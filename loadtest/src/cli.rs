@@ -27,6 +27,10 @@ pub struct Cli {
 pub enum Command {
     /// A fast fake origin with latency and fault injection (h1 and h2c, optional TLS).
     Origin(OriginArgs),
+    /// Simulated model servers with a slot limit, a queue and a prefix cache (inference bench).
+    ModelServers(crate::prefix::ModelServerArgs),
+    /// Open-loop chat calls over shared prompt prefixes of uneven popularity: time to first token.
+    PrefixLoad(crate::prefix::PrefixLoadArgs),
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

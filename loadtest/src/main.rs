@@ -7,6 +7,7 @@ mod engine;
 mod geo;
 mod idle;
 mod origin;
+mod prefix;
 mod protocol;
 mod report;
 mod rlimit;
@@ -22,6 +23,8 @@ fn main() -> ExitCode {
     rlimit::raise_nofile();
     let result = match cli.command {
         Some(cli::Command::Origin(args)) => origin::main(args),
+        Some(cli::Command::ModelServers(args)) => prefix::model_servers(args),
+        Some(cli::Command::PrefixLoad(args)) => prefix::prefix_load(args),
         None if cli.load.slow.is_some() => slowloris::main(cli.load),
         None if cli.load.idle.is_some() => idle::main(cli.load),
         None => engine::main(cli.load),

@@ -451,7 +451,14 @@ fn sheddable_calls_are_shed_before_critical_ones_when_model_servers_saturate() {
     assert!(shed.header("retry-after").is_some());
     let critical = call("sk-beta");
     assert_eq!(critical.status, 200, "{}", critical.text());
-    assert_eq!(critical.region(), Some("eu-central-1"));
+    // Not shed, and not queued behind the saturated servers: spilled to the next region with
+    // the model.
+    assert_eq!(critical.region(), Some("ap-southeast-1"));
+    let shed = r#"meridian_inference_shed_total{criticality="sheddable",reason="saturated",route="inference"}"#;
+    assert_eq!(
+        meridian_tests::metric_value(&world.metrics(), shed),
+        Some(1.0)
+    );
     // Back to normal: the sheddable caller is served again.
     for origin in origins {
         origin.model.report(None);

@@ -22,10 +22,12 @@ use http::HeaderMap;
 use meridian_config::Limits;
 
 use crate::decide::{Refusal, RouteDecision};
+use crate::inference::pick::PickReason;
+use crate::inference::replicas::CallPick;
 use crate::select::{
     ejection_allowed, in_panic, pick_upstream, region_verdict, upstream_eligible, RegionVerdict,
 };
-use crate::snapshot::Snapshot;
+use crate::snapshot::{CompiledRegion, Snapshot};
 
 /// Upper bound on tries per request, whatever a route asks for (config caps it at 10).
 pub const MAX_TRIES: usize = 10;
@@ -47,6 +49,8 @@ pub enum RetryReason {
     UpstreamError,
     /// The preferred region was skipped for its verdict.
     Region(RegionVerdict),
+    /// Every model server of the nearer region was saturated (a model call spilled).
+    Saturated,
 }
 
 impl RetryReason {
@@ -57,6 +61,7 @@ impl RetryReason {
             RetryReason::ConnectError => "connect_error",
             RetryReason::UpstreamError => "upstream_error",
             RetryReason::Region(verdict) => verdict.reason(),
+            RetryReason::Saturated => "saturated",
         }
     }
 }
@@ -289,11 +294,78 @@ impl Tries {
     /// deadline passed, 503 when nothing could be tried at all (every region went down or filled
     /// up since the decision), else the failure of the last try.
     pub fn next(&mut self, snapshot: &Snapshot, now_ms: u64, rotation: usize) -> Result<Pick, u16> {
+        self.next_by(snapshot, now_ms, |region, index, tried| {
+            pick_upstream(region, now_ms, rotation, |u| was_tried(tried, index, u)).map(|u| (u, ()))
+        })
+        .map(|(pick, ())| pick)
+    }
+
+    /// [`Tries::next`] for a model call: the replica is picked by `call` (the model servers'
+    /// state, prefix affinity), and the first try spills past a nearer region whose every replica
+    /// is saturated to the nearest candidate that is not (the failover reason is then
+    /// `saturated`). Also says why that replica was picked.
+    pub fn next_call(
+        &mut self,
+        snapshot: &Snapshot,
+        now_ms: u64,
+        rotation: usize,
+        call: &CallPick<'_>,
+    ) -> Result<(Pick, PickReason), u16> {
+        let spilled = self.count == 0 && self.spill(snapshot, now_ms, call);
+        self.next_by(snapshot, now_ms, |region, index, tried| {
+            call.pick(region, now_ms, rotation, |u| was_tried(tried, index, u))
+        })
+        .map(|(pick, reason)| {
+            let reason = if spilled && pick.new_region {
+                PickReason::Spill
+            } else {
+                reason
+            };
+            (pick, reason)
+        })
+    }
+
+    /// Moves the first try past saturated regions when a later candidate is not saturated.
+    fn spill(&mut self, snapshot: &Snapshot, now_ms: u64, call: &CallPick<'_>) -> bool {
+        let candidates = self.decision.candidates.as_slice();
+        let available = |pos: &usize| {
+            region_verdict(&snapshot.regions[usize::from(candidates[*pos])], now_ms)
+                == RegionVerdict::Available
+        };
+        let Some(nearest) = (self.region_pos..candidates.len()).find(available) else {
+            return false;
+        };
+        let saturated = |pos: usize| {
+            call.region_saturated(&snapshot.regions[usize::from(candidates[pos])], now_ms)
+        };
+        if !saturated(nearest) {
+            return false;
+        }
+        match (nearest + 1..candidates.len())
+            .filter(available)
+            .find(|&pos| !saturated(pos))
+        {
+            Some(pos) => {
+                self.region_pos = pos;
+                self.retry_reason = Some(RetryReason::Saturated);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn next_by<T>(
+        &mut self,
+        snapshot: &Snapshot,
+        now_ms: u64,
+        pick: impl FnMut(&CompiledRegion, usize, &[(u16, u16)]) -> Option<(usize, T)>,
+    ) -> Result<(Pick, T), u16> {
         let route = &snapshot.routes[self.decision.route];
         if self.count > 0 && self.elapsed(now_ms) >= route.total_timeout.as_millis() as u64 {
             return Err(504);
         }
-        let Some((region_index, upstream_index)) = self.next_upstream(snapshot, now_ms, rotation)
+        let Some((region_index, upstream_index, extra)) =
+            self.next_upstream(snapshot, now_ms, pick)
         else {
             return Err(if self.count == 0 { 503 } else { self.failure });
         };
@@ -306,13 +378,16 @@ impl Tries {
         }
         self.region = Some(region_index);
         self.upstream = Some(upstream_index);
-        Ok(Pick {
-            region: region_index,
-            upstream: upstream_index,
-            address: region.upstreams[upstream_index].address,
-            new_region,
-            panic: in_panic(region, now_ms),
-        })
+        Ok((
+            Pick {
+                region: region_index,
+                upstream: upstream_index,
+                address: region.upstreams[upstream_index].address,
+                new_region,
+                panic: in_panic(region, now_ms),
+            },
+            extra,
+        ))
     }
 
     /// The upstream answered with a response head.
@@ -446,9 +521,7 @@ impl Tries {
     }
 
     fn was_tried(&self, region: usize, upstream: usize) -> bool {
-        self.tried[..self.count]
-            .iter()
-            .any(|&(r, u)| usize::from(r) == region && usize::from(u) == upstream)
+        was_tried(&self.tried[..self.count], region, upstream)
     }
 
     /// One more try is allowed: the route's `retry.attempts`, the overall deadline, somewhere left
@@ -499,19 +572,17 @@ impl Tries {
     /// has an untried upstream. Health and capacity are checked again at each try: they change
     /// under our feet. A region skipped for its verdict becomes the failover reason if none was
     /// noted yet.
-    fn next_upstream(
+    fn next_upstream<T>(
         &mut self,
         snapshot: &Snapshot,
         now_ms: u64,
-        rotation: usize,
-    ) -> Option<(usize, usize)> {
+        mut pick: impl FnMut(&CompiledRegion, usize, &[(u16, u16)]) -> Option<(usize, T)>,
+    ) -> Option<(usize, usize, T)> {
         while let Some(region_index) = self.decision.candidates.get(self.region_pos) {
             let region = &snapshot.regions[region_index];
             let verdict = region_verdict(region, now_ms);
             let picked = if verdict == RegionVerdict::Available && self.count < MAX_TRIES {
-                pick_upstream(region, now_ms, rotation, |u| {
-                    self.was_tried(region_index, u)
-                })
+                pick(region, region_index, &self.tried[..self.count])
             } else {
                 if verdict != RegionVerdict::Available && self.retry_reason.is_none() {
                     self.retry_reason = Some(RetryReason::Region(verdict));
@@ -519,12 +590,19 @@ impl Tries {
                 None
             };
             match picked {
-                Some(upstream) => return Some((region_index, upstream)),
+                Some((upstream, extra)) => return Some((region_index, upstream, extra)),
                 None => self.region_pos += 1,
             }
         }
         None
     }
+}
+
+/// Is (`region`, `upstream`) among the `tried` pairs?
+fn was_tried(tried: &[(u16, u16)], region: usize, upstream: usize) -> bool {
+    tried
+        .iter()
+        .any(|&(r, u)| usize::from(r) == region && usize::from(u) == upstream)
 }
 
 /// Does a response status count against the upstream's health? 5xx says the upstream failed,
@@ -742,6 +820,71 @@ timeouts = { total = "5s" }
                 );
             }
         }
+    }
+
+    #[test]
+    fn a_model_call_spills_past_a_saturated_region() {
+        use crate::inference::pick::{PickParams, ReplicaMetrics};
+        use crate::inference::replicas::{ReplicaState, ReplicaTable};
+        let snap = snapshot();
+        let queue = |waiting: f64| ReplicaState {
+            metrics: ReplicaMetrics {
+                waiting,
+                ..ReplicaMetrics::default()
+            },
+            adapters: None,
+        };
+        let table = |near: f64, far: f64| ReplicaTable {
+            at_ms: 0,
+            replicas: snap
+                .regions
+                .iter()
+                .flat_map(|r| r.upstreams.iter().map(move |u| (r.name.clone(), u.address)))
+                .map(|(name, a)| (a, queue(if name == "near" { near } else { far })))
+                .collect(),
+        };
+        let call = |table| CallPick {
+            model_aware: true,
+            params: PickParams::default(),
+            affinity: Some(7),
+            model: "m",
+            table,
+            stale_after_ms: 1_000,
+        };
+        let saturated_near = table(20.0, 0.0);
+        let mut t = tries(&snap);
+        let (pick, reason) = t
+            .next_call(&snap, 0, 0, &call(&saturated_near))
+            .expect("pick");
+        assert_eq!(
+            (region_name(&snap, pick), reason),
+            ("far", PickReason::Spill)
+        );
+        assert_eq!(t.failover(), Some((0, 1, "saturated")));
+        // Everything saturated: nowhere better to go, the nearest takes it.
+        let everywhere = table(20.0, 20.0);
+        let mut t = tries(&snap);
+        let (pick, reason) = t.next_call(&snap, 0, 0, &call(&everywhere)).expect("pick");
+        assert_eq!(region_name(&snap, pick), "near");
+        assert_ne!(reason, PickReason::Spill);
+        // Stale numbers never spill.
+        let mut t = tries(&snap);
+        let (pick, reason) = t
+            .next_call(&snap, 5_000, 0, &call(&saturated_near))
+            .expect("pick");
+        assert_eq!(
+            (region_name(&snap, pick), reason),
+            ("near", PickReason::Fallback)
+        );
+        // A retry after the spill goes on from the region spilled to.
+        let mut t = tries(&snap);
+        t.next_call(&snap, 0, 0, &call(&saturated_near))
+            .expect("pick");
+        t.on_connect_error(&snap, false, true, POST, 0);
+        let (pick, _) = t
+            .next_call(&snap, 0, 0, &call(&saturated_near))
+            .expect("retry");
+        assert_eq!(region_name(&snap, pick), "far", "the other upstream of far");
     }
 
     #[test]

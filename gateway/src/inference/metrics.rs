@@ -11,6 +11,10 @@ pub struct InferenceMetrics {
     pub ttfb: HistogramVec,
     /// `meridian_ratelimited_total{route,limit}`
     pub ratelimited: IntCounterVec,
+    /// `meridian_inference_picks_total{route,region,reason}`
+    pub picks: IntCounterVec,
+    /// `meridian_inference_shed_total{route,criticality,reason}`
+    pub shed: IntCounterVec,
 }
 
 impl InferenceMetrics {
@@ -46,6 +50,22 @@ impl InferenceMetrics {
             ),
             &["route", "limit"],
         )?;
+        let picks = IntCounterVec::new(
+            Opts::new(
+                "meridian_inference_picks_total",
+                "Model server picks for model calls by route, region and reason (score, affinity, spill, fallback, least_outstanding).",
+            ),
+            &["route", "region", "reason"],
+        )?;
+        let shed = IntCounterVec::new(
+            Opts::new(
+                "meridian_inference_shed_total",
+                "Model calls refused because model servers are saturated, by route, criticality and reason (saturated, residency).",
+            ),
+            &["route", "criticality", "reason"],
+        )?;
+        registry.register(Box::new(picks.clone()))?;
+        registry.register(Box::new(shed.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(tokens.clone()))?;
         registry.register(Box::new(ttfb.clone()))?;
@@ -55,6 +75,8 @@ impl InferenceMetrics {
             tokens,
             ttfb,
             ratelimited,
+            picks,
+            shed,
         })
     }
 }

@@ -39,9 +39,10 @@ use crate::core::models::ModelId;
 use crate::core::{decide_for_model, Refusal, RequestView, RouteDecision, Snapshot};
 use crate::metrics::STATUS_CLASSES;
 
-use crate::core::inference::pick::{self, PickParams, Replica};
+use crate::core::inference::pick::{PickParams, PickReason};
+use crate::core::inference::replicas::{CallPick, ReplicaTable};
 use limiter::{LimitBackend, LimiterMetrics, RedisLimiter};
-use meridian_config::inference::{Criticality, RateLimit};
+use meridian_config::inference::{Criticality, Picking, RateLimit};
 use meridian_config::{LimitsBackend, LimitsSection};
 pub use metrics::InferenceMetrics;
 use openai::ApiError;
@@ -126,6 +127,11 @@ impl Drop for Settlement {
 /// Per-request inference state, kept in the proxy's request context.
 pub struct InferenceCtx {
     model: ModelId,
+    /// The model as the call named it (an alias, or a LoRA adapter's name).
+    sent: String,
+    /// Hash of the session header's value, else of the prompt's prefix: calls sharing it go to
+    /// the same replica while its load allows.
+    affinity: Option<u64>,
     /// The tokens held against the caller's limit while the call runs (routes limiting tokens).
     settlement: Option<Settlement>,
     started: Instant,
@@ -310,7 +316,8 @@ impl InferenceState {
     /// The model call, once its body is scanned (transport-free: every front calls this): finds
     /// the model, applies the caller's rate limit (reserving the call's tokens), and picks the
     /// regions serving that model. On a refusal, the error to answer with (and the request's
-    /// inference state when it counts in the inference metrics).
+    /// inference state when it counts in the inference metrics). `session`: the value of the
+    /// `[inference] session_header`, when the call carries one.
     #[allow(clippy::too_many_arguments)]
     pub async fn route_call(
         &self,
@@ -321,6 +328,7 @@ impl InferenceState {
         geoip: &GeoIp,
         started: Instant,
         fields: &CallFields,
+        session: Option<&http::HeaderValue>,
     ) -> std::result::Result<(RouteDecision, Box<InferenceCtx>), Refused> {
         let route = &snapshot.routes[decision.route];
         let settings = snapshot
@@ -333,8 +341,14 @@ impl InferenceState {
         let model = model_served(snapshot, route, name).map_err(|error| (error, None))?;
         let authenticated = key;
         let key = Self::caller(key, view.client);
+        let affinity = session
+            .filter(|v| !v.is_empty())
+            .map(|v| crate::core::inference::pick::stable_hash(v.as_bytes()))
+            .or(fields.prefix);
         let mut ctx = Box::new(InferenceCtx {
             model,
+            sent: name.to_string(),
+            affinity,
             settlement: None,
             started,
             first_byte: None,
@@ -377,15 +391,45 @@ impl InferenceState {
             Ok(decision) => {
                 let criticality =
                     crate::core::inference::criticality(snapshot, &authenticated, name, model);
+                // Shedding looks at the model servers whatever the picking mode.
+                let table = self.scraper.replicas();
+                let saturation = CallPick {
+                    model_aware: true,
+                    ..call_pick(snapshot, &ctx, &table)
+                };
+                let saturated = |r: usize| {
+                    snapshot
+                        .regions
+                        .get(r)
+                        .is_some_and(|region| saturation.region_saturated(region, now_ms))
+                };
                 if criticality == Criticality::Sheddable
-                    && self.saturated(snapshot, decision.candidates.get(0), now_ms)
+                    && decision.candidates.get(0).is_some_and(saturated)
                 {
+                    self.count_shed(snapshot, decision.route, criticality, "saturated");
                     let mut error = ApiError::new(
                         429,
                         "server_error",
                         "overloaded",
                         format!(
                             "the model servers for `{name}` are saturated; sheddable calls are refused first, retry shortly"
+                        ),
+                    );
+                    error.retry_after = Some(1);
+                    return Err((error, Some(ctx)));
+                }
+                if let Some(abroad) =
+                    residency_keeps_from_spilling(snapshot, &decision, model, now_ms, &saturated)
+                {
+                    self.count_shed(snapshot, decision.route, criticality, "residency");
+                    let country = decision.country.as_ref().map_or("", |c| c.as_str());
+                    let mut error = ApiError::new(
+                        503,
+                        "server_error",
+                        "overloaded",
+                        format!(
+                            "every model server for `{name}` in the regions allowed for clients in {country} is saturated; \
+                             strict data residency keeps the call from {abroad}, retry shortly"
                         ),
                     );
                     error.retry_after = Some(1);
@@ -416,29 +460,45 @@ impl InferenceState {
         }
     }
 
-    /// Every available model server of `region` reported a queue of at least
-    /// `[inference] saturation_queue` in the last scrape round.
-    fn saturated(&self, snapshot: &Snapshot, region: Option<usize>, now_ms: u64) -> bool {
-        let Some(region) = region.and_then(|r| snapshot.regions.get(r)) else {
-            return false;
+    fn count_shed(
+        &self,
+        snapshot: &Snapshot,
+        route: usize,
+        criticality: Criticality,
+        reason: &str,
+    ) {
+        let (Some(metrics), Some(route)) = (&self.metrics, snapshot.routes.get(route)) else {
+            return;
         };
-        let scraped = self.scraper.replicas();
-        let replicas: Vec<Replica> = region
-            .upstreams
-            .iter()
-            .map(|u| Replica {
-                available: u.state.is_available(now_ms) && u.weight > 0 && !u.drain,
-                inflight: u.state.inflight(),
-                metrics: scraped.get(&u.address).copied(),
-                has_adapter: None,
-                id: 0,
-            })
-            .collect();
-        let params = PickParams {
-            saturation_queue: f64::from(snapshot.config.inference.saturation_queue),
-            ..PickParams::default()
+        let criticality = match criticality {
+            Criticality::Critical => "critical",
+            Criticality::Standard => "standard",
+            Criticality::Sheddable => "sheddable",
         };
-        pick::region_saturated(&replicas, &params)
+        metrics
+            .shed
+            .with_label_values(&[&route.name, criticality, reason])
+            .inc();
+    }
+
+    /// What the last scrape round found of the model servers (for [`call_pick`]).
+    pub fn replica_table(&self) -> Arc<ReplicaTable> {
+        self.scraper.replicas()
+    }
+
+    /// One pick of a model call, by `reason`, in `meridian_inference_picks_total`.
+    pub fn count_pick(&self, snapshot: &Snapshot, route: usize, region: usize, reason: PickReason) {
+        let (Some(metrics), Some(route), Some(region)) = (
+            &self.metrics,
+            snapshot.routes.get(route),
+            snapshot.regions.get(region),
+        ) else {
+            return;
+        };
+        metrics
+            .picks
+            .with_label_values(&[&route.name, &region.name, reason.label()])
+            .inc();
     }
 
     /// At the end of the request: metrics, and the tokens charged to the caller.
@@ -497,6 +557,70 @@ impl InferenceState {
                 .inc_by(usage.completion_tokens);
         }
     }
+}
+
+/// How the replicas of a model call are picked: `[inference]` settings, the call's model and
+/// affinity, and the table of model server state.
+pub fn call_pick<'a>(
+    snapshot: &Snapshot,
+    ctx: &'a InferenceCtx,
+    table: &'a ReplicaTable,
+) -> CallPick<'a> {
+    let settings = &snapshot.config.inference;
+    // A few missed rounds are normal under load; beyond that the numbers describe the past.
+    let interval =
+        u64::try_from(settings.scrape_interval.as_duration().as_millis()).unwrap_or(u64::MAX);
+    CallPick {
+        model_aware: settings.picking == Picking::ModelAware,
+        params: PickParams {
+            saturation_queue: f64::from(settings.saturation_queue),
+            ..PickParams::default()
+        },
+        affinity: ctx.affinity,
+        model: &ctx.sent,
+        table,
+        stale_after_ms: interval.saturating_mul(5).max(STALE_AFTER_MIN_MS),
+    }
+}
+
+/// The scrape table is never called stale sooner than this, however short the interval.
+const STALE_AFTER_MIN_MS: u64 = 1_000;
+
+/// Strict residency is all that keeps a call in saturated regions: every candidate region (all
+/// allowed for the client) is saturated while a region the route may use, serving the model,
+/// available and not saturated, is not allowed. Then the call is refused rather than queued
+/// behind the others or sent abroad; the name of that region comes back for the message.
+fn residency_keeps_from_spilling<'s>(
+    snapshot: &'s Snapshot,
+    decision: &RouteDecision,
+    model: ModelId,
+    now_ms: u64,
+    saturated: &dyn Fn(usize) -> bool,
+) -> Option<&'s str> {
+    let rule = decision
+        .country
+        .as_ref()
+        .and_then(|c| snapshot.residency.get(c))
+        .filter(|rule| rule.strict)?;
+    let candidates = decision.candidates.as_slice();
+    if candidates.is_empty() || !candidates.iter().all(|&r| saturated(usize::from(r))) {
+        return None;
+    }
+    let served_by = &snapshot.models.get(model)?.served_by;
+    let route = snapshot.routes.get(decision.route)?;
+    route
+        .eligible
+        .iter()
+        .map(|&r| usize::from(r))
+        .find_map(|r| {
+            let region = snapshot.regions.get(r)?;
+            let open = !rule.allowed.get(r).copied().unwrap_or(false)
+                && served_by.get(r).copied().unwrap_or(false)
+                && crate::core::select::region_verdict(region, now_ms)
+                    == crate::core::select::RegionVerdict::Available
+                && !saturated(r);
+            open.then_some(region.name.as_str())
+        })
 }
 
 #[cfg(test)]

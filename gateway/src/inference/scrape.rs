@@ -2,7 +2,6 @@
 //! use and loaded LoRA adapters, under vLLM's names by default and any server's names through a
 //! mapping (SGLang, TGI, ...). The text is read line by line; only the named gauges are kept.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -11,7 +10,9 @@ use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::core::inference::pick::ReplicaMetrics;
+use crate::core::inference::replicas::{ReplicaState, ReplicaTable};
 use crate::reload::SnapshotStore;
+pub use meridian_config::inference::MetricNames;
 
 /// The per-replica state of every model server this edge routes to, exported as gauges.
 pub struct ScrapeMetrics {
@@ -89,7 +90,7 @@ impl ScrapeMetrics {
 
 /// The state of every model server that answered the last scrape round, by address (replaced
 /// whole each round: read without a lock on the request path).
-pub type Replicas = Arc<arc_swap::ArcSwap<HashMap<SocketAddr, ReplicaMetrics>>>;
+pub type Replicas = Arc<arc_swap::ArcSwap<ReplicaTable>>;
 
 /// Scrapes every model server of the current snapshot, every `[inference] scrape_interval`,
 /// from the first model call on (the edge's runtimes exist by then) until the store is gone.
@@ -115,13 +116,12 @@ impl Scraper {
     }
 
     /// What the last round found.
-    pub fn replicas(&self) -> Arc<HashMap<SocketAddr, ReplicaMetrics>> {
+    pub fn replicas(&self) -> Arc<ReplicaTable> {
         self.replicas.load_full()
     }
 }
 
 async fn run(store: Weak<SnapshotStore>, metrics: Option<Arc<ScrapeMetrics>>, replicas: Replicas) {
-    let names = Arc::new(MetricNames::default());
     loop {
         let Some(live) = store.upgrade() else {
             return;
@@ -136,6 +136,7 @@ async fn run(store: Weak<SnapshotStore>, metrics: Option<Arc<ScrapeMetrics>>, re
             .as_duration()
             .max(Duration::from_millis(10));
         let path: Arc<str> = snapshot.config.inference.scrape_path.as_str().into();
+        let names = Arc::new(snapshot.config.inference.metric_names.clone());
         let mut scrapes = tokio::task::JoinSet::new();
         for (r, region) in snapshot.regions.iter().enumerate() {
             let serves_models = snapshot
@@ -156,43 +157,34 @@ async fn run(store: Weak<SnapshotStore>, metrics: Option<Arc<ScrapeMetrics>>, re
             }
         }
         drop(loaded);
-        let mut found = HashMap::new();
+        let mut results = Vec::new();
         while let Some(done) = scrapes.join_next().await {
-            let Ok((region, address, result)) = done else {
-                continue;
-            };
-            if let Ok(scraped) = &result {
-                found.insert(address, scraped.metrics);
-            }
-            if let Some(metrics) = metrics.as_ref() {
-                metrics.record(&region, &address.to_string(), &result);
+            if let Ok(result) = done {
+                results.push(result);
             }
         }
-        replicas.store(Arc::new(found));
+        let found = results
+            .iter()
+            .filter_map(|(_, address, result)| {
+                let scraped = result.as_ref().ok()?;
+                let state = ReplicaState {
+                    metrics: scraped.metrics,
+                    adapters: scraped.adapters.clone(),
+                };
+                Some((*address, state))
+            })
+            .collect();
+        replicas.store(Arc::new(ReplicaTable {
+            at_ms: crate::clock::now_ms(),
+            replicas: found,
+        }));
+        // Exported after the table is in place, so whoever sees a gauge knows the picks do too.
+        if let Some(metrics) = metrics.as_ref() {
+            for (region, address, result) in &results {
+                metrics.record(region, &address.to_string(), result);
+            }
+        }
         tokio::time::sleep(interval).await;
-    }
-}
-
-/// Which metric names hold which value.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MetricNames {
-    pub waiting: Vec<String>,
-    pub running: Vec<String>,
-    /// Any of these, 0 to 1 (vLLM renamed `gpu_cache_usage_perc` to `kv_cache_usage_perc`).
-    pub kv_cache: Vec<String>,
-    /// An info gauge whose `running_lora_adapters` label lists the loaded adapters.
-    pub lora_info: Vec<String>,
-}
-
-impl Default for MetricNames {
-    fn default() -> Self {
-        let names = |list: &[&str]| list.iter().map(|s| s.to_string()).collect();
-        Self {
-            waiting: names(&["vllm:num_requests_waiting"]),
-            running: names(&["vllm:num_requests_running"]),
-            kv_cache: names(&["vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"]),
-            lora_info: names(&["vllm:lora_requests_info"]),
-        }
     }
 }
 
@@ -200,7 +192,8 @@ impl Default for MetricNames {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Scraped {
     pub metrics: ReplicaMetrics,
-    pub adapters: Vec<String>,
+    /// `None`: the server reports no adapter information at all.
+    pub adapters: Option<Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -261,11 +254,13 @@ pub fn parse(text: &str, names: &MetricNames) -> Result<Scraped, ScrapeError> {
             found = true;
         } else if is(&names.lora_info) && value >= latest_info {
             latest_info = value;
-            scraped.adapters = label(labels, "running_lora_adapters")
-                .split(',')
-                .filter(|a| !a.is_empty())
-                .map(str::to_string)
-                .collect();
+            scraped.adapters = Some(
+                label(labels, "running_lora_adapters")
+                    .split(',')
+                    .filter(|a| !a.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            );
         }
     }
     if kv_samples > 1 {
@@ -392,22 +387,35 @@ vllm:time_to_first_token_seconds_bucket{le="0.1",model_name="a"} 12
         assert_eq!(scraped.metrics.waiting, 5.0);
         assert_eq!(scraped.metrics.running, 7.0);
         assert_eq!(scraped.metrics.kv_cache, 0.375);
-        assert_eq!(scraped.adapters, ["sql", "tax"]);
+        assert_eq!(scraped.adapters, Some(vec!["sql".into(), "tax".into()]));
     }
 
     #[test]
     fn other_servers_through_a_mapping() {
         let sglang = "sglang:num_queue_reqs{model_name=\"x\"} 4\nsglang:num_running_reqs 2\nsglang:token_usage 0.9\n";
-        let names = MetricNames {
-            waiting: vec!["sglang:num_queue_reqs".into()],
-            running: vec!["sglang:num_running_reqs".into()],
-            kv_cache: vec!["sglang:token_usage".into()],
-            lora_info: vec![],
-        };
-        let scraped = parse(sglang, &names).expect("parsed");
+        let tgi = "# TYPE tgi_queue_size gauge\ntgi_queue_size 6\ntgi_batch_current_size 3\n";
+        // The mapping docs/inference.md gives for a fleet of SGLang and TGI servers.
+        let config: meridian_config::Config = toml::from_str(
+            r#"
+schema = 1
+[inference.metric_names]
+waiting = ["sglang:num_queue_reqs", "tgi_queue_size"]
+running = ["sglang:num_running_reqs", "tgi_batch_current_size"]
+kv_cache = ["sglang:token_usage"]
+lora_info = []
+"#,
+        )
+        .expect("config");
+        let names = &config.inference.metric_names;
+        let scraped = parse(sglang, names).expect("parsed");
         assert_eq!(scraped.metrics.waiting, 4.0);
         assert_eq!(scraped.metrics.running, 2.0);
         assert_eq!(scraped.metrics.kv_cache, 0.9);
+        assert_eq!(scraped.adapters, None);
+        let scraped = parse(tgi, names).expect("parsed");
+        assert_eq!(scraped.metrics.waiting, 6.0);
+        assert_eq!(scraped.metrics.running, 3.0);
+        assert_eq!(scraped.metrics.kv_cache, 0.0, "TGI reports no KV-cache use");
         assert!(
             parse(sglang, &MetricNames::default()).is_err(),
             "no vLLM names"

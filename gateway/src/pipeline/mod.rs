@@ -38,6 +38,7 @@ use crate::core::client::client_ip;
 use crate::core::exchange::{
     check_head_limits, declared_length, request_host, EdgeReply, Effects, Replay, Tries, TryVerdict,
 };
+use crate::core::inference::replicas::CallPick;
 use crate::core::route_match::{normalize_path, PathError};
 use crate::core::snapshot::InflightGuard;
 use crate::core::state::RegionGuard;
@@ -97,6 +98,8 @@ struct Outbound<'a> {
     headers: &'a HeaderMap,
     body: &'a RequestBody,
     replay: Replay,
+    /// A model call: its replicas are picked by the model servers' state.
+    call: Option<CallPick<'a>>,
 }
 
 /// A response to relay, with the guard counting it against its upstream until it ends.
@@ -269,6 +272,10 @@ impl Pipeline {
                     path: normalized.as_ref().unwrap_or(head.uri).path(),
                     client,
                 };
+                let session_header = &snapshot.config.inference.session_header;
+                let session = (!session_header.is_empty())
+                    .then(|| head.headers.get(session_header.as_str()))
+                    .flatten();
                 match self
                     .inference
                     .route_call(
@@ -279,6 +286,7 @@ impl Pipeline {
                         &loaded.geoip,
                         started,
                         &fields,
+                        session,
                     )
                     .await
                 {
@@ -396,6 +404,14 @@ impl Pipeline {
                 }
             }
         };
+        let replicas = state
+            .inference
+            .as_ref()
+            .map(|_| self.inference.replica_table());
+        let call = match (state.inference.as_deref(), replicas.as_deref()) {
+            (Some(ctx), Some(table)) => Some(crate::inference::call_pick(snapshot, ctx, table)),
+            _ => None,
+        };
         let outbound = Outbound {
             method: &method,
             uri: &uri,
@@ -406,6 +422,7 @@ impl Pipeline {
                 body_replayable: true,
                 model_call: state.inference.is_some(),
             },
+            call,
         };
         let tries = state.tries.insert(Tries::new(decision, started_ms));
         let forward = self.forward(
@@ -464,7 +481,17 @@ impl Pipeline {
         let timeouts = Timeouts::of(route);
         loop {
             let rotation = self.rotation.fetch_add(1, Ordering::Relaxed);
-            let pick = tries.next(snapshot, clock::now_ms(), rotation)?;
+            let pick = match outbound.call.as_ref() {
+                None => tries.next(snapshot, clock::now_ms(), rotation)?,
+                Some(call) => {
+                    let (pick, reason) =
+                        tries.next_call(snapshot, clock::now_ms(), rotation, call)?;
+                    let route = tries.decision().route;
+                    self.inference
+                        .count_pick(snapshot, route, pick.region, reason);
+                    pick
+                }
+            };
             let region = &snapshot.regions[pick.region];
             let upstream = &region.upstreams[pick.upstream];
             if pick.new_region {
@@ -629,6 +656,7 @@ impl Pipeline {
                     body_replayable: true,
                     model_call: false,
                 },
+                call: None,
             };
             let mut tries = Tries::new(decision, clock::now_ms());
             let mut region_inflight = None;

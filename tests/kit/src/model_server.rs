@@ -10,6 +10,13 @@
 //!   `vllm:num_requests_running` (the calls it is serving), `vllm:kv_cache_usage_perc` and
 //!   `vllm:lora_requests_info` — whose values a test can set ([`ModelControl::report`]).
 //!
+//! - [`ModelControl::set_capacity`] makes it behave like a GPU server under load: at most `slots`
+//!   calls run at once, the rest wait in a queue (`vllm:num_requests_waiting`, and the KV cache
+//!   fills with the running calls); each call's first token comes after a prefill whose time
+//!   depends on whether the server holds the call's prompt prefix in its prefix cache (an LRU of
+//!   the last few prefixes it served: the first message's content, or `prompt`). So time to first
+//!   token grows with queueing and shrinks with prefix reuse, as it does on vLLM.
+//!
 //! Tokens: prompt = ⌈request body bytes / 4⌉, completion = `max_tokens` (default 8, at most 1000).
 
 use std::convert::Infallible;
@@ -23,7 +30,7 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
 
 /// The response body of every simulated origin: whole or streamed.
 pub type OriginBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -42,6 +49,49 @@ pub struct ModelControl {
     /// What `/metrics` reports instead of the live state, when set.
     reported: Mutex<Option<Reported>>,
     scrapes: AtomicU64,
+    /// Calls queued for a slot ([`ModelControl::set_capacity`]).
+    waiting: Arc<AtomicU64>,
+    capacity: Mutex<Option<Arc<Simulated>>>,
+    prefix_hits: AtomicU64,
+}
+
+/// How a simulated GPU server serves calls ([`ModelControl::set_capacity`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// Calls running at once; the rest wait.
+    pub slots: usize,
+    /// Time to the first token when the prompt prefix is not cached.
+    pub prefill: Duration,
+    /// Time to the first token when it is.
+    pub cached_prefill: Duration,
+    /// Prefixes the prefix cache holds (least recently used goes first).
+    pub cache_entries: usize,
+}
+
+struct Simulated {
+    capacity: Capacity,
+    slots: Arc<Semaphore>,
+    /// Most recently used last.
+    cache: Mutex<std::collections::VecDeque<u64>>,
+}
+
+impl Simulated {
+    /// Is `prefix` cached? Either way it is the most recently used one now.
+    fn touch(&self, prefix: u64) -> bool {
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let hit = match cache.iter().position(|&p| p == prefix) {
+            Some(at) => {
+                cache.remove(at);
+                true
+            }
+            None => false,
+        };
+        cache.push_back(prefix);
+        while cache.len() > self.capacity.cache_entries {
+            cache.pop_front();
+        }
+        hit
+    }
 }
 
 /// Values `/metrics` reports, set by a test.
@@ -65,6 +115,9 @@ impl Default for ModelControl {
             running: Arc::new(AtomicU64::new(0)),
             reported: Mutex::new(None),
             scrapes: AtomicU64::new(0),
+            waiting: Arc::new(AtomicU64::new(0)),
+            capacity: Mutex::new(None),
+            prefix_hits: AtomicU64::new(0),
         }
     }
 }
@@ -115,6 +168,48 @@ impl ModelControl {
     pub fn scrapes(&self) -> u64 {
         self.scrapes.load(Ordering::Relaxed)
     }
+    /// Serve like a loaded GPU server (`None`: every call at once, no prefill time).
+    pub fn set_capacity(&self, capacity: Option<Capacity>) {
+        let simulated = capacity.map(|capacity| {
+            Arc::new(Simulated {
+                capacity,
+                slots: Arc::new(Semaphore::new(capacity.slots.max(1))),
+                cache: Mutex::new(std::collections::VecDeque::new()),
+            })
+        });
+        *self.capacity.lock().unwrap_or_else(|p| p.into_inner()) = simulated;
+    }
+    /// Calls whose prompt prefix was in the prefix cache.
+    pub fn prefix_hits(&self) -> u64 {
+        self.prefix_hits.load(Ordering::Relaxed)
+    }
+    /// Calls running now (holding a slot).
+    pub fn running(&self) -> u64 {
+        self.running.load(Ordering::Relaxed)
+    }
+
+    fn simulated(&self) -> Option<Arc<Simulated>> {
+        self.capacity
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Waits for a slot (counted as waiting meanwhile), then for the prefill.
+    async fn admit(&self, prefix: u64) -> Option<OwnedSemaphorePermit> {
+        let simulated = self.simulated()?;
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let permit = Arc::clone(&simulated.slots).acquire_owned().await.ok();
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        let prefill = if simulated.touch(prefix) {
+            self.prefix_hits.fetch_add(1, Ordering::Relaxed);
+            simulated.capacity.cached_prefill
+        } else {
+            simulated.capacity.prefill
+        };
+        tokio::time::sleep(prefill).await;
+        permit
+    }
 
     fn metrics_text(&self) -> String {
         let reported = self
@@ -122,9 +217,17 @@ impl ModelControl {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone()
-            .unwrap_or_else(|| Reported {
-                running: self.running.load(Ordering::Relaxed),
-                ..Reported::default()
+            .unwrap_or_else(|| {
+                let running = self.running.load(Ordering::Relaxed);
+                let kv_cache = self
+                    .simulated()
+                    .map_or(0.0, |s| running as f64 / s.capacity.slots.max(1) as f64);
+                Reported {
+                    waiting: self.waiting.load(Ordering::Relaxed),
+                    running,
+                    kv_cache,
+                    adapters: Vec::new(),
+                }
             });
         let labels = r#"{model_name="simulated"}"#;
         format!(
@@ -178,7 +281,6 @@ pub async fn handle(
         return resp;
     }
     control.requests.fetch_add(1, Ordering::Relaxed);
-    let running = Running::start(&control.running);
     let path = req.uri().path().to_string();
     let body = match req.into_body().collect().await {
         Ok(body) => body.to_bytes(),
@@ -211,6 +313,12 @@ pub async fn handle(
             )
         }
     };
+    let prefix = request["messages"][0]["content"]
+        .as_str()
+        .or(request["prompt"].as_str())
+        .map_or(0, prefix_key);
+    let permit = control.admit(prefix).await;
+    let running = Running::start(&control.running);
     let model = request["model"].as_str().unwrap_or("unknown").to_string();
     let prompt_tokens = (body.len() as u64).div_ceil(4);
     let completion_tokens = request["max_tokens"]
@@ -253,7 +361,7 @@ pub async fn handle(
     }
     let (tx, rx) = mpsc::channel::<Bytes>(16);
     tokio::spawn(stream_tokens(
-        running,
+        (running, permit),
         control,
         region,
         model,
@@ -275,7 +383,7 @@ pub async fn handle(
 }
 
 async fn stream_tokens(
-    _running: Running,
+    _running: (Running, Option<OwnedSemaphorePermit>),
     control: Arc<ModelControl>,
     region: String,
     model: String,
@@ -318,6 +426,13 @@ async fn stream_tokens(
     if tx.send(Bytes::from(done)).await.is_ok() {
         control.streams_completed.fetch_add(1, Ordering::Relaxed);
     }
+}
+
+/// The prefix cache's key of a prompt's first message (FNV-1a).
+fn prefix_key(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// A response body fed chunk by chunk from a channel (ends when the sender drops).

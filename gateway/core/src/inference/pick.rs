@@ -38,7 +38,7 @@ pub struct ReplicaMetrics {
     pub kv_cache: f64,
 }
 
-/// Tuning of the score, from `[inference.picking]`.
+/// Tuning of the score (defaults below; `saturation_queue` from `[inference]`).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct PickParams {
     /// Cost of one waiting request.
@@ -78,6 +78,10 @@ pub enum PickReason {
     Affinity,
     /// No fresh metrics for any candidate: least outstanding from this edge.
     Fallback,
+    /// Every replica of the nearer region was saturated: the call went to the next one.
+    Spill,
+    /// `[inference] picking = "least_outstanding"`: the weighted pick of any route.
+    LeastOutstanding,
 }
 
 impl PickReason {
@@ -86,6 +90,8 @@ impl PickReason {
             PickReason::Score => "score",
             PickReason::Affinity => "affinity",
             PickReason::Fallback => "fallback",
+            PickReason::Spill => "spill",
+            PickReason::LeastOutstanding => "least_outstanding",
         }
     }
 }
