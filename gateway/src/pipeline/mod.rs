@@ -350,6 +350,12 @@ impl Pipeline {
                 headers.remove(http::header::IF_NONE_MATCH);
                 headers.remove(http::header::IF_MODIFIED_SINCE);
             }
+            if ticket.fetches_whole() {
+                // A range miss fills the cache with the whole response; the client's range is
+                // cut from it on the way back.
+                headers.remove(http::header::RANGE);
+                headers.remove(http::header::IF_RANGE);
+            }
             for (name, value) in ticket.conditional_headers() {
                 headers.insert(name, value);
             }
