@@ -187,7 +187,17 @@ struct Rig {
 }
 
 fn rig(protocol: Secure, edit: impl FnOnce(&mut RouteCache)) -> Rig {
+    rig_with(protocol, edit, |_| {})
+}
+
+/// [`rig`] with an edit of the whole config as well (`[edge.cache]`, ...).
+fn rig_with(
+    protocol: Secure,
+    edit: impl FnOnce(&mut RouteCache),
+    edit_config: impl FnOnce(&mut Config),
+) -> Rig {
     let mut config: Config = local_config();
+    edit_config(&mut config);
     for region in &mut config.regions {
         region.health.enabled = false;
     }
@@ -536,7 +546,8 @@ fn cdn_cache_control_wins(protocol: Secure) {
             "x",
         ),
     );
-    assert_eq!(cache(&rig.get("/cdn", &[])), "miss");
+    let miss = rig.get("/cdn", &[]);
+    assert_eq!(cache(&miss), "miss");
     let hit = rig.get("/cdn", &[]);
     assert_eq!(cache(&hit), "hit");
     assert_eq!(
@@ -544,6 +555,9 @@ fn cdn_cache_control_wins(protocol: Secure) {
         Some("no-store"),
         "Cache-Control still reaches clients"
     );
+    // RFC 9213 §2.1: the edge, the field's target, consumes it (a relayed miss and a hit alike).
+    assert_eq!(miss.header("cdn-cache-control"), None);
+    assert_eq!(hit.header("cdn-cache-control"), None);
     rig.origin.set(
         "/cdn-off",
         script(
@@ -560,11 +574,11 @@ fn cdn_cache_control_wins(protocol: Secure) {
 }
 
 /// RFC 9111 §3: every final status with explicit freshness is reused; heuristic freshness
-/// (opt-in) for heuristically cacheable codes; Authorization with `public` is shared
+/// (on by default) for heuristically cacheable codes; Authorization with `public` is shared
 /// (§3.5); a POST answer naming its own URL serves GETs (RFC 9110 §9.3.3); If-Modified-Since
 /// against an entry without Last-Modified compares with Date.
 fn status_codes_authorization_post_and_conditionals(protocol: Secure) {
-    let rig = rig(protocol, |cache| cache.heuristic = true);
+    let rig = rig(protocol, |_| {});
     for (path, status) in [
         ("/moved", 302),
         ("/teapot", 418),
@@ -588,7 +602,9 @@ fn status_codes_authorization_post_and_conditionals(protocol: Secure) {
         script(200, &[("date", &date), ("last-modified", &modified)], "x"),
     );
     assert_eq!(cache(&rig.get("/heuristic", &[])), "miss");
-    assert_eq!(cache(&rig.get("/heuristic", &[])), "hit");
+    let hit = rig.get("/heuristic", &[]);
+    assert_eq!(cache(&hit), "hit");
+    assert_eq!(hit.header("warning"), None, "RFC 9111 has no Warning");
 
     rig.origin.set(
         "/shared",
@@ -678,12 +694,6 @@ fn ranges_from_stored_responses(protocol: Secure) {
             &body,
         ),
     );
-    let ranged = rig.get("/blob", &[("range", "bytes=0-9")]);
-    assert_eq!(
-        cache(&ranged),
-        "bypass",
-        "nothing stored yet: the origin answers"
-    );
     assert_eq!(cache(&rig.get("/blob", &[])), "miss");
     for (spec, from, to) in [
         ("bytes=10-19", 10, 19),
@@ -706,6 +716,187 @@ fn ranges_from_stored_responses(protocol: Secure) {
     let multi = rig.get("/blob", &[("range", "bytes=0-1,5-6")]);
     assert_eq!(cache(&multi), "bypass");
     assert_eq!(rig.origin.requests_for("/blob").len(), before + 1);
+}
+
+/// A long body whose every byte says where it is.
+fn blob(len: usize) -> String {
+    (0..len)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect()
+}
+
+/// RFC 9110 §14 / RFC 9111 §3.4 by the whole-fetch route: a `Range` miss asks the origin for the
+/// whole response (no `Range` upstream), answers the client's range from it as it streams
+/// (`206`, or `416`), and stores it, so every later range is a hit; `If-Range` is checked
+/// against what came back. Objects over `max_object_bytes` still get their range, unstored.
+/// With `fill_ranges = false` the range goes to the origin untouched.
+fn range_misses_fill_the_cache(protocol: Secure) {
+    let edge = rig_with(protocol, |_| {}, |c| c.edge.cache.max_object_bytes = 4096);
+    let body = blob(1000);
+    let fresh = [("cache-control", "max-age=600"), ("etag", "\"f1\"")];
+    edge.origin.set("/fill", script(200, &fresh, &body));
+    let first = edge.get("/fill", &[("range", "bytes=5-9")]);
+    assert_eq!((first.status, cache(&first)), (206, "miss"));
+    assert_eq!(first.text(), body[5..=9]);
+    assert_eq!(first.header("content-range"), Some("bytes 5-9/1000"));
+    let seen = edge.origin.requests_for("/fill");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].header("range"),
+        None,
+        "the whole response is fetched"
+    );
+    for (spec, from, to) in [("bytes=-5", 995, 999), ("bytes=0-0", 0, 0)] {
+        let hit = edge.get("/fill", &[("range", spec)]);
+        assert_eq!((hit.status, cache(&hit)), (206, "hit"), "{spec}");
+        assert_eq!(hit.text(), body[from..=to], "{spec}");
+    }
+    let whole = edge.get("/fill", &[]);
+    assert_eq!((cache(&whole), whole.text()), ("hit", body.clone()));
+    assert_eq!(edge.origin.requests_for("/fill").len(), 1);
+
+    // Nothing of the range exists: 416 at once, and the response is stored all the same.
+    edge.origin.set("/short", script(200, &fresh, "tiny"));
+    let past = edge.get("/short", &[("range", "bytes=100-")]);
+    assert_eq!((past.status, cache(&past)), (416, "miss"));
+    assert_eq!(past.header("content-range"), Some("bytes */4"));
+    assert!(past.body.is_empty());
+    let stored = edge.get("/short", &[]);
+    assert_eq!((cache(&stored), stored.text().as_str()), ("hit", "tiny"));
+
+    // If-Range naming another validator: the whole (new) response, RFC 9110 §13.1.5.
+    edge.origin.set("/changed", script(200, &fresh, &body));
+    let moved = edge.get(
+        "/changed",
+        &[("range", "bytes=0-1"), ("if-range", "\"f0\"")],
+    );
+    assert_eq!((moved.status, moved.body.len()), (200, 1000));
+
+    // Larger than max_object_bytes: the range streams to the client, nothing is stored.
+    let large = blob(10_000);
+    edge.origin.set("/large", script(200, &fresh, &large));
+    for _ in 0..2 {
+        let part = edge.get("/large", &[("range", "bytes=100-199")]);
+        assert_eq!((part.status, cache(&part)), (206, "miss"));
+        assert_eq!(part.text(), large[100..=199]);
+    }
+    assert_eq!(edge.origin.requests_for("/large").len(), 2);
+
+    // Several ranges are the origin's to answer.
+    let multi = edge.get("/fill", &[("range", "bytes=0-1,5-6")]);
+    assert_eq!(cache(&multi), "bypass");
+    assert_eq!(
+        edge.origin
+            .requests_for("/fill")
+            .last()
+            .and_then(|s| s.header("range")),
+        Some("bytes=0-1,5-6")
+    );
+
+    let passing = rig(protocol, |c| c.fill_ranges = false);
+    passing.origin.set("/p", script(200, &fresh, &body));
+    let ranged = passing.get("/p", &[("range", "bytes=0-9")]);
+    assert_eq!(cache(&ranged), "bypass");
+    assert_eq!(
+        passing.origin.requests_for("/p")[0].header("range"),
+        Some("bytes=0-9"),
+        "fill_ranges = false: the range goes to the origin"
+    );
+}
+
+/// RFC 9111 §4.2.2: heuristic freshness is on by default (see the status-code test) and
+/// `heuristic = false` turns it off for a route.
+fn heuristic_freshness_can_be_turned_off(protocol: Secure) {
+    let rig = rig(protocol, |c| c.heuristic = false);
+    let now = SystemTime::now();
+    let (date, modified) = (http_date(now), http_date(now - Duration::from_secs(1000)));
+    rig.origin.set(
+        "/heuristic",
+        script(200, &[("date", &date), ("last-modified", &modified)], "x"),
+    );
+    assert_eq!(cache(&rig.get("/heuristic", &[])), "miss");
+    assert_eq!(
+        cache(&rig.get("/heuristic", &[])),
+        "miss",
+        "no freshness: not stored"
+    );
+}
+
+/// RFC 9213 §2.1: with `[edge.cache] forward_targeted = true` the targeted field reaches clients.
+fn targeted_fields_forwarded_when_configured(protocol: Secure) {
+    let rig = rig_with(protocol, |_| {}, |c| c.edge.cache.forward_targeted = true);
+    rig.origin.set(
+        "/cdn",
+        script(200, &[("cdn-cache-control", "max-age=600")], "x"),
+    );
+    let miss = rig.get("/cdn", &[]);
+    let hit = rig.get("/cdn", &[]);
+    assert_eq!((cache(&miss), cache(&hit)), ("miss", "hit"));
+    assert_eq!(miss.header("cdn-cache-control"), Some("max-age=600"));
+    assert_eq!(hit.header("cdn-cache-control"), Some("max-age=600"));
+}
+
+/// RFC 9110 §12.5.3: Accept-Encoding variants are the set of accepted codings (order, case,
+/// q-values, `x-gzip`), and a stored coding never reaches a client that does not accept it, even
+/// from an origin that forgot `Vary: Accept-Encoding`.
+fn accept_encoding_is_normalised(protocol: Secure) {
+    let rig = rig(protocol, |_| {});
+    rig.origin.set(
+        "/enc",
+        script(
+            200,
+            &[
+                ("cache-control", "max-age=600"),
+                ("vary", "Accept-Encoding"),
+                ("content-encoding", "gzip"),
+            ],
+            "gz",
+        ),
+    );
+    assert_eq!(
+        cache(&rig.get("/enc", &[("accept-encoding", "gzip, br")])),
+        "miss"
+    );
+    for same in ["br;q=0.5, GZIP", "x-gzip, br, identity"] {
+        let hit = rig.get("/enc", &[("accept-encoding", same)]);
+        assert_eq!(
+            (cache(&hit), hit.header("content-encoding")),
+            ("hit", Some("gzip")),
+            "{same}"
+        );
+    }
+    assert_eq!(
+        cache(&rig.get("/enc", &[("accept-encoding", "gzip")])),
+        "miss",
+        "another set"
+    );
+
+    rig.origin.set(
+        "/no-vary",
+        script(
+            200,
+            &[
+                ("cache-control", "max-age=600"),
+                ("content-encoding", "gzip"),
+            ],
+            "gz",
+        ),
+    );
+    assert_eq!(
+        cache(&rig.get("/no-vary", &[("accept-encoding", "gzip")])),
+        "miss"
+    );
+    assert_eq!(
+        cache(&rig.get("/no-vary", &[("accept-encoding", "gzip")])),
+        "hit"
+    );
+    let refused = rig.get("/no-vary", &[("accept-encoding", "br")]);
+    assert_eq!(
+        cache(&refused),
+        "miss",
+        "gzip is not served to a br-only client"
+    );
+    assert_eq!(rig.origin.requests_for("/no-vary").len(), 2);
 }
 
 /// RFC 9110 §12.5.4: Accept-Language variants match whatever the order, case and spacing.
@@ -783,6 +974,26 @@ macro_rules! conformance {
                 #[test]
                 fn accept_language_variants_are_normalised() {
                     accept_language_is_normalised($value);
+                }
+
+                #[test]
+                fn range_misses_fill_the_cache_and_answer_from_it() {
+                    range_misses_fill_the_cache($value);
+                }
+
+                #[test]
+                fn heuristic_freshness_is_on_unless_turned_off() {
+                    heuristic_freshness_can_be_turned_off($value);
+                }
+
+                #[test]
+                fn targeted_fields_reach_clients_only_when_forwarded() {
+                    targeted_fields_forwarded_when_configured($value);
+                }
+
+                #[test]
+                fn accept_encoding_variants_are_normalised() {
+                    accept_encoding_is_normalised($value);
                 }
             }
         )*
