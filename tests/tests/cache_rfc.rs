@@ -22,6 +22,8 @@ const HOST: &str = "static.example.test";
 #[derive(Clone, Debug, Default)]
 struct Script {
     interim: Vec<String>,
+    /// When set, the final response waits (after the interim ones went out) until notified.
+    gate: Option<Arc<tokio::sync::Notify>>,
     status: u16,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
@@ -30,6 +32,7 @@ struct Script {
 fn script(status: u16, headers: &[(&str, &str)], body: &str) -> Script {
     Script {
         interim: Vec::new(),
+        gate: None,
         status,
         headers: headers
             .iter()
@@ -160,6 +163,11 @@ async fn connection(mut stream: TcpStream, origin: Arc<Origin>) -> std::io::Resu
         let mut out = Vec::new();
         for interim in &script.interim {
             out.extend_from_slice(interim.as_bytes());
+        }
+        if let Some(gate) = &script.gate {
+            stream.write_all(&out).await?;
+            out.clear();
+            gate.notified().await;
         }
         out.extend_from_slice(format!("HTTP/1.1 {} Scripted\r\n", script.status).as_bytes());
         for (name, value) in &script.headers {
@@ -679,6 +687,106 @@ fn interim_and_hop_by_hop_are_not_stored(protocol: Secure) {
     }
 }
 
+/// RFC 8297 / RFC 9110 §15.2: an origin's `103 Early Hints` reaches the client while the origin
+/// is still working on the final response (it is held back until the client has the hints),
+/// over h1 and h3. Pingora's HTTP/2 session drops 1xx answers, so h2 clients get the final
+/// response only. Hints are never stored (see the interim test above).
+fn early_hints_reach_the_client_first(protocol: Secure) {
+    let rig = rig(protocol, |_| {});
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let mut hinted = script(200, &[("cache-control", "max-age=600")], "final");
+    hinted.interim =
+        vec!["HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n".to_string()];
+    hinted.gate = Some(Arc::clone(&gate));
+    rig.origin.set("/early", hinted);
+    match protocol {
+        Secure::H1 => rig.world.runtime.block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket
+                .bind(SocketAddr::new(source_for("US"), 0))
+                .expect("bind");
+            let mut client = socket.connect(rig.edge.http_addr).await.expect("connect");
+            client
+                .write_all(
+                    format!("GET /early HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await
+                .expect("request");
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while find(&got, b"\r\n\r\n").is_none() {
+                let n = client.read(&mut chunk).await.expect("read");
+                assert!(
+                    n > 0,
+                    "closed before the hints: {:?}",
+                    String::from_utf8_lossy(&got)
+                );
+                got.extend_from_slice(&chunk[..n]);
+            }
+            let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+            assert!(text.starts_with("http/1.1 103"), "{text}");
+            assert!(text.contains("link: </style.css>; rel=preload"), "{text}");
+            // Only now may the origin answer.
+            gate.notify_one();
+            client.read_to_end(&mut got).await.expect("final");
+            let text = String::from_utf8_lossy(&got);
+            let final_at = text.find("HTTP/1.1 200").expect("final response");
+            assert!(final_at > 0 && text.ends_with("final"), "{text}");
+        }),
+        Secure::H3 => rig.world.runtime.block_on(async {
+            let tls = rig.world.tls.as_ref().expect("tls");
+            let config = meridian_tests::h3client::client_config(tls.roots()).expect("h3 config");
+            let mut endpoint =
+                quinn::Endpoint::client(SocketAddr::new(source_for("US"), 0)).expect("udp");
+            endpoint.set_default_client_config(config);
+            let connection = endpoint
+                .connect(rig.edge.https_addr.expect("https"), HOST)
+                .expect("connect")
+                .await
+                .expect("QUIC handshake");
+            let (mut driver, mut sender) = ::h3::client::new(h3_quinn::Connection::new(connection))
+                .await
+                .expect("h3");
+            tokio::spawn(async move {
+                let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+            });
+            let request = http::Request::get(format!("https://{HOST}/early"))
+                .body(())
+                .expect("request");
+            let mut stream = sender.send_request(request).await.expect("stream");
+            stream.finish().await.expect("finish");
+            let hints = stream.recv_response().await.expect("hints");
+            assert_eq!(hints.status(), 103);
+            assert_eq!(
+                hints.headers().get("link").and_then(|v| v.to_str().ok()),
+                Some("</style.css>; rel=preload")
+            );
+            gate.notify_one();
+            let done = stream.recv_response().await.expect("final");
+            assert_eq!(done.status(), 200);
+            let mut body = Vec::new();
+            while let Ok(Some(mut data)) = stream.recv_data().await {
+                use bytes::Buf;
+                while data.has_remaining() {
+                    let part = data.chunk().to_vec();
+                    data.advance(part.len());
+                    body.extend_from_slice(&part);
+                }
+            }
+            assert_eq!(body, b"final");
+            endpoint.close(0u32.into(), b"done");
+        }),
+        Secure::H2 => {
+            gate.notify_one();
+            let reply = rig.get("/early", &[]);
+            assert_eq!((reply.status, reply.text().as_str()), (200, "final"));
+        }
+    }
+    let hit = rig.get("/early", &[]);
+    assert_eq!((cache(&hit), hit.header("link")), ("hit", None));
+}
+
 /// RFC 9110 §14: byte ranges cut from a complete stored 200 (206 + Content-Range), 416 when
 /// unsatisfiable; several ranges go to the origin.
 fn ranges_from_stored_responses(protocol: Secure) {
@@ -994,6 +1102,11 @@ macro_rules! conformance {
                 #[test]
                 fn accept_encoding_variants_are_normalised() {
                     accept_encoding_is_normalised($value);
+                }
+
+                #[test]
+                fn early_hints_reach_the_client_before_the_final_response() {
+                    early_hints_reach_the_client_first($value);
                 }
             }
         )*

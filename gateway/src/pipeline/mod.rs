@@ -33,7 +33,7 @@ use meridian_config::RouteKind;
 use crate::access_log::UpstreamSide;
 use crate::cache::{CacheRequest, CacheStatus, Lookup, ResponseCache, Ticket};
 use crate::clock;
-use crate::connector::{Connector, Timeouts, UpstreamResponse};
+use crate::connector::{Connector, InterimSink, Timeouts, UpstreamResponse};
 use crate::core::client::client_ip;
 use crate::core::exchange::{
     check_head_limits, declared_length, request_host, EdgeReply, Effects, Replay, Tries, TryVerdict,
@@ -49,6 +49,8 @@ use body::{BodyError, RequestBody, REPLAY_BYTES};
 pub(crate) use cached::EdgeCache;
 pub(crate) use downstream::{Arrival, ClientBodyError, Downstream, Head};
 
+/// `103 Early Hints` held for the client at most while it is being written to (more are dropped).
+const EARLY_HINTS: usize = 4;
 /// Bytes of a model call's prompt hashed for prefix affinity.
 const PREFIX_BYTES: usize = 1024;
 
@@ -95,6 +97,8 @@ struct Outbound<'a> {
     headers: &'a HeaderMap,
     body: &'a RequestBody,
     replay: Replay,
+    /// Where tries hand the origin's `103 Early Hints` for the client.
+    interim: Option<InterimSink>,
 }
 
 /// A response to relay, with the guard counting it against its upstream until it ends.
@@ -386,6 +390,15 @@ impl Pipeline {
                 }
             }
         };
+        // Early hints reach the client while the tries run, unless the client's body is still
+        // being pumped (the downstream is busy then) — hints are optional.
+        let (interim, mut hints) = match pump {
+            None => {
+                let (tx, rx) = tokio::sync::mpsc::channel(EARLY_HINTS);
+                (Some(tx), Some(rx))
+            }
+            Some(_) => (None, None),
+        };
         let outbound = Outbound {
             method: &method,
             uri: &uri,
@@ -396,6 +409,7 @@ impl Pipeline {
                 body_replayable: true,
                 model_call: state.inference.is_some(),
             },
+            interim,
         };
         let tries = state.tries.insert(Tries::new(decision, started_ms));
         let forward = self.forward(
@@ -406,9 +420,24 @@ impl Pipeline {
             state.access.as_deref_mut(),
             started,
         );
-        let outcome = match pump {
-            None => forward.await,
-            Some(pump) => {
+        let outcome = match (pump, hints.as_mut()) {
+            (None, Some(hints)) => {
+                tokio::pin!(forward);
+                let outcome = loop {
+                    tokio::select! {
+                        biased;
+                        Some(hint) = hints.recv() => out.interim(hint).await,
+                        outcome = &mut forward => break outcome,
+                    }
+                };
+                // A hint read in the same poll as the final head still goes first.
+                while let Ok(hint) = hints.try_recv() {
+                    out.interim(hint).await;
+                }
+                outcome
+            }
+            (None, None) => forward.await,
+            (Some(pump), _) => {
                 // The client's remaining body is read while the tries run, in this task: the pump
                 // borrows the downstream until the upstream answered (or gave up).
                 let pump = pump.run(out.downstream(), limit, body_timeout(snapshot));
@@ -481,7 +510,10 @@ impl Pipeline {
                 access.upstream = Some(pick.address);
             }
             let attempts = loaded.metrics.attempts.get(pick.region);
-            let result = self.connector.send(pick.address, request, timeouts).await;
+            let result = self
+                .connector
+                .send(pick.address, request, timeouts, outbound.interim.as_ref())
+                .await;
             let replay = Replay {
                 body_replayable: outbound.body.replayable(),
                 ..outbound.replay
@@ -619,6 +651,7 @@ impl Pipeline {
                     body_replayable: true,
                     model_call: false,
                 },
+                interim: None,
             };
             let mut tries = Tries::new(decision, clock::now_ms());
             let mut region_inflight = None;

@@ -150,6 +150,16 @@ impl<'a, D: Downstream> Writer<'a, D> {
         Ok(status)
     }
 
+    /// Relays an origin's `103 Early Hints` (hop-by-hop fields dropped); never stored. A client
+    /// that is gone shows up at the final head.
+    pub(super) async fn interim(&mut self, hint: http::response::Parts) {
+        let headers = crate::core::headers::forwardable(&hint.headers);
+        let _ = self
+            .downstream
+            .send_interim(hint.status.as_u16(), headers)
+            .await;
+    }
+
     /// This edge's per-client headers: `x-meridian-pop`, and `alt-svc` for TLS clients over TCP.
     fn edge_headers(&self, mut headers: HeaderMap) -> HeaderMap {
         headers.insert(HEADER_POP, self.loaded.snapshot.pop_header.clone());
