@@ -482,10 +482,10 @@ fn date_age_and_date_forms(protocol: Secure) {
     assert_eq!(cache(&rig.get("/dated", &[])), "miss");
     let hit = rig.get("/dated", &[]);
     assert_eq!(cache(&hit), "hit");
-    if protocol == Secure::H3 {
+    if protocol != Secure::H2 {
         assert_eq!(hit.header("date"), Some(date.as_str()), "the stored Date");
     }
-    // Over TCP the front's HTTP library (Pingora) stamps every response with the current Date;
+    // Over h2 the front's HTTP library (Pingora) stamps every response with the current Date;
     // Age still counts from the stored one, so downstream caches compute the right age.
     let age: u64 = hit.header("age").and_then(|a| a.parse().ok()).expect("Age");
     assert!((100..1000).contains(&age), "Age {age} counts from Date");
