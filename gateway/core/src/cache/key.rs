@@ -298,6 +298,16 @@ pub fn encoding_acceptable(request: &HeaderMap, stored: &HeaderMap) -> bool {
     if !request.contains_key(http::header::ACCEPT_ENCODING) {
         return true;
     }
+    // The common hit: an unencoded response and a field without weights, which cannot exclude
+    // `identity` — no parsing on that path.
+    if !stored.contains_key(http::header::CONTENT_ENCODING)
+        && request
+            .get_all(http::header::ACCEPT_ENCODING)
+            .iter()
+            .all(|v| v.to_str().is_ok_and(|t| !t.contains(';')))
+    {
+        return true;
+    }
     let mut joined = String::new();
     for value in request.get_all(http::header::ACCEPT_ENCODING) {
         let Ok(text) = value.to_str() else {
