@@ -902,6 +902,9 @@ pub struct EdgeCache {
     /// Targeted cache-control fields (RFC 9213) this edge obeys, in order of precedence: the first
     /// present with a valid value replaces `Cache-Control` and `Expires` for the edge. `[]`: none.
     pub targeted: Vec<String>,
+    /// Pass the `targeted` fields on to clients. Off (default): the edge, their target, consumes
+    /// them on cache-enabled routes, so a cache further down does not obey a policy meant for us.
+    pub forward_targeted: bool,
 }
 
 impl Default for EdgeCache {
@@ -912,12 +915,13 @@ impl Default for EdgeCache {
             max_object_bytes: 8 * 1024 * 1024,
             coalesce_timeout: HumanDuration::secs(5),
             targeted: vec!["CDN-Cache-Control".into()],
+            forward_targeted: false,
         }
     }
 }
 
 /// A route's `cache = { ... }`: RFC 9111 caching of its responses, opt-in.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RouteCache {
     pub enabled: bool,
@@ -940,9 +944,32 @@ pub struct RouteCache {
     pub allow_cookie: bool,
     /// Heuristic freshness (RFC 9111 §4.2.2) for heuristically cacheable responses that state no
     /// freshness but carry `Last-Modified`: 10 % of their age at `Date`, capped by `heuristic_max`.
+    /// On by default, as RFC 9111 expects of a cache; `false` turns it off for the route.
     pub heuristic: bool,
     /// Cap on a heuristic freshness lifetime (default 1 day).
     pub heuristic_max: Option<HumanDuration>,
+    /// A `Range` request that finds nothing stored fetches the whole response (no `Range`
+    /// upstream), stores it and answers the range from it. `false`: such requests go to the
+    /// origin as they are and its `206` is relayed unstored.
+    pub fill_ranges: bool,
+}
+
+impl Default for RouteCache {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            default_ttl: None,
+            allow_authorization: false,
+            allow_set_cookie: false,
+            key: CacheKeyConfig::default(),
+            stale_while_revalidate: None,
+            stale_if_error: None,
+            allow_cookie: false,
+            heuristic: true,
+            heuristic_max: None,
+            fill_ranges: true,
+        }
+    }
 }
 
 /// What, besides method, scheme, host, path and query, tells two requests' responses apart.

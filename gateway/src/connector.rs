@@ -237,12 +237,15 @@ impl Connector {
     }
 
     /// Sends `request` (origin-form URI, `Host` set by the caller) to `addr` and reads the
-    /// response head; the body follows through [`UpstreamResponse::next_chunk`].
+    /// response head; the body follows through [`UpstreamResponse::next_chunk`]. Each `103 Early
+    /// Hints` the upstream sends before its final head goes to `interim` as it is read (dropped
+    /// when the receiver is not keeping up).
     pub async fn send(
         &self,
         addr: SocketAddr,
         request: http::Request<UpstreamBody>,
         timeouts: Timeouts,
+        interim: Option<&InterimSink>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         let (parts, body) = request.into_parts();
         let (head, chunked) = encode_head(&parts, &body);
@@ -256,6 +259,7 @@ impl Connector {
                 &body,
                 head_request,
                 timeouts,
+                interim,
             )
             .await
             {
@@ -286,6 +290,7 @@ impl Connector {
             &body,
             head_request,
             timeouts,
+            interim,
         )
         .await
         {
@@ -398,13 +403,14 @@ async fn exchange(
     body: &UpstreamBody,
     head_request: bool,
     timeouts: Timeouts,
+    interim: Option<&InterimSink>,
 ) -> Result<(http::response::Parts, Framing, bool), Attempt> {
     let progress = body.rest.clone();
     let Conn { stream, buf } = conn;
     let (mut reader, mut writer) = stream.split();
     let work = async {
         let write = write_request(&mut writer, addr, (head, chunked), body, timeouts.write);
-        let read = read_head(&mut reader, buf, addr, head_request);
+        let read = read_head(&mut reader, buf, addr, head_request, interim);
         tokio::pin!(write);
         tokio::pin!(read);
         // Some(true): the whole request went out; Some(false): writing failed part-way.
@@ -530,18 +536,27 @@ async fn write_all<W: tokio::io::AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Reads until a whole final response head is buffered (1xx interim responses are skipped).
+/// Where a try hands the `103 Early Hints` it reads, for the front to relay at once.
+pub type InterimSink = mpsc::Sender<http::response::Parts>;
+
+/// Reads until a whole final response head is buffered. 1xx interim responses are skipped;
+/// `103`s go to `interim` first.
 async fn read_head<R: tokio::io::AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut BytesMut,
     addr: SocketAddr,
     head_request: bool,
+    interim: Option<&InterimSink>,
 ) -> Result<(http::response::Parts, Framing, bool), Attempt> {
     let mut received_any = !buf.is_empty();
     loop {
         if let Some((parts, framing, reusable, used)) = parse_head(buf, head_request, addr)? {
             buf.advance(used);
             if parts.status.is_informational() && parts.status != StatusCode::SWITCHING_PROTOCOLS {
+                if let (Some(sink), StatusCode::EARLY_HINTS) = (interim, parts.status) {
+                    // Never waits: hints the front cannot take now are not worth a stall.
+                    let _ = sink.try_send(parts);
+                }
                 continue;
             }
             return Ok((parts, framing, reusable));

@@ -22,6 +22,8 @@ const HOST: &str = "static.example.test";
 #[derive(Clone, Debug, Default)]
 struct Script {
     interim: Vec<String>,
+    /// When set, the final response waits (after the interim ones went out) until notified.
+    gate: Option<Arc<tokio::sync::Notify>>,
     status: u16,
     headers: Vec<(String, String)>,
     body: Vec<u8>,
@@ -30,6 +32,7 @@ struct Script {
 fn script(status: u16, headers: &[(&str, &str)], body: &str) -> Script {
     Script {
         interim: Vec::new(),
+        gate: None,
         status,
         headers: headers
             .iter()
@@ -161,6 +164,11 @@ async fn connection(mut stream: TcpStream, origin: Arc<Origin>) -> std::io::Resu
         for interim in &script.interim {
             out.extend_from_slice(interim.as_bytes());
         }
+        if let Some(gate) = &script.gate {
+            stream.write_all(&out).await?;
+            out.clear();
+            gate.notified().await;
+        }
         out.extend_from_slice(format!("HTTP/1.1 {} Scripted\r\n", script.status).as_bytes());
         for (name, value) in &script.headers {
             out.extend_from_slice(format!("{name}: {value}\r\n").as_bytes());
@@ -187,7 +195,17 @@ struct Rig {
 }
 
 fn rig(protocol: Secure, edit: impl FnOnce(&mut RouteCache)) -> Rig {
+    rig_with(protocol, edit, |_| {})
+}
+
+/// [`rig`] with an edit of the whole config as well (`[edge.cache]`, ...).
+fn rig_with(
+    protocol: Secure,
+    edit: impl FnOnce(&mut RouteCache),
+    edit_config: impl FnOnce(&mut Config),
+) -> Rig {
     let mut config: Config = local_config();
+    edit_config(&mut config);
     for region in &mut config.regions {
         region.health.enabled = false;
     }
@@ -532,7 +550,8 @@ fn cdn_cache_control_wins(protocol: Secure) {
             "x",
         ),
     );
-    assert_eq!(cache(&rig.get("/cdn", &[])), "miss");
+    let miss = rig.get("/cdn", &[]);
+    assert_eq!(cache(&miss), "miss");
     let hit = rig.get("/cdn", &[]);
     assert_eq!(cache(&hit), "hit");
     assert_eq!(
@@ -540,6 +559,9 @@ fn cdn_cache_control_wins(protocol: Secure) {
         Some("no-store"),
         "Cache-Control still reaches clients"
     );
+    // RFC 9213 §2.1: the edge, the field's target, consumes it (a relayed miss and a hit alike).
+    assert_eq!(miss.header("cdn-cache-control"), None);
+    assert_eq!(hit.header("cdn-cache-control"), None);
     rig.origin.set(
         "/cdn-off",
         script(
@@ -556,11 +578,11 @@ fn cdn_cache_control_wins(protocol: Secure) {
 }
 
 /// RFC 9111 §3: every final status with explicit freshness is reused; heuristic freshness
-/// (opt-in) for heuristically cacheable codes; Authorization with `public` is shared
+/// (on by default) for heuristically cacheable codes; Authorization with `public` is shared
 /// (§3.5); a POST answer naming its own URL serves GETs (RFC 9110 §9.3.3); If-Modified-Since
 /// against an entry without Last-Modified compares with Date.
 fn status_codes_authorization_post_and_conditionals(protocol: Secure) {
-    let rig = rig(protocol, |cache| cache.heuristic = true);
+    let rig = rig(protocol, |_| {});
     for (path, status) in [
         ("/moved", 302),
         ("/teapot", 418),
@@ -584,7 +606,9 @@ fn status_codes_authorization_post_and_conditionals(protocol: Secure) {
         script(200, &[("date", &date), ("last-modified", &modified)], "x"),
     );
     assert_eq!(cache(&rig.get("/heuristic", &[])), "miss");
-    assert_eq!(cache(&rig.get("/heuristic", &[])), "hit");
+    let hit = rig.get("/heuristic", &[]);
+    assert_eq!(cache(&hit), "hit");
+    assert_eq!(hit.header("warning"), None, "RFC 9111 has no Warning");
 
     rig.origin.set(
         "/shared",
@@ -659,6 +683,106 @@ fn interim_and_hop_by_hop_are_not_stored(protocol: Secure) {
     }
 }
 
+/// RFC 8297 / RFC 9110 §15.2: an origin's `103 Early Hints` reaches the client while the origin
+/// is still working on the final response (it is held back until the client has the hints),
+/// over h1 and h3. Pingora's HTTP/2 session drops 1xx answers, so h2 clients get the final
+/// response only. Hints are never stored (see the interim test above).
+fn early_hints_reach_the_client_first(protocol: Secure) {
+    let rig = rig(protocol, |_| {});
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let mut hinted = script(200, &[("cache-control", "max-age=600")], "final");
+    hinted.interim =
+        vec!["HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n".to_string()];
+    hinted.gate = Some(Arc::clone(&gate));
+    rig.origin.set("/early", hinted);
+    match protocol {
+        Secure::H1 => rig.world.runtime.block_on(async {
+            let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+            socket
+                .bind(SocketAddr::new(source_for("US"), 0))
+                .expect("bind");
+            let mut client = socket.connect(rig.edge.http_addr).await.expect("connect");
+            client
+                .write_all(
+                    format!("GET /early HTTP/1.1\r\nhost: {HOST}\r\nconnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await
+                .expect("request");
+            let mut got = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while find(&got, b"\r\n\r\n").is_none() {
+                let n = client.read(&mut chunk).await.expect("read");
+                assert!(
+                    n > 0,
+                    "closed before the hints: {:?}",
+                    String::from_utf8_lossy(&got)
+                );
+                got.extend_from_slice(&chunk[..n]);
+            }
+            let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+            assert!(text.starts_with("http/1.1 103"), "{text}");
+            assert!(text.contains("link: </style.css>; rel=preload"), "{text}");
+            // Only now may the origin answer.
+            gate.notify_one();
+            client.read_to_end(&mut got).await.expect("final");
+            let text = String::from_utf8_lossy(&got);
+            let final_at = text.find("HTTP/1.1 200").expect("final response");
+            assert!(final_at > 0 && text.ends_with("final"), "{text}");
+        }),
+        Secure::H3 => rig.world.runtime.block_on(async {
+            let tls = rig.world.tls.as_ref().expect("tls");
+            let config = meridian_tests::h3client::client_config(tls.roots()).expect("h3 config");
+            let mut endpoint =
+                quinn::Endpoint::client(SocketAddr::new(source_for("US"), 0)).expect("udp");
+            endpoint.set_default_client_config(config);
+            let connection = endpoint
+                .connect(rig.edge.https_addr.expect("https"), HOST)
+                .expect("connect")
+                .await
+                .expect("QUIC handshake");
+            let (mut driver, mut sender) = ::h3::client::new(h3_quinn::Connection::new(connection))
+                .await
+                .expect("h3");
+            tokio::spawn(async move {
+                let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+            });
+            let request = http::Request::get(format!("https://{HOST}/early"))
+                .body(())
+                .expect("request");
+            let mut stream = sender.send_request(request).await.expect("stream");
+            stream.finish().await.expect("finish");
+            let hints = stream.recv_response().await.expect("hints");
+            assert_eq!(hints.status(), 103);
+            assert_eq!(
+                hints.headers().get("link").and_then(|v| v.to_str().ok()),
+                Some("</style.css>; rel=preload")
+            );
+            gate.notify_one();
+            let done = stream.recv_response().await.expect("final");
+            assert_eq!(done.status(), 200);
+            let mut body = Vec::new();
+            while let Ok(Some(mut data)) = stream.recv_data().await {
+                use bytes::Buf;
+                while data.has_remaining() {
+                    let part = data.chunk().to_vec();
+                    data.advance(part.len());
+                    body.extend_from_slice(&part);
+                }
+            }
+            assert_eq!(body, b"final");
+            endpoint.close(0u32.into(), b"done");
+        }),
+        Secure::H2 => {
+            gate.notify_one();
+            let reply = rig.get("/early", &[]);
+            assert_eq!((reply.status, reply.text().as_str()), (200, "final"));
+        }
+    }
+    let hit = rig.get("/early", &[]);
+    assert_eq!((cache(&hit), hit.header("link")), ("hit", None));
+}
+
 /// RFC 9110 §14: byte ranges cut from a complete stored 200 (206 + Content-Range), 416 when
 /// unsatisfiable; several ranges go to the origin.
 fn ranges_from_stored_responses(protocol: Secure) {
@@ -673,12 +797,6 @@ fn ranges_from_stored_responses(protocol: Secure) {
             &[("cache-control", "max-age=600"), ("etag", "\"b1\"")],
             &body,
         ),
-    );
-    let ranged = rig.get("/blob", &[("range", "bytes=0-9")]);
-    assert_eq!(
-        cache(&ranged),
-        "bypass",
-        "nothing stored yet: the origin answers"
     );
     assert_eq!(cache(&rig.get("/blob", &[])), "miss");
     for (spec, from, to) in [
@@ -702,6 +820,187 @@ fn ranges_from_stored_responses(protocol: Secure) {
     let multi = rig.get("/blob", &[("range", "bytes=0-1,5-6")]);
     assert_eq!(cache(&multi), "bypass");
     assert_eq!(rig.origin.requests_for("/blob").len(), before + 1);
+}
+
+/// A long body whose every byte says where it is.
+fn blob(len: usize) -> String {
+    (0..len)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect()
+}
+
+/// RFC 9110 §14 / RFC 9111 §3.4 by the whole-fetch route: a `Range` miss asks the origin for the
+/// whole response (no `Range` upstream), answers the client's range from it as it streams
+/// (`206`, or `416`), and stores it, so every later range is a hit; `If-Range` is checked
+/// against what came back. Objects over `max_object_bytes` still get their range, unstored.
+/// With `fill_ranges = false` the range goes to the origin untouched.
+fn range_misses_fill_the_cache(protocol: Secure) {
+    let edge = rig_with(protocol, |_| {}, |c| c.edge.cache.max_object_bytes = 4096);
+    let body = blob(1000);
+    let fresh = [("cache-control", "max-age=600"), ("etag", "\"f1\"")];
+    edge.origin.set("/fill", script(200, &fresh, &body));
+    let first = edge.get("/fill", &[("range", "bytes=5-9")]);
+    assert_eq!((first.status, cache(&first)), (206, "miss"));
+    assert_eq!(first.text(), body[5..=9]);
+    assert_eq!(first.header("content-range"), Some("bytes 5-9/1000"));
+    let seen = edge.origin.requests_for("/fill");
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        seen[0].header("range"),
+        None,
+        "the whole response is fetched"
+    );
+    for (spec, from, to) in [("bytes=-5", 995, 999), ("bytes=0-0", 0, 0)] {
+        let hit = edge.get("/fill", &[("range", spec)]);
+        assert_eq!((hit.status, cache(&hit)), (206, "hit"), "{spec}");
+        assert_eq!(hit.text(), body[from..=to], "{spec}");
+    }
+    let whole = edge.get("/fill", &[]);
+    assert_eq!((cache(&whole), whole.text()), ("hit", body.clone()));
+    assert_eq!(edge.origin.requests_for("/fill").len(), 1);
+
+    // Nothing of the range exists: 416 at once, and the response is stored all the same.
+    edge.origin.set("/short", script(200, &fresh, "tiny"));
+    let past = edge.get("/short", &[("range", "bytes=100-")]);
+    assert_eq!((past.status, cache(&past)), (416, "miss"));
+    assert_eq!(past.header("content-range"), Some("bytes */4"));
+    assert!(past.body.is_empty());
+    let stored = edge.get("/short", &[]);
+    assert_eq!((cache(&stored), stored.text().as_str()), ("hit", "tiny"));
+
+    // If-Range naming another validator: the whole (new) response, RFC 9110 §13.1.5.
+    edge.origin.set("/changed", script(200, &fresh, &body));
+    let moved = edge.get(
+        "/changed",
+        &[("range", "bytes=0-1"), ("if-range", "\"f0\"")],
+    );
+    assert_eq!((moved.status, moved.body.len()), (200, 1000));
+
+    // Larger than max_object_bytes: the range streams to the client, nothing is stored.
+    let large = blob(10_000);
+    edge.origin.set("/large", script(200, &fresh, &large));
+    for _ in 0..2 {
+        let part = edge.get("/large", &[("range", "bytes=100-199")]);
+        assert_eq!((part.status, cache(&part)), (206, "miss"));
+        assert_eq!(part.text(), large[100..=199]);
+    }
+    assert_eq!(edge.origin.requests_for("/large").len(), 2);
+
+    // Several ranges are the origin's to answer.
+    let multi = edge.get("/fill", &[("range", "bytes=0-1,5-6")]);
+    assert_eq!(cache(&multi), "bypass");
+    assert_eq!(
+        edge.origin
+            .requests_for("/fill")
+            .last()
+            .and_then(|s| s.header("range")),
+        Some("bytes=0-1,5-6")
+    );
+
+    let passing = rig(protocol, |c| c.fill_ranges = false);
+    passing.origin.set("/p", script(200, &fresh, &body));
+    let ranged = passing.get("/p", &[("range", "bytes=0-9")]);
+    assert_eq!(cache(&ranged), "bypass");
+    assert_eq!(
+        passing.origin.requests_for("/p")[0].header("range"),
+        Some("bytes=0-9"),
+        "fill_ranges = false: the range goes to the origin"
+    );
+}
+
+/// RFC 9111 §4.2.2: heuristic freshness is on by default (see the status-code test) and
+/// `heuristic = false` turns it off for a route.
+fn heuristic_freshness_can_be_turned_off(protocol: Secure) {
+    let rig = rig(protocol, |c| c.heuristic = false);
+    let now = SystemTime::now();
+    let (date, modified) = (http_date(now), http_date(now - Duration::from_secs(1000)));
+    rig.origin.set(
+        "/heuristic",
+        script(200, &[("date", &date), ("last-modified", &modified)], "x"),
+    );
+    assert_eq!(cache(&rig.get("/heuristic", &[])), "miss");
+    assert_eq!(
+        cache(&rig.get("/heuristic", &[])),
+        "miss",
+        "no freshness: not stored"
+    );
+}
+
+/// RFC 9213 §2.1: with `[edge.cache] forward_targeted = true` the targeted field reaches clients.
+fn targeted_fields_forwarded_when_configured(protocol: Secure) {
+    let rig = rig_with(protocol, |_| {}, |c| c.edge.cache.forward_targeted = true);
+    rig.origin.set(
+        "/cdn",
+        script(200, &[("cdn-cache-control", "max-age=600")], "x"),
+    );
+    let miss = rig.get("/cdn", &[]);
+    let hit = rig.get("/cdn", &[]);
+    assert_eq!((cache(&miss), cache(&hit)), ("miss", "hit"));
+    assert_eq!(miss.header("cdn-cache-control"), Some("max-age=600"));
+    assert_eq!(hit.header("cdn-cache-control"), Some("max-age=600"));
+}
+
+/// RFC 9110 §12.5.3: Accept-Encoding variants are the set of accepted codings (order, case,
+/// q-values, `x-gzip`), and a stored coding never reaches a client that does not accept it, even
+/// from an origin that forgot `Vary: Accept-Encoding`.
+fn accept_encoding_is_normalised(protocol: Secure) {
+    let rig = rig(protocol, |_| {});
+    rig.origin.set(
+        "/enc",
+        script(
+            200,
+            &[
+                ("cache-control", "max-age=600"),
+                ("vary", "Accept-Encoding"),
+                ("content-encoding", "gzip"),
+            ],
+            "gz",
+        ),
+    );
+    assert_eq!(
+        cache(&rig.get("/enc", &[("accept-encoding", "gzip, br")])),
+        "miss"
+    );
+    for same in ["br;q=0.5, GZIP", "x-gzip, br, identity"] {
+        let hit = rig.get("/enc", &[("accept-encoding", same)]);
+        assert_eq!(
+            (cache(&hit), hit.header("content-encoding")),
+            ("hit", Some("gzip")),
+            "{same}"
+        );
+    }
+    assert_eq!(
+        cache(&rig.get("/enc", &[("accept-encoding", "gzip")])),
+        "miss",
+        "another set"
+    );
+
+    rig.origin.set(
+        "/no-vary",
+        script(
+            200,
+            &[
+                ("cache-control", "max-age=600"),
+                ("content-encoding", "gzip"),
+            ],
+            "gz",
+        ),
+    );
+    assert_eq!(
+        cache(&rig.get("/no-vary", &[("accept-encoding", "gzip")])),
+        "miss"
+    );
+    assert_eq!(
+        cache(&rig.get("/no-vary", &[("accept-encoding", "gzip")])),
+        "hit"
+    );
+    let refused = rig.get("/no-vary", &[("accept-encoding", "br")]);
+    assert_eq!(
+        cache(&refused),
+        "miss",
+        "gzip is not served to a br-only client"
+    );
+    assert_eq!(rig.origin.requests_for("/no-vary").len(), 2);
 }
 
 /// RFC 9110 §12.5.4: Accept-Language variants match whatever the order, case and spacing.
@@ -779,6 +1078,31 @@ macro_rules! conformance {
                 #[test]
                 fn accept_language_variants_are_normalised() {
                     accept_language_is_normalised($value);
+                }
+
+                #[test]
+                fn range_misses_fill_the_cache_and_answer_from_it() {
+                    range_misses_fill_the_cache($value);
+                }
+
+                #[test]
+                fn heuristic_freshness_is_on_unless_turned_off() {
+                    heuristic_freshness_can_be_turned_off($value);
+                }
+
+                #[test]
+                fn targeted_fields_reach_clients_only_when_forwarded() {
+                    targeted_fields_forwarded_when_configured($value);
+                }
+
+                #[test]
+                fn accept_encoding_variants_are_normalised() {
+                    accept_encoding_is_normalised($value);
+                }
+
+                #[test]
+                fn early_hints_reach_the_client_before_the_final_response() {
+                    early_hints_reach_the_client_first($value);
                 }
             }
         )*

@@ -192,6 +192,8 @@ pub struct Served {
     /// Headers for this client only, never stored (the `Set-Cookie` of the 304 that answered its
     /// revalidation).
     pub client_only: Option<HeaderMap>,
+    /// The route's rules: which stored fields never reach clients (`RouteRules::hidden`).
+    rules: Arc<RouteRules>,
 }
 
 /// A `Range` answered from a stored response.
@@ -212,12 +214,10 @@ impl Partial {
         let mut chunks = Vec::new();
         let mut offset = 0u64;
         for chunk in &entry.body {
-            let len = chunk.len() as u64;
-            let (from, to) = (start.max(offset), end.saturating_add(1).min(offset + len));
-            if from < to {
-                chunks.push(chunk.slice((from - offset) as usize..(to - offset) as usize));
+            if let Some(within) = range::slice_of(offset, chunk.len(), start, end) {
+                chunks.push(chunk.slice(within));
             }
-            offset += len;
+            offset += chunk.len() as u64;
         }
         Partial::Bytes { start, end, chunks }
     }
@@ -229,17 +229,38 @@ impl Served {
         now: SystemTime,
         request_headers: &HeaderMap,
         request: &RequestRules,
+        rules: &Arc<RouteRules>,
         status: CacheStatus,
     ) -> Self {
-        Served {
+        let mut served = Served {
             age: entry.freshness.age(now),
             not_modified: policy::client_not_modified(request_headers, &entry.headers),
             head: request.head,
             status,
             partial: None,
             client_only: None,
+            rules: Arc::clone(rules),
             entry,
+        };
+        if request.range {
+            served.cut(request_headers);
         }
+        served
+    }
+
+    /// Answers the request's `Range` from the stored body (RFC 9110 §14): `206` with the bytes,
+    /// `416`, or the whole response when the range is unusable, several ranges were asked, or the
+    /// stored status is not `200`. A matching conditional (`304`) goes first (RFC 9110 §13.2.2).
+    fn cut(&mut self, request_headers: &HeaderMap) {
+        if self.not_modified || self.head || self.entry.status != 200 {
+            return;
+        }
+        self.partial =
+            match range::answer(request_headers, &self.entry.headers, self.entry.body_len) {
+                RangeAnswer::Partial { start, end } => Some(Partial::of(&self.entry, start, end)),
+                RangeAnswer::Unsatisfiable => Some(Partial::Unsatisfiable),
+                RangeAnswer::Full | RangeAnswer::Multiple => None,
+            };
     }
 
     pub fn status_code(&self) -> u16 {
@@ -283,6 +304,9 @@ impl Served {
                 }
             }
         };
+        for name in &self.rules.hidden {
+            headers.remove(name);
+        }
         if let Some(extra) = &self.client_only {
             for (name, value) in extra {
                 headers.append(name.clone(), value.clone());
@@ -372,6 +396,13 @@ impl Ticket {
         self.leader.is_some()
     }
 
+    /// A `Range` request that fills the cache: the front asks the origin for the whole response
+    /// (no `Range`, no `If-Range`), and answers the client's range from it as it streams
+    /// ([`range::answer_from_response`]).
+    pub fn fetches_whole(&self) -> bool {
+        self.request.range && !self.request.origin_only
+    }
+
     /// stale-if-error: the origin failed (every eligible region); serve the stale entry if its
     /// window allows. Counts the request as `stale`.
     pub fn stale_on_error(mut self, now: SystemTime) -> Option<Served> {
@@ -380,7 +411,7 @@ impl Ticket {
             return None;
         }
         self.tally.status = CacheStatus::Stale;
-        Some(Served {
+        let mut served = Served {
             age: entry.freshness.age(now),
             entry,
             not_modified: false,
@@ -388,7 +419,12 @@ impl Ticket {
             status: CacheStatus::Stale,
             partial: None,
             client_only: None,
-        })
+            rules: Arc::clone(&self.rules),
+        };
+        if self.request.range {
+            served.cut(&self.request_headers);
+        }
+        Some(served)
     }
 }
 
@@ -499,6 +535,8 @@ struct Inner {
     coalesce_timeout: Duration,
     /// `[edge.cache] targeted`, compiled.
     targeted: Vec<HeaderName>,
+    /// `[edge.cache] forward_targeted`.
+    forward_targeted: bool,
     metrics: CacheMetrics,
 }
 
@@ -555,6 +593,7 @@ impl ResponseCache {
                 enabled: config.enabled,
                 coalesce_timeout: config.coalesce_timeout.as_duration(),
                 targeted: policy::targeted_names(&config.targeted),
+                forward_targeted: config.forward_targeted,
                 metrics,
             }),
         })
@@ -565,6 +604,9 @@ impl ResponseCache {
         let mut rules = RouteRules::from_config(config);
         rules.enabled &= self.inner.enabled;
         rules.targeted = self.inner.targeted.clone();
+        if !self.inner.forward_targeted {
+            rules.hidden = self.inner.targeted.clone();
+        }
         let counter = |s: CacheStatus| {
             self.inner
                 .metrics
@@ -602,7 +644,7 @@ impl ResponseCache {
         };
         let inner = &self.inner;
         let served = |entry: Arc<CachedResponse>, status| {
-            Served::new(entry, now, req.headers, &request, status)
+            Served::new(entry, now, req.headers, &request, &policy.rules, status)
         };
         let ticket = |stale: Option<Arc<CachedResponse>>, leader: Option<LeaderGuard>| Ticket {
             primary: primary.clone(),
@@ -635,36 +677,20 @@ impl ResponseCache {
             },
             None => None,
         };
+        // A coding the client does not accept is never served (an origin that encodes without
+        // `Vary: Accept-Encoding`): such an entry is treated as absent and replaced.
+        let stored = stored.filter(|e| key::encoding_acceptable(req.headers, &e.headers));
         if request.range {
-            // Ranges are cut from a fresh complete response; anything else (several ranges, a
-            // miss, a stale entry) goes to the origin as it is, and its 206 is not stored.
+            // Several ranges (a multipart answer) are the origin's to build. A single range is cut
+            // from a stored response; with nothing fresh stored it is either filled (the whole
+            // response is fetched, stored, and the range answered from it) or, with `fill_ranges`
+            // off, sent to the origin as it is.
             let fresh = stored
-                .filter(|e| entry_is_fresh(e, now, &request))
-                .map(|entry| {
-                    let answer = if entry.status == 200 {
-                        range::answer(req.headers, &entry.headers, entry.body_len)
-                    } else {
-                        RangeAnswer::Full
-                    };
-                    (entry, answer)
-                });
-            return match fresh {
-                Some((_, RangeAnswer::Multiple)) | None => bypass(Bypass::Range),
-                Some((entry, answer)) => {
-                    policy.count(CacheStatus::Hit);
-                    let mut hit = served(entry, CacheStatus::Hit);
-                    if !hit.not_modified {
-                        hit.partial = match answer {
-                            RangeAnswer::Partial { start, end } => {
-                                Some(Partial::of(&hit.entry, start, end))
-                            }
-                            RangeAnswer::Unsatisfiable => Some(Partial::Unsatisfiable),
-                            RangeAnswer::Full | RangeAnswer::Multiple => None,
-                        };
-                    }
-                    Lookup::Hit(hit)
-                }
-            };
+                .as_ref()
+                .is_some_and(|e| entry_is_fresh(e, now, &request));
+            if range::several_ranges(req.headers) || (!fresh && !policy.rules.fill_ranges) {
+                return bypass(Bypass::Range);
+            }
         }
         if let Some(entry) = stored {
             match entry.freshness.usability(now, &request) {
@@ -743,7 +769,10 @@ impl ResponseCache {
     ) -> Option<Arc<CachedResponse>> {
         let entry = coalesce::follow(rx, self.inner.coalesce_timeout).await?;
         let ours = CacheKey::with_vary(primary.clone(), &entry.vary, headers).ok()?;
-        if ours != entry.key || entry.freshness.usability(now, request) != Usability::Fresh {
+        if ours != entry.key
+            || entry.freshness.usability(now, request) != Usability::Fresh
+            || !key::encoding_acceptable(headers, &entry.headers)
+        {
             return None;
         }
         self.inner.metrics.coalesced.inc();
@@ -895,7 +924,7 @@ impl ResponseCache {
                 vary: stale.vary.clone(),
                 tags: Vec::new(),
             });
-            return Admission::Revalidated(Served {
+            let mut served = Served {
                 age: Duration::ZERO,
                 entry,
                 not_modified: false,
@@ -903,7 +932,12 @@ impl ResponseCache {
                 status: CacheStatus::Revalidated,
                 partial: None,
                 client_only,
-            });
+                rules: Arc::clone(&ticket.rules),
+            };
+            if ticket.request.range {
+                served.cut(&ticket.request_headers);
+            }
+            return Admission::Revalidated(served);
         };
         let freshness = storable.freshness;
         let entry = Arc::new(CachedResponse {
@@ -931,6 +965,7 @@ impl ResponseCache {
             now,
             &ticket.request_headers,
             &ticket.request,
+            &ticket.rules,
             CacheStatus::Revalidated,
         );
         served.client_only = client_only;

@@ -857,18 +857,21 @@ async fn ranges_are_served_from_complete_entries() {
     let policy = cache.route_policy("api", &route());
     let h = HeaderMap::new();
     let range = |spec: &str| headers(&[("range", spec)]);
-    assert!(matches!(
-        cache
-            .lookup(&req("/r", &range("bytes=0-1")), &policy, t(0))
-            .await,
-        Lookup::Bypass(Bypass::Range)
-    ));
+    // A range miss fills the entry: the ticket fetches the whole response.
+    let Lookup::Fetch(ticket) = cache
+        .lookup(&req("/r", &range("bytes=0-1")), &policy, t(0))
+        .await
+    else {
+        panic!("range miss fills");
+    };
+    assert!(ticket.fetches_whole() && ticket.fetches_for_others());
+    drop(ticket);
     let resp = [("cache-control", "max-age=60"), ("etag", "\"r1\"")];
     fetch(
         &cache,
         &policy,
         "/r",
-        &h,
+        &range("bytes=0-1"),
         &resp,
         &["0123", "4567", "89"],
         t(0),
@@ -925,6 +928,70 @@ async fn ranges_are_served_from_complete_entries() {
         panic!("full hit");
     };
     assert_eq!((s.status_code(), s.content_length()), (200, Some(10)));
+    let _ = h;
+}
+
+/// With `fill_ranges = false` a range with nothing stored goes to the origin untouched.
+#[tokio::test]
+async fn range_misses_pass_when_filling_is_off() {
+    let (cache, _r) = cache();
+    let policy = cache.route_policy(
+        "api",
+        &RouteCache {
+            fill_ranges: false,
+            ..route()
+        },
+    );
+    let range = headers(&[("range", "bytes=0-1")]);
+    assert!(matches!(
+        cache.lookup(&req("/r", &range), &policy, t(0)).await,
+        Lookup::Bypass(Bypass::Range)
+    ));
+    let resp = [("cache-control", "max-age=60")];
+    fetch(
+        &cache,
+        &policy,
+        "/r",
+        &HeaderMap::new(),
+        &resp,
+        &["0123"],
+        t(0),
+    )
+    .await;
+    let Lookup::Hit(s) = cache.lookup(&req("/r", &range), &policy, t(1)).await else {
+        panic!("a stored response still answers ranges");
+    };
+    assert_eq!(s.body().concat(), b"01");
+}
+
+/// RFC 9213 §2.1: the targeted fields the edge obeys are kept in the entry (its revalidations
+/// need them) but do not reach clients, unless `forward_targeted` is set.
+#[tokio::test]
+async fn targeted_fields_are_consumed_unless_forwarded() {
+    let resp = [
+        ("cache-control", "no-store"),
+        ("cdn-cache-control", "max-age=60"),
+    ];
+    for forward in [false, true] {
+        let registry = Registry::new();
+        let cache = ResponseCache::new(
+            &EdgeCache {
+                forward_targeted: forward,
+                ..EdgeCache::default()
+            },
+            &registry,
+        )
+        .expect("metrics");
+        let policy = cache.route_policy("api", &route());
+        let h = HeaderMap::new();
+        fetch(&cache, &policy, "/t", &h, &resp, &["x"], t(0)).await;
+        let Lookup::Hit(s) = cache.lookup(&req("/t", &h), &policy, t(1)).await else {
+            panic!("hit");
+        };
+        assert!(s.entry.headers.contains_key("cdn-cache-control"));
+        assert_eq!(s.headers().contains_key("cdn-cache-control"), forward);
+        assert!(s.headers().contains_key("cache-control"));
+    }
 }
 
 /// RFC 9110 §12.5.4: Accept-Language variants match whatever the order, case and spacing.

@@ -596,6 +596,16 @@ impl<T: Transport> Downstream for Exchange<'_, T> {
         Ok(())
     }
 
+    async fn send_interim(&mut self, status: u16, headers: HeaderMap) -> io::Result<()> {
+        // HTTP/1.0 clients must not get 1xx answers (RFC 9110 §15.2), and nothing may come after
+        // the final head.
+        if self.head.version != Version::HTTP_11 || !matches!(self.response, Response::NotStarted) {
+            return Ok(());
+        }
+        encode_response_head(&mut self.out, status, &headers, None, false);
+        self.write_out().await
+    }
+
     async fn send_body(&mut self, chunk: Bytes, end: bool) -> io::Result<()> {
         let Response::Body { chunked, has_body } = self.response else {
             return Ok(());

@@ -221,6 +221,21 @@ impl Downstream for Stream {
         Ok(())
     }
 
+    async fn send_interim(&mut self, status: u16, mut headers: HeaderMap) -> io::Result<()> {
+        if self.send.is_some() {
+            return Ok(()); // the final head went out already
+        }
+        for name in &CONNECTION_SPECIFIC {
+            headers.remove(name);
+        }
+        let mut interim = Response::new(());
+        *interim.status_mut() = StatusCode::from_u16(status).map_err(io::Error::other)?;
+        *interim.headers_mut() = headers;
+        self.respond
+            .send_informational(interim)
+            .map_err(io::Error::other)
+    }
+
     async fn send_body(&mut self, mut chunk: Bytes, end: bool) -> io::Result<()> {
         let Some(send) = self.send.as_mut() else {
             return Ok(());

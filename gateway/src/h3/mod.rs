@@ -345,6 +345,11 @@ impl Downstream for H3Downstream {
             .map_err(std::io::Error::other)
     }
 
+    async fn send_interim(&mut self, status: u16, headers: HeaderMap) -> std::io::Result<()> {
+        // An interim response is one more HEADERS frame before the final one (RFC 9114 §4.1).
+        self.send_head(status, headers, false).await
+    }
+
     async fn send_body(&mut self, chunk: Bytes, _end: bool) -> std::io::Result<()> {
         if chunk.is_empty() {
             return Ok(()); // the stream ends when the driver finishes it

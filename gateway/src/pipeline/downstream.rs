@@ -59,6 +59,18 @@ pub trait Downstream: Send {
         end: bool,
     ) -> impl Future<Output = std::io::Result<()>> + Send;
 
+    /// Writes an interim (1xx) response ahead of the final one: an origin's `103 Early Hints`
+    /// relayed as it arrives. Fronts whose stack cannot send one (or whose client must not get
+    /// one) drop it: hints are optional.
+    fn send_interim(
+        &mut self,
+        status: u16,
+        headers: HeaderMap,
+    ) -> impl Future<Output = std::io::Result<()>> + Send {
+        let _ = (status, headers);
+        std::future::ready(Ok(()))
+    }
+
     /// Writes a chunk of the response body; `end` on the last one.
     fn send_body(
         &mut self,

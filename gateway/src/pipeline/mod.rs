@@ -33,7 +33,7 @@ use meridian_config::RouteKind;
 use crate::access_log::UpstreamSide;
 use crate::cache::{CacheRequest, CacheStatus, Lookup, ResponseCache, Ticket};
 use crate::clock;
-use crate::connector::{Connector, Timeouts, UpstreamResponse};
+use crate::connector::{Connector, InterimSink, Timeouts, UpstreamResponse};
 use crate::core::client::client_ip;
 use crate::core::exchange::{
     check_head_limits, declared_length, request_host, EdgeReply, Effects, Replay, Tries, TryVerdict,
@@ -50,6 +50,8 @@ use body::{BodyError, RequestBody, REPLAY_BYTES};
 pub(crate) use cached::EdgeCache;
 pub(crate) use downstream::{Arrival, ClientBodyError, Downstream, Head};
 
+/// `103 Early Hints` held for the client at most while it is being written to (more are dropped).
+const EARLY_HINTS: usize = 4;
 /// Bytes of a model call's prompt hashed for prefix affinity.
 const PREFIX_BYTES: usize = 1024;
 
@@ -100,6 +102,8 @@ struct Outbound<'a> {
     replay: Replay,
     /// A model call: its replicas are picked by the model servers' state.
     call: Option<CallPick<'a>>,
+    /// Where tries hand the origin's `103 Early Hints` for the client.
+    interim: Option<InterimSink>,
 }
 
 /// A response to relay, with the guard counting it against its upstream until it ends.
@@ -374,6 +378,12 @@ impl Pipeline {
                 headers.remove(http::header::IF_NONE_MATCH);
                 headers.remove(http::header::IF_MODIFIED_SINCE);
             }
+            if ticket.fetches_whole() {
+                // A range miss fills the cache with the whole response; the client's range is
+                // cut from it on the way back.
+                headers.remove(http::header::RANGE);
+                headers.remove(http::header::IF_RANGE);
+            }
             for (name, value) in ticket.conditional_headers() {
                 headers.insert(name, value);
             }
@@ -412,6 +422,15 @@ impl Pipeline {
             (Some(ctx), Some(table)) => Some(crate::inference::call_pick(snapshot, ctx, table)),
             _ => None,
         };
+        // Early hints reach the client while the tries run, unless the client's body is still
+        // being pumped (the downstream is busy then) — hints are optional.
+        let (interim, mut hints) = match pump {
+            None => {
+                let (tx, rx) = tokio::sync::mpsc::channel(EARLY_HINTS);
+                (Some(tx), Some(rx))
+            }
+            Some(_) => (None, None),
+        };
         let outbound = Outbound {
             method: &method,
             uri: &uri,
@@ -423,6 +442,7 @@ impl Pipeline {
                 model_call: state.inference.is_some(),
             },
             call,
+            interim,
         };
         let tries = state.tries.insert(Tries::new(decision, started_ms));
         let forward = self.forward(
@@ -433,9 +453,24 @@ impl Pipeline {
             state.access.as_deref_mut(),
             started,
         );
-        let outcome = match pump {
-            None => forward.await,
-            Some(pump) => {
+        let outcome = match (pump, hints.as_mut()) {
+            (None, Some(hints)) => {
+                tokio::pin!(forward);
+                let outcome = loop {
+                    tokio::select! {
+                        biased;
+                        Some(hint) = hints.recv() => out.interim(hint).await,
+                        outcome = &mut forward => break outcome,
+                    }
+                };
+                // A hint read in the same poll as the final head still goes first.
+                while let Ok(hint) = hints.try_recv() {
+                    out.interim(hint).await;
+                }
+                outcome
+            }
+            (None, None) => forward.await,
+            (Some(pump), _) => {
                 // The client's remaining body is read while the tries run, in this task: the pump
                 // borrows the downstream until the upstream answered (or gave up).
                 let pump = pump.run(out.downstream(), limit, body_timeout(snapshot));
@@ -518,7 +553,10 @@ impl Pipeline {
                 access.upstream = Some(pick.address);
             }
             let attempts = loaded.metrics.attempts.get(pick.region);
-            let result = self.connector.send(pick.address, request, timeouts).await;
+            let result = self
+                .connector
+                .send(pick.address, request, timeouts, outbound.interim.as_ref())
+                .await;
             let replay = Replay {
                 body_replayable: outbound.body.replayable(),
                 ..outbound.replay
@@ -657,6 +695,7 @@ impl Pipeline {
                     model_call: false,
                 },
                 call: None,
+                interim: None,
             };
             let mut tries = Tries::new(decision, clock::now_ms());
             let mut region_inflight = None;

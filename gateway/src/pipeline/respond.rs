@@ -5,14 +5,16 @@
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::downstream::{Arrival, Downstream, Head};
 use super::forward::{HEADER_POP, HEADER_REGION};
 use super::{EdgeCache, Relayed, RequestState};
+use crate::cache::range::{self, RangeAnswer};
 use crate::cache::{Admission, CacheStatus, CacheWriter, Served, Ticket, HEADER_CACHE};
 use crate::connector::UpstreamResponse;
 use crate::core::exchange::{cache_on_response, CacheOnResponse, EdgeReply};
+use crate::core::snapshot::InflightGuard;
 use crate::inference::openai::ApiError;
 use crate::reload::Loaded;
 
@@ -186,6 +188,16 @@ impl<'a, D: Downstream> Writer<'a, D> {
         }
     }
 
+    /// Relays an origin's `103 Early Hints` (hop-by-hop fields dropped); never stored. A client
+    /// that is gone shows up at the final head.
+    pub(super) async fn interim(&mut self, hint: http::response::Parts) {
+        let headers = crate::core::headers::forwardable(&hint.headers);
+        let _ = self
+            .downstream
+            .send_interim(hint.status.as_u16(), headers)
+            .await;
+    }
+
     /// This edge's per-client headers: `x-meridian-pop`, and `alt-svc` for TLS clients over TCP.
     fn edge_headers(&self, mut headers: HeaderMap) -> HeaderMap {
         headers.insert(HEADER_POP, self.loaded.snapshot.pop_header.clone());
@@ -220,7 +232,12 @@ impl<'a, D: Downstream> Writer<'a, D> {
         }
         let mut writer: Option<Box<CacheWriter>> = None;
         let mut cache_status = state.cache;
+        let mut window = RangeAnswer::Full;
         if let Some(ticket) = ticket {
+            if ticket.fetches_whole() {
+                window =
+                    range::answer_from_response(self.downstream.head().headers, status, &headers);
+            }
             // After `x-meridian-region` is set, so the stored entry remembers its region.
             let now = SystemTime::now();
             let had_stale = ticket.status() == CacheStatus::Expired;
@@ -252,10 +269,22 @@ impl<'a, D: Downstream> Writer<'a, D> {
                 }
             }
         }
+        if let Some(policy) = state.route.and_then(|r| self.loaded.cache_policy(r)) {
+            // Fields only this edge obeys (targeted cache control) end here; the stored copy
+            // keeps them for its own revalidations.
+            for name in &policy.rules().hidden {
+                headers.remove(name);
+            }
+        }
         if let Some(cache_status) = cache_status {
             headers.insert(HEADER_CACHE, cache_status.header_value());
         }
         state.cache = cache_status;
+        if !matches!(window, RangeAnswer::Full | RangeAnswer::Multiple) {
+            return self
+                .relay_range(response, _inflight, headers, writer, window)
+                .await;
+        }
         let headers = self.edge_headers(headers);
         let end = response.body_is_empty();
         if self
@@ -298,4 +327,134 @@ impl<'a, D: Downstream> Writer<'a, D> {
             }
         }
     }
+
+    /// A range miss being filled: the whole response streams into the cache while the client
+    /// gets only its range (`206`) or a `416`, as soon as its bytes arrive. Once the client has
+    /// all it asked for, the rest is read into the cache off the client's path (so the next
+    /// request on the connection is not held up); when nothing is being stored the upstream
+    /// connection is simply closed.
+    async fn relay_range(
+        &mut self,
+        mut response: UpstreamResponse,
+        inflight: InflightGuard,
+        mut headers: HeaderMap,
+        mut writer: Option<Box<CacheWriter>>,
+        answer: RangeAnswer,
+    ) -> Result<u16, u16> {
+        let len = crate::core::exchange::declared_length(&headers).unwrap_or_default();
+        let (status, window) = match answer {
+            RangeAnswer::Partial { start, end } => {
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
+                    headers.insert(http::header::CONTENT_RANGE, v);
+                }
+                headers.insert(
+                    http::header::CONTENT_LENGTH,
+                    HeaderValue::from(end - start + 1),
+                );
+                (206, Some((start, end)))
+            }
+            _ => {
+                // As a 416 from a stored response: the length, and what identifies it.
+                let mut only = HeaderMap::new();
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                    only.insert(http::header::CONTENT_RANGE, v);
+                }
+                only.insert(http::header::CONTENT_LENGTH, HeaderValue::from(0));
+                for name in [
+                    http::header::DATE,
+                    http::header::ETAG,
+                    HeaderName::from_static(HEADER_CACHE),
+                    HEADER_REGION,
+                ] {
+                    if let Some(v) = headers.get(&name) {
+                        only.insert(name, v.clone());
+                    }
+                }
+                headers = only;
+                (416, None)
+            }
+        };
+        let headers = self.edge_headers(headers);
+        if self
+            .downstream
+            .send_head(status, headers, window.is_none())
+            .await
+            .is_err()
+        {
+            return Err(0);
+        }
+        let mut offset = 0u64;
+        let mut client_done = window.is_none();
+        loop {
+            if client_done {
+                match writer.filter(|w| !w.is_abandoned()) {
+                    Some(writer) => fill_in_background(response, writer, inflight),
+                    None => drop(response),
+                }
+                return Ok(status);
+            }
+            let chunk = match response.next_chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) => {
+                    // The body ended before the range did (the declared length was wrong): the
+                    // client must see an incomplete answer.
+                    self.downstream.abort();
+                    return Ok(status);
+                }
+                Err(e) => {
+                    tracing::debug!("upstream response body: {e}");
+                    self.downstream.abort();
+                    return Ok(status);
+                }
+            };
+            if let Some(w) = writer.as_mut() {
+                w.push(&chunk);
+            }
+            let Some((start, end)) = window else {
+                continue;
+            };
+            let chunk_len = chunk.len();
+            if let Some(within) = range::slice_of(offset, chunk_len, start, end) {
+                let last = offset + chunk_len as u64 > end;
+                let piece = chunk.slice(within);
+                self.bytes_sent += piece.len() as u64;
+                if self.downstream.send_body(piece, last).await.is_err() {
+                    // The client went away: nothing is stored, as for any relay.
+                    return Err(0);
+                }
+                client_done = last;
+            }
+            offset += chunk_len as u64;
+        }
+    }
+}
+
+/// Reads the rest of a response into the cache after its client was answered.
+fn fill_in_background(
+    mut response: UpstreamResponse,
+    mut writer: Box<CacheWriter>,
+    inflight: InflightGuard,
+) {
+    tokio::spawn(async move {
+        // The upstream is still busy with this response until its body ends.
+        let _inflight = inflight;
+        loop {
+            match response.next_chunk().await {
+                Ok(Some(chunk)) => {
+                    writer.push(&chunk);
+                    if writer.is_abandoned() {
+                        return;
+                    }
+                }
+                Ok(None) => {
+                    writer.finish().await;
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!("range fill body: {e}");
+                    return;
+                }
+            }
+        }
+    });
 }

@@ -167,9 +167,13 @@ impl H3Sender {
         // A server may answer before it read the whole request and then stop reading
         // (STOP_SENDING, RFC 9114 §4.1): the response still counts, so read it even when sending
         // failed; report the send error only when no response came.
-        match stream.recv_response().await {
-            Ok(head) => Ok(H3Response { head, stream }),
-            Err(e) => Err(sent.err().map_or(e.into(), Into::into)),
+        loop {
+            match stream.recv_response().await {
+                // Interim answers (103 Early Hints) come first; the final head follows.
+                Ok(head) if head.status().is_informational() => continue,
+                Ok(head) => return Ok(H3Response { head, stream }),
+                Err(e) => return Err(sent.err().map_or(e.into(), Into::into)),
+            }
         }
     }
 

@@ -116,6 +116,9 @@ impl CacheKey {
             let mut value = header_value(headers, name)?;
             if name == http::header::ACCEPT_LANGUAGE {
                 value = normalise_accept_language(&value);
+            } else if name == http::header::ACCEPT_ENCODING && headers.contains_key(name) {
+                // Absent stays empty: it accepts every coding, which an empty field does not.
+                value = normalise_accept_encoding(&value);
             }
             if !variant.is_empty() {
                 variant.push('\n');
@@ -265,6 +268,115 @@ pub fn normalise_accept_language(value: &str) -> String {
         }
     }
     out
+}
+
+/// `Accept-Encoding` as the set of content codings it accepts (RFC 9110 §12.5.3): codings are
+/// case-insensitive, `x-gzip` is `gzip`, order and non-zero q-values only express a preference
+/// among codings the origin may choose from, and `identity` is acceptable unless excluded. So
+/// `gzip, br`, `BR;q=0.8,gzip` and `br, gzip, identity` all select the same variant: the origin
+/// answered one of them with a coding every one of them accepts. Sorted, `,`-joined.
+pub fn normalise_accept_encoding(value: &str) -> String {
+    let codings = parse_accept_encoding(value);
+    let mut accepted: Vec<&str> = codings
+        .iter()
+        .filter(|(_, q)| *q > 0)
+        .map(|(c, _)| c.as_str())
+        .filter(|c| *c != "identity")
+        .collect();
+    if coding_accepted(&codings, "identity") {
+        accepted.push("identity");
+    }
+    accepted.sort_unstable();
+    accepted.dedup();
+    accepted.join(",")
+}
+
+/// May a response with `Content-Encoding` `stored` (absent: none) go to a client that sent
+/// `request` (RFC 9110 §12.5.3)? Every coding applied must be accepted; no `Accept-Encoding`
+/// accepts everything. Guards hits against an origin that encodes without `Vary`.
+pub fn encoding_acceptable(request: &HeaderMap, stored: &HeaderMap) -> bool {
+    if !request.contains_key(http::header::ACCEPT_ENCODING) {
+        return true;
+    }
+    // The common hit: an unencoded response and a field without weights, which cannot exclude
+    // `identity` — no parsing on that path.
+    if !stored.contains_key(http::header::CONTENT_ENCODING)
+        && request
+            .get_all(http::header::ACCEPT_ENCODING)
+            .iter()
+            .all(|v| v.to_str().is_ok_and(|t| !t.contains(';')))
+    {
+        return true;
+    }
+    let mut joined = String::new();
+    for value in request.get_all(http::header::ACCEPT_ENCODING) {
+        let Ok(text) = value.to_str() else {
+            return false;
+        };
+        joined.push_str(text);
+        joined.push(',');
+    }
+    let codings = parse_accept_encoding(&joined);
+    let mut applied = stored
+        .get_all(http::header::CONTENT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|c| canonical_coding(c.trim()))
+        .filter(|c| !c.is_empty() && c != "identity")
+        .peekable();
+    if applied.peek().is_none() {
+        return coding_accepted(&codings, "identity");
+    }
+    applied.all(|c| coding_accepted(&codings, &c))
+}
+
+/// Codings with their weight in thousandths; the highest weight wins for a coding named twice.
+fn parse_accept_encoding(value: &str) -> Vec<(String, u16)> {
+    let mut out: Vec<(String, u16)> = Vec::new();
+    for part in value.split(',') {
+        let mut pieces = part.split(';');
+        let coding = canonical_coding(pieces.next().unwrap_or_default().trim());
+        if coding.is_empty() {
+            continue;
+        }
+        let mut weight = 1000u16;
+        for param in pieces {
+            if let Some((name, q)) = param.split_once('=') {
+                if name.trim().eq_ignore_ascii_case("q") {
+                    // An unreadable weight is read as "not acceptable": the safe side.
+                    weight = parse_qvalue(q.trim()).unwrap_or(0);
+                }
+            }
+        }
+        match out.iter_mut().find(|(c, _)| *c == coding) {
+            Some(seen) => seen.1 = seen.1.max(weight),
+            None => out.push((coding, weight)),
+        }
+    }
+    out
+}
+
+/// Lowercase, with the `x-` aliases RFC 9110 §8.4.1 makes equivalent.
+fn canonical_coding(coding: &str) -> String {
+    let lower = coding.to_ascii_lowercase();
+    match lower.as_str() {
+        "x-gzip" => "gzip".to_string(),
+        "x-compress" => "compress".to_string(),
+        _ => lower,
+    }
+}
+
+/// Is `coding` acceptable under the parsed field: named with a non-zero weight, else `*` with
+/// one; `identity` is acceptable unless `identity;q=0`, or `*;q=0` without naming it.
+fn coding_accepted(codings: &[(String, u16)], coding: &str) -> bool {
+    if let Some((_, q)) = codings.iter().find(|(c, _)| c == coding) {
+        return *q > 0;
+    }
+    match codings.iter().find(|(c, _)| c == "*") {
+        Some((_, q)) => *q > 0,
+        None => coding == "identity",
+    }
 }
 
 /// A qvalue (`0`, `0.5`, `1.000`) in thousandths.
@@ -435,7 +547,10 @@ mod tests {
         let c = CacheKey::with_vary(primary, &vary, &none);
         assert_eq!(a, b);
         assert_ne!(a, c);
-        assert_eq!(a.map(|k| k.variant), Ok("accept-encoding=gzip,br".into()));
+        assert_eq!(
+            a.map(|k| k.variant),
+            Ok("accept-encoding=br,gzip,identity".into())
+        );
     }
 
     #[test]
@@ -483,6 +598,98 @@ mod tests {
         );
         assert_eq!(normalise_url("https://h").as_deref(), Some("https://h/"));
         assert_eq!(normalise_url("not a url"), None);
+    }
+
+    /// RFC 9110 §12.5.3: Accept-Encoding variants are the set of accepted codings — order,
+    /// case, `x-` aliases and non-zero q-values do not matter; `q=0` and `identity` do.
+    #[test]
+    fn rfc9110_12_5_3_accept_encoding_normalised() {
+        let n = normalise_accept_encoding;
+        assert_eq!(n("gzip, br"), "br,gzip,identity");
+        assert_eq!(n("BR;q=0.8, gzip"), n("gzip, br"));
+        assert_eq!(n("br,  x-gzip , identity;q=0.5"), n("gzip, br"));
+        assert_eq!(n("gzip, br, zstd"), "br,gzip,identity,zstd");
+        assert_ne!(n("gzip, br;q=0"), n("gzip, br"));
+        assert_eq!(n("gzip, br;q=0"), "gzip,identity");
+        assert_eq!(n("gzip, identity;q=0"), "gzip");
+        assert_eq!(n("*;q=0, gzip"), "gzip");
+        assert_eq!(n("*"), "*,identity");
+        assert_eq!(n(""), "identity");
+        assert_eq!(n("gzip;q=bogus"), "identity");
+        let primary = PrimaryKey {
+            url: "http://a/".into(),
+            keyed_headers: String::new(),
+        };
+        let vary = [http::header::ACCEPT_ENCODING];
+        let key = |v: Option<&'static str>| {
+            let mut h = HeaderMap::new();
+            if let Some(v) = v {
+                h.insert(http::header::ACCEPT_ENCODING, HeaderValue::from_static(v));
+            }
+            CacheKey::with_vary(primary.clone(), &vary, &h).expect("key")
+        };
+        assert_eq!(
+            key(Some("gzip, deflate, br")),
+            key(Some("br;q=1.0, Deflate, GZIP"))
+        );
+        assert_ne!(key(Some("gzip")), key(Some("br")));
+        // No field (anything goes) is not an empty field (identity only).
+        assert_ne!(key(None), key(Some("")));
+    }
+
+    /// RFC 9110 §12.5.3: a stored coding is served only to clients that accept it.
+    #[test]
+    fn rfc9110_12_5_3_encoding_acceptable() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            let mut m = HeaderMap::new();
+            for (n, v) in pairs {
+                m.append(*n, HeaderValue::from_static(v));
+            }
+            m
+        };
+        let gzip = h(&[("content-encoding", "gzip")]);
+        let plain = HeaderMap::new();
+        assert!(encoding_acceptable(&HeaderMap::new(), &gzip));
+        assert!(encoding_acceptable(
+            &h(&[("accept-encoding", "gzip, br")]),
+            &gzip
+        ));
+        assert!(encoding_acceptable(
+            &h(&[("accept-encoding", "X-GZIP")]),
+            &gzip
+        ));
+        assert!(!encoding_acceptable(
+            &h(&[("accept-encoding", "br")]),
+            &gzip
+        ));
+        assert!(!encoding_acceptable(
+            &h(&[("accept-encoding", "gzip;q=0, br")]),
+            &gzip
+        ));
+        assert!(encoding_acceptable(&h(&[("accept-encoding", "*")]), &gzip));
+        assert!(!encoding_acceptable(&h(&[("accept-encoding", "")]), &gzip));
+        assert!(encoding_acceptable(
+            &h(&[("accept-encoding", "br")]),
+            &plain
+        ));
+        assert!(!encoding_acceptable(
+            &h(&[("accept-encoding", "br, identity;q=0")]),
+            &plain
+        ));
+        assert!(!encoding_acceptable(
+            &h(&[("accept-encoding", "br, *;q=0")]),
+            &plain
+        ));
+        // Several codings applied: each must be accepted.
+        let both = h(&[("content-encoding", "gzip, br")]);
+        assert!(!encoding_acceptable(
+            &h(&[("accept-encoding", "gzip")]),
+            &both
+        ));
+        assert!(encoding_acceptable(
+            &h(&[("accept-encoding", "gzip, br")]),
+            &both
+        ));
     }
 
     /// RFC 9110 §12.5.4: Accept-Language variants match regardless of tag order, case and

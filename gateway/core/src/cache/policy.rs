@@ -34,6 +34,11 @@ pub struct RouteRules {
     pub allow_cookie: bool,
     /// Heuristic freshness cap; `None`: heuristic freshness is off.
     pub heuristic: Option<Duration>,
+    /// A `Range` miss fetches the whole response to store it and answers the range from it.
+    pub fill_ranges: bool,
+    /// Response fields removed before anything reaches a client: the targeted fields when the
+    /// edge consumes them (`[edge.cache] forward_targeted = false`).
+    pub hidden: Vec<HeaderName>,
     pub key: KeyOptions,
     pub stale_while_revalidate: Option<Duration>,
     pub stale_if_error: Option<Duration>,
@@ -49,7 +54,9 @@ impl Default for RouteRules {
             allow_authorization: false,
             allow_set_cookie: false,
             allow_cookie: false,
-            heuristic: None,
+            heuristic: Some(DEFAULT_HEURISTIC_MAX),
+            fill_ranges: true,
+            hidden: Vec::new(),
             key: KeyOptions::default(),
             stale_while_revalidate: None,
             stale_if_error: None,
@@ -79,6 +86,8 @@ impl RouteRules {
                     .heuristic_max
                     .map_or(DEFAULT_HEURISTIC_MAX, |d| d.as_duration())
             }),
+            fill_ranges: config.fill_ranges,
+            hidden: Vec::new(),
             key: KeyOptions::from_config(&config.key),
             stale_while_revalidate: config.stale_while_revalidate.map(|d| d.as_duration()),
             stale_if_error: config.stale_if_error.map(|d| d.as_duration()),
@@ -554,7 +563,11 @@ pub fn storability(
         // Without stated freshness only heuristically cacheable codes (or `public`) may be
         // stored (RFC 9111 §3, §4.2.2).
         None if !(heuristically_cacheable(status) || cc.public) => return Err(NotStorable::Status),
-        None => match heuristic_lifetime(headers, date, response.response_time, rules)
+        // A heuristic never stands in for a `no-cache` response's validation (RFC 9111 §4.2.2
+        // is about reuse without validation, which no-cache forbids).
+        None => match (!cc.no_cache)
+            .then(|| heuristic_lifetime(headers, date, response.response_time, rules))
+            .flatten()
             .or(rules.default_ttl)
         {
             Some(l) => l,
@@ -620,6 +633,7 @@ fn age_header(headers: &HeaderMap) -> (Duration, bool) {
 
 /// RFC 9111 §4.2.2: a tenth of the time since `Last-Modified` (as of `Date`), capped by the
 /// route's `heuristic_max`; `None` when the route has it off or the response cannot support it.
+/// No `Warning` is added to responses served this way: RFC 9111 obsoleted the field.
 fn heuristic_lifetime(
     headers: &HeaderMap,
     date: Option<SystemTime>,
@@ -1009,12 +1023,8 @@ mod tests {
     }
 
     #[test]
-    fn no_heuristic_freshness_but_route_default_ttl() {
+    fn route_default_ttl_when_nothing_else_applies() {
         assert_eq!(store(200, &[], &enabled()), Err(NotStorable::NoFreshness));
-        assert_eq!(
-            store(200, &[("last-modified", &date(t(0)))], &enabled()),
-            Err(NotStorable::NoFreshness)
-        );
         let rules = RouteRules {
             default_ttl: Some(Duration::from_secs(42)),
             ..enabled()
@@ -1024,6 +1034,10 @@ mod tests {
         // Explicit freshness wins over the route default.
         let s = store(200, &[("cache-control", "max-age=3")], &rules).expect("storable");
         assert_eq!(s.freshness.lifetime, Duration::from_secs(3));
+        // So does a heuristic lifetime.
+        let h = [("date", &*date(t(1000))), ("last-modified", &*date(t(0)))];
+        let s = store(200, &h, &rules).expect("storable");
+        assert_eq!(s.freshness.lifetime, Duration::from_secs(100));
     }
 
     #[test]
@@ -1689,17 +1703,26 @@ mod tests {
         }
     }
 
-    /// RFC 9111 §4.2.2: heuristic freshness (opt-in) is 10% of Date - Last-Modified, capped.
+    /// RFC 9111 §4.2.2: heuristic freshness, on by default, is 10 % of Date − Last-Modified,
+    /// capped by `heuristic_max`; only for heuristically cacheable codes (or `public`), never with
+    /// explicit freshness or `no-cache`; `heuristic = false` turns it off.
     #[test]
     fn rfc9111_4_2_2_heuristic_freshness() {
         let h = [("date", &*date(t(1000))), ("last-modified", &*date(t(0)))];
-        assert_eq!(store(200, &h, &enabled()), Err(NotStorable::NoFreshness));
-        let on = RouteRules {
-            heuristic: Some(DEFAULT_HEURISTIC_MAX),
-            ..enabled()
-        };
-        let s = store(200, &h, &on).expect("heuristic");
+        let s = store(200, &h, &enabled()).expect("heuristic by default");
         assert_eq!(s.freshness.lifetime, Duration::from_secs(100));
+        let from_config = RouteRules::from_config(&RouteCache {
+            enabled: true,
+            ..RouteCache::default()
+        });
+        assert_eq!(from_config.heuristic, Some(DEFAULT_HEURISTIC_MAX));
+        let off = RouteRules::from_config(&RouteCache {
+            enabled: true,
+            heuristic: false,
+            ..RouteCache::default()
+        });
+        assert_eq!(off.heuristic, None);
+        assert_eq!(store(200, &h, &off), Err(NotStorable::NoFreshness));
         let capped = RouteRules {
             heuristic: Some(Duration::from_secs(30)),
             ..enabled()
@@ -1708,17 +1731,65 @@ mod tests {
             store(200, &h, &capped).expect("capped").freshness.lifetime,
             Duration::from_secs(30)
         );
-        // Not for codes that are not heuristically cacheable, nor when explicit freshness exists.
-        assert_eq!(store(302, &h, &on), Err(NotStorable::Status));
+        // The default cap is one day: Last-Modified a year ago gives 24 h, not 36 days.
+        let old = [
+            ("date", &*date(t(365 * 86_400))),
+            ("last-modified", &*date(t(0))),
+        ];
+        assert_eq!(
+            store(200, &old, &enabled())
+                .expect("capped")
+                .freshness
+                .lifetime,
+            DEFAULT_HEURISTIC_MAX
+        );
+        // Every heuristically cacheable code; others only with `public`.
+        for code in [200, 203, 204, 300, 301, 308, 404, 405, 410, 414, 451, 501] {
+            assert!(store(code, &h, &enabled()).is_ok(), "{code}");
+        }
+        assert_eq!(store(302, &h, &enabled()), Err(NotStorable::Status));
+        let mut public = h.to_vec();
+        public.push(("cache-control", "public"));
+        assert!(store(302, &public, &enabled()).is_ok());
+        // Explicit freshness (max-age or Expires) wins.
         let mut explicit = h.to_vec();
         explicit.push(("cache-control", "max-age=3"));
         assert_eq!(
-            store(200, &explicit, &on)
+            store(200, &explicit, &enabled())
                 .expect("explicit")
                 .freshness
                 .lifetime,
             Duration::from_secs(3)
         );
+        let mut expires = h.to_vec();
+        let at = date(t(1005));
+        expires.push(("expires", &at));
+        assert_eq!(
+            store(200, &expires, &enabled())
+                .expect("expires")
+                .freshness
+                .lifetime,
+            Duration::from_secs(5)
+        );
+        // no-cache: stored for validation, never fresh by heuristic.
+        let mut no_cache = h.to_vec();
+        no_cache.push(("cache-control", "no-cache"));
+        let s = store(200, &no_cache, &enabled()).expect("validator kept");
+        assert_eq!(s.freshness.lifetime, Duration::ZERO);
+        assert_eq!(s.freshness.usability(t(0), &get()), Usability::Stale);
+        // Last-Modified after Date (clock skew) or no Last-Modified: no heuristic.
+        let future = [("date", &*date(t(0))), ("last-modified", &*date(t(10)))];
+        assert_eq!(
+            store(200, &future, &enabled()),
+            Err(NotStorable::NoFreshness)
+        );
+        assert_eq!(
+            store(200, &[("date", &*date(t(0)))], &enabled()),
+            Err(NotStorable::NoFreshness)
+        );
+        // Served without a Warning: the stored headers are the origin's.
+        let stored = headers_to_store(&headers(&h));
+        assert!(!stored.contains_key("warning"));
     }
 
     /// RFC 9110 §13.1.3 / RFC 9111 §4.3.2: If-Modified-Since against an entry without

@@ -86,6 +86,48 @@ pub fn answer(request: &HeaderMap, stored: &HeaderMap, len: u64) -> RangeAnswer 
     }
 }
 
+/// Does the request ask for several ranges (a multipart answer, left to the origin)?
+pub fn several_ranges(request: &HeaderMap) -> bool {
+    let mut values = request.get_all(header::RANGE).iter();
+    let Some(first) = values.next().and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    values.next().is_none()
+        && first
+            .split_once('=')
+            .is_some_and(|(_, specs)| specs.split(',').filter(|s| !s.trim().is_empty()).count() > 1)
+}
+
+/// A range miss filled by fetching the whole response (RFC 9110 §14): how the client's `Range`
+/// is answered from the origin's response head, before its body arrives. Only a `200` with a
+/// known length can be cut while it streams (`bytes=-n` needs the end); anything else goes to
+/// the client whole, as a server that ignores `Range` would answer (RFC 9110 §14.2). `If-Range`
+/// is checked against the fresh response's validators.
+pub fn answer_from_response(request: &HeaderMap, status: u16, response: &HeaderMap) -> RangeAnswer {
+    if status != 200 {
+        return RangeAnswer::Full;
+    }
+    let mut lengths = response.get_all(header::CONTENT_LENGTH).iter();
+    let length = lengths
+        .next()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    match (length, lengths.next()) {
+        (Some(len), None) if !response.contains_key(header::TRANSFER_ENCODING) => {
+            answer(request, response, len)
+        }
+        _ => RangeAnswer::Full,
+    }
+}
+
+/// The part of a body chunk at byte `offset` (of `len` bytes) that falls in `start..=end`, as
+/// indices into the chunk; `None` when they do not overlap.
+pub fn slice_of(offset: u64, len: usize, start: u64, end: u64) -> Option<std::ops::Range<usize>> {
+    let chunk_end = offset.saturating_add(len as u64);
+    let (from, to) = (start.max(offset), end.saturating_add(1).min(chunk_end));
+    (from < to).then(|| (from - offset) as usize..(to - offset) as usize)
+}
+
 /// `If-Range` (RFC 9110 §13.1.5): the range applies only if the validator still matches — a
 /// strong entity-tag equal to the stored one, or a date equal to the stored `Last-Modified`.
 fn if_range_matches(request: &HeaderMap, stored: &HeaderMap) -> bool {
@@ -176,6 +218,49 @@ mod tests {
             answer(&HeaderMap::new(), &HeaderMap::new(), 10),
             RangeAnswer::Full
         );
+    }
+
+    /// RFC 9110 §14.2 / §14.4: a range miss answered from the whole response as it streams — a
+    /// `200` of known length is cut; any other status, or an unknown length, goes whole.
+    #[test]
+    fn rfc9110_14_2_answer_from_a_fetched_response() {
+        let ask = h(&[("range", "bytes=-3")]);
+        let known = h(&[("content-length", "10"), ("etag", "\"v1\"")]);
+        assert_eq!(
+            answer_from_response(&ask, 200, &known),
+            RangeAnswer::Partial { start: 7, end: 9 }
+        );
+        assert_eq!(answer_from_response(&ask, 404, &known), RangeAnswer::Full);
+        let chunked = h(&[("transfer-encoding", "chunked")]);
+        assert_eq!(answer_from_response(&ask, 200, &chunked), RangeAnswer::Full);
+        let twice = h(&[("content-length", "10"), ("content-length", "10")]);
+        assert_eq!(answer_from_response(&ask, 200, &twice), RangeAnswer::Full);
+        let beyond = h(&[("range", "bytes=10-")]);
+        assert_eq!(
+            answer_from_response(&beyond, 200, &known),
+            RangeAnswer::Unsatisfiable
+        );
+        // If-Range is checked against the response that was just fetched.
+        let stale_validator = h(&[("range", "bytes=0-0"), ("if-range", "\"v0\"")]);
+        assert_eq!(
+            answer_from_response(&stale_validator, 200, &known),
+            RangeAnswer::Full
+        );
+        assert!(several_ranges(&h(&[("range", "bytes=0-1, 4-5")])));
+        assert!(!several_ranges(&h(&[("range", "bytes=0-1")])));
+        assert!(!several_ranges(&HeaderMap::new()));
+    }
+
+    /// Cutting `start..=end` out of a body that arrives in chunks.
+    #[test]
+    fn slices_of_chunks() {
+        assert_eq!(slice_of(0, 10, 3, 5), Some(3..6));
+        assert_eq!(slice_of(10, 10, 3, 5), None);
+        assert_eq!(slice_of(4, 10, 3, 5), Some(0..2));
+        assert_eq!(slice_of(0, 4, 3, 100), Some(3..4));
+        assert_eq!(slice_of(0, 3, 3, 5), None);
+        assert_eq!(slice_of(0, 0, 0, 0), None);
+        assert_eq!(slice_of(0, 10, 0, u64::MAX), Some(0..10));
     }
 
     /// RFC 9110 §13.1.5: If-Range with a strong ETag or the exact Last-Modified.
