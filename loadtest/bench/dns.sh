@@ -215,8 +215,10 @@ ZONE
 # --- start both -----------------------------------------------------------------------------------
 "$MERIDIAN" dns --config "$WORK/meridian.toml" >"$WORK/meridian.log" 2>&1 &
 PIDS+=($!)
+MERIDIAN_PID=$!
 "$GDNSD" -c "$WORK/gdnsd" -l -D start >"$WORK/gdnsd.log" 2>&1 &
 PIDS+=($!)
+GDNSD_PID=$!
 
 wait_dns() {
   for _ in $(seq 1 100); do
@@ -276,17 +278,29 @@ fi
 RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
 run_one() {
-  local server=$1 port=$2 scen=$3 round=$4
+  local server=$1 port=$2 scen=$3 round=$4 pid=$5
   local out="$OUT/dns.$scen.$server.r$round.txt"
+  local before after client
+  # CPU the server and dnsperf spent (user + system, all threads): on shared cores, every cycle the
+  # server spends per query is one the load generator does not get.
+  before=$(cpu_ticks "$pid")
   # shellcheck disable=SC2086
-  dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/queries.txt" -l "$DURATION" -c "$CLIENTS" -q "$OUTSTANDING" \
-    ${SCEN_ARGS[$scen]} $PERF_EXTRA >"$out" 2>&1
-  local qps lost latency
+  client=$( { TIMEFORMAT='%U %S'; time dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/queries.txt" -l "$DURATION" \
+    -c "$CLIENTS" -q "$OUTSTANDING" ${SCEN_ARGS[$scen]} $PERF_EXTRA >"$out" 2>&1; } 2>&1 )
+  after=$(cpu_ticks "$pid")
+  local qps lost latency completed
   qps=$(awk '/Queries per second:/ {print $4}' "$out")
   lost=$(awk '/Queries lost:/ {print $3}' "$out")
   latency=$(awk '/Average Latency/ {print $4}' "$out")
-  printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$scen" "$server" "$round" "$qps" "$lost" "$latency" >>"$RESULTS"
-  log "$scen / $server / round $round: $qps qps, average latency $latency s, lost $lost"
+  completed=$(awk '/Queries completed:/ {print $3}' "$out")
+  local server_us client_us
+  server_us=$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="${completed:-0}" \
+    'BEGIN { printf "%.2f", n ? t / hz * 1e6 / n : 0 }')
+  client_us=$(awk -v c="$client" -v n="${completed:-0}" \
+    'BEGIN { split(c, p, " "); printf "%.2f", n ? (p[1] + p[2]) * 1e6 / n : 0 }')
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scen" "$server" "$round" "$qps" "$lost" "$latency" \
+    "$server_us" "$client_us" >>"$RESULTS"
+  log "$scen / $server / round $round: $qps qps, average latency $latency s, lost $lost, CPU µs/query server $server_us dnsperf $client_us"
 }
 for round in $(seq 1 "$ROUNDS"); do
   for scen in "${SCEN[@]}"; do
@@ -294,7 +308,9 @@ for round in $(seq 1 "$ROUNDS"); do
     else order=("gdnsd:$GDNSD_PORT" "meridian:$MERIDIAN_PORT"); fi
     for entry in "${order[@]}"; do
       IFS=: read -r server port <<<"$entry"
-      run_one "$server" "$port" "$scen" "$round"
+      pid=$MERIDIAN_PID
+      [ "$server" = gdnsd ] && pid=$GDNSD_PID
+      run_one "$server" "$port" "$scen" "$round" "$pid"
     done
   done
 done
@@ -310,9 +326,11 @@ desc = dict(d.split("=", 1) for d in descs)
 qps = collections.defaultdict(list)
 lat = collections.defaultdict(list)
 lost = collections.defaultdict(int)
+cpu = collections.defaultdict(list)
 for line in open(path):
-    scen, server, rnd, q, l, a = line.rstrip("\n").split("\t")
+    scen, server, rnd, q, l, a, s_us, c_us = line.rstrip("\n").split("\t")
     qps[(scen, server)].append(float(q or 0))
+    cpu[(scen, server)].append((float(s_us or "nan"), float(c_us or "nan")))
     lat[(scen, server)].append(float(a or "nan"))
     lost[(scen, server)] += int((l or "0").split()[0])
 mean = lambda v: sum(v) / len(v) if v else float("nan")
@@ -320,18 +338,22 @@ print(f"dnsperf -c {clients} -q {outstanding}, {dur} s per run, {len(qps[next(it
       f"{cpus} cores shared by dnsperf and the server; meridian dns: {mworkers} UDP workers; "
       f"gdnsd udp_threads = {gthreads}")
 print()
-print("| scenario | meridian/gdnsd qps | meridian/gdnsd avg latency | lost (meridian / gdnsd) |")
-print("|---|---|---|---|")
+print("| scenario | meridian/gdnsd qps | meridian/gdnsd avg latency | server CPU µs/query (meridian / gdnsd) | lost (meridian / gdnsd) |")
+print("|---|---|---|---|---|")
 for scen in ["plain", "resolver-kr", "ecs-de"]:
     m = qps[(scen, "meridian")]; g = qps[(scen, "gdnsd")]
     if not m or not g:
         continue
     ratio = mean(m) / mean(g) if sum(g) else float("nan")
     lratio = mean(lat[(scen, "meridian")]) / mean(lat[(scen, "gdnsd")])
-    print(f"| {scen}: {desc[scen]} | {ratio:.2f} | {lratio:.2f} | {lost[(scen, 'meridian')]} / {lost[(scen, 'gdnsd')]} |")
+    mcpu = mean([c[0] for c in cpu[(scen, "meridian")]])
+    gcpu = mean([c[0] for c in cpu[(scen, "gdnsd")]])
+    print(f"| {scen}: {desc[scen]} | {ratio:.2f} | {lratio:.2f} | {mcpu:.2f} / {gcpu:.2f} | {lost[(scen, 'meridian')]} / {lost[(scen, 'gdnsd')]} |")
 print()
 print("raw qps and average latency per round (for the record, not a claim):")
 for (scen, server), v in sorted(qps.items()):
     print(f"  {scen:12} {server:9} " + " ".join(f"{x:.0f}" for x in v)
-          + "   latency ms: " + " ".join(f"{x * 1000:.3f}" for x in lat[(scen, server)]))
+          + "   latency ms: " + " ".join(f"{x * 1000:.3f}" for x in lat[(scen, server)])
+          + "   CPU µs/query server: " + " ".join(f"{c[0]:.2f}" for c in cpu[(scen, server)])
+          + " dnsperf: " + " ".join(f"{c[1]:.2f}" for c in cpu[(scen, server)]))
 PY

@@ -7,6 +7,7 @@
 //! - [`server`]: UDP and TCP on one address, both calling the same handler; zone hot reload.
 
 pub mod answer;
+mod cache;
 pub mod dnssec;
 pub mod fast;
 pub mod health;

@@ -102,7 +102,9 @@ fn run(socket: &UdpSocket, shared: &Weak<Shared>, stop: &AtomicBool) {
             continue;
         }
         let serving = shared.serving.load();
+        // One clock read for the whole batch: RRL, the caches and the duration histogram all use it.
         let now = Instant::now();
+        scratch.begin(&serving, now);
         out.clear();
         let mut answers = 0;
         for i in 0..received {
@@ -118,6 +120,7 @@ fn run(socket: &UdpSocket, shared: &Weak<Shared>, stop: &AtomicBool) {
                 peer.ip(),
                 Transport::Udp,
                 &mut out,
+                now,
             ) {
                 continue;
             }
@@ -140,6 +143,7 @@ fn run(socket: &UdpSocket, shared: &Weak<Shared>, stop: &AtomicBool) {
             answers += 1;
         }
         drop(serving);
+        scratch.observe(&shared.metrics, now.elapsed(), received);
         scratch.flush();
         send_all(
             fd,
