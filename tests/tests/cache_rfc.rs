@@ -685,8 +685,7 @@ fn interim_and_hop_by_hop_are_not_stored(protocol: Secure) {
 
 /// RFC 8297 / RFC 9110 §15.2: an origin's `103 Early Hints` reaches the client while the origin
 /// is still working on the final response (it is held back until the client has the hints),
-/// over h1 and h3. Pingora's HTTP/2 session drops 1xx answers, so h2 clients get the final
-/// response only. Hints are never stored (see the interim test above).
+/// over h1, h2 and h3. Hints are never stored (see the interim test above).
 fn early_hints_reach_the_client_first(protocol: Secure) {
     let rig = rig(protocol, |_| {});
     let gate = Arc::new(tokio::sync::Notify::new());
@@ -773,11 +772,43 @@ fn early_hints_reach_the_client_first(protocol: Secure) {
             assert_eq!(body, b"final");
             endpoint.close(0u32.into(), b"done");
         }),
-        Secure::H2 => {
+        Secure::H2 => rig.world.runtime.block_on(async {
+            let tls = rig.world.tls.as_ref().expect("tls");
+            let config = secure::tcp_client_config(tls.roots(), &[b"h2"]);
+            let stream = secure::tls_connect(
+                source_for("US"),
+                rig.edge.https_addr.expect("https"),
+                HOST,
+                config,
+            )
+            .await
+            .expect("TLS");
+            let (client, connection) = ::h2::client::handshake(stream).await.expect("h2");
+            tokio::spawn(connection);
+            let mut client = client.ready().await.expect("ready");
+            let request = http::Request::get(format!("https://{HOST}/early"))
+                .body(())
+                .expect("request");
+            let (mut response, _) = client.send_request(request, true).expect("send");
+            let hints = std::future::poll_fn(|cx| response.poll_informational(cx))
+                .await
+                .expect("an interim response")
+                .expect("hints");
+            assert_eq!(hints.status(), 103);
+            assert_eq!(
+                hints.headers().get("link").and_then(|v| v.to_str().ok()),
+                Some("</style.css>; rel=preload")
+            );
             gate.notify_one();
-            let reply = rig.get("/early", &[]);
-            assert_eq!((reply.status, reply.text().as_str()), (200, "final"));
-        }
+            let done = response.await.expect("final");
+            assert_eq!(done.status(), 200);
+            let mut body = done.into_body();
+            let mut got = Vec::new();
+            while let Some(chunk) = body.data().await {
+                got.extend_from_slice(&chunk.expect("body"));
+            }
+            assert_eq!(got, b"final");
+        }),
     }
     let hit = rig.get("/early", &[]);
     assert_eq!((cache(&hit), hit.header("link")), ("hit", None));
