@@ -536,8 +536,47 @@ async fn write_all<W: tokio::io::AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Where a try hands the `103 Early Hints` it reads, for the front to relay at once.
-pub type InterimSink = mpsc::Sender<http::response::Parts>;
+/// Where a try hands the `103 Early Hints` it reads, for the front to relay at once. It lives in
+/// the request's own future and allocates nothing until a hint arrives: every proxied request
+/// carries one, almost none ever receives a hint.
+#[derive(Default)]
+pub struct InterimSink {
+    hints: std::sync::Mutex<Vec<http::response::Parts>>,
+    arrived: tokio::sync::Notify,
+}
+
+impl InterimSink {
+    /// Hints kept for the front at a time; more are dropped (hints are optional).
+    const MAX_PENDING: usize = 4;
+
+    /// Never waits: hints the front cannot take now are not worth a stall.
+    pub fn offer(&self, hint: http::response::Parts) {
+        let mut hints = self
+            .hints
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if hints.len() < Self::MAX_PENDING {
+            hints.push(hint);
+            drop(hints);
+            self.arrived.notify_one();
+        }
+    }
+
+    /// Resolves once a hint was offered since the last [`InterimSink::take`].
+    pub async fn arrived(&self) {
+        self.arrived.notified().await;
+    }
+
+    /// The hints offered so far, oldest first.
+    pub fn take(&self) -> Vec<http::response::Parts> {
+        std::mem::take(
+            &mut *self
+                .hints
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+}
 
 /// Reads until a whole final response head is buffered. 1xx interim responses are skipped;
 /// `103`s go to `interim` first.
@@ -554,8 +593,7 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
             buf.advance(used);
             if parts.status.is_informational() && parts.status != StatusCode::SWITCHING_PROTOCOLS {
                 if let (Some(sink), StatusCode::EARLY_HINTS) = (interim, parts.status) {
-                    // Never waits: hints the front cannot take now are not worth a stall.
-                    let _ = sink.try_send(parts);
+                    sink.offer(parts);
                 }
                 continue;
             }

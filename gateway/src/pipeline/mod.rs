@@ -50,8 +50,6 @@ use body::{BodyError, RequestBody, REPLAY_BYTES};
 pub(crate) use cached::EdgeCache;
 pub(crate) use downstream::{Arrival, ClientBodyError, Downstream, Head};
 
-/// `103 Early Hints` held for the client at most while it is being written to (more are dropped).
-const EARLY_HINTS: usize = 4;
 /// Bytes of a model call's prompt hashed for prefix affinity.
 const PREFIX_BYTES: usize = 1024;
 
@@ -103,7 +101,7 @@ struct Outbound<'a> {
     /// A model call: its replicas are picked by the model servers' state.
     call: Option<CallPick<'a>>,
     /// Where tries hand the origin's `103 Early Hints` for the client.
-    interim: Option<InterimSink>,
+    interim: Option<&'a InterimSink>,
 }
 
 /// A response to relay, with the guard counting it against its upstream until it ends.
@@ -424,13 +422,8 @@ impl Pipeline {
         };
         // Early hints reach the client while the tries run, unless the client's body is still
         // being pumped (the downstream is busy then) — hints are optional.
-        let (interim, mut hints) = match pump {
-            None => {
-                let (tx, rx) = tokio::sync::mpsc::channel(EARLY_HINTS);
-                (Some(tx), Some(rx))
-            }
-            Some(_) => (None, None),
-        };
+        let hints = InterimSink::default();
+        let interim = pump.is_none().then_some(&hints);
         let outbound = Outbound {
             method: &method,
             uri: &uri,
@@ -453,18 +446,22 @@ impl Pipeline {
             state.access.as_deref_mut(),
             started,
         );
-        let outcome = match (pump, hints.as_mut()) {
+        let outcome = match (pump, interim) {
             (None, Some(hints)) => {
                 tokio::pin!(forward);
                 let outcome = loop {
                     tokio::select! {
                         biased;
-                        Some(hint) = hints.recv() => out.interim(hint).await,
+                        () = hints.arrived() => {
+                            for hint in hints.take() {
+                                out.interim(hint).await;
+                            }
+                        }
                         outcome = &mut forward => break outcome,
                     }
                 };
                 // A hint read in the same poll as the final head still goes first.
-                while let Ok(hint) = hints.try_recv() {
+                for hint in hints.take() {
                     out.interim(hint).await;
                 }
                 outcome
@@ -555,7 +552,7 @@ impl Pipeline {
             let attempts = loaded.metrics.attempts.get(pick.region);
             let result = self
                 .connector
-                .send(pick.address, request, timeouts, outbound.interim.as_ref())
+                .send(pick.address, request, timeouts, outbound.interim)
                 .await;
             let replay = Replay {
                 body_replayable: outbound.body.replayable(),
