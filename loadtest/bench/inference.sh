@@ -3,12 +3,13 @@
 #
 # picking: replica picking inside a region, model-aware vs least outstanding, same run. Four
 #   simulated GPU model servers (`meridian-loadtest model-servers`: 4 slots each, a queue beyond
-#   them, a prefix cache of 4 prompts; a cached prefix prefills in 6 ms instead of 60 ms, tokens
-#   2 ms apart) behind one region of `meridian serve`, whose `[inference] picking` is
+#   them, a prefix cache of 6 prompts; a cached prefix prefills in 30 ms instead of 300 ms, tokens
+#   5 ms apart) behind one region of `meridian serve`, whose `[inference] picking` is
 #   `model_aware` or `least_outstanding`. The load (`meridian-loadtest prefix-load`): open loop,
-#   RATE calls/s for DURATION, 16 system prompts of 3 KB with Zipf(1) popularity (the hottest takes
-#   30 %), answers of 4, 16 or 64 tokens; the same calls at the same times in every run (fixed
-#   seed). Each mode starts on fresh servers and a fresh edge; modes alternate over ROUNDS.
+#   RATE calls/s for PICK_DURATION (the first 5 s warm the caches and are not measured), 16 system
+#   prompts of 3 KB with Zipf(1) popularity (the hottest takes 30 %), answers of 4, 16 or 64
+#   tokens; the same calls at the same times in every run (fixed seed). Each mode starts on fresh
+#   servers and a fresh edge; modes alternate over ROUNDS.
 #   Reports TTFT p50/p99 (from each call's scheduled start: queueing counts) and completed
 #   calls/s, with ratios least-outstanding / model-aware, and the servers' prefix-cache hit rates.
 #
@@ -21,9 +22,9 @@
 # Prints ratios edge/direct; writes loadtest/bench/results/inference.md and the JSON reports.
 #
 #   bash loadtest/bench/inference.sh
-#   PART=picking RATE=150 PICK_DURATION=20s ROUNDS=2 bash loadtest/bench/inference.sh
+#   PART=picking RATE=30 PICK_DURATION=30s ROUNDS=2 bash loadtest/bench/inference.sh
 #   DURATION=5s ROUNDS=1 PART=overhead bash loadtest/bench/inference.sh
-#   Env: PART, RATE (150), PICK_DURATION (20s), DURATION, ROUNDS, LOADGEN_THREADS (1),
+#   Env: PART, RATE (30), PICK_DURATION (30s), SERVER_FLAGS, LOAD_FLAGS, DURATION, ROUNDS, LOADGEN_THREADS (1),
 #   EDGE_THREADS (1), MERIDIAN_BIN, CARGO_TARGET_DIR, OUT.
 #
 # Traffic stays on 127.0.0.0/8; every process started here is stopped on exit.
@@ -36,8 +37,13 @@ DURATION="${DURATION:-10s}"
 ROUNDS="${ROUNDS:-2}"
 LOADGEN_THREADS="${LOADGEN_THREADS:-1}"
 PART="${PART:-all}"
-RATE="${RATE:-150}"
-PICK_DURATION="${PICK_DURATION:-20s}"
+RATE="${RATE:-30}"
+PICK_DURATION="${PICK_DURATION:-30s}"
+# The simulated servers and the workload (see `meridian-loadtest model-servers --help`).
+# Times are those of a small GPU server slowed ×5, so that scheduler noise on a busy 2-core
+# machine stays small beside them.
+SERVER_FLAGS="${SERVER_FLAGS:---slots 4 --prefill 300ms --cached-prefill 30ms --cache-entries 6 --token-interval 5ms}"
+LOAD_FLAGS="${LOAD_FLAGS:---groups 16 --zipf 1.0 --prefix-bytes 3000 --warmup 5s}"
 EDGE_THREADS="${EDGE_THREADS:-1}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 
@@ -81,7 +87,8 @@ pick_run() {
     listen="${listen:+$listen,}127.0.0.1:$p"
     upstreams="${upstreams:+$upstreams, }{ address = \"127.0.0.1:$p\" }"
   done
-  "$LOADTEST" model-servers --listen "$listen" --stats "$OUT/picking.$mode.r$round.servers.json" >"$WORK/servers.log" 2>&1 &
+  # shellcheck disable=SC2086
+  "$LOADTEST" model-servers --listen "$listen" $SERVER_FLAGS --stats "$OUT/picking.$mode.r$round.servers.json" >"$WORK/servers.log" 2>&1 &
   servers=$!
   PIDS+=($servers)
   cat >"$WORK/picking.toml" <<CONF
@@ -126,7 +133,7 @@ CONF
     sleep 0.01
   done
   "$LOADTEST" prefix-load "http://127.0.0.1:$PICK_EDGE_PORT/v1/chat/completions" --host inference.example.test \
-    --rate "$RATE" -d "$PICK_DURATION" --label "$mode" --json "$OUT/picking.$mode.r$round.json" >"$WORK/last.txt"
+    --rate "$RATE" -d "$PICK_DURATION" $LOAD_FLAGS --label "$mode" --json "$OUT/picking.$mode.r$round.json" >"$WORK/last.txt"
   log "picking / $mode / round $round: $(cat "$WORK/last.txt")"
   kill "$edge" "$servers" 2>/dev/null || true
   wait "$edge" 2>/dev/null || true
@@ -154,8 +161,8 @@ for p in sorted(glob.glob(os.path.join(out, "picking.*.r*.json"))):
         runs.setdefault(mode, []).append(json.load(open(p)))
 def m(mode, f):
     return statistics.mean(f(r) for r in runs[mode])
-print(f"{cores} cores; 4 simulated model servers (4 slots, prefix cache of 4, prefill 60 ms / 6 ms cached, "
-      f"tokens 2 ms apart); open loop {rate} calls/s for {duration}, 16 prefixes Zipf(1); mean over rounds.\n")
+print(f"{cores} cores; 4 simulated model servers (4 slots, prefix cache of 6, prefill 300 ms / 30 ms cached, "
+      f"tokens 5 ms apart); open loop {rate} calls/s for {duration} (5 s warm-up), 16 prefixes Zipf(1); mean over rounds.\n")
 print("| picking | TTFT p50 ms | TTFT p99 ms | completed/s | failed | prefix-cache hits |")
 print("|---|---|---|---|---|---|")
 for mode in ("model_aware", "least_outstanding"):

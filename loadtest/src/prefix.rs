@@ -62,6 +62,10 @@ pub struct PrefixLoadArgs {
     pub rate: f64,
     #[arg(short = 'd', long, value_parser = duration::parse, default_value = "20s")]
     pub duration: Duration,
+    /// Calls before this (from the start) are sent but not measured: the servers' prefix caches
+    /// fill first, so the figures describe steady state.
+    #[arg(long, value_parser = duration::parse, default_value = "0s")]
+    pub warmup: Duration,
     /// Prompt-prefix groups (distinct system prompts).
     #[arg(long, default_value_t = 16)]
     pub groups: usize,
@@ -244,16 +248,19 @@ pub fn prefix_load(args: PrefixLoadArgs) -> anyhow::Result<ExitCode> {
         let path: Arc<str> = path.as_str().into();
         let mut tasks = tokio::task::JoinSet::new();
         let sent = calls.len();
+        let measured = calls.iter().filter(|c| c.at >= args.warmup).count();
         for c in calls {
             tokio::time::sleep_until((start + c.at).into()).await;
             let (host, path) = (Arc::clone(&host), Arc::clone(&path));
             let scheduled = start + c.at;
             let timeout = args.timeout;
+            let counts = c.at >= args.warmup;
             tasks.spawn(async move {
-                tokio::time::timeout(timeout, call(target, &host, &path, c.body, scheduled))
+                let result = tokio::time::timeout(timeout, call(target, &host, &path, c.body, scheduled))
                     .await
                     .map_err(|_| anyhow::anyhow!("timed out"))
-                    .and_then(|r| r)
+                    .and_then(|r| r);
+                (counts, result)
             });
         }
         let mut ttft = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 600_000_000, 3)
@@ -262,11 +269,12 @@ pub fn prefix_load(args: PrefixLoadArgs) -> anyhow::Result<ExitCode> {
         let mut last_error = None;
         while let Some(done) = tasks.join_next().await {
             match done {
-                Ok(Ok(first)) => {
+                Ok((false, _)) => {}
+                Ok((true, Ok(first))) => {
                     completed += 1;
                     let _ = ttft.record(first.as_micros().max(1) as u64);
                 }
-                Ok(Err(e)) => {
+                Ok((true, Err(e))) => {
                     failed += 1;
                     last_error = Some(e.to_string());
                 }
@@ -276,7 +284,7 @@ pub fn prefix_load(args: PrefixLoadArgs) -> anyhow::Result<ExitCode> {
                 }
             }
         }
-        let elapsed = start.elapsed().as_secs_f64();
+        let elapsed = (start.elapsed().saturating_sub(args.warmup)).as_secs_f64();
         let ms = |q: f64| ttft.value_at_quantile(q) as f64 / 1000.0;
         serde_json::json!({
             "label": args.label,
@@ -285,6 +293,8 @@ pub fn prefix_load(args: PrefixLoadArgs) -> anyhow::Result<ExitCode> {
             "groups": args.groups,
             "zipf": args.zipf,
             "sent": sent,
+            "measured": measured,
+            "warmup_s": args.warmup.as_secs_f64(),
             "completed": completed,
             "failed": failed,
             "last_error": last_error,

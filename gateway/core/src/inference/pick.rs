@@ -7,8 +7,8 @@
 //! Affinity uses rendezvous hashing (highest random weight): each replica's weight for a prefix is
 //! a hash of both, so adding or losing a replica moves only the prefixes that were on it. The
 //! bound is "consistent hashing with bounded loads": a replica may take an affine call while its
-//! load is at most `load_factor` × the mean load (rounded up), else the prefix's next replica in
-//! hash order does. Replicas with stale or missing metrics are scored by in-flight calls only
+//! load is at most `load_factor` × the mean load (rounded up; never less than `min_affine_load`),
+//! else the prefix's next replica in hash order does. Replicas with stale or missing metrics are scored by in-flight calls only
 //! (least outstanding), and the pick says so.
 
 /// What the edge knows of one replica when a call arrives.
@@ -51,6 +51,9 @@ pub struct PickParams {
     pub adapter_bonus: f64,
     /// Affine calls stay on their replica while its load ≤ this × the mean load.
     pub load_factor: f64,
+    /// ... or while its load is below this, whatever the mean: at low load the bound would move
+    /// calls off a server with free slots, costing their prefix cache for nothing.
+    pub min_affine_load: f64,
     /// A replica with at least this many waiting requests is saturated: it takes no new call
     /// while another replica is not.
     pub saturation_queue: f64,
@@ -64,6 +67,7 @@ impl Default for PickParams {
             inflight_weight: 1.0,
             adapter_bonus: 2.0,
             load_factor: 1.25,
+            min_affine_load: 4.0,
             saturation_queue: 8.0,
         }
     }
@@ -161,7 +165,9 @@ pub fn pick(
     let open = |r: &Replica| all_saturated || !r.saturated(params);
     if let Some(key) = affinity {
         let total: f64 = available().map(|(_, r)| r.load()).sum();
-        let bound = (params.load_factor * (total + 1.0) / count as f64).ceil();
+        let bound = (params.load_factor * (total + 1.0) / count as f64)
+            .ceil()
+            .max(params.min_affine_load);
         let mut order: Vec<(u64, usize)> = available()
             .filter(|(_, r)| open(r))
             .map(|(i, r)| (rendezvous(key, r.id), i))
