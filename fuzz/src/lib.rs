@@ -158,3 +158,30 @@ pub fn replay(name: &str, input: &[u8]) -> Option<Result<(), String>> {
         }),
     )
 }
+
+/// Writes `target`'s seed inputs into `dir` (created), one file each: an AFL++ input corpus.
+pub fn write_seeds(target: &Target, dir: &std::path::Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for (i, seed) in (target.seeds)().iter().enumerate() {
+        std::fs::write(dir.join(format!("seed-{i:03}")), seed)?;
+    }
+    Ok(())
+}
+
+/// `target`'s dictionary in AFL's format: one quoted token a line, bytes outside printable
+/// ASCII (and `"`, `\`) as `\xNN`.
+pub fn afl_dictionary(target: &Target) -> String {
+    let mut out = String::new();
+    for token in target.dictionary {
+        out.push('"');
+        for &b in *token {
+            if (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\' {
+                out.push(char::from(b));
+            } else {
+                out.push_str(&format!("\\x{b:02x}"));
+            }
+        }
+        out.push_str("\"\n");
+    }
+    out
+}

@@ -8,7 +8,9 @@
 //! made it), explicit connect/read/write timeouts, the connect time for the access log, and errors
 //! that say whether the upstream may have seen the request (only a connect failure is always safe
 //! to retry elsewhere). A pooled connection the upstream closed while idle is noticed on use and
-//! the request goes out again on a fresh one, when nothing of it can have been processed.
+//! the request goes out again, once, on a fresh one when nothing of it was written or it may be
+//! sent twice; otherwise the error says so ([`UpstreamError::Stale`]) and is not the upstream's
+//! fault.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -143,6 +145,12 @@ pub enum UpstreamError {
     /// The request may have reached the upstream.
     #[error("upstream {addr}: {message}")]
     Failed { addr: SocketAddr, message: String },
+    /// A kept-alive connection closed before any byte of a response, and the request could not
+    /// go out again on a fresh one (part of it was written and it may not be sent twice). The
+    /// upstream may have seen it, so it is not retried; but closing an idle connection is what
+    /// upstreams do, so it says nothing about the upstream's health.
+    #[error("upstream {addr}: kept-alive connection closed before a response")]
+    Stale { addr: SocketAddr },
 }
 
 impl UpstreamError {
@@ -153,6 +161,11 @@ impl UpstreamError {
     /// The connection was refused.
     pub fn is_refused(&self) -> bool {
         matches!(self, UpstreamError::Connect { refused: true, .. })
+    }
+
+    /// A kept-alive connection closed before answering a request that could not be resent.
+    pub fn is_stale(&self) -> bool {
+        matches!(self, UpstreamError::Stale { .. })
     }
 
     /// A connect, read or write timeout.
@@ -251,7 +264,7 @@ impl Connector {
         let (head, chunked) = encode_head(&parts, &body);
         let head_request = parts.method == Method::HEAD;
         let idempotent = parts.method.is_idempotent();
-        while let Some(mut conn) = checkout(addr) {
+        if let Some(mut conn) = checkout(addr) {
             match exchange(
                 &mut conn,
                 addr,
@@ -266,16 +279,17 @@ impl Connector {
                 Ok(response) => {
                     return Ok(self.wrap(conn, addr, response, timeouts, Duration::ZERO));
                 }
+                // Once, on a fresh connection: a second pooled one is as likely closed as the
+                // first, and an idempotent request that went out on each would reach an upstream
+                // that reads before closing once per idle connection.
                 Err(Attempt::Stale { written })
                     if body.replayable() && (!written || idempotent) =>
                 {
-                    continue
+                    forget_idle(addr)
                 }
                 Err(Attempt::Stale { .. }) => {
-                    return Err(UpstreamError::Failed {
-                        addr,
-                        message: "kept-alive connection closed by the upstream".into(),
-                    })
+                    forget_idle(addr);
+                    return Err(UpstreamError::Stale { addr });
                 }
                 Err(Attempt::Failed(e)) => return Err(e),
             }
@@ -324,8 +338,29 @@ impl Connector {
     }
 }
 
+/// An idle connection to `addr` that has not visibly been closed. An upstream that closed it
+/// while idle has usually sent its FIN by now: such connections are dropped here, before anything
+/// is written, so only a close racing the request is left for the exchange to notice.
 fn checkout(addr: SocketAddr) -> Option<Conn> {
-    IDLE.with(|idle| idle.borrow_mut().get_mut(&addr)?.pop())
+    IDLE.with(|idle| {
+        let mut idle = idle.borrow_mut();
+        let list = idle.get_mut(&addr)?;
+        while let Some(conn) = list.pop() {
+            let mut probe = [0u8; 1];
+            match conn.stream.try_read(&mut probe) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Some(conn),
+                // EOF, an error, or bytes nobody asked for: not a connection to reuse.
+                _ => continue,
+            }
+        }
+        None
+    })
+}
+
+/// Drops this thread's idle connections to `addr`: one of them was found closed, and the older
+/// ones have idled even longer.
+fn forget_idle(addr: SocketAddr) {
+    IDLE.with(|idle| idle.borrow_mut().remove(&addr));
 }
 
 async fn connect(addr: SocketAddr, limit: Duration) -> Result<Conn, UpstreamError> {

@@ -89,10 +89,14 @@ enum Command {
         /// File holding the bearer token that writes must present.
         #[arg(long)]
         token_file: PathBuf,
-        /// File holding the bearer token that reads (`GET /v1/…`) must present; the documents
-        /// hold API key hashes and the whole routing. Without it reads are open.
+        /// File holding the bearer token that reads (`GET /v1/…`) must present (the write
+        /// token is accepted too); the documents hold API key hashes and the whole routing.
+        /// Without it reads need the write token, unless --public-reads.
         #[arg(long)]
         read_token_file: Option<PathBuf>,
+        /// Serve reads (`GET /v1/…`, long-polls included) to anyone, without a token.
+        #[arg(long, conflicts_with = "read_token_file")]
+        public_reads: bool,
         /// Serve HTTPS with this PEM certificate chain (with --tls-key).
         #[arg(long, requires = "tls_key")]
         tls_cert: Option<PathBuf>,
@@ -170,7 +174,8 @@ struct ServerArgs {
     /// Config service URL.
     #[arg(long, env = "MERIDIAN_SERVER", default_value = "http://127.0.0.1:7070")]
     server: String,
-    /// Token file for writes (default: the MERIDIAN_TOKEN environment variable).
+    /// Bearer token file: the write token, or the read token for get, diff and history
+    /// (default: the MERIDIAN_TOKEN environment variable).
     #[arg(long)]
     token_file: Option<PathBuf>,
     /// CA certificate (PEM) of an https:// config service.
@@ -359,6 +364,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             token_file,
             read_token_file,
+            public_reads,
             tls_cert,
             tls_key,
             allowed_hosts,
@@ -374,6 +380,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 listen,
                 token_file,
                 read_token_file,
+                public_reads,
                 keep_versions,
                 tls: tls_cert.zip(tls_key),
                 allowed_hosts,

@@ -152,6 +152,8 @@ pub struct ServerOptions {
     pub listen: SocketAddr,
     pub token_file: PathBuf,
     pub read_token_file: Option<PathBuf>,
+    /// Reads without any token (only without a read token).
+    pub public_reads: bool,
     pub keep_versions: u64,
     /// Certificate chain and key (PEM) for HTTPS.
     pub tls: Option<(PathBuf, PathBuf)>,
@@ -175,16 +177,15 @@ pub async fn config_server(
         listen,
         token_file,
         read_token_file,
+        public_reads,
         keep_versions,
         tls,
         allowed_hosts,
     } = options;
     let token = read_token(&token_file)?;
     let read_token = read_token_file.as_deref().map(read_token).transpose()?;
-    if read_token.is_none() {
-        tracing::warn!(
-            "reads need no token (documents include API key hashes): set --read-token-file"
-        );
+    if read_token.is_none() && public_reads {
+        tracing::warn!("--public-reads: anyone who reaches the service reads every document, API key hashes included");
     }
     let tls = match tls {
         Some((cert, key)) => Some(
@@ -223,6 +224,7 @@ pub async fn config_server(
     tracing::info!(%listen, "config service running");
     let mut state =
         meridian_config_service::ServiceState::with_store(store, token).with_read_token(read_token);
+    state.public_reads = public_reads;
     state.tls = tls;
     state.allowed_hosts =
         (listen.ip().is_loopback() || !allowed_hosts.is_empty()).then_some(allowed_hosts);

@@ -328,9 +328,15 @@ fn start_edge(
     if config.edge.https.is_some() {
         config.edge.https = Some(free_local_addr().to_string());
     }
+    // The service answers reads only with a token: each edge gets its own copy of it.
+    let token_file = service.map(|s| {
+        let path = cache_dir.with_extension("token");
+        std::fs::write(&path, &s.token).expect("write the edge's control token file");
+        path.display().to_string()
+    });
     config.control = service.map(|s| meridian_config::Control {
         url: s.url(),
-        token_file: None,
+        token_file,
         cache_dir: cache_dir.display().to_string(),
         wait: meridian_config::HumanDuration::secs(30),
         ..Default::default()

@@ -129,13 +129,15 @@ fn the_control_api_needs_the_demo_token_and_a_loopback_host() {
         &[],
     );
     assert_eq!(rebound.status, 421);
+    // Reads need a token too; the demo token is the service's write token.
+    let bearer = format!("Bearer {}", world.token);
     let local = call(
         &runtime,
         world.config_service,
         "GET",
         "127.0.0.1",
         "/v1/config",
-        &[],
+        &[("authorization", &bearer)],
     );
     assert_eq!(local.status, 200);
 }
@@ -157,7 +159,16 @@ fn admin_and_config_service_refuse_a_host_that_is_not_loopback() {
             &[],
         );
         assert_eq!(rebound.status, 421, "{path}");
-        let local = call(&world.runtime, addr, "GET", "localhost", path, &[]);
+        // Config service reads need its token (the admin listener ignores the header).
+        let bearer = format!("Bearer {}", world.service().token);
+        let local = call(
+            &world.runtime,
+            addr,
+            "GET",
+            "localhost",
+            path,
+            &[("authorization", &bearer)],
+        );
         assert_eq!(local.status, 200, "{path}");
     }
 }

@@ -147,13 +147,16 @@ fn edges_follow_replicas_through_an_etcd_leader_kill_and_a_full_outage() {
         &variant(&world.config, 0),
         "push 0",
     );
+    // Reads need a token: the edges present the replicas' (shared) one.
+    let token_file = world.path("fleet.token");
+    std::fs::write(&token_file, &replicas[0].token).expect("token file");
     let edges: Vec<_> = (0..3)
         .map(|i| {
             start_edge_with_control(
                 &world,
                 Control {
                     url: replicas[i % 2].url(),
-                    token_file: None,
+                    token_file: Some(token_file.display().to_string()),
                     cache_dir: world.path(&format!("edge-{i}-cache")).display().to_string(),
                     wait: HumanDuration::secs(30),
                     ..Default::default()

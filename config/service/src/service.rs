@@ -12,8 +12,9 @@
 //! | `POST /v1/rollback/{n}` (token) | 201 VersionMeta of the new version, or 404 |
 //! | `GET /healthz` | 200 `ok` |
 //!
-//! Every error body is JSON `{"error": "..."}`. With a read token, every `GET` under `/v1/`
-//! needs it (or the write token): the document holds API key hashes and the whole routing.
+//! Every error body is JSON `{"error": "..."}`. Every `GET` under `/v1/` (the long-polls too)
+//! needs a token: the read token when one is configured, else the write token — the document
+//! holds API key hashes and the whole routing. Only `public_reads` opens reads to anyone.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -64,8 +65,11 @@ pub struct ServiceState {
     pub store: Arc<dyn VersionStore>,
     /// Bearer token required for writes. An empty token disables every write (401).
     pub token: String,
-    /// Bearer token required for reads (the write token is accepted too). `None`: reads are open.
+    /// Bearer token required for reads (the write token is accepted too). `None`: reads need
+    /// the write token, unless `public_reads`.
     pub read_token: Option<String>,
+    /// Reads need no token at all when no read token is set (`--public-reads`).
+    pub public_reads: bool,
     /// Largest accepted `PUT /v1/config` body; more is answered `413`.
     pub max_body_bytes: usize,
     /// Open connections at most; more wait in the kernel's accept queue.
@@ -97,6 +101,7 @@ impl ServiceState {
             store,
             token: token.into(),
             read_token: None,
+            public_reads: false,
             max_body_bytes: Self::DEFAULT_MAX_BODY_BYTES,
             max_connections: Self::DEFAULT_MAX_CONNECTIONS,
             max_long_polls: Self::DEFAULT_MAX_LONG_POLLS,
@@ -112,10 +117,13 @@ impl ServiceState {
         self
     }
 
+    /// Reads are open to anyone only when asked for; otherwise a separate read token lets
+    /// edges read without holding the power to write.
     fn may_read(&self, headers: &http::HeaderMap) -> bool {
         match &self.read_token {
-            None => true,
             Some(read) => authorized(headers, read) || authorized(headers, &self.token),
+            None if self.public_reads => true,
+            None => authorized(headers, &self.token),
         }
     }
 

@@ -118,6 +118,60 @@ async fn reads_need_the_read_token_and_it_cannot_write() {
     );
 }
 
+/// Without a read token the safe default holds: reads (long-polls too) need the write token,
+/// and only `public_reads` (`--public-reads`) opens them to anyone.
+#[tokio::test]
+async fn without_a_read_token_reads_need_the_write_token_unless_public() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = start(dir.path(), |_| {}).await;
+    let writer = client(&server, Some(WRITE));
+    writer
+        .push(DOC, "ana", "first", None)
+        .await
+        .expect("the write token writes");
+    let anonymous = client(&server, None);
+    assert_eq!(status(anonymous.current().await), 401, "GET /v1/config");
+    assert_eq!(status(anonymous.history().await), 401, "GET /v1/history");
+    assert_eq!(status(anonymous.version(1).await), 401);
+    assert_eq!(
+        status(anonymous.wait_for_newer(0, Duration::from_millis(10)).await),
+        401,
+        "the long-poll"
+    );
+    assert_eq!(status(anonymous.purges(None, Duration::ZERO).await), 401);
+    assert_eq!(status(client(&server, Some(READ)).current().await), 401);
+    let (code, body) = raw(
+        server.addr,
+        "GET /v1/config HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(code, 401);
+    assert!(
+        !body.contains("api.example.test"),
+        "no document in a refusal"
+    );
+    assert_eq!(
+        writer.current().await.expect("read").expect("v1").document,
+        DOC
+    );
+    assert_eq!(writer.history().await.expect("history").len(), 1);
+
+    let public = tempfile::tempdir().expect("tempdir");
+    let server = start(public.path(), |state| state.public_reads = true).await;
+    client(&server, Some(WRITE))
+        .push(DOC, "ana", "first", None)
+        .await
+        .expect("push");
+    let anonymous = client(&server, None);
+    assert!(anonymous.current().await.expect("public read").is_some());
+    assert_eq!(anonymous.history().await.expect("history").len(), 1);
+    assert_eq!(
+        status(anonymous.push(DOC, "eve", "x", None).await),
+        401,
+        "public reads never open writes"
+    );
+}
+
 /// A CA and a certificate for 127.0.0.1 and localhost signed by it, written as PEM files.
 fn ca_and_leaf(
     dir: &Path,
@@ -190,9 +244,12 @@ async fn over_tls_clients_trust_only_the_configured_ca() {
 #[tokio::test]
 async fn purges_are_long_polled_in_order_and_only_the_write_token_posts_them() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let server = start(dir.path(), |_| {}).await;
+    let server = start(dir.path(), |state| {
+        state.read_token = Some(READ.into());
+    })
+    .await;
     let writer = client(&server, Some(WRITE));
-    let edge = client(&server, None);
+    let edge = client(&server, Some(READ));
     let cursor = edge.purges(None, Duration::ZERO).await.expect("cursor");
     assert_eq!(
         (cursor.seq, cursor.purges.len(), cursor.lost),
@@ -255,9 +312,10 @@ async fn long_polls_past_the_cap_are_refused_at_once_and_heads_are_bounded() {
     let dir = tempfile::tempdir().expect("tempdir");
     let server = start(dir.path(), |state| {
         state.max_long_polls = 1;
+        state.read_token = Some(READ.into());
     })
     .await;
-    let edge = client(&server, None);
+    let edge = client(&server, Some(READ));
     let first = tokio::spawn({
         let edge = edge.clone();
         async move { edge.wait_for_newer(0, Duration::from_secs(30)).await }

@@ -48,6 +48,8 @@ impl Server {
         let store = ConfigStore::open(dir).expect("open store");
         let mut state = ServiceState::new(store, TOKEN);
         state.max_body_bytes = max_body_bytes;
+        // These tests are about the API; read authorisation is tests/hardening.rs's.
+        state.public_reads = true;
         let state = Arc::new(state);
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("local addr");

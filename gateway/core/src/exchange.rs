@@ -467,6 +467,23 @@ impl Tries {
         (TryVerdict::Fail(self.failure), effects)
     }
 
+    /// A kept-alive connection closed before answering, and the request could not be resent on
+    /// a fresh one (the connector already did that when it could). Upstreams close idle
+    /// connections as a matter of course, and this one raced the request: never charged to the
+    /// upstream's health or ejection. Only what may be sent twice goes elsewhere.
+    pub fn on_stale_connection(
+        &mut self,
+        snapshot: &Snapshot,
+        replay: Replay,
+        now_ms: u64,
+    ) -> (TryVerdict, Effects) {
+        self.failure = 502;
+        if replay.idempotent && replay.body_replayable && self.may_retry(snapshot, now_ms, false) {
+            return (self.retry(RetryReason::UpstreamError), Effects::default());
+        }
+        (TryVerdict::Fail(self.failure), Effects::default())
+    }
+
     /// The request was served by another region than the one geography (and residency)
     /// preferred: (preferred, served, reason) for `meridian_failovers_total`.
     pub fn failover(&self) -> Option<(usize, usize, &'static str)> {
@@ -983,6 +1000,32 @@ default_region = "near"
             t.next(&snap, 0, 0).expect("pick");
             let (_, effects) = t.on_response(&snap, status, &HeaderMap::new(), POST, 0);
             assert!(!effects.ejected, "{status}");
+        }
+        assert!(snap.regions[0]
+            .upstreams
+            .iter()
+            .all(|u| !u.state.is_ejected(0)));
+    }
+
+    #[test]
+    fn a_pooled_connection_closed_before_answering_is_never_charged() {
+        let snap = compile(FOUR);
+        for replay in [POST, GET] {
+            for _ in 0..4 {
+                let mut t = tries(&snap);
+                t.next(&snap, 0, 0).expect("pick");
+                let (verdict, effects) = t.on_stale_connection(&snap, replay, 0);
+                assert!(!effects.ejected);
+                let expect = if replay.idempotent {
+                    TryVerdict::Retry(RetryReason::UpstreamError)
+                } else {
+                    TryVerdict::Fail(502)
+                };
+                assert_eq!(
+                    verdict, expect,
+                    "only what may be sent twice goes elsewhere"
+                );
+            }
         }
         assert!(snap.regions[0]
             .upstreams

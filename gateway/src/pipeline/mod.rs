@@ -582,6 +582,12 @@ impl Pipeline {
                     let status = outbound.body.client_error().map_or(400, BodyError::status);
                     return Err(status);
                 }
+                Err(e) if e.is_stale() => {
+                    if let Some(series) = attempts {
+                        series.ok.inc();
+                    }
+                    tries.on_stale_connection(snapshot, replay, now)
+                }
                 Err(e) => {
                     if let Some(series) = attempts {
                         series.ok.inc();

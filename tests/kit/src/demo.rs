@@ -156,9 +156,10 @@ impl DemoWorld {
         let admin_token = format!("admin-{}\n", random_hex(16).map_err(io("random token"))?);
         write_private(&options.data_dir.join("admin.token"), &admin_token)
             .map_err(io("demo admin token file"))?;
+        // The service answers reads only with a token: the edge presents the demo's.
         config.control = Some(meridian_config::Control {
             url: service.url(),
-            token_file: None,
+            token_file: Some(options.data_dir.join("token").display().to_string()),
             cache_dir: options.data_dir.join("edge-cache").display().to_string(),
             wait: meridian_config::HumanDuration::secs(30),
             ..Default::default()
