@@ -127,7 +127,13 @@ fn unknown_model_is_an_openai_style_404() {
 
 #[test]
 fn oversized_and_malformed_bodies_are_refused_at_the_edge() {
-    let world = World::start(local_config());
+    let mut config = local_config();
+    for route in config.routes.iter_mut().filter(|r| r.name == "inference") {
+        if let Some(inference) = route.inference.as_mut() {
+            inference.max_body_bytes = 65_536;
+        }
+    }
+    let world = World::start(config);
     let big = format!(
         r#"{{"model":"qwen-turbo","messages":[{{"role":"user","content":"{}"}}]}}"#,
         "a".repeat(70_000)

@@ -97,12 +97,47 @@ pub fn drive(world: &World) -> u64 {
     // No route claims the host: 421.
     assert_eq!(world.get_from("US", "nobody.test", "/").status, 421);
     sent += 2;
+    // Inference saturation: Korea's only allowed region reports a long queue while the others are
+    // idle, so a Korean call is refused (strict residency) and counted as shed. The first call
+    // starts the scraping; both count against the per-key limit below.
+    assert_eq!(chat(world, "SG", "qwen-turbo"), 200);
+    let seoul = world.origins_of("ap-northeast-2");
+    for origin in seoul {
+        origin
+            .model
+            .report(Some(meridian_testkit::model_server::Reported {
+                waiting: 12,
+                running: 4,
+                kv_cache: 0.9,
+                adapters: vec![],
+            }));
+    }
+    for origin in seoul {
+        let series = format!(
+            r#"meridian_inference_replica_queue{{region="ap-northeast-2",upstream="{}"}}"#,
+            origin.address
+        );
+        assert_eq!(
+            world.metric_eventually(&series, 12.0),
+            Some(12.0),
+            "{series}"
+        );
+    }
+    assert_eq!(
+        chat(world, "KR", "qwen-turbo"),
+        503,
+        "saturated, not sent abroad"
+    );
+    for origin in seoul {
+        origin.model.report(None);
+    }
+    sent += 2;
     // Inference: tokens and time to first byte, then the per-key limit answers 429.
     let mut limited = 0;
     for (i, model) in ["qwen-turbo", "qwen-max", "qwen-plus"]
         .iter()
         .cycle()
-        .take(REQUESTS_PER_MINUTE as usize + 1)
+        .take(REQUESTS_PER_MINUTE as usize - 1)
         .enumerate()
     {
         let status = chat(world, if i % 2 == 0 { "SG" } else { "DE" }, model);
