@@ -29,15 +29,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 source "$ROOT/loadtest/bench/lib.sh"
 
-missing=()
-command -v valgrind >/dev/null || missing+=(valgrind)
-command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || missing+=(nginx)
-command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || missing+=(haproxy)
-if [ "${#missing[@]}" -gt 0 ]; then
-  log "installing ${missing[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-fi
+ensure_tools valgrind:valgrind callgrind_control:valgrind nginx:nginx haproxy:haproxy
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"
 HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
 
