@@ -164,16 +164,6 @@ impl Stream {
     }
 }
 
-/// Header fields that are about one connection and have no meaning in HTTP/2 (RFC 9113 §8.2.2):
-/// an upstream's HTTP/1.1 answer may carry them.
-const CONNECTION_SPECIFIC: [http::HeaderName; 5] = [
-    http::header::CONNECTION,
-    http::HeaderName::from_static("keep-alive"),
-    http::HeaderName::from_static("proxy-connection"),
-    http::header::TRANSFER_ENCODING,
-    http::header::UPGRADE,
-];
-
 impl Downstream for Stream {
     fn head(&self) -> Head<'_> {
         Head {
@@ -202,9 +192,8 @@ impl Downstream for Stream {
         mut headers: HeaderMap,
         end: bool,
     ) -> io::Result<()> {
-        for name in &CONNECTION_SPECIFIC {
-            headers.remove(name);
-        }
+        // Connection-specific fields (RFC 9113 §8.2.2) never get here: the pipeline strips every
+        // hop-by-hop field from what it relays, for all protocols, with one shared list.
         if !headers.contains_key(http::header::DATE) {
             headers.insert(http::header::DATE, super::date_now());
         }
@@ -221,12 +210,9 @@ impl Downstream for Stream {
         Ok(())
     }
 
-    async fn send_interim(&mut self, status: u16, mut headers: HeaderMap) -> io::Result<()> {
+    async fn send_interim(&mut self, status: u16, headers: HeaderMap) -> io::Result<()> {
         if self.send.is_some() {
             return Ok(()); // the final head went out already
-        }
-        for name in &CONNECTION_SPECIFIC {
-            headers.remove(name);
         }
         let mut interim = Response::new(());
         *interim.status_mut() = StatusCode::from_u16(status).map_err(io::Error::other)?;
