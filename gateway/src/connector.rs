@@ -283,15 +283,15 @@ impl Connector {
     pub async fn send(
         &self,
         addr: SocketAddr,
-        request: http::Request<UpstreamBody>,
+        request: OutboundHead<'_>,
+        body: UpstreamBody,
         timeouts: Timeouts,
         interim: Option<&InterimSink>,
     ) -> Result<UpstreamResponse, UpstreamError> {
         ensure_timer_floor();
-        let (parts, body) = request.into_parts();
-        let (head, chunked) = encode_head(&parts, &body);
-        let head_request = parts.method == Method::HEAD;
-        let idempotent = parts.method.is_idempotent();
+        let (head, chunked) = encode_head(request, &body);
+        let head_request = *request.method == Method::HEAD;
+        let idempotent = request.method.is_idempotent();
         if let Some(mut conn) = checkout(addr) {
             match exchange(
                 &mut conn,
@@ -413,9 +413,19 @@ async fn connect(addr: SocketAddr, limit: Duration) -> Result<Conn, UpstreamErro
     })
 }
 
+/// The head of a request for an upstream (origin-form URI, `Host` set), borrowed: the tries of
+/// one request share it, so each try encodes it straight into bytes instead of first copying its
+/// header map.
+#[derive(Clone, Copy, Debug)]
+pub struct OutboundHead<'a> {
+    pub method: &'a Method,
+    pub uri: &'a http::Uri,
+    pub headers: &'a HeaderMap,
+}
+
 /// The request head as HTTP/1.1 bytes, and whether the body goes chunked. Whole bodies get their
 /// exact `Content-Length`; streamed ones keep the client's declared length, else go chunked.
-fn encode_head(parts: &http::request::Parts, body: &UpstreamBody) -> (Vec<u8>, bool) {
+fn encode_head(parts: OutboundHead<'_>, body: &UpstreamBody) -> (Vec<u8>, bool) {
     use std::io::Write;
     let mut out = Vec::with_capacity(256 + parts.headers.len() * 48);
     out.extend_from_slice(parts.method.as_str().as_bytes());
@@ -430,7 +440,7 @@ fn encode_head(parts: &http::request::Parts, body: &UpstreamBody) -> (Vec<u8>, b
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let streamed = body.rest.is_some();
     let declared = parts.headers.contains_key(http::header::CONTENT_LENGTH);
-    for (name, value) in &parts.headers {
+    for (name, value) in parts.headers {
         if name == http::header::CONTENT_LENGTH && !streamed {
             continue;
         }
@@ -442,7 +452,7 @@ fn encode_head(parts: &http::request::Parts, body: &UpstreamBody) -> (Vec<u8>, b
     let chunked = streamed && !declared;
     if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    } else if !streamed && (!body.head.is_empty() || expects_body(&parts.method)) {
+    } else if !streamed && (!body.head.is_empty() || expects_body(parts.method)) {
         // Writing into a Vec cannot fail.
         let _ = write!(out, "content-length: {}\r\n", body.head.len());
     }
@@ -696,9 +706,16 @@ fn parse_head(
     addr: SocketAddr,
 ) -> Result<Option<ParsedHead>, Attempt> {
     let failed = |message: String| Attempt::Failed(UpstreamError::Failed { addr, message });
-    let mut raw = [httparse::EMPTY_HEADER; MAX_RESPONSE_HEADERS];
-    let mut response = httparse::Response::new(&mut raw);
-    let used = match response.parse(buf) {
+    // Uninitialised slots: initialising them all (4 KiB) cost more than parsing a usual head.
+    let mut raw =
+        [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_RESPONSE_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut raw,
+    );
+    let used = match parsed {
         Ok(httparse::Status::Complete(used)) => used,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(e) => return Err(failed(format!("invalid response head: {e}"))),
@@ -1017,7 +1034,12 @@ mod tests {
                 builder = builder.header("content-length", "99");
             }
             let (parts, body) = builder.body(body).expect("request").into_parts();
-            let (head, chunked) = encode_head(&parts, &body);
+            let outbound = OutboundHead {
+                method: &parts.method,
+                uri: &parts.uri,
+                headers: &parts.headers,
+            };
+            let (head, chunked) = encode_head(outbound, &body);
             (String::from_utf8(head).expect("utf8"), chunked)
         };
         let (get, _) = request("GET", UpstreamBody::full(Bytes::new()), false);

@@ -33,7 +33,7 @@ use meridian_config::RouteKind;
 use crate::access_log::UpstreamSide;
 use crate::cache::{CacheRequest, CacheStatus, Lookup, ResponseCache, Ticket};
 use crate::clock;
-use crate::connector::{Connector, InterimSink, Timeouts, UpstreamResponse};
+use crate::connector::{Connector, InterimSink, OutboundHead, Timeouts, UpstreamResponse};
 use crate::core::client::client_ip;
 use crate::core::exchange::{
     check_head_limits, declared_length, request_host, EdgeReply, Effects, Replay, Tries, TryVerdict,
@@ -200,7 +200,10 @@ impl Pipeline {
                 }
                 if let (Refusal::Unavailable { route, .. }, Some(cache)) = (refusal, &self.cache) {
                     // stale-if-error when no region can even be tried.
-                    if let Some(served) = cache.when_unavailable(loaded, route, &cache_view).await {
+                    // Boxed, as every rarely taken await here: the request's future is as big as its
+                    // biggest await, and it is moved whole as the request starts.
+                    let unavailable = Box::pin(cache.when_unavailable(loaded, route, &cache_view));
+                    if let Some(served) = unavailable.await {
                         return out.served(&served).await;
                     }
                 }
@@ -226,9 +229,11 @@ impl Pipeline {
         });
         if let Some(Entry::Pass { key }) = entry {
             // Every path of an inference route is gated; other requests are proxied as is.
-            if let Err(error) = self
-                .inference
-                .admit_other(snapshot, decision.route, key, client)
+            if let Err(error) =
+                Box::pin(
+                    self.inference
+                        .admit_other(snapshot, decision.route, key, client),
+                )
                 .await
             {
                 return out.api_error(&error).await;
@@ -247,12 +252,12 @@ impl Pipeline {
                 let read = match declared {
                     Some(len) if len > max_body_bytes => Err(BodyError::TooLarge),
                     _ => {
-                        body::read_inspected(
+                        Box::pin(body::read_inspected(
                             out.downstream(),
                             max_body_bytes,
                             body_timeout(snapshot),
                             |chunk| sniffer.push(chunk),
-                        )
+                        ))
                         .await
                     }
                 };
@@ -278,19 +283,17 @@ impl Pipeline {
                 let session = (!session_header.is_empty())
                     .then(|| head.headers.get(session_header.as_str()))
                     .flatten();
-                match self
-                    .inference
-                    .route_call(
-                        snapshot,
-                        decision,
-                        key,
-                        &view,
-                        &loaded.geoip,
-                        started,
-                        &fields,
-                        session,
-                    )
-                    .await
+                match Box::pin(self.inference.route_call(
+                    snapshot,
+                    decision,
+                    key,
+                    &view,
+                    &loaded.geoip,
+                    started,
+                    &fields,
+                    session,
+                ))
+                .await
                 {
                     Ok((model_decision, ctx)) => {
                         state.decision = Some(model_decision);
@@ -470,9 +473,8 @@ impl Pipeline {
             (Some(pump), _) => {
                 // The client's remaining body is read while the tries run, in this task: the pump
                 // borrows the downstream until the upstream answered (or gave up).
-                let pump = pump.run(out.downstream(), limit, body_timeout(snapshot));
+                let mut pump = Box::pin(pump.run(out.downstream(), limit, body_timeout(snapshot)));
                 tokio::pin!(forward);
-                tokio::pin!(pump);
                 let mut pumping = true;
                 loop {
                     tokio::select! {
@@ -542,17 +544,18 @@ impl Pipeline {
                 // A streamed body already went (partly) to an upstream: it cannot be replayed.
                 return Err(502);
             };
-            let mut request = http::Request::new(body);
-            *request.method_mut() = outbound.method.clone();
-            *request.uri_mut() = outbound.uri.clone();
-            *request.headers_mut() = outbound.headers.clone();
+            let request = OutboundHead {
+                method: outbound.method,
+                uri: outbound.uri,
+                headers: outbound.headers,
+            };
             if let Some(access) = access.as_deref_mut() {
                 access.upstream = Some(pick.address);
             }
             let attempts = loaded.metrics.attempts.get(pick.region);
             let result = self
                 .connector
-                .send(pick.address, request, timeouts, outbound.interim)
+                .send(pick.address, request, body, timeouts, outbound.interim)
                 .await;
             let replay = Replay {
                 body_replayable: outbound.body.replayable(),

@@ -223,7 +223,9 @@ impl<'a, D: Downstream> Writer<'a, D> {
         let snapshot = &self.loaded.snapshot;
         let status = response.head.status.as_u16();
         if status == 101 {
-            return self.switch_protocols(response, state).await;
+            // Boxed: rare, and the relay's future (part of every request's) would otherwise be
+            // as big as the tunnel's.
+            return Box::pin(self.switch_protocols(response, state)).await;
         }
         let mut headers = std::mem::take(&mut response.head.headers);
         crate::core::headers::strip_hop_by_hop(&mut headers);
@@ -244,16 +246,15 @@ impl<'a, D: Downstream> Writer<'a, D> {
             match cache_on_response(status, had_stale) {
                 CacheOnResponse::ServeStale => {
                     if let Some(served) = ticket.stale_on_error(now) {
-                        return self.served(&served).await;
+                        return Box::pin(self.served(&served)).await;
                     }
                     cache_status = Some(CacheStatus::Expired);
                 }
                 CacheOnResponse::Admit => {
                     if let Some(edge_cache) = edge_cache {
-                        let admission = edge_cache
-                            .cache()
-                            .admit(ticket, status, &headers, now)
-                            .await;
+                        // Boxed: only a cacheable miss waits here.
+                        let admission =
+                            Box::pin(edge_cache.cache().admit(ticket, status, &headers, now)).await;
                         let result = admission.status();
                         cache_status = Some(if result == CacheStatus::Miss && had_stale {
                             CacheStatus::Expired
@@ -263,7 +264,9 @@ impl<'a, D: Downstream> Writer<'a, D> {
                         match admission {
                             Admission::Store(w) => writer = Some(w),
                             Admission::Pass(_) => {}
-                            Admission::Revalidated(served) => return self.served(&served).await,
+                            Admission::Revalidated(served) => {
+                                return Box::pin(self.served(&served)).await
+                            }
                         }
                     }
                 }
@@ -281,9 +284,7 @@ impl<'a, D: Downstream> Writer<'a, D> {
         }
         state.cache = cache_status;
         if !matches!(window, RangeAnswer::Full | RangeAnswer::Multiple) {
-            return self
-                .relay_range(response, _inflight, headers, writer, window)
-                .await;
+            return Box::pin(self.relay_range(response, _inflight, headers, writer, window)).await;
         }
         let headers = self.edge_headers(headers);
         let end = response.body_is_empty();
