@@ -528,10 +528,7 @@ async fn write_request<W: tokio::io::AsyncWrite + Unpin>(
 ) -> Result<(), Attempt> {
     // Nothing written yet on a reused connection: a failure here means it was closed while idle.
     let first = if body.head.len() <= COALESCE_BODY && body.rest.is_none() {
-        let mut out = Vec::with_capacity(head.len() + body.head.len());
-        out.extend_from_slice(head);
-        out.extend_from_slice(&body.head);
-        write_all(w, addr, &out, write_timeout).await
+        write_all_pair(w, addr, head, &body.head, write_timeout).await
     } else {
         write_all(w, addr, head, write_timeout).await
     };
@@ -583,6 +580,38 @@ async fn write_body_chunk<W: tokio::io::AsyncWrite + Unpin>(
         write_all(w, addr, b"\r\n", write_timeout).await
     } else {
         write_all(w, addr, chunk, write_timeout).await
+    }
+}
+
+/// `first` then `second` in as few writes as the socket allows (one `writev` usually): the head
+/// and a small body go out together without being copied into one buffer first.
+async fn write_all_pair<W: tokio::io::AsyncWrite + Unpin>(
+    w: &mut W,
+    addr: SocketAddr,
+    first: &[u8],
+    second: &[u8],
+    limit: Duration,
+) -> Result<(), Attempt> {
+    let mut done = 0;
+    while done < first.len() {
+        let slices = [
+            std::io::IoSlice::new(&first[done..]),
+            std::io::IoSlice::new(second),
+        ];
+        match tokio::time::timeout(limit, w.write_vectored(&slices)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => {
+                return Err(Attempt::Failed(UpstreamError::Failed {
+                    addr,
+                    message: "connection closed while sending the request".into(),
+                }))
+            }
+            Ok(Ok(n)) => done += n,
+            Err(_) => return Err(Attempt::Failed(UpstreamError::Timeout { addr })),
+        }
+    }
+    match done.checked_sub(first.len()) {
+        Some(sent) if sent < second.len() => write_all(w, addr, &second[sent..], limit).await,
+        _ => Ok(()),
     }
 }
 

@@ -122,24 +122,40 @@ pub async fn read_head<D: Downstream>(
     limit: u64,
     read_timeout: Duration,
 ) -> Result<(Bytes, bool), BodyError> {
+    // The first chunk is kept as it is: a body that arrives as one chunk (the usual small body,
+    // which the HTTP/1.1 front reads whole) is never copied. Later chunks are joined to it.
+    let mut first: Option<Bytes> = None;
     let mut body = BytesMut::new();
     loop {
-        if body.len() as u64 > keep {
-            return Ok((body.freeze(), true));
+        let held = first.as_ref().map_or(0, Bytes::len) + body.len();
+        if held as u64 > keep {
+            return Ok((joined(first, body), true));
         }
         match next_chunk(downstream, read_timeout).await? {
             Some(chunk) => {
-                if (body.len() + chunk.len()) as u64 > limit {
+                if (held + chunk.len()) as u64 > limit {
                     return Err(BodyError::TooLarge);
                 }
-                if body.is_empty() && chunk.len() as u64 > keep {
-                    // One large chunk: keep it as it is (no copy).
-                    return Ok((chunk, true));
+                match first.take() {
+                    None if body.is_empty() => first = Some(chunk),
+                    None => body.extend_from_slice(&chunk),
+                    Some(previous) => {
+                        body.reserve(previous.len() + chunk.len());
+                        body.extend_from_slice(&previous);
+                        body.extend_from_slice(&chunk);
+                    }
                 }
-                body.extend_from_slice(&chunk);
             }
-            None => return Ok((body.freeze(), false)),
+            None => return Ok((joined(first, body), false)),
         }
+    }
+}
+
+/// The body read so far: the first chunk alone when nothing followed it.
+fn joined(first: Option<Bytes>, rest: BytesMut) -> Bytes {
+    match first {
+        Some(first) => first,
+        None => rest.freeze(),
     }
 }
 
