@@ -627,3 +627,152 @@ fn websocket_upgrades_are_relayed_both_ways() {
         "the raw upstream refuses non-upgrades"
     );
 }
+
+/// One HTTP/2 frame, written by hand (RFC 9113 §4.1).
+fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = u32::try_from(payload.len()).expect("frame length");
+    let mut frame = len.to_be_bytes()[1..].to_vec();
+    frame.extend_from_slice(&[kind, flags]);
+    frame.extend_from_slice(&stream.to_be_bytes());
+    frame.extend_from_slice(payload);
+    frame
+}
+
+const H2_DATA_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const H2_HEADERS: u8 = 0x1;
+const H2_RST_STREAM: u8 = 0x3;
+const H2_SETTINGS: u8 = 0x4;
+const H2_GOAWAY: u8 = 0x7;
+const H2_CONTINUATION: u8 = 0x9;
+const END_STREAM: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+/// The HPACK block of `GET http://api.example.test/` (RFC 7541: static-table entries 2, 6 and
+/// 4, then `:authority` as a literal with an indexed name).
+fn h2_get_block() -> Vec<u8> {
+    let host = b"api.example.test";
+    let mut block = vec![
+        0x82,
+        0x86,
+        0x84,
+        0x41,
+        u8::try_from(host.len()).expect("short"),
+    ];
+    block.extend_from_slice(host);
+    block
+}
+
+/// Reads frames until the edge sends GOAWAY (its error code) or closes (`None`). Panics when the
+/// edge holds the connection open past the safety timeout instead.
+fn h2_goaway(stream: &mut TcpStream) -> Option<u32> {
+    let mut pending = Vec::new();
+    let fill = |stream: &mut TcpStream, pending: &mut Vec<u8>, want: usize| -> Option<()> {
+        while pending.len() < want {
+            let mut chunk = [0u8; 16384];
+            match stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => pending.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    panic!("the edge held the connection open: {e}")
+                }
+                Err(_) => return None,
+            }
+        }
+        Some(())
+    };
+    loop {
+        fill(stream, &mut pending, 9)?;
+        let len =
+            usize::from(pending[0]) << 16 | usize::from(pending[1]) << 8 | usize::from(pending[2]);
+        fill(stream, &mut pending, 9 + len)?;
+        if pending[3] == H2_GOAWAY && len >= 8 {
+            return Some(u32::from_be_bytes(
+                pending[13..17].try_into().expect("4 bytes"),
+            ));
+        }
+        pending.drain(..9 + len);
+    }
+}
+
+/// HTTP/2 attacks on the edge's own HTTP/2 driver: a rapid-reset flood (CVE-2023-44487: streams
+/// opened and cancelled at once, so the server does work the client never waits for) is cut off
+/// with GOAWAY `ENHANCE_YOUR_CALM` before its streams reach an upstream in numbers, and a
+/// CONTINUATION flood (a header block that never ends) is ended without being held. The edge keeps
+/// serving other clients afterwards.
+#[test]
+fn http2_rapid_reset_and_continuation_floods_are_cut_off() {
+    let world = World::start(local_config());
+    let addr = world.edge.http_addr;
+    let before = world.origin_requests();
+
+    // Rapid reset: 500 requests, each cancelled right after it was sent, in one burst.
+    const FLOOD: u32 = 500;
+    let mut stream = connect(addr);
+    let mut burst = H2_DATA_PREFACE.to_vec();
+    burst.extend(h2_frame(H2_SETTINGS, 0, 0, &[]));
+    let block = h2_get_block();
+    for i in 0..FLOOD {
+        let id = 2 * i + 1;
+        burst.extend(h2_frame(H2_HEADERS, END_STREAM | END_HEADERS, id, &block));
+        burst.extend(h2_frame(H2_RST_STREAM, 0, id, &8u32.to_be_bytes()));
+    }
+    // The edge may close before it has read the whole burst.
+    let _ = stream.write_all(&burst);
+    assert_eq!(
+        h2_goaway(&mut stream),
+        Some(ENHANCE_YOUR_CALM),
+        "a rapid-reset flood gets GOAWAY ENHANCE_YOUR_CALM"
+    );
+    let reached = world.origin_requests() - before;
+    assert!(
+        reached < u64::from(FLOOD / 5),
+        "{reached} of {FLOOD} cancelled streams reached an upstream"
+    );
+
+    // CONTINUATION flood: one header block of 4 MiB, far past `max_header_bytes` (32 KiB), sent
+    // from another thread while this one waits for the edge to end the connection.
+    let mut stream = connect(addr);
+    let mut writer = stream.try_clone().expect("clone the socket");
+    let flood = std::thread::spawn(move || {
+        let mut start = H2_DATA_PREFACE.to_vec();
+        start.extend(h2_frame(H2_SETTINGS, 0, 0, &[]));
+        start.extend(h2_frame(H2_HEADERS, END_STREAM, 1, &h2_get_block()));
+        writer.write_all(&start)?;
+        // Literal fields without indexing (`x-a: aaa…`), 16 KiB per frame, never END_HEADERS.
+        let mut field = vec![0x00, 0x03];
+        field.extend_from_slice(b"x-a");
+        field.push(100);
+        field.extend(std::iter::repeat_n(b'a', 100));
+        let payload: Vec<u8> = field.iter().copied().cycle().take(105 * 156).collect();
+        let frame = h2_frame(H2_CONTINUATION, 0, 1, &payload);
+        for _ in 0..256 {
+            writer.write_all(&frame)?;
+        }
+        Ok::<(), std::io::Error>(())
+    });
+    let ended = h2_goaway(&mut stream);
+    assert!(
+        ended.is_none_or(|code| code != 0),
+        "a CONTINUATION flood ends with an error, not NO_ERROR: {ended:?}"
+    );
+    drop(stream);
+    let _ = flood.join().expect("flood thread");
+    assert_eq!(
+        world.origin_requests() - before,
+        reached,
+        "nothing of the unfinished header block reached an upstream"
+    );
+
+    // Other clients are served as before.
+    let (response, _) = exchange(
+        addr,
+        b"GET /after HTTP/1.1\r\nHost: api.example.test\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(response.map(|r| r.status), Some(200));
+}
