@@ -598,16 +598,10 @@ async fn write_all_pair<W: tokio::io::AsyncWrite + Unpin>(
             std::io::IoSlice::new(&first[done..]),
             std::io::IoSlice::new(second),
         ];
-        match tokio::time::timeout(limit, w.write_vectored(&slices)).await {
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                return Err(Attempt::Failed(UpstreamError::Failed {
-                    addr,
-                    message: "connection closed while sending the request".into(),
-                }))
-            }
-            Ok(Ok(n)) => done += n,
-            Err(_) => return Err(Attempt::Failed(UpstreamError::Timeout { addr })),
-        }
+        done += written(
+            addr,
+            tokio::time::timeout(limit, w.write_vectored(&slices)).await,
+        )?;
     }
     match done.checked_sub(first.len()) {
         Some(sent) if sent < second.len() => write_all(w, addr, &second[sent..], limit).await,
@@ -622,20 +616,29 @@ async fn write_all<W: tokio::io::AsyncWrite + Unpin>(
     bytes: &[u8],
     limit: Duration,
 ) -> Result<(), Attempt> {
-    let mut written = 0;
-    while written < bytes.len() {
-        match tokio::time::timeout(limit, w.write(&bytes[written..])).await {
-            Ok(Ok(0)) | Ok(Err(_)) => {
-                return Err(Attempt::Failed(UpstreamError::Failed {
-                    addr,
-                    message: "connection closed while sending the request".into(),
-                }))
-            }
-            Ok(Ok(n)) => written += n,
-            Err(_) => return Err(Attempt::Failed(UpstreamError::Timeout { addr })),
-        }
+    let mut sent = 0;
+    while sent < bytes.len() {
+        sent += written(
+            addr,
+            tokio::time::timeout(limit, w.write(&bytes[sent..])).await,
+        )?;
     }
     Ok(())
+}
+
+/// What one write within the write timeout came to: bytes written, or why the request cannot go.
+fn written(
+    addr: SocketAddr,
+    write: Result<std::io::Result<usize>, tokio::time::error::Elapsed>,
+) -> Result<usize, Attempt> {
+    match write {
+        Ok(Ok(0)) | Ok(Err(_)) => Err(Attempt::Failed(UpstreamError::Failed {
+            addr,
+            message: "connection closed while sending the request".into(),
+        })),
+        Ok(Ok(n)) => Ok(n),
+        Err(_) => Err(Attempt::Failed(UpstreamError::Timeout { addr })),
+    }
 }
 
 /// Where a try hands the `103 Early Hints` it reads, for the front to relay at once. It lives in

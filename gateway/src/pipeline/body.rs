@@ -122,40 +122,52 @@ pub async fn read_head<D: Downstream>(
     limit: u64,
     read_timeout: Duration,
 ) -> Result<(Bytes, bool), BodyError> {
-    // The first chunk is kept as it is: a body that arrives as one chunk (the usual small body,
-    // which the HTTP/1.1 front reads whole) is never copied. Later chunks are joined to it.
-    let mut first: Option<Bytes> = None;
-    let mut body = BytesMut::new();
+    let mut body = Gathered::default();
     loop {
-        let held = first.as_ref().map_or(0, Bytes::len) + body.len();
-        if held as u64 > keep {
-            return Ok((joined(first, body), true));
+        if body.len() as u64 > keep {
+            return Ok((body.into_bytes(), true));
         }
         match next_chunk(downstream, read_timeout).await? {
             Some(chunk) => {
-                if (held + chunk.len()) as u64 > limit {
+                if (body.len() + chunk.len()) as u64 > limit {
                     return Err(BodyError::TooLarge);
                 }
-                match first.take() {
-                    None if body.is_empty() => first = Some(chunk),
-                    None => body.extend_from_slice(&chunk),
-                    Some(previous) => {
-                        body.reserve(previous.len() + chunk.len());
-                        body.extend_from_slice(&previous);
-                        body.extend_from_slice(&chunk);
-                    }
-                }
+                body.push(chunk);
             }
-            None => return Ok((joined(first, body), false)),
+            None => return Ok((body.into_bytes(), false)),
         }
     }
 }
 
-/// The body read so far: the first chunk alone when nothing followed it.
-fn joined(first: Option<Bytes>, rest: BytesMut) -> Bytes {
-    match first {
-        Some(first) => first,
-        None => rest.freeze(),
+/// A body gathered chunk by chunk. The first chunk is kept as it is: a body that arrives as one
+/// chunk (the usual small body, which the HTTP/1.1 front reads whole) is never copied. Later
+/// chunks are joined to it, the buffer growing as bytes arrive, never by a declared length: a
+/// client announcing 16 MiB and sending two bytes must not make the edge hold 16 MiB.
+#[derive(Default)]
+struct Gathered {
+    first: Option<Bytes>,
+    rest: BytesMut,
+}
+
+impl Gathered {
+    fn len(&self) -> usize {
+        self.first.as_ref().map_or(0, Bytes::len) + self.rest.len()
+    }
+
+    fn push(&mut self, chunk: Bytes) {
+        match self.first.take() {
+            None if self.rest.is_empty() => self.first = Some(chunk),
+            None => self.rest.extend_from_slice(&chunk),
+            Some(previous) => {
+                self.rest.reserve(previous.len() + chunk.len());
+                self.rest.extend_from_slice(&previous);
+                self.rest.extend_from_slice(&chunk);
+            }
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        self.first.unwrap_or_else(|| self.rest.freeze())
     }
 }
 
@@ -168,30 +180,17 @@ pub async fn read_inspected<D: Downstream, E>(
     read_timeout: Duration,
     mut inspect: impl FnMut(&[u8]) -> Result<(), E>,
 ) -> Result<Result<Bytes, E>, BodyError> {
-    let mut body = BytesMut::new();
-    // One chunk that is the whole body is kept as it is (no copy).
-    let mut first: Option<Bytes> = None;
+    let mut body = Gathered::default();
     while let Some(chunk) = next_chunk(downstream, read_timeout).await? {
-        let held = first.as_ref().map_or(0, Bytes::len) + body.len();
-        if (held + chunk.len()) as u64 > limit {
+        if (body.len() + chunk.len()) as u64 > limit {
             return Err(BodyError::TooLarge);
         }
         if let Err(refused) = inspect(&chunk) {
             return Ok(Err(refused));
         }
-        match first.take() {
-            None if body.is_empty() => first = Some(chunk),
-            None => body.extend_from_slice(&chunk),
-            Some(previous) => {
-                // Grown as bytes arrive, never by the declared length: a client announcing
-                // 16 MiB and sending two bytes must not make the edge hold 16 MiB.
-                body.reserve(previous.len() + chunk.len());
-                body.extend_from_slice(&previous);
-                body.extend_from_slice(&chunk);
-            }
-        }
+        body.push(chunk);
     }
-    Ok(Ok(first.unwrap_or_else(|| body.freeze())))
+    Ok(Ok(body.into_bytes()))
 }
 
 /// Starts streaming: the body for the tries, and the pump that feeds it.
