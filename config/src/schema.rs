@@ -905,6 +905,10 @@ pub struct EdgeCache {
     /// Pass the `targeted` fields on to clients. Off (default): the edge, their target, consumes
     /// them on cache-enabled routes, so a cache further down does not obey a policy meant for us.
     pub forward_targeted: bool,
+    /// The most byte ranges one request may list and still get them (a multipart `206`); a
+    /// request listing more gets the whole response, as RFC 9110 §14.2 allows against range
+    /// floods. Overlapping and adjacent ranges are merged whatever this says.
+    pub max_ranges: u32,
 }
 
 impl Default for EdgeCache {
@@ -916,6 +920,7 @@ impl Default for EdgeCache {
             coalesce_timeout: HumanDuration::secs(5),
             targeted: vec!["CDN-Cache-Control".into()],
             forward_targeted: false,
+            max_ranges: 16,
         }
     }
 }
