@@ -978,11 +978,26 @@ impl Default for RouteCache {
 }
 
 /// What, besides method, scheme, host, path and query, tells two requests' responses apart.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheKeyConfig {
     /// Query parameters dropped from the key (e.g. `utm_source`).
     pub ignore_query: Vec<String>,
     /// Request headers added to the key (case-insensitive names).
     pub headers: Vec<String>,
+    /// Compare `Accept-Language` and `Accept-Encoding` by meaning when a response varies on them
+    /// (order, case, whitespace and for encodings non-zero q-values ignored), so equivalent
+    /// requests share a variant. `false`: byte-for-byte, for origins that read those fields
+    /// in ways the normalisation would blur.
+    pub normalise_vary: bool,
+}
+
+impl Default for CacheKeyConfig {
+    fn default() -> Self {
+        Self {
+            ignore_query: Vec::new(),
+            headers: Vec::new(),
+            normalise_vary: true,
+        }
+    }
 }

@@ -656,8 +656,8 @@ fn status_codes_authorization_post_and_conditionals(protocol: Secure) {
     assert_eq!((conditional.status, cache(&conditional)), (304, "hit"));
 }
 
-/// Interim responses pass by and are never stored with the final one; hop-by-hop headers (also
-/// those `Connection` nominates) are never stored.
+/// Interim responses (`102 Processing`, `103 Early Hints`) pass by and are never stored with the
+/// final one; hop-by-hop headers (also those `Connection` nominates) are never stored.
 fn interim_and_hop_by_hop_are_not_stored(protocol: Secure) {
     let rig = rig(protocol, |_| {});
     let mut early = script(
@@ -670,6 +670,7 @@ fn interim_and_hop_by_hop_are_not_stored(protocol: Secure) {
         "final",
     );
     early.interim = vec![
+        "HTTP/1.1 102 Processing\r\nx-processing: yes\r\n\r\n".to_string(),
         "HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\nx-interim: yes\r\n\r\n"
             .to_string(),
     ];
@@ -678,9 +679,46 @@ fn interim_and_hop_by_hop_are_not_stored(protocol: Secure) {
     assert_eq!((first.status, first.text().as_str()), (200, "final"));
     let hit = rig.get("/hints", &[]);
     assert_eq!((cache(&hit), hit.text().as_str()), ("hit", "final"));
-    for name in ["x-interim", "link", "x-secret"] {
+    for name in ["x-processing", "x-interim", "link", "x-secret"] {
         assert_eq!(hit.header(name), None, "{name} stored");
     }
+}
+
+/// RFC 9111 §5.2.2.3: `must-understand` lets a cache that implements the status code store the
+/// response despite `no-store`; with a status code it does not know, `no-store` holds. RFC 9111
+/// §3.5: a response to a request with `Authorization` is shared only when it says `public`
+/// (see the status-code test), `s-maxage` or `must-revalidate`.
+fn must_understand_and_authorization_directives(protocol: Secure) {
+    let rig = rig(protocol, |_| {});
+    let understood = [("cache-control", "max-age=600, must-understand, no-store")];
+    rig.origin.set("/understood", script(200, &understood, "x"));
+    assert_eq!(cache(&rig.get("/understood", &[])), "miss");
+    assert_eq!(cache(&rig.get("/understood", &[])), "hit");
+    rig.origin
+        .set("/unknown-code", script(299, &understood, "x"));
+    for _ in 0..2 {
+        let reply = rig.get("/unknown-code", &[]);
+        assert_eq!((reply.status, cache(&reply)), (299, "miss"));
+    }
+    for (path, directives, shared) in [
+        ("/auth-max-age", "max-age=600", false),
+        ("/auth-s-maxage", "s-maxage=600", true),
+        (
+            "/auth-must-revalidate",
+            "max-age=600, must-revalidate",
+            true,
+        ),
+    ] {
+        rig.origin
+            .set(path, script(200, &[("cache-control", directives)], "a"));
+        let authorized = rig.get(path, &[("authorization", "Bearer u1")]);
+        assert_eq!(authorized.status, 200, "{directives}");
+        let anonymous = rig.get(path, &[]);
+        let want = if shared { "hit" } else { "miss" };
+        assert_eq!(cache(&anonymous), want, "{directives}");
+    }
+    assert_eq!(rig.origin.requests_for("/auth-max-age").len(), 2);
+    assert_eq!(rig.origin.requests_for("/auth-s-maxage").len(), 1);
 }
 
 /// RFC 8297 / RFC 9110 §15.2: an origin's `103 Early Hints` reaches the client while the origin
@@ -1186,7 +1224,8 @@ fn accept_encoding_is_normalised(protocol: Secure) {
     assert_eq!(rig.origin.requests_for("/no-vary").len(), 2);
 }
 
-/// RFC 9110 §12.5.4: Accept-Language variants match whatever the order, case and spacing.
+/// RFC 9110 §12.5.4: Accept-Language variants match whatever the order, case and spacing; with
+/// `key.normalise_vary = false` the varied fields are compared as sent.
 fn accept_language_is_normalised(protocol: Secure) {
     let rig = rig(protocol, |_| {});
     rig.origin.set(
@@ -1210,6 +1249,31 @@ fn accept_language_is_normalised(protocol: Secure) {
         "miss",
         "different weights are another variant"
     );
+
+    // `key.normalise_vary = false`: the field as sent picks the variant.
+    let raw = crate::rig(protocol, |c| c.key.normalise_vary = false);
+    raw.origin.set(
+        "/lang",
+        script(
+            200,
+            &[
+                ("cache-control", "max-age=600"),
+                ("vary", "Accept-Language, Accept-Encoding"),
+            ],
+            "english",
+        ),
+    );
+    let ask = |language: &str, encoding: &str| {
+        cache(&raw.get(
+            "/lang",
+            &[("accept-language", language), ("accept-encoding", encoding)],
+        ))
+        .to_string()
+    };
+    assert_eq!(ask("en-US, de;q=0.5", "gzip"), "miss");
+    assert_eq!(ask("en-US, de;q=0.5", "gzip"), "hit");
+    assert_eq!(ask("DE; q=0.5,en-us", "gzip"), "miss");
+    assert_eq!(ask("en-US, de;q=0.5", "GZIP"), "miss");
 }
 
 macro_rules! conformance {
@@ -1246,6 +1310,11 @@ macro_rules! conformance {
                 #[test]
                 fn status_codes_authorization_post_and_if_modified_since() {
                     status_codes_authorization_post_and_conditionals($value);
+                }
+
+                #[test]
+                fn must_understand_and_authorization_directives_are_honoured() {
+                    must_understand_and_authorization_directives($value);
                 }
 
                 #[test]

@@ -778,10 +778,12 @@ impl ResponseCache {
             return Lookup::Fetch(ticket(None, None));
         }
         let stored = match inner.store.vary_of(&primary) {
-            Some(vary) => match CacheKey::with_vary(primary.clone(), &vary, req.headers) {
-                Ok(key) => inner.store.get(&key).await,
-                Err(_) => return bypass(Bypass::Unkeyable),
-            },
+            Some(vary) => {
+                match CacheKey::with_vary(primary.clone(), &vary, req.headers, &policy.rules.key) {
+                    Ok(key) => inner.store.get(&key).await,
+                    Err(_) => return bypass(Bypass::Unkeyable),
+                }
+            }
             None => None,
         };
         // A coding the client does not accept is never served (an origin that encodes without
@@ -821,7 +823,10 @@ impl ResponseCache {
                     return match inner.coalescer.join(&primary) {
                         Join::Leader(leader) => Lookup::Fetch(ticket(Some(entry), Some(leader))),
                         Join::Follower(rx) => {
-                            match self.follow(rx, &primary, req.headers, now, &request).await {
+                            match self
+                                .follow(rx, &primary, req.headers, now, &request, &policy.rules.key)
+                                .await
+                            {
                                 Some(fresh) => {
                                     policy.count(CacheStatus::Hit);
                                     Lookup::Hit(served(fresh, CacheStatus::Hit))
@@ -839,7 +844,9 @@ impl ResponseCache {
         }
         match inner.coalescer.join(&primary) {
             Join::Leader(leader) => Lookup::Fetch(ticket(None, Some(leader))),
-            Join::Follower(rx) => match self.follow(rx, &primary, req.headers, now, &request).await
+            Join::Follower(rx) => match self
+                .follow(rx, &primary, req.headers, now, &request, &policy.rules.key)
+                .await
             {
                 Some(entry) => {
                     policy.count(CacheStatus::Hit);
@@ -873,9 +880,10 @@ impl ResponseCache {
         headers: &HeaderMap,
         now: SystemTime,
         request: &RequestRules,
+        options: &key::KeyOptions,
     ) -> Option<Arc<CachedResponse>> {
         let entry = coalesce::follow(rx, self.inner.coalesce_timeout).await?;
-        let ours = CacheKey::with_vary(primary.clone(), &entry.vary, headers).ok()?;
+        let ours = CacheKey::with_vary(primary.clone(), &entry.vary, headers, options).ok()?;
         if ours != entry.key
             || entry.freshness.usability(now, request) != Usability::Fresh
             || !key::encoding_acceptable(headers, &entry.headers)
@@ -942,6 +950,7 @@ impl ResponseCache {
             ticket.primary.clone(),
             &storable.vary,
             &ticket.request_headers,
+            &ticket.rules.key,
         ) else {
             return Admission::Pass(NotStorable::Vary);
         };
