@@ -721,6 +721,57 @@ fn must_understand_and_authorization_directives(protocol: Secure) {
     assert_eq!(rig.origin.requests_for("/auth-s-maxage").len(), 1);
 }
 
+/// RFC 9111 §5.2.2.2 / §5.2.2.10 / RFC 5861 §4: a stale entry may answer when the origin fails
+/// (`stale-if-error`), but never with `must-revalidate` or `s-maxage`; and `s-maxage` outranks
+/// `max-age` for a shared cache. The origin's `Age` makes entries stale on arrival, so nothing
+/// waits for time to pass.
+fn must_revalidate_and_s_maxage(protocol: Secure) {
+    let rig = rig(protocol, |_| {});
+    for (path, directives, serves_stale) in [
+        ("/lenient", "max-age=60, stale-if-error=600", true),
+        (
+            "/strict",
+            "max-age=60, stale-if-error=600, must-revalidate",
+            false,
+        ),
+        ("/shared-strict", "s-maxage=60, stale-if-error=600", false),
+    ] {
+        let old = [
+            ("cache-control", directives),
+            ("age", "100"),
+            ("etag", "\"v1\""),
+        ];
+        rig.origin.set(path, script(200, &old, "old"));
+        let first = rig.get(path, &[]);
+        assert_eq!((first.status, first.text().as_str()), (200, "old"));
+        rig.origin.set(path, script(500, &[], "down"));
+        let failing = rig.get(path, &[]);
+        if serves_stale {
+            assert_eq!(
+                (failing.status, cache(&failing), failing.text().as_str()),
+                (200, "stale", "old"),
+                "{directives}"
+            );
+        } else {
+            assert!(failing.status >= 500, "{directives}: {}", failing.status);
+            assert_ne!(failing.text(), "old", "{directives}");
+        }
+    }
+    rig.origin.set(
+        "/s-maxage",
+        script(200, &[("cache-control", "max-age=0, s-maxage=600")], "x"),
+    );
+    assert_eq!(cache(&rig.get("/s-maxage", &[])), "miss");
+    assert_eq!(cache(&rig.get("/s-maxage", &[])), "hit");
+    rig.origin.set(
+        "/s-maxage-zero",
+        script(200, &[("cache-control", "max-age=600, s-maxage=0")], "x"),
+    );
+    rig.get("/s-maxage-zero", &[]);
+    assert_ne!(cache(&rig.get("/s-maxage-zero", &[])), "hit");
+    assert_eq!(rig.origin.requests_for("/s-maxage-zero").len(), 2);
+}
+
 /// RFC 8297 / RFC 9110 §15.2: an origin's `103 Early Hints` reaches the client while the origin
 /// is still working on the final response (it is held back until the client has the hints),
 /// over h1, h2 and h3. Hints are never stored (see the interim test above).
@@ -1315,6 +1366,11 @@ macro_rules! conformance {
                 #[test]
                 fn must_understand_and_authorization_directives_are_honoured() {
                     must_understand_and_authorization_directives($value);
+                }
+
+                #[test]
+                fn must_revalidate_and_s_maxage_are_honoured() {
+                    must_revalidate_and_s_maxage($value);
                 }
 
                 #[test]
