@@ -357,6 +357,31 @@ fn cookie_requests_cannot_poison(protocol: Secure) {
     assert_eq!(rig.origin.requests_for(path).len(), 3);
 }
 
+/// A response with `Set-Cookie` is not stored by default (a shared cache would hand one client's
+/// cookie to everyone); with the route's `allow_set_cookie = true` it is stored as it came, the
+/// cookie included, and replayed on hits.
+fn set_cookie_is_stored_only_when_allowed(protocol: Secure) {
+    let cookie = [
+        ("cache-control", "max-age=600"),
+        ("set-cookie", "theme=dark"),
+    ];
+    let default = rig(protocol, |_| {});
+    default.origin.set("/cookie", script(200, &cookie, "x"));
+    for _ in 0..2 {
+        let reply = default.get("/cookie", &[]);
+        assert_eq!(cache(&reply), "miss");
+        assert_eq!(reply.header("set-cookie"), Some("theme=dark"));
+    }
+    let allowed = rig(protocol, |c| c.allow_set_cookie = true);
+    allowed.origin.set("/cookie", script(200, &cookie, "x"));
+    assert_eq!(cache(&allowed.get("/cookie", &[])), "miss");
+    let hit = allowed.get("/cookie", &[]);
+    assert_eq!(
+        (cache(&hit), hit.header("set-cookie")),
+        ("hit", Some("theme=dark"))
+    );
+}
+
 /// RFC 9111 §4.3.4: a 304's `Set-Cookie` goes to the client whose request revalidated and is never
 /// stored; a 304 that makes the response unstorable removes the entry.
 fn revalidation_never_stores_set_cookie(protocol: Secure) {
@@ -1336,6 +1361,11 @@ macro_rules! conformance {
                 #[test]
                 fn cookie_requests_cannot_poison_the_cache() {
                     cookie_requests_cannot_poison($value);
+                }
+
+                #[test]
+                fn set_cookie_is_stored_only_when_the_route_allows_it() {
+                    set_cookie_is_stored_only_when_allowed($value);
                 }
 
                 #[test]
