@@ -1092,6 +1092,20 @@ fn several_ranges_from_stored_responses(protocol: Secure) {
     assert_eq!((seventeen.status, cache(&seventeen)), (200, "hit"));
     assert_eq!(seventeen.text(), body);
     assert_eq!(rig.origin.requests_for("/multi").len(), 1);
+
+    // A content-coded entry: one range is cut, several get the whole coded response.
+    let coded = [
+        ("cache-control", "max-age=600"),
+        ("content-encoding", "gzip"),
+    ];
+    rig.origin.set("/coded", script(200, &coded, &body));
+    let gzip = ("accept-encoding", "gzip");
+    assert_eq!(cache(&rig.get("/coded", &[gzip])), "miss");
+    let one = rig.get("/coded", &[gzip, ("range", "bytes=0-9")]);
+    assert_eq!((one.status, cache(&one)), (206, "hit"));
+    let several = rig.get("/coded", &[gzip, ("range", "bytes=0-9,20-29")]);
+    assert_eq!((several.status, cache(&several)), (200, "hit"));
+    assert_eq!(several.body.len(), 1000);
 }
 
 /// A long body whose every byte says where it is.

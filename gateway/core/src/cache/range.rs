@@ -121,8 +121,24 @@ pub fn ranges(request: &HeaderMap, stored: &HeaderMap, len: u64, max_ranges: usi
             start: *start,
             end: *end,
         },
+        // Ranges of a content-coded body are ranges of the coded bytes; a `Content-Encoding` on
+        // the multipart answer would claim the multipart body itself is coded, and no part field
+        // says otherwise reliably. The whole response is unambiguous (RFC 9110 §14.2).
+        _ if content_coded(stored) => Ranges::Full,
         _ => Ranges::Multiple(coalesced),
     }
+}
+
+fn content_coded(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::CONTENT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|coding| {
+            let coding = coding.trim();
+            !coding.is_empty() && !coding.eq_ignore_ascii_case("identity")
+        })
 }
 
 /// Merges overlapping and adjacent ranges (RFC 9110 §14.6 allows it whatever their order), so no
@@ -578,6 +594,24 @@ mod tests {
         assert_eq!(
             many("bytes=0-0,0-0", 100, 2),
             Ranges::Single { start: 0, end: 0 }
+        );
+    }
+
+    /// Several ranges of a content-coded body get the whole response; one range is cut as usual.
+    #[test]
+    fn several_ranges_of_a_coded_body_get_the_whole_response() {
+        let gzip = h(&[("content-encoding", "gzip")]);
+        let ask = |spec: &'static str, stored: &HeaderMap| {
+            ranges(&h(&[("range", spec)]), stored, 100, 16)
+        };
+        assert_eq!(ask("bytes=0-1,5-6", &gzip), Ranges::Full);
+        assert_eq!(
+            ask("bytes=0-1,2-6", &gzip),
+            Ranges::Single { start: 0, end: 6 }
+        );
+        assert_eq!(
+            ask("bytes=0-1,5-6", &h(&[("content-encoding", "identity")])),
+            Ranges::Multiple(vec![(0, 1), (5, 6)])
         );
     }
 
