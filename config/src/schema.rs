@@ -905,6 +905,10 @@ pub struct EdgeCache {
     /// Pass the `targeted` fields on to clients. Off (default): the edge, their target, consumes
     /// them on cache-enabled routes, so a cache further down does not obey a policy meant for us.
     pub forward_targeted: bool,
+    /// The most byte ranges one request may list and still get them (a multipart `206`); a
+    /// request listing more gets the whole response, as RFC 9110 §14.2 allows against range
+    /// floods. Overlapping and adjacent ranges are merged whatever this says.
+    pub max_ranges: u32,
 }
 
 impl Default for EdgeCache {
@@ -916,6 +920,7 @@ impl Default for EdgeCache {
             coalesce_timeout: HumanDuration::secs(5),
             targeted: vec!["CDN-Cache-Control".into()],
             forward_targeted: false,
+            max_ranges: 16,
         }
     }
 }
@@ -973,11 +978,26 @@ impl Default for RouteCache {
 }
 
 /// What, besides method, scheme, host, path and query, tells two requests' responses apart.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheKeyConfig {
     /// Query parameters dropped from the key (e.g. `utm_source`).
     pub ignore_query: Vec<String>,
     /// Request headers added to the key (case-insensitive names).
     pub headers: Vec<String>,
+    /// Compare `Accept-Language` and `Accept-Encoding` by meaning when a response varies on them
+    /// (order, case, whitespace and for encodings non-zero q-values ignored), so equivalent
+    /// requests share a variant. `false`: byte-for-byte, for origins that read those fields
+    /// in ways the normalisation would blur.
+    pub normalise_vary: bool,
+}
+
+impl Default for CacheKeyConfig {
+    fn default() -> Self {
+        Self {
+            ignore_query: Vec::new(),
+            headers: Vec::new(),
+            normalise_vary: true,
+        }
+    }
 }

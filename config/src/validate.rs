@@ -982,6 +982,9 @@ fn validate_cache(edge: &Edge, routes: &[Route], errors: &mut Errors) {
     if coalesce.is_zero() || coalesce.as_secs() > 60 {
         errors.push("edge.cache.coalesce_timeout", "must be between 1ms and 60s");
     }
+    if !(1..=1024).contains(&cache.max_ranges) {
+        errors.push("edge.cache.max_ranges", "must be between 1 and 1024");
+    }
     let mut targeted = HashSet::new();
     for (i, name) in cache.targeted.iter().enumerate() {
         let lower = name.to_ascii_lowercase();

@@ -97,6 +97,7 @@ token_file = " "
 max_bytes = 10
 max_object_bytes = 100
 coalesce_timeout = "0s"
+max_ranges = 0
 
 [[routes]]
 name = "api"
@@ -107,6 +108,7 @@ cache = { enabled = true, default_ttl = "0s", stale_if_error = "30h", key = { ig
     let expected = [
         "edge.cache.max_bytes: must be at least edge.cache.max_object_bytes (100)",
         "edge.cache.coalesce_timeout: must be between 1ms and 60s",
+        "edge.cache.max_ranges: must be between 1 and 1024",
         "edge.admin.token_file: must not be empty",
         "routes[0].cache.default_ttl: must be between 1s and 7 days",
         "routes[0].cache.key.ignore_query[1]: \"a\" listed twice",
@@ -150,6 +152,7 @@ cache = { enabled = true, allow_cookie = true, heuristic = true, heuristic_max =
     );
     let defaults = parse("").expect("valid");
     assert_eq!(defaults.edge.cache.targeted, vec!["CDN-Cache-Control"]);
+    assert_eq!(defaults.edge.cache.max_ranges, 16);
     let errs = errors(
         r#"
 [edge.cache]

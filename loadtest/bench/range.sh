@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# Byte-range cache hits, side by side: NGINX proxy_cache (a whole cached response answers ranges),
-# NGINX proxy_cache with the slice module (the object cached as 1 MiB slices) and Meridian's
-# cache (a range miss fills the whole response; hits are cut from it without copying), in front
-# of the same origin, same load, same machine, one worker/thread each. One run per scenario;
-# writes loadtest/bench/range-results.md (ratios relative to NGINX proxy_cache) and the JSON.
+# Byte ranges through a cache, side by side: NGINX proxy_cache (a whole cached response answers
+# ranges), NGINX proxy_cache with the slice module (the object cached as 1 MiB slices) and
+# Meridian's cache (a range miss fills the whole response; hits are cut from it without copying),
+# in front of the same origin, same load, same machine, one worker/thread each. One run per
+# scenario; writes loadtest/bench/range-results.md (ratios relative to NGINX proxy_cache) and the
+# JSON.
 #
 #   bash loadtest/bench/range.sh
 #   DURATION=5s CONNECTIONS=64 OBJECT_BYTES=4194304 bash loadtest/bench/range.sh
 #   Env: DURATION (10s), CONNECTIONS (64), OBJECT_BYTES (4 MiB: the cached object), OUT,
+#        MISS_REQUESTS (600 per proxy and miss scenario), MISS_CONNECTIONS (16), PARTS (hits misses),
 #        MERIDIAN_BIN / LOADTEST_BIN (prebuilt binaries, else built --release), CARGO_TARGET_DIR.
 #
-# Scenarios: `range-1k` (bytes=0-1023), `range-64k` (64 KiB in the middle), `suffix-64k`
+# Hits: `range-1k` (bytes=0-1023), `range-64k` (64 KiB in the middle), `suffix-64k`
 # (bytes=-65536). Every proxy is warmed with one full GET first, so each run measures hits only;
 # the script checks a hit is a 206 with the right Content-Range before it measures.
+# Misses: `miss-1k`, `miss-64k`, `miss-suffix-64k`, the same ranges, each request for a URL no
+# proxy has seen (`&k=N` in the query, which every cache key includes): NGINX proxy_cache and
+# Meridian fetch (and store) the whole object for each, the slice cache only the 1 MiB slice(s) the
+# range falls in. curl (--parallel, MISS_CONNECTIONS at a time) sends a fixed MISS_REQUESTS, since
+# the load generator repeats one URL.
 # Traffic stays on 127.0.0.0/8; every process started here is stopped on exit.
 set -euo pipefail
 
@@ -22,6 +29,9 @@ OUT="${OUT:-$BENCH/range-results}"
 DURATION="${DURATION:-10s}"
 CONNECTIONS="${CONNECTIONS:-64}"
 OBJECT_BYTES="${OBJECT_BYTES:-4194304}"
+MISS_REQUESTS="${MISS_REQUESTS:-600}"
+MISS_CONNECTIONS="${MISS_CONNECTIONS:-16}"
+PARTS="${PARTS:-hits misses}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 
 ORIGIN_PORT=18200
@@ -44,6 +54,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 source "$ROOT/loadtest/bench/lib.sh"
+ensure_tools curl:curl
 
 if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ]; then
   log "installing nginx"
@@ -197,6 +208,7 @@ declare -A SCEN_WANT=(["range-1k"]="bytes 0-1023/$OBJECT_BYTES"
                       ["suffix-64k"]="bytes $((OBJECT_BYTES - 65536))-$((OBJECT_BYTES - 1))/$OBJECT_BYTES")
 
 hz=$(getconf CLK_TCK)
+case " $PARTS " in *" hits "*) ;; *) SCEN_NAMES=() ;; esac
 for scenario in "${SCEN_NAMES[@]}"; do
   range="${SCEN_RANGE[$scenario]}"
   for entry in "nginx-cache:$NGINX_WORKER:$NGINX_PORT" "nginx-slice:$NGINX_WORKER:$NGINX_SLICE_PORT" \
@@ -219,9 +231,61 @@ PY
   done
 done
 
-python3 - "$OUT" "$(nproc)" "$DURATION" "$CONNECTIONS" "$OBJECT_BYTES" >"$BENCH/range-results.md" <<'PY'
+# --- misses: MISS_REQUESTS fresh URLs per proxy and scenario ---------------------------------------
+declare -a MISS_NAMES=("miss-1k" "miss-64k" "miss-suffix-64k")
+declare -A MISS_OF=(["miss-1k"]="range-1k" ["miss-64k"]="range-64k" ["miss-suffix-64k"]="suffix-64k")
+case " $PARTS " in *" misses "*) ;; *) MISS_NAMES=() ;; esac
+for scenario in "${MISS_NAMES[@]}"; do
+  range="${SCEN_RANGE[${MISS_OF[$scenario]}]}"
+  for entry in "nginx-cache:$NGINX_WORKER:$NGINX_PORT" "nginx-slice:$NGINX_WORKER:$NGINX_SLICE_PORT" \
+               "meridian:$MERIDIAN_PID:$MERIDIAN_PORT"; do
+    IFS=: read -r proxy pid port <<<"$entry"
+    # A first miss must already be a correct 206.
+    OBJECT="/object?bytes=$OBJECT_BYTES&k=check-$scenario" check_range "$port" "$range" \
+      "${SCEN_WANT[${MISS_OF[$scenario]}]}"
+    for i in $(seq 1 "$MISS_REQUESTS"); do
+      printf 'url = "http://127.0.0.1:%s/object?bytes=%s&k=%s-%s"\noutput = "/dev/null"\n' \
+        "$port" "$OBJECT_BYTES" "$scenario" "$i"
+    done >"$WORK/miss.curl"
+    before=$(cpu_ticks "$pid")
+    start=$(date +%s.%N)
+    curl -s --no-progress-meter --parallel --parallel-max "$MISS_CONNECTIONS" \
+      -H "Host: bench.example.test" -H "Range: $range" --max-time 30 \
+      -w '%{http_code} %{time_total} %header{x-meridian-cache}\n' -K "$WORK/miss.curl" \
+      >"$WORK/miss.out" 2>"$WORK/miss.err" || true
+    end=$(date +%s.%N)
+    after=$(cpu_ticks "$pid")
+    summary="$(python3 - "$OUT/$scenario.$proxy.json" "$WORK/miss.out" "$start" "$end" "$before" \
+      "$after" "$hz" "$proxy" "$scenario" <<'PY'
+import json, sys
+path, results, start, end, before, after, hz, proxy, scenario = sys.argv[1:]
+codes, times, cache = {}, [], {}
+for line in open(results):
+    code, took, *said = line.split()
+    codes[code] = codes.get(code, 0) + 1
+    times.append(float(took) * 1000)
+    for value in said:
+        cache[value] = cache.get(value, 0) + 1
+times.sort()
+wall = float(end) - float(start)
+pct = lambda q: times[min(len(times) - 1, int(q * len(times)))] if times else None
+json.dump({"throughput_rps": len(times) / wall, "latency_ms": {"p50": pct(0.5), "p99": pct(0.99)},
+           "status_codes": codes, "requests": len(times), "wall_s": wall, "x_meridian_cache": cache,
+           "bench": {"proxy": proxy, "scenario": scenario,
+                     "cpu_s": (int(after) - int(before)) / int(hz)}},
+          open(path, "w"), indent=2)
+print(f"{len(times) / wall:.0f} req/s, p99 {pct(0.99) or 0:.1f} ms, codes {codes}"
+      + (f", x-meridian-cache {cache}" if cache else ""))
+PY
+)"
+    log "$scenario / $proxy: $summary"
+  done
+done
+
+python3 - "$OUT" "$(nproc)" "$DURATION" "$CONNECTIONS" "$OBJECT_BYTES" "$MISS_REQUESTS" \
+  "$MISS_CONNECTIONS" >"$BENCH/range-results.md" <<'PY'
 import glob, json, os, sys
-out, cpus, duration, conns, size = sys.argv[1:]
+out, cpus, duration, conns, size, miss_requests, miss_conns = sys.argv[1:]
 runs = {}
 for path in sorted(glob.glob(os.path.join(out, "*.json"))):
     r = json.load(open(path))
@@ -245,11 +309,10 @@ def p99(r):
         v = field(r, "latency", "p99_ms")
     return v
 
-print(f"Byte-range cache hits, {cpus} CPUs shared by generator and proxies, {conns} connections, "
-      f"{duration} per run, one run; object {int(size) // 1024} KiB, warmed before measuring.\n")
-print("| scenario | proxy | req/s | ratio vs nginx-cache | p99 ms | CPU s | non-206 |")
-print("|---|---|---|---|---|---|---|")
-for scenario in ["range-1k", "range-64k", "suffix-64k"]:
+def table(scenarios):
+  print("| scenario | proxy | req/s | ratio vs nginx-cache | p99 ms | CPU s | non-206 |")
+  print("|---|---|---|---|---|---|---|")
+  for scenario in scenarios:
     base = rps(runs.get((scenario, "nginx-cache"), {}))
     for proxy in ["nginx-cache", "nginx-slice", "meridian"]:
         r = runs.get((scenario, proxy))
@@ -262,5 +325,14 @@ for scenario in ["range-1k", "range-64k", "suffix-64k"]:
         lat = f"{lat:.2f}" if isinstance(lat, (int, float)) else "-"
         print(f"| {scenario} | {proxy} | {rps(r):,.0f} | {ratio} | {lat} | "
               f"{r['bench']['cpu_s']:.1f} | {other} |")
+
+load = open("/proc/loadavg").read().split()[:3]
+print(f"Byte-range cache hits, {cpus} CPUs shared by generator and proxies, {conns} connections, "
+      f"{duration} per run, one run; object {int(size) // 1024} KiB, warmed before measuring. "
+      f"Load average at the end: {' '.join(load)}.\n")
+table(["range-1k", "range-64k", "suffix-64k"])
+print(f"\nByte-range misses: {miss_requests} requests per row, each for a URL not seen before, "
+      f"{miss_conns} at a time (curl --parallel); req/s over the wall time of the batch.\n")
+table(["miss-1k", "miss-64k", "miss-suffix-64k"])
 PY
 cat "$BENCH/range-results.md"

@@ -357,6 +357,31 @@ fn cookie_requests_cannot_poison(protocol: Secure) {
     assert_eq!(rig.origin.requests_for(path).len(), 3);
 }
 
+/// A response with `Set-Cookie` is not stored by default (a shared cache would hand one client's
+/// cookie to everyone); with the route's `allow_set_cookie = true` it is stored as it came, the
+/// cookie included, and replayed on hits.
+fn set_cookie_is_stored_only_when_allowed(protocol: Secure) {
+    let cookie = [
+        ("cache-control", "max-age=600"),
+        ("set-cookie", "theme=dark"),
+    ];
+    let default = rig(protocol, |_| {});
+    default.origin.set("/cookie", script(200, &cookie, "x"));
+    for _ in 0..2 {
+        let reply = default.get("/cookie", &[]);
+        assert_eq!(cache(&reply), "miss");
+        assert_eq!(reply.header("set-cookie"), Some("theme=dark"));
+    }
+    let allowed = rig(protocol, |c| c.allow_set_cookie = true);
+    allowed.origin.set("/cookie", script(200, &cookie, "x"));
+    assert_eq!(cache(&allowed.get("/cookie", &[])), "miss");
+    let hit = allowed.get("/cookie", &[]);
+    assert_eq!(
+        (cache(&hit), hit.header("set-cookie")),
+        ("hit", Some("theme=dark"))
+    );
+}
+
 /// RFC 9111 §4.3.4: a 304's `Set-Cookie` goes to the client whose request revalidated and is never
 /// stored; a 304 that makes the response unstorable removes the entry.
 fn revalidation_never_stores_set_cookie(protocol: Secure) {
@@ -656,8 +681,8 @@ fn status_codes_authorization_post_and_conditionals(protocol: Secure) {
     assert_eq!((conditional.status, cache(&conditional)), (304, "hit"));
 }
 
-/// Interim responses pass by and are never stored with the final one; hop-by-hop headers (also
-/// those `Connection` nominates) are never stored.
+/// Interim responses (`102 Processing`, `103 Early Hints`) pass by and are never stored with the
+/// final one; hop-by-hop headers (also those `Connection` nominates) are never stored.
 fn interim_and_hop_by_hop_are_not_stored(protocol: Secure) {
     let rig = rig(protocol, |_| {});
     let mut early = script(
@@ -670,6 +695,7 @@ fn interim_and_hop_by_hop_are_not_stored(protocol: Secure) {
         "final",
     );
     early.interim = vec![
+        "HTTP/1.1 102 Processing\r\nx-processing: yes\r\n\r\n".to_string(),
         "HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\nx-interim: yes\r\n\r\n"
             .to_string(),
     ];
@@ -678,9 +704,97 @@ fn interim_and_hop_by_hop_are_not_stored(protocol: Secure) {
     assert_eq!((first.status, first.text().as_str()), (200, "final"));
     let hit = rig.get("/hints", &[]);
     assert_eq!((cache(&hit), hit.text().as_str()), ("hit", "final"));
-    for name in ["x-interim", "link", "x-secret"] {
+    for name in ["x-processing", "x-interim", "link", "x-secret"] {
         assert_eq!(hit.header(name), None, "{name} stored");
     }
+}
+
+/// RFC 9111 §5.2.2.3: `must-understand` lets a cache that implements the status code store the
+/// response despite `no-store`; with a status code it does not know, `no-store` holds. RFC 9111
+/// §3.5: a response to a request with `Authorization` is shared only when it says `public`
+/// (see the status-code test), `s-maxage` or `must-revalidate`.
+fn must_understand_and_authorization_directives(protocol: Secure) {
+    let rig = rig(protocol, |_| {});
+    let understood = [("cache-control", "max-age=600, must-understand, no-store")];
+    rig.origin.set("/understood", script(200, &understood, "x"));
+    assert_eq!(cache(&rig.get("/understood", &[])), "miss");
+    assert_eq!(cache(&rig.get("/understood", &[])), "hit");
+    rig.origin
+        .set("/unknown-code", script(299, &understood, "x"));
+    for _ in 0..2 {
+        let reply = rig.get("/unknown-code", &[]);
+        assert_eq!((reply.status, cache(&reply)), (299, "miss"));
+    }
+    for (path, directives, shared) in [
+        ("/auth-max-age", "max-age=600", false),
+        ("/auth-s-maxage", "s-maxage=600", true),
+        (
+            "/auth-must-revalidate",
+            "max-age=600, must-revalidate",
+            true,
+        ),
+    ] {
+        rig.origin
+            .set(path, script(200, &[("cache-control", directives)], "a"));
+        let authorized = rig.get(path, &[("authorization", "Bearer u1")]);
+        assert_eq!(authorized.status, 200, "{directives}");
+        let anonymous = rig.get(path, &[]);
+        let want = if shared { "hit" } else { "miss" };
+        assert_eq!(cache(&anonymous), want, "{directives}");
+    }
+    assert_eq!(rig.origin.requests_for("/auth-max-age").len(), 2);
+    assert_eq!(rig.origin.requests_for("/auth-s-maxage").len(), 1);
+}
+
+/// RFC 9111 §5.2.2.2 / §5.2.2.10 / RFC 5861 §4: a stale entry may answer when the origin fails
+/// (`stale-if-error`), but never with `must-revalidate` or `s-maxage`; and `s-maxage` outranks
+/// `max-age` for a shared cache. The origin's `Age` makes entries stale on arrival, so nothing
+/// waits for time to pass.
+fn must_revalidate_and_s_maxage(protocol: Secure) {
+    let rig = rig(protocol, |_| {});
+    for (path, directives, serves_stale) in [
+        ("/lenient", "max-age=60, stale-if-error=600", true),
+        (
+            "/strict",
+            "max-age=60, stale-if-error=600, must-revalidate",
+            false,
+        ),
+        ("/shared-strict", "s-maxage=60, stale-if-error=600", false),
+    ] {
+        let old = [
+            ("cache-control", directives),
+            ("age", "100"),
+            ("etag", "\"v1\""),
+        ];
+        rig.origin.set(path, script(200, &old, "old"));
+        let first = rig.get(path, &[]);
+        assert_eq!((first.status, first.text().as_str()), (200, "old"));
+        rig.origin.set(path, script(500, &[], "down"));
+        let failing = rig.get(path, &[]);
+        if serves_stale {
+            assert_eq!(
+                (failing.status, cache(&failing), failing.text().as_str()),
+                (200, "stale", "old"),
+                "{directives}"
+            );
+        } else {
+            assert!(failing.status >= 500, "{directives}: {}", failing.status);
+            assert_ne!(failing.text(), "old", "{directives}");
+        }
+    }
+    rig.origin.set(
+        "/s-maxage",
+        script(200, &[("cache-control", "max-age=0, s-maxage=600")], "x"),
+    );
+    assert_eq!(cache(&rig.get("/s-maxage", &[])), "miss");
+    assert_eq!(cache(&rig.get("/s-maxage", &[])), "hit");
+    rig.origin.set(
+        "/s-maxage-zero",
+        script(200, &[("cache-control", "max-age=600, s-maxage=0")], "x"),
+    );
+    rig.get("/s-maxage-zero", &[]);
+    assert_ne!(cache(&rig.get("/s-maxage-zero", &[])), "hit");
+    assert_eq!(rig.origin.requests_for("/s-maxage-zero").len(), 2);
 }
 
 /// RFC 8297 / RFC 9110 §15.2: an origin's `103 Early Hints` reaches the client while the origin
@@ -815,7 +929,7 @@ fn early_hints_reach_the_client_first(protocol: Secure) {
 }
 
 /// RFC 9110 §14: byte ranges cut from a complete stored 200 (206 + Content-Range), 416 when
-/// unsatisfiable; several ranges go to the origin.
+/// unsatisfiable.
 fn ranges_from_stored_responses(protocol: Secure) {
     let rig = rig(protocol, |_| {});
     let body: String = (0..1000)
@@ -847,10 +961,151 @@ fn ranges_from_stored_responses(protocol: Secure) {
     assert_eq!(unsatisfiable.header("content-range"), Some("bytes */1000"));
     let if_range = rig.get("/blob", &[("range", "bytes=0-0"), ("if-range", "\"b0\"")]);
     assert_eq!((if_range.status, if_range.body.len()), (200, 1000));
-    let before = rig.origin.requests_for("/blob").len();
-    let multi = rig.get("/blob", &[("range", "bytes=0-1,5-6")]);
-    assert_eq!(cache(&multi), "bypass");
-    assert_eq!(rig.origin.requests_for("/blob").len(), before + 1);
+    assert_eq!(rig.origin.requests_for("/blob").len(), 1);
+}
+
+/// One part of a `multipart/byteranges` body: its `Content-Type`, `Content-Range` and bytes.
+type Part = (Option<String>, String, Vec<u8>);
+
+/// A `multipart/byteranges` reply (RFC 9110 §14.6) taken apart by hand, checking the framing
+/// (first delimiter, CRLF before every later one, close delimiter) and the declared length.
+fn byteranges(reply: &Reply) -> Vec<Part> {
+    let boundary = reply
+        .header("content-type")
+        .and_then(|t| t.strip_prefix("multipart/byteranges; boundary="))
+        .expect("multipart/byteranges with a boundary")
+        .to_string();
+    if let Some(length) = reply.header("content-length") {
+        assert_eq!(length, reply.body.len().to_string(), "Content-Length");
+    }
+    assert!(
+        reply.header("content-range").is_none(),
+        "only parts carry it"
+    );
+    let open = format!("--{boundary}");
+    let between = format!("\r\n--{boundary}");
+    let body = &reply.body[..];
+    assert!(body.starts_with(open.as_bytes()), "starts with a delimiter");
+    let mut rest = &body[open.len()..];
+    let mut parts = Vec::new();
+    while rest != b"--\r\n" {
+        let part = rest
+            .strip_prefix(b"\r\n")
+            .expect("a delimiter ends its line");
+        let head_end = find(part, b"\r\n\r\n").expect("part fields");
+        let (mut content_type, mut content_range) = (None, None);
+        for line in String::from_utf8_lossy(&part[..head_end]).split("\r\n") {
+            let (name, value) = line.split_once(':').expect("a field");
+            match name.to_ascii_lowercase().as_str() {
+                "content-type" => content_type = Some(value.trim().to_string()),
+                "content-range" => content_range = Some(value.trim().to_string()),
+                other => panic!("unexpected part field {other}"),
+            }
+        }
+        let data = &part[head_end + 4..];
+        let next = find(data, between.as_bytes()).expect("next delimiter");
+        parts.push((
+            content_type,
+            content_range.expect("Content-Range in every part"),
+            data[..next].to_vec(),
+        ));
+        rest = &data[next + between.len()..];
+    }
+    parts
+}
+
+/// The part `start..=end` of a `len`-byte `text/plain` body.
+fn part(body: &str, start: usize, end: usize) -> Part {
+    (
+        Some("text/plain".into()),
+        format!("bytes {start}-{end}/{}", body.len()),
+        body.as_bytes()[start..=end].to_vec(),
+    )
+}
+
+/// RFC 9110 §14.1.2 / §14.6 / §14.2: several ranges (any of the three forms) from a complete
+/// stored response as one `multipart/byteranges` 206, parts in the order asked; overlapping or
+/// adjacent ranges coalesced; a single satisfiable range as a plain 206; none satisfiable 416;
+/// `If-Range`; more ranges than `max_ranges` get the whole 200. The origin is asked once.
+fn several_ranges_from_stored_responses(protocol: Secure) {
+    let rig = rig(protocol, |_| {});
+    let body = blob(1000);
+    let headers = [
+        ("cache-control", "max-age=600"),
+        ("etag", "\"m1\""),
+        ("content-type", "text/plain"),
+    ];
+    rig.origin.set("/multi", script(200, &headers, &body));
+    assert_eq!(cache(&rig.get("/multi", &[])), "miss");
+
+    let two = rig.get("/multi", &[("range", "bytes=0-9,20-29")]);
+    assert_eq!((two.status, cache(&two)), (206, "hit"));
+    assert_eq!(byteranges(&two), [part(&body, 0, 9), part(&body, 20, 29)]);
+    // Open and suffix ranges mixed in; -20 lies inside 980- and merges with it.
+    let mixed = rig.get("/multi", &[("range", "bytes=990-,-20, 0-1,500-509")]);
+    assert_eq!(mixed.status, 206);
+    assert_eq!(
+        byteranges(&mixed),
+        [
+            part(&body, 980, 999),
+            part(&body, 0, 1),
+            part(&body, 500, 509)
+        ]
+    );
+    // Overlapping and adjacent ranges collapse into one: a plain 206.
+    let merged = rig.get("/multi", &[("range", "bytes=0-9,5-14,15-19")]);
+    assert_eq!(merged.status, 206);
+    assert_eq!(merged.header("content-range"), Some("bytes 0-19/1000"));
+    assert_eq!(merged.text(), body[0..=19]);
+    // One satisfiable range among unsatisfiable ones: a plain 206 as well.
+    let one = rig.get("/multi", &[("range", "bytes=5000-,10-19")]);
+    assert_eq!(one.status, 206);
+    assert_eq!(one.header("content-range"), Some("bytes 10-19/1000"));
+    assert_eq!(one.text(), body[10..=19]);
+    // None satisfiable.
+    let none = rig.get("/multi", &[("range", "bytes=1000-,2000-3000")]);
+    assert_eq!(none.status, 416);
+    assert_eq!(none.header("content-range"), Some("bytes */1000"));
+    // If-Range: the parts when the validator matches, the whole response when not.
+    let matching = rig.get(
+        "/multi",
+        &[("range", "bytes=0-0,2-2"), ("if-range", "\"m1\"")],
+    );
+    assert_eq!(
+        byteranges(&matching),
+        [part(&body, 0, 0), part(&body, 2, 2)]
+    );
+    let changed = rig.get(
+        "/multi",
+        &[("range", "bytes=0-0,2-2"), ("if-range", "\"m0\"")],
+    );
+    assert_eq!((changed.status, changed.text()), (200, body.clone()));
+    // The range limit (16 by default): 16 small ranges are answered, 17 get the whole 200.
+    let spec = |n: usize| {
+        let list: Vec<String> = (0..n).map(|i| format!("{0}-{0}", i * 10)).collect();
+        format!("bytes={}", list.join(","))
+    };
+    let sixteen = rig.get("/multi", &[("range", &spec(16))]);
+    assert_eq!(sixteen.status, 206);
+    assert_eq!(byteranges(&sixteen).len(), 16);
+    let seventeen = rig.get("/multi", &[("range", &spec(17))]);
+    assert_eq!((seventeen.status, cache(&seventeen)), (200, "hit"));
+    assert_eq!(seventeen.text(), body);
+    assert_eq!(rig.origin.requests_for("/multi").len(), 1);
+
+    // A content-coded entry: one range is cut, several get the whole coded response.
+    let coded = [
+        ("cache-control", "max-age=600"),
+        ("content-encoding", "gzip"),
+    ];
+    rig.origin.set("/coded", script(200, &coded, &body));
+    let gzip = ("accept-encoding", "gzip");
+    assert_eq!(cache(&rig.get("/coded", &[gzip])), "miss");
+    let one = rig.get("/coded", &[gzip, ("range", "bytes=0-9")]);
+    assert_eq!((one.status, cache(&one)), (206, "hit"));
+    let several = rig.get("/coded", &[gzip, ("range", "bytes=0-9,20-29")]);
+    assert_eq!((several.status, cache(&several)), (200, "hit"));
+    assert_eq!(several.body.len(), 1000);
 }
 
 /// A long body whose every byte says where it is.
@@ -917,15 +1172,40 @@ fn range_misses_fill_the_cache(protocol: Secure) {
     }
     assert_eq!(edge.origin.requests_for("/large").len(), 2);
 
-    // Several ranges are the origin's to answer.
-    let multi = edge.get("/fill", &[("range", "bytes=0-1,5-6")]);
-    assert_eq!(cache(&multi), "bypass");
+    // Several ranges fill the same way: their parts stream as the whole response arrives.
+    let typed = [
+        ("cache-control", "max-age=600"),
+        ("etag", "\"f1\""),
+        ("content-type", "text/plain"),
+    ];
+    edge.origin.set("/parts", script(200, &typed, &body));
+    let first = edge.get("/parts", &[("range", "bytes=0-1,500-,-3")]);
+    assert_eq!((first.status, cache(&first)), (206, "miss"));
     assert_eq!(
-        edge.origin
-            .requests_for("/fill")
-            .last()
-            .and_then(|s| s.header("range")),
-        Some("bytes=0-1,5-6")
+        byteranges(&first),
+        [part(&body, 0, 1), part(&body, 500, 999)]
+    );
+    assert_eq!(edge.origin.requests_for("/parts")[0].header("range"), None);
+    let again = edge.get("/parts", &[("range", "bytes=0-1,500-,-3")]);
+    assert_eq!((again.status, cache(&again)), (206, "hit"));
+    assert_eq!(byteranges(&again), byteranges(&first));
+    // Parts asked in descending order cannot be sent while the body streams: the miss gets the
+    // whole response (RFC 9110 §14.2), stored, and the next request its parts in its order.
+    edge.origin.set("/backwards", script(200, &typed, &body));
+    let descending = [("range", "bytes=10-19,0-1")];
+    let whole = edge.get("/backwards", &descending);
+    assert_eq!((whole.status, cache(&whole)), (200, "miss"));
+    assert_eq!(whole.text(), body);
+    let parts = edge.get("/backwards", &descending);
+    assert_eq!((parts.status, cache(&parts)), (206, "hit"));
+    assert_eq!(byteranges(&parts), [part(&body, 10, 19), part(&body, 0, 1)]);
+    // Too large to store: the parts still stream, nothing is kept.
+    edge.origin.set("/large-parts", script(200, &typed, &large));
+    let big = edge.get("/large-parts", &[("range", "bytes=0-9,9000-9009")]);
+    assert_eq!((big.status, cache(&big)), (206, "miss"));
+    assert_eq!(
+        byteranges(&big),
+        [part(&large, 0, 9), part(&large, 9000, 9009)]
     );
 
     let passing = rig(protocol, |c| c.fill_ranges = false);
@@ -1034,7 +1314,8 @@ fn accept_encoding_is_normalised(protocol: Secure) {
     assert_eq!(rig.origin.requests_for("/no-vary").len(), 2);
 }
 
-/// RFC 9110 §12.5.4: Accept-Language variants match whatever the order, case and spacing.
+/// RFC 9110 §12.5.4: Accept-Language variants match whatever the order, case and spacing; with
+/// `key.normalise_vary = false` the varied fields are compared as sent.
 fn accept_language_is_normalised(protocol: Secure) {
     let rig = rig(protocol, |_| {});
     rig.origin.set(
@@ -1058,6 +1339,31 @@ fn accept_language_is_normalised(protocol: Secure) {
         "miss",
         "different weights are another variant"
     );
+
+    // `key.normalise_vary = false`: the field as sent picks the variant.
+    let raw = crate::rig(protocol, |c| c.key.normalise_vary = false);
+    raw.origin.set(
+        "/lang",
+        script(
+            200,
+            &[
+                ("cache-control", "max-age=600"),
+                ("vary", "Accept-Language, Accept-Encoding"),
+            ],
+            "english",
+        ),
+    );
+    let ask = |language: &str, encoding: &str| {
+        cache(&raw.get(
+            "/lang",
+            &[("accept-language", language), ("accept-encoding", encoding)],
+        ))
+        .to_string()
+    };
+    assert_eq!(ask("en-US, de;q=0.5", "gzip"), "miss");
+    assert_eq!(ask("en-US, de;q=0.5", "gzip"), "hit");
+    assert_eq!(ask("DE; q=0.5,en-us", "gzip"), "miss");
+    assert_eq!(ask("en-US, de;q=0.5", "GZIP"), "miss");
 }
 
 macro_rules! conformance {
@@ -1069,6 +1375,11 @@ macro_rules! conformance {
                 #[test]
                 fn cookie_requests_cannot_poison_the_cache() {
                     cookie_requests_cannot_poison($value);
+                }
+
+                #[test]
+                fn set_cookie_is_stored_only_when_the_route_allows_it() {
+                    set_cookie_is_stored_only_when_allowed($value);
                 }
 
                 #[test]
@@ -1097,6 +1408,16 @@ macro_rules! conformance {
                 }
 
                 #[test]
+                fn must_understand_and_authorization_directives_are_honoured() {
+                    must_understand_and_authorization_directives($value);
+                }
+
+                #[test]
+                fn must_revalidate_and_s_maxage_are_honoured() {
+                    must_revalidate_and_s_maxage($value);
+                }
+
+                #[test]
                 fn interim_and_hop_by_hop_headers_are_not_stored() {
                     interim_and_hop_by_hop_are_not_stored($value);
                 }
@@ -1109,6 +1430,11 @@ macro_rules! conformance {
                 #[test]
                 fn accept_language_variants_are_normalised() {
                     accept_language_is_normalised($value);
+                }
+
+                #[test]
+                fn several_byte_ranges_are_multipart_from_stored_responses() {
+                    several_ranges_from_stored_responses($value);
                 }
 
                 #[test]

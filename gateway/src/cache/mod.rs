@@ -19,7 +19,7 @@ use coalesce::{Coalescer, Join, LeaderGuard};
 pub use key::{CacheKey, CacheRequest, PrimaryKey};
 pub use policy::{Bypass, NotStorable, RouteRules};
 use policy::{Invalidation, RequestRules, Usability};
-use range::RangeAnswer;
+use range::{BodyCut, Multipart, Ranges};
 pub use store::CachedResponse;
 use store::{Store, StoreGauges};
 
@@ -205,8 +205,29 @@ pub enum Partial {
         end: u64,
         chunks: Vec<Bytes>,
     },
+    /// `206` `multipart/byteranges` (several ranges); boxed, as the rare case, to keep every
+    /// [`Served`] small.
+    Parts(Box<Parts>),
     /// `416`.
     Unsatisfiable,
+}
+
+/// A multipart answer from a stored response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Parts {
+    /// `multipart/byteranges; boundary=...`.
+    pub content_type: HeaderValue,
+    pub length: u64,
+    /// The part headers and slices of the stored chunks, in the order to send.
+    pub chunks: Vec<Bytes>,
+}
+
+/// A boundary for a multipart answer that no stored body can be made to contain in advance: it
+/// is drawn afresh for every answer from the process's random hashing keys.
+fn multipart_boundary() -> String {
+    use std::hash::BuildHasher;
+    let draw = std::collections::hash_map::RandomState::new().hash_one(0u8);
+    format!("meridian-{draw:016x}")
 }
 
 impl Partial {
@@ -220,6 +241,20 @@ impl Partial {
             offset += chunk.len() as u64;
         }
         Partial::Bytes { start, end, chunks }
+    }
+
+    fn parts(entry: &CachedResponse, ranges: &[(u64, u64)]) -> Self {
+        let multipart = Multipart::new(
+            ranges,
+            entry.body_len,
+            entry.headers.get(http::header::CONTENT_TYPE),
+            &multipart_boundary(),
+        );
+        Partial::Parts(Box::new(Parts {
+            content_type: multipart.content_type(),
+            length: multipart.content_length(),
+            chunks: multipart.body(&entry.body),
+        }))
     }
 }
 
@@ -248,25 +283,32 @@ impl Served {
         served
     }
 
-    /// Answers the request's `Range` from the stored body (RFC 9110 §14): `206` with the bytes,
-    /// `416`, or the whole response when the range is unusable, several ranges were asked, or the
-    /// stored status is not `200`. A matching conditional (`304`) goes first (RFC 9110 §13.2.2).
+    /// Answers the request's `Range` from the stored body (RFC 9110 §14): `206` with the bytes
+    /// (one range, or a multipart body for several), `416`, or the whole response when the range
+    /// is unusable, lists more than `max_ranges` ranges, or the stored status is not `200`. A
+    /// matching conditional (`304`) goes first (RFC 9110 §13.2.2).
     fn cut(&mut self, request_headers: &HeaderMap) {
         if self.not_modified || self.head || self.entry.status != 200 {
             return;
         }
-        self.partial =
-            match range::answer(request_headers, &self.entry.headers, self.entry.body_len) {
-                RangeAnswer::Partial { start, end } => Some(Partial::of(&self.entry, start, end)),
-                RangeAnswer::Unsatisfiable => Some(Partial::Unsatisfiable),
-                RangeAnswer::Full | RangeAnswer::Multiple => None,
-            };
+        let entry = &self.entry;
+        self.partial = match range::ranges(
+            request_headers,
+            &entry.headers,
+            entry.body_len,
+            self.rules.max_ranges,
+        ) {
+            Ranges::Single { start, end } => Some(Partial::of(entry, start, end)),
+            Ranges::Multiple(ranges) => Some(Partial::parts(entry, &ranges)),
+            Ranges::Unsatisfiable => Some(Partial::Unsatisfiable),
+            Ranges::Full => None,
+        };
     }
 
     pub fn status_code(&self) -> u16 {
         match (&self.partial, self.not_modified) {
             (_, true) => 304,
-            (Some(Partial::Bytes { .. }), false) => 206,
+            (Some(Partial::Bytes { .. } | Partial::Parts(_)), false) => 206,
             (Some(Partial::Unsatisfiable), false) => 416,
             (None, false) => self.entry.status,
         }
@@ -287,6 +329,12 @@ impl Served {
                     if let Ok(v) = HeaderValue::from_str(&range) {
                         h.insert(http::header::CONTENT_RANGE, v);
                     }
+                    h
+                }
+                Some(Partial::Parts(parts)) => {
+                    // Each part carries the representation's Content-Type (RFC 9110 §14.6).
+                    let mut h = self.entry.headers.clone();
+                    h.insert(http::header::CONTENT_TYPE, parts.content_type.clone());
                     h
                 }
                 Some(Partial::Unsatisfiable) => {
@@ -328,6 +376,7 @@ impl Served {
         Some(match &self.partial {
             None => self.entry.body_len,
             Some(Partial::Bytes { start, end, .. }) => end - start + 1,
+            Some(Partial::Parts(parts)) => parts.length,
             Some(Partial::Unsatisfiable) => 0,
         })
     }
@@ -340,6 +389,7 @@ impl Served {
         match &self.partial {
             None => &self.entry.body,
             Some(Partial::Bytes { chunks, .. }) => chunks,
+            Some(Partial::Parts(parts)) => &parts.chunks,
             Some(Partial::Unsatisfiable) => &[],
         }
     }
@@ -398,9 +448,48 @@ impl Ticket {
 
     /// A `Range` request that fills the cache: the front asks the origin for the whole response
     /// (no `Range`, no `If-Range`), and answers the client's range from it as it streams
-    /// ([`range::answer_from_response`]).
+    /// ([`Ticket::range_fill`]).
     pub fn fetches_whole(&self) -> bool {
         self.request.range && !self.request.origin_only
+    }
+
+    /// How the client of a range miss that [`fetches_whole`](Self::fetches_whole) is answered
+    /// from the origin's response (`status`, `headers`) as its body streams past: `None` for the
+    /// whole response (no usable range, a status or length that cannot be cut, or several
+    /// ranges not in ascending order, whose parts could only be sent once the whole body is
+    /// in — RFC 9110 §14.2 lets a server answer those with the whole representation).
+    pub fn range_fill(&self, status: u16, headers: &HeaderMap) -> Option<RangeFill> {
+        if !self.fetches_whole() {
+            return None;
+        }
+        let asked = &self.request_headers;
+        let ranges = range::ranges_from_response(asked, status, headers, self.rules.max_ranges);
+        let len = meridian_core::exchange::declared_length(headers).unwrap_or_default();
+        let fill = match ranges {
+            Ranges::Full => return None,
+            Ranges::Single { start, end } => RangeFill::Parts {
+                content_range: HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")).ok(),
+                content_type: None,
+                length: end - start + 1,
+                cut: BodyCut::single(start, end),
+            },
+            Ranges::Multiple(ranges) => {
+                let multipart = Multipart::new(
+                    &ranges,
+                    len,
+                    headers.get(http::header::CONTENT_TYPE),
+                    &multipart_boundary(),
+                );
+                RangeFill::Parts {
+                    content_range: None,
+                    content_type: Some(multipart.content_type()),
+                    length: multipart.content_length(),
+                    cut: multipart.streaming()?,
+                }
+            }
+            Ranges::Unsatisfiable => RangeFill::Unsatisfiable { len },
+        };
+        Some(fill)
     }
 
     /// stale-if-error: the origin failed (every eligible region); serve the stale entry if its
@@ -426,6 +515,20 @@ impl Ticket {
         }
         Some(served)
     }
+}
+
+/// A range miss answered from the whole response as it streams ([`Ticket::range_fill`]).
+pub enum RangeFill {
+    /// `206`: the response's head with these fields set, then the body cut by `cut`.
+    Parts {
+        content_range: Option<HeaderValue>,
+        /// `multipart/byteranges; boundary=...` for several ranges.
+        content_type: Option<HeaderValue>,
+        length: u64,
+        cut: BodyCut,
+    },
+    /// `416` for a representation of `len` bytes.
+    Unsatisfiable { len: u64 },
 }
 
 /// What `admit` decided for a response head.
@@ -537,6 +640,8 @@ struct Inner {
     targeted: Vec<HeaderName>,
     /// `[edge.cache] forward_targeted`.
     forward_targeted: bool,
+    /// `[edge.cache] max_ranges`.
+    max_ranges: usize,
     metrics: CacheMetrics,
 }
 
@@ -594,6 +699,7 @@ impl ResponseCache {
                 coalesce_timeout: config.coalesce_timeout.as_duration(),
                 targeted: policy::targeted_names(&config.targeted),
                 forward_targeted: config.forward_targeted,
+                max_ranges: usize::try_from(config.max_ranges).unwrap_or(range::DEFAULT_MAX_RANGES),
                 metrics,
             }),
         })
@@ -604,6 +710,7 @@ impl ResponseCache {
         let mut rules = RouteRules::from_config(config);
         rules.enabled &= self.inner.enabled;
         rules.targeted = self.inner.targeted.clone();
+        rules.max_ranges = self.inner.max_ranges;
         if !self.inner.forward_targeted {
             rules.hidden = self.inner.targeted.clone();
         }
@@ -671,24 +778,26 @@ impl ResponseCache {
             return Lookup::Fetch(ticket(None, None));
         }
         let stored = match inner.store.vary_of(&primary) {
-            Some(vary) => match CacheKey::with_vary(primary.clone(), &vary, req.headers) {
-                Ok(key) => inner.store.get(&key).await,
-                Err(_) => return bypass(Bypass::Unkeyable),
-            },
+            Some(vary) => {
+                match CacheKey::with_vary(primary.clone(), &vary, req.headers, &policy.rules.key) {
+                    Ok(key) => inner.store.get(&key).await,
+                    Err(_) => return bypass(Bypass::Unkeyable),
+                }
+            }
             None => None,
         };
         // A coding the client does not accept is never served (an origin that encodes without
         // `Vary: Accept-Encoding`): such an entry is treated as absent and replaced.
         let stored = stored.filter(|e| key::encoding_acceptable(req.headers, &e.headers));
         if request.range {
-            // Several ranges (a multipart answer) are the origin's to build. A single range is cut
-            // from a stored response; with nothing fresh stored it is either filled (the whole
-            // response is fetched, stored, and the range answered from it) or, with `fill_ranges`
-            // off, sent to the origin as it is.
+            // Ranges, one or several, are cut from a stored response; with nothing fresh stored
+            // they are either filled (the whole response is fetched, stored, and the ranges
+            // answered from it as it streams) or, with `fill_ranges` off, sent to the origin as
+            // they are.
             let fresh = stored
                 .as_ref()
                 .is_some_and(|e| entry_is_fresh(e, now, &request));
-            if range::several_ranges(req.headers) || (!fresh && !policy.rules.fill_ranges) {
+            if !fresh && !policy.rules.fill_ranges {
                 return bypass(Bypass::Range);
             }
         }
@@ -714,7 +823,10 @@ impl ResponseCache {
                     return match inner.coalescer.join(&primary) {
                         Join::Leader(leader) => Lookup::Fetch(ticket(Some(entry), Some(leader))),
                         Join::Follower(rx) => {
-                            match self.follow(rx, &primary, req.headers, now, &request).await {
+                            match self
+                                .follow(rx, &primary, req.headers, now, &request, &policy.rules.key)
+                                .await
+                            {
                                 Some(fresh) => {
                                     policy.count(CacheStatus::Hit);
                                     Lookup::Hit(served(fresh, CacheStatus::Hit))
@@ -732,7 +844,9 @@ impl ResponseCache {
         }
         match inner.coalescer.join(&primary) {
             Join::Leader(leader) => Lookup::Fetch(ticket(None, Some(leader))),
-            Join::Follower(rx) => match self.follow(rx, &primary, req.headers, now, &request).await
+            Join::Follower(rx) => match self
+                .follow(rx, &primary, req.headers, now, &request, &policy.rules.key)
+                .await
             {
                 Some(entry) => {
                     policy.count(CacheStatus::Hit);
@@ -766,9 +880,10 @@ impl ResponseCache {
         headers: &HeaderMap,
         now: SystemTime,
         request: &RequestRules,
+        options: &key::KeyOptions,
     ) -> Option<Arc<CachedResponse>> {
         let entry = coalesce::follow(rx, self.inner.coalesce_timeout).await?;
-        let ours = CacheKey::with_vary(primary.clone(), &entry.vary, headers).ok()?;
+        let ours = CacheKey::with_vary(primary.clone(), &entry.vary, headers, options).ok()?;
         if ours != entry.key
             || entry.freshness.usability(now, request) != Usability::Fresh
             || !key::encoding_acceptable(headers, &entry.headers)
@@ -835,6 +950,7 @@ impl ResponseCache {
             ticket.primary.clone(),
             &storable.vary,
             &ticket.request_headers,
+            &ticket.rules.key,
         ) else {
             return Admission::Pass(NotStorable::Vary);
         };

@@ -10,8 +10,7 @@ use http::{HeaderMap, HeaderName, HeaderValue};
 use super::downstream::{Arrival, Downstream, Head};
 use super::forward::{HEADER_POP, HEADER_REGION};
 use super::{EdgeCache, Relayed, RequestState};
-use crate::cache::range::{self, RangeAnswer};
-use crate::cache::{Admission, CacheStatus, CacheWriter, Served, Ticket, HEADER_CACHE};
+use crate::cache::{Admission, CacheStatus, CacheWriter, RangeFill, Served, Ticket, HEADER_CACHE};
 use crate::connector::UpstreamResponse;
 use crate::core::exchange::{cache_on_response, CacheOnResponse, EdgeReply};
 use crate::core::snapshot::InflightGuard;
@@ -234,12 +233,9 @@ impl<'a, D: Downstream> Writer<'a, D> {
         }
         let mut writer: Option<Box<CacheWriter>> = None;
         let mut cache_status = state.cache;
-        let mut window = RangeAnswer::Full;
+        let mut fill = None;
         if let Some(ticket) = ticket {
-            if ticket.fetches_whole() {
-                window =
-                    range::answer_from_response(self.downstream.head().headers, status, &headers);
-            }
+            fill = ticket.range_fill(status, &headers);
             // After `x-meridian-region` is set, so the stored entry remembers its region.
             let now = SystemTime::now();
             let had_stale = ticket.status() == CacheStatus::Expired;
@@ -283,8 +279,8 @@ impl<'a, D: Downstream> Writer<'a, D> {
             headers.insert(HEADER_CACHE, cache_status.header_value());
         }
         state.cache = cache_status;
-        if !matches!(window, RangeAnswer::Full | RangeAnswer::Multiple) {
-            return Box::pin(self.relay_range(response, _inflight, headers, writer, window)).await;
+        if let Some(fill) = fill {
+            return Box::pin(self.relay_range(response, _inflight, headers, writer, fill)).await;
         }
         let headers = self.edge_headers(headers);
         let end = response.body_is_empty();
@@ -330,31 +326,35 @@ impl<'a, D: Downstream> Writer<'a, D> {
     }
 
     /// A range miss being filled: the whole response streams into the cache while the client
-    /// gets only its range (`206`) or a `416`, as soon as its bytes arrive. Once the client has
-    /// all it asked for, the rest is read into the cache off the client's path (so the next
-    /// request on the connection is not held up); when nothing is being stored the upstream
-    /// connection is simply closed.
+    /// gets only its range or ranges (`206`, multipart for several) or a `416`, as soon as their
+    /// bytes arrive. Once the client has all it asked for, the rest is read into the cache off
+    /// the client's path (so the next request on the connection is not held up); when nothing is
+    /// being stored the upstream connection is simply closed.
     async fn relay_range(
         &mut self,
         mut response: UpstreamResponse,
         inflight: InflightGuard,
         mut headers: HeaderMap,
         mut writer: Option<Box<CacheWriter>>,
-        answer: RangeAnswer,
+        fill: RangeFill,
     ) -> Result<u16, u16> {
-        let len = crate::core::exchange::declared_length(&headers).unwrap_or_default();
-        let (status, window) = match answer {
-            RangeAnswer::Partial { start, end } => {
-                if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
+        let (status, mut cut) = match fill {
+            RangeFill::Parts {
+                content_range,
+                content_type,
+                length,
+                cut,
+            } => {
+                if let Some(v) = content_range {
                     headers.insert(http::header::CONTENT_RANGE, v);
                 }
-                headers.insert(
-                    http::header::CONTENT_LENGTH,
-                    HeaderValue::from(end - start + 1),
-                );
-                (206, Some((start, end)))
+                if let Some(v) = content_type {
+                    headers.insert(http::header::CONTENT_TYPE, v);
+                }
+                headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
+                (206, Some(cut))
             }
-            _ => {
+            RangeFill::Unsatisfiable { len } => {
                 // As a 416 from a stored response: the length, and what identifies it.
                 let mut only = HeaderMap::new();
                 if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
@@ -378,22 +378,21 @@ impl<'a, D: Downstream> Writer<'a, D> {
         let headers = self.edge_headers(headers);
         if self
             .downstream
-            .send_head(status, headers, window.is_none())
+            .send_head(status, headers, cut.is_none())
             .await
             .is_err()
         {
             return Err(0);
         }
-        let mut offset = 0u64;
-        let mut client_done = window.is_none();
+        let mut pieces = Vec::new();
         loop {
-            if client_done {
+            let Some(client) = cut.as_mut().filter(|c| !c.is_done()) else {
                 match writer.filter(|w| !w.is_abandoned()) {
                     Some(writer) => fill_in_background(response, writer, inflight),
                     None => drop(response),
                 }
                 return Ok(status);
-            }
+            };
             let chunk = match response.next_chunk().await {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) => {
@@ -411,21 +410,24 @@ impl<'a, D: Downstream> Writer<'a, D> {
             if let Some(w) = writer.as_mut() {
                 w.push(&chunk);
             }
-            let Some((start, end)) = window else {
-                continue;
-            };
-            let chunk_len = chunk.len();
-            if let Some(within) = range::slice_of(offset, chunk_len, start, end) {
-                let last = offset + chunk_len as u64 > end;
-                let piece = chunk.slice(within);
+            client.feed(&chunk, &mut pieces);
+            let done = client.is_done();
+            let count = pieces.len();
+            for (i, piece) in pieces.drain(..).enumerate() {
                 self.bytes_sent += piece.len() as u64;
-                if self.downstream.send_body(piece, last).await.is_err() {
+                if self
+                    .downstream
+                    .send_body(piece, done && i + 1 == count)
+                    .await
+                    .is_err()
+                {
                     // The client went away: nothing is stored, as for any relay.
                     return Err(0);
                 }
-                client_done = last;
             }
-            offset += chunk_len as u64;
+            if done && count == 0 && self.downstream.send_body(Bytes::new(), true).await.is_err() {
+                return Err(0);
+            }
         }
     }
 }

@@ -24,10 +24,18 @@ pub struct CacheRequest<'a> {
 }
 
 /// Per-route key options, compiled once per snapshot.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct KeyOptions {
     ignore_query: Vec<String>,
     headers: Vec<HeaderName>,
+    /// `Vary` on `Accept-Language` / `Accept-Encoding` compares normalised values.
+    normalise_vary: bool,
+}
+
+impl Default for KeyOptions {
+    fn default() -> Self {
+        Self::from_config(&CacheKeyConfig::default())
+    }
 }
 
 impl KeyOptions {
@@ -40,6 +48,7 @@ impl KeyOptions {
                 .iter()
                 .filter_map(|h| HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes()).ok())
                 .collect(),
+            normalise_vary: config.normalise_vary,
         }
     }
 }
@@ -105,16 +114,20 @@ impl PrimaryKey {
 }
 
 impl CacheKey {
-    /// The variant of `primary` selected by `vary` (header names from a stored response).
+    /// The variant of `primary` selected by `vary` (header names from a stored response), with
+    /// the route's key `options`.
     pub fn with_vary(
         primary: PrimaryKey,
         vary: &[HeaderName],
         headers: &HeaderMap,
+        options: &KeyOptions,
     ) -> Result<Self, KeyError> {
         let mut variant = String::new();
         for name in vary {
             let mut value = header_value(headers, name)?;
-            if name == http::header::ACCEPT_LANGUAGE {
+            if !options.normalise_vary {
+                // Byte for byte (whitespace aside, as for every keyed field).
+            } else if name == http::header::ACCEPT_LANGUAGE {
                 value = normalise_accept_language(&value);
             } else if name == http::header::ACCEPT_ENCODING && headers.contains_key(name) {
                 // Absent stays empty: it accepts every coding, which an empty field does not.
@@ -449,6 +462,7 @@ mod tests {
         KeyOptions::from_config(&CacheKeyConfig {
             ignore_query: ignore.iter().map(|s| s.to_string()).collect(),
             headers: headers.iter().map(|s| s.to_string()).collect(),
+            ..CacheKeyConfig::default()
         })
     }
 
@@ -542,9 +556,9 @@ mod tests {
         gzip2.append("accept-encoding", HeaderValue::from_static("br"));
         let mut none = HeaderMap::new();
         none.insert("accept-language", HeaderValue::from_static("de"));
-        let a = CacheKey::with_vary(primary.clone(), &vary, &gzip);
-        let b = CacheKey::with_vary(primary.clone(), &vary, &gzip2);
-        let c = CacheKey::with_vary(primary, &vary, &none);
+        let a = CacheKey::with_vary(primary.clone(), &vary, &gzip, &KeyOptions::default());
+        let b = CacheKey::with_vary(primary.clone(), &vary, &gzip2, &KeyOptions::default());
+        let c = CacheKey::with_vary(primary, &vary, &none, &KeyOptions::default());
         assert_eq!(a, b);
         assert_ne!(a, c);
         assert_eq!(
@@ -626,7 +640,7 @@ mod tests {
             if let Some(v) = v {
                 h.insert(http::header::ACCEPT_ENCODING, HeaderValue::from_static(v));
             }
-            CacheKey::with_vary(primary.clone(), &vary, &h).expect("key")
+            CacheKey::with_vary(primary.clone(), &vary, &h, &KeyOptions::default()).expect("key")
         };
         assert_eq!(
             key(Some("gzip, deflate, br")),
@@ -720,8 +734,49 @@ mod tests {
                 http::header::ACCEPT_LANGUAGE,
                 http::HeaderValue::from_static(v),
             );
-            CacheKey::with_vary(primary.clone(), &vary, &h).expect("key")
+            CacheKey::with_vary(primary.clone(), &vary, &h, &KeyOptions::default()).expect("key")
         };
         assert_eq!(key("en-GB,  de;q=0.8"), key("de;q=0.8, EN-gb"));
+    }
+
+    /// With `key.normalise_vary = false` the varied fields are compared as sent (RFC 9111 §4.1
+    /// allows, not requires, normalising them).
+    #[test]
+    fn vary_normalisation_can_be_turned_off() {
+        let raw = KeyOptions::from_config(&CacheKeyConfig {
+            normalise_vary: false,
+            ..CacheKeyConfig::default()
+        });
+        let primary = PrimaryKey {
+            url: "http://a/".into(),
+            keyed_headers: String::new(),
+        };
+        let vary = [http::header::ACCEPT_LANGUAGE, http::header::ACCEPT_ENCODING];
+        let key = |language: &'static str, encoding: &'static str, options: &KeyOptions| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                http::header::ACCEPT_LANGUAGE,
+                HeaderValue::from_static(language),
+            );
+            h.insert(
+                http::header::ACCEPT_ENCODING,
+                HeaderValue::from_static(encoding),
+            );
+            CacheKey::with_vary(primary.clone(), &vary, &h, options).expect("key")
+        };
+        let normalised = KeyOptions::default();
+        assert_eq!(
+            key("en, de", "gzip, br", &normalised),
+            key("DE,en", "br,GZIP", &normalised)
+        );
+        assert_ne!(
+            key("en, de", "gzip, br", &raw),
+            key("DE,en", "gzip, br", &raw)
+        );
+        assert_ne!(key("en", "gzip, br", &raw), key("en", "br, gzip", &raw));
+        assert_eq!(
+            key("en, de", "gzip, br", &raw),
+            key("en,  de", "gzip,br", &raw)
+        );
     }
 }

@@ -44,6 +44,9 @@ pub struct RouteRules {
     pub stale_if_error: Option<Duration>,
     /// Targeted cache-control fields, in order of precedence (the edge's `[edge.cache] targeted`).
     pub targeted: Vec<HeaderName>,
+    /// The most byte ranges a request may list and get them (the edge's
+    /// `[edge.cache] max_ranges`).
+    pub max_ranges: usize,
 }
 
 impl Default for RouteRules {
@@ -61,6 +64,7 @@ impl Default for RouteRules {
             stale_while_revalidate: None,
             stale_if_error: None,
             targeted: targeted_names(&DEFAULT_TARGETED),
+            max_ranges: super::range::DEFAULT_MAX_RANGES,
         }
     }
 }
@@ -92,6 +96,7 @@ impl RouteRules {
             stale_while_revalidate: config.stale_while_revalidate.map(|d| d.as_duration()),
             stale_if_error: config.stale_if_error.map(|d| d.as_duration()),
             targeted: targeted_names(&DEFAULT_TARGETED),
+            max_ranges: super::range::DEFAULT_MAX_RANGES,
         }
     }
 }
@@ -259,7 +264,8 @@ pub enum Bypass {
     NoStore,
     /// `Cookie` on a route that does not allow caching it.
     Cookie,
-    /// A range the cache does not answer (several ranges, or nothing fresh stored to cut from).
+    /// A range miss on a route that does not fill ranges (`fill_ranges = false`): the origin
+    /// answers it.
     Range,
     /// A keyed header cannot be captured (too long, not text).
     Unkeyable,
