@@ -864,6 +864,7 @@ timeouts = { total = "5s" }
             model_aware: true,
             params: PickParams::default(),
             affinity: Some(7),
+            memory: None,
             model: "m",
             table,
             stale_after_ms: 1_000,

@@ -4,6 +4,7 @@
 
 pub mod openai;
 pub mod pick;
+pub mod prefixes;
 pub mod replicas;
 pub mod sniff;
 pub mod usage;

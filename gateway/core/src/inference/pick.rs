@@ -142,54 +142,109 @@ pub fn region_saturated(replicas: &[Replica], params: &PickParams) -> bool {
 }
 
 /// The replica for a call (index into `replicas`), and why; `None` when none is available.
-/// `affinity`: the hash of the call's prompt prefix or session key.
+/// `affinity`: the hash of the call's prompt prefix or session key. Without a memory of where
+/// prefixes went, a prefix's replicas are its rendezvous order (see [`super::prefixes`] for the
+/// edge's memory, which balances prefixes over replicas and keeps their second replica).
 pub fn pick(
     replicas: &[Replica],
     affinity: Option<u64>,
     params: &PickParams,
 ) -> Option<(usize, PickReason)> {
-    let available = || replicas.iter().enumerate().filter(|(_, r)| r.available);
-    let count = available().count();
-    if count == 0 {
-        return None;
-    }
-    let fresh = available().any(|(_, r)| r.metrics.is_some());
-    if !fresh {
-        // Nothing known of the servers themselves: fewest calls from this edge.
-        return available()
-            .min_by_key(|(i, r)| (r.inflight, *i))
-            .map(|(i, _)| (i, PickReason::Fallback));
-    }
-    // Saturated replicas take new calls only when every replica is.
-    let all_saturated = available().all(|(_, r)| r.saturated(params));
-    let open = |r: &Replica| all_saturated || !r.saturated(params);
+    let view = match View::new(replicas, params) {
+        Ok(view) => view,
+        Err(decided) => return decided,
+    };
     if let Some(key) = affinity {
+        let mut order: Vec<(u64, usize)> = view
+            .available()
+            .map(|i| (rendezvous(key, replicas[i].id), i))
+            .collect();
+        order.sort_unstable_by(|a, b| b.cmp(a));
+        if let Some(&(_, i)) = order.iter().find(|(_, i)| view.takes_affine(*i)) {
+            return Some((i, PickReason::Affinity));
+        }
+    }
+    view.best_score()
+}
+
+/// A region's replicas as one call sees them, once it is known that scoring applies (some are
+/// available, and some have fresh metrics).
+pub(super) struct View<'a> {
+    pub replicas: &'a [Replica],
+    params: &'a PickParams,
+    all_saturated: bool,
+    /// Affine calls stay on a replica while its load is under this.
+    bound: f64,
+}
+
+impl<'a> View<'a> {
+    /// `Err`: the pick is already decided — no replica is available (`None`), or none has fresh
+    /// metrics (least outstanding from this edge, `Fallback`).
+    pub fn new(
+        replicas: &'a [Replica],
+        params: &'a PickParams,
+    ) -> Result<Self, Option<(usize, PickReason)>> {
+        let available = || replicas.iter().enumerate().filter(|(_, r)| r.available);
+        let count = available().count();
+        if count == 0 {
+            return Err(None);
+        }
+        if !available().any(|(_, r)| r.metrics.is_some()) {
+            // Nothing known of the servers themselves: fewest calls from this edge.
+            return Err(available()
+                .min_by_key(|(i, r)| (r.inflight, *i))
+                .map(|(i, _)| (i, PickReason::Fallback)));
+        }
         let total: f64 = available().map(|(_, r)| r.load()).sum();
         let bound = (params.load_factor * (total + 1.0) / count as f64)
             .ceil()
             .max(params.min_affine_load);
-        let mut order: Vec<(u64, usize)> = available()
-            .filter(|(_, r)| open(r))
-            .map(|(i, r)| (rendezvous(key, r.id), i))
-            .collect();
-        order.sort_unstable_by(|a, b| b.cmp(a));
-        if let Some(&(_, i)) = order.iter().find(|(_, i)| replicas[*i].load() < bound) {
-            return Some((i, PickReason::Affinity));
-        }
-    }
-    available()
-        .filter(|(_, r)| open(r))
-        .min_by(|(i, a), (j, b)| {
-            a.score(params)
-                .total_cmp(&b.score(params))
-                .then_with(|| i.cmp(j))
+        Ok(Self {
+            replicas,
+            params,
+            // Saturated replicas take new calls only when every replica is.
+            all_saturated: available().all(|(_, r)| r.saturated(params)),
+            bound,
         })
-        .map(|(i, _)| (i, PickReason::Score))
+    }
+
+    /// Indices of the available replicas.
+    pub fn available(&self) -> impl Iterator<Item = usize> + '_ {
+        self.replicas
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.available)
+            .map(|(i, _)| i)
+    }
+
+    /// May replica `i` take a new call at all?
+    pub fn open(&self, i: usize) -> bool {
+        let r = &self.replicas[i];
+        r.available && (self.all_saturated || !r.saturated(self.params))
+    }
+
+    /// May replica `i` take an affine call: open, and within its load bound?
+    pub fn takes_affine(&self, i: usize) -> bool {
+        self.open(i) && self.replicas[i].load() < self.bound
+    }
+
+    /// The open replica with the lowest score (queue, KV cache, in-flight calls, adapter).
+    pub fn best_score(&self) -> Option<(usize, PickReason)> {
+        self.available()
+            .filter(|&i| self.open(i))
+            .min_by(|&i, &j| {
+                self.replicas[i]
+                    .score(self.params)
+                    .total_cmp(&self.replicas[j].score(self.params))
+                    .then_with(|| i.cmp(&j))
+            })
+            .map(|i| (i, PickReason::Score))
+    }
 }
 
 /// The weight of replica `id` for `key` (splitmix64 of both: well spread, stable across
 /// processes and versions).
-fn rendezvous(key: u64, id: u64) -> u64 {
+pub(super) fn rendezvous(key: u64, id: u64) -> u64 {
     let mut z = key ^ id.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
