@@ -301,9 +301,9 @@ impl Tries {
     }
 
     /// [`Tries::next`] for a model call: the replica is picked by `call` (the model servers'
-    /// state, prefix affinity), and the first try spills past a nearer region whose every replica
-    /// is saturated to the nearest candidate that is not (the failover reason is then
-    /// `saturated`). Also says why that replica was picked.
+    /// state, prefix affinity), and every try — a retry too — spills past a nearer region whose
+    /// every replica is saturated to the nearest candidate that is not (the failover reason is
+    /// then `saturated`). Also says why that replica was picked.
     pub fn next_call(
         &mut self,
         snapshot: &Snapshot,
@@ -311,7 +311,7 @@ impl Tries {
         rotation: usize,
         call: &CallPick<'_>,
     ) -> Result<(Pick, PickReason), u16> {
-        let spilled = self.count == 0 && self.spill(snapshot, now_ms, call);
+        let spilled = self.spill(snapshot, now_ms, call);
         self.next_by(snapshot, now_ms, |region, index, tried| {
             call.pick(region, now_ms, rotation, |u| was_tried(tried, index, u))
         })
@@ -325,7 +325,7 @@ impl Tries {
         })
     }
 
-    /// Moves the first try past saturated regions when a later candidate is not saturated.
+    /// Moves the next try past saturated regions when a later candidate is not saturated.
     fn spill(&mut self, snapshot: &Snapshot, now_ms: u64, call: &CallPick<'_>) -> bool {
         let candidates = self.decision.candidates.as_slice();
         let available = |pos: &usize| {
@@ -903,6 +903,67 @@ timeouts = { total = "5s" }
             .next_call(&snap, 0, 0, &call(&saturated_near))
             .expect("retry");
         assert_eq!(region_name(&snap, pick), "far", "the other upstream of far");
+    }
+
+    #[test]
+    fn a_retry_spills_past_a_region_that_filled_up() {
+        use crate::inference::pick::{PickParams, ReplicaMetrics};
+        use crate::inference::replicas::{ReplicaState, ReplicaTable};
+        // Two replicas near, so a retry could stay there.
+        let snap = compile(&TWO_REGIONS.replace(
+            r#"upstreams = [{ address = "127.1.1.1:80" }]"#,
+            r#"upstreams = [{ address = "127.1.1.1:80" }, { address = "127.1.1.3:80" }]"#,
+        ));
+        let table = |near: f64| ReplicaTable {
+            at_ms: 0,
+            replicas: snap
+                .regions
+                .iter()
+                .flat_map(|r| r.upstreams.iter().map(move |u| (r.name.clone(), u.address)))
+                .map(|(name, address)| {
+                    let waiting = if name == "near" { near } else { 0.0 };
+                    let metrics = ReplicaMetrics {
+                        waiting,
+                        ..ReplicaMetrics::default()
+                    };
+                    let state = ReplicaState {
+                        metrics,
+                        adapters: None,
+                    };
+                    (address, state)
+                })
+                .collect(),
+        };
+        let (quiet, full) = (table(0.0), table(20.0));
+        let call = |table| CallPick {
+            model_aware: true,
+            params: PickParams::default(),
+            affinity: None,
+            memory: None,
+            model: "m",
+            table,
+            stale_after_ms: 1_000,
+        };
+        let mut t = tries(&snap);
+        let (pick, _) = t.next_call(&snap, 0, 0, &call(&quiet)).expect("pick");
+        assert_eq!(region_name(&snap, pick), "near");
+        t.on_connect_error(&snap, false, true, POST, 0);
+        let (pick, reason) = t.next_call(&snap, 0, 0, &call(&full)).expect("retry");
+        assert_eq!(
+            (region_name(&snap, pick), reason),
+            ("far", PickReason::Spill),
+            "not the other replica of the saturated near"
+        );
+        assert_eq!(t.failover(), Some((0, 1, "saturated")));
+        // Not saturated: the retry takes the other replica near.
+        let mut t = tries(&snap);
+        t.next_call(&snap, 0, 0, &call(&quiet)).expect("pick");
+        t.on_connect_error(&snap, false, true, POST, 0);
+        let (pick, reason) = t.next_call(&snap, 0, 0, &call(&quiet)).expect("retry");
+        assert_eq!(
+            (region_name(&snap, pick), reason),
+            ("near", PickReason::Score)
+        );
     }
 
     #[test]
