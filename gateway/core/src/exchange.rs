@@ -158,7 +158,7 @@ pub fn error_message(status: u16) -> &'static str {
     }
 }
 
-/// Header count/size and declared body size, checked before any routing work (every front).
+/// Header count and size, checked before any routing work (every front).
 pub fn check_head_limits(headers: &HeaderMap, limits: &Limits) -> Option<EdgeReply> {
     if headers.len() > limits.max_headers {
         return Some(EdgeReply::new(
@@ -176,10 +176,15 @@ pub fn check_head_limits(headers: &HeaderMap, limits: &Limits) -> Option<EdgeRep
             "request headers too large (edge.limits.max_header_bytes)",
         ));
     }
-    if declared_length(headers).is_some_and(|len| len > limits.max_body_bytes) {
-        return Some(EdgeReply::new(413, error_message(413)));
-    }
     None
+}
+
+/// A declared body over `edge.limits.max_body_bytes`: checked once the route is known, because
+/// a model call is held to its inference route's own `inference.max_body_bytes` instead.
+pub fn check_body_limit(headers: &HeaderMap, limits: &Limits) -> Option<EdgeReply> {
+    declared_length(headers)
+        .is_some_and(|len| len > limits.max_body_bytes)
+        .then(|| EdgeReply::new(413, error_message(413)))
 }
 
 /// `Content-Length` as the client declared it.
@@ -1184,8 +1189,9 @@ default_region = "near"
             http::header::CONTENT_LENGTH,
             http::HeaderValue::from(limits.max_body_bytes + 1),
         );
+        assert_eq!(check_head_limits(&headers, &limits), None);
         assert_eq!(
-            check_head_limits(&headers, &limits).map(|r| r.status),
+            check_body_limit(&headers, &limits).map(|r| r.status),
             Some(413)
         );
         let mut headers = HeaderMap::new();

@@ -182,7 +182,7 @@ fn scoped(scope: u64, key: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inference::pick::{stable_hash, ReplicaMetrics};
+    use crate::inference::pick::{self, stable_hash, ReplicaMetrics};
 
     fn replicas(n: u64) -> Vec<Replica> {
         (0..n)
@@ -277,6 +277,35 @@ mod tests {
         let (i, reason) = memory.pick(1, &region, hot, &params).expect("pick");
         assert_eq!(reason, PickReason::Score);
         assert!(i != home && i != second);
+    }
+
+    #[test]
+    fn the_second_replica_is_kept_where_plain_hash_order_would_move_on() {
+        let params = PickParams::default();
+        let mut region = replicas(4);
+        let mut memory = PrefixMemory::default();
+        let hot = key(3);
+        let mut order: Vec<usize> = (0..4).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(rendezvous(hot, region[i].id)));
+        let (home, _) = memory.pick(1, &region, hot, &params).expect("pick");
+        assert_eq!(home, order[0], "an empty memory places by hash order");
+        // The home is full, and so is the next replica in hash order (other prefixes' calls):
+        // the third becomes the prefix's second.
+        region[order[0]].inflight = 4;
+        region[order[1]].inflight = 4;
+        let (second, _) = memory.pick(1, &region, hot, &params).expect("pick");
+        assert_eq!(second, order[2]);
+        // The next one in hash order is idle again; the overflow still goes where the prefix
+        // already is, where hash order alone would send it to a replica without it.
+        region[order[1]].inflight = 0;
+        assert_eq!(
+            pick::pick(&region, Some(hot), &params).map(|p| p.0),
+            Some(order[1])
+        );
+        assert_eq!(
+            memory.pick(1, &region, hot, &params),
+            Some((order[2], PickReason::Affinity))
+        );
     }
 
     #[test]
