@@ -7,8 +7,9 @@
 //! Affinity uses rendezvous hashing (highest random weight): each replica's weight for a prefix is
 //! a hash of both, so adding or losing a replica moves only the prefixes that were on it. The
 //! bound is "consistent hashing with bounded loads": a replica may take an affine call while its
-//! load is at most `load_factor` × the mean load (rounded up; never less than `min_affine_load`),
-//! else the prefix's next replica in hash order does. Replicas with stale or missing metrics are scored by in-flight calls only
+//! load is at most `load_factor` × the mean load (rounded up; never less than `min_affine_load`;
+//! `idle_extra` more when it reported an empty queue), else the prefix's next replica in hash
+//! order does. Replicas with stale or missing metrics are scored by in-flight calls only
 //! (least outstanding), and the pick says so.
 
 /// What the edge knows of one replica when a call arrives.
@@ -54,6 +55,10 @@ pub struct PickParams {
     /// ... or while its load is below this, whatever the mean: at low load the bound would move
     /// calls off a server with free slots, costing their prefix cache for nothing.
     pub min_affine_load: f64,
+    /// A replica that reported no waiting request may take this many affine calls beyond its
+    /// bound: it could start them at once, and a short wait behind its own calls costs less than
+    /// an uncached prefill elsewhere. Bounded, because its report is up to a scrape old.
+    pub idle_extra: f64,
     /// A replica with at least this many waiting requests is saturated: it takes no new call
     /// while another replica is not.
     pub saturation_queue: f64,
@@ -68,6 +73,7 @@ impl Default for PickParams {
             adapter_bonus: 2.0,
             load_factor: 1.25,
             min_affine_load: 4.0,
+            idle_extra: 4.0,
             saturation_queue: 8.0,
         }
     }
@@ -223,9 +229,15 @@ impl<'a> View<'a> {
         r.available && (self.all_saturated || !r.saturated(self.params))
     }
 
-    /// May replica `i` take an affine call: open, and within its load bound?
+    /// May replica `i` take an affine call: open, and within its load bound (a little beyond it
+    /// when it reported an empty queue)?
     pub fn takes_affine(&self, i: usize) -> bool {
-        self.open(i) && self.replicas[i].load() < self.bound
+        let r = &self.replicas[i];
+        let bound = match r.metrics {
+            Some(m) if m.waiting <= 0.0 => self.bound + self.params.idle_extra,
+            _ => self.bound,
+        };
+        self.open(i) && r.load() < bound
     }
 
     /// The open replica with the lowest score (queue, KV cache, in-flight calls, adapter).
@@ -313,7 +325,10 @@ mod tests {
 
     #[test]
     fn shared_prefixes_stick_to_one_replica_until_its_load_bound() {
-        let params = PickParams::default();
+        let params = PickParams {
+            idle_extra: 0.0,
+            ..PickParams::default()
+        };
         let mut replicas: Vec<Replica> = (0..4).map(|i| replica(i, 0.0, 0.1, 0)).collect();
         let key = stable_hash(b"You are a helpful tax assistant.");
         let (home, reason) = pick(&replicas, Some(key), &params).expect("pick");
@@ -344,6 +359,28 @@ mod tests {
             homes.insert(pick(&fresh, Some(stable_hash(&k.to_le_bytes())), &params).map(|p| p.0));
         }
         assert_eq!(homes.len(), 4);
+    }
+
+    #[test]
+    fn a_replica_without_a_queue_keeps_a_few_affine_calls_beyond_its_bound() {
+        let params = PickParams::default();
+        let key = stable_hash(b"You are a helpful tax assistant.");
+        let fill = |waiting: f64| {
+            let mut replicas: Vec<Replica> = (0..4).map(|i| replica(i, waiting, 0.1, 0)).collect();
+            let mut placed = [0u32; 4];
+            for _ in 0..12 {
+                let (i, _) = pick(&replicas, Some(key), &params).expect("pick");
+                placed[i] += 1;
+                replicas[i].inflight += 1;
+            }
+            placed
+        };
+        // No queue reported: the home takes its bound (4 here) plus `idle_extra`.
+        let idle = fill(0.0);
+        assert_eq!(idle.iter().copied().max(), Some(8), "{idle:?}");
+        // A queue: the bound alone (load = 1 waiting + calls in flight).
+        let queued = fill(1.0);
+        assert!(queued.iter().all(|&n| n <= 4), "{queued:?}");
     }
 
     #[test]

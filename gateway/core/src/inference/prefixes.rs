@@ -184,6 +184,14 @@ mod tests {
     use super::*;
     use crate::inference::pick::{self, stable_hash, ReplicaMetrics};
 
+    /// The bound alone (the allowance for an empty queue is tested in `pick`).
+    fn params() -> PickParams {
+        PickParams {
+            idle_extra: 0.0,
+            ..PickParams::default()
+        }
+    }
+
     fn replicas(n: u64) -> Vec<Replica> {
         (0..n)
             .map(|i| Replica {
@@ -211,7 +219,7 @@ mod tests {
 
     #[test]
     fn prefixes_are_spread_evenly_over_the_replicas() {
-        let params = PickParams::default();
+        let params = params();
         let region = replicas(4);
         let mut memory = PrefixMemory::default();
         let mut per_replica = [0u32; 4];
@@ -231,7 +239,7 @@ mod tests {
 
     #[test]
     fn a_prefix_over_its_bound_overflows_to_one_stable_second_replica() {
-        let params = PickParams::default();
+        let params = params();
         let mut region = replicas(4);
         let mut memory = PrefixMemory::default();
         let hot = key(7);
@@ -281,7 +289,7 @@ mod tests {
 
     #[test]
     fn the_second_replica_is_kept_where_plain_hash_order_would_move_on() {
-        let params = PickParams::default();
+        let params = params();
         let mut region = replicas(4);
         let mut memory = PrefixMemory::default();
         let hot = key(3);
@@ -310,7 +318,7 @@ mod tests {
 
     #[test]
     fn a_busy_or_saturated_home_never_takes_more_than_the_score_allows() {
-        let params = PickParams::default();
+        let params = params();
         let mut region = replicas(3);
         let mut memory = PrefixMemory::default();
         let (home, _) = memory.pick(1, &region, key(1), &params).expect("pick");
@@ -329,7 +337,7 @@ mod tests {
 
     #[test]
     fn a_replica_leaving_moves_only_its_prefixes() {
-        let params = PickParams::default();
+        let params = params();
         let mut region = replicas(4);
         let mut memory = PrefixMemory::default();
         let before: Vec<usize> = (0..40)
@@ -350,7 +358,7 @@ mod tests {
 
     #[test]
     fn regions_place_the_same_prefix_independently() {
-        let params = PickParams::default();
+        let params = params();
         let region = replicas(4);
         let mut memory = PrefixMemory::default();
         memory.pick(1, &region, key(1), &params);
@@ -360,7 +368,7 @@ mod tests {
 
     #[test]
     fn the_memory_is_bounded_and_keeps_what_is_used() {
-        let params = PickParams::default();
+        let params = params();
         let region = replicas(4);
         let mut memory = PrefixMemory::with_generation(8);
         let hot = key(0);
@@ -380,7 +388,7 @@ mod tests {
 
     #[test]
     fn without_fresh_metrics_it_is_least_outstanding() {
-        let params = PickParams::default();
+        let params = params();
         let mut region = replicas(3);
         for (i, r) in region.iter_mut().enumerate() {
             r.metrics = None;
