@@ -148,7 +148,7 @@ pub struct ApiKey {
 #[serde(deny_unknown_fields, default)]
 pub struct RouteInference {
     /// Request bodies larger than this are answered `413` (default 16 MiB, at most
-    /// [`MAX_INFERENCE_BODY_BYTES`]; `edge.limits.max_body_bytes` applies first).
+    /// [`MAX_INFERENCE_BODY_BYTES`]; it replaces `edge.limits.max_body_bytes` for model calls).
     pub max_body_bytes: u64,
     /// Per API key, per route, per edge (not global across edges).
     #[serde(skip_serializing_if = "Option::is_none")]

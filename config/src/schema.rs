@@ -221,7 +221,8 @@ pub struct Limits {
     pub max_header_bytes: usize,
     /// Number of request headers; more is answered `431`.
     pub max_headers: usize,
-    /// Request body bytes; more is answered `413`.
+    /// Request body bytes; more is answered `413` (a model call is held to its route's
+    /// `inference.max_body_bytes` instead).
     pub max_body_bytes: u64,
     /// The request target (path and query); longer is answered `414`.
     pub max_uri_bytes: usize,

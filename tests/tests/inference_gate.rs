@@ -152,6 +152,50 @@ fn a_long_prompt_is_replayed_whole_on_a_fallback() {
 }
 
 #[test]
+fn model_calls_are_held_to_the_inference_limit_other_requests_to_the_edge_limit() {
+    // An edge limit below the inference route's: the route's own limit governs its model calls.
+    let mut config = with_inference(4 * MIB as u64, None);
+    config.edge.limits.max_body_bytes = MIB as u64;
+    let world = World::start(config);
+    for protocol in [Secure::H1, Secure::H2, Secure::H3] {
+        let reply = send_secure(
+            &world,
+            protocol,
+            "MX",
+            long_chat("qwen-max", false, 2 * MIB),
+        );
+        assert_eq!(reply.status, 200, "{protocol:?}: {}", reply.text());
+    }
+    let reply = post(
+        &world,
+        source_for("MX"),
+        CHAT,
+        &[],
+        long_chat("qwen-max", false, 4 * MIB + 10),
+    );
+    assert_eq!(reply.status, 413, "{}", reply.text());
+    assert_eq!(error_code(&reply), "request_too_large");
+    // Any other request, on another route or on another path of the inference route, is held to
+    // the edge's limit.
+    let upload = vec![b'x'; 2 * MIB];
+    let reply = world
+        .runtime
+        .block_on(world.client.request(
+            Protocol::Http1,
+            source_for("MX"),
+            "POST",
+            "api.example.test",
+            "/upload",
+            &[],
+            upload.clone(),
+        ))
+        .expect("request completes");
+    assert_eq!(reply.status, 413, "{}", reply.text());
+    let reply = post(&world, source_for("MX"), "/v1/files", &[], upload);
+    assert_eq!(reply.status, 413, "{}", reply.text());
+}
+
+#[test]
 fn too_large_and_malformed_long_bodies_are_refused_openai_style() {
     let world = World::start(with_inference(MIB as u64, None));
     let reply = post(

@@ -1,7 +1,7 @@
 //! Replica picking for model calls, end to end over real sockets against simulated model servers
 //! whose `/metrics` the edge scrapes: a replica with a long queue gets no new calls while another
-//! is idle; calls sharing a prompt prefix stay on one replica until its load bound moves them; a
-//! region whose every replica is saturated spills to the next one, except for a strict-residency
+//! is idle; calls sharing a prompt prefix stay on one replica until its load bound moves them, and
+//! then on one stable second replica; a region whose every replica is saturated spills to the next one, except for a strict-residency
 //! client, who is refused instead; without model server metrics, least outstanding (counted).
 //!
 //! Nothing here waits on time: each test waits until the edge's own gauges show the state the
@@ -229,43 +229,57 @@ fn shared_prefix_lands_on_one_replica_until_its_bound(
         .unwrap_or_else(|| panic!("one replica took them all: {sequential:?}"));
     assert!(picks(&world, "ap-southeast-1", "affinity") >= 8.0);
 
-    // Eight at once (streams held open): the prefix's replica keeps taking them while its load
-    // is within 1.25 × the mean; the rest go to the prefix's next replicas.
-    for origin in origins {
-        origin.model.hold_stream_end(true);
-    }
-    let before = counts();
-    let target = world.edge.http_addr;
-    let open = world.runtime.block_on(async {
-        let mut open = Vec::new();
-        for i in 0..8 {
-            let body = chat("qwen-turbo", &system(i + 8), &format!("stream {i}"), true);
-            open.push(open_stream(target, source_for("SG"), body, headers).await);
+    // Twelve at once (streams held open), twice: the prefix's replica keeps taking them while its
+    // load is within its bound, max(⌈1.25 × (calls + 1) / 4 replicas⌉, 4 calls) = 4, plus 4 as
+    // it reports no queue (these servers never queue); the rest go to one second replica, the
+    // same one every time, which therefore holds the prefix too.
+    let mut waves = Vec::new();
+    for wave in 0..2 {
+        // The edge has seen every server idle again (the last wave's calls ended).
+        for origin in origins {
+            let series = format!(
+                r#"meridian_inference_replica_running{{region="ap-southeast-1",upstream="{}"}}"#,
+                origin.address
+            );
+            assert_eq!(world.metric_eventually(&series, 0.0), Some(0.0), "{series}");
         }
-        open
-    });
-    let concurrent = placed(origins, &before);
-    assert_eq!(concurrent.iter().sum::<u64>(), 8);
-    let max = concurrent.iter().copied().max().unwrap_or(0);
-    assert_eq!(
-        concurrent[home], max,
-        "the prefix's replica holds the most: {concurrent:?}"
-    );
-    // max(⌈1.25 × (8 calls + 1) / 4 replicas⌉, 4 calls) = 4.
-    assert_eq!(concurrent[home], 4, "load bound: {concurrent:?}");
-    assert!(
-        concurrent.iter().filter(|&&n| n > 0).count() >= 2,
-        "moved on: {concurrent:?}"
-    );
-    for origin in origins {
-        origin.model.hold_stream_end(false);
-    }
-    world.runtime.block_on(async {
-        for (mut body, conn) in open {
-            while let Some(Ok(_)) = body.frame().await {}
-            conn.abort();
+        for origin in origins {
+            origin.model.hold_stream_end(true);
         }
-    });
+        let before = counts();
+        let target = world.edge.http_addr;
+        let open = world.runtime.block_on(async {
+            let mut open = Vec::new();
+            for i in 0..12 {
+                let body = chat(
+                    "qwen-turbo",
+                    &system(i + 8),
+                    &format!("stream {wave}.{i}"),
+                    true,
+                );
+                open.push(open_stream(target, source_for("SG"), body, headers).await);
+            }
+            open
+        });
+        let concurrent = placed(origins, &before);
+        assert_eq!(concurrent[home], 8, "load bound: {concurrent:?}");
+        assert_eq!(
+            concurrent.iter().filter(|&&n| n == 4).count(),
+            1,
+            "the rest on one second replica: {concurrent:?}"
+        );
+        waves.push(concurrent);
+        for origin in origins {
+            origin.model.hold_stream_end(false);
+        }
+        world.runtime.block_on(async {
+            for (mut body, conn) in open {
+                while let Some(Ok(_)) = body.frame().await {}
+                conn.abort();
+            }
+        });
+    }
+    assert_eq!(waves[0], waves[1], "the same second replica");
 }
 
 #[test]

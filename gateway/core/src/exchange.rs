@@ -158,7 +158,7 @@ pub fn error_message(status: u16) -> &'static str {
     }
 }
 
-/// Header count/size and declared body size, checked before any routing work (every front).
+/// Header count and size, checked before any routing work (every front).
 pub fn check_head_limits(headers: &HeaderMap, limits: &Limits) -> Option<EdgeReply> {
     if headers.len() > limits.max_headers {
         return Some(EdgeReply::new(
@@ -176,10 +176,15 @@ pub fn check_head_limits(headers: &HeaderMap, limits: &Limits) -> Option<EdgeRep
             "request headers too large (edge.limits.max_header_bytes)",
         ));
     }
-    if declared_length(headers).is_some_and(|len| len > limits.max_body_bytes) {
-        return Some(EdgeReply::new(413, error_message(413)));
-    }
     None
+}
+
+/// A declared body over `edge.limits.max_body_bytes`: checked once the route is known, because
+/// a model call is held to its inference route's own `inference.max_body_bytes` instead.
+pub fn check_body_limit(headers: &HeaderMap, limits: &Limits) -> Option<EdgeReply> {
+    declared_length(headers)
+        .is_some_and(|len| len > limits.max_body_bytes)
+        .then(|| EdgeReply::new(413, error_message(413)))
 }
 
 /// `Content-Length` as the client declared it.
@@ -301,9 +306,9 @@ impl Tries {
     }
 
     /// [`Tries::next`] for a model call: the replica is picked by `call` (the model servers'
-    /// state, prefix affinity), and the first try spills past a nearer region whose every replica
-    /// is saturated to the nearest candidate that is not (the failover reason is then
-    /// `saturated`). Also says why that replica was picked.
+    /// state, prefix affinity), and every try — a retry too — spills past a nearer region whose
+    /// every replica is saturated to the nearest candidate that is not (the failover reason is
+    /// then `saturated`). Also says why that replica was picked.
     pub fn next_call(
         &mut self,
         snapshot: &Snapshot,
@@ -311,7 +316,7 @@ impl Tries {
         rotation: usize,
         call: &CallPick<'_>,
     ) -> Result<(Pick, PickReason), u16> {
-        let spilled = self.count == 0 && self.spill(snapshot, now_ms, call);
+        let spilled = self.spill(snapshot, now_ms, call);
         self.next_by(snapshot, now_ms, |region, index, tried| {
             call.pick(region, now_ms, rotation, |u| was_tried(tried, index, u))
         })
@@ -325,7 +330,7 @@ impl Tries {
         })
     }
 
-    /// Moves the first try past saturated regions when a later candidate is not saturated.
+    /// Moves the next try past saturated regions when a later candidate is not saturated.
     fn spill(&mut self, snapshot: &Snapshot, now_ms: u64, call: &CallPick<'_>) -> bool {
         let candidates = self.decision.candidates.as_slice();
         let available = |pos: &usize| {
@@ -864,6 +869,7 @@ timeouts = { total = "5s" }
             model_aware: true,
             params: PickParams::default(),
             affinity: Some(7),
+            memory: None,
             model: "m",
             table,
             stale_after_ms: 1_000,
@@ -902,6 +908,67 @@ timeouts = { total = "5s" }
             .next_call(&snap, 0, 0, &call(&saturated_near))
             .expect("retry");
         assert_eq!(region_name(&snap, pick), "far", "the other upstream of far");
+    }
+
+    #[test]
+    fn a_retry_spills_past_a_region_that_filled_up() {
+        use crate::inference::pick::{PickParams, ReplicaMetrics};
+        use crate::inference::replicas::{ReplicaState, ReplicaTable};
+        // Two replicas near, so a retry could stay there.
+        let snap = compile(&TWO_REGIONS.replace(
+            r#"upstreams = [{ address = "127.1.1.1:80" }]"#,
+            r#"upstreams = [{ address = "127.1.1.1:80" }, { address = "127.1.1.3:80" }]"#,
+        ));
+        let table = |near: f64| ReplicaTable {
+            at_ms: 0,
+            replicas: snap
+                .regions
+                .iter()
+                .flat_map(|r| r.upstreams.iter().map(move |u| (r.name.clone(), u.address)))
+                .map(|(name, address)| {
+                    let waiting = if name == "near" { near } else { 0.0 };
+                    let metrics = ReplicaMetrics {
+                        waiting,
+                        ..ReplicaMetrics::default()
+                    };
+                    let state = ReplicaState {
+                        metrics,
+                        adapters: None,
+                    };
+                    (address, state)
+                })
+                .collect(),
+        };
+        let (quiet, full) = (table(0.0), table(20.0));
+        let call = |table| CallPick {
+            model_aware: true,
+            params: PickParams::default(),
+            affinity: None,
+            memory: None,
+            model: "m",
+            table,
+            stale_after_ms: 1_000,
+        };
+        let mut t = tries(&snap);
+        let (pick, _) = t.next_call(&snap, 0, 0, &call(&quiet)).expect("pick");
+        assert_eq!(region_name(&snap, pick), "near");
+        t.on_connect_error(&snap, false, true, POST, 0);
+        let (pick, reason) = t.next_call(&snap, 0, 0, &call(&full)).expect("retry");
+        assert_eq!(
+            (region_name(&snap, pick), reason),
+            ("far", PickReason::Spill),
+            "not the other replica of the saturated near"
+        );
+        assert_eq!(t.failover(), Some((0, 1, "saturated")));
+        // Not saturated: the retry takes the other replica near.
+        let mut t = tries(&snap);
+        t.next_call(&snap, 0, 0, &call(&quiet)).expect("pick");
+        t.on_connect_error(&snap, false, true, POST, 0);
+        let (pick, reason) = t.next_call(&snap, 0, 0, &call(&quiet)).expect("retry");
+        assert_eq!(
+            (region_name(&snap, pick), reason),
+            ("near", PickReason::Score)
+        );
     }
 
     #[test]
@@ -1122,8 +1189,9 @@ default_region = "near"
             http::header::CONTENT_LENGTH,
             http::HeaderValue::from(limits.max_body_bytes + 1),
         );
+        assert_eq!(check_head_limits(&headers, &limits), None);
         assert_eq!(
-            check_head_limits(&headers, &limits).map(|r| r.status),
+            check_body_limit(&headers, &limits).map(|r| r.status),
             Some(413)
         );
         let mut headers = HeaderMap::new();

@@ -28,7 +28,7 @@ pub use crate::core::inference::{
     body_too_large, call_error, entry, model_name, model_served, openai, sniff, usage, Entry,
 };
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -40,6 +40,7 @@ use crate::core::{decide_for_model, Refusal, RequestView, RouteDecision, Snapsho
 use crate::metrics::STATUS_CLASSES;
 
 use crate::core::inference::pick::{PickParams, PickReason};
+use crate::core::inference::prefixes::PrefixMemory;
 use crate::core::inference::replicas::{CallPick, ReplicaTable};
 use limiter::{LimitBackend, LimiterMetrics, RedisLimiter};
 use meridian_config::inference::{Criticality, Picking, RateLimit};
@@ -60,6 +61,9 @@ pub struct InferenceState {
     limiter_metrics: std::sync::OnceLock<Option<LimiterMetrics>>,
     metrics: Option<InferenceMetrics>,
     scraper: scrape::Scraper,
+    /// Where prompt prefixes went, so they keep finding the replicas that hold them (shared by
+    /// every call of this edge; bounded).
+    prefixes: Arc<Mutex<PrefixMemory>>,
     scrape_metrics: Option<Arc<scrape::ScrapeMetrics>>,
 }
 
@@ -132,6 +136,8 @@ pub struct InferenceCtx {
     /// Hash of the session header's value, else of the prompt's prefix: calls sharing it go to
     /// the same replica while its load allows.
     affinity: Option<u64>,
+    /// The edge's prefix memory, for the pick.
+    prefixes: Arc<Mutex<PrefixMemory>>,
     /// The tokens held against the caller's limit while the call runs (routes limiting tokens).
     settlement: Option<Settlement>,
     started: Instant,
@@ -193,6 +199,7 @@ impl InferenceState {
             limiter_metrics: std::sync::OnceLock::new(),
             metrics,
             scraper: scrape::Scraper::default(),
+            prefixes: Arc::default(),
             scrape_metrics: match scrape::ScrapeMetrics::new(registry) {
                 Ok(m) => Some(Arc::new(m)),
                 Err(e) => {
@@ -349,6 +356,7 @@ impl InferenceState {
             model,
             sent: name.to_string(),
             affinity,
+            prefixes: Arc::clone(&self.prefixes),
             settlement: None,
             started,
             first_byte: None,
@@ -577,6 +585,7 @@ pub fn call_pick<'a>(
             ..PickParams::default()
         },
         affinity: ctx.affinity,
+        memory: Some(&ctx.prefixes),
         model: &ctx.sent,
         table,
         stale_after_ms: interval.saturating_mul(5).max(STALE_AFTER_MIN_MS),

@@ -36,7 +36,8 @@ use crate::clock;
 use crate::connector::{Connector, InterimSink, OutboundHead, Timeouts, UpstreamResponse};
 use crate::core::client::client_ip;
 use crate::core::exchange::{
-    check_head_limits, declared_length, request_host, EdgeReply, Effects, Replay, Tries, TryVerdict,
+    check_body_limit, check_head_limits, declared_length, request_host, EdgeReply, Effects, Replay,
+    Tries, TryVerdict,
 };
 use crate::core::inference::replicas::CallPick;
 use crate::core::route_match::{normalize_path, PathError};
@@ -227,6 +228,13 @@ impl Pipeline {
                 head.headers.get(http::header::AUTHORIZATION),
             )
         });
+        // A model call is held to its route's `inference.max_body_bytes` below; everything
+        // else to the edge's limit.
+        if !matches!(entry, Some(Entry::ModelCall { .. })) {
+            if let Some(reply) = check_body_limit(head.headers, &snapshot.limits) {
+                return out.reply(&reply).await;
+            }
+        }
         if let Some(Entry::Pass { key }) = entry {
             // Every path of an inference route is gated; other requests are proxied as is.
             if let Err(error) =

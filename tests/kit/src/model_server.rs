@@ -14,8 +14,10 @@
 //!   calls run at once, the rest wait in a queue (`vllm:num_requests_waiting`, and the KV cache
 //!   fills with the running calls); each call's first token comes after a prefill whose time
 //!   depends on whether the server holds the call's prompt prefix in its prefix cache (an LRU of
-//!   the last few prefixes it served: the first message's content, or `prompt`). So time to first
-//!   token grows with queueing and shrinks with prefix reuse, as it does on vLLM.
+//!   the last `cache_entries` prefixes it served: the first message's content, or `prompt`; a
+//!   prefix still being prefilled for another call is reused once that prefill ends). Calls in
+//!   their prefill count as running. So time to first token grows with queueing and shrinks with
+//!   prefix reuse, as it does on vLLM.
 //!
 //! Tokens: prompt = ⌈request body bytes / 4⌉, completion = `max_tokens` (default 8, at most 1000).
 
@@ -31,6 +33,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
 use tokio::sync::{mpsc, watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 /// The response body of every simulated origin: whole or streamed.
 pub type OriginBody = http_body_util::combinators::BoxBody<Bytes, Infallible>;
@@ -71,26 +74,34 @@ pub struct Capacity {
 struct Simulated {
     capacity: Capacity,
     slots: Arc<Semaphore>,
-    /// Most recently used last.
-    cache: Mutex<std::collections::VecDeque<u64>>,
+    /// Prefixes and when their KV cache is complete (the end of the prefill that computed it),
+    /// most recently used last.
+    cache: Mutex<std::collections::VecDeque<(u64, Instant)>>,
 }
 
 impl Simulated {
-    /// Is `prefix` cached? Either way it is the most recently used one now.
-    fn touch(&self, prefix: u64) -> bool {
+    /// When the first token of a call for `prefix` that starts its prefill `now` is ready, and
+    /// whether the prefix was cached. A prefix being prefilled by another call counts as cached,
+    /// but its KV cache is complete only when that prefill ends: a call reusing it waits for it,
+    /// as a server batching both would. Either way it is the most recently used prefix now.
+    fn prefill(&self, prefix: u64, now: Instant) -> (Instant, bool) {
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        let hit = match cache.iter().position(|&p| p == prefix) {
-            Some(at) => {
-                cache.remove(at);
-                true
+        let cached = cache
+            .iter()
+            .position(|&(p, _)| p == prefix)
+            .and_then(|at| cache.remove(at));
+        let (first_token, ready) = match cached {
+            Some((_, ready)) => ((now + self.capacity.cached_prefill).max(ready), ready),
+            None => {
+                let ready = now + self.capacity.prefill;
+                (ready, ready)
             }
-            None => false,
         };
-        cache.push_back(prefix);
+        cache.push_back((prefix, ready));
         while cache.len() > self.capacity.cache_entries {
             cache.pop_front();
         }
-        hit
+        (first_token, cached.is_some())
     }
 }
 
@@ -195,20 +206,25 @@ impl ModelControl {
             .clone()
     }
 
-    /// Waits for a slot (counted as waiting meanwhile), then for the prefill.
-    async fn admit(&self, prefix: u64) -> Option<OwnedSemaphorePermit> {
+    /// Waits for a slot (counted as waiting meanwhile).
+    async fn admit(&self) -> Option<OwnedSemaphorePermit> {
         let simulated = self.simulated()?;
         self.waiting.fetch_add(1, Ordering::Relaxed);
         let permit = Arc::clone(&simulated.slots).acquire_owned().await.ok();
         self.waiting.fetch_sub(1, Ordering::Relaxed);
-        let prefill = if simulated.touch(prefix) {
-            self.prefix_hits.fetch_add(1, Ordering::Relaxed);
-            simulated.capacity.cached_prefill
-        } else {
-            simulated.capacity.prefill
-        };
-        tokio::time::sleep(prefill).await;
         permit
+    }
+
+    /// The prefill of a call holding a slot: shorter when its prompt prefix is cached.
+    async fn prefill(&self, prefix: u64) {
+        let Some(simulated) = self.simulated() else {
+            return;
+        };
+        let (first_token, hit) = simulated.prefill(prefix, Instant::now());
+        if hit {
+            self.prefix_hits.fetch_add(1, Ordering::Relaxed);
+        }
+        tokio::time::sleep_until(first_token).await;
     }
 
     fn metrics_text(&self) -> String {
@@ -317,8 +333,10 @@ pub async fn handle(
         .as_str()
         .or(request["prompt"].as_str())
         .map_or(0, prefix_key);
-    let permit = control.admit(prefix).await;
+    let permit = control.admit().await;
+    // A call in its prefill runs (vLLM counts it in `num_requests_running`).
     let running = Running::start(&control.running);
+    control.prefill(prefix).await;
     let model = request["model"].as_str().unwrap_or("unknown").to_string();
     let prompt_tokens = (body.len() as u64).div_ceil(4);
     let completion_tokens = request["max_tokens"]

@@ -4,6 +4,7 @@
 
 pub mod openai;
 pub mod pick;
+pub mod prefixes;
 pub mod replicas;
 pub mod sniff;
 pub mod usage;
@@ -62,8 +63,9 @@ pub fn entry(
     }
 }
 
-/// The body limit of a model call on `route`: the route's `inference.max_body_bytes`, never more
-/// than the edge-wide `edge.limits.max_body_bytes` (which every request is held to).
+/// The body limit of a model call on `route`: the route's `inference.max_body_bytes`, which
+/// replaces `edge.limits.max_body_bytes` for model calls (a route made for long prompts would
+/// otherwise be capped by the limit meant for everything else).
 pub fn max_body_bytes(snapshot: &Snapshot, route: usize) -> u64 {
     snapshot
         .config
@@ -72,7 +74,6 @@ pub fn max_body_bytes(snapshot: &Snapshot, route: usize) -> u64 {
         .and_then(|r| r.inference.as_ref())
         .map(|i| i.max_body_bytes)
         .unwrap_or(meridian_config::inference::DEFAULT_INFERENCE_BODY_BYTES)
-        .min(snapshot.limits.max_body_bytes)
 }
 
 /// The path as model servers route it: `%XX` of unreserved characters decoded, empty and `.`

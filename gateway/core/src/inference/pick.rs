@@ -7,8 +7,9 @@
 //! Affinity uses rendezvous hashing (highest random weight): each replica's weight for a prefix is
 //! a hash of both, so adding or losing a replica moves only the prefixes that were on it. The
 //! bound is "consistent hashing with bounded loads": a replica may take an affine call while its
-//! load is at most `load_factor` × the mean load (rounded up; never less than `min_affine_load`),
-//! else the prefix's next replica in hash order does. Replicas with stale or missing metrics are scored by in-flight calls only
+//! load is at most `load_factor` × the mean load (rounded up; never less than `min_affine_load`;
+//! `idle_extra` more when it reported an empty queue), else the prefix's next replica in hash
+//! order does. Replicas with stale or missing metrics are scored by in-flight calls only
 //! (least outstanding), and the pick says so.
 
 /// What the edge knows of one replica when a call arrives.
@@ -54,6 +55,10 @@ pub struct PickParams {
     /// ... or while its load is below this, whatever the mean: at low load the bound would move
     /// calls off a server with free slots, costing their prefix cache for nothing.
     pub min_affine_load: f64,
+    /// A replica that reported no waiting request may take this many affine calls beyond its
+    /// bound: it could start them at once, and a short wait behind its own calls costs less than
+    /// an uncached prefill elsewhere. Bounded, because its report is up to a scrape old.
+    pub idle_extra: f64,
     /// A replica with at least this many waiting requests is saturated: it takes no new call
     /// while another replica is not.
     pub saturation_queue: f64,
@@ -68,6 +73,7 @@ impl Default for PickParams {
             adapter_bonus: 2.0,
             load_factor: 1.25,
             min_affine_load: 4.0,
+            idle_extra: 4.0,
             saturation_queue: 8.0,
         }
     }
@@ -142,54 +148,115 @@ pub fn region_saturated(replicas: &[Replica], params: &PickParams) -> bool {
 }
 
 /// The replica for a call (index into `replicas`), and why; `None` when none is available.
-/// `affinity`: the hash of the call's prompt prefix or session key.
+/// `affinity`: the hash of the call's prompt prefix or session key. Without a memory of where
+/// prefixes went, a prefix's replicas are its rendezvous order (see [`super::prefixes`] for the
+/// edge's memory, which balances prefixes over replicas and keeps their second replica).
 pub fn pick(
     replicas: &[Replica],
     affinity: Option<u64>,
     params: &PickParams,
 ) -> Option<(usize, PickReason)> {
-    let available = || replicas.iter().enumerate().filter(|(_, r)| r.available);
-    let count = available().count();
-    if count == 0 {
-        return None;
-    }
-    let fresh = available().any(|(_, r)| r.metrics.is_some());
-    if !fresh {
-        // Nothing known of the servers themselves: fewest calls from this edge.
-        return available()
-            .min_by_key(|(i, r)| (r.inflight, *i))
-            .map(|(i, _)| (i, PickReason::Fallback));
-    }
-    // Saturated replicas take new calls only when every replica is.
-    let all_saturated = available().all(|(_, r)| r.saturated(params));
-    let open = |r: &Replica| all_saturated || !r.saturated(params);
+    let view = match View::new(replicas, params) {
+        Ok(view) => view,
+        Err(decided) => return decided,
+    };
     if let Some(key) = affinity {
+        let mut order: Vec<(u64, usize)> = view
+            .available()
+            .map(|i| (rendezvous(key, replicas[i].id), i))
+            .collect();
+        order.sort_unstable_by(|a, b| b.cmp(a));
+        if let Some(&(_, i)) = order.iter().find(|(_, i)| view.takes_affine(*i)) {
+            return Some((i, PickReason::Affinity));
+        }
+    }
+    view.best_score()
+}
+
+/// A region's replicas as one call sees them, once it is known that scoring applies (some are
+/// available, and some have fresh metrics).
+pub(super) struct View<'a> {
+    pub replicas: &'a [Replica],
+    params: &'a PickParams,
+    all_saturated: bool,
+    /// Affine calls stay on a replica while its load is under this.
+    bound: f64,
+}
+
+impl<'a> View<'a> {
+    /// `Err`: the pick is already decided — no replica is available (`None`), or none has fresh
+    /// metrics (least outstanding from this edge, `Fallback`).
+    pub fn new(
+        replicas: &'a [Replica],
+        params: &'a PickParams,
+    ) -> Result<Self, Option<(usize, PickReason)>> {
+        let available = || replicas.iter().enumerate().filter(|(_, r)| r.available);
+        let count = available().count();
+        if count == 0 {
+            return Err(None);
+        }
+        if !available().any(|(_, r)| r.metrics.is_some()) {
+            // Nothing known of the servers themselves: fewest calls from this edge.
+            return Err(available()
+                .min_by_key(|(i, r)| (r.inflight, *i))
+                .map(|(i, _)| (i, PickReason::Fallback)));
+        }
         let total: f64 = available().map(|(_, r)| r.load()).sum();
         let bound = (params.load_factor * (total + 1.0) / count as f64)
             .ceil()
             .max(params.min_affine_load);
-        let mut order: Vec<(u64, usize)> = available()
-            .filter(|(_, r)| open(r))
-            .map(|(i, r)| (rendezvous(key, r.id), i))
-            .collect();
-        order.sort_unstable_by(|a, b| b.cmp(a));
-        if let Some(&(_, i)) = order.iter().find(|(_, i)| replicas[*i].load() < bound) {
-            return Some((i, PickReason::Affinity));
-        }
-    }
-    available()
-        .filter(|(_, r)| open(r))
-        .min_by(|(i, a), (j, b)| {
-            a.score(params)
-                .total_cmp(&b.score(params))
-                .then_with(|| i.cmp(j))
+        Ok(Self {
+            replicas,
+            params,
+            // Saturated replicas take new calls only when every replica is.
+            all_saturated: available().all(|(_, r)| r.saturated(params)),
+            bound,
         })
-        .map(|(i, _)| (i, PickReason::Score))
+    }
+
+    /// Indices of the available replicas.
+    pub fn available(&self) -> impl Iterator<Item = usize> + '_ {
+        self.replicas
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.available)
+            .map(|(i, _)| i)
+    }
+
+    /// May replica `i` take a new call at all?
+    pub fn open(&self, i: usize) -> bool {
+        let r = &self.replicas[i];
+        r.available && (self.all_saturated || !r.saturated(self.params))
+    }
+
+    /// May replica `i` take an affine call: open, and within its load bound (a little beyond it
+    /// when it reported an empty queue)?
+    pub fn takes_affine(&self, i: usize) -> bool {
+        let r = &self.replicas[i];
+        let bound = match r.metrics {
+            Some(m) if m.waiting <= 0.0 => self.bound + self.params.idle_extra,
+            _ => self.bound,
+        };
+        self.open(i) && r.load() < bound
+    }
+
+    /// The open replica with the lowest score (queue, KV cache, in-flight calls, adapter).
+    pub fn best_score(&self) -> Option<(usize, PickReason)> {
+        self.available()
+            .filter(|&i| self.open(i))
+            .min_by(|&i, &j| {
+                self.replicas[i]
+                    .score(self.params)
+                    .total_cmp(&self.replicas[j].score(self.params))
+                    .then_with(|| i.cmp(&j))
+            })
+            .map(|i| (i, PickReason::Score))
+    }
 }
 
 /// The weight of replica `id` for `key` (splitmix64 of both: well spread, stable across
 /// processes and versions).
-fn rendezvous(key: u64, id: u64) -> u64 {
+pub(super) fn rendezvous(key: u64, id: u64) -> u64 {
     let mut z = key ^ id.rotate_left(32) ^ 0x9e37_79b9_7f4a_7c15;
     z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
@@ -258,7 +325,10 @@ mod tests {
 
     #[test]
     fn shared_prefixes_stick_to_one_replica_until_its_load_bound() {
-        let params = PickParams::default();
+        let params = PickParams {
+            idle_extra: 0.0,
+            ..PickParams::default()
+        };
         let mut replicas: Vec<Replica> = (0..4).map(|i| replica(i, 0.0, 0.1, 0)).collect();
         let key = stable_hash(b"You are a helpful tax assistant.");
         let (home, reason) = pick(&replicas, Some(key), &params).expect("pick");
@@ -289,6 +359,28 @@ mod tests {
             homes.insert(pick(&fresh, Some(stable_hash(&k.to_le_bytes())), &params).map(|p| p.0));
         }
         assert_eq!(homes.len(), 4);
+    }
+
+    #[test]
+    fn a_replica_without_a_queue_keeps_a_few_affine_calls_beyond_its_bound() {
+        let params = PickParams::default();
+        let key = stable_hash(b"You are a helpful tax assistant.");
+        let fill = |waiting: f64| {
+            let mut replicas: Vec<Replica> = (0..4).map(|i| replica(i, waiting, 0.1, 0)).collect();
+            let mut placed = [0u32; 4];
+            for _ in 0..12 {
+                let (i, _) = pick(&replicas, Some(key), &params).expect("pick");
+                placed[i] += 1;
+                replicas[i].inflight += 1;
+            }
+            placed
+        };
+        // No queue reported: the home takes its bound (4 here) plus `idle_extra`.
+        let idle = fill(0.0);
+        assert_eq!(idle.iter().copied().max(), Some(8), "{idle:?}");
+        // A queue: the bound alone (load = 1 waiting + calls in flight).
+        let queued = fill(1.0);
+        assert!(queued.iter().all(|&n| n <= 4), "{queued:?}");
     }
 
     #[test]

@@ -9,8 +9,10 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::Mutex;
 
 use super::pick::{self, PickParams, PickReason, Replica, ReplicaMetrics};
+use super::prefixes::PrefixMemory;
 use crate::select::{in_panic, pick_upstream, upstream_eligible};
 use crate::snapshot::{CompiledRegion, CompiledUpstream};
 
@@ -38,6 +40,9 @@ pub struct CallPick<'a> {
     pub params: PickParams,
     /// Hash of the session key or the prompt prefix.
     pub affinity: Option<u64>,
+    /// This edge's memory of where prefixes went (`None`: plain rendezvous order). Locked only
+    /// for the pick itself.
+    pub memory: Option<&'a Mutex<PrefixMemory>>,
     /// The model as the call names it: an adapter is asked for by its name.
     pub model: &'a str,
     pub table: &'a ReplicaTable,
@@ -85,7 +90,16 @@ impl CallPick<'_> {
                     self.replica(u, upstream_eligible(u, now_ms, panic) && !excluded(i), true)
                 })
                 .collect();
-            if let Some(picked) = pick::pick(&replicas, self.affinity, &self.params) {
+            let picked = match (self.affinity, self.memory) {
+                (Some(key), Some(memory)) => memory.lock().unwrap_or_else(|p| p.into_inner()).pick(
+                    pick::stable_hash(region.name.as_bytes()),
+                    &replicas,
+                    key,
+                    &self.params,
+                ),
+                (affinity, _) => pick::pick(&replicas, affinity, &self.params),
+            };
+            if let Some(picked) = picked {
                 if picked.1 != PickReason::Fallback {
                     return Some(picked);
                 }
@@ -183,6 +197,7 @@ default_region = "near"
             model_aware,
             params: PickParams::default(),
             affinity: None,
+            memory: None,
             model: "m",
             table,
             stale_after_ms: 1_000,
