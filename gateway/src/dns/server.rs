@@ -59,18 +59,28 @@ pub struct RunningDns {
     shared: Arc<Shared>,
 }
 
+/// What the UDP workers are when `[dns]` does not say.
+#[derive(Clone, Copy, Debug)]
+pub struct UdpDefaults {
+    /// Workers for `workers = 0`.
+    pub workers: usize,
+    /// Pin them to CPUs (and steer queries by CPU) unless `pin_workers` says otherwise.
+    pub pin: bool,
+}
+
 impl RunningDns {
     /// Compiles the zone, binds `[dns] listen` for UDP and TCP, registers metrics into `registry`
-    /// and spawns the listeners and the prober on the current tokio runtime.
+    /// and spawns the listeners and the prober on the current tokio runtime. `defaults` fill in
+    /// what `[dns]` leaves out.
     pub fn start(
         config: &Config,
         geoip: Arc<GeoIp>,
         registry: &Registry,
-        udp_workers: usize,
+        defaults: UdpDefaults,
         stop: watch::Receiver<bool>,
     ) -> Result<Self, DnsError> {
         let zone = Arc::new(Zone::compile(config)?);
-        Self::start_serving(config, zone, geoip, registry, udp_workers, stop)
+        Self::start_serving(config, zone, geoip, registry, defaults, stop)
     }
 
     /// [`RunningDns::start`] with `config`'s zone compiled already.
@@ -79,7 +89,7 @@ impl RunningDns {
         zone: Arc<Zone>,
         geoip: Arc<GeoIp>,
         registry: &Registry,
-        udp_workers: usize,
+        defaults: UdpDefaults,
         stop: watch::Receiver<bool>,
     ) -> Result<Self, DnsError> {
         let listen: SocketAddr = config
@@ -101,11 +111,27 @@ impl RunningDns {
         let serving = serving(zone, geoip, &health, &metrics, None);
         // Standalone servers get one worker per core unless `[dns] workers` says otherwise.
         let workers = match config.dns.as_ref().map_or(0, |d| d.workers) {
-            0 => udp_workers,
+            0 => defaults.workers,
             n => n,
         }
         .max(1);
         let (udp, tcp) = bind(listen, workers)?;
+        // Pinned workers, each fed the queries its own CPU received: no cross-CPU wake-ups. With
+        // more workers than CPUs, some would share a CPU and others get nothing: no pinning then.
+        let pin = config
+            .dns
+            .as_ref()
+            .and_then(|d| d.pin_workers)
+            .unwrap_or(defaults.pin);
+        let mut cpus = if pin { udp::allowed_cpus() } else { Vec::new() };
+        if workers > cpus.len() {
+            cpus.clear();
+        }
+        if let (Some(first), true) = (udp.first(), workers > 1 && !cpus.is_empty()) {
+            if let Err(e) = udp::steer_by_cpu(first, &cpus, workers) {
+                tracing::warn!("dns udp: queries not steered by CPU: {e}");
+            }
+        }
         let addr = tcp.local_addr().map_err(|source| DnsError::Listen {
             addr: listen.to_string(),
             source,
@@ -123,12 +149,18 @@ impl RunningDns {
         });
         let stopped = Arc::new(AtomicBool::new(false));
         for (i, socket) in udp.into_iter().enumerate() {
-            udp::spawn(i, socket, Arc::downgrade(&shared), Arc::clone(&stopped)).map_err(
-                |source| DnsError::Listen {
-                    addr: addr.to_string(),
-                    source,
-                },
-            )?;
+            let cpu = udp::worker_cpu(&cpus, i);
+            udp::spawn(
+                i,
+                socket,
+                cpu,
+                Arc::downgrade(&shared),
+                Arc::clone(&stopped),
+            )
+            .map_err(|source| DnsError::Listen {
+                addr: addr.to_string(),
+                source,
+            })?;
         }
         {
             let mut stop = stop.clone();
