@@ -25,7 +25,7 @@ use meridian_geoip::GeoIp;
 use tokio::sync::watch;
 
 pub use answer::{answer, steer, Answer, Steering, Transport};
-pub use server::{RunningDns, UdpDefaults};
+pub use server::RunningDns;
 pub use zone::{Zone, ZoneError};
 
 use crate::reload::SnapshotStore;
@@ -68,11 +68,7 @@ pub fn start_for_edge(
         Arc::clone(zone),
         Arc::clone(&loaded.geoip),
         store.metrics().registry(),
-        // Inside an edge, GeoDNS is a sidecar: one worker, and the edge's threads keep every CPU.
-        UdpDefaults {
-            workers: 1,
-            pin: false,
-        },
+        1,
         stop.clone(),
     )?;
     let addr = running.addr;
@@ -159,9 +155,7 @@ pub fn run_standalone(path: &Path, metrics: Option<SocketAddr>) -> Result<(), Dn
     runtime.block_on(async {
         let registry = prometheus::Registry::new();
         let (stop, stop_rx) = watch::channel(false);
-        // Standalone, the server owns the machine: a worker per core, each on its own CPU.
-        let udp = UdpDefaults { workers, pin: true };
-        let running = RunningDns::start(&config, geoip, &registry, udp, stop_rx.clone())?;
+        let running = RunningDns::start(&config, geoip, &registry, workers, stop_rx.clone())?;
         if let Some(addr) = metrics {
             let listener =
                 tokio::net::TcpListener::bind(addr)

@@ -59,28 +59,18 @@ pub struct RunningDns {
     shared: Arc<Shared>,
 }
 
-/// What the UDP workers are when `[dns]` does not say.
-#[derive(Clone, Copy, Debug)]
-pub struct UdpDefaults {
-    /// Workers for `workers = 0`.
-    pub workers: usize,
-    /// Pin them to CPUs (and steer queries by CPU) unless `pin_workers` says otherwise.
-    pub pin: bool,
-}
-
 impl RunningDns {
     /// Compiles the zone, binds `[dns] listen` for UDP and TCP, registers metrics into `registry`
-    /// and spawns the listeners and the prober on the current tokio runtime. `defaults` fill in
-    /// what `[dns]` leaves out.
+    /// and spawns the listeners and the prober on the current tokio runtime.
     pub fn start(
         config: &Config,
         geoip: Arc<GeoIp>,
         registry: &Registry,
-        defaults: UdpDefaults,
+        udp_workers: usize,
         stop: watch::Receiver<bool>,
     ) -> Result<Self, DnsError> {
         let zone = Arc::new(Zone::compile(config)?);
-        Self::start_serving(config, zone, geoip, registry, defaults, stop)
+        Self::start_serving(config, zone, geoip, registry, udp_workers, stop)
     }
 
     /// [`RunningDns::start`] with `config`'s zone compiled already.
@@ -89,7 +79,7 @@ impl RunningDns {
         zone: Arc<Zone>,
         geoip: Arc<GeoIp>,
         registry: &Registry,
-        defaults: UdpDefaults,
+        udp_workers: usize,
         stop: watch::Receiver<bool>,
     ) -> Result<Self, DnsError> {
         let listen: SocketAddr = config
@@ -111,18 +101,14 @@ impl RunningDns {
         let serving = serving(zone, geoip, &health, &metrics, None);
         // Standalone servers get one worker per core unless `[dns] workers` says otherwise.
         let workers = match config.dns.as_ref().map_or(0, |d| d.workers) {
-            0 => defaults.workers,
+            0 => udp_workers,
             n => n,
         }
         .max(1);
         let (udp, tcp) = bind(listen, workers)?;
         // Pinned workers, each fed the queries its own CPU received: no cross-CPU wake-ups. With
         // more workers than CPUs, some would share a CPU and others get nothing: no pinning then.
-        let pin = config
-            .dns
-            .as_ref()
-            .and_then(|d| d.pin_workers)
-            .unwrap_or(defaults.pin);
+        let pin = config.dns.as_ref().is_some_and(|d| d.pin_workers);
         let mut cpus = if pin { udp::allowed_cpus() } else { Vec::new() };
         if workers > cpus.len() {
             cpus.clear();
