@@ -349,7 +349,7 @@ pub fn answer(
         (zone.existing.contains(&name), qt, zone.prepared.signed())
     {
         // Asked for by type, a name's NSEC is its data like any other (RFC 3225: even without
-        // DO; its RRSIG only with DO). A name that owns none (an empty non-terminal) is NODATA.
+        // DO; its RRSIG only with DO).
         if let Some(entry) = zone_signed.nsec.at(&wire(&name)) {
             reply.add_answer(raw(owner.clone(), &entry.nsec));
             if signed.is_some() {

@@ -691,7 +691,7 @@ pub fn respond(
         (entry, qtype, prepared.signed.as_deref())
     {
         // Asked for by type, a name's NSEC is its data like any other (RFC 3225: even without
-        // DO; its RRSIG only with DO). A name that owns none (an empty non-terminal) is NODATA.
+        // DO; its RRSIG only with DO).
         if let Some(nsec) = zone_signed.nsec.at(name) {
             rrsig(out, &QNAME_POINTER, &nsec.nsec, &mut answers);
             if signed.is_some() {
