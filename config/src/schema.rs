@@ -623,6 +623,10 @@ pub struct DnsSection {
     /// an edge.
     #[serde(default)]
     pub workers: usize,
+    /// Run UDP worker N on the Nth CPU the process may use, and have the kernel hand each query to
+    /// the worker of the CPU that received it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pin_workers: bool,
     /// Addresses of in-zone name servers (`ns1.example.test = ["192.0.2.53"]`): answered for
     /// those names and sent as glue with the apex NS records.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]

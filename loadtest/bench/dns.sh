@@ -10,6 +10,8 @@
 #        WORKERS (Meridian `[dns] workers` = gdnsd `udp_threads`, default 2),
 #        DNSSEC=1 (Meridian signs the zone, `[dns.dnssec]` with a key from `meridian dns keygen`, and
 #        every query sets DO (dnsperf -D): signed Meridian against unsigned gdnsd),
+#        PERF=1 (also count, with `perf stat`, the server's and dnsperf's context switches and the
+#        server's receive/send system calls per query: the batch sizes actually achieved),
 #        LEGACY_MERIDIAN=1 (a Meridian built before `[dns] workers` existed: the key is left out and
 #        it runs one worker per core), MERIDIAN_BIN (skip building), CARGO_TARGET_DIR, OUT.
 #
@@ -27,6 +29,7 @@ WORKERS="${WORKERS:-2}"
 GDNSD_UDP_THREADS="$WORKERS"
 LEGACY_MERIDIAN="${LEGACY_MERIDIAN:-0}"
 DNSSEC="${DNSSEC:-0}"
+PERF="${PERF:-0}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 
 WORK="$(mktemp -d /tmp/meridian-dnsbench.XXXXXX)"
@@ -275,6 +278,10 @@ if [ "$DNSSEC" = 1 ]; then
   PERF_EXTRA="-D"
   SUFFIX=".dnssec"
 fi
+PERF_EVENTS=task-clock,context-switches,cpu-migrations
+for call in recvmmsg recvmsg recvfrom sendmmsg sendmsg sendto ppoll epoll_wait poll; do
+  PERF_EVENTS+=",syscalls:sys_enter_$call"
+done
 RESULTS="$WORK/results.tsv"
 : >"$RESULTS"
 run_one() {
@@ -284,10 +291,21 @@ run_one() {
   # CPU the server and dnsperf spent (user + system, all threads): on shared cores, every cycle the
   # server spends per query is one the load generator does not get.
   before=$(cpu_ticks "$pid")
+  local split_before perf_pid="" wrap=()
+  split_before=$(awk '{print $14, $15}' "/proc/$pid/stat")
+  if [ "$PERF" = 1 ]; then
+    perf stat -x, -e "$PERF_EVENTS" -p "$pid" -o "$out.perf-server" &
+    perf_pid=$!
+    wrap=(perf stat -x, -e task-clock,context-switches,cpu-migrations -o "$out.perf-client" --)
+  fi
   # shellcheck disable=SC2086
-  client=$( { TIMEFORMAT='%U %S'; time dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/queries.txt" -l "$DURATION" \
+  client=$( { TIMEFORMAT='%U %S'; time "${wrap[@]}" dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/queries.txt" -l "$DURATION" \
     -c "$CLIENTS" -q "$OUTSTANDING" ${SCEN_ARGS[$scen]} $PERF_EXTRA >"$out" 2>&1; } 2>&1 )
   after=$(cpu_ticks "$pid")
+  if [ -n "$perf_pid" ]; then
+    kill -INT "$perf_pid"
+    wait "$perf_pid" 2>/dev/null || true
+  fi
   local qps lost latency completed
   qps=$(awk '/Queries per second:/ {print $4}' "$out")
   lost=$(awk '/Queries lost:/ {print $3}' "$out")
@@ -301,6 +319,30 @@ run_one() {
   printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scen" "$server" "$round" "$qps" "$lost" "$latency" \
     "$server_us" "$client_us" >>"$RESULTS"
   log "$scen / $server / round $round: $qps qps, average latency $latency s, lost $lost, CPU µs/query server $server_us dnsperf $client_us"
+  if [ "$PERF" = 1 ]; then
+    # Per query: the server's user and system CPU, its context switches, its receive and send calls
+    # (1 / calls = the average batch), and dnsperf's context switches.
+    local perf_line
+    perf_line=$(awk -v n="${completed:-0}" -v hz="$(getconf CLK_TCK)" -v sb="$split_before" \
+      -v sa="$(awk '{print $14, $15}' "/proc/$pid/stat")" -F, '
+      FNR == 1 { file++ }
+      /^#/ || NF < 3 { next }
+      file == 1 { server[$3] += $1 }
+      file == 2 { client[$3] += $1 }
+      END {
+        split(sb, b, " "); split(sa, a, " ")
+        recv = server["syscalls:sys_enter_recvmmsg"] + server["syscalls:sys_enter_recvmsg"] + server["syscalls:sys_enter_recvfrom"]
+        send = server["syscalls:sys_enter_sendmmsg"] + server["syscalls:sys_enter_sendmsg"] + server["syscalls:sys_enter_sendto"]
+        printf "server user %.2f sys %.2f µs, cs %.3f (migrations %.3f), recv calls %.3f (batch %.1f), send calls %.3f (batch %.1f), polls %.3f; dnsperf cs %.3f",
+          (a[1] - b[1]) / hz * 1e6 / n, (a[2] - b[2]) / hz * 1e6 / n,
+          server["context-switches"] / n, server["cpu-migrations"] / n,
+          recv / n, recv ? n / recv : 0, send / n, send ? n / send : 0,
+          (server["syscalls:sys_enter_ppoll"] + server["syscalls:sys_enter_epoll_wait"] + server["syscalls:sys_enter_poll"]) / n,
+          client["context-switches"] / n
+      }' "$out.perf-server" "$out.perf-client")
+    log "   per query: $perf_line"
+    printf '%s\t%s\t%s\t%s\n' "$scen" "$server" "$round" "$perf_line" >>"$WORK/perf.tsv"
+  fi
 }
 for round in $(seq 1 "$ROUNDS"); do
   for scen in "${SCEN[@]}"; do
@@ -357,3 +399,7 @@ for (scen, server), v in sorted(qps.items()):
           + "   CPU µs/query server: " + " ".join(f"{c[0]:.2f}" for c in cpu[(scen, server)])
           + " dnsperf: " + " ".join(f"{c[1]:.2f}" for c in cpu[(scen, server)]))
 PY
+if [ "$PERF" = 1 ]; then
+  { echo; echo "perf stat, per query (scenario, server, round):"; sed 's/^/  /' "$WORK/perf.tsv"; } \
+    | tee -a "$OUT/dns.w$WORKERS$SUFFIX.md"
+fi

@@ -246,6 +246,25 @@ fn every_test_world_client_gets_its_nearest_pop_by_subnet_and_by_resolver_addres
 }
 
 #[test]
+fn pinned_workers_steered_by_cpu_answer_every_client() {
+    let mut config = dns_config();
+    let dns = config.dns.as_mut().expect("[dns]");
+    dns.workers = 2;
+    dns.pin_workers = true;
+    let world = World::start(config);
+    // Several rounds: the client sockets (and the CPUs the kernel receives on) vary.
+    for _ in 0..4 {
+        for (network, country, pop) in EXPECTED {
+            let client: Ipv4Addr = network.parse().expect("network");
+            let [a, b, _, _] = client.octets();
+            let resolver = IpAddr::V4(Ipv4Addr::new(a, b, 0, 53));
+            let reply = udp(&world, resolver, &query("api.example.test.", RecordType::A));
+            assert_eq!(addresses(&reply), [*pop], "{country} with pinned workers");
+        }
+    }
+}
+
+#[test]
 fn nxdomain_inside_the_zone_refused_outside_and_soa_ns_at_the_apex() {
     let world = World::start(dns_config());
     let source = ip("127.17.0.53");

@@ -120,6 +120,21 @@ fn delv_fully_validates_every_pop_variant_nxdomain_and_nodata() {
     assert!(out.contains("; fully validated"), "SOA: {out}");
     let out = delv(server, "127.17.0.53", &anchor, "example.test.", "NS");
     assert!(out.contains("; fully validated"), "NS: {out}");
+    // Asked for by type, a name's NSEC record is its answer (signed), not NODATA.
+    for name in ["api.example.test.", "example.test."] {
+        let out = delv(server, "127.17.0.53", &anchor, name, "NSEC");
+        assert!(
+            out.contains("; fully validated") && !out.contains("negative response"),
+            "NSEC {name}: {out}"
+        );
+        assert!(
+            out.lines().any(|l| {
+                let fields: Vec<&str> = l.split_whitespace().collect();
+                fields.first() == Some(&name) && fields.get(3) == Some(&"NSEC")
+            }),
+            "NSEC {name} answered: {out}"
+        );
+    }
     // The in-zone name server's own addresses (also sent as glue with the NS records).
     for qtype in ["A", "AAAA"] {
         let out = delv(server, "127.17.0.53", &anchor, "ns1.example.test.", qtype);

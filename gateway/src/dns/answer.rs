@@ -345,6 +345,17 @@ pub fn answer(
             }
         }
         steered_pops = steering.pops;
+    } else if let (true, RecordType::NSEC, Some(zone_signed)) =
+        (zone.existing.contains(&name), qt, zone.prepared.signed())
+    {
+        // Asked for by type, a name's NSEC is its data like any other (RFC 3225: even without
+        // DO; its RRSIG only with DO).
+        if let Some(entry) = zone_signed.nsec.at(&wire(&name)) {
+            reply.add_answer(raw(owner.clone(), &entry.nsec));
+            if signed.is_some() {
+                reply.add_answer(raw(owner.clone(), &entry.rrsig));
+            }
+        }
     } else if !zone.existing.contains(&name) {
         reply.metadata.response_code = ResponseCode::NXDomain;
     }

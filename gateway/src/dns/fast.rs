@@ -687,6 +687,17 @@ pub fn respond(
                 }
             }
         }
+    } else if let (Some(_), dnssec::TYPE_NSEC, Some(zone_signed)) =
+        (entry, qtype, prepared.signed.as_deref())
+    {
+        // Asked for by type, a name's NSEC is its data like any other (RFC 3225: even without
+        // DO; its RRSIG only with DO).
+        if let Some(nsec) = zone_signed.nsec.at(name) {
+            rrsig(out, &QNAME_POINTER, &nsec.nsec, &mut answers);
+            if signed.is_some() {
+                rrsig(out, &QNAME_POINTER, &nsec.rrsig, &mut answers);
+            }
+        }
     } else if entry.is_none() {
         nxdomain = true;
     }
@@ -1057,17 +1068,20 @@ mod tests {
     /// Checks `reply` as a validator would with `key` as the trust anchor: every RRset in the
     /// answer and authority sections is covered by an RRSIG that verifies (canonical form, RFC
     /// 4034 §6), is in its validity window and names the key and the zone. Without DO there must
-    /// be no DNSSEC records at all. Returns the number of signatures checked.
+    /// be no DNSSEC records at all but the answers the question asked for by type. Returns the
+    /// number of signatures checked.
     fn verify_signatures(reply: &Message, zone: &Zone, dnssec_ok: bool, context: &str) -> usize {
         let Some(key) = zone.dnssec.as_ref() else {
             return 0;
         };
         let dnssec_types = [RecordType::RRSIG, RecordType::NSEC];
         if !dnssec_ok {
+            let asked = reply.queries.first().map(|q| q.query_type());
             assert!(
                 !reply
                     .answers
                     .iter()
+                    .filter(|r| Some(r.record_type()) != asked)
                     .chain(&reply.authorities)
                     .any(|r| dnssec_types.contains(&r.record_type())),
                 "{context}: DNSSEC records without DO"
@@ -1284,6 +1298,7 @@ mod tests {
             RecordType::CNAME,
             RecordType::AXFR,
             RecordType::DNSKEY,
+            RecordType::NSEC,
             RecordType::DS,
             RecordType::Unknown(65_000),
         ];

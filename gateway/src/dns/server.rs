@@ -106,6 +106,18 @@ impl RunningDns {
         }
         .max(1);
         let (udp, tcp) = bind(listen, workers)?;
+        // Pinned workers, each fed the queries its own CPU received: no cross-CPU wake-ups. With
+        // more workers than CPUs, some would share a CPU and others get nothing: no pinning then.
+        let pin = config.dns.as_ref().is_some_and(|d| d.pin_workers);
+        let mut cpus = if pin { udp::allowed_cpus() } else { Vec::new() };
+        if workers > cpus.len() {
+            cpus.clear();
+        }
+        if let (Some(first), true) = (udp.first(), workers > 1 && !cpus.is_empty()) {
+            if let Err(e) = udp::steer_by_cpu(first, &cpus, workers) {
+                tracing::warn!("dns udp: queries not steered by CPU: {e}");
+            }
+        }
         let addr = tcp.local_addr().map_err(|source| DnsError::Listen {
             addr: listen.to_string(),
             source,
@@ -123,12 +135,18 @@ impl RunningDns {
         });
         let stopped = Arc::new(AtomicBool::new(false));
         for (i, socket) in udp.into_iter().enumerate() {
-            udp::spawn(i, socket, Arc::downgrade(&shared), Arc::clone(&stopped)).map_err(
-                |source| DnsError::Listen {
-                    addr: addr.to_string(),
-                    source,
-                },
-            )?;
+            let cpu = udp::worker_cpu(&cpus, i);
+            udp::spawn(
+                i,
+                socket,
+                cpu,
+                Arc::downgrade(&shared),
+                Arc::clone(&stopped),
+            )
+            .map_err(|source| DnsError::Listen {
+                addr: addr.to_string(),
+                source,
+            })?;
         }
         {
             let mut stop = stop.clone();

@@ -12,7 +12,11 @@ use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
-use nix::sys::socket::{recvmmsg, sendmmsg, MsgFlags, MultiHeaders, SockaddrStorage};
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+use nix::sys::socket::{
+    recvmmsg, sendmmsg, setsockopt, sockopt, MsgFlags, MultiHeaders, SockaddrStorage,
+};
+use nix::unistd::Pid;
 use socket2::{Domain, Protocol, Socket, Type};
 
 use super::answer::Transport;
@@ -26,6 +30,68 @@ const BATCH: usize = 32;
 const SLOT: usize = 4096;
 /// How often an idle worker looks at its stop flag.
 const IDLE_CHECK: Duration = Duration::from_millis(200);
+
+/// The CPUs this process may run on (its affinity mask: taskset, cgroup cpusets), lowest first.
+pub(super) fn allowed_cpus() -> Vec<usize> {
+    let Ok(set) = sched_getaffinity(Pid::from_raw(0)) else {
+        return Vec::new();
+    };
+    (0..CpuSet::count())
+        .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+        .collect()
+}
+
+/// The CPU worker `index` runs on when workers are pinned.
+pub(super) fn worker_cpu(cpus: &[usize], index: usize) -> Option<usize> {
+    cpus.get(index % cpus.len().max(1)).copied()
+}
+
+/// Attaches a classic BPF program to the `SO_REUSEPORT` group of `socket` that hands a datagram to
+/// the socket of the worker pinned to the CPU which received it (the socket's index in the group
+/// is its bind order, so the program returns that worker's index). The worker then wakes on the
+/// CPU where the packet already is — no cross-CPU wake-up, and the socket's cache lines stay on
+/// one CPU. A CPU outside `cpus` (interrupts may run anywhere) goes to `cpu % workers`.
+pub(super) fn steer_by_cpu(
+    socket: &UdpSocket,
+    cpus: &[usize],
+    workers: usize,
+) -> std::io::Result<()> {
+    use nix::libc::{
+        sock_filter, sock_fprog, BPF_A, BPF_ABS, BPF_ALU, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_MOD,
+        BPF_RET, BPF_W, SKF_AD_CPU, SKF_AD_OFF,
+    };
+    let workers = u32::try_from(workers.max(1)).unwrap_or(u32::MAX);
+    let op = |code: u32, k: u32, jt: u8, jf: u8| sock_filter {
+        code: code as u16,
+        jt,
+        jf,
+        k,
+    };
+    // A = the CPU the packet is being processed on (a negative offset reads ancillary data).
+    let mut program = vec![op(
+        BPF_LD | BPF_W | BPF_ABS,
+        (SKF_AD_OFF + SKF_AD_CPU) as u32,
+        0,
+        0,
+    )];
+    // A classic program is at most 4096 instructions: two per CPU, so the first 2000 are mapped.
+    for (index, &cpu) in cpus.iter().take(2000).enumerate() {
+        let Ok(cpu) = u32::try_from(cpu) else {
+            break;
+        };
+        let worker = u32::try_from(index).unwrap_or(0) % workers;
+        program.push(op(BPF_JMP | BPF_JEQ | BPF_K, cpu, 0, 1));
+        program.push(op(BPF_RET | BPF_K, worker, 0, 0));
+    }
+    program.push(op(BPF_ALU | BPF_MOD | BPF_K, workers, 0, 0));
+    program.push(op(BPF_RET | BPF_A, 0, 0, 0));
+    let fprog = sock_fprog {
+        len: u16::try_from(program.len()).unwrap_or(u16::MAX),
+        filter: program.as_mut_ptr(),
+    };
+    // The kernel copies the program during the call; `program` outlives it.
+    setsockopt(socket, sockopt::AttachReusePortCbpf, &fprog).map_err(std::io::Error::from)
+}
 
 /// Binds one UDP socket for a worker: `SO_REUSEPORT`, so every worker binds the same address.
 pub(super) fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
@@ -41,17 +107,35 @@ pub(super) fn bind(addr: SocketAddr) -> std::io::Result<UdpSocket> {
     Ok(socket.into())
 }
 
-/// Starts a worker thread on `socket`. It ends when `stop` turns true or the server is gone.
+/// Starts a worker thread on `socket`, on CPU `cpu` only when given. It ends when `stop` turns
+/// true or the server is gone.
 pub(super) fn spawn(
     index: usize,
     socket: UdpSocket,
+    cpu: Option<usize>,
     shared: Weak<Shared>,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<()> {
     std::thread::Builder::new()
         .name(format!("meridian-dns-udp-{index}"))
-        .spawn(move || run(&socket, &shared, &stop))
+        .spawn(move || {
+            if let Some(cpu) = cpu {
+                pin(cpu);
+            }
+            run(&socket, &shared, &stop)
+        })
         .map(|_| ())
+}
+
+/// Keeps the calling thread on `cpu`. A failure (a CPU taken away since start) only costs locality.
+fn pin(cpu: usize) {
+    let mut set = CpuSet::new();
+    let pinned = set
+        .set(cpu)
+        .and_then(|()| sched_setaffinity(Pid::from_raw(0), &set));
+    if let Err(e) = pinned {
+        tracing::warn!(cpu, "dns udp worker not pinned: {e}");
+    }
 }
 
 fn run(socket: &UdpSocket, shared: &Weak<Shared>, stop: &AtomicBool) {
@@ -203,4 +287,67 @@ fn peer_addr(address: &SockaddrStorage) -> Option<SocketAddr> {
     address
         .as_sockaddr_in6()
         .map(|v6| SocketAddr::from((v6.ip(), v6.port())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Sends one datagram to `to` from a thread running on `cpu` only. On loopback the kernel
+    /// delivers a datagram on the sending CPU, so that is the CPU the steering program sees.
+    fn send_from_cpu(cpu: usize, to: SocketAddr, payload: &'static [u8]) {
+        std::thread::spawn(move || {
+            pin(cpu);
+            let socket = UdpSocket::bind("127.0.0.1:0").expect("client socket");
+            socket.send_to(payload, to).expect("send");
+        })
+        .join()
+        .expect("sender thread");
+    }
+
+    #[test]
+    fn each_cpu_feeds_its_own_worker_socket() {
+        let cpus = allowed_cpus();
+        if cpus.len() < 2 {
+            eprintln!("one CPU: nothing to steer");
+            return;
+        }
+        let cpus = &cpus[..2];
+        let first = bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = first.local_addr().expect("local addr");
+        let second = bind(addr).expect("bind the same port");
+        steer_by_cpu(&first, cpus, 2).expect("attach the steering program");
+        let sockets = [&first, &second];
+        for _ in 0..3 {
+            for (index, &cpu) in cpus.iter().enumerate() {
+                send_from_cpu(cpu, addr, b"steered");
+                // Blocking read with the socket's idle timeout: the datagram is already queued.
+                let mut buf = [0u8; 16];
+                let (len, _) = sockets[index]
+                    .recv_from(&mut buf)
+                    .unwrap_or_else(|e| panic!("cpu {cpu} → socket {index}: {e}"));
+                assert_eq!(&buf[..len], b"steered");
+                let other = sockets[1 - index];
+                other.set_nonblocking(true).expect("nonblocking");
+                assert!(
+                    other.recv_from(&mut buf).is_err(),
+                    "cpu {cpu} also fed the other socket"
+                );
+                other.set_nonblocking(false).expect("blocking");
+            }
+        }
+    }
+
+    #[test]
+    fn a_cpu_the_program_does_not_know_goes_by_modulo() {
+        // The program's fallback, checked without a CPU we cannot run on: with an empty CPU list
+        // every datagram takes `cpu % workers`, and one worker gets everything.
+        let only = bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        let addr = only.local_addr().expect("local addr");
+        steer_by_cpu(&only, &[], 1).expect("attach");
+        let sender = UdpSocket::bind("127.0.0.1:0").expect("client socket");
+        sender.send_to(b"x", addr).expect("send");
+        let mut buf = [0u8; 4];
+        assert_eq!(only.recv_from(&mut buf).expect("received").0, 1);
+    }
 }
