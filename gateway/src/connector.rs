@@ -683,8 +683,8 @@ impl InterimSink {
     }
 }
 
-/// Reads until a whole final response head is buffered. 1xx interim responses are skipped;
-/// `103`s go to `interim` first.
+/// Reads until a whole final response head is buffered. Interim (1xx) responses other than
+/// `100` and `101` go to `interim` as they are read.
 async fn read_head<R: tokio::io::AsyncRead + Unpin>(
     r: &mut R,
     buf: &mut BytesMut,
@@ -697,7 +697,10 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
         if let Some((parts, framing, reusable, used)) = parse_head(buf, head_request, addr)? {
             buf.advance(used);
             if parts.status.is_informational() && parts.status != StatusCode::SWITCHING_PROTOCOLS {
-                if let (Some(sink), StatusCode::EARLY_HINTS) = (interim, parts.status) {
+                // A proxy forwards the 1xx it did not ask for (RFC 9110 §15.2): `102`, `103` and
+                // codes it does not know. `100 Continue` answers an `Expect` the edge handled
+                // itself (it never sends one upstream), so it ends here.
+                if let (Some(sink), true) = (interim, parts.status != StatusCode::CONTINUE) {
                     sink.offer(parts);
                 }
                 continue;

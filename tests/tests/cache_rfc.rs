@@ -806,6 +806,12 @@ fn early_hints_reach_the_client_first(protocol: Secure) {
     let mut hinted = script(200, &[("cache-control", "max-age=600")], "final");
     hinted.interim =
         vec!["HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n".to_string()];
+    if matches!(protocol, Secure::H1) {
+        // Every interim response is forwarded (RFC 9110 §15.2), not only 103.
+        hinted
+            .interim
+            .insert(0, "HTTP/1.1 102 Processing\r\n\r\n".to_string());
+    }
     hinted.gate = Some(Arc::clone(&gate));
     rig.origin.set("/early", hinted);
     match protocol {
@@ -834,7 +840,14 @@ fn early_hints_reach_the_client_first(protocol: Secure) {
                 got.extend_from_slice(&chunk[..n]);
             }
             let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
-            assert!(text.starts_with("http/1.1 103"), "{text}");
+            assert!(text.starts_with("http/1.1 102"), "{text}");
+            while find(&got, b"103").is_none() || !got.ends_with(b"\r\n\r\n") {
+                let n = client.read(&mut chunk).await.expect("read");
+                assert!(n > 0, "closed before the hints: {text}");
+                got.extend_from_slice(&chunk[..n]);
+            }
+            let text = String::from_utf8_lossy(&got).to_ascii_lowercase();
+            assert!(text.contains("\r\n\r\nhttp/1.1 103"), "{text}");
             assert!(text.contains("link: </style.css>; rel=preload"), "{text}");
             // Only now may the origin answer.
             gate.notify_one();
