@@ -940,7 +940,9 @@ pub struct RouteCache {
     pub default_ttl: Option<HumanDuration>,
     /// Store responses to requests that carry `Authorization` (shared between every caller!).
     pub allow_authorization: bool,
-    /// Store responses that carry `Set-Cookie` (the cookie is replayed to every caller!).
+    /// Store responses that carry `Set-Cookie` (the cookie is replayed to every caller!). Written
+    /// `store_set_cookie`; `allow_set_cookie`, its earlier name, is still read.
+    #[serde(rename = "store_set_cookie", alias = "allow_set_cookie")]
     pub allow_set_cookie: bool,
     pub key: CacheKeyConfig,
     /// Serve a stale entry for this long while one background fetch refreshes it, when the

@@ -76,6 +76,17 @@ cache = { enabled = true, default_ttl = "5m", stale_while_revalidate = "30s", st
 }
 
 #[test]
+fn set_cookie_storage_is_opted_into_by_store_set_cookie() {
+    for key in ["store_set_cookie", "allow_set_cookie"] {
+        let config = parse(&format!(
+            "[[routes]]\nname = \"r\"\nhosts = [\"r.example.test\"]\ncache = {{ enabled = true, {key} = true }}\n"
+        ))
+        .unwrap_or_else(|e| panic!("{key}: {e}"));
+        assert!(config.routes[0].cache.allow_set_cookie, "{key}");
+    }
+}
+
+#[test]
 fn unknown_fields_are_errors() {
     assert!(matches!(
         parse("[edge.cache]\nmax_byte = 1\n"),

@@ -358,7 +358,7 @@ fn cookie_requests_cannot_poison(protocol: Secure) {
 }
 
 /// A response with `Set-Cookie` is not stored by default (a shared cache would hand one client's
-/// cookie to everyone); with the route's `allow_set_cookie = true` it is stored as it came, the
+/// cookie to everyone); with the route's `store_set_cookie = true` it is stored as it came, the
 /// cookie included, and replayed on hits.
 fn set_cookie_is_stored_only_when_allowed(protocol: Secure) {
     let cookie = [
