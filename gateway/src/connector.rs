@@ -225,7 +225,8 @@ thread_local! {
 /// ticker itself costs one wake-up per period.
 const TIMER_FLOOR: Duration = Duration::from_millis(500);
 
-/// Starts the [`TIMER_FLOOR`] ticker on this thread's runtime, once per thread.
+/// Starts the [`TIMER_FLOOR`] ticker on this thread's runtime, once per thread. Each tick also
+/// runs the process's worker housekeeping ([`crate::housekeeping`]).
 fn ensure_timer_floor() {
     if TIMER_FLOOR_STARTED.with(|started| started.replace(true)) {
         return;
@@ -234,6 +235,7 @@ fn ensure_timer_floor() {
         runtime.spawn(async {
             loop {
                 tokio::time::sleep(TIMER_FLOOR).await;
+                crate::housekeeping::on_worker_tick();
             }
         });
     }
@@ -983,6 +985,22 @@ mod tests {
             out.extend_from_slice(&chunk);
         }
         (out, framing)
+    }
+
+    /// The process's worker housekeeping (the binary returns freed allocator memory with it)
+    /// runs on every tick of a worker's ticker, on the worker's own thread.
+    #[tokio::test(start_paused = true)]
+    async fn the_worker_ticker_runs_the_housekeeping() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static TICKS: AtomicUsize = AtomicUsize::new(0);
+        fn tick() {
+            TICKS.fetch_add(1, Ordering::Relaxed);
+        }
+        assert!(crate::housekeeping::set_worker_tick(tick));
+        ensure_timer_floor();
+        ensure_timer_floor(); // one ticker per thread, however often it is asked for
+        tokio::time::sleep(TIMER_FLOOR * 3 + Duration::from_millis(1)).await;
+        assert_eq!(TICKS.load(Ordering::Relaxed), 3);
     }
 
     #[test]

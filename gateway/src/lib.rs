@@ -19,6 +19,7 @@ pub mod edge;
 pub mod front;
 pub mod h3;
 pub(crate) mod health;
+pub mod housekeeping;
 pub mod httpd;
 pub(crate) mod inference;
 pub(crate) mod metrics;

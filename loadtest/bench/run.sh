@@ -11,6 +11,7 @@
 #        BASELINE_BIN (a second `meridian`, e.g. built from an earlier commit: it runs beside the
 #        others as `meridian-base`, so a change is measured against its baseline in the same run),
 #        IDLE (10000: kept-alive connections held idle for the RSS-per-connection scenario; 0 skips it),
+#        IDLE_SETTLE (3: seconds the idle connections sit before the RSS is read),
 #        SLOW (1000: slowloris connections against Meridian while CONNECTIONS normal clients run get-1k;
 #        0 skips it), SLOW_HEADER_TIMEOUT (10s: Meridian's edge.limits.client_header_timeout here),
 #        SLOW_CAP (30s: a slow connection still open this long after its connect is given up),
@@ -31,6 +32,8 @@ CONNECTIONS="${CONNECTIONS:-64}"
 RATE="${RATE:-5000}"
 LOADGEN_THREADS="${LOADGEN_THREADS:-1}"
 IDLE="${IDLE:-10000}"
+IDLE_SETTLE="${IDLE_SETTLE:-3}"
+IDLE_SETTLE_HOLD="$(( IDLE_SETTLE + 2 ))s"
 SLOW="${SLOW:-1000}"
 SLOW_HEADER_TIMEOUT="${SLOW_HEADER_TIMEOUT:-10s}"
 SLOW_CAP="${SLOW_CAP:-30s}"
@@ -380,14 +383,17 @@ idle_one() {
   local before with lt
   before=$(rss_kb "$pid")
   : >"$txt"  # exists before the poll below reads it
-  "$LOADTEST" "http://127.0.0.1:$port/bench" --host bench.example.test --idle "$count" --idle-for 3s \
+  "$LOADTEST" "http://127.0.0.1:$port/bench" --host bench.example.test --idle "$count" --idle-for "$IDLE_SETTLE_HOLD" \
     --threads "$LOADGEN_THREADS" --timeout 30s --json "$json" >"$txt" 2>&1 &
   lt=$!
   for _ in $(seq 1 1200); do
     if grep -q '^ready:' "$txt" || ! kill -0 "$lt" 2>/dev/null; then break; fi
     sleep 0.1
   done
-  sleep 1
+  # Measured once the connections have sat idle a while: allocators hand the memory freed after
+  # the opening burst back to the OS on a delay (mimalloc: 1 s), and an idle connection is what
+  # this scenario prices, not the burst that opened it. Every proxy gets the same wait.
+  sleep "$IDLE_SETTLE"
   with=$(rss_kb "$pid")
   wait "$lt" || { echo "idle run against $proxy failed: $(cat "$txt")" >&2; return 1; }
   python3 - "$json" "$proxy" "${START_RSS[$proxy]}" "$before" "$with" <<'PY'
