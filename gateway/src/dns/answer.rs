@@ -235,6 +235,13 @@ pub fn answer(
     let mut fail_open = false;
     let mut tailored = false;
     let is_apex = name == zone.origin;
+    // A client subnet steers with at most the configured number of bits.
+    let client_location = || {
+        locate(match ecs_prefix {
+            Some(prefix) => mask(client_ip, prefix.min(ecs_bound(zone, client_ip))),
+            None => client_ip,
+        })
+    };
     if is_apex && matches!(qt, RecordType::SOA | RecordType::NS | RecordType::ANY) {
         if matches!(qt, RecordType::SOA | RecordType::ANY) {
             let mut soa = zone.soa_record(zone.ttl);
@@ -286,11 +293,7 @@ pub fn answer(
         zone.records.get(&name),
         matches!(qt, RecordType::A | RecordType::AAAA | RecordType::ANY),
     ) {
-        // A client subnet steers with at most the configured number of bits.
-        let location = locate(match ecs_prefix {
-            Some(prefix) => mask(client_ip, prefix.min(ecs_bound(zone, client_ip))),
-            None => client_ip,
-        });
+        let location = client_location();
         let (v4, v6) = (
             matches!(qt, RecordType::A | RecordType::ANY),
             matches!(qt, RecordType::AAAA | RecordType::ANY),
@@ -324,27 +327,71 @@ pub fn answer(
             }
         }
         if let Some(signed) = signed {
-            let record = zone.prepared.record_index(&wire(&name));
             for (wanted, rtype) in [(v4, dnssec::TYPE_A), (v6, dnssec::TYPE_AAAA)] {
-                let mask = pop_mask(&steering.pops, |p| {
-                    zone.pops.get(p).is_some_and(|pop| {
-                        if rtype == dnssec::TYPE_A {
-                            !pop.v4.is_empty()
-                        } else {
-                            !pop.v6.is_empty()
-                        }
-                    })
-                });
-                if !wanted || mask == 0 {
-                    continue;
-                }
-                let key = (record.map_or(u32::MAX, |r| r as u32), rtype, mask);
-                if let Some(rr) = signed.variants.get(&key) {
+                if let Some(rr) = wanted
+                    .then(|| variant_rrsig(zone, signed, &name, &steering.pops, rtype))
+                    .flatten()
+                {
                     reply.add_answer(raw(owner.clone(), rr));
                 }
             }
         }
         steered_pops = steering.pops;
+    } else if let (true, RecordType::RRSIG, Some(zone_signed)) =
+        (zone.existing.contains(&name), qt, zone.prepared.signed())
+    {
+        // Asked for by type, the signatures at a name are its data (even without DO, like NSEC):
+        // those over every set a query for this name from this client would get, including the
+        // steered address sets as this client's location chooses them.
+        if is_apex {
+            for rr in [
+                &zone_signed.soa_rrsig,
+                &zone_signed.ns_rrsig,
+                &zone_signed.dnskey_rrsig,
+            ] {
+                reply.add_answer(raw(owner.clone(), rr));
+            }
+        }
+        if let Some(glue) = zone.glue.iter().find(|g| g.name == name) {
+            let key = wire(&name);
+            for (present, rtype) in [
+                (!glue.v4.is_empty(), dnssec::TYPE_A),
+                (!glue.v6.is_empty(), dnssec::TYPE_AAAA),
+            ] {
+                if let Some(rr) = present
+                    .then(|| zone_signed.glue.get(&(key.clone(), rtype)))
+                    .flatten()
+                {
+                    reply.add_answer(raw(owner.clone(), rr));
+                }
+            }
+        } else if let Some(record) = zone.records.get(&name) {
+            let location = client_location();
+            tailored = location.is_some();
+            for rtype in [dnssec::TYPE_A, dnssec::TYPE_AAAA] {
+                let has = |pop: &super::zone::ZonePop| {
+                    if rtype == dnssec::TYPE_A {
+                        !pop.v4.is_empty()
+                    } else {
+                        !pop.v6.is_empty()
+                    }
+                };
+                let want = |p: usize| has(&zone.pops[p]);
+                let steering = steer(zone, record, &want, healthy, location);
+                fail_open |= steering.fail_open;
+                if let Some(rr) = variant_rrsig(zone, zone_signed, &name, &steering.pops, rtype) {
+                    reply.add_answer(raw(owner.clone(), rr));
+                }
+                for p in steering.pops {
+                    if !steered_pops.contains(&p) {
+                        steered_pops.push(p);
+                    }
+                }
+            }
+        }
+        if let Some(entry) = zone_signed.nsec.at(&wire(&name)) {
+            reply.add_answer(raw(owner.clone(), &entry.rrsig));
+        }
     } else if let (true, RecordType::NSEC, Some(zone_signed)) =
         (zone.existing.contains(&name), qt, zone.prepared.signed())
     {
@@ -452,6 +499,33 @@ pub fn respond(
         fail_open: answer.fail_open,
         truncated: answer.truncated,
     }
+}
+
+/// The signature of the address set (`rtype` A or AAAA) that a client steered to `pops` receives
+/// at `name`; `None` when that set is empty (no RRSIG covers an empty set).
+fn variant_rrsig<'z>(
+    zone: &Zone,
+    signed: &'z fast::Signed,
+    name: &Name,
+    pops: &[usize],
+    rtype: u16,
+) -> Option<&'z Rr> {
+    let mask = pop_mask(pops, |p| {
+        zone.pops.get(p).is_some_and(|pop| {
+            if rtype == dnssec::TYPE_A {
+                !pop.v4.is_empty()
+            } else {
+                !pop.v6.is_empty()
+            }
+        })
+    });
+    if mask == 0 {
+        return None;
+    }
+    let record = zone.prepared.record_index(&wire(name));
+    signed
+        .variants
+        .get(&(record.map_or(u32::MAX, |r| r as u32), rtype, mask))
 }
 
 /// An in-zone name server's A and AAAA records (each set followed by its RRSIG when signed).

@@ -576,6 +576,10 @@ pub fn respond(
         return None;
     }
     let origin_pointer = u16::try_from(12 + at).ok()? | 0xc000;
+    // Signatures asked for by type are rare: the general way answers them.
+    if query.qtype == dnssec::TYPE_RRSIG && prepared.signed.is_some() {
+        return None;
+    }
     if !prepared.glue_names.is_empty()
         && ((at == 0 && matches!(query.qtype, TYPE_NS | TYPE_ANY))
             || prepared.glue_names.iter().any(|g| **g == *name))
@@ -1299,6 +1303,7 @@ mod tests {
             RecordType::AXFR,
             RecordType::DNSKEY,
             RecordType::NSEC,
+            RecordType::RRSIG,
             RecordType::DS,
             RecordType::Unknown(65_000),
         ];
@@ -1378,7 +1383,9 @@ mod tests {
                             &sources
                         };
                         for (request, must_be_fast) in &requests {
-                            let must_be_fast = *must_be_fast;
+                            // Signatures by type in a signed zone go the general way.
+                            let must_be_fast = *must_be_fast
+                                && !(qtype == RecordType::RRSIG && zone.dnssec.is_some());
                             for &source in from {
                                 let context =
                                     format!("zone {z} {name} {qtype} {shape:?} from {source}");
@@ -1412,6 +1419,99 @@ mod tests {
         }
         // Every query above is in the zone, class IN, one OPT at most: all of them are fast.
         assert_eq!(fast, total, "queries the fast path declined");
+    }
+
+    /// Asked for by type, the signatures at a name are the ones the same client gets with each of
+    /// the name's sets (with DO or without): the steered A and AAAA variants as its location
+    /// chooses them, the apex's SOA, NS and DNSKEY, glue addresses, and the NSEC.
+    #[test]
+    fn signatures_by_type_are_those_of_the_names_sets() {
+        let db = geo();
+        let locate = |ip: IpAddr| db.lookup(ip).ok().flatten().and_then(|l| l.coordinates);
+        let all_up = |_: usize| true;
+        let mut with_glue =
+            meridian_config::Config::from_toml_str(LOCAL).expect("examples/local.toml");
+        with_glue.dns.as_mut().expect("[dns]").glue.insert(
+            "ns1.example.test".into(),
+            vec!["192.0.2.53".into(), "2001:db8::53".into()],
+        );
+        with_glue.validate().expect("glue validates");
+        let mut with_glue = Zone::compile(&with_glue).expect("zone compiles");
+        let mut zones = signed_zones();
+        let key = zones[0].dnssec.clone().expect("signed");
+        with_glue.sign_with(key).expect("signs");
+        zones.push(with_glue);
+        for (z, zone) in zones.iter().enumerate() {
+            let glue = z == zones.len() - 1;
+            let signatures = |name: &str, qtype, source, dnssec_ok: bool| {
+                let request = if dnssec_ok {
+                    message_do(name, qtype, 4096, None)
+                } else {
+                    message(name, qtype, Some((4096, None)))
+                };
+                let reply = answer(zone, &request, source, Transport::Udp, &all_up, &locate);
+                let reply =
+                    Message::from_vec(reply.bytes.as_deref().expect("answered")).expect("decodes");
+                let mut found: Vec<String> = reply
+                    .answers
+                    .iter()
+                    .filter(|r| r.record_type() == RecordType::RRSIG)
+                    .map(|r| format!("{r:?}"))
+                    .collect();
+                found.sort();
+                found
+            };
+            let address_types = [RecordType::A, RecordType::AAAA, RecordType::NSEC];
+            let apex_types = [
+                RecordType::SOA,
+                RecordType::NS,
+                RecordType::DNSKEY,
+                RecordType::A,
+                RecordType::AAAA,
+                RecordType::NSEC,
+            ];
+            let mut sources: Vec<IpAddr> = test_world::PLACES
+                .iter()
+                .map(|place| place.client_addr(53))
+                .collect();
+            sources.push(IpAddr::V4(Ipv4Addr::LOCALHOST));
+            for source in sources {
+                for (name, types) in [
+                    ("api.example.test.", &address_types[..]),
+                    ("inference.example.test.", &address_types[..]),
+                    ("ns1.example.test.", &address_types[..]),
+                    ("example.test.", &apex_types[..]),
+                ] {
+                    if name.starts_with("ns1") && !glue {
+                        continue;
+                    }
+                    let mut expected: Vec<String> = types
+                        .iter()
+                        .flat_map(|&qtype| signatures(name, qtype, source, true))
+                        .collect();
+                    expected.sort();
+                    assert!(expected.len() >= 2, "{name} from {source}: {expected:?}");
+                    for dnssec_ok in [true, false] {
+                        assert_eq!(
+                            signatures(name, RecordType::RRSIG, source, dnssec_ok),
+                            expected,
+                            "{name} RRSIG from {source}, DO {dnssec_ok}"
+                        );
+                    }
+                }
+            }
+            // A name that does not exist has none: NXDOMAIN, proven as for any other type.
+            let request = message_do("nope.example.test.", RecordType::RRSIG, 4096, None);
+            let source = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            let reply = answer(zone, &request, source, Transport::Udp, &all_up, &locate);
+            let reply =
+                Message::from_vec(reply.bytes.as_deref().expect("answered")).expect("decodes");
+            assert_eq!(
+                reply.metadata.response_code,
+                hickory_proto::op::ResponseCode::NXDomain
+            );
+            verify_signatures(&reply, zone, true, "nope RRSIG");
+        }
     }
 
     #[test]
