@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::core::fast_hash::FastBuildHasher;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -209,7 +210,8 @@ struct Conn {
 
 thread_local! {
     /// Idle connections of this worker thread, per upstream address.
-    static IDLE: RefCell<HashMap<SocketAddr, Vec<Conn>>> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<HashMap<SocketAddr, Vec<Conn>, FastBuildHasher>> =
+        RefCell::new(HashMap::default());
     /// Whether this thread's runtime has its [`TIMER_FLOOR`] ticker.
     static TIMER_FLOOR_STARTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }

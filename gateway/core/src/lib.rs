@@ -15,6 +15,7 @@ pub mod cache;
 pub mod client;
 pub mod decide;
 pub mod exchange;
+pub mod fast_hash;
 pub mod geo;
 pub mod headers;
 pub mod http1;

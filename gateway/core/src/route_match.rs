@@ -6,13 +6,15 @@ use std::collections::HashMap;
 
 use meridian_config::Route;
 
+use crate::fast_hash::FastBuildHasher;
+
 /// (route index, path prefix) pairs for one host, longest prefix first.
 type Claims = Vec<(usize, String)>;
 
 /// Routes per host, each list sorted by path prefix length, longest first.
 #[derive(Default)]
 pub struct HostTable {
-    exact: HashMap<String, Claims>,
+    exact: HashMap<String, Claims, FastBuildHasher>,
     /// (suffix including the leading dot, routes), longest suffix first.
     wildcard: Vec<(String, Claims)>,
 }
@@ -27,7 +29,7 @@ pub enum MatchError {
 
 impl HostTable {
     pub fn build(routes: &[Route]) -> Self {
-        let mut exact: HashMap<String, Claims> = HashMap::new();
+        let mut exact: HashMap<String, Claims, FastBuildHasher> = HashMap::default();
         let mut wildcard: HashMap<String, Claims> = HashMap::new();
         for (i, route) in routes.iter().enumerate() {
             for host in &route.hosts {
