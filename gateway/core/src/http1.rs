@@ -230,6 +230,9 @@ pub struct RequestHead {
     pub length: usize,
 }
 
+/// Headers a request head leaves room for beyond its own (see [`parse_request`]).
+const FORWARDING_HEADROOM: usize = 4;
+
 /// Parses and validates the request head at the start of `buf`; `Ok(None)` when it is not complete
 /// yet (and still within limits).
 pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHead>, HeadError> {
@@ -308,7 +311,9 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
     } else {
         Version::HTTP_11
     };
-    let mut headers = HeaderMap::with_capacity(request.headers.len());
+    // Room for the headers a proxy adds on the way upstream (X-Forwarded-For/-Proto,
+    // X-Request-Id, traceparent), so adding them does not grow and rehash the map per request.
+    let mut headers = HeaderMap::with_capacity(request.headers.len() + FORWARDING_HEADROOM);
     let mut host_count = 0;
     let mut transfer_encoding = false;
     let mut expect_continue = false;

@@ -604,7 +604,23 @@ impl<T: Transport> Downstream for Exchange<'_, T> {
             self.keep_alive = false;
         }
         // 1xx answers are not final (the client keeps waiting), but this edge sends none itself.
-        self.out.reserve(256 + headers.len() * 48);
+        // Room for the head and, when it will be coalesced behind it, the whole body: growing
+        // the buffer for the body would copy the head again.
+        let coalesced_body = if has_body && !end {
+            headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| {
+                    std::str::from_utf8(v.as_bytes())
+                        .ok()?
+                        .parse::<usize>()
+                        .ok()
+                })
+                .filter(|&n| n <= COALESCE)
+                .unwrap_or(0)
+        } else {
+            0
+        };
+        self.out.reserve(256 + headers.len() * 48 + coalesced_body);
         encode_response_head(
             &mut self.out,
             status,

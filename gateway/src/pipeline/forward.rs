@@ -42,7 +42,7 @@ pub fn set_forwarding_headers(headers: &mut http::HeaderMap, forwarding: &Forwar
         strip_spoofable(headers);
     }
     if let Ok(value) = forwarded_for_chain(headers, forwarding.client) {
-        headers.insert(X_FORWARDED_FOR, value);
+        headers.insert(X_FORWARDED_FOR_HEADER, value);
     }
     if !(forwarding.trusted_peer && headers.contains_key(&X_FORWARDED_PROTO)) {
         headers.insert(
