@@ -238,9 +238,14 @@ fn standalone_dns_serves_metrics() {
     assert!(status.success(), "SIGTERM stops cleanly: {status:?}");
 }
 
+/// A loopback port free for UDP and for TCP alike: the DNS server binds both on it, and a port
+/// only probed for UDP may be some test's outgoing TCP connection.
 fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .and_then(|s| s.local_addr())
-        .map(|a| a.port())
-        .expect("free udp port")
+    loop {
+        let udp = std::net::UdpSocket::bind("127.0.0.1:0").expect("udp socket");
+        let port = udp.local_addr().expect("local address").port();
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
