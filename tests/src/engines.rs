@@ -446,15 +446,5 @@ pub fn start_edge_with_control(
         config.edge.https = Some(crate::free_local_addr().to_string());
     }
     config.control = Some(control);
-    meridian_gateway::edge::RunningEdge::start(meridian_gateway::edge::EdgeOptions {
-        config,
-        meta: meridian_gateway::core::SnapshotMeta {
-            version: 0,
-            hash: "test".into(),
-        },
-        handle_signals: false,
-        watch_file: None,
-        base_dir: None,
-    })
-    .expect("edge starts")
+    crate::start_edge_from(config)
 }

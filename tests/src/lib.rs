@@ -341,6 +341,11 @@ fn start_edge(
         wait: meridian_config::HumanDuration::secs(30),
         ..Default::default()
     });
+    start_edge_from(config)
+}
+
+/// An edge running `config` as version 0, without signal handling or a watched file.
+pub fn start_edge_from(config: Config) -> RunningEdge {
     RunningEdge::start(EdgeOptions {
         config,
         meta: SnapshotMeta {
@@ -352,6 +357,15 @@ fn start_edge(
         base_dir: None,
     })
     .expect("edge starts")
+}
+
+/// The runtime the blocking tests drive their async clients on: two workers, I/O and timers.
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 /// A client address in `country` of the test world; `"??"` gives 127.0.0.1 (unknown location).

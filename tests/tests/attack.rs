@@ -174,25 +174,7 @@ default_region = "eu-central-1"
         http = meridian_tests::free_local_addr(),
     );
     let config = Config::from_toml_str(&text).expect("attack config");
-    meridian_gateway::edge::RunningEdge::start(meridian_gateway::edge::EdgeOptions {
-        config,
-        meta: meridian_gateway::core::SnapshotMeta {
-            version: 0,
-            hash: "attack".into(),
-        },
-        handle_signals: false,
-        watch_file: None,
-        base_dir: None,
-    })
-    .expect("edge starts")
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
+    meridian_tests::start_edge_from(config)
 }
 
 fn send(
@@ -220,7 +202,7 @@ fn send(
 /// origin (and so the cached response).
 #[test]
 fn an_attacker_going_first_cannot_poison_the_cache_with_forwarding_headers() {
-    let runtime = runtime();
+    let runtime = meridian_tests::runtime();
     let origin = echo_origin(&runtime);
     let edge = edge_for(origin.address, "");
     let planted: [(&str, &str); 10] = [
@@ -272,7 +254,7 @@ fn an_attacker_going_first_cannot_poison_the_cache_with_forwarding_headers() {
 /// read differently (encoded slashes, `..;`) are refused before any upstream is contacted.
 #[test]
 fn a_path_specific_route_cannot_be_left_or_dodged() {
-    let runtime = runtime();
+    let runtime = meridian_tests::runtime();
     let origin = echo_origin(&runtime);
     let edge = edge_for(origin.address, "");
     let dodges = [

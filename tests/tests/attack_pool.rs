@@ -177,25 +177,7 @@ default_region = "pair"
         b = pair[1],
     );
     let config = Config::from_toml_str(&text).expect("pool attack config");
-    meridian_gateway::edge::RunningEdge::start(meridian_gateway::edge::EdgeOptions {
-        config,
-        meta: meridian_gateway::core::SnapshotMeta {
-            version: 0,
-            hash: "attack-pool".into(),
-        },
-        handle_signals: false,
-        watch_file: None,
-        base_dir: None,
-    })
-    .expect("edge starts")
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
+    meridian_tests::start_edge_from(config)
 }
 
 async fn send(edge: SocketAddr, method: &str, host: &str, body: &[u8]) -> Reply {
@@ -237,7 +219,7 @@ fn metrics(
 /// pooled connection — and is answered.
 #[test]
 fn a_request_on_a_closed_pooled_connection_goes_out_once_more_on_a_fresh_one() {
-    let runtime = runtime();
+    let runtime = meridian_tests::runtime();
     let solo = closing_origin(&runtime, 4, Close::OnNextRequest);
     let pair = [
         closing_origin(&runtime, 0, Close::OnNextRequest),
@@ -275,7 +257,7 @@ fn a_request_on_a_closed_pooled_connection_goes_out_once_more_on_a_fresh_one() {
 /// where a single charged failure would eject it.
 #[test]
 fn a_closed_pooled_connection_is_never_charged_to_the_upstream() {
-    let runtime = runtime();
+    let runtime = meridian_tests::runtime();
     let solo = closing_origin(&runtime, 0, Close::OnNextRequest);
     let pair = [
         closing_origin(&runtime, 0, Close::OnNextRequest),
@@ -333,7 +315,7 @@ fn a_closed_pooled_connection_is_never_charged_to_the_upstream() {
 /// before writing anything, so even a POST goes out on a fresh connection and is answered.
 #[test]
 fn a_connection_closed_while_idle_is_not_used_even_for_a_post() {
-    let runtime = runtime();
+    let runtime = meridian_tests::runtime();
     let solo = closing_origin(&runtime, 0, Close::WhileIdle);
     let pair = [
         closing_origin(&runtime, 0, Close::OnNextRequest),

@@ -12,14 +12,6 @@ use meridian_config_service::{ClientError, ConfigClient};
 use meridian_tests::engines::{start_edge_with_control, EtcdCluster, EtcdConfigService, Redis};
 use meridian_tests::{local_config, source_for, Protocol, World};
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime")
-}
-
 /// `config` with a different `pop` name: a distinct, valid document per push.
 fn variant(config: &Config, n: u64) -> String {
     let mut config = config.clone();
@@ -46,7 +38,7 @@ fn engines_start_stop_and_survive_a_leader_kill() {
 #[test]
 fn two_replicas_on_one_etcd_exactly_one_if_match_push_wins() {
     let etcd = EtcdCluster::start();
-    let rt = runtime();
+    let rt = meridian_tests::runtime();
     let a = EtcdConfigService::start(&rt, &etcd.endpoints(), "/replicas");
     let b = EtcdConfigService::start(&rt, &etcd.endpoints(), "/replicas");
     let base = local_config();

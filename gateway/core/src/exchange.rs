@@ -437,17 +437,9 @@ impl Tries {
         replay: Replay,
         now_ms: u64,
     ) -> (TryVerdict, Effects) {
-        let effects = self.record_failure(snapshot, now_ms);
-        self.failure = if timed_out { 504 } else { 502 };
-        if replay.body_replayable && self.may_retry(snapshot, now_ms, refused) {
-            let reason = if timed_out {
-                RetryReason::Timeout
-            } else {
-                RetryReason::ConnectError
-            };
-            return (self.retry(reason), effects);
-        }
-        (TryVerdict::Fail(self.failure), effects)
+        let may_replay = replay.body_replayable;
+        let reason = RetryReason::ConnectError;
+        self.on_failure(snapshot, timed_out, may_replay, refused, reason, now_ms)
     }
 
     /// The exchange broke after the request may have reached the upstream (reset, timeout waiting
@@ -459,13 +451,30 @@ impl Tries {
         replay: Replay,
         now_ms: u64,
     ) -> (TryVerdict, Effects) {
+        let may_replay = replay.idempotent && replay.body_replayable;
+        let reason = RetryReason::UpstreamError;
+        self.on_failure(snapshot, timed_out, may_replay, false, reason, now_ms)
+    }
+
+    /// A try that failed on the upstream's side (charged to it): 504 when it timed out, else
+    /// 502, and another try when the request `may_replay` and the budget allows, for `Timeout`
+    /// or `reason`. `refused`: nobody did any work, so the retry budget is not charged.
+    fn on_failure(
+        &mut self,
+        snapshot: &Snapshot,
+        timed_out: bool,
+        may_replay: bool,
+        refused: bool,
+        reason: RetryReason,
+        now_ms: u64,
+    ) -> (TryVerdict, Effects) {
         let effects = self.record_failure(snapshot, now_ms);
         self.failure = if timed_out { 504 } else { 502 };
-        if replay.idempotent && replay.body_replayable && self.may_retry(snapshot, now_ms, false) {
+        if may_replay && self.may_retry(snapshot, now_ms, refused) {
             let reason = if timed_out {
                 RetryReason::Timeout
             } else {
-                RetryReason::UpstreamError
+                reason
             };
             return (self.retry(reason), effects);
         }
