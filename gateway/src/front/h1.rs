@@ -583,7 +583,18 @@ impl<T: Transport> Downstream for Exchange<'_, T> {
         end: bool,
     ) -> io::Result<()> {
         let has_body = response_has_body(&self.head.method, status);
-        let length_known = headers.contains_key(http::header::CONTENT_LENGTH);
+        let content_length = headers.get(http::header::CONTENT_LENGTH);
+        let length_known = content_length.is_some();
+        // A body small enough to be coalesced behind the head gets room in the same buffer.
+        let coalesced_body = content_length
+            .and_then(|v| {
+                std::str::from_utf8(v.as_bytes())
+                    .ok()?
+                    .parse::<usize>()
+                    .ok()
+            })
+            .filter(|&n| has_body && !end && n <= COALESCE)
+            .unwrap_or(0);
         if has_body && end && !length_known {
             headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("0"));
         }
@@ -604,22 +615,8 @@ impl<T: Transport> Downstream for Exchange<'_, T> {
             self.keep_alive = false;
         }
         // 1xx answers are not final (the client keeps waiting), but this edge sends none itself.
-        // Room for the head and, when it will be coalesced behind it, the whole body: growing
-        // the buffer for the body would copy the head again.
-        let coalesced_body = if has_body && !end {
-            headers
-                .get(http::header::CONTENT_LENGTH)
-                .and_then(|v| {
-                    std::str::from_utf8(v.as_bytes())
-                        .ok()?
-                        .parse::<usize>()
-                        .ok()
-                })
-                .filter(|&n| n <= COALESCE)
-                .unwrap_or(0)
-        } else {
-            0
-        };
+        // Room for the head and the coalesced body: growing the buffer for the body would copy
+        // the head again.
         self.out.reserve(256 + headers.len() * 48 + coalesced_body);
         encode_response_head(
             &mut self.out,
