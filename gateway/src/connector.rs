@@ -21,6 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::core::fast_hash::FastBuildHasher;
+use crate::lazy_timeout::lazy_timeout;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -602,10 +603,7 @@ async fn write_all_pair<W: tokio::io::AsyncWrite + Unpin>(
             std::io::IoSlice::new(&first[done..]),
             std::io::IoSlice::new(second),
         ];
-        done += written(
-            addr,
-            tokio::time::timeout(limit, w.write_vectored(&slices)).await,
-        )?;
+        done += written(addr, lazy_timeout(limit, w.write_vectored(&slices)).await)?;
     }
     match done.checked_sub(first.len()) {
         Some(sent) if sent < second.len() => write_all(w, addr, &second[sent..], limit).await,
@@ -622,10 +620,7 @@ async fn write_all<W: tokio::io::AsyncWrite + Unpin>(
 ) -> Result<(), Attempt> {
     let mut sent = 0;
     while sent < bytes.len() {
-        sent += written(
-            addr,
-            tokio::time::timeout(limit, w.write(&bytes[sent..])).await,
-        )?;
+        sent += written(addr, lazy_timeout(limit, w.write(&bytes[sent..])).await)?;
     }
     Ok(())
 }
@@ -633,7 +628,7 @@ async fn write_all<W: tokio::io::AsyncWrite + Unpin>(
 /// What one write within the write timeout came to: bytes written, or why the request cannot go.
 fn written(
     addr: SocketAddr,
-    write: Result<std::io::Result<usize>, tokio::time::error::Elapsed>,
+    write: Result<std::io::Result<usize>, crate::lazy_timeout::Elapsed>,
 ) -> Result<usize, Attempt> {
     match write {
         Ok(Ok(0)) | Ok(Err(_)) => Err(Attempt::Failed(UpstreamError::Failed {
@@ -828,7 +823,7 @@ async fn within_read_timeout<F: Future>(
     tokio::pin!(work);
     let mut last = progress.map(|p| p.sent.load(Ordering::Relaxed));
     loop {
-        match tokio::time::timeout(read, &mut work).await {
+        match lazy_timeout(read, &mut work).await {
             Ok(output) => return Some(output),
             Err(_) => {
                 let now = progress.map(|p| p.sent.load(Ordering::Relaxed));
@@ -924,7 +919,7 @@ impl UpstreamResponse {
             _ => READ_CHUNK,
         };
         conn.buf.reserve(want);
-        let read = tokio::time::timeout(self.read_timeout, conn.stream.read_buf(&mut conn.buf))
+        let read = lazy_timeout(self.read_timeout, conn.stream.read_buf(&mut conn.buf))
             .await
             .map_err(|_| UpstreamError::Timeout { addr })?;
         match read {

@@ -321,14 +321,16 @@ impl RunningEdge {
             _ => None,
         };
         // --- end HTTP/3 front ---
+        let (fast_stop, fast_stop_rx) = watch::channel(false);
         if https_addr.is_some() {
-            server.add_service(service);
+            server.add_service(crate::front::TlsListener::new(service, fast_stop_rx));
         }
 
         let (shutdown, shutdown_rx) = mpsc::unbounded_channel();
         let watch = ChannelShutdown {
             rx: tokio::sync::Mutex::new(shutdown_rx),
             handle_signals,
+            fast_stop,
         };
         let thread = std::thread::Builder::new()
             .name("meridian-proxy".into())
@@ -439,11 +441,23 @@ fn wait_until_listening(addr: SocketAddr, limit: Duration) -> Result<(), StartEr
 struct ChannelShutdown {
     rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<ShutdownSignal>>,
     handle_signals: bool,
+    /// Set before a fast shutdown goes to Pingora (see [`crate::front::TlsListener`]).
+    fast_stop: watch::Sender<bool>,
 }
 
 #[async_trait]
 impl ShutdownSignalWatch for ChannelShutdown {
     async fn recv(&self) -> ShutdownSignal {
+        let signal = self.next().await;
+        if matches!(signal, ShutdownSignal::FastShutdown) {
+            self.fast_stop.send_replace(true);
+        }
+        signal
+    }
+}
+
+impl ChannelShutdown {
+    async fn next(&self) -> ShutdownSignal {
         let mut rx = self.rx.lock().await;
         if !self.handle_signals {
             return rx.recv().await.unwrap_or(ShutdownSignal::FastShutdown);

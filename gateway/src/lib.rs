@@ -22,6 +22,7 @@ pub(crate) mod health;
 pub mod housekeeping;
 pub mod httpd;
 pub(crate) mod inference;
+pub(crate) mod lazy_timeout;
 pub(crate) mod metrics;
 pub(crate) mod pipeline;
 pub(crate) mod reload;

@@ -8,7 +8,8 @@
 #   Env: REQUESTS (20000 measured, after 2000 warm-up), CONNECTIONS (16), MERIDIAN_BIN, PINGORA_BIN,
 #        LOADTEST_BIN, CARGO_TARGET_DIR, OUT (loadtest/bench/results), ONLY (a space-separated subset
 #        of "nginx haproxy pingora meridian"), KEEP (a directory: the callgrind profiles are copied
-#        there, for `callgrind_annotate`).
+#        there, for `callgrind_annotate`), CACHE=1 (count cache hits instead: NGINX `proxy_cache`
+#        against Meridian's response cache, same path, every measured request a hit).
 #
 # Traffic stays on 127.0.0.1; every process started here is stopped on exit.
 set -euo pipefail
@@ -59,7 +60,11 @@ wait_port_slowly() {
 PIDS+=($!)
 wait_port "$ORIGIN_PORT"
 
-mkdir -p "$WORK/nginx/tmp"
+mkdir -p "$WORK/nginx/tmp" "$WORK/nginx/cache"
+# CACHE=1: the measured path is cached by NGINX and Meridian (the warm-up fills the entry); HAProxy
+# and the bare Pingora proxy have no cache and are left out.
+TARGET_PATH=/bench
+if [ "${CACHE:-0}" = 1 ]; then TARGET_PATH=/cached; ONLY="${ONLY:-nginx meridian}"; fi
 cat >"$WORK/nginx/nginx.conf" <<CONF
 master_process off;
 daemon off;
@@ -75,10 +80,16 @@ http {
   uwsgi_temp_path $WORK/nginx/tmp/uwsgi;
   scgi_temp_path $WORK/nginx/tmp/scgi;
   keepalive_requests 1000000;
+  proxy_cache_path $WORK/nginx/cache levels=1:2 keys_zone=bench:10m max_size=256m inactive=10m;
   upstream origin { server 127.0.0.1:$ORIGIN_PORT; keepalive 128; keepalive_requests 1000000; }
   server {
     listen 127.0.0.1:$NGINX_PORT;
     location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    location /cached {
+      proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_cache bench; proxy_cache_valid 200 10m;
+      add_header x-meridian-cache \$upstream_cache_status;
+    }
   }
 }
 CONF
@@ -119,6 +130,14 @@ path_prefix = "/"
 kind = "api"
 regions = ["bench"]
 default_region = "bench"
+[[routes]]
+name = "bench-cache"
+hosts = ["bench.example.test"]
+path_prefix = "/cached"
+kind = "api"
+regions = ["bench"]
+default_region = "bench"
+cache = { enabled = true, default_ttl = "60s" }
 CONF
 
 # Runs one proxy under callgrind, counting only the measured requests: instructions per request.
@@ -131,10 +150,10 @@ measure() {
   local pid=$!
   PIDS+=($pid)
   wait_port_slowly "$port"
-  "$LOADTEST" "http://127.0.0.1:$port/bench" --host bench.example.test -c "$CONNECTIONS" \
+  "$LOADTEST" "http://127.0.0.1:$port$TARGET_PATH" --host bench.example.test -c "$CONNECTIONS" \
     --requests "$WARMUP" --timeout 60s >/dev/null
   callgrind_control -i on "$pid" >/dev/null
-  "$LOADTEST" "http://127.0.0.1:$port/bench" --host bench.example.test -c "$CONNECTIONS" \
+  "$LOADTEST" "http://127.0.0.1:$port$TARGET_PATH" --host bench.example.test -c "$CONNECTIONS" \
     --requests "$REQUESTS" --timeout 60s >"$WORK/$name.load" 2>&1
   callgrind_control -i off "$pid" >/dev/null
   callgrind_control -d "$pid" >/dev/null
@@ -155,13 +174,16 @@ measure pingora "$PINGORA_PORT" "$PINGORA" "127.0.0.1:$PINGORA_PORT" "127.0.0.1:
 measure meridian "$MERIDIAN_PORT" "$MERIDIAN" serve --config "$WORK/meridian.toml"
 
 mkdir -p "$OUT"
-python3 - "$WORK/results" "$OUT/instructions.md" "$REQUESTS" "$CONNECTIONS" <<'PY'
+REPORT="$OUT/instructions.md"
+if [ "${CACHE:-0}" = 1 ]; then REPORT="$OUT/instructions-cache.md"; fi
+python3 - "$WORK/results" "$REPORT" "$REQUESTS" "$CONNECTIONS" "${CACHE:-0}" <<'PY'
 import sys
-path, out, requests, connections = sys.argv[1:]
+path, out, requests, connections, cache = sys.argv[1:]
+what = "cache hit (GET 1 KiB" if cache == "1" else "proxied GET (1 KiB body"
 rows = dict(line.split() for line in open(path) if line.strip())
 per = {k: int(v) for k, v in rows.items()}
 best = min(per.get("nginx", 0) or per.get("haproxy", 0) or 1, per.get("haproxy", 0) or per.get("nginx", 0) or 1)
-lines = [f"Instructions per proxied GET (1 KiB body, keep-alive, {connections} connections, {requests} requests, callgrind):", "",
+lines = [f"Instructions per {what}, keep-alive, {connections} connections, {requests} requests, callgrind):", "",
          "| proxy | instructions / request | ratio to the better of NGINX and HAProxy |", "|---|---|---|"]
 for name in ["nginx", "haproxy", "pingora", "meridian"]:
     if name in per:

@@ -189,7 +189,13 @@ pub fn order_regions_serving(
             Some(rule) if rule.strict => continue,
             Some(_) => 1,
         };
-        let candidate = (tier, distance_km(origin, region.location), idx);
+        // One candidate needs no ranking: skip the trigonometry.
+        let distance = if route.eligible.len() == 1 {
+            0.0
+        } else {
+            distance_km(origin, region.location)
+        };
+        let candidate = (tier, distance, idx);
         if len < MAX_CANDIDATES {
             scored[len] = candidate;
             len += 1;

@@ -24,6 +24,7 @@ use crate::core::http1::{
     connection_header, decode, encode_response_head, parse_request, response_has_body, Framing,
     HeadError, RequestHead,
 };
+use crate::lazy_timeout::{lazy_timeout, lazy_timeout_at};
 use crate::metrics::Protocol;
 use crate::pipeline::{Arrival, ClientBodyError, Downstream, Head};
 
@@ -50,7 +51,7 @@ async fn read_more<T: Transport>(
     deadline: Instant,
 ) -> Result<bool, ()> {
     buf.reserve(HEAD_READ);
-    match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
+    match lazy_timeout_at(deadline, io.read_buf(buf)).await {
         Ok(Ok(n)) => Ok(n > 0),
         Ok(Err(_)) => Ok(false),
         Err(_) => Err(()),
@@ -164,12 +165,12 @@ pub fn serve<T: Transport>(
             // the header timeout of their first byte, after at most the keep-alive idle time.
             let first = served == 0;
             if buf.is_empty() {
-                let wait = if first {
-                    conn.accepted + conn.limits.header_timeout()
+                let waited = if first {
+                    lazy_timeout_at(conn.accepted + conn.limits.header_timeout(), io.idle()).await
                 } else {
-                    Instant::now() + conn.limits.keepalive_timeout()
+                    lazy_timeout(conn.limits.keepalive_timeout(), io.idle()).await
                 };
-                match tokio::time::timeout_at(wait, io.idle()).await {
+                match waited {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return,
                     Err(_) => {
@@ -196,7 +197,9 @@ pub fn serve<T: Transport>(
                 head_due,
                 served,
             };
-            let outcome = Box::pin(request.serve(&mut io, &mut buf, &mut conn)).await;
+            let outcome =
+                crate::pipeline::boxed_in_place(|| request.serve(&mut io, &mut buf, &mut conn))
+                    .await;
             if outcome == Outcome::H2c {
                 if let Ok(tcp) = io.into_h2c() {
                     // Boxed: the HTTP/2 hand-off's state must not size every connection.
@@ -406,7 +409,7 @@ async fn read_head<T: Transport>(
         if buf.capacity() - buf.len() < 512 {
             buf.reserve(HEAD_READ.max(buf.len()));
         }
-        match tokio::time::timeout_at(deadline, io.read_buf(buf)).await {
+        match lazy_timeout_at(deadline, io.read_buf(buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return HeadRead::Closed,
             Ok(Ok(_)) => {}
             Err(_) if buf.is_empty() => return HeadRead::Overdue,
@@ -495,7 +498,7 @@ impl<T: Transport> Exchange<'_, T> {
 }
 
 async fn within<F: Future<Output = io::Result<()>>>(limit: Duration, work: F) -> io::Result<()> {
-    match tokio::time::timeout(limit, work).await {
+    match lazy_timeout(limit, work).await {
         Ok(result) => result,
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,

@@ -115,7 +115,8 @@ where
                     closing = Some(Instant::now() + limits.keepalive_timeout());
                 }
                 let front = Arc::clone(&front);
-                streams.spawn(async move {
+                // Boxed in place: spawning the stream's future by value would copy all of it.
+                streams.spawn(crate::pipeline::boxed_in_place(|| async move {
                     let (parts, body) = request.into_parts();
                     let mut stream = Stream {
                         parts,
@@ -127,7 +128,7 @@ where
                     };
                     front.pipeline.serve(&mut stream, arrival).await;
                     stream.finish();
-                });
+                }));
             }
             Some(Err(e)) => {
                 tracing::debug!("HTTP/2 connection with {peer}: {e}");
@@ -233,7 +234,7 @@ impl Downstream for Stream {
         // holds back this stream (up to the send timeout), not the edge's memory.
         while !chunk.is_empty() {
             send.reserve_capacity(chunk.len());
-            let capacity = tokio::time::timeout(
+            let capacity = crate::lazy_timeout::lazy_timeout(
                 self.limits.send_timeout(),
                 std::future::poll_fn(|cx| send.poll_capacity(cx)),
             )

@@ -274,6 +274,63 @@ impl ServerApp for TlsConnections {
     }
 }
 
+/// Pingora's TLS listener service, stopped on a fast shutdown as well as a graceful one.
+///
+/// Pingora's fast shutdown stops the worker runtimes without telling the services first, and its
+/// accept loop runs on a worker thread other than the one whose I/O driver holds the listening
+/// socket. When that driver stops first, every `accept` fails at once without yielding, so the
+/// other worker spins in the loop and never gets to stop: the process hangs. `fast_stop` (set by
+/// the edge before it asks Pingora for a fast shutdown) ends the accept loops first.
+pub struct TlsListener {
+    inner: pingora::services::listening::Service<TlsConnections>,
+    fast_stop: tokio::sync::watch::Receiver<bool>,
+}
+
+impl TlsListener {
+    pub fn new(
+        inner: pingora::services::listening::Service<TlsConnections>,
+        fast_stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self { inner, fast_stop }
+    }
+}
+
+#[async_trait]
+impl Service for TlsListener {
+    async fn start_service(
+        &mut self,
+        fds: Option<pingora::server::ListenFds>,
+        shutdown: ShutdownWatch,
+        listeners_per_fd: usize,
+    ) {
+        let (stop, stopping) = tokio::sync::watch::channel(false);
+        let mut graceful = shutdown;
+        let mut fast = self.fast_stop.clone();
+        let serve = self.inner.start_service(fds, stopping, listeners_per_fd);
+        tokio::pin!(serve);
+        tokio::select! {
+            () = &mut serve => return,
+            // A closed sender means its side is gone: stop as well.
+            _ = graceful.wait_for(|stop| *stop) => {}
+            _ = fast.wait_for(|stop| *stop) => {}
+        }
+        stop.send_replace(true);
+        serve.await;
+    }
+
+    fn name(&self) -> &str {
+        self.inner.name()
+    }
+
+    fn threads(&self) -> Option<usize> {
+        self.inner.threads()
+    }
+
+    fn listen_addresses(&self) -> Option<Vec<String>> {
+        self.inner.listen_addresses()
+    }
+}
+
 /// The cleartext listener as a Pingora service: Pingora runs it on its worker threads and tells it
 /// when to stop; the accept loop and everything after it are Meridian's.
 pub struct PlainListener {

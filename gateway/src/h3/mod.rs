@@ -257,7 +257,8 @@ async fn serve_connection(
         match next {
             Ok(Some(resolver)) => {
                 let pipeline = Arc::clone(&pipeline);
-                requests.spawn(async move {
+                // Boxed in place: spawning the request's future by value would copy all of it.
+                requests.spawn(crate::pipeline::boxed_in_place(|| async move {
                     // A stream that opens and never sends its headers would hold a stream
                     // slot for the connection's life.
                     let resolved = match tokio::time::timeout(
@@ -285,7 +286,7 @@ async fn serve_connection(
                         }
                         Err(e) => tracing::debug!("HTTP/3 request from {peer}: {e}"),
                     }
-                });
+                }));
                 while requests.try_join_next().is_some() {}
             }
             Ok(None) => break,

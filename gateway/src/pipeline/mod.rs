@@ -18,10 +18,21 @@
 pub(crate) mod body;
 mod cached;
 pub(crate) mod downstream;
+/// Boxes the future `make` builds, constructed in its heap slot instead of on the stack and then
+/// copied: a request's future is several KiB, most of it room for states it has not reached yet,
+/// and `Box::pin(future)` (or spawning it) copies all of it once per request. Used where each
+/// request starts one: the HTTP/1.1 loop, and the HTTP/2 and HTTP/3 stream tasks.
+#[inline(always)]
+pub(crate) fn boxed_in_place<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
+}
+
 pub mod forward;
 mod respond;
 
+use std::future::Future;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
