@@ -24,7 +24,7 @@ pub use store::CachedResponse;
 use store::{Store, StoreGauges};
 
 /// Response header naming what the cache did.
-pub use meridian_core::cache::HEADER_CACHE;
+pub use meridian_core::cache::{HEADER_CACHE, HEADER_CACHE_NAME};
 
 /// The values of `x-meridian-cache` (and of the `result` label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -258,6 +258,16 @@ impl Partial {
     }
 }
 
+/// Headers a hit adds to a copy of the stored ones (`Age`, `x-meridian-cache`, `Content-Length`,
+/// the edge's own, a range's): the stored map is given room for them once, when stored, because
+/// a copy keeps its table's size and would otherwise be rehashed on every hit as they go in.
+const SERVED_HEADROOM: usize = 8;
+
+fn with_headroom(mut headers: HeaderMap) -> HeaderMap {
+    headers.reserve(SERVED_HEADROOM);
+    headers
+}
+
 impl Served {
     fn new(
         entry: Arc<CachedResponse>,
@@ -361,10 +371,7 @@ impl Served {
             }
         }
         headers.insert(http::header::AGE, HeaderValue::from(self.age.as_secs()));
-        headers.insert(
-            HeaderName::from_static(HEADER_CACHE),
-            self.status.header_value(),
-        );
+        headers.insert(HEADER_CACHE_NAME, self.status.header_value());
         headers
     }
 
@@ -610,7 +617,7 @@ impl CacheWriter {
             id: self.cache.inner.store.next_id(),
             key: self.key.clone(),
             status: self.status,
-            headers: std::mem::take(&mut self.headers),
+            headers: with_headroom(std::mem::take(&mut self.headers)),
             body: std::mem::take(&mut self.chunks),
             body_len: self.len,
             keep_for: self.freshness.keep_for(has_validators),
@@ -1062,7 +1069,7 @@ impl ResponseCache {
             status: stale.status,
             keep_for: freshness.keep_for(true),
             tags: store::tags_of(&merged),
-            headers: merged,
+            headers: with_headroom(merged),
             body: stale.body.clone(),
             body_len: stale.body_len,
             freshness,

@@ -5,12 +5,14 @@
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderValue};
 
 use super::downstream::{Arrival, Downstream, Head};
 use super::forward::{HEADER_POP, HEADER_REGION};
 use super::{EdgeCache, Relayed, RequestState};
-use crate::cache::{Admission, CacheStatus, CacheWriter, RangeFill, Served, Ticket, HEADER_CACHE};
+use crate::cache::{
+    Admission, CacheStatus, CacheWriter, RangeFill, Served, Ticket, HEADER_CACHE_NAME,
+};
 use crate::connector::UpstreamResponse;
 use crate::core::exchange::{cache_on_response, CacheOnResponse, EdgeReply};
 use crate::core::snapshot::InflightGuard;
@@ -276,7 +278,7 @@ impl<'a, D: Downstream> Writer<'a, D> {
             }
         }
         if let Some(cache_status) = cache_status {
-            headers.insert(HEADER_CACHE, cache_status.header_value());
+            headers.insert(HEADER_CACHE_NAME, cache_status.header_value());
         }
         state.cache = cache_status;
         if let Some(fill) = fill {
@@ -364,7 +366,7 @@ impl<'a, D: Downstream> Writer<'a, D> {
                 for name in [
                     http::header::DATE,
                     http::header::ETAG,
-                    HeaderName::from_static(HEADER_CACHE),
+                    HEADER_CACHE_NAME,
                     HEADER_REGION,
                 ] {
                     if let Some(v) = headers.get(&name) {

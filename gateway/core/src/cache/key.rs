@@ -80,7 +80,7 @@ pub enum KeyError {
 
 impl PrimaryKey {
     pub fn build(req: &CacheRequest<'_>, options: &KeyOptions) -> Result<Self, KeyError> {
-        let host = normalise_host(req.host).ok_or(KeyError::BadHost)?;
+        let host = bare_host(req.host).ok_or(KeyError::BadHost)?;
         let (path, query) = match req.path_and_query.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (req.path_and_query, None),
@@ -88,9 +88,9 @@ impl PrimaryKey {
         let path = if path.is_empty() { "/" } else { path };
         let mut url =
             String::with_capacity(req.scheme.len() + host.len() + req.path_and_query.len() + 4);
-        url.push_str(&req.scheme.to_ascii_lowercase());
+        push_lowercase(&mut url, req.scheme);
         url.push_str("://");
-        url.push_str(&host);
+        push_lowercase(&mut url, host);
         url.push_str(path);
         if let Some(query) = query {
             let normalised = normalise_query(query, &options.ignore_query);
@@ -185,6 +185,12 @@ pub fn parse_vary(headers: &HeaderMap) -> Vary {
 
 /// Lowercase, port and trailing dot stripped. `None` for an empty or non-ASCII host.
 pub fn normalise_host(host: &str) -> Option<String> {
+    bare_host(host).map(str::to_ascii_lowercase)
+}
+
+/// The host without port, brackets kept for IPv6, trailing dots dropped; `None` when it cannot be
+/// a host. Not lowercased (see [`normalise_host`]).
+fn bare_host(host: &str) -> Option<&str> {
     let host = host.trim();
     let bare = if let Some(rest) = host.strip_prefix('[') {
         // IPv6 literal: keep the brackets, drop the port.
@@ -203,7 +209,14 @@ pub fn normalise_host(host: &str) -> Option<String> {
     if bare.is_empty() || !bare.is_ascii() || bare.contains(['/', ' ', '@']) {
         return None;
     }
-    Some(bare.to_ascii_lowercase())
+    Some(bare)
+}
+
+/// Appends ASCII `text` lowercased, without an intermediate string.
+fn push_lowercase(out: &mut String, text: &str) {
+    let start = out.len();
+    out.push_str(text);
+    out[start..].make_ascii_lowercase();
 }
 
 /// Parameters sorted (stable: equal names keep their order), empty pieces and ignored names dropped.

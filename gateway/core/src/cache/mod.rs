@@ -8,3 +8,5 @@ pub mod range;
 
 /// The response header that says what the cache did (`hit`, `miss`, `stale`, ...).
 pub const HEADER_CACHE: &str = "x-meridian-cache";
+/// [`HEADER_CACHE`] as a header name, made once at compile time (not validated per response).
+pub const HEADER_CACHE_NAME: http::HeaderName = http::HeaderName::from_static(HEADER_CACHE);
