@@ -561,6 +561,65 @@ fn date_age_and_date_forms(protocol: Secure) {
     );
 }
 
+/// A hit's head, however the front writes it (HTTP/1.1 from the entry's prepared header lines,
+/// HTTP/2 and HTTP/3 from a header map): every stored field once and in its order, the per-hit
+/// fields (`Age`, `x-meridian-cache`, `Content-Length`, the edge's pop) once each, replacing
+/// what the origin sent, and a HEAD the same head without the body.
+fn hits_carry_each_stored_field_once(protocol: Secure) {
+    let rig = rig(protocol, |_| {});
+    let date = http_date(SystemTime::now() - Duration::from_secs(30));
+    rig.origin.set(
+        "/fields",
+        script(
+            200,
+            &[
+                ("cache-control", "max-age=600"),
+                ("date", &date),
+                ("etag", "\"v1\""),
+                ("link", "</a.css>; rel=preload"),
+                ("x-origin", "one"),
+                ("link", "</b.js>; rel=preload"),
+                ("age", "5"),
+            ],
+            "stored body",
+        ),
+    );
+    assert_eq!(cache(&rig.get("/fields", &[])), "miss");
+    for method in ["GET", "HEAD", "GET"] {
+        let hit = rig.send(method, "/fields", &[], "");
+        let all = |name: &str| -> Vec<String> {
+            hit.headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().expect("visible ASCII").to_string())
+                .collect()
+        };
+        assert_eq!((hit.status, cache(&hit)), (200, "hit"), "{method}");
+        assert_eq!(all("date"), std::slice::from_ref(&date));
+        assert_eq!(all("etag"), ["\"v1\""]);
+        assert_eq!(all("cache-control"), ["max-age=600"]);
+        assert_eq!(all("x-origin"), ["one"]);
+        assert_eq!(
+            all("link"),
+            ["</a.css>; rel=preload", "</b.js>; rel=preload"],
+            "repeated fields keep their order"
+        );
+        assert_eq!(all("x-meridian-cache"), ["hit"]);
+        assert_eq!(all("content-length"), ["11"], "{method}: the stored length");
+        assert_eq!(all("x-meridian-pop").len(), 1);
+        assert_eq!(all("x-meridian-region").len(), 1);
+        let age = all("age");
+        assert_eq!(age.len(), 1, "one Age, not the origin's as well: {age:?}");
+        let age: u64 = age[0].parse().expect("Age is a number");
+        assert!(
+            (30..600).contains(&age),
+            "Age {age} counts from the stored Date"
+        );
+        let body = if method == "HEAD" { "" } else { "stored body" };
+        assert_eq!(hit.text(), body, "{method}");
+    }
+}
+
 /// RFC 9213: CDN-Cache-Control takes precedence over Cache-Control for the edge.
 fn cdn_cache_control_wins(protocol: Secure) {
     let rig = rig(protocol, |_| {});
@@ -1408,6 +1467,11 @@ macro_rules! conformance {
                 #[test]
                 fn stored_date_with_age_invalid_age_and_all_date_forms() {
                     date_age_and_date_forms($value);
+                }
+
+                #[test]
+                fn hits_carry_each_stored_field_once() {
+                    super::hits_carry_each_stored_field_once($value);
                 }
 
                 #[test]

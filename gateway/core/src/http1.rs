@@ -447,12 +447,7 @@ pub fn encode_response_head(
     connection: Option<&[u8]>,
     chunked: bool,
 ) {
-    out.extend_from_slice(b"HTTP/1.1 ");
-    let code = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY);
-    out.extend_from_slice(code.as_str().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(code.canonical_reason().unwrap_or("Unknown").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    push_status_line(out, status);
     for (name, value) in headers {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
@@ -465,6 +460,72 @@ pub fn encode_response_head(
     if let Some(line) = connection {
         out.extend_from_slice(line);
     }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `headers` as HTTP/1.1 header lines (`name: value\r\n` each, in the map's order), all
+/// but those named in `skip`: what a stored response's head is prepared from once.
+pub fn encode_header_lines(out: &mut Vec<u8>, headers: &HeaderMap, skip: &[HeaderName]) {
+    for (name, value) in headers {
+        if skip.contains(name) {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// Appends an HTTP/1.1 response head made of prepared header `lines` (see
+/// [`encode_header_lines`]), then each `extra` field, `Content-Length` and the connection line.
+pub fn encode_prepared_response_head(
+    out: &mut Vec<u8>,
+    status: u16,
+    lines: &[u8],
+    extra: &[(&[u8], &[u8])],
+    content_length: u64,
+    connection: Option<&[u8]>,
+) {
+    push_status_line(out, status);
+    out.extend_from_slice(lines);
+    for (name, value) in extra {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"content-length: ");
+    push_decimal(out, content_length);
+    out.extend_from_slice(b"\r\n");
+    if let Some(line) = connection {
+        out.extend_from_slice(line);
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends `n` in decimal, without formatting machinery.
+pub fn push_decimal(out: &mut Vec<u8>, n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+fn push_status_line(out: &mut Vec<u8>, status: u16) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    let code = http::StatusCode::from_u16(status).unwrap_or(http::StatusCode::BAD_GATEWAY);
+    out.extend_from_slice(code.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(code.canonical_reason().unwrap_or("Unknown").as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 

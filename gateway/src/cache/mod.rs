@@ -20,7 +20,7 @@ pub use key::{CacheKey, CacheRequest, PrimaryKey};
 pub use policy::{Bypass, NotStorable, RouteRules};
 use policy::{Invalidation, RequestRules, Usability};
 use range::{BodyCut, Multipart, Ranges};
-pub use store::CachedResponse;
+pub use store::{CachedResponse, PreparedHead};
 use store::{Store, StoreGauges};
 
 /// Response header naming what the cache did.
@@ -375,6 +375,18 @@ impl Served {
         headers
     }
 
+    /// The answer is the stored response as it is: no `304`, no range and no field for this
+    /// client only, so its head is the stored fields but the route's hidden ones, plus the
+    /// per-hit ones (`Age`, `x-meridian-cache`, `Content-Length`).
+    pub fn is_whole_stored_response(&self) -> bool {
+        !self.not_modified && self.partial.is_none() && self.client_only.is_none()
+    }
+
+    /// Stored fields the route never lets reach clients.
+    pub fn hidden(&self) -> &[HeaderName] {
+        &self.rules.hidden
+    }
+
     /// The `Content-Length` to send; `None` for a 304.
     pub fn content_length(&self) -> Option<u64> {
         if self.not_modified {
@@ -624,6 +636,7 @@ impl CacheWriter {
             freshness: self.freshness,
             vary: std::mem::take(&mut self.vary),
             tags: std::mem::take(&mut self.tags),
+            prepared_h1: Default::default(),
         });
         let inner = &self.cache.inner;
         let stored = inner
@@ -1046,6 +1059,7 @@ impl ResponseCache {
                 freshness: stale.freshness,
                 vary: stale.vary.clone(),
                 tags: Vec::new(),
+                prepared_h1: Default::default(),
             });
             let mut served = Served {
                 age: Duration::ZERO,
@@ -1074,6 +1088,7 @@ impl ResponseCache {
             body_len: stale.body_len,
             freshness,
             vary: stale.vary.clone(),
+            prepared_h1: Default::default(),
         });
         inner
             .store

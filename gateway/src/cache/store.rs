@@ -36,6 +36,18 @@ pub struct CachedResponse {
     pub tags: Vec<String>,
     /// How long the store keeps it at all (fresh + stale windows + revalidation grace).
     pub keep_for: Duration,
+    /// The stored header lines in HTTP/1.1 form, made on the first hit that can use them (`None`
+    /// inside: this response's head is always built from its header map).
+    pub prepared_h1: std::sync::OnceLock<Option<PreparedHead>>,
+}
+
+/// A stored response's header lines as HTTP/1.1 writes them (`name: value\r\n` each).
+#[derive(Debug)]
+pub struct PreparedHead {
+    /// The fields left out because the route hides them: the lines serve a hit only while the
+    /// route still hides exactly these.
+    pub hidden: Vec<HeaderName>,
+    pub lines: Box<[u8]>,
 }
 
 impl CachedResponse {

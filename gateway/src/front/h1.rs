@@ -489,6 +489,24 @@ impl<T: Transport> Exchange<'_, T> {
         self.failed(result)
     }
 
+    /// The answer comes before the whole request body was read: the rest of it must not be taken
+    /// for the next request.
+    fn close_if_body_unread(&mut self) {
+        if self.framing != Framing::Done && !self.broken {
+            self.keep_alive = false;
+        }
+    }
+
+    /// The final head is in `out`: it goes now when nothing follows it, else with the body.
+    async fn head_written(&mut self, end: bool, chunked: bool, has_body: bool) -> io::Result<()> {
+        if end || !has_body {
+            self.response = Response::Complete;
+            return self.write_out().await;
+        }
+        self.response = Response::Body { chunked, has_body };
+        Ok(())
+    }
+
     fn failed(&mut self, result: io::Result<()>) -> io::Result<()> {
         if result.is_err() {
             self.broken = true;
@@ -612,11 +630,7 @@ impl<T: Transport> Downstream for Exchange<'_, T> {
             // An HTTP/1.0 client without a length: the body ends when the connection does.
             self.keep_alive = false;
         }
-        if self.framing != Framing::Done && !self.broken {
-            // The answer comes before the whole request body was read: the rest of it must not
-            // be taken for the next request.
-            self.keep_alive = false;
-        }
+        self.close_if_body_unread();
         // 1xx answers are not final (the client keeps waiting), but this edge sends none itself.
         // Room for the head and the coalesced body: growing the buffer for the body would copy
         // the head again.
@@ -628,12 +642,38 @@ impl<T: Transport> Downstream for Exchange<'_, T> {
             connection_header(self.head.version, self.keep_alive),
             chunked,
         );
-        if end || !has_body {
-            self.response = Response::Complete;
-            return self.write_out().await;
-        }
-        self.response = Response::Body { chunked, has_body };
-        Ok(())
+        self.head_written(end, chunked, has_body).await
+    }
+
+    fn writes_prepared_heads(&self) -> bool {
+        true
+    }
+
+    async fn send_prepared_head(
+        &mut self,
+        status: u16,
+        lines: &[u8],
+        extra: &[(&[u8], &[u8])],
+        content_length: u64,
+        end: bool,
+    ) -> io::Result<()> {
+        // The same framing as `send_head` with a known length (a `Date` is among the lines).
+        let has_body = response_has_body(&self.head.method, status);
+        self.close_if_body_unread();
+        let coalesced_body = usize::try_from(content_length)
+            .ok()
+            .filter(|&n| has_body && !end && n <= COALESCE)
+            .unwrap_or(0);
+        self.out.reserve(160 + lines.len() + coalesced_body);
+        crate::core::http1::encode_prepared_response_head(
+            &mut self.out,
+            status,
+            lines,
+            extra,
+            content_length,
+            connection_header(self.head.version, self.keep_alive),
+        );
+        self.head_written(end, false, has_body).await
     }
 
     async fn send_interim(&mut self, status: u16, headers: HeaderMap) -> io::Result<()> {

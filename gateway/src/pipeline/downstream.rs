@@ -59,6 +59,29 @@ pub trait Downstream: Send {
         end: bool,
     ) -> impl Future<Output = std::io::Result<()>> + Send;
 
+    /// Whether [`Downstream::send_prepared_head`] can write this response's head (HTTP/1.1).
+    fn writes_prepared_heads(&self) -> bool {
+        false
+    }
+
+    /// Writes a final head from header `lines` already in HTTP/1.1 form (`name: value\r\n` each;
+    /// a stored response's, prepared once), then the `extra` fields and `Content-Length`; `end`
+    /// when no body follows. Called only when [`Downstream::writes_prepared_heads`] says so.
+    fn send_prepared_head(
+        &mut self,
+        status: u16,
+        lines: &[u8],
+        extra: &[(&[u8], &[u8])],
+        content_length: u64,
+        end: bool,
+    ) -> impl Future<Output = std::io::Result<()>> + Send {
+        let _ = (status, lines, extra, content_length, end);
+        std::future::ready(Err(std::io::Error::new(
+            std::io::ErrorKind::Unsupported,
+            "this protocol writes heads from header maps",
+        )))
+    }
+
     /// Writes an interim (1xx) response ahead of the final one: an origin's `103 Early Hints`
     /// relayed as it arrives. Fronts whose stack cannot send one (or whose client must not get
     /// one) drop it: hints are optional.

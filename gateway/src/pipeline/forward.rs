@@ -9,7 +9,8 @@ pub const X_FORWARDED_FOR: &str = "x-forwarded-for";
 /// [`X_FORWARDED_FOR`] as a `HeaderName`, for lookups (a `&str` name is parsed on every lookup).
 pub(crate) const X_FORWARDED_FOR_HEADER: HeaderName = HeaderName::from_static(X_FORWARDED_FOR);
 pub const HEADER_REGION: HeaderName = HeaderName::from_static("x-meridian-region");
-pub const HEADER_POP: HeaderName = HeaderName::from_static("x-meridian-pop");
+pub const HEADER_POP_STR: &str = "x-meridian-pop";
+pub const HEADER_POP: HeaderName = HeaderName::from_static(HEADER_POP_STR);
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

@@ -8,10 +8,11 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue};
 
 use super::downstream::{Arrival, Downstream, Head};
-use super::forward::{HEADER_POP, HEADER_REGION};
+use super::forward::{HEADER_POP, HEADER_POP_STR, HEADER_REGION};
 use super::{EdgeCache, Relayed, RequestState};
+use crate::cache::PreparedHead;
 use crate::cache::{
-    Admission, CacheStatus, CacheWriter, RangeFill, Served, Ticket, HEADER_CACHE_NAME,
+    Admission, CacheStatus, CacheWriter, RangeFill, Served, Ticket, HEADER_CACHE, HEADER_CACHE_NAME,
 };
 use crate::connector::UpstreamResponse;
 use crate::core::exchange::{cache_on_response, CacheOnResponse, EdgeReply};
@@ -117,13 +118,94 @@ impl<'a, D: Downstream> Writer<'a, D> {
     /// A response from the cache: the stored headers (with `Age`, `x-meridian-cache` and the
     /// `x-meridian-region` that produced it), this edge's pop, the body length.
     pub(super) async fn served(&mut self, served: &Served) -> Result<u16, u16> {
+        self.cache = Some(served.status);
+        if let Some(lines) = self.prepared_lines(served) {
+            return self.send_prepared(served, lines).await;
+        }
         let mut headers = served.headers();
         if let Some(length) = served.content_length() {
             headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
         }
-        self.cache = Some(served.status);
         self.send(served.status_code(), headers, served.body())
             .await
+    }
+
+    /// A hit's stored header lines, ready to write, when the driver writes prepared heads and the
+    /// answer is the stored response as it is. Made on the entry's first such hit and kept with
+    /// it (the route's hidden fields left out); `None` (for good) when the stored fields include
+    /// one a hit may have to change beyond the per-hit ones: `alt-svc` (the edge sets its own), a
+    /// framing field, or no `Date`.
+    fn prepared_lines<'s>(&self, served: &'s Served) -> Option<&'s [u8]> {
+        if !self.downstream.writes_prepared_heads() || !served.is_whole_stored_response() {
+            return None;
+        }
+        let prepared = served.entry.prepared_h1.get_or_init(|| {
+            let stored = &served.entry.headers;
+            let changed = [
+                http::header::ALT_SVC,
+                http::header::TRANSFER_ENCODING,
+                http::header::CONNECTION,
+            ];
+            if !stored.contains_key(http::header::DATE)
+                || changed.iter().any(|name| stored.contains_key(name))
+            {
+                return None;
+            }
+            let mut lines = Vec::with_capacity(64 * stored.len());
+            // Written per hit instead (`send_prepared`), or never.
+            let mut left_out = vec![
+                http::header::AGE,
+                HEADER_CACHE_NAME,
+                http::header::CONTENT_LENGTH,
+                HEADER_POP,
+            ];
+            left_out.extend_from_slice(served.hidden());
+            crate::core::http1::encode_header_lines(&mut lines, stored, &left_out);
+            Some(PreparedHead {
+                hidden: served.hidden().to_vec(),
+                lines: lines.into_boxed_slice(),
+            })
+        });
+        prepared
+            .as_ref()
+            .filter(|p| p.hidden == served.hidden())
+            .map(|p| &*p.lines)
+    }
+
+    /// A hit from prepared header `lines`: the same head `served` builds from a header map (the
+    /// stored fields, `Age`, `x-meridian-cache`, this edge's pop and `alt-svc`, the length),
+    /// without building one.
+    async fn send_prepared(&mut self, served: &Served, lines: &[u8]) -> Result<u16, u16> {
+        let status = served.status_code();
+        let body = served.body();
+        let mut age = Vec::with_capacity(20);
+        crate::core::http1::push_decimal(&mut age, served.age.as_secs());
+        let cache = served.status.header_value();
+        let pop = &self.loaded.snapshot.pop_header;
+        let alt_svc = self.alt_svc.map(HeaderValue::as_bytes);
+        let mut extra: [(&[u8], &[u8]); 4] = [
+            (b"age", &age),
+            (HEADER_CACHE.as_bytes(), cache.as_bytes()),
+            (HEADER_POP_STR.as_bytes(), pop.as_bytes()),
+            (b"alt-svc", b""),
+        ];
+        let fields = match alt_svc {
+            Some(value) => {
+                extra[3].1 = value;
+                4
+            }
+            None => 3,
+        };
+        let length = served.content_length().unwrap_or(0);
+        if self
+            .downstream
+            .send_prepared_head(status, lines, &extra[..fields], length, body.is_empty())
+            .await
+            .is_err()
+        {
+            return Err(0);
+        }
+        self.send_body_chunks(status, body).await
     }
 
     /// Writes a whole response: head with the edge's headers, then `body`.
@@ -137,6 +219,11 @@ impl<'a, D: Downstream> Writer<'a, D> {
         {
             return Err(0);
         }
+        self.send_body_chunks(status, body).await
+    }
+
+    /// Writes `body` after its head, counting what was sent.
+    async fn send_body_chunks(&mut self, status: u16, body: &[Bytes]) -> Result<u16, u16> {
         for (i, chunk) in body.iter().enumerate() {
             self.bytes_sent += chunk.len() as u64;
             if self
