@@ -165,12 +165,14 @@ pub fn serve<T: Transport>(
             // the header timeout of their first byte, after at most the keep-alive idle time.
             let first = served == 0;
             if buf.is_empty() {
-                let waited = if first {
-                    lazy_timeout_at(conn.accepted + conn.limits.header_timeout(), io.idle()).await
+                // A plain timeout, not a lazy one: the next request rarely waits here already,
+                // and this wait is what an idle connection holds, so its state stays small.
+                let wait = if first {
+                    conn.accepted + conn.limits.header_timeout()
                 } else {
-                    lazy_timeout(conn.limits.keepalive_timeout(), io.idle()).await
+                    Instant::now() + conn.limits.keepalive_timeout()
                 };
-                match waited {
+                match tokio::time::timeout_at(wait, io.idle()).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return,
                     Err(_) => {

@@ -448,7 +448,9 @@ mod tests {
 
     /// What an idle kept-alive connection costs is mostly the size of its task's future: keep
     /// the whole connection future small (the request's own state is boxed separately).
-    /// Measured at 352 bytes (debug build) when this bound was set.
+    /// Measured at 352 bytes (debug build) when this bound was set. A lazily armed timeout on
+    /// the idle wait made it 432 and cost about 250 bytes of RSS per idle connection (the task's
+    /// allocation moved up a size class), so the bound is tight.
     #[tokio::test]
     async fn a_connection_future_stays_small() {
         let front = front();
@@ -464,6 +466,6 @@ mod tests {
         let plain = h1::serve(Arc::clone(&front), tcp, peer, false, conn);
         let size = std::mem::size_of_val(&plain);
         eprintln!("cleartext connection future: {size} bytes");
-        assert!(size <= 512, "cleartext connection future is {size} bytes");
+        assert!(size <= 384, "cleartext connection future is {size} bytes");
     }
 }
