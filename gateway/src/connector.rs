@@ -734,6 +734,9 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
 
 type ParsedHead = (http::response::Parts, Framing, bool, usize);
 
+/// Response headers the edge may add to an upstream's (see [`parse_head`]).
+const RELAY_HEADROOM: usize = 4;
+
 fn parse_head(
     buf: &[u8],
     head_request: bool,
@@ -758,7 +761,9 @@ fn parse_head(
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or_else(|| failed("invalid status".into()))?;
-    let mut headers = HeaderMap::with_capacity(response.headers.len());
+    // Room for what the edge adds on the way back (`x-meridian-region`, `x-meridian-pop`,
+    // `x-meridian-cache`, `alt-svc`), so adding them does not grow and rehash the map.
+    let mut headers = HeaderMap::with_capacity(response.headers.len() + RELAY_HEADROOM);
     for h in response.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| failed(format!("invalid header name {:?}", h.name)))?;
