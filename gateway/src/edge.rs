@@ -218,7 +218,9 @@ impl RunningEdge {
             (None, None) => {}
         }
 
-        if let Some(limit) = crate::front::raise_open_file_limit() {
+        // Every client connection, upstream connection and listener is a descriptor, and the
+        // usual soft default (1,024) is far below `max_connections`.
+        if let Ok(limit) = crate::httpd::raise_open_file_limit() {
             let wanted = edge.limits.max_connections as u64 * 2 + 1024;
             if limit < wanted {
                 tracing::warn!(

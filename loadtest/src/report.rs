@@ -113,7 +113,8 @@ pub fn json(settings: &Settings, outcome: &Outcome) -> Value {
     })
 }
 
-fn counts<K: std::fmt::Display>(map: impl IntoIterator<Item = (K, u64)>) -> String {
+/// `key=count` pairs (zero counts left out) joined by spaces; `-` when there are none.
+pub(crate) fn counts<K: std::fmt::Display>(map: impl IntoIterator<Item = (K, u64)>) -> String {
     let parts: Vec<String> = map
         .into_iter()
         .filter(|(_, v)| *v > 0)

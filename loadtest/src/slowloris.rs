@@ -281,11 +281,6 @@ fn summary(slow: &Slow, outcome: &Outcome, lived: &Histogram<u64>) -> String {
             s(lived.max())
         )
     };
-    let answers: Vec<String> = outcome
-        .answers
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
     let rows = [
         (
             "connections",
@@ -301,11 +296,7 @@ fn summary(slow: &Slow, outcome: &Outcome, lived: &Histogram<u64>) -> String {
         ("time to close", close),
         (
             "server answered",
-            if answers.is_empty() {
-                "-".into()
-            } else {
-                answers.join(" ")
-            },
+            crate::report::counts(outcome.answers.iter().map(|(k, v)| (k, *v))),
         ),
         ("head bytes sent", outcome.bytes_sent.to_string()),
     ];

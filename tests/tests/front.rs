@@ -337,16 +337,20 @@ fn slow_heads_idle_connections_and_request_counts_are_bounded() {
     }
     assert!(closed_by_edge(&mut counted));
 
-    let metrics = world.metrics();
+    assert_timeouts_counted(&world.metrics(), 2.0, 1.0);
+}
+
+/// `meridian_client_timeouts_total` counted at least `header` head and `keepalive` idle timeouts.
+fn assert_timeouts_counted(metrics: &str, header: f64, keepalive: f64) {
     assert!(
-        metric_value(&metrics, r#"meridian_client_timeouts_total{kind="header"}"#) >= Some(2.0),
+        metric_value(metrics, r#"meridian_client_timeouts_total{kind="header"}"#) >= Some(header),
         "{metrics}"
     );
     assert!(
         metric_value(
-            &metrics,
+            metrics,
             r#"meridian_client_timeouts_total{kind="keepalive"}"#
-        ) >= Some(1.0),
+        ) >= Some(keepalive),
         "{metrics}"
     );
 }
@@ -506,18 +510,7 @@ fn http2_connections_are_bounded_in_time_and_requests() {
         assert!(refused, "a third request on the connection is refused");
         ends(connection).await;
     });
-    let metrics = world.metrics();
-    assert!(
-        metric_value(&metrics, r#"meridian_client_timeouts_total{kind="header"}"#) >= Some(1.0),
-        "{metrics}"
-    );
-    assert!(
-        metric_value(
-            &metrics,
-            r#"meridian_client_timeouts_total{kind="keepalive"}"#
-        ) >= Some(1.0),
-        "{metrics}"
-    );
+    assert_timeouts_counted(&world.metrics(), 1.0, 1.0);
 }
 
 /// A WebSocket handshake (HTTP/1.1 `Upgrade`) is passed on to the upstream, its `101` comes back,

@@ -448,32 +448,20 @@ pub fn encode_response_head(
     chunked: bool,
 ) {
     push_status_line(out, status);
-    for (name, value) in headers {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    encode_header_lines(out, headers, &[]);
     if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
-    if let Some(line) = connection {
-        out.extend_from_slice(line);
-    }
-    out.extend_from_slice(b"\r\n");
+    push_head_end(out, connection);
 }
 
 /// Appends `headers` as HTTP/1.1 header lines (`name: value\r\n` each, in the map's order), all
 /// but those named in `skip`: what a stored response's head is prepared from once.
 pub fn encode_header_lines(out: &mut Vec<u8>, headers: &HeaderMap, skip: &[HeaderName]) {
     for (name, value) in headers {
-        if skip.contains(name) {
-            continue;
+        if !skip.contains(name) {
+            push_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
     }
 }
 
@@ -490,23 +478,15 @@ pub fn encode_prepared_response_head(
     push_status_line(out, status);
     out.extend_from_slice(lines);
     for (name, value) in extra {
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
+        push_field(out, name, value);
     }
-    out.extend_from_slice(b"content-length: ");
-    push_decimal(out, content_length);
-    out.extend_from_slice(b"\r\n");
-    if let Some(line) = connection {
-        out.extend_from_slice(line);
-    }
-    out.extend_from_slice(b"\r\n");
+    let mut digits = [0u8; 20];
+    push_field(out, b"content-length", decimal(content_length, &mut digits));
+    push_head_end(out, connection);
 }
 
-/// Appends `n` in decimal, without formatting machinery.
-pub fn push_decimal(out: &mut Vec<u8>, n: u64) {
-    let mut digits = [0u8; 20];
+/// `n` in decimal, written into `digits` without formatting machinery or an allocation.
+pub fn decimal(n: u64, digits: &mut [u8; 20]) -> &[u8] {
     let mut at = digits.len();
     let mut rest = n;
     loop {
@@ -517,7 +497,22 @@ pub fn push_decimal(out: &mut Vec<u8>, n: u64) {
             break;
         }
     }
-    out.extend_from_slice(&digits[at..]);
+    &digits[at..]
+}
+
+fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The connection line, if any, and the empty line that ends a head.
+fn push_head_end(out: &mut Vec<u8>, connection: Option<&[u8]>) {
+    if let Some(line) = connection {
+        out.extend_from_slice(line);
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 fn push_status_line(out: &mut Vec<u8>, status: u16) {

@@ -198,18 +198,6 @@ impl Front {
     }
 }
 
-/// Raises the soft open-file limit to the hard one: every client connection, upstream connection
-/// and listener is a descriptor, and the usual soft default (1,024) is far below
-/// `max_connections`. Returns the limit now in force.
-pub fn raise_open_file_limit() -> Option<u64> {
-    use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).ok()?;
-    if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
-        return Some(hard);
-    }
-    Some(soft)
-}
-
 /// HTTP/2 settings from `[edge.limits]`. The h2 crate also bounds what attackers use against
 /// HTTP/2 servers: streams reset right after opening (rapid reset) are capped per connection, and
 /// header blocks (CONTINUATION frames included) are bounded by the header-list size.

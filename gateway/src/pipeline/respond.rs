@@ -178,24 +178,19 @@ impl<'a, D: Downstream> Writer<'a, D> {
     async fn send_prepared(&mut self, served: &Served, lines: &[u8]) -> Result<u16, u16> {
         let status = served.status_code();
         let body = served.body();
-        let mut age = Vec::with_capacity(20);
-        crate::core::http1::push_decimal(&mut age, served.age.as_secs());
+        let mut digits = [0u8; 20];
+        let age = crate::core::http1::decimal(served.age.as_secs(), &mut digits);
         let cache = served.status.header_value();
         let pop = &self.loaded.snapshot.pop_header;
-        let alt_svc = self.alt_svc.map(HeaderValue::as_bytes);
-        let mut extra: [(&[u8], &[u8]); 4] = [
-            (b"age", &age),
+        let alt_svc = self.alt_svc.map_or(&[][..], HeaderValue::as_bytes);
+        let extra: [(&[u8], &[u8]); 4] = [
+            (b"age", age),
             (HEADER_CACHE.as_bytes(), cache.as_bytes()),
             (HEADER_POP_STR.as_bytes(), pop.as_bytes()),
-            (b"alt-svc", b""),
+            (b"alt-svc", alt_svc),
         ];
-        let fields = match alt_svc {
-            Some(value) => {
-                extra[3].1 = value;
-                4
-            }
-            None => 3,
-        };
+        // `alt-svc` only when this front advertises HTTP/3.
+        let fields = if self.alt_svc.is_some() { 4 } else { 3 };
         let length = served.content_length().unwrap_or(0);
         if self
             .downstream

@@ -51,21 +51,8 @@ pub struct RouteRules {
 
 impl Default for RouteRules {
     fn default() -> Self {
-        Self {
-            enabled: false,
-            default_ttl: None,
-            allow_authorization: false,
-            allow_set_cookie: false,
-            allow_cookie: false,
-            heuristic: Some(DEFAULT_HEURISTIC_MAX),
-            fill_ranges: true,
-            hidden: Vec::new(),
-            key: KeyOptions::default(),
-            stale_while_revalidate: None,
-            stale_if_error: None,
-            targeted: targeted_names(&DEFAULT_TARGETED),
-            max_ranges: super::range::DEFAULT_MAX_RANGES,
-        }
+        // The rules of a route whose `cache` table is all defaults.
+        Self::from_config(&RouteCache::default())
     }
 }
 
