@@ -27,7 +27,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::core::http1::{content_length, decode, ChunkState, Framing};
+use crate::core::http1::{content_length_field, decode, ChunkState, Framing};
 
 /// Largest response head accepted from an upstream.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -431,7 +431,6 @@ pub struct OutboundHead<'a> {
 /// The request head as HTTP/1.1 bytes, and whether the body goes chunked. Whole bodies get their
 /// exact `Content-Length`; streamed ones keep the client's declared length, else go chunked.
 fn encode_head(parts: OutboundHead<'_>, body: &UpstreamBody) -> (Vec<u8>, bool) {
-    use std::io::Write;
     let mut out = Vec::with_capacity(256 + parts.headers.len() * 48);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
@@ -458,8 +457,13 @@ fn encode_head(parts: OutboundHead<'_>, body: &UpstreamBody) -> (Vec<u8>, bool) 
     if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     } else if !streamed && (!body.head.is_empty() || expects_body(parts.method)) {
-        // Writing into a Vec cannot fail.
-        let _ = write!(out, "content-length: {}\r\n", body.head.len());
+        let mut digits = [0; 20];
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(crate::core::http1::decimal(
+            body.head.len() as u64,
+            &mut digits,
+        ));
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
     (out, chunked)
@@ -486,11 +490,17 @@ async fn exchange(
     let progress = body.rest.clone();
     let Conn { stream, buf } = conn;
     let (mut reader, mut writer) = stream.split();
-    let work = async {
-        let write = write_request(&mut writer, addr, (head, chunked), body, timeouts.write);
-        let read = read_head(&mut reader, buf, addr, head_request, interim);
-        tokio::pin!(write);
-        tokio::pin!(read);
+    // Futures are pinned where they are built: built first and then pinned, each was copied
+    // once more per request.
+    let work = std::pin::pin!(async {
+        let mut write = std::pin::pin!(write_request(
+            &mut writer,
+            addr,
+            (head, chunked),
+            body,
+            timeouts.write
+        ));
+        let mut read = std::pin::pin!(read_head(&mut reader, buf, addr, head_request, interim));
         // Some(true): the whole request went out; Some(false): writing failed part-way.
         let mut written: Option<bool> = None;
         loop {
@@ -518,7 +528,7 @@ async fn exchange(
                 }
             }
         }
-    };
+    });
     within_read_timeout(timeouts.read, progress.as_deref(), work)
         .await
         .unwrap_or(Err(Attempt::Failed(UpstreamError::Timeout { addr })))
@@ -693,7 +703,13 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
 ) -> Result<(http::response::Parts, Framing, bool), Attempt> {
     let mut received_any = !buf.is_empty();
     loop {
-        if let Some((parts, framing, reusable, used)) = parse_head(buf, head_request, addr)? {
+        // Usually nothing is buffered yet when the head is first awaited.
+        let parsed = if buf.is_empty() {
+            None
+        } else {
+            parse_head(buf, head_request, addr)?
+        };
+        if let Some((parts, framing, reusable, used)) = parsed {
             buf.advance(used);
             if parts.status.is_informational() && parts.status != StatusCode::SWITCHING_PROTOCOLS {
                 // A proxy forwards the 1xx it did not ask for (RFC 9110 §15.2): `102`, `103` and
@@ -764,36 +780,48 @@ fn parse_head(
     // Room for what the edge adds on the way back (`x-meridian-region`, `x-meridian-pop`,
     // `x-meridian-cache`, `alt-svc`), so adding them does not grow and rehash the map.
     let mut headers = HeaderMap::with_capacity(response.headers.len() + RELAY_HEADROOM);
+    // The framing fields are read as the map is built, not looked up in it afterwards.
+    let mut close = false;
+    let mut chunked = false;
+    // An invalid length matters only if the length frames the body (not after chunked, HEAD…).
+    let mut length: Result<Option<u64>, &'static str> = Ok(None);
     for h in response.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| failed(format!("invalid header name {:?}", h.name)))?;
         let value = HeaderValue::from_bytes(h.value)
             .map_err(|_| failed(format!("invalid value of {name}")))?;
+        if name == http::header::CONTENT_LENGTH {
+            if let Ok(found) = &mut length {
+                if let Err(e) = content_length_field(h.value, found) {
+                    length = Err(e);
+                }
+            }
+        } else if name == http::header::TRANSFER_ENCODING {
+            // The last coding of the last field decides (RFC 9112 §6.1).
+            if let Ok(text) = value.to_str() {
+                chunked = text
+                    .rsplit(',')
+                    .next()
+                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
+            }
+        } else if name == http::header::CONNECTION {
+            close |= value.to_str().is_ok_and(|text| {
+                text.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("close"))
+            });
+        }
         headers.append(name, value);
     }
     let http11 = response.version == Some(1);
-    let close = headers
-        .get_all(http::header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case("close"));
     let framing = if head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED
     {
         Framing::Done
-    } else if headers
-        .get_all(http::header::TRANSFER_ENCODING)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .next_back()
-        .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"))
-    {
+    } else if chunked {
         Framing::Chunked(ChunkState::Size)
-    } else if let Some(length) = content_length(&headers).map_err(|m| failed(m.into()))? {
+    } else if let Some(length) = length.map_err(|m| failed(m.into()))? {
         if length == 0 {
             Framing::Done
         } else {
@@ -823,12 +851,11 @@ fn parse_head(
 async fn within_read_timeout<F: Future>(
     read: Duration,
     progress: Option<&BodyFeed>,
-    work: F,
+    mut work: std::pin::Pin<&mut F>,
 ) -> Option<F::Output> {
-    tokio::pin!(work);
     let mut last = progress.map(|p| p.sent.load(Ordering::Relaxed));
     loop {
-        match lazy_timeout(read, &mut work).await {
+        match lazy_timeout(read, work.as_mut()).await {
             Ok(output) => return Some(output),
             Err(_) => {
                 let now = progress.map(|p| p.sent.load(Ordering::Relaxed));

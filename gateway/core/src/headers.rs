@@ -17,6 +17,19 @@ pub const HOP_BY_HOP: [&str; 9] = [
     "upgrade",
 ];
 
+/// Which of `names` `headers` holds, found in one pass over its names: a request carries a
+/// handful of fields, and comparing names (an enum compare for the standard ones) costs less than
+/// hashing each wanted name for a lookup.
+pub fn present<const N: usize>(headers: &HeaderMap, names: [&HeaderName; N]) -> [bool; N] {
+    let mut found = [false; N];
+    for name in headers.keys() {
+        for (found, wanted) in found.iter_mut().zip(names) {
+            *found |= name == wanted;
+        }
+    }
+    found
+}
+
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
     HOP_BY_HOP.contains(&name.as_str())
 }
@@ -107,6 +120,18 @@ mod tests {
             h.append(*n, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn present_finds_each_wanted_name_once_or_more() {
+        let headers = map(&[("cookie", "a=1"), ("x-a", "1"), ("cookie", "b=2")]);
+        let wanted = [
+            &http::header::COOKIE,
+            &http::header::RANGE,
+            &HeaderName::from_static("x-a"),
+        ];
+        assert_eq!(present(&headers, wanted), [true, false, true]);
+        assert_eq!(present(&HeaderMap::new(), wanted), [false; 3]);
     }
 
     #[test]

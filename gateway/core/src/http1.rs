@@ -171,22 +171,29 @@ pub fn find_crlf(buf: &[u8]) -> Option<usize> {
 pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
     let mut found = None;
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        for part in value.as_bytes().split(|&b| b == b',') {
-            let part = part.trim_ascii();
-            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-                return Err("invalid content-length");
-            }
-            let n: u64 = std::str::from_utf8(part)
-                .ok()
-                .and_then(|s| s.parse().ok())
-                .ok_or("invalid content-length")?;
-            if found.is_some_and(|f| f != n) {
-                return Err("conflicting content-length");
-            }
-            found = Some(n);
-        }
+        content_length_field(value.as_bytes(), &mut found)?;
     }
     Ok(found)
+}
+
+/// Folds one `Content-Length` field into what earlier fields said (see [`content_length`]), for
+/// parsers that meet the fields one by one.
+pub fn content_length_field(value: &[u8], found: &mut Option<u64>) -> Result<(), &'static str> {
+    for part in value.split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        // At most 19 digits: always within u64.
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return Err("invalid content-length");
+        }
+        let n = part
+            .iter()
+            .fold(0u64, |n, digit| n * 10 + u64::from(digit - b'0'));
+        if found.is_some_and(|f| f != n) {
+            return Err("conflicting content-length");
+        }
+        *found = Some(n);
+    }
+    Ok(())
 }
 
 /// Limits that apply while a request head is still arriving.
@@ -315,6 +322,9 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
     // X-Request-Id, traceparent), so adding them does not grow and rehash the map per request.
     let mut headers = HeaderMap::with_capacity(request.headers.len() + FORWARDING_HEADROOM);
     let mut host_count = 0;
+    let mut host_valid = true;
+    // Framing and host facts are gathered as the map is built, not looked up in it afterwards.
+    let mut length_field: Result<Option<u64>, &'static str> = Ok(None);
     let mut transfer_encoding = false;
     let mut expect_continue = false;
     let (mut close, mut keep) = (false, false);
@@ -326,6 +336,13 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
             .map_err(|_| refuse(400, "invalid header value"))?;
         if name == header::HOST {
             host_count += 1;
+            host_valid &= valid_host(field.value);
+        } else if name == header::CONTENT_LENGTH {
+            if let Ok(found) = &mut length_field {
+                if let Err(e) = content_length_field(field.value, found) {
+                    length_field = Err(e);
+                }
+            }
         } else if name == header::TRANSFER_ENCODING {
             transfer_encoding = true;
             check_transfer_coding(&value, version)?;
@@ -353,16 +370,15 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
         // (RFC 9112 §3.2.2), so routing and the upstream see one and the same host.
         let value = HeaderValue::from_str(authority.as_str())
             .map_err(|_| refuse(400, "invalid request target"))?;
+        host_valid = valid_host(value.as_bytes());
         headers.insert(header::HOST, value);
     } else if host_count == 0 && version == Version::HTTP_11 {
         return Err(refuse(400, "HTTP/1.1 request without Host"));
     }
-    if let Some(host) = headers.get(header::HOST) {
-        if !valid_host(host.as_bytes()) {
-            return Err(refuse(400, "invalid Host"));
-        }
+    if !host_valid {
+        return Err(refuse(400, "invalid Host"));
     }
-    let length_field = content_length(&headers).map_err(|m| refuse(400, m))?;
+    let length_field = length_field.map_err(|m| refuse(400, m))?;
     let framing = if transfer_encoding {
         if length_field.is_some() {
             // Both: exactly the ambiguity smuggling is made of; refuse rather than pick one.

@@ -773,7 +773,9 @@ impl ResponseCache {
         let served = |entry: Arc<CachedResponse>, status| {
             Served::new(entry, now, req.headers, &request, &policy.rules, status)
         };
-        let ticket = |stale: Option<Arc<CachedResponse>>, leader: Option<LeaderGuard>| Ticket {
+        let ticket = |primary: &PrimaryKey,
+                      stale: Option<Arc<CachedResponse>>,
+                      leader: Option<LeaderGuard>| Ticket {
             primary: primary.clone(),
             request,
             rules: Arc::clone(&policy.rules),
@@ -795,16 +797,17 @@ impl ResponseCache {
         if request.origin_only {
             // The origin answers (unsafe method, or an authorized request on a route that does not
             // share those); `admit` invalidates or stores what its answer allows.
-            return Lookup::Fetch(ticket(None, None));
+            return Lookup::Fetch(ticket(&primary, None, None));
         }
-        let stored = match inner.store.vary_of(&primary) {
-            Some(vary) => {
-                match CacheKey::with_vary(primary.clone(), &vary, req.headers, &policy.rules.key) {
-                    Ok(key) => inner.store.get(&key).await,
-                    Err(_) => return bypass(Bypass::Unkeyable),
-                }
-            }
-            None => None,
+        // The primary key moves into the variant's key for the lookup and back out of it: a hit
+        // copies no key.
+        let (stored, primary) = match inner.store.vary_of(&primary) {
+            Some(vary) => match CacheKey::with_vary(primary, &vary, req.headers, &policy.rules.key)
+            {
+                Ok(key) => (inner.store.get(&key).await, key.primary),
+                Err(_) => return bypass(Bypass::Unkeyable),
+            },
+            None => (None, primary),
         };
         // A coding the client does not accept is never served (an origin that encodes without
         // `Vary: Accept-Encoding`): such an entry is treated as absent and replaced.
@@ -832,7 +835,7 @@ impl ResponseCache {
                     let refresh = inner
                         .coalescer
                         .try_lead(&primary)
-                        .map(|leader| ticket(Some(Arc::clone(&entry)), Some(leader)));
+                        .map(|leader| ticket(&primary, Some(Arc::clone(&entry)), Some(leader)));
                     return Lookup::Stale {
                         served: served(entry, CacheStatus::Stale),
                         refresh,
@@ -841,7 +844,9 @@ impl ResponseCache {
                 Usability::Stale => {
                     // Revalidate; concurrent revalidations coalesce like misses.
                     return match inner.coalescer.join(&primary) {
-                        Join::Leader(leader) => Lookup::Fetch(ticket(Some(entry), Some(leader))),
+                        Join::Leader(leader) => {
+                            Lookup::Fetch(ticket(&primary, Some(entry), Some(leader)))
+                        }
                         Join::Follower(rx) => {
                             match self
                                 .follow(rx, &primary, req.headers, now, &request, &policy.rules.key)
@@ -851,7 +856,7 @@ impl ResponseCache {
                                     policy.count(CacheStatus::Hit);
                                     Lookup::Hit(served(fresh, CacheStatus::Hit))
                                 }
-                                None => Lookup::Fetch(ticket(Some(entry), None)),
+                                None => Lookup::Fetch(ticket(&primary, Some(entry), None)),
                             }
                         }
                     };
@@ -860,10 +865,10 @@ impl ResponseCache {
         }
         if request.head || request.no_cache {
             // Nothing to share: HEAD stores nothing, no-cache wants its own origin answer.
-            return Lookup::Fetch(ticket(None, None));
+            return Lookup::Fetch(ticket(&primary, None, None));
         }
         match inner.coalescer.join(&primary) {
-            Join::Leader(leader) => Lookup::Fetch(ticket(None, Some(leader))),
+            Join::Leader(leader) => Lookup::Fetch(ticket(&primary, None, Some(leader))),
             Join::Follower(rx) => match self
                 .follow(rx, &primary, req.headers, now, &request, &policy.rules.key)
                 .await
@@ -872,7 +877,7 @@ impl ResponseCache {
                     policy.count(CacheStatus::Hit);
                     Lookup::Hit(served(entry, CacheStatus::Hit))
                 }
-                None => Lookup::Fetch(ticket(None, None)),
+                None => Lookup::Fetch(ticket(&primary, None, None)),
             },
         }
     }

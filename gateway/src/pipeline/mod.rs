@@ -147,10 +147,11 @@ impl Pipeline {
             state.access = Some(Box::default());
         }
         let mut out = respond::Writer::new(downstream, &loaded, arrival, self.alt_svc.as_ref());
-        let status = match self
-            .exchange(&mut out, &loaded, arrival, &mut state, started)
-            .await
-        {
+        // Built in its own box: awaited inline, the exchange's future (several KiB) was built
+        // and then copied whole into this one's state, once per request.
+        let exchange =
+            boxed_in_place(|| self.exchange(&mut out, &loaded, arrival, &mut state, started));
+        let status = match exchange.await {
             Ok(status) | Err(status) => status,
         };
         state.bytes_sent = out.bytes_sent();
@@ -373,17 +374,20 @@ impl Pipeline {
                 state.upgrade = Some(protocol.clone());
             }
         }
-        if let Ok(value) =
-            HeaderValue::from_str(request_host(head.uri, head.headers).unwrap_or_default())
-        {
-            headers.insert(http::header::HOST, value);
+        let host = request_host(head.uri, head.headers).unwrap_or_default();
+        // Over HTTP/1.1 the client's `Host` is already the request's host (the head parser puts
+        // an absolute-form target's authority there); HTTP/2 and HTTP/3 carry it as `:authority`.
+        if headers.get(http::header::HOST).map(HeaderValue::as_bytes) != Some(host.as_bytes()) {
+            if let Ok(value) = HeaderValue::from_str(host) {
+                headers.insert(http::header::HOST, value);
+            }
         }
         forward::set_forwarding_headers(
             &mut headers,
             &forward::Forwarding {
                 client,
                 scheme: arrival.scheme(),
-                host: request_host(head.uri, head.headers).unwrap_or_default(),
+                host,
                 trusted_peer: is_trusted(snapshot, arrival.peer),
                 rfc7239: snapshot.config.edge.forwarded,
             },
@@ -460,45 +464,47 @@ impl Pipeline {
             interim,
         };
         let tries = state.tries.insert(Tries::new(decision, started_ms));
-        let forward = self.forward(
-            loaded,
-            tries,
-            &outbound,
-            &mut state.region_inflight,
-            state.access.as_deref_mut(),
-            started,
-        );
-        let outcome = match (pump, interim) {
-            (None, Some(hints)) => {
-                tokio::pin!(forward);
-                let outcome = loop {
-                    tokio::select! {
-                        biased;
-                        () = hints.arrived() => {
-                            for hint in hints.take() {
-                                out.interim(hint).await;
+        let outcome = {
+            // Pinned where it is built (several KiB: built first and pinned after, it was copied).
+            let mut forward = std::pin::pin!(self.forward(
+                loaded,
+                tries,
+                &outbound,
+                &mut state.region_inflight,
+                state.access.as_deref_mut(),
+                started,
+            ));
+            match (pump, interim) {
+                (None, Some(hints)) => {
+                    let outcome = loop {
+                        tokio::select! {
+                            biased;
+                            () = hints.arrived() => {
+                                for hint in hints.take() {
+                                    out.interim(hint).await;
+                                }
                             }
+                            outcome = &mut forward => break outcome,
                         }
-                        outcome = &mut forward => break outcome,
+                    };
+                    // A hint read in the same poll as the final head still goes first.
+                    for hint in hints.take() {
+                        out.interim(hint).await;
                     }
-                };
-                // A hint read in the same poll as the final head still goes first.
-                for hint in hints.take() {
-                    out.interim(hint).await;
+                    outcome
                 }
-                outcome
-            }
-            (None, None) => forward.await,
-            (Some(pump), _) => {
-                // The client's remaining body is read while the tries run, in this task: the pump
-                // borrows the downstream until the upstream answered (or gave up).
-                let mut pump = Box::pin(pump.run(out.downstream(), limit, body_timeout(snapshot)));
-                tokio::pin!(forward);
-                let mut pumping = true;
-                loop {
-                    tokio::select! {
-                        outcome = &mut forward => break outcome,
-                        () = &mut pump, if pumping => pumping = false,
+                (None, None) => forward.await,
+                (Some(pump), _) => {
+                    // The client's remaining body is read while the tries run, in this task: the pump
+                    // borrows the downstream until the upstream answered (or gave up).
+                    let mut pump =
+                        Box::pin(pump.run(out.downstream(), limit, body_timeout(snapshot)));
+                    let mut pumping = true;
+                    loop {
+                        tokio::select! {
+                            outcome = &mut forward => break outcome,
+                            () = &mut pump, if pumping => pumping = false,
+                        }
                     }
                 }
             }

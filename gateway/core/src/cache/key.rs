@@ -323,7 +323,7 @@ pub fn normalise_accept_encoding(value: &str) -> String {
 /// `request` (RFC 9110 §12.5.3)? Every coding applied must be accepted; no `Accept-Encoding`
 /// accepts everything. Guards hits against an origin that encodes without `Vary`.
 pub fn encoding_acceptable(request: &HeaderMap, stored: &HeaderMap) -> bool {
-    if !request.contains_key(http::header::ACCEPT_ENCODING) {
+    if crate::headers::present(request, [&http::header::ACCEPT_ENCODING]) == [false] {
         return true;
     }
     // The common hit: an unencoded response and a field without weights, which cannot exclude

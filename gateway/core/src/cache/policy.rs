@@ -302,7 +302,16 @@ pub fn classify_request(
     if !rules.enabled {
         return Err(Bypass::Disabled);
     }
-    let authorization = headers.contains_key(header::AUTHORIZATION);
+    let [authorization, cookie, cache_control, pragma, range] = crate::headers::present(
+        headers,
+        [
+            &header::AUTHORIZATION,
+            &header::COOKIE,
+            &header::CACHE_CONTROL,
+            &header::PRAGMA,
+            &header::RANGE,
+        ],
+    );
     let head = match *method {
         Method::GET => false,
         Method::HEAD => true,
@@ -319,16 +328,21 @@ pub fn classify_request(
             })
         }
     };
-    let cc = CacheControl::parse(headers);
+    let cc = if cache_control {
+        CacheControl::parse(headers)
+    } else {
+        CacheControl::default()
+    };
     if cc.no_store {
         return Err(Bypass::NoStore);
     }
-    if headers.contains_key(header::COOKIE) && !rules.allow_cookie {
+    if cookie && !rules.allow_cookie {
         // A response may be shaped by the caller's cookie without saying so (no `Vary: Cookie`,
         // no `private`): serving or storing it would hand one user's page to everyone.
         return Err(Bypass::Cookie);
     }
-    let pragma_no_cache = !headers.contains_key(header::CACHE_CONTROL)
+    let pragma_no_cache = !cache_control
+        && pragma
         && headers
             .get(header::PRAGMA)
             .and_then(|v| v.to_str().ok())
@@ -343,7 +357,7 @@ pub fn classify_request(
         origin_only: authorization && !rules.allow_authorization,
         unsafe_method: false,
         post: false,
-        range: !head && headers.contains_key(header::RANGE),
+        range: !head && range,
     })
 }
 
@@ -784,7 +798,11 @@ pub fn revalidation_headers(stored: &HeaderMap) -> Vec<(HeaderName, HeaderValue)
 /// Does the client's conditional request match the stored response (answer `304`)?
 /// `If-None-Match` (weak comparison) wins over `If-Modified-Since` (RFC 9110 §13.2.2).
 pub fn client_not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
-    if request.contains_key(header::IF_NONE_MATCH) {
+    let [if_none_match, if_modified_since] = crate::headers::present(
+        request,
+        [&header::IF_NONE_MATCH, &header::IF_MODIFIED_SINCE],
+    );
+    if if_none_match {
         let Some(etag) = stored.get(header::ETAG).and_then(|v| v.to_str().ok()) else {
             return false;
         };
@@ -800,6 +818,9 @@ pub fn client_not_modified(request: &HeaderMap, stored: &HeaderMap) -> bool {
     // Without Last-Modified the stored Date stands in: the response was current then
     // (RFC 9110 §13.1.3, RFC 9111 §4.3.2).
     // The stored dates are parsed only when the client asked: most requests are unconditional.
+    if !if_modified_since {
+        return false;
+    }
     let Some(since) = http_date(request, &header::IF_MODIFIED_SINCE) else {
         return false;
     };
