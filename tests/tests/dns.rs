@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use hickory_proto::op::{Edns, Message, Query, ResponseCode};
 use hickory_proto::rr::rdata::opt::{ClientSubnet, EdnsCode, EdnsOption};
 use hickory_proto::rr::{DNSClass, Name, RData, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use meridian_config::{Config, DnsRecord, GeoPoint, HumanDuration, Pop};
 use meridian_tests::{local_config, metric_value, World};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -633,4 +634,101 @@ fn rate_limiting_answers_a_spoofed_flood_at_the_rate_and_leaves_other_clients_al
         )),
         ["127.2.6.1"]
     );
+}
+
+#[test]
+fn bursts_from_many_clients_get_every_answer_whole_and_to_the_right_port() {
+    // Several clients (two share an address and differ by port) each send a burst of mixed
+    // questions without waiting, interleaved, so the server's batches hold many answers per
+    // client, of equal and of different lengths: the ones that go out as one segmented send.
+    const QUERIES: u16 = 60;
+    let world = World::start(dns_config());
+    let server = dns_addr(&world);
+    // (source, api A, api AAAA, static A)
+    let clients = [
+        ("127.15.0.61", "127.2.6.1", "2001:db8:6::1", "127.2.3.1"),
+        ("127.15.0.61", "127.2.6.1", "2001:db8:6::1", "127.2.3.1"),
+        ("127.17.0.61", "127.2.8.1", "2001:db8:8::1", "127.2.8.1"),
+        ("127.10.0.61", "127.2.1.1", "2001:db8:1::1", "127.2.2.1"),
+    ];
+    let questions = [
+        ("api.example.test.", RecordType::A),
+        ("api.example.test.", RecordType::AAAA),
+        ("static.example.test.", RecordType::A),
+        ("nope.example.test.", RecordType::A),
+        ("example.test.", RecordType::SOA),
+        ("api.example.test.", RecordType::A),
+    ];
+    let ask = |id: u16| {
+        let (name, qtype) = questions[usize::from(id) % questions.len()];
+        let mut message = query(name, qtype);
+        message.metadata.id = id;
+        message.to_vec().expect("encodes")
+    };
+    let sockets: Vec<std::net::UdpSocket> = clients
+        .iter()
+        .map(|(source, ..)| {
+            let socket = std::net::UdpSocket::bind((ip(source), 0)).expect("bind client");
+            socket
+                .set_read_timeout(Some(Duration::from_millis(300)))
+                .expect("timeout");
+            socket
+        })
+        .collect();
+    for id in 0..QUERIES {
+        for socket in &sockets {
+            socket.send_to(&ask(id), server).expect("send");
+        }
+    }
+    let mut buffer = vec![0u8; 65_535];
+    for (socket, (source, a, aaaa, static_a)) in sockets.iter().zip(clients) {
+        let mut answered = vec![false; usize::from(QUERIES)];
+        let deadline = Instant::now() + WAIT;
+        while answered.contains(&false) {
+            assert!(Instant::now() < deadline, "{source}: every query answered");
+            let Ok((len, from)) = socket.recv_from(&mut buffer) else {
+                // Like a resolver: ask again what is still missing (UDP may drop).
+                for id in (0..QUERIES).filter(|&id| !answered[usize::from(id)]) {
+                    socket.send_to(&ask(id), server).expect("resend");
+                }
+                continue;
+            };
+            assert_eq!(from, server);
+            // Exactly one answer per datagram: a train the kernel did not cut would decode as
+            // its first answer with the others left over.
+            let mut decoder = BinDecoder::new(&buffer[..len]);
+            let reply = Message::read(&mut decoder).expect("answer decodes");
+            assert!(
+                decoder.is_empty(),
+                "{source}: {} bytes after one answer",
+                decoder.len()
+            );
+            let id = reply.metadata.id;
+            assert!(
+                id < QUERIES,
+                "{source}: an answer to a query of its own, id {id}"
+            );
+            let (name, qtype) = questions[usize::from(id) % questions.len()];
+            assert_eq!(reply.queries.len(), 1);
+            assert_eq!(reply.queries[0].name().to_ascii(), name, "id {id}");
+            assert_eq!(reply.queries[0].query_type(), qtype, "id {id}");
+            let expected = match (name, qtype) {
+                ("api.example.test.", RecordType::A) => vec![a],
+                ("api.example.test.", RecordType::AAAA) => vec![aaaa],
+                ("static.example.test.", RecordType::A) => vec![static_a],
+                _ => vec![],
+            };
+            assert_eq!(addresses(&reply), expected, "{source} id {id}");
+            let rcode = if name == "nope.example.test." {
+                ResponseCode::NXDomain
+            } else {
+                ResponseCode::NoError
+            };
+            assert_eq!(reply.metadata.response_code, rcode, "{source} id {id}");
+            if qtype == RecordType::SOA {
+                assert_eq!(reply.answers.len(), 1, "the apex SOA");
+            }
+            answered[usize::from(id)] = true;
+        }
+    }
 }
