@@ -298,7 +298,9 @@ impl Connector {
         let head_request = *request.method == Method::HEAD;
         let idempotent = request.method.is_idempotent();
         if let Some(mut conn) = checkout(addr) {
-            match exchange(
+            // Pinned where it is built, as every exchange below: built and then awaited, the
+            // exchange's future was copied into this one's state per request.
+            let result = std::pin::pin!(exchange(
                 &mut conn,
                 addr,
                 (&head, chunked),
@@ -306,9 +308,9 @@ impl Connector {
                 head_request,
                 timeouts,
                 interim,
-            )
-            .await
-            {
+            ))
+            .await;
+            match result {
                 Ok(response) => {
                     return Ok(self.wrap(conn, addr, response, timeouts, Duration::ZERO));
                 }
@@ -330,7 +332,7 @@ impl Connector {
         let started = Instant::now();
         let mut conn = connect(addr, timeouts.connect).await?;
         let connect = started.elapsed();
-        match exchange(
+        let result = std::pin::pin!(exchange(
             &mut conn,
             addr,
             (&head, chunked),
@@ -338,9 +340,9 @@ impl Connector {
             head_request,
             timeouts,
             interim,
-        )
-        .await
-        {
+        ))
+        .await;
+        match result {
             Ok(response) => Ok(self.wrap(conn, addr, response, timeouts, connect)),
             Err(Attempt::Stale { .. }) => Err(UpstreamError::Failed {
                 addr,

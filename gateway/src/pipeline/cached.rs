@@ -30,7 +30,8 @@ impl EdgeCache {
         view: &CacheRequest<'_>,
     ) -> Option<Lookup> {
         let policy = loaded.cache_policy(route)?;
-        Some(self.cache.lookup(view, policy, SystemTime::now()).await)
+        // Pinned where it is built: built and then awaited, the lookup's future was copied.
+        Some(std::pin::pin!(self.cache.lookup(view, policy, SystemTime::now())).await)
     }
 
     /// Routing found no region able to serve now: a stored entry answers instead of the 503 —

@@ -21,7 +21,10 @@ pub(crate) mod downstream;
 /// Boxes the future `make` builds, constructed in its heap slot instead of on the stack and then
 /// copied: a request's future is several KiB, most of it room for states it has not reached yet,
 /// and `Box::pin(future)` (or spawning it) copies all of it once per request. Used where each
-/// request starts one: the HTTP/1.1 loop, and the HTTP/2 and HTTP/3 stream tasks.
+/// request starts one: the HTTP/1.1 loop, the HTTP/2 and HTTP/3 stream tasks, and the pipeline's
+/// own exchange (awaited inline, its future was built and then copied into the caller's state).
+/// Smaller futures awaited once are pinned where they are built (`std::pin::pin!(call(..))`) for
+/// the same reason, without the allocation.
 #[inline(always)]
 pub(crate) fn boxed_in_place<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
     Box::into_pin(Box::write(Box::new_uninit(), make()))
@@ -328,7 +331,9 @@ impl Pipeline {
             }
             Some(Entry::Pass { .. }) | None => {
                 let lookup = match &self.cache {
-                    Some(cache) => cache.lookup(loaded, decision.route, &cache_view).await,
+                    Some(cache) => {
+                        std::pin::pin!(cache.lookup(loaded, decision.route, &cache_view)).await
+                    }
                     None => None,
                 };
                 match lookup {
@@ -511,8 +516,7 @@ impl Pipeline {
         };
         match outcome {
             Ok(relayed) => {
-                out.relay(self.cache.as_deref(), ticket, relayed, state)
-                    .await
+                std::pin::pin!(out.relay(self.cache.as_deref(), ticket, relayed, state)).await
             }
             Err(status) => {
                 // stale-if-error: every region failed; a stale entry may answer instead.
