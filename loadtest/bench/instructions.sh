@@ -9,7 +9,8 @@
 #        LOADTEST_BIN, CARGO_TARGET_DIR, OUT (loadtest/bench/results), ONLY (a space-separated subset
 #        of "nginx haproxy pingora meridian"), KEEP (a directory: the callgrind profiles are copied
 #        there, for `callgrind_annotate`), CACHE=1 (count cache hits instead: NGINX `proxy_cache`
-#        against Meridian's response cache, same path, every measured request a hit).
+#        against Meridian's response cache, same path, every measured request a hit), POST=1
+#        (count proxied POSTs of a 16 KiB body instead of GETs: every proxy, same origin).
 #
 # Traffic stays on 127.0.0.1; every process started here is stopped on exit.
 set -euo pipefail
@@ -65,6 +66,11 @@ mkdir -p "$WORK/nginx/tmp" "$WORK/nginx/cache"
 # and the bare Pingora proxy have no cache and are left out.
 TARGET_PATH=/bench
 if [ "${CACHE:-0}" = 1 ]; then TARGET_PATH=/cached; ONLY="${ONLY:-nginx meridian}"; fi
+REQUEST_ARGS=()
+if [ "${POST:-0}" = 1 ]; then
+  head -c 16384 /dev/zero | tr '\0' 'p' >"$WORK/body"
+  REQUEST_ARGS=(-m POST --body-file "$WORK/body")
+fi
 cat >"$WORK/nginx/nginx.conf" <<CONF
 master_process off;
 daemon off;
@@ -151,10 +157,10 @@ measure() {
   PIDS+=($pid)
   wait_port_slowly "$port"
   "$LOADTEST" "http://127.0.0.1:$port$TARGET_PATH" --host bench.example.test -c "$CONNECTIONS" \
-    --requests "$WARMUP" --timeout 60s >/dev/null
+    "${REQUEST_ARGS[@]}" --requests "$WARMUP" --timeout 60s >/dev/null
   callgrind_control -i on "$pid" >/dev/null
   "$LOADTEST" "http://127.0.0.1:$port$TARGET_PATH" --host bench.example.test -c "$CONNECTIONS" \
-    --requests "$REQUESTS" --timeout 60s >"$WORK/$name.load" 2>&1
+    "${REQUEST_ARGS[@]}" --requests "$REQUESTS" --timeout 60s >"$WORK/$name.load" 2>&1
   callgrind_control -i off "$pid" >/dev/null
   callgrind_control -d "$pid" >/dev/null
   kill "$pid" 2>/dev/null || true
@@ -176,10 +182,12 @@ measure meridian "$MERIDIAN_PORT" "$MERIDIAN" serve --config "$WORK/meridian.tom
 mkdir -p "$OUT"
 REPORT="$OUT/instructions.md"
 if [ "${CACHE:-0}" = 1 ]; then REPORT="$OUT/instructions-cache.md"; fi
-python3 - "$WORK/results" "$REPORT" "$REQUESTS" "$CONNECTIONS" "${CACHE:-0}" <<'PY'
+if [ "${POST:-0}" = 1 ]; then REPORT="$OUT/instructions-post.md"; fi
+python3 - "$WORK/results" "$REPORT" "$REQUESTS" "$CONNECTIONS" "${CACHE:-0}" "${POST:-0}" <<'PY'
 import sys
-path, out, requests, connections, cache = sys.argv[1:]
-what = "cache hit (GET 1 KiB" if cache == "1" else "proxied GET (1 KiB body"
+path, out, requests, connections, cache, post = sys.argv[1:]
+what = ("cache hit (GET 1 KiB" if cache == "1" else
+        "proxied POST (16 KiB request body, 1 KiB response" if post == "1" else "proxied GET (1 KiB body")
 rows = dict(line.split() for line in open(path) if line.strip())
 per = {k: int(v) for k, v in rows.items()}
 best = min(per.get("nginx", 0) or per.get("haproxy", 0) or 1, per.get("haproxy", 0) or per.get("nginx", 0) or 1)
