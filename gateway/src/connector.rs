@@ -27,7 +27,9 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::core::http1::{content_length_field, decode, ChunkState, Framing};
+use crate::core::http1::{
+    decimal, decode, encode_header_lines, push_field, ChunkState, ContentLength, Framing,
+};
 
 /// Largest response head accepted from an upstream.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -446,26 +448,20 @@ fn encode_head(parts: OutboundHead<'_>, body: &UpstreamBody) -> (Vec<u8>, bool) 
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let streamed = body.rest.is_some();
     let declared = parts.headers.contains_key(http::header::CONTENT_LENGTH);
-    for (name, value) in parts.headers {
-        if name == http::header::CONTENT_LENGTH && !streamed {
-            continue;
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
+    // A whole body gets its exact length below, whatever the client declared.
+    let skip: &[HeaderName] = if streamed {
+        &[]
+    } else {
+        &[http::header::CONTENT_LENGTH]
+    };
+    encode_header_lines(&mut out, parts.headers, skip);
     let chunked = streamed && !declared;
     if chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        push_field(&mut out, b"transfer-encoding", b"chunked");
     } else if !streamed && (!body.head.is_empty() || expects_body(parts.method)) {
         let mut digits = [0; 20];
-        out.extend_from_slice(b"content-length: ");
-        out.extend_from_slice(crate::core::http1::decimal(
-            body.head.len() as u64,
-            &mut digits,
-        ));
-        out.extend_from_slice(b"\r\n");
+        let length = decimal(body.head.len() as u64, &mut digits);
+        push_field(&mut out, b"content-length", length);
     }
     out.extend_from_slice(b"\r\n");
     (out, chunked)
@@ -786,18 +782,14 @@ fn parse_head(
     let mut close = false;
     let mut chunked = false;
     // An invalid length matters only if the length frames the body (not after chunked, HEAD…).
-    let mut length: Result<Option<u64>, &'static str> = Ok(None);
+    let mut length = ContentLength::default();
     for h in response.headers.iter() {
         let name = HeaderName::from_bytes(h.name.as_bytes())
             .map_err(|_| failed(format!("invalid header name {:?}", h.name)))?;
         let value = HeaderValue::from_bytes(h.value)
             .map_err(|_| failed(format!("invalid value of {name}")))?;
         if name == http::header::CONTENT_LENGTH {
-            if let Ok(found) = &mut length {
-                if let Err(e) = content_length_field(h.value, found) {
-                    length = Err(e);
-                }
-            }
+            length.add(h.value);
         } else if name == http::header::TRANSFER_ENCODING {
             // The last coding of the last field decides (RFC 9112 §6.1).
             if let Ok(text) = value.to_str() {
@@ -823,7 +815,7 @@ fn parse_head(
         Framing::Done
     } else if chunked {
         Framing::Chunked(ChunkState::Size)
-    } else if let Some(length) = length.map_err(|m| failed(m.into()))? {
+    } else if let Some(length) = length.value().map_err(|m| failed(m.into()))? {
         if length == 0 {
             Framing::Done
         } else {

@@ -169,31 +169,51 @@ pub fn find_crlf(buf: &[u8]) -> Option<usize> {
 
 /// `Content-Length`, when present: every value the same number (RFC 9110 §8.6), else an error.
 pub fn content_length(headers: &HeaderMap) -> Result<Option<u64>, &'static str> {
-    let mut found = None;
+    let mut length = ContentLength::default();
     for value in headers.get_all(header::CONTENT_LENGTH) {
-        content_length_field(value.as_bytes(), &mut found)?;
+        length.add(value.as_bytes());
     }
-    Ok(found)
+    length.value()
 }
 
-/// Folds one `Content-Length` field into what earlier fields said (see [`content_length`]), for
-/// parsers that meet the fields one by one.
-pub fn content_length_field(value: &[u8], found: &mut Option<u64>) -> Result<(), &'static str> {
-    for part in value.split(|&b| b == b',') {
-        let part = part.trim_ascii();
-        // At most 19 digits: always within u64.
-        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
-            return Err("invalid content-length");
-        }
-        let n = part
-            .iter()
-            .fold(0u64, |n, digit| n * 10 + u64::from(digit - b'0'));
-        if found.is_some_and(|f| f != n) {
-            return Err("conflicting content-length");
-        }
-        *found = Some(n);
+/// [`content_length`] for parsers that meet the fields one by one: the first invalid or
+/// conflicting field decides, and whether that matters is the caller's call (a length that does
+/// not frame the body is not an error).
+#[derive(Clone, Copy, Debug)]
+pub struct ContentLength(Result<Option<u64>, &'static str>);
+
+impl Default for ContentLength {
+    fn default() -> Self {
+        Self(Ok(None))
     }
-    Ok(())
+}
+
+impl ContentLength {
+    /// Folds in one `Content-Length` field (a comma-separated list of equal lengths is allowed).
+    pub fn add(&mut self, value: &[u8]) {
+        let Ok(found) = &mut self.0 else { return };
+        for part in value.split(|&b| b == b',') {
+            let part = part.trim_ascii();
+            // At most 19 digits: always within u64.
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                self.0 = Err("invalid content-length");
+                return;
+            }
+            let n = part
+                .iter()
+                .fold(0u64, |n, digit| n * 10 + u64::from(digit - b'0'));
+            if found.is_some_and(|f| f != n) {
+                self.0 = Err("conflicting content-length");
+                return;
+            }
+            *found = Some(n);
+        }
+    }
+
+    /// The length the fields agree on (`None`: no field), or why they do not.
+    pub fn value(self) -> Result<Option<u64>, &'static str> {
+        self.0
+    }
 }
 
 /// Limits that apply while a request head is still arriving.
@@ -324,7 +344,7 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
     let mut host_count = 0;
     let mut host_valid = true;
     // Framing and host facts are gathered as the map is built, not looked up in it afterwards.
-    let mut length_field: Result<Option<u64>, &'static str> = Ok(None);
+    let mut length_field = ContentLength::default();
     let mut transfer_encoding = false;
     let mut expect_continue = false;
     let (mut close, mut keep) = (false, false);
@@ -338,11 +358,7 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
             host_count += 1;
             host_valid &= valid_host(field.value);
         } else if name == header::CONTENT_LENGTH {
-            if let Ok(found) = &mut length_field {
-                if let Err(e) = content_length_field(field.value, found) {
-                    length_field = Err(e);
-                }
-            }
+            length_field.add(field.value);
         } else if name == header::TRANSFER_ENCODING {
             transfer_encoding = true;
             check_transfer_coding(&value, version)?;
@@ -378,7 +394,7 @@ pub fn parse_request(buf: &[u8], limits: &HeadLimits) -> Result<Option<RequestHe
     if !host_valid {
         return Err(refuse(400, "invalid Host"));
     }
-    let length_field = length_field.map_err(|m| refuse(400, m))?;
+    let length_field = length_field.value().map_err(|m| refuse(400, m))?;
     let framing = if transfer_encoding {
         if length_field.is_some() {
             // Both: exactly the ambiguity smuggling is made of; refuse rather than pick one.
@@ -516,7 +532,8 @@ pub fn decimal(n: u64, digits: &mut [u8; 20]) -> &[u8] {
     &digits[at..]
 }
 
-fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+/// One `name: value` line of a head.
+pub fn push_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);

@@ -323,7 +323,8 @@ pub fn normalise_accept_encoding(value: &str) -> String {
 /// `request` (RFC 9110 §12.5.3)? Every coding applied must be accepted; no `Accept-Encoding`
 /// accepts everything. Guards hits against an origin that encodes without `Vary`.
 pub fn encoding_acceptable(request: &HeaderMap, stored: &HeaderMap) -> bool {
-    if crate::headers::present(request, [&http::header::ACCEPT_ENCODING]) == [false] {
+    let [accept_encoding] = crate::headers::present(request, [&http::header::ACCEPT_ENCODING]);
+    if !accept_encoding {
         return true;
     }
     // The common hit: an unencoded response and a field without weights, which cannot exclude
