@@ -10,15 +10,17 @@ use meridian_config::{Config, ConfigError};
 use meridian_gateway::core::SnapshotMeta;
 use meridian_gateway::edge::{EdgeOptions, RunningEdge};
 
+mod allocator;
 mod operator;
 mod purge_cli;
 
 /// mimalloc instead of glibc malloc: Pingora allocates and frees many small, short-lived buffers
 /// per request (session, header maps, `Bytes`); with glibc, malloc/free were ~13% of the proxy's
 /// cycles. mimalloc gave about +12-20% requests/s on the proxy benchmarks (jemalloc a little less),
-/// for ~3 MiB more peak RSS than glibc (docs/benchmarks.md).
+/// for ~3 MiB more peak RSS than glibc (docs/benchmarks.md). Called through `EdgeAllocator`, which
+/// keeps word-aligned requests on mimalloc's unaligned fast paths.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: allocator::EdgeAllocator = allocator::EdgeAllocator;
 
 /// Run by every worker thread on its ticker: hands the thread's free pages (and arena ranges whose
 /// purge delay has passed) back to the OS. mimalloc only purges when the allocator is called again,
