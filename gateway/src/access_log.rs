@@ -14,6 +14,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
+use crate::core::headers::UpstreamHeaders;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use meridian_config::AccessLog;
 
@@ -46,16 +47,16 @@ pub fn roll(sample: f64) -> bool {
 
 /// Sets `traceparent` on an upstream request: the client's is kept when it is well formed,
 /// anything else (absent, malformed) is replaced by a fresh version-00 one.
-pub fn propagate_traceparent(headers: &mut HeaderMap) {
-    if needs_traceparent(headers) {
+pub fn propagate_traceparent(headers: &mut UpstreamHeaders<'_>) {
+    if needs_traceparent(headers.get(&TRACEPARENT)) {
         headers.insert(TRACEPARENT, new_traceparent_value());
     }
 }
 
-/// True when `headers` carry no well-formed `traceparent` (the edge then sends a fresh one).
-pub fn needs_traceparent(headers: &HeaderMap) -> bool {
-    headers
-        .get(&TRACEPARENT)
+/// True when `traceparent` (the field a request carries, if any) is not a well-formed one (the
+/// edge then sends a fresh one).
+pub fn needs_traceparent(traceparent: Option<&HeaderValue>) -> bool {
+    traceparent
         .and_then(|v| v.to_str().ok())
         .and_then(trace_id)
         .is_none()
@@ -121,22 +122,21 @@ pub struct UpstreamSide {
 
 impl UpstreamSide {
     /// Request id and traceparent from the headers of the request sent upstream.
-    pub fn note_upstream_headers(&mut self, headers: &HeaderMap) {
-        let get = |name: &HeaderName| {
-            headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
-        self.request_id = get(&X_REQUEST_ID);
-        self.traceparent = get(&TRACEPARENT);
+    pub fn note_upstream_headers(&mut self, headers: &UpstreamHeaders<'_>) {
+        self.note(|name| headers.get(name));
     }
 
     /// For requests that never went upstream: what the client sent, if anything.
     pub fn fill_from_client(&mut self, headers: &HeaderMap) {
         if self.request_id.is_none() && self.traceparent.is_none() {
-            self.note_upstream_headers(headers);
+            self.note(|name| headers.get(name));
         }
+    }
+
+    fn note<'h>(&mut self, get: impl Fn(&HeaderName) -> Option<&'h HeaderValue>) {
+        let text = |name: &HeaderName| get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        self.request_id = text(&X_REQUEST_ID);
+        self.traceparent = text(&TRACEPARENT);
     }
 }
 
@@ -304,13 +304,17 @@ mod tests {
         ] {
             assert_eq!(trace_id(bad), None, "{bad}");
         }
-        let mut headers = HeaderMap::new();
-        headers.insert(TRACEPARENT, HeaderValue::from_static(good));
+        let mut client = HeaderMap::new();
+        client.insert(TRACEPARENT, HeaderValue::from_static(good));
+        let mut headers = UpstreamHeaders::from_client(&client);
         propagate_traceparent(&mut headers);
-        assert_eq!(headers[&TRACEPARENT], good);
-        headers.insert(TRACEPARENT, HeaderValue::from_static("garbage"));
+        assert_eq!(headers.to_map()[&TRACEPARENT], good);
+        client.insert(TRACEPARENT, HeaderValue::from_static("garbage"));
+        let mut headers = UpstreamHeaders::from_client(&client);
         propagate_traceparent(&mut headers);
-        assert!(trace_id(headers[&TRACEPARENT].to_str().expect("ascii")).is_some());
+        let sent = headers.to_map();
+        assert!(trace_id(sent[&TRACEPARENT].to_str().expect("ascii")).is_some());
+        assert_eq!(sent.get_all(&TRACEPARENT).iter().count(), 1);
     }
 
     #[test]

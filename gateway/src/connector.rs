@@ -21,15 +21,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::core::fast_hash::FastBuildHasher;
+use crate::core::headers::UpstreamHeaders;
 use crate::lazy_timeout::lazy_timeout;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use crate::core::http1::{
-    decimal, decode, encode_header_lines, push_field, ChunkState, ContentLength, Framing,
-};
+use crate::core::http1::{decimal, decode, push_field, ChunkState, ContentLength, Framing};
 
 /// Largest response head accepted from an upstream.
 const MAX_RESPONSE_HEAD: usize = 64 * 1024;
@@ -429,13 +428,13 @@ async fn connect(addr: SocketAddr, limit: Duration) -> Result<Conn, UpstreamErro
 pub struct OutboundHead<'a> {
     pub method: &'a Method,
     pub uri: &'a http::Uri,
-    pub headers: &'a HeaderMap,
+    pub headers: &'a UpstreamHeaders<'a>,
 }
 
 /// The request head as HTTP/1.1 bytes, and whether the body goes chunked. Whole bodies get their
 /// exact `Content-Length`; streamed ones keep the client's declared length, else go chunked.
 fn encode_head(parts: OutboundHead<'_>, body: &UpstreamBody) -> (Vec<u8>, bool) {
-    let mut out = Vec::with_capacity(256 + parts.headers.len() * 48);
+    let mut out = Vec::with_capacity(256 + parts.headers.len_hint() * 48);
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(
@@ -447,14 +446,17 @@ fn encode_head(parts: OutboundHead<'_>, body: &UpstreamBody) -> (Vec<u8>, bool) 
     );
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let streamed = body.rest.is_some();
-    let declared = parts.headers.contains_key(http::header::CONTENT_LENGTH);
-    // A whole body gets its exact length below, whatever the client declared.
-    let skip: &[HeaderName] = if streamed {
-        &[]
-    } else {
-        &[http::header::CONTENT_LENGTH]
-    };
-    encode_header_lines(&mut out, parts.headers, skip);
+    let mut declared = false;
+    for (name, value) in parts.headers.iter() {
+        if name == http::header::CONTENT_LENGTH {
+            declared = true;
+            // A whole body gets its exact length below, whatever the client declared.
+            if !streamed {
+                continue;
+            }
+        }
+        push_field(&mut out, name.as_str().as_bytes(), value.as_bytes());
+    }
     let chunked = streamed && !declared;
     if chunked {
         push_field(&mut out, b"transfer-encoding", b"chunked");
@@ -1110,10 +1112,11 @@ mod tests {
                 builder = builder.header("content-length", "99");
             }
             let (parts, body) = builder.body(body).expect("request").into_parts();
+            let headers = UpstreamHeaders::from_client(&parts.headers);
             let outbound = OutboundHead {
                 method: &parts.method,
                 uri: &parts.uri,
-                headers: &parts.headers,
+                headers: &headers,
             };
             let (head, chunked) = encode_head(outbound, &body);
             (String::from_utf8(head).expect("utf8"), chunked)

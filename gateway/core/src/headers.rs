@@ -2,7 +2,7 @@
 //! not the message: they are never forwarded, in either direction, on any protocol — and neither
 //! are the headers a `Connection` header names, which are hop-by-hop for that one message.
 
-use http::header::{HeaderMap, HeaderName, CONNECTION};
+use http::header::{HeaderMap, HeaderName, HeaderValue, CONNECTION};
 
 /// The fixed hop-by-hop names (lowercase, as `HeaderName`s are).
 pub const HOP_BY_HOP: [&str; 9] = [
@@ -96,6 +96,121 @@ pub fn requested_upgrade<'h>(
     nominated.then_some(protocol)
 }
 
+/// The header section a request takes upstream: the client's fields a proxy may forward, with
+/// the edge's own edits on top. The client's map is borrowed, not copied: a proxied request's
+/// fields go from the client's head straight into the upstream one (a copy of the map cost a
+/// table, a hashed insert and a value clone per field), and only what the edge sets or removes
+/// is owned.
+#[derive(Clone, Debug, Default)]
+pub struct UpstreamHeaders<'a> {
+    client: Option<&'a HeaderMap>,
+    /// The client's message has a `Connection` field (only then can it nominate fields).
+    client_nominates: bool,
+    /// What the edge set (`Some`) or removed (`None`), one entry per name: a client field with
+    /// an edited name is not sent.
+    edits: Vec<(HeaderName, Option<HeaderValue>)>,
+}
+
+impl<'a> UpstreamHeaders<'a> {
+    /// The client's forwardable fields, unedited.
+    pub fn from_client(client: &'a HeaderMap) -> Self {
+        Self {
+            client: Some(client),
+            client_nominates: client.contains_key(CONNECTION),
+            // Room for the usual edits (forwarding fields, request id, trace context, Host).
+            edits: Vec::with_capacity(6),
+        }
+    }
+
+    /// No client fields: a request the edge makes on its own.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn edit(&self, name: &HeaderName) -> Option<&Option<HeaderValue>> {
+        self.edits.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    /// Whether the client's field `name` goes upstream: not hop-by-hop, not named by the
+    /// client's `Connection`, not replaced or removed by the edge.
+    fn passes(&self, client: &HeaderMap, name: &HeaderName) -> bool {
+        let nominated = self.client_nominates && is_connection_nominated(client, name);
+        !is_hop_by_hop(name) && !nominated && self.edit(name).is_none()
+    }
+
+    /// The first value sent under `name`.
+    pub fn get(&self, name: &HeaderName) -> Option<&HeaderValue> {
+        match self.edit(name) {
+            Some(edited) => edited.as_ref(),
+            None => self
+                .client
+                .filter(|client| self.passes(client, name))
+                .and_then(|client| client.get(name)),
+        }
+    }
+
+    /// Every value sent under `name`, in order.
+    pub fn get_all<'s>(&'s self, name: &HeaderName) -> impl Iterator<Item = &'s HeaderValue> {
+        let (edited, client): (Option<&'s HeaderValue>, Option<&'s HeaderMap>) =
+            match self.edit(name) {
+                Some(edited) => (edited.as_ref(), None),
+                None => (None, self.client.filter(|client| self.passes(client, name))),
+            };
+        let client = client.map(|client| client.get_all(name).iter());
+        edited.into_iter().chain(client.into_iter().flatten())
+    }
+
+    pub fn contains_key(&self, name: &HeaderName) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Sends `value` as the only field named `name` (a client field of that name is dropped).
+    pub fn insert(&mut self, name: HeaderName, value: HeaderValue) {
+        self.set(name, Some(value));
+    }
+
+    /// Sends no field named `name`.
+    pub fn remove(&mut self, name: HeaderName) {
+        self.set(name, None);
+    }
+
+    fn set(&mut self, name: HeaderName, value: Option<HeaderValue>) {
+        match self.edits.iter_mut().find(|(n, _)| *n == name) {
+            Some(edit) => edit.1 = value,
+            None => self.edits.push((name, value)),
+        }
+    }
+
+    /// The fields as they go upstream: the client's that pass, in the client's order, then the
+    /// edge's.
+    pub fn iter(&self) -> impl Iterator<Item = (&HeaderName, &HeaderValue)> {
+        let client = self.client.into_iter().flat_map(move |client| {
+            client
+                .iter()
+                .filter(move |(name, _)| self.passes(client, name))
+        });
+        let edits = self
+            .edits
+            .iter()
+            .filter_map(|(name, value)| value.as_ref().map(|value| (name, value)));
+        client.chain(edits)
+    }
+
+    /// At least the number of fields sent (for sizing a buffer).
+    pub fn len_hint(&self) -> usize {
+        self.client.map_or(0, HeaderMap::len) + self.edits.len()
+    }
+
+    /// The fields as a map (for callers that need one; the request path writes [`Self::iter`]).
+    pub fn to_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.len_hint());
+        for (name, value) in self.iter() {
+            map.append(name.clone(), value.clone());
+        }
+        map
+    }
+}
+
 /// A copy of `headers` without the hop-by-hop ones (for a new message built from another).
 pub fn forwardable(headers: &HeaderMap) -> HeaderMap {
     let mut out = HeaderMap::with_capacity(headers.len() + 4);
@@ -181,11 +296,71 @@ mod tests {
             let copied = forwardable(&headers);
             let mut stripped = headers.clone();
             strip_hop_by_hop(&mut stripped);
-            for out in [&copied, &stripped] {
+            let upstream = UpstreamHeaders::from_client(&headers).to_map();
+            for out in [&copied, &stripped, &upstream] {
                 let names: Vec<&str> = out.keys().map(|n| n.as_str()).collect();
                 assert_eq!(&names, kept, "{input:?}");
             }
         }
+    }
+
+    #[test]
+    fn upstream_edits_replace_and_remove_client_fields() {
+        let client = map(&[
+            ("host", "a.test"),
+            ("x-forwarded-for", "1.1.1.1"),
+            ("accept", "*/*"),
+            ("x-forwarded-for", "2.2.2.2"),
+            ("connection", "x-secret"),
+            ("x-secret", "s"),
+            ("cookie", "a=1"),
+            ("cookie", "b=2"),
+        ]);
+        let mut up = UpstreamHeaders::from_client(&client);
+        let xff = HeaderName::from_static("x-forwarded-for");
+        let values = |up: &UpstreamHeaders<'_>, name: &HeaderName| -> Vec<String> {
+            up.get_all(name)
+                .map(|v| v.to_str().unwrap_or_default().to_string())
+                .collect()
+        };
+        assert_eq!(values(&up, &xff), ["1.1.1.1", "2.2.2.2"]);
+        assert_eq!(values(&up, &http::header::COOKIE), ["a=1", "b=2"]);
+        assert!(up.get(&HeaderName::from_static("x-secret")).is_none());
+        assert!(up.get(&CONNECTION).is_none());
+
+        up.insert(xff.clone(), HeaderValue::from_static("3.3.3.3"));
+        up.insert(xff.clone(), HeaderValue::from_static("4.4.4.4"));
+        up.remove(http::header::COOKIE);
+        up.insert(http::header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert_eq!(values(&up, &xff), ["4.4.4.4"]);
+        assert!(!up.contains_key(&http::header::COOKIE));
+        up.remove(HeaderName::from_static("x-never-there"));
+
+        let sent: Vec<(String, String)> = up
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or_default().to_string()))
+            .collect();
+        let expected = [
+            ("host", "a.test"),
+            ("accept", "*/*"),
+            ("x-forwarded-for", "4.4.4.4"),
+            ("upgrade", "websocket"),
+        ]
+        .map(|(n, v)| (n.to_string(), v.to_string()));
+        assert_eq!(sent, expected);
+        assert!(up.len_hint() >= sent.len());
+        assert_eq!(up.to_map().len(), sent.len());
+
+        let own = {
+            let mut own = UpstreamHeaders::new();
+            own.insert(http::header::HOST, HeaderValue::from_static("b.test"));
+            own
+        };
+        assert_eq!(own.iter().count(), 1);
+        assert_eq!(
+            own.get(&http::header::HOST).map(|v| v.as_bytes()),
+            Some(&b"b.test"[..])
+        );
     }
 
     #[test]

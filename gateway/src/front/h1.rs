@@ -322,14 +322,19 @@ async fn exchange<T: Transport>(
         buf,
         framing: head.framing,
         expect_continue: head.expect_continue,
-        head,
+        head: &head,
         keep_alive,
         broken: false,
         out: Vec::new(),
         response: Response::NotStarted,
         limits,
     };
-    front.pipeline.serve(&mut exchange, arrival).await;
+    let request = Head {
+        method: &head.method,
+        uri: &head.uri,
+        headers: &head.headers,
+    };
+    front.pipeline.serve(request, &mut exchange, arrival).await;
     let unread_body = exchange.framing != Framing::Done;
     if exchange.broken {
         Outcome::Close
@@ -458,7 +463,7 @@ enum Response {
 struct Exchange<'c, T> {
     io: &'c mut T,
     buf: &'c mut BytesMut,
-    head: RequestHead,
+    head: &'c RequestHead,
     /// What is left of the request body.
     framing: Framing,
     expect_continue: bool,
@@ -528,14 +533,6 @@ async fn within<F: Future<Output = io::Result<()>>>(limit: Duration, work: F) ->
 }
 
 impl<T: Transport> Downstream for Exchange<'_, T> {
-    fn head(&self) -> Head<'_> {
-        Head {
-            method: &self.head.method,
-            uri: &self.head.uri,
-            headers: &self.head.headers,
-        }
-    }
-
     async fn read_body(&mut self) -> Result<Option<Bytes>, ClientBodyError> {
         if self.expect_continue {
             self.expect_continue = false;

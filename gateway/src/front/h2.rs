@@ -119,14 +119,16 @@ where
                 streams.spawn(crate::pipeline::boxed_in_place(|| async move {
                     let (parts, body) = request.into_parts();
                     let mut stream = Stream {
-                        parts,
                         body,
                         respond,
                         send: None,
                         ended: false,
                         limits,
                     };
-                    front.pipeline.serve(&mut stream, arrival).await;
+                    front
+                        .pipeline
+                        .serve(Head::of(&parts), &mut stream, arrival)
+                        .await;
                     stream.finish();
                 }));
             }
@@ -144,7 +146,6 @@ where
 
 /// One HTTP/2 stream as the pipeline sees it.
 struct Stream {
-    parts: http::request::Parts,
     body: h2::RecvStream,
     respond: h2::server::SendResponse<Bytes>,
     send: Option<h2::SendStream<Bytes>>,
@@ -166,14 +167,6 @@ impl Stream {
 }
 
 impl Downstream for Stream {
-    fn head(&self) -> Head<'_> {
-        Head {
-            method: &self.parts.method,
-            uri: &self.parts.uri,
-            headers: &self.parts.headers,
-        }
-    }
-
     async fn read_body(&mut self) -> Result<Option<Bytes>, ClientBodyError> {
         match self.body.data().await {
             Some(Ok(chunk)) => {

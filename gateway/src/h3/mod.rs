@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use http::{HeaderMap, Request, Response, StatusCode};
+use http::{HeaderMap, Response, StatusCode};
 use meridian_config::H3Limits;
 use tokio::sync::watch;
 
@@ -280,8 +280,11 @@ async fn serve_connection(
                                 protocol: Protocol::H3,
                                 tls: true,
                             };
-                            let mut downstream = H3Downstream { req, stream };
-                            pipeline.serve(&mut downstream, arrival).await;
+                            let (parts, ()) = req.into_parts();
+                            let mut downstream = H3Downstream { stream };
+                            pipeline
+                                .serve(Head::of(&parts), &mut downstream, arrival)
+                                .await;
                             let _ = downstream.stream.finish().await;
                         }
                         Err(e) => tracing::debug!("HTTP/3 request from {peer}: {e}"),
@@ -309,19 +312,10 @@ impl Drop for GaugeGuard {
 
 /// An h3 request stream as the pipeline's [`Downstream`].
 struct H3Downstream {
-    req: Request<()>,
     stream: RequestStream,
 }
 
 impl Downstream for H3Downstream {
-    fn head(&self) -> Head<'_> {
-        Head {
-            method: self.req.method(),
-            uri: self.req.uri(),
-            headers: self.req.headers(),
-        }
-    }
-
     async fn read_body(&mut self) -> Result<Option<Bytes>, ClientBodyError> {
         match self.stream.recv_data().await {
             Ok(Some(mut chunk)) => Ok(Some(chunk.copy_to_bytes(chunk.remaining()))),

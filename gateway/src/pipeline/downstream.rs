@@ -10,12 +10,25 @@ use http::{HeaderMap, Method, Uri};
 
 use crate::metrics::Protocol;
 
-/// The request head, borrowed from the driver.
+/// The request head, borrowed from the driver. It is handed to the pipeline beside the
+/// [`Downstream`], not borrowed through it: the head stays readable (the upstream request borrows
+/// its fields) while the downstream is busy reading the body or writing interim answers.
 #[derive(Clone, Copy)]
 pub struct Head<'a> {
     pub method: &'a Method,
     pub uri: &'a Uri,
     pub headers: &'a HeaderMap,
+}
+
+impl<'a> Head<'a> {
+    /// The head of a request taken apart (HTTP/2, HTTP/3).
+    pub fn of(parts: &'a http::request::Parts) -> Self {
+        Self {
+            method: &parts.method,
+            uri: &parts.uri,
+            headers: &parts.headers,
+        }
+    }
 }
 
 /// Facts about the connection a request arrived on.
@@ -46,8 +59,6 @@ pub struct ClientBodyError(pub String);
 
 /// One request's I/O as the driver sees it.
 pub trait Downstream: Send {
-    fn head(&self) -> Head<'_>;
-
     /// The next chunk of the request body; `None` at its end.
     fn read_body(&mut self) -> impl Future<Output = Result<Option<Bytes>, ClientBodyError>> + Send;
 

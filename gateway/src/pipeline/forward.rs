@@ -3,6 +3,7 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::core::headers::UpstreamHeaders;
 use http::{HeaderName, HeaderValue};
 
 pub const X_FORWARDED_FOR: &str = "x-forwarded-for";
@@ -38,7 +39,7 @@ pub struct Forwarding<'a> {
 /// Then `X-Forwarded-For` (the chain from trusted proxies plus the client), `X-Forwarded-Proto`,
 /// optionally `Forwarded`, `X-Request-Id` (the client's when well formed, else a new one) and
 /// `traceparent` (likewise).
-pub fn set_forwarding_headers(headers: &mut http::HeaderMap, forwarding: &Forwarding<'_>) {
+pub fn set_forwarding_headers(headers: &mut UpstreamHeaders<'_>, forwarding: &Forwarding<'_>) {
     if !forwarding.trusted_peer {
         strip_spoofable(headers);
     }
@@ -82,12 +83,13 @@ pub fn is_spoofable(name: &str) -> bool {
 }
 
 /// Drops every [`is_spoofable`] header. Nothing is allocated when there is none (the usual case).
-fn strip_spoofable(headers: &mut http::HeaderMap) {
-    if !headers.keys().any(|name| is_spoofable(name.as_str())) {
+fn strip_spoofable(headers: &mut UpstreamHeaders<'_>) {
+    if !headers.iter().any(|(name, _)| is_spoofable(name.as_str())) {
         return;
     }
     let names: Vec<HeaderName> = headers
-        .keys()
+        .iter()
+        .map(|(name, _)| name)
         .filter(|name| is_spoofable(name.as_str()))
         .cloned()
         .collect();
@@ -100,7 +102,7 @@ fn strip_spoofable(headers: &mut http::HeaderMap) {
 /// `for=…;proto=…;host=…` (IPv6 and hosts with a port quoted, as the grammar asks). A host that
 /// is not a plain `name[:port]` is left out rather than escaped.
 fn forwarded_chain(
-    headers: &http::HeaderMap,
+    headers: &UpstreamHeaders<'_>,
     forwarding: &Forwarding<'_>,
 ) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
     let mut out = String::with_capacity(96);
@@ -143,7 +145,7 @@ pub fn forwarded_element(forwarding: &Forwarding<'_>) -> String {
 }
 
 /// `X-Request-Id` to set, unless the client sent a well-formed one (kept as is).
-fn replacement_request_id(headers: &http::HeaderMap) -> Option<HeaderValue> {
+fn replacement_request_id(headers: &UpstreamHeaders<'_>) -> Option<HeaderValue> {
     let keep = headers
         .get(&X_REQUEST_ID)
         .is_some_and(|v| is_sane_request_id(v.as_bytes()));
@@ -187,7 +189,7 @@ fn ip_text(ip: IpAddr, out: &mut [u8; 48]) -> usize {
 /// The `X-Forwarded-For` chain the client (or trusted proxies) sent, with `client` appended:
 /// `a, b, client`. Values that are not visible ASCII are skipped (as `to_str` would).
 pub fn forwarded_for_chain(
-    headers: &http::HeaderMap,
+    headers: &UpstreamHeaders<'_>,
     client: IpAddr,
 ) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
     // Room for the longest IPv6 text; usually the whole value (no incoming chain).
@@ -196,7 +198,6 @@ pub fn forwarded_for_chain(
     let ip = &ip[..ip_len];
     let mut incoming = headers
         .get_all(&X_FORWARDED_FOR_HEADER)
-        .iter()
         .filter(|v| v.to_str().is_ok())
         .peekable();
     if incoming.peek().is_none() {
@@ -331,7 +332,7 @@ mod tests {
         let client: IpAddr = "127.12.0.5".parse().expect("ip");
         let mut headers = http::HeaderMap::new();
         assert_eq!(
-            forwarded_for_chain(&headers, client).expect("value"),
+            forwarded_for_chain(&UpstreamHeaders::from_client(&headers), client).expect("value"),
             "127.12.0.5"
         );
         headers.append(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
@@ -340,12 +341,12 @@ mod tests {
             HeaderValue::from_static("10.0.0.2, 10.0.0.3"),
         );
         assert_eq!(
-            forwarded_for_chain(&headers, client).expect("value"),
+            forwarded_for_chain(&UpstreamHeaders::from_client(&headers), client).expect("value"),
             "10.0.0.1, 10.0.0.2, 10.0.0.3, 127.12.0.5"
         );
         let v6: IpAddr = "2001:db8::1".parse().expect("ip");
         assert_eq!(
-            forwarded_for_chain(&http::HeaderMap::new(), v6).expect("value"),
+            forwarded_for_chain(&UpstreamHeaders::new(), v6).expect("value"),
             "2001:db8::1"
         );
     }
@@ -387,8 +388,10 @@ mod edge_owned {
 
     #[test]
     fn an_untrusted_peer_cannot_speak_for_the_edge() {
-        let mut h = spoofed();
-        set_forwarding_headers(&mut h, &forwarding(false, false));
+        let client = spoofed();
+        let mut upstream = UpstreamHeaders::from_client(&client);
+        set_forwarding_headers(&mut upstream, &forwarding(false, false));
+        let h = upstream.to_map();
         assert_eq!(h["x-forwarded-for"], "127.12.0.5");
         assert_eq!(h["x-forwarded-proto"], "http");
         for gone in [
@@ -408,8 +411,10 @@ mod edge_owned {
 
     #[test]
     fn a_trusted_peer_is_extended_and_rfc7239_is_optional() {
-        let mut h = spoofed();
-        set_forwarding_headers(&mut h, &forwarding(true, true));
+        let client = spoofed();
+        let mut upstream = UpstreamHeaders::from_client(&client);
+        set_forwarding_headers(&mut upstream, &forwarding(true, true));
+        let h = upstream.to_map();
         assert_eq!(h["x-forwarded-for"], "6.6.6.6, 127.12.0.5");
         assert_eq!(
             h["x-forwarded-host"], "evil.test",
@@ -420,13 +425,14 @@ mod edge_owned {
             h["forwarded"],
             "for=6.6.6.6;host=evil.test, for=127.12.0.5;proto=http;host=static.example.test"
         );
-        let mut h = http::HeaderMap::new();
+        let mut upstream = UpstreamHeaders::new();
         let v6 = Forwarding {
             client: "2001:db8::1".parse().expect("ip"),
             host: "h.test:8443",
             ..forwarding(false, true)
         };
-        set_forwarding_headers(&mut h, &v6);
+        set_forwarding_headers(&mut upstream, &v6);
+        let h = upstream.to_map();
         assert_eq!(
             h["forwarded"],
             "for=\"[2001:db8::1]\";proto=http;host=\"h.test:8443\""

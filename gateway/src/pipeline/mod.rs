@@ -41,7 +41,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue, Method};
+use http::{HeaderValue, Method};
 use meridian_config::RouteKind;
 
 use crate::access_log::UpstreamSide;
@@ -53,6 +53,7 @@ use crate::core::exchange::{
     check_body_limit, check_head_limits, declared_length, request_host, EdgeReply, Effects, Replay,
     Tries, TryVerdict,
 };
+use crate::core::headers::UpstreamHeaders;
 use crate::core::inference::replicas::CallPick;
 use crate::core::route_match::{normalize_path, PathError};
 use crate::core::snapshot::InflightGuard;
@@ -110,7 +111,7 @@ struct Outbound<'a> {
     method: &'a Method,
     /// Origin-form (`/path?query`), whatever form the client used.
     uri: &'a http::Uri,
-    headers: &'a HeaderMap,
+    headers: &'a UpstreamHeaders<'a>,
     body: &'a RequestBody,
     replay: Replay,
     /// A model call: its replicas are picked by the model servers' state.
@@ -142,14 +143,15 @@ impl Pipeline {
     }
 
     /// One request, start to end; records its metrics and access log whatever happens.
-    pub async fn serve<D: Downstream>(&self, downstream: &mut D, arrival: Arrival) {
+    pub async fn serve<D: Downstream>(&self, head: Head<'_>, downstream: &mut D, arrival: Arrival) {
         let started = Instant::now();
         let loaded = self.store.load();
         let mut state = RequestState::default();
         if crate::access_log::roll(loaded.snapshot.access_log_sample) {
             state.access = Some(Box::default());
         }
-        let mut out = respond::Writer::new(downstream, &loaded, arrival, self.alt_svc.as_ref());
+        let mut out =
+            respond::Writer::new(downstream, head, &loaded, arrival, self.alt_svc.as_ref());
         // Built in its own box: awaited inline, the exchange's future (several KiB) was built
         // and then copied whole into this one's state, once per request.
         let exchange =
@@ -159,7 +161,7 @@ impl Pipeline {
         };
         state.bytes_sent = out.bytes_sent();
         state.cache = out.cache_status().or(state.cache);
-        self.finish(downstream, &loaded, arrival, state, status, started);
+        self.finish(head, &loaded, arrival, state, status, started);
     }
 
     /// Returns the status sent (0: the client went away before a response).
@@ -365,7 +367,7 @@ impl Pipeline {
         // --- the request as the tries send it ---
         let can_upgrade = out.can_upgrade();
         let head = out.head();
-        let mut headers = crate::core::headers::forwardable(head.headers);
+        let mut headers = UpstreamHeaders::from_client(head.headers);
         if can_upgrade {
             if let Some(protocol) =
                 crate::core::headers::requested_upgrade(head.method, head.headers)
@@ -382,7 +384,7 @@ impl Pipeline {
         let host = request_host(head.uri, head.headers).unwrap_or_default();
         // Over HTTP/1.1 the client's `Host` is already the request's host (the head parser puts
         // an absolute-form target's authority there); HTTP/2 and HTTP/3 carry it as `:authority`.
-        if headers.get(http::header::HOST).map(HeaderValue::as_bytes) != Some(host.as_bytes()) {
+        if headers.get(&http::header::HOST).map(HeaderValue::as_bytes) != Some(host.as_bytes()) {
             if let Ok(value) = HeaderValue::from_str(host) {
                 headers.insert(http::header::HOST, value);
             }
@@ -693,7 +695,7 @@ impl Pipeline {
         let Some(cache) = self.cache.clone() else {
             return;
         };
-        let mut headers = HeaderMap::new();
+        let mut headers = UpstreamHeaders::new();
         if let Ok(host) = HeaderValue::from_str(request.host) {
             headers.insert(http::header::HOST, host);
         }
@@ -790,9 +792,9 @@ impl Pipeline {
     }
 
     /// The finish record: request metrics, failover and inference counters, the access log.
-    fn finish<D: Downstream>(
+    fn finish(
         &self,
-        downstream: &D,
+        head: Head<'_>,
         loaded: &Loaded,
         arrival: Arrival,
         mut state: RequestState,
@@ -827,7 +829,6 @@ impl Pipeline {
             elapsed.as_secs_f64(),
         );
         if let Some(mut side) = state.access.take() {
-            let head = downstream.head();
             side.fill_from_client(head.headers);
             let country = state.decision.and_then(|d| d.country);
             crate::access_log::emit(&crate::access_log::Entry {

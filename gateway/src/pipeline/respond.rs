@@ -23,6 +23,7 @@ use crate::reload::Loaded;
 /// The client side of one request.
 pub(super) struct Writer<'a, D> {
     downstream: &'a mut D,
+    head: Head<'a>,
     loaded: &'a Loaded,
     /// `alt-svc` to add (TLS over TCP with HTTP/3 on).
     alt_svc: Option<&'a HeaderValue>,
@@ -33,6 +34,7 @@ pub(super) struct Writer<'a, D> {
 impl<'a, D: Downstream> Writer<'a, D> {
     pub(super) fn new(
         downstream: &'a mut D,
+        head: Head<'a>,
         loaded: &'a Loaded,
         arrival: Arrival,
         alt_svc: Option<&'a HeaderValue>,
@@ -40,6 +42,7 @@ impl<'a, D: Downstream> Writer<'a, D> {
         let over_tcp_tls = arrival.tls && arrival.protocol != crate::metrics::Protocol::H3;
         Self {
             downstream,
+            head,
             loaded,
             alt_svc: alt_svc.filter(|_| over_tcp_tls),
             bytes_sent: 0,
@@ -47,8 +50,8 @@ impl<'a, D: Downstream> Writer<'a, D> {
         }
     }
 
-    pub(super) fn head(&self) -> Head<'_> {
-        self.downstream.head()
+    pub(super) fn head(&self) -> Head<'a> {
+        self.head
     }
 
     pub(super) fn downstream(&mut self) -> &mut D {
