@@ -471,51 +471,17 @@ impl Pipeline {
             interim,
         };
         let tries = state.tries.insert(Tries::new(decision, started_ms));
-        let outcome = {
-            // Pinned where it is built (several KiB: built first and pinned after, it was copied).
-            let mut forward = std::pin::pin!(self.forward(
-                loaded,
-                tries,
-                &outbound,
-                &mut state.region_inflight,
-                state.access.as_deref_mut(),
-                started,
-            ));
-            match (pump, interim) {
-                (None, Some(hints)) => {
-                    let outcome = loop {
-                        tokio::select! {
-                            biased;
-                            () = hints.arrived() => {
-                                for hint in hints.take() {
-                                    out.interim(hint).await;
-                                }
-                            }
-                            outcome = &mut forward => break outcome,
-                        }
-                    };
-                    // A hint read in the same poll as the final head still goes first.
-                    for hint in hints.take() {
-                        out.interim(hint).await;
-                    }
-                    outcome
-                }
-                (None, None) => forward.await,
-                (Some(pump), _) => {
-                    // The client's remaining body is read while the tries run, in this task: the pump
-                    // borrows the downstream until the upstream answered (or gave up).
-                    let mut pump =
-                        Box::pin(pump.run(out.downstream(), limit, body_timeout(snapshot)));
-                    let mut pumping = true;
-                    loop {
-                        tokio::select! {
-                            outcome = &mut forward => break outcome,
-                            () = &mut pump, if pumping => pumping = false,
-                        }
-                    }
-                }
-            }
-        };
+        let outcome = std::pin::pin!(self.forward_beside(
+            out,
+            loaded,
+            tries,
+            &outbound,
+            &mut state.region_inflight,
+            state.access.as_deref_mut(),
+            started,
+            pump,
+        ))
+        .await;
         match outcome {
             Ok(relayed) => {
                 std::pin::pin!(out.relay(self.cache.as_deref(), ticket, relayed, state)).await
@@ -526,6 +492,68 @@ impl Pipeline {
                     return out.served(&served).await;
                 }
                 out.reply(&EdgeReply::failure(status, state.region())).await
+            }
+        }
+    }
+
+    /// The tries, with the client's remaining body pumped (or the origin's early hints relayed)
+    /// beside them. A function of its own so that the tries' future is one awaited value of the
+    /// exchange's: awaited across the several awaits of this loop, it took a slot of its own in
+    /// the exchange's future, which then grew by its whole size (and is copied once per request).
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_beside<D: Downstream>(
+        &self,
+        out: &mut respond::Writer<'_, D>,
+        loaded: &Loaded,
+        tries: &mut Tries,
+        outbound: &Outbound<'_>,
+        region_inflight: &mut Option<RegionGuard>,
+        access: Option<&mut UpstreamSide>,
+        started: Instant,
+        pump: Option<body::Pump>,
+    ) -> Result<Relayed, u16> {
+        // Pinned where it is built (several KiB: built first and pinned after, it was copied).
+        let mut forward = std::pin::pin!(self.forward(
+            loaded,
+            tries,
+            outbound,
+            region_inflight,
+            access,
+            started,
+        ));
+        let snapshot = &loaded.snapshot;
+        let limit = snapshot.limits.max_body_bytes;
+        match (pump, outbound.interim) {
+            (None, Some(hints)) => {
+                let outcome = loop {
+                    tokio::select! {
+                        biased;
+                        () = hints.arrived() => {
+                            for hint in hints.take() {
+                                out.interim(hint).await;
+                            }
+                        }
+                        outcome = &mut forward => break outcome,
+                    }
+                };
+                // A hint read in the same poll as the final head still goes first.
+                for hint in hints.take() {
+                    out.interim(hint).await;
+                }
+                outcome
+            }
+            (None, None) => forward.await,
+            (Some(pump), _) => {
+                // The client's remaining body is read while the tries run, in this task: the pump
+                // borrows the downstream until the upstream answered (or gave up).
+                let mut pump = Box::pin(pump.run(out.downstream(), limit, body_timeout(snapshot)));
+                let mut pumping = true;
+                loop {
+                    tokio::select! {
+                        outcome = &mut forward => break outcome,
+                        () = &mut pump, if pumping => pumping = false,
+                    }
+                }
             }
         }
     }
