@@ -32,6 +32,8 @@ use super::{tunnel, ConnLimits, Connection, Front, Timeout};
 
 /// First read of a head; grows (up to the header limit) only for bigger heads.
 const HEAD_READ: usize = 4096;
+/// The most a request's first read grows by for the body its connection's last request had.
+const BODY_HINT_MAX: usize = 16 * 1024;
 /// Body reads: big enough that a 64 KiB upload is a handful of reads.
 const BODY_READ: usize = 16 * 1024;
 /// Length-framed bodies up to this size are read whole before the first chunk goes on (the
@@ -159,6 +161,11 @@ pub fn serve<T: Transport>(
         let front = &front;
         let mut buf = BytesMut::new();
         let mut served: u32 = 0;
+        // How much the next head read takes in: a client whose last request had a body likely
+        // sends another (an API client posting on a kept-alive connection), and reading the head
+        // and body in one go saves a read and growing the buffer (a copy of what it holds).
+        // Only a client that completed a request gets more than `HEAD_READ`.
+        let mut read_size = HEAD_READ;
         // The first head is due within the header timeout of the accept.
         loop {
             // The first head is due within the header timeout of the accept; later ones within
@@ -199,9 +206,10 @@ pub fn serve<T: Transport>(
                 head_due,
                 served,
             };
-            let outcome =
-                crate::pipeline::boxed_in_place(|| request.serve(&mut io, &mut buf, &mut conn))
-                    .await;
+            let outcome = crate::pipeline::boxed_in_place(|| {
+                request.serve(&mut io, &mut buf, &mut conn, &mut read_size)
+            })
+            .await;
             if outcome == Outcome::H2c {
                 if let Ok(tcp) = io.into_h2c() {
                     // Boxed: the HTTP/2 hand-off's state must not size every connection.
@@ -254,10 +262,17 @@ impl Request<'_> {
         io: &mut T,
         buf: &mut BytesMut,
         conn: &mut Connection,
+        read_size: &mut usize,
     ) -> Outcome {
         let front = self.front;
         let may_be_h2c = self.served == 1 && !self.tls;
-        let head = match read_head(io, buf, &conn.limits, self.head_due, may_be_h2c).await {
+        let reading = HeadReading {
+            limits: &conn.limits,
+            deadline: self.head_due,
+            may_be_h2c,
+            read_size: *read_size,
+        };
+        let head = match read_head(io, buf, reading).await {
             HeadRead::Head(head) => head,
             HeadRead::H2c => return Outcome::H2c,
             HeadRead::Closed => return Outcome::Close,
@@ -275,6 +290,13 @@ impl Request<'_> {
                 return Outcome::Linger;
             }
         };
+        *read_size = HEAD_READ
+            + match head.framing {
+                Framing::Length(n) => {
+                    usize::try_from(n).map_or(BODY_HINT_MAX, |n| n.min(BODY_HINT_MAX))
+                }
+                _ => 0,
+            };
         if let Some(handshake) = conn.handshake.take() {
             crate::tls::count_handshake(
                 Some(&handshake),
@@ -372,15 +394,30 @@ async fn linger<T: Transport>(io: &mut T, limits: &ConnLimits) {
     }
 }
 
+/// How a head is read: within what, by when, and how much at a time.
+struct HeadReading<'l> {
+    limits: &'l ConnLimits,
+    /// The head must be complete by then.
+    deadline: Instant,
+    /// The connection's first bytes may be the HTTP/2 preface.
+    may_be_h2c: bool,
+    /// The first read's size.
+    read_size: usize,
+}
+
 /// Reads until a complete head is buffered (leaving what follows it in `buf`), within `deadline`
 /// for the whole head and `limits` for its size — checked as bytes arrive, not after.
 async fn read_head<T: Transport>(
     io: &mut T,
     buf: &mut BytesMut,
-    limits: &ConnLimits,
-    deadline: Instant,
-    may_be_h2c: bool,
+    reading: HeadReading<'_>,
 ) -> HeadRead {
+    let HeadReading {
+        limits,
+        deadline,
+        may_be_h2c,
+        read_size,
+    } = reading;
     loop {
         if may_be_h2c && !buf.is_empty() {
             let n = buf.len().min(H2_PREFACE.len());
@@ -414,7 +451,7 @@ async fn read_head<T: Transport>(
             }
         }
         if buf.capacity() - buf.len() < 512 {
-            buf.reserve(HEAD_READ.max(buf.len()));
+            buf.reserve(read_size.max(buf.len()));
         }
         match lazy_timeout_at(deadline, io.read_buf(buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return HeadRead::Closed,
