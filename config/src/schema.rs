@@ -648,8 +648,14 @@ pub struct DnsSection {
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DnsDnssec {
-    /// PKCS#8 private key (PEM or DER), e.g. written by `meridian dns keygen`.
+    /// PKCS#8 private key (PEM or DER), e.g. written by `meridian dns keygen`: the active key,
+    /// which signs every answer.
     pub key_file: String,
+    /// Further keys published during a key rollover: they are in the apex DNSKEY set and sign it
+    /// (so a parent DS pointing at any of them validates), but sign no answers. Empty outside a
+    /// rollover.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub published_key_files: Vec<String>,
     /// Signing algorithm; only `ECDSAP256SHA256` (algorithm 13) is supported.
     #[serde(default = "default_dnssec_algorithm")]
     pub algorithm: String,

@@ -871,6 +871,22 @@ fn validate_dns(pops: &[Pop], dns: Option<&DnsSection>, errors: &mut Errors) {
                 ),
             );
         }
+        // A rollover needs two keys at a time; a few more cover an emergency roll started during
+        // a planned one. Each key signs the DNSKEY set, so the list stays short.
+        if dnssec.published_key_files.len() > 3 {
+            errors.push(
+                "dns.dnssec.published_key_files",
+                "at most 3 keys besides key_file",
+            );
+        }
+        for (i, file) in dnssec.published_key_files.iter().enumerate() {
+            let path = format!("dns.dnssec.published_key_files[{i}]");
+            if file.is_empty() {
+                errors.push(&path, "must not be empty");
+            } else if *file == dnssec.key_file || dnssec.published_key_files[..i].contains(file) {
+                errors.push(&path, format!("{file:?} is listed twice"));
+            }
+        }
         if pops.len() > 128 {
             errors.push("dns.dnssec", "a signed zone has at most 128 pops");
         }

@@ -291,7 +291,7 @@ ecs_max_source_v6 = 0
 health = { healthy_after = 0, unhealthy_after = 101 }
 limits = { max_tcp_connections = 4, max_tcp_per_address = 5 }
 glue = { "ns1.example.test" = ["192.0.2.53", "nope"], "ns.example.net" = ["192.0.2.54"], "ns9.example.test" = [] }
-dnssec = { key_file = "", algorithm = "RSASHA1" }
+dnssec = { key_file = "", published_key_files = ["", "a.key", "a.key"], algorithm = "RSASHA1" }
 
 [[pops]]
 name = "seoul"
@@ -311,6 +311,8 @@ addresses = ["127.2.6.1"]
         "dns.ecs_max_source_v6: must be between 1 and 128",
         "dns.dnssec.key_file: must not be empty",
         "dns.dnssec.algorithm: unsupported algorithm \"RSASHA1\" (supported: \"ECDSAP256SHA256\")",
+        "dns.dnssec.published_key_files[0]: must not be empty",
+        "dns.dnssec.published_key_files[2]: \"a.key\" is listed twice",
     ];
     assert_eq!(errors, expected);
 }

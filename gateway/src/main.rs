@@ -55,7 +55,8 @@ enum DnsCommand {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Print the DS record (and the DNSKEY) of a config's `[dns.dnssec]` key, for the parent zone.
+    /// Print the DS record (and the DNSKEY) of each of a config's `[dns.dnssec]` keys, for the
+    /// parent zone: the active `key_file` first, then the `published_key_files`.
     Ds {
         #[arg(long)]
         config: PathBuf,

@@ -44,6 +44,7 @@ fn signed_config(dir: &Path) -> Config {
     );
     dns.dnssec = Some(DnsDnssec {
         key_file: key_file.display().to_string(),
+        published_key_files: Vec::new(),
         algorithm: "ECDSAP256SHA256".into(),
     });
     config.validate().expect("signed config validates");
@@ -259,5 +260,235 @@ fn the_do_bit_decides_whether_dnssec_records_are_sent() {
     assert_eq!(
         types(&keys.answers),
         [RecordType::DNSKEY, RecordType::RRSIG]
+    );
+}
+
+/// `dig +dnssec` against `server` from `source`; the answer section only.
+fn dig_answers(server: SocketAddr, source: &str, name: &str, qtype: &str) -> Vec<String> {
+    let output = Command::new("dig")
+        .arg(format!("@{}", server.ip()))
+        .args(["-p", &server.port().to_string()])
+        .args(["-b", source])
+        .args(["+dnssec", "+noall", "+answer", "+nocomments"])
+        .args([name, qtype])
+        .output()
+        .expect("dig runs (package bind9-dnsutils)");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty() && !l.starts_with(';'))
+        .map(str::to_string)
+        .collect()
+}
+
+/// The RRSIG records in `lines` (dig or delv presentation format), owner and data only: the
+/// TTL (delv may print a lower one) and the line breaks inside a signature do not count.
+fn rrsigs(lines: impl IntoIterator<Item = String>) -> Vec<String> {
+    let mut found: Vec<String> = lines
+        .into_iter()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            // The record type follows the class (an NSEC's type list names RRSIG too).
+            let at = fields.windows(2).position(|w| w == ["IN", "RRSIG"])? + 1;
+            (at >= 2).then(|| format!("{} {}", fields[0], fields[at + 1..].concat()))
+        })
+        .collect();
+    found.sort();
+    found.dedup();
+    found
+}
+
+/// Asked for by type, the signatures at a name are its answer, not NODATA: for test-world
+/// resolvers, `dig RRSIG` returns exactly the signatures that `delv` fully validates over the
+/// name's sets as that resolver gets them.
+#[test]
+fn rrsig_by_type_returns_the_signatures_a_validator_accepts() {
+    if !delv_available() {
+        eprintln!("delv not installed: skipping the validator check");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = signed_config(dir.path());
+    let anchor = write_anchor(&config, dir.path());
+    let world = World::start(config);
+    let server = world.edge.dns_addr.expect("the edge runs GeoDNS");
+    let validated = |source: &str, name: &str, qtype: &str| {
+        let out = delv(server, source, &anchor, name, qtype);
+        assert!(
+            out.contains("; fully validated") && !out.contains("negative response"),
+            "{name} {qtype} from {source}: {out}"
+        );
+        rrsigs(out.lines().map(str::to_string))
+    };
+    for (source, _) in EXPECTED.iter().take(3) {
+        for (name, types) in [
+            ("api.example.test.", &["A", "AAAA", "NSEC"][..]),
+            ("ns1.example.test.", &["A", "AAAA", "NSEC"][..]),
+            ("example.test.", &["SOA", "NS", "DNSKEY", "NSEC"][..]),
+        ] {
+            let answered = rrsigs(dig_answers(server, source, name, "RRSIG"));
+            let mut expected: Vec<String> = types
+                .iter()
+                .flat_map(|qtype| validated(source, name, qtype))
+                .collect();
+            expected.sort();
+            expected.dedup();
+            assert_eq!(
+                answered.len(),
+                types.len(),
+                "{name} from {source}: {answered:?}"
+            );
+            assert_eq!(answered, expected, "{name} RRSIG from {source}");
+        }
+    }
+}
+
+/// The DNSKEY records the server publishes right now, once there are `count` of them (a pushed
+/// config reaches the DNS workers shortly after the edge reports its version).
+fn dnskeys_eventually(world: &World, server: SocketAddr, count: usize) -> Vec<String> {
+    let korea: IpAddr = "127.15.0.53".parse().expect("ip");
+    let message = query("example.test.", RecordType::DNSKEY, false);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let reply = world
+            .runtime
+            .block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), exchange(server, korea, &message))
+                    .await
+            })
+            .expect("answer");
+        let keys: Vec<String> = reply
+            .answers
+            .iter()
+            .filter(|r| r.record_type() == RecordType::DNSKEY)
+            .map(|r| format!("{:?}", r.data))
+            .collect();
+        if keys.len() == count || std::time::Instant::now() > deadline {
+            return keys;
+        }
+        std::thread::yield_now();
+    }
+}
+
+/// The key tag of the signature over `name`'s A set, as `server` answers with DO.
+fn signing_tag(world: &World, server: SocketAddr, name: &str) -> u16 {
+    let korea: IpAddr = "127.15.0.53".parse().expect("ip");
+    let message = query(name, RecordType::A, true);
+    let reply = world
+        .runtime
+        .block_on(async {
+            tokio::time::timeout(Duration::from_secs(10), exchange(server, korea, &message)).await
+        })
+        .expect("answer");
+    let sig = reply
+        .answers
+        .iter()
+        .find(|r| r.record_type() == RecordType::RRSIG)
+        .expect("a signature");
+    let RData::Unknown { rdata, .. } = &sig.data else {
+        panic!("RRSIG decodes as opaque data: {sig:?}");
+    };
+    let bytes = rdata.anything.as_slice();
+    u16::from_be_bytes([bytes[16], bytes[17]])
+}
+
+/// A zone signing key rollover as the runbook describes it, through config pushes to a running
+/// edge: publish the new key, switch signing to it, retire the old one. A validator anchored at
+/// the old key's DS validates until the old key is retired, one anchored at the new key's DS from
+/// the moment it is published: with the parent's DS changed in between, no resolver sees a gap.
+/// `meridian dns ds` prints a DS for every configured key.
+#[test]
+fn a_key_rollover_validates_at_every_step() {
+    if !delv_available() {
+        eprintln!("delv not installed: skipping the validator check");
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let old_dir = dir.path().join("old");
+    let new_dir = dir.path().join("new");
+    std::fs::create_dir_all(&old_dir).expect("mkdir");
+    std::fs::create_dir_all(&new_dir).expect("mkdir");
+    let config = signed_config(&old_dir);
+    let new_config = signed_config(&new_dir);
+    let old_anchor = write_anchor(&config, &old_dir);
+    let new_anchor = write_anchor(&new_config, &new_dir);
+    let old_key = config
+        .dns
+        .as_ref()
+        .and_then(|d| d.dnssec.clone())
+        .expect("key")
+        .key_file;
+    let new_key = new_config
+        .dns
+        .as_ref()
+        .and_then(|d| d.dnssec.clone())
+        .expect("key")
+        .key_file;
+    let tag = |key: &str| {
+        dnssec::SigningKey::load(Path::new(key))
+            .expect("loads")
+            .key_tag()
+    };
+    let (old_tag, new_tag) = (tag(&old_key), tag(&new_key));
+
+    let world = World::start_following(config);
+    // What the edge follows (ephemeral ports, the test-world database), changed step by step.
+    let mut config = world.config.clone();
+    let server = world.edge.dns_addr.expect("the edge runs GeoDNS");
+    let validates = |anchor: &Path| {
+        let answer = delv(server, "127.15.0.53", anchor, "api.example.test.", "A");
+        let keys = delv(server, "127.15.0.53", anchor, "example.test.", "DNSKEY");
+        let denial = delv(server, "127.15.0.53", anchor, "nope.example.test.", "A");
+        answer.contains("; fully validated")
+            && keys.contains("; fully validated")
+            && denial.contains("; negative response, fully validated")
+    };
+    let mut step = |key_file: &str, published: &[&str], message: &str| {
+        let dnssec = config
+            .dns
+            .as_mut()
+            .and_then(|d| d.dnssec.as_mut())
+            .expect("[dns.dnssec]");
+        dnssec.key_file = key_file.to_string();
+        dnssec.published_key_files = published.iter().map(|p| p.to_string()).collect();
+        config.validate().expect("rollover config validates");
+        let version = world.push(&config, message);
+        assert_eq!(
+            world.wait_for_version(&world.edge, version),
+            version,
+            "{message}"
+        );
+        assert_eq!(
+            dnskeys_eventually(&world, server, 1 + published.len()).len(),
+            1 + published.len(),
+            "{message}: DNSKEY set"
+        );
+        let printed = dnssec::ds_records(&config).expect("ds");
+        let ds_lines = printed.lines().filter(|l| l.contains(" IN DS ")).count();
+        assert_eq!(ds_lines, 1 + published.len(), "{message}: {printed}");
+    };
+
+    // Before: only the old key.
+    assert!(validates(&old_anchor), "old key alone");
+    assert!(!validates(&new_anchor), "the new key is not published yet");
+    assert_eq!(signing_tag(&world, server, "api.example.test."), old_tag);
+
+    // 1. Publish the new key: both DS validate, the old key still signs the answers.
+    step(&old_key, &[&new_key], "publish the new key");
+    assert!(validates(&old_anchor), "published: old DS");
+    assert!(validates(&new_anchor), "published: new DS");
+    assert_eq!(signing_tag(&world, server, "api.example.test."), old_tag);
+
+    // 2. Switch: the new key signs, the old one stays published.
+    step(&new_key, &[&old_key], "sign with the new key");
+    assert!(validates(&old_anchor), "switched: old DS");
+    assert!(validates(&new_anchor), "switched: new DS");
+    assert_eq!(signing_tag(&world, server, "api.example.test."), new_tag);
+
+    // 3. Retire the old key (after the parent dropped its DS): the new DS alone validates.
+    step(&new_key, &[], "retire the old key");
+    assert!(validates(&new_anchor), "retired: new DS");
+    assert!(
+        !validates(&old_anchor),
+        "retired: the old DS no longer leads anywhere"
     );
 }

@@ -285,9 +285,13 @@ pub fn answer(
     } else if let (true, RecordType::DNSKEY, Some(zone_signed)) =
         (is_apex, qt, zone.prepared.signed())
     {
-        reply.add_answer(raw(owner.clone(), &zone_signed.dnskey));
+        for dnskey in &zone_signed.dnskeys {
+            reply.add_answer(raw(owner.clone(), dnskey));
+        }
         if let Some(signed) = signed {
-            reply.add_answer(raw(owner.clone(), &signed.dnskey_rrsig));
+            for rrsig in &signed.dnskey_rrsigs {
+                reply.add_answer(raw(owner.clone(), rrsig));
+            }
         }
     } else if let (Some(record), true) = (
         zone.records.get(&name),
@@ -344,11 +348,10 @@ pub fn answer(
         // those over every set a query for this name from this client would get, including the
         // steered address sets as this client's location chooses them.
         if is_apex {
-            for rr in [
-                &zone_signed.soa_rrsig,
-                &zone_signed.ns_rrsig,
-                &zone_signed.dnskey_rrsig,
-            ] {
+            for rr in [&zone_signed.soa_rrsig, &zone_signed.ns_rrsig]
+                .into_iter()
+                .chain(&zone_signed.dnskey_rrsigs)
+            {
                 reply.add_answer(raw(owner.clone(), rr));
             }
         }

@@ -51,13 +51,13 @@ pub const MAX_SIGNATURES: usize = 50_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DnssecError {
-    #[error("dns.dnssec.key_file {path}: {source}")]
+    #[error("dns.dnssec key file {path}: {source}")]
     Read {
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("dns.dnssec.key_file {path}: not a PKCS#8 ECDSA P-256 private key ({reason})")]
+    #[error("dns.dnssec key file {path}: not a PKCS#8 ECDSA P-256 private key ({reason})")]
     Key { path: String, reason: String },
     #[error("the config has no [dns.dnssec] section")]
     NotSigned,
@@ -192,11 +192,15 @@ pub fn keygen() -> Result<String, DnssecError> {
     Ok(SigningKey::pkcs8_pem(&SigningKey::generate_pkcs8()?))
 }
 
-/// The DS and DNSKEY records of `config`'s `[dns.dnssec]` key, one per line (`meridian dns ds`).
+/// The DS and DNSKEY records of `config`'s `[dns.dnssec]` keys, one per line (`meridian dns ds`):
+/// the active key's DS and DNSKEY first, then those of each published key, in config order.
 pub fn ds_records(config: &meridian_config::Config) -> Result<String, super::DnsError> {
     let dns = config.dns.as_ref().ok_or(super::ZoneError::NoDnsSection)?;
     let dnssec = dns.dnssec.as_ref().ok_or(DnssecError::NotSigned)?;
-    let key = SigningKey::load(Path::new(&dnssec.key_file))?;
+    let mut keys = vec![SigningKey::load(Path::new(&dnssec.key_file))?];
+    for file in &dnssec.published_key_files {
+        keys.push(SigningKey::load(Path::new(file))?);
+    }
     let mut origin =
         hickory_proto::rr::Name::from_ascii(&dns.zone).map_err(|e| super::ZoneError::Name {
             path: "dns.zone".into(),
@@ -212,11 +216,16 @@ pub fn ds_records(config: &meridian_config::Config) -> Result<String, super::Dns
     }
     owner.push(0);
     let text = origin.to_ascii();
-    Ok(format!(
-        "{}\n{}\n",
-        key.ds_text(&text, &owner),
-        key.dnskey_text(&text)
-    ))
+    Ok(keys
+        .iter()
+        .map(|key| {
+            format!(
+                "{}\n{}\n",
+                key.ds_text(&text, &owner),
+                key.dnskey_text(&text)
+            )
+        })
+        .collect())
 }
 
 /// RFC 4034 Appendix B.

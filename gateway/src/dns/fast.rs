@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use std::time::SystemTime;
 
@@ -91,8 +92,11 @@ pub struct Prepared {
 /// A signed zone's DNSSEC records, all made when the zone was prepared: a query only copies them.
 #[derive(Clone, Debug)]
 pub struct Signed {
-    pub dnskey: Rr,
-    pub dnskey_rrsig: Rr,
+    /// The DNSKEY set: the active key first, then the keys published for a rollover.
+    pub dnskeys: Vec<Rr>,
+    /// One RRSIG over the DNSKEY set per key in it, so a parent DS naming any of them validates
+    /// the set (and with it the active key's signatures on everything else).
+    pub dnskey_rrsigs: Vec<Rr>,
     /// Over the SOA with the zone's TTL (apex answers) and with the negative TTL (authority).
     pub soa_rrsig: Rr,
     pub soa_negative_rrsig: Rr,
@@ -224,7 +228,14 @@ impl Prepared {
             ns_answer.extend_from_slice(&rdata);
         }
         let signed = match &zone.dnssec {
-            Some(key) => Some(Box::new(sign(zone, key, &records, &record_names, now)?)),
+            Some(key) => Some(Box::new(sign(
+                zone,
+                key,
+                &zone.published_keys,
+                &records,
+                &record_names,
+                now,
+            )?)),
             None => None,
         };
         Ok(Prepared {
@@ -323,6 +334,7 @@ impl Prepared {
 fn sign(
     zone: &Zone,
     key: &dnssec::SigningKey,
+    published: &[Arc<dnssec::SigningKey>],
     records: &[RecordPlan],
     record_names: &[&Name],
     now: SystemTime,
@@ -332,12 +344,24 @@ fn sign(
     let soa_rdata = soa_rdata(zone);
     let ns_rdata: Vec<Vec<u8>> = zone.ns.iter().map(wire).collect();
     let ns_refs: Vec<&[u8]> = ns_rdata.iter().map(Vec::as_slice).collect();
-    let dnskey = Rr {
-        rtype: TYPE_DNSKEY,
-        ttl: DNSKEY_TTL,
-        rdata: key.dnskey().to_vec(),
-    };
-    let dnskey_rrsig = signer.rrsig(&origin, TYPE_DNSKEY, DNSKEY_TTL, &[key.dnskey()])?;
+    let keys: Vec<&dnssec::SigningKey> = std::iter::once(key)
+        .chain(published.iter().map(|k| &**k))
+        .collect();
+    let dnskeys: Vec<Rr> = keys
+        .iter()
+        .map(|k| Rr {
+            rtype: TYPE_DNSKEY,
+            ttl: DNSKEY_TTL,
+            rdata: k.dnskey().to_vec(),
+        })
+        .collect();
+    let dnskey_rdatas: Vec<&[u8]> = keys.iter().map(|k| k.dnskey()).collect();
+    let dnskey_rrsigs = keys
+        .iter()
+        .map(|k| {
+            Signer::new(k, &origin, now).rrsig(&origin, TYPE_DNSKEY, DNSKEY_TTL, &dnskey_rdatas)
+        })
+        .collect::<Result<Vec<Rr>, DnssecError>>()?;
     let soa_rrsig = signer.rrsig(&origin, dnssec::TYPE_SOA, zone.ttl, &[&soa_rdata])?;
     let soa_negative_rrsig = signer.rrsig(
         &origin,
@@ -440,8 +464,8 @@ fn sign(
     }
     Ok(Signed {
         glue,
-        dnskey,
-        dnskey_rrsig,
+        dnskeys,
+        dnskey_rrsigs,
         soa_rrsig,
         soa_negative_rrsig,
         ns_rrsig,
@@ -645,9 +669,13 @@ pub fn respond(
             }
         }
     } else if let (0, TYPE_DNSKEY, Some(zone_signed)) = (at, qtype, prepared.signed.as_deref()) {
-        rrsig(out, &QNAME_POINTER, &zone_signed.dnskey, &mut answers);
+        for dnskey in &zone_signed.dnskeys {
+            rrsig(out, &QNAME_POINTER, dnskey, &mut answers);
+        }
         if let Some(signed) = signed {
-            rrsig(out, &QNAME_POINTER, &signed.dnskey_rrsig, &mut answers);
+            for sig in &signed.dnskey_rrsigs {
+                rrsig(out, &QNAME_POINTER, sig, &mut answers);
+            }
         }
     } else if let (Some(Some(record)), true) =
         (entry, matches!(qtype, TYPE_A | TYPE_AAAA | TYPE_ANY))
@@ -1092,9 +1120,19 @@ mod tests {
             );
             return 0;
         }
-        let mut point = vec![4u8];
-        point.extend_from_slice(&key.dnskey()[4..]);
-        let public = UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point);
+        // Published keys (a rollover) sign the DNSKEY set only; the active key signs everything.
+        let keys: Vec<&SigningKey> = std::iter::once(&**key)
+            .chain(zone.published_keys.iter().map(|k| &**k))
+            .collect();
+        let public_of = |tag: u16| {
+            let signer = keys
+                .iter()
+                .find(|k| k.key_tag() == tag)
+                .unwrap_or_else(|| panic!("{context}: key tag {tag} is no zone key"));
+            let mut point = vec![4u8];
+            point.extend_from_slice(&signer.dnskey()[4..]);
+            UnparsedPublicKey::new(&ECDSA_P256_SHA256_FIXED, point)
+        };
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock")
@@ -1117,11 +1155,11 @@ mod tests {
                 let inception = u32::from_be_bytes([bytes[12], bytes[13], bytes[14], bytes[15]]);
                 assert!(inception < now && now < expiration, "{context}: window");
                 assert_eq!(bytes[2], 13, "{context}: algorithm");
-                assert_eq!(
-                    u16::from_be_bytes([bytes[16], bytes[17]]),
-                    key.key_tag(),
-                    "{context}: key tag"
-                );
+                let tag = u16::from_be_bytes([bytes[16], bytes[17]]);
+                if type_covered != u16::from(RecordType::DNSKEY) {
+                    assert_eq!(tag, key.key_tag(), "{context}: key tag");
+                }
+                let public = public_of(tag);
                 assert_eq!(
                     &bytes[18..18 + origin.len()],
                     origin.as_slice(),
@@ -1174,6 +1212,14 @@ mod tests {
                 let key = (record.name.to_lowercase(), u16::from(record.record_type()));
                 assert!(covered.contains(&key), "{context}: {key:?} unsigned");
             }
+            let dnskey_signatures = covered
+                .iter()
+                .filter(|(_, t)| *t == u16::from(RecordType::DNSKEY))
+                .count();
+            assert!(
+                dnskey_signatures == 0 || dnskey_signatures == keys.len(),
+                "{context}: every key signs the DNSKEY set"
+            );
         }
         if reply.answers.is_empty() {
             assert!(
@@ -1419,6 +1465,63 @@ mod tests {
         }
         // Every query above is in the zone, class IN, one OPT at most: all of them are fast.
         assert_eq!(fast, total, "queries the fast path declined");
+    }
+
+    /// During a rollover the DNSKEY set holds every configured key and carries one signature by
+    /// each (so a parent DS naming either validates it), while answers stay signed by the active
+    /// key alone; both paths agree.
+    #[test]
+    fn published_keys_join_the_dnskey_set_and_sign_only_it() {
+        let db = geo();
+        let locate = |ip: IpAddr| db.lookup(ip).ok().flatten().and_then(|l| l.coordinates);
+        let all_up = |_: usize| true;
+        let fresh = || {
+            Arc::new(
+                SigningKey::from_pkcs8(&SigningKey::generate_pkcs8().expect("generate"))
+                    .expect("key"),
+            )
+        };
+        let mut zone = zones().remove(0);
+        zone.published_keys = vec![fresh(), fresh()];
+        zone.sign_with(fresh()).expect("signs");
+        let mut ranks = RankCache::default();
+        let source = IpAddr::V4(Ipv4Addr::new(127, 15, 0, 53));
+        for (name, qtype) in [
+            ("example.test.", RecordType::DNSKEY),
+            ("example.test.", RecordType::SOA),
+            ("api.example.test.", RecordType::A),
+            ("nope.example.test.", RecordType::A),
+            ("example.test.", RecordType::RRSIG),
+        ] {
+            let request = message_do(name, qtype, 4096, None);
+            let context = format!("{name} {qtype}");
+            same(
+                &zone, &mut ranks, &request, source, &all_up, &locate, &context,
+            );
+            let reply = answer(&zone, &request, source, Transport::Udp, &all_up, &locate);
+            let reply =
+                Message::from_vec(reply.bytes.as_deref().expect("answered")).expect("decodes");
+            if qtype != RecordType::RRSIG {
+                // Asked for by type, the signatures are the data: no sets here to check them on.
+                verify_signatures(&reply, &zone, true, &context);
+            }
+            let count = |t: RecordType| {
+                reply
+                    .answers
+                    .iter()
+                    .filter(|r| r.record_type() == t)
+                    .count()
+            };
+            match qtype {
+                RecordType::DNSKEY => {
+                    assert_eq!(count(RecordType::DNSKEY), 3, "{context}");
+                    assert_eq!(count(RecordType::RRSIG), 3, "{context}");
+                }
+                // SOA, NS, NSEC and three over the DNSKEY set.
+                RecordType::RRSIG => assert_eq!(count(RecordType::RRSIG), 6, "{context}"),
+                _ => assert!(count(RecordType::RRSIG) <= 1, "{context}"),
+            }
+        }
     }
 
     /// Asked for by type, the signatures at a name are the ones the same client gets with each of

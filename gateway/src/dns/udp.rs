@@ -568,12 +568,21 @@ fn plan_trains(
 ) {
     order.clear();
     trains.clear();
-    order.extend(0..lengths.len().min(destinations.len()));
-    order.sort_unstable_by(|&a, &b| {
-        destinations[a]
-            .cmp(&destinations[b])
-            .then(lengths[b].cmp(&lengths[a]))
-    });
+    let count = lengths.len().min(destinations.len());
+    // Sorted as one integer per answer (destination hash, then longest first, then index) rather
+    // than by comparing addresses: sorting was a fifth of the worker's user time. Two destinations
+    // with one hash only interleave, which splits their trains; the grouping below still compares
+    // the addresses themselves.
+    order.extend((0..count).map(|i| {
+        let longer_first = u16::MAX - u16::try_from(lengths[i]).unwrap_or(u16::MAX);
+        (u64::from(destination_hash(&destinations[i])) << 32
+            | u64::from(longer_first) << 16
+            | (i as u64 & 0xffff)) as usize
+    }));
+    order.sort_unstable();
+    for entry in order.iter_mut() {
+        *entry &= 0xffff;
+    }
     let mut first = 0;
     while first < order.len() {
         let head = order[first];
@@ -605,6 +614,20 @@ fn plan_trains(
         });
         first += count;
     }
+}
+
+/// 32 bits of a destination's address and port for [`plan_trains`] to sort by.
+fn destination_hash(destination: &SocketAddr) -> u32 {
+    let address = match destination.ip() {
+        std::net::IpAddr::V4(v4) => u64::from(u32::from(v4)),
+        std::net::IpAddr::V6(v6) => {
+            let bits = u128::from(v6);
+            (bits ^ (bits >> 64)) as u64
+        }
+    };
+    let mixed = (address ^ u64::from(destination.port()).rotate_left(40))
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    (mixed >> 32) as u32
 }
 
 fn peer_addr(address: &SockaddrStorage) -> Option<SocketAddr> {
@@ -685,10 +708,16 @@ mod tests {
             client(2),
         ];
         let (order, trains) = checked_plan(&to, &[50, 50, 50, 50, 50, 50]);
-        let counts: Vec<(usize, Option<u16>)> =
+        // Destinations come in no particular order.
+        let mut counts: Vec<(usize, Option<u16>)> =
             trains.iter().map(|t| (t.count, t.segment)).collect();
+        counts.sort_unstable_by(|a, b| b.cmp(a));
         assert_eq!(counts, [(3, Some(50)), (2, Some(50)), (1, None)]);
-        assert_eq!(&order[..3], &[0, 2, 4]);
+        let three = trains
+            .iter()
+            .find(|t| t.count == 3)
+            .expect("client 1's train");
+        assert_eq!(&order[three.first..three.first + 3], &[0, 2, 4]);
         assert!(checked_plan(&[], &[]).1.is_empty());
         let (_, alone) = checked_plan(&[client(1), client(2)], &[50, 50]);
         assert!(alone.iter().all(|t| t.segment.is_none()));

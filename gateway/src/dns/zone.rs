@@ -91,8 +91,11 @@ pub struct Zone {
     pub tcp_idle_timeout: Duration,
     /// Response rate limiting (applied by the UDP workers, not by the answer functions).
     pub rrl: DnsRrl,
-    /// The key that signs the zone (`[dns.dnssec]`); `None`: unsigned.
+    /// The key that signs the zone (`[dns.dnssec] key_file`); `None`: unsigned.
     pub dnssec: Option<Arc<SigningKey>>,
+    /// Keys published next to it during a rollover (`published_key_files`): in the DNSKEY set
+    /// and signing it, signing nothing else.
+    pub published_keys: Vec<Arc<SigningKey>>,
     /// When the prepared signatures were made (the server re-prepares before they expire).
     pub signed_at: Option<SystemTime>,
     /// The answers above in wire format, for the fast path. Built by [`Zone::compile`]; a zone
@@ -259,11 +262,16 @@ impl Zone {
             tcp_idle_timeout: dns.limits.tcp_idle_timeout.as_duration(),
             rrl: dns.rrl.clone(),
             dnssec: None,
+            published_keys: Vec::new(),
             signed_at: None,
             prepared: Prepared::default(),
         };
         if let Some(dnssec) = &dns.dnssec {
             zone.dnssec = Some(Arc::new(SigningKey::load(Path::new(&dnssec.key_file))?));
+            for file in &dnssec.published_key_files {
+                zone.published_keys
+                    .push(Arc::new(SigningKey::load(Path::new(file))?));
+            }
         }
         zone.prepare()?;
         Ok(zone)
