@@ -90,18 +90,43 @@ fn delv_available() -> bool {
     Command::new("delv").arg("-v").output().is_ok()
 }
 
+/// A running edge with a signed zone, the trust anchor for its key and its DNS address.
+struct SignedWorld {
+    _dir: tempfile::TempDir,
+    anchor: std::path::PathBuf,
+    /// Held for the edge to keep running.
+    _world: World,
+    server: SocketAddr,
+}
+
+impl SignedWorld {
+    /// `None` (the test skips) without `delv`: test.sh installs bind9-dnsutils, a bare
+    /// `cargo test` elsewhere may not have it.
+    fn start() -> Option<Self> {
+        if !delv_available() {
+            eprintln!("delv not installed: skipping the validator check");
+            return None;
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = signed_config(dir.path());
+        let anchor = write_anchor(&config, dir.path());
+        let world = World::start(config);
+        let server = world.edge.dns_addr.expect("the edge runs GeoDNS");
+        Some(Self {
+            _dir: dir,
+            anchor,
+            _world: world,
+            server,
+        })
+    }
+}
+
 #[test]
 fn delv_fully_validates_every_pop_variant_nxdomain_and_nodata() {
-    if !delv_available() {
-        // test.sh installs bind9-dnsutils; a bare `cargo test` elsewhere may not have it.
-        eprintln!("delv not installed: skipping the validator check");
+    let Some(signed) = SignedWorld::start() else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = signed_config(dir.path());
-    let anchor = write_anchor(&config, dir.path());
-    let world = World::start(config);
-    let server = world.edge.dns_addr.expect("the edge runs GeoDNS");
+    };
+    let (anchor, server) = (signed.anchor.clone(), signed.server);
 
     for (source, pop) in EXPECTED {
         let out = delv(server, source, &anchor, "api.example.test.", "A");
@@ -302,15 +327,10 @@ fn rrsigs(lines: impl IntoIterator<Item = String>) -> Vec<String> {
 /// name's sets as that resolver gets them.
 #[test]
 fn rrsig_by_type_returns_the_signatures_a_validator_accepts() {
-    if !delv_available() {
-        eprintln!("delv not installed: skipping the validator check");
+    let Some(signed) = SignedWorld::start() else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
-    let config = signed_config(dir.path());
-    let anchor = write_anchor(&config, dir.path());
-    let world = World::start(config);
-    let server = world.edge.dns_addr.expect("the edge runs GeoDNS");
+    };
+    let (anchor, server) = (signed.anchor.clone(), signed.server);
     let validated = |source: &str, name: &str, qtype: &str| {
         let out = delv(server, source, &anchor, name, qtype);
         assert!(
