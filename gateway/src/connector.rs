@@ -40,6 +40,8 @@ const READ_CHUNK: usize = 64 * 1024;
 /// body-sized buffer for every request in flight (thousands at once when many clients connect
 /// together).
 const HEAD_READ: usize = 8 * 1024;
+/// Most read buffers a worker thread keeps for reuse (see `SPARE`): 256 KiB.
+const SPARE_BUFFERS: usize = 32;
 /// Smallest body read worth a syscall.
 const MIN_BODY_READ: usize = 4 * 1024;
 /// Whole request bodies up to this size go out in the same write as the head.
@@ -214,6 +216,11 @@ thread_local! {
     /// Idle connections of this worker thread, per upstream address.
     static IDLE: RefCell<HashMap<SocketAddr, Vec<Conn>, FastBuildHasher>> =
         RefCell::new(HashMap::default());
+    /// Read buffers of connections that went back to the pool, for the next response read on
+    /// this thread: by then the body bytes cut from a buffer have been written and dropped, so
+    /// the next read reuses its memory instead of allocating (and later freeing) 8 KiB per
+    /// response. Bounded by [`SPARE_BUFFERS`]; idle connections themselves hold none.
+    static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
     /// Whether this thread's runtime has its [`TIMER_FLOOR`] ticker.
     static TIMER_FLOOR_STARTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
@@ -728,6 +735,11 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
                 message: "response head too large".into(),
             }));
         }
+        if buf.capacity() == 0 {
+            if let Some(spare) = SPARE.with(|spare| spare.borrow_mut().pop()) {
+                *buf = spare;
+            }
+        }
         buf.reserve(HEAD_READ);
         match r.read_buf(buf).await {
             Ok(0) | Err(_) if !received_any => return Err(Attempt::Stale { written: true }),
@@ -982,8 +994,16 @@ impl UpstreamResponse {
         if !self.reusable || !conn.buf.is_empty() {
             return;
         }
-        // An idle connection keeps no read buffer.
-        conn.buf = BytesMut::new();
+        // An idle connection keeps no read buffer; a head-sized one goes to the thread's spares.
+        let buf = std::mem::take(&mut conn.buf);
+        if buf.capacity() <= HEAD_READ {
+            SPARE.with(|spare| {
+                let mut spare = spare.borrow_mut();
+                if spare.len() < SPARE_BUFFERS {
+                    spare.push(buf);
+                }
+            });
+        }
         let (addr, max_idle) = (self.addr, self.max_idle);
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
@@ -1010,6 +1030,82 @@ mod tests {
             out.extend_from_slice(&chunk);
         }
         (out, framing)
+    }
+
+    /// A pooled connection's read buffer goes to the thread's spares and the next response is
+    /// read into it; a body chunk still held from the first response is never overwritten.
+    #[tokio::test]
+    async fn released_read_buffers_are_reused_without_touching_held_chunks() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let origin = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            let (mut socket, _) = listener.accept().await.expect("accept");
+            let mut request = vec![0u8; 4096];
+            for fill in [b'a', b'b'] {
+                let mut read = 0;
+                while !request[..read].windows(4).any(|w| w == b"\r\n\r\n") {
+                    read += socket.read(&mut request[read..]).await.expect("read");
+                }
+                let mut response = b"HTTP/1.1 200 OK\r\ncontent-length: 1024\r\n\r\n".to_vec();
+                response.resize(response.len() + 1024, fill);
+                socket.write_all(&response).await.expect("write");
+            }
+        });
+        SPARE.with(|spare| spare.borrow_mut().clear());
+        let connector = Connector::default();
+        let timeouts = Timeouts {
+            connect: Duration::from_secs(5),
+            read: Duration::from_secs(5),
+            write: Duration::from_secs(5),
+        };
+        let (method, uri, client) = (Method::GET, http::Uri::from_static("/"), HeaderMap::new());
+        let headers = UpstreamHeaders::from_client(&client);
+        let get = || OutboundHead {
+            method: &method,
+            uri: &uri,
+            headers: &headers,
+        };
+        let mut first = connector
+            .send(
+                origin,
+                get(),
+                UpstreamBody::full(Bytes::new()),
+                timeouts,
+                None,
+            )
+            .await
+            .expect("first response");
+        let held = first.next_chunk().await.expect("body").expect("a chunk");
+        assert!(first.next_chunk().await.expect("end").is_none());
+        assert_eq!(
+            SPARE.with(|spare| spare.borrow().len()),
+            1,
+            "released to the spares"
+        );
+        let mut second = connector
+            .send(
+                origin,
+                get(),
+                UpstreamBody::full(Bytes::new()),
+                timeouts,
+                None,
+            )
+            .await
+            .expect("second response");
+        assert_eq!(
+            SPARE.with(|spare| spare.borrow().len()),
+            0,
+            "the spare was taken"
+        );
+        let mut read = Vec::new();
+        while let Some(chunk) = second.next_chunk().await.expect("body") {
+            read.extend_from_slice(&chunk);
+        }
+        assert_eq!(read, vec![b'b'; 1024]);
+        assert_eq!(&held[..], &[b'a'; 1024][..], "the held chunk is untouched");
     }
 
     /// The process's worker housekeeping (the binary returns freed allocator memory with it)
