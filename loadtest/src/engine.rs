@@ -18,6 +18,7 @@ use tokio::task::JoinSet;
 
 use crate::cli::{LoadArgs, ProtocolArg, Scenario};
 use crate::geo::{apportion, GeoMix, Plan, SmoothRoundRobin};
+use crate::h1lean::{self, Failure};
 use crate::protocol::{Conn, ConnectError, Connector, Protocol, TlsSettings};
 use crate::report;
 use crate::stats::{bump, record_micros, ErrorKind, Stats};
@@ -54,6 +55,14 @@ pub struct Settings {
     plan: Plan,
     connector: Connector,
     template: Template,
+    /// Cleartext HTTP/1.1 load goes through the lean client with this request, encoded once.
+    lean: Option<LeanRequest>,
+}
+
+struct LeanRequest {
+    bytes: Bytes,
+    /// A HEAD request: its answer has no body, whatever the head says.
+    head: bool,
 }
 
 /// The request every lane sends, prebuilt.
@@ -232,6 +241,17 @@ impl Settings {
             }),
         });
         let connector = Connector::new(protocol, target, tls_settings, args.timeout)?;
+        // The lean client does plain cleartext HTTP/1.1 request/response; SSE keeps hyper (its
+        // event counting reads body chunks as they arrive), and --hyper-h1 asks for hyper.
+        let lean = (protocol == Protocol::Http1
+            && !connector.is_tls()
+            && args.scenario == Scenario::Plain
+            && !args.hyper_h1
+            && h1lean::can_send(&headers))
+        .then(|| LeanRequest {
+            bytes: h1lean::encode(&method, &request_uri.to_string(), &headers, &body),
+            head: method == Method::HEAD,
+        });
         Ok(Self {
             url,
             protocol,
@@ -251,6 +271,7 @@ impl Settings {
             quiet: args.quiet,
             plan,
             connector,
+            lean,
             template: Template {
                 method,
                 uri: request_uri,
@@ -267,6 +288,24 @@ impl Settings {
 
     pub fn connector(&self) -> &Connector {
         &self.connector
+    }
+
+    /// Which HTTP client sends the load: `lean-h1` (`h1lean`), `hyper` or `h3`.
+    pub fn client(&self) -> &'static str {
+        match (&self.lean, self.protocol) {
+            (Some(_), _) => "lean-h1",
+            (None, Protocol::Http3) => "h3",
+            (None, _) => "hyper",
+        }
+    }
+
+    /// A connection for one lane, made for the client that sends the load.
+    async fn connect(&self, source: Option<IpAddr>) -> Result<Conn, ConnectError> {
+        if self.lean.is_some() {
+            self.connector.connect_lean(source).await
+        } else {
+            self.connector.connect(source).await
+        }
     }
 
     /// Source address of each planned connection (`--geo-mix`), `None` for the default.
@@ -319,8 +358,8 @@ struct Shared {
 }
 
 impl Shared {
-    fn expired(&self) -> bool {
-        self.deadline.is_some_and(|d| Instant::now() >= d)
+    fn expired(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|d| now >= d)
     }
 }
 
@@ -416,7 +455,7 @@ async fn open_lanes(settings: &Arc<Settings>) -> Vec<Lane> {
     for (i, origin) in prepared.iter().enumerate() {
         let settings = Arc::clone(settings);
         let source = origin.source;
-        set.spawn(async move { (i, settings.connector.connect(source).await) });
+        set.spawn(async move { (i, settings.connect(source).await) });
     }
     let mut conns: Vec<Option<Conn>> = (0..settings.plan.connections.len()).map(|_| None).collect();
     while let Some(joined) = set.join_next().await {
@@ -486,9 +525,13 @@ async fn run_closed(shared: &Arc<Shared>, lanes: Vec<Lane>) -> Stats {
 }
 
 async fn closed_lane(mut lane: Lane, mut quota: u64, shared: Arc<Shared>) -> Stats {
-    while quota > 0 && !shared.expired() {
+    while quota > 0 {
+        // One clock read is both the end-of-run check and the request's start.
         let start = Instant::now();
-        if let Attempt::ConnectFailed = one_request(&mut lane, &shared, start).await {
+        if shared.expired(start) {
+            break;
+        }
+        if let Attempt::ConnectFailed = one_request(&mut lane, &shared, start, start).await {
             // Do not spin on a refused port: a short pause, still counted as one failed request.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -537,24 +580,27 @@ async fn open_lane(
     loop {
         let next = { queue.lock().await.recv().await };
         let Some(scheduled) = next else { break };
-        one_request(&mut lane, &shared, scheduled).await;
+        one_request(&mut lane, &shared, scheduled, Instant::now()).await;
     }
     lane.stats
 }
 
-/// Sends one request and records it; latency counts from `start` (the scheduled time in open loop).
-async fn one_request(lane: &mut Lane, shared: &Shared, start: Instant) -> Attempt {
+/// Sends one request and records it; latency counts from `start` (the scheduled time in open loop),
+/// and the answer is due `--timeout` after it. `now` is the current time, which the caller has.
+async fn one_request(lane: &mut Lane, shared: &Shared, start: Instant, now: Instant) -> Attempt {
     let settings = &shared.settings;
     lane.stats.issued += 1;
     if let Some(country) = lane.country {
         bump(&mut lane.stats.geo, country);
     }
-    let remaining = settings.timeout.saturating_sub(start.elapsed());
+    let remaining = settings
+        .timeout
+        .saturating_sub(now.saturating_duration_since(start));
     let errors_before = lane.stats.errors() + lane.stats.status_classes[5];
     let result = if remaining.is_zero() {
         None
     } else {
-        tokio::time::timeout(remaining, attempt(lane, settings, start))
+        tokio::time::timeout_at((now + remaining).into(), attempt(lane, settings, start))
             .await
             .ok()
     };
@@ -579,7 +625,7 @@ async fn one_request(lane: &mut Lane, shared: &Shared, start: Instant) -> Attemp
 async fn attempt(lane: &mut Lane, settings: &Settings, start: Instant) -> Attempt {
     if lane.conn.as_ref().is_none_or(Conn::is_closed) {
         lane.conn = None;
-        match settings.connector.connect(lane.source).await {
+        match settings.connect(lane.source).await {
             Ok(conn) => {
                 lane.stats.connects += 1;
                 lane.conn = Some(conn);
@@ -595,6 +641,36 @@ async fn attempt(lane: &mut Lane, settings: &Settings, start: Instant) -> Attemp
             }
         }
     }
+    if let (Some(Conn::Lean(conn)), Some(request)) = (lane.conn.as_mut(), &settings.lean) {
+        let stats = &mut lane.stats;
+        let exchange = conn.exchange(&request.bytes, request.head, |_, headers| {
+            count_headers(stats, |name| {
+                headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case(name))
+                    .map(|h| h.value)
+            });
+        });
+        match exchange.await {
+            Ok(answer) => {
+                if settings.reconnect {
+                    lane.conn = None;
+                }
+                record(&mut lane.stats, answer.status, answer.body_bytes, start);
+            }
+            // The same kinds and wording as hyper's errors below.
+            Err(Failure::Request(e)) => {
+                lane.conn = None;
+                lane.stats.error(ErrorKind::Io, format!("request: {e}"));
+            }
+            Err(Failure::Body(e)) => {
+                lane.conn = None;
+                lane.stats
+                    .error(ErrorKind::Io, format!("response body: {e}"));
+            }
+        }
+        return Attempt::Done;
+    }
     let Some(conn) = lane.conn.as_mut() else {
         return Attempt::ConnectFailed;
     };
@@ -607,14 +683,9 @@ async fn attempt(lane: &mut Lane, settings: &Settings, start: Instant) -> Attemp
         }
     };
     let status = response.status();
-    for (name, map) in [
-        ("x-meridian-region", &mut lane.stats.regions),
-        ("x-meridian-cache", &mut lane.stats.cache),
-    ] {
-        if let Some(value) = response.header(name) {
-            bump(map, &String::from_utf8_lossy(value.as_bytes()));
-        }
-    }
+    count_headers(&mut lane.stats, |name| {
+        response.header(name).map(HeaderValue::as_bytes)
+    });
     let sse = settings.scenario == Scenario::Sse;
     let mut first_byte: Option<Instant> = None;
     let mut events = 0u64;
@@ -654,12 +725,8 @@ async fn attempt(lane: &mut Lane, settings: &Settings, start: Instant) -> Attemp
             conn.close();
         }
     }
-    let end = Instant::now();
+    let end = record(&mut lane.stats, status, bytes, start);
     let stats = &mut lane.stats;
-    stats.responses += 1;
-    stats.body_bytes += bytes;
-    stats.status(status);
-    record_micros(&mut stats.latency, micros(end - start));
     if sse {
         stats.sse_streams += 1;
         stats.sse_events += events;
@@ -670,6 +737,28 @@ async fn attempt(lane: &mut Lane, settings: &Settings, start: Instant) -> Attemp
         );
     }
     Attempt::Done
+}
+
+/// Counts the values of the answer headers the edge adds (`get` finds a header field's value).
+fn count_headers<'a>(stats: &mut Stats, get: impl Fn(&str) -> Option<&'a [u8]>) {
+    for (name, map) in [
+        ("x-meridian-region", &mut stats.regions),
+        ("x-meridian-cache", &mut stats.cache),
+    ] {
+        if let Some(value) = get(name) {
+            bump(map, &String::from_utf8_lossy(value));
+        }
+    }
+}
+
+/// Records a whole answer that started at `start`; returns the time it ended.
+fn record(stats: &mut Stats, status: u16, body_bytes: u64, start: Instant) -> Instant {
+    let end = Instant::now();
+    stats.responses += 1;
+    stats.body_bytes += body_bytes;
+    stats.status(status);
+    record_micros(&mut stats.latency, micros(end - start));
+    end
 }
 
 pub fn micros(d: Duration) -> u64 {
