@@ -9,11 +9,8 @@
 //! bounds its own waits: the caller wraps every exchange in its per-request timeout and drops the
 //! connection when it fires.
 
-use std::future::Future;
 use std::io;
 use std::mem::MaybeUninit;
-use std::pin::pin;
-use std::task::{Context, Poll, Waker};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
@@ -130,24 +127,17 @@ impl LeanConn {
     }
 
     /// Whether the connection cannot take another request: its last answer ended it, or the
-    /// server closed it since (an idle keep-alive connection timed out). The second is the
-    /// reactor's read-closed mark on the socket, looked at without a syscall, so a lane reconnects
-    /// instead of failing a request on a dead connection, as it did with hyper, whose connection
-    /// task saw the close.
+    /// server closed it since (an idle keep-alive connection timed out), or sent something nobody
+    /// asked for. hyper's connection task saw those while idle and the lane reconnected; here the
+    /// reactor's readiness mark tells, without a syscall or a lock: every answer ends by clearing
+    /// it (`forget_read_readiness`), so a mark set between requests means the peer closed or wrote.
     pub fn is_closed(&self) -> bool {
         if !self.reusable {
             return true;
         }
-        if !self.used {
-            return false;
-        }
-        let mut cx = Context::from_waker(Waker::noop());
-        let ready = pin!(self.stream.ready(Interest::READABLE));
-        match ready.poll(&mut cx) {
-            Poll::Ready(Ok(ready)) => ready.is_read_closed(),
-            Poll::Ready(Err(_)) => true,
-            Poll::Pending => false,
-        }
+        // A connection not used yet is taken as open: no answer has cleared its mark yet, so the
+        // mark means nothing (a close before the first request fails that request instead).
+        self.used && self.stream.try_io(Interest::READABLE, || Ok(())).is_ok()
     }
 
     /// Sends `request` (from `encode`) and reads the whole answer. `head_request`: the request was
@@ -164,7 +154,6 @@ impl LeanConn {
         F: FnOnce(u16, &[httparse::Header<'_>]),
     {
         self.used = true;
-        self.forget_read_readiness();
         if let Err(e) = self.stream.write_all(request).await {
             self.reusable = false;
             return Err(Failure::Request(format!("write: {e}")));
@@ -191,6 +180,8 @@ impl LeanConn {
         };
         if !head.keep_alive || head.framing == Framing::UntilClose || self.start != self.end {
             self.reusable = false;
+        } else {
+            self.forget_read_readiness();
         }
         Ok(Answer {
             status: head.status,
@@ -198,12 +189,15 @@ impl LeanConn {
         })
     }
 
-    /// Clears tokio's readable mark before a request goes out. The previous answer was read whole,
-    /// so nothing is waiting, but the mark from its last read is still set, and the first read
-    /// after the write would be a wasted syscall (EAGAIN) to learn that. Reporting "would block"
-    /// to `try_io` clears the mark without one. It is safe only here: the answer to the request
-    /// about to be written arrives after it, as a new readiness event that this cannot clear, and
-    /// a peer's close stays marked (tokio never clears read-closed).
+    /// Clears tokio's readable mark once an answer was read whole. Nothing is waiting then, but the
+    /// mark from the last read is still set: left so, the first read after the next request's write
+    /// would be a wasted syscall (EAGAIN) to learn that, and `is_closed` could not tell new bytes
+    /// from old. Reporting "would block" to `try_io` clears the mark without a syscall. It is safe
+    /// only here, with no request outstanding: the next answer can only come after the next write,
+    /// as a new readiness event. A close is never cleared (tokio keeps read-closed), an event that
+    /// lands while this runs is left set (tokio clears only the readiness it handed out), and bytes
+    /// nobody asked for that arrived just before would be read with the next answer and fail it as
+    /// a malformed one: an io error, never a hang.
     fn forget_read_readiness(&self) {
         let _ = self.stream.try_io(Interest::READABLE, || {
             Err::<(), _>(io::ErrorKind::WouldBlock.into())

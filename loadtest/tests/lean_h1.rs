@@ -66,6 +66,10 @@ fn serve(mut stream: TcpStream) {
                 write_all(&mut stream, b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n", b"0123456789");
                 false
             }
+            "/slow" => {
+                thread::sleep(Duration::from_millis(150));
+                write_all(&mut stream, b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n", b"ok")
+            }
             // Never answers; the client's timeout ends it.
             "/silent" => {
                 thread::sleep(Duration::from_secs(5));
@@ -221,6 +225,21 @@ fn silent_servers_time_out() {
         let (_, report) = run_load(&args);
         assert_eq!(u(&report, "/errors/timeout"), 4, "{client:?}");
         assert_eq!(u(&report, "/requests/responses"), 0, "{client:?}");
+    }
+}
+
+/// Each request's timeout counts from its own start: with answers 150 ms apart and a 400 ms
+/// timeout, the third request is answered after the first one's deadline, and is no timeout.
+#[test]
+fn slow_answers_within_the_timeout_are_not_timeouts() {
+    let addr = start_server();
+    let url = format!("http://{addr}/slow");
+    for client in [&[][..], &["--hyper-h1"]] {
+        let mut args = vec![&url[..], "-c", "1", "-n", "5", "--timeout", "400ms"];
+        args.extend_from_slice(client);
+        let (_, report) = run_load(&args);
+        assert_eq!(u(&report, "/errors/total"), 0, "{client:?}: {report:#}");
+        assert_eq!(u(&report, "/requests/ok"), 5, "{client:?}");
     }
 }
 
