@@ -658,7 +658,7 @@ async fn one_request(
     outcome
 }
 
-/// Keeps the lane's connection, or records a new one, or the failure to make one (then false).
+/// Gives the lane the connection just made and counts it, or counts the failure to make one (false).
 fn connected(lane: &mut Lane, made: Result<Conn, ConnectError>) -> bool {
     match made {
         Ok(conn) => {
