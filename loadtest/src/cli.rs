@@ -129,6 +129,11 @@ pub struct LoadArgs {
     /// Idle mode: how long to hold the connections after they are all open.
     #[arg(long, value_parser = duration::parse, default_value = "60s")]
     pub idle_for: Duration,
+    /// Send cleartext HTTP/1.1 load through hyper's client instead of the built-in lean one, which
+    /// plain `http://` h1 runs use otherwise (SSE always uses hyper). The lean client spends under
+    /// half of hyper's user CPU per request (about two thirds of its total); this is for comparing.
+    #[arg(long)]
+    pub hyper_h1: bool,
     /// Write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,

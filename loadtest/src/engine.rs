@@ -2,10 +2,13 @@
 //! Open loop: arrival times are fixed in advance (`start + k / rate`) and every latency is measured
 //! from its scheduled time, so a slow server cannot hide its queueing (coordinated omission).
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+use std::pin::{pin, Pin};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -15,9 +18,11 @@ use http::{HeaderMap, Method, Request, Uri};
 use indicatif::{ProgressBar, ProgressStyle};
 use tokio::sync::{mpsc, Mutex};
 use tokio::task::JoinSet;
+use tokio::time::Sleep;
 
 use crate::cli::{LoadArgs, ProtocolArg, Scenario};
 use crate::geo::{apportion, GeoMix, Plan, SmoothRoundRobin};
+use crate::h1lean::{self, Failure};
 use crate::protocol::{Conn, ConnectError, Connector, Protocol, TlsSettings};
 use crate::report;
 use crate::stats::{bump, record_micros, ErrorKind, Stats};
@@ -54,6 +59,14 @@ pub struct Settings {
     plan: Plan,
     connector: Connector,
     template: Template,
+    /// Cleartext HTTP/1.1 load goes through the lean client with this request, encoded once.
+    lean: Option<LeanRequest>,
+}
+
+struct LeanRequest {
+    bytes: Bytes,
+    /// A HEAD request: its answer has no body, whatever the head says.
+    head: bool,
 }
 
 /// The request every lane sends, prebuilt.
@@ -232,6 +245,17 @@ impl Settings {
             }),
         });
         let connector = Connector::new(protocol, target, tls_settings, args.timeout)?;
+        // The lean client does plain cleartext HTTP/1.1 request/response; SSE keeps hyper (its
+        // event counting reads body chunks as they arrive), and --hyper-h1 asks for hyper.
+        let lean = (protocol == Protocol::Http1
+            && !connector.is_tls()
+            && args.scenario == Scenario::Plain
+            && !args.hyper_h1
+            && h1lean::can_send(&headers))
+        .then(|| LeanRequest {
+            bytes: h1lean::encode(&method, &request_uri.to_string(), &headers, &body),
+            head: method == Method::HEAD,
+        });
         Ok(Self {
             url,
             protocol,
@@ -251,6 +275,7 @@ impl Settings {
             quiet: args.quiet,
             plan,
             connector,
+            lean,
             template: Template {
                 method,
                 uri: request_uri,
@@ -267,6 +292,24 @@ impl Settings {
 
     pub fn connector(&self) -> &Connector {
         &self.connector
+    }
+
+    /// Which HTTP client sends the load: `lean-h1` (`h1lean`), `hyper` or `h3`.
+    pub fn client(&self) -> &'static str {
+        match (&self.lean, self.protocol) {
+            (Some(_), _) => "lean-h1",
+            (None, Protocol::Http3) => "h3",
+            (None, _) => "hyper",
+        }
+    }
+
+    /// A connection for one lane, made for the client that sends the load.
+    async fn connect(&self, source: Option<IpAddr>) -> Result<Conn, ConnectError> {
+        if self.lean.is_some() {
+            self.connector.connect_lean(source).await
+        } else {
+            self.connector.connect(source).await
+        }
     }
 
     /// Source address of each planned connection (`--geo-mix`), `None` for the default.
@@ -319,8 +362,8 @@ struct Shared {
 }
 
 impl Shared {
-    fn expired(&self) -> bool {
-        self.deadline.is_some_and(|d| Instant::now() >= d)
+    fn expired(&self, now: Instant) -> bool {
+        self.deadline.is_some_and(|d| now >= d)
     }
 }
 
@@ -416,7 +459,7 @@ async fn open_lanes(settings: &Arc<Settings>) -> Vec<Lane> {
     for (i, origin) in prepared.iter().enumerate() {
         let settings = Arc::clone(settings);
         let source = origin.source;
-        set.spawn(async move { (i, settings.connector.connect(source).await) });
+        set.spawn(async move { (i, settings.connect(source).await) });
     }
     let mut conns: Vec<Option<Conn>> = (0..settings.plan.connections.len()).map(|_| None).collect();
     while let Some(joined) = set.join_next().await {
@@ -486,9 +529,16 @@ async fn run_closed(shared: &Arc<Shared>, lanes: Vec<Lane>) -> Stats {
 }
 
 async fn closed_lane(mut lane: Lane, mut quota: u64, shared: Arc<Shared>) -> Stats {
-    while quota > 0 && !shared.expired() {
+    let mut timer = pin!(tokio::time::sleep_until(tokio::time::Instant::now()));
+    while quota > 0 {
+        // One clock read is both the end-of-run check and the request's start.
         let start = Instant::now();
-        if let Attempt::ConnectFailed = one_request(&mut lane, &shared, start).await {
+        if shared.expired(start) {
+            break;
+        }
+        if let Attempt::ConnectFailed =
+            one_request(&mut lane, &shared, timer.as_mut(), start, start).await
+        {
             // Do not spin on a refused port: a short pause, still counted as one failed request.
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -534,29 +584,61 @@ async fn open_lane(
     queue: Arc<Mutex<mpsc::UnboundedReceiver<Instant>>>,
     shared: Arc<Shared>,
 ) -> Stats {
+    let mut timer = pin!(tokio::time::sleep_until(tokio::time::Instant::now()));
     loop {
         let next = { queue.lock().await.recv().await };
         let Some(scheduled) = next else { break };
-        one_request(&mut lane, &shared, scheduled).await;
+        one_request(
+            &mut lane,
+            &shared,
+            timer.as_mut(),
+            scheduled,
+            Instant::now(),
+        )
+        .await;
     }
     lane.stats
 }
 
-/// Sends one request and records it; latency counts from `start` (the scheduled time in open loop).
-async fn one_request(lane: &mut Lane, shared: &Shared, start: Instant) -> Attempt {
+/// Sends one request and records it; latency counts from `start` (the scheduled time in open loop),
+/// and the answer is due `--timeout` after it. `now` is the current time, which the caller has;
+/// `timer` is the lane's (see `within`).
+async fn one_request(
+    lane: &mut Lane,
+    shared: &Shared,
+    timer: Pin<&mut Sleep>,
+    start: Instant,
+    now: Instant,
+) -> Attempt {
     let settings = &shared.settings;
     lane.stats.issued += 1;
     if let Some(country) = lane.country {
         bump(&mut lane.stats.geo, country);
     }
-    let remaining = settings.timeout.saturating_sub(start.elapsed());
+    let remaining = settings
+        .timeout
+        .saturating_sub(now.saturating_duration_since(start));
     let errors_before = lane.stats.errors() + lane.stats.status_classes[5];
     let result = if remaining.is_zero() {
         None
     } else {
-        tokio::time::timeout(remaining, attempt(lane, settings, start))
-            .await
-            .ok()
+        let due = now + remaining;
+        match &settings.lean {
+            Some(request) => {
+                let work = pin!(lean_attempt(lane, settings, request, start));
+                within(timer, due, work).await
+            }
+            // Boxed: hyper's and the h3 client's futures make this one several KiB, which kept in
+            // place would make every request's future (the lean one's too) that large to set up.
+            None => {
+                within(
+                    timer,
+                    due,
+                    Box::pin(attempt(lane, settings, start)).as_mut(),
+                )
+                .await
+            }
+        }
     };
     let outcome = match result {
         Some(outcome) => outcome,
@@ -576,23 +658,80 @@ async fn one_request(lane: &mut Lane, shared: &Shared, start: Instant) -> Attemp
     outcome
 }
 
+/// Gives the lane the connection just made and counts it, or counts the failure to make one (false).
+fn connected(lane: &mut Lane, made: Result<Conn, ConnectError>) -> bool {
+    match made {
+        Ok(conn) => {
+            lane.stats.connects += 1;
+            lane.conn = Some(conn);
+            true
+        }
+        Err(ConnectError::Timeout) => {
+            lane.stats
+                .error(ErrorKind::Connect, "connect timed out".into());
+            false
+        }
+        Err(ConnectError::Failed(e)) => {
+            lane.stats.error(ErrorKind::Connect, e);
+            false
+        }
+    }
+}
+
+/// One request through the lean HTTP/1.1 client.
+async fn lean_attempt(
+    lane: &mut Lane,
+    settings: &Settings,
+    request: &LeanRequest,
+    start: Instant,
+) -> Attempt {
+    if lane.conn.as_ref().is_none_or(Conn::is_closed) {
+        lane.conn = None;
+        let made = settings.connector.connect_lean(lane.source).await;
+        if !connected(lane, made) {
+            return Attempt::ConnectFailed;
+        }
+    }
+    let Some(Conn::Lean(conn)) = lane.conn.as_mut() else {
+        return Attempt::ConnectFailed;
+    };
+    let stats = &mut lane.stats;
+    let exchange = conn.exchange(&request.bytes, request.head, |_, headers| {
+        count_headers(stats, |name| {
+            headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| h.value)
+        });
+    });
+    match exchange.await {
+        Ok(answer) => {
+            if settings.reconnect {
+                lane.conn = None;
+            }
+            record(&mut lane.stats, answer.status, answer.body_bytes, start);
+        }
+        // The same kinds and wording as hyper's errors in `attempt`.
+        Err(Failure::Request(e)) => {
+            lane.conn = None;
+            lane.stats.error(ErrorKind::Io, format!("request: {e}"));
+        }
+        Err(Failure::Body(e)) => {
+            lane.conn = None;
+            lane.stats
+                .error(ErrorKind::Io, format!("response body: {e}"));
+        }
+    }
+    Attempt::Done
+}
+
+/// One request through hyper (h1, h2) or the h3 client.
 async fn attempt(lane: &mut Lane, settings: &Settings, start: Instant) -> Attempt {
     if lane.conn.as_ref().is_none_or(Conn::is_closed) {
         lane.conn = None;
-        match settings.connector.connect(lane.source).await {
-            Ok(conn) => {
-                lane.stats.connects += 1;
-                lane.conn = Some(conn);
-            }
-            Err(ConnectError::Timeout) => {
-                lane.stats
-                    .error(ErrorKind::Connect, "connect timed out".into());
-                return Attempt::ConnectFailed;
-            }
-            Err(ConnectError::Failed(e)) => {
-                lane.stats.error(ErrorKind::Connect, e);
-                return Attempt::ConnectFailed;
-            }
+        let made = settings.connector.connect(lane.source).await;
+        if !connected(lane, made) {
+            return Attempt::ConnectFailed;
         }
     }
     let Some(conn) = lane.conn.as_mut() else {
@@ -607,14 +746,9 @@ async fn attempt(lane: &mut Lane, settings: &Settings, start: Instant) -> Attemp
         }
     };
     let status = response.status();
-    for (name, map) in [
-        ("x-meridian-region", &mut lane.stats.regions),
-        ("x-meridian-cache", &mut lane.stats.cache),
-    ] {
-        if let Some(value) = response.header(name) {
-            bump(map, &String::from_utf8_lossy(value.as_bytes()));
-        }
-    }
+    count_headers(&mut lane.stats, |name| {
+        response.header(name).map(HeaderValue::as_bytes)
+    });
     let sse = settings.scenario == Scenario::Sse;
     let mut first_byte: Option<Instant> = None;
     let mut events = 0u64;
@@ -654,12 +788,8 @@ async fn attempt(lane: &mut Lane, settings: &Settings, start: Instant) -> Attemp
             conn.close();
         }
     }
-    let end = Instant::now();
+    let end = record(&mut lane.stats, status, bytes, start);
     let stats = &mut lane.stats;
-    stats.responses += 1;
-    stats.body_bytes += bytes;
-    stats.status(status);
-    record_micros(&mut stats.latency, micros(end - start));
     if sse {
         stats.sse_streams += 1;
         stats.sse_events += events;
@@ -670,6 +800,58 @@ async fn attempt(lane: &mut Lane, settings: &Settings, start: Instant) -> Attemp
         );
     }
     Attempt::Done
+}
+
+/// Runs `work` until it is done (`Some`) or `due` has passed (`None`, `work` dropped). `timer` is
+/// the lane's and is only ever set to a deadline of its lane, which come in increasing order; so a
+/// timer that fires before the current `due` is moved on to it, and one that fires at or after it
+/// means time is up. Arming and disarming a timer per request (`tokio::time::timeout`) cost the
+/// generator about 4% of its CPU; this touches the timer wheel once per `--timeout` per lane.
+async fn within<F: Future>(
+    mut timer: Pin<&mut Sleep>,
+    due: Instant,
+    mut work: Pin<&mut F>,
+) -> Option<F::Output> {
+    let due = tokio::time::Instant::from_std(due);
+    if timer.deadline() > due {
+        // Not expected (see above), but a timer must never fire late.
+        timer.as_mut().reset(due);
+    }
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(out) = work.as_mut().poll(cx) {
+            return Poll::Ready(Some(out));
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            if timer.deadline() >= due {
+                return Poll::Ready(None);
+            }
+            timer.as_mut().reset(due);
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// Counts the values of the answer headers the edge adds (`get` finds a header field's value).
+fn count_headers<'a>(stats: &mut Stats, get: impl Fn(&str) -> Option<&'a [u8]>) {
+    for (name, map) in [
+        ("x-meridian-region", &mut stats.regions),
+        ("x-meridian-cache", &mut stats.cache),
+    ] {
+        if let Some(value) = get(name) {
+            bump(map, &String::from_utf8_lossy(value));
+        }
+    }
+}
+
+/// Records a whole answer that started at `start`; returns the time it ended.
+fn record(stats: &mut Stats, status: u16, body_bytes: u64, start: Instant) -> Instant {
+    let end = Instant::now();
+    stats.responses += 1;
+    stats.body_bytes += body_bytes;
+    stats.status(status);
+    record_micros(&mut stats.latency, micros(end - start));
+    end
 }
 
 pub fn micros(d: Duration) -> u64 {

@@ -5,6 +5,7 @@ mod cli;
 mod duration;
 mod engine;
 mod geo;
+mod h1lean;
 mod idle;
 mod origin;
 mod prefix;

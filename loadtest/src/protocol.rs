@@ -1,7 +1,9 @@
 //! Connections per protocol. A protocol is a variant of `Protocol`; each has a connector that turns a
 //! (source address, target) into a `Conn` that can send requests, and every protocol answers with
 //! the same `Reply` view (status, headers, body chunks), so the engine has one request loop.
-//! HTTP/3 uses the project's shared client (`meridian_testkit::h3client`).
+//! HTTP/3 uses the project's shared client (`meridian_testkit::h3client`). Cleartext HTTP/1.1 load
+//! runs use the lean client (`h1lean`) instead of hyper's: those connections are driven by the
+//! engine directly, not through `send`.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::Path;
@@ -19,8 +21,10 @@ use meridian_testkit::h3client::{H3Client, H3Response, H3Sender};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpSocket;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::TlsConnector;
+
+use crate::h1lean::LeanConn;
 
 pub type ReqBody = Full<Bytes>;
 
@@ -57,12 +61,13 @@ pub enum Conn {
     Http1(hyper::client::conn::http1::SendRequest<ReqBody>),
     Http2(hyper::client::conn::http2::SendRequest<ReqBody>),
     Http3(H3Sender),
+    Lean(LeanConn),
 }
 
 impl Conn {
     pub fn share(&self) -> Option<Conn> {
         match self {
-            Conn::Http1(_) => None,
+            Conn::Http1(_) | Conn::Lean(_) => None,
             Conn::Http2(s) => Some(Conn::Http2(s.clone())),
             Conn::Http3(s) => Some(Conn::Http3(s.clone())),
         }
@@ -73,6 +78,7 @@ impl Conn {
             Conn::Http1(s) => s.is_closed(),
             Conn::Http2(s) => s.is_closed(),
             Conn::Http3(s) => s.is_closed(),
+            Conn::Lean(c) => c.is_closed(),
         }
     }
 
@@ -92,6 +98,7 @@ impl Conn {
                 let head = Request::from_parts(parts, ());
                 Ok(Reply::Http3(Box::new(s.send(head, Some(body)).await?)))
             }
+            Conn::Lean(_) => bail!("a lean HTTP/1.1 connection is driven by h1lean, not send"),
         }
     }
 
@@ -206,18 +213,17 @@ impl Connector {
         }
     }
 
-    async fn connect_inner(&self, source: Option<IpAddr>) -> anyhow::Result<Conn> {
-        if let Transport::Quic(config, server_name) = &self.transport {
-            let source = source.unwrap_or(if self.target.is_ipv4() {
-                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
-            } else {
-                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
-            });
-            let client =
-                H3Client::connect(source, self.target, server_name, config.clone()).await?;
-            // The client's connection driver runs on its own task; the sender is all a lane needs.
-            return Ok(Conn::Http3(client.sender()));
+    /// A cleartext HTTP/1.1 connection for the lean client (`h1lean`).
+    pub async fn connect_lean(&self, source: Option<IpAddr>) -> Result<Conn, ConnectError> {
+        match tokio::time::timeout(self.connect_timeout, self.tcp(source)).await {
+            Ok(Ok(stream)) => Ok(Conn::Lean(LeanConn::new(stream))),
+            Ok(Err(e)) => Err(ConnectError::Failed(format!("{e:#}"))),
+            Err(_) => Err(ConnectError::Timeout),
         }
+    }
+
+    /// A TCP connection to the target from `source`, Nagle off (requests are written whole).
+    async fn tcp(&self, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
         let socket = if self.target.is_ipv4() {
             TcpSocket::new_v4()?
         } else {
@@ -230,6 +236,22 @@ impl Connector {
         }
         let stream = socket.connect(self.target).await?;
         stream.set_nodelay(true)?;
+        Ok(stream)
+    }
+
+    async fn connect_inner(&self, source: Option<IpAddr>) -> anyhow::Result<Conn> {
+        if let Transport::Quic(config, server_name) = &self.transport {
+            let source = source.unwrap_or(if self.target.is_ipv4() {
+                IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+            } else {
+                IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+            });
+            let client =
+                H3Client::connect(source, self.target, server_name, config.clone()).await?;
+            // The client's connection driver runs on its own task; the sender is all a lane needs.
+            return Ok(Conn::Http3(client.sender()));
+        }
+        let stream = self.tcp(source).await?;
         match &self.transport {
             Transport::Tls(connector, name) => {
                 let stream = connector.connect(name.clone(), stream).await?;

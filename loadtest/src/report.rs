@@ -72,6 +72,7 @@ pub fn json(settings: &Settings, outcome: &Outcome) -> Value {
         "host": settings.host,
         "path": settings.path,
         "protocol": settings.protocol.name(),
+        "client": settings.client(),
         "tls": settings.tls,
         "scenario": match settings.scenario { Scenario::Plain => "plain", Scenario::Sse => "sse" },
         "mode": mode,
