@@ -7,6 +7,7 @@
 #   Env: DURATION, ROUNDS, CONNECTIONS (64), RATE (open loop, 5000/s), LOADGEN_THREADS (1),
 #        OUT (JSON dir), MERIDIAN_BIN / LOADTEST_BIN / PINGORA_BIN (prebuilt binaries: skip building
 #        meridian, meridian-loadtest, the bare_pingora example), CARGO_TARGET_DIR,
+#        PGO=1 (Meridian built by scripts/build-pgo.sh, profile-guided, unless MERIDIAN_BIN is set),
 #        CACHE_ONLY=1 (only the cache-hit scenario), TLS=0 (skip the Meridian-only TLS/QUIC runs),
 #        BASELINE_BIN (a second `meridian`, e.g. built from an earlier commit: it runs beside the
 #        others as `meridian-base`, so a change is measured against its baseline in the same run),
@@ -98,6 +99,10 @@ HAPROXY="$(command -v haproxy || echo /usr/sbin/haproxy)"
 # The Debian packages start system services; this benchmark runs its own instances only.
 systemctl stop nginx haproxy >/dev/null 2>&1 || true
 
+if [ "${PGO:-0}" = 1 ] && [ -z "${MERIDIAN_BIN:-}" ]; then
+  log "building meridian with profile-guided optimisation (scripts/build-pgo.sh)"
+  MERIDIAN_BIN="$(CARGO_TARGET_DIR="$CARGO_TARGET_DIR/pgo" bash "$ROOT/scripts/build-pgo.sh" | tail -1)"
+fi
 # MERIDIAN_BIN=path uses an already built `meridian` (e.g. one built from a clean checkout).
 # The bare Pingora proxy is built from this tree (it is the framework, not Meridian), like the
 # generator; LOADTEST_BIN / PINGORA_BIN use prebuilt ones instead (all three set: no cargo at all).
