@@ -31,7 +31,6 @@ cleanup() {
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
-log() { printf '== %s\n' "$*" >&2; }
 source loadtest/bench/lib.sh
 
 log "instrumented build"
@@ -46,13 +45,7 @@ ORIGIN_PORT=18300 EDGE_PORT=18301 ADMIN_PORT=18302 TLS_PORT=18303 DNS_PORT=18304
 PIDS+=($!)
 wait_port "$ORIGIN_PORT"
 
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=pgo CA" \
-  -keyout "$WORK/ca.key" -out "$WORK/ca.crt" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=pgo.example.test" \
-  -keyout "$WORK/leaf.key" -out "$WORK/leaf.csr" 2>/dev/null
-printf 'subjectAltName=DNS:pgo.example.test\nbasicConstraints=CA:FALSE\n' >"$WORK/leaf.ext"
-openssl x509 -req -in "$WORK/leaf.csr" -CA "$WORK/ca.crt" -CAkey "$WORK/ca.key" -CAcreateserial \
-  -days 2 -extfile "$WORK/leaf.ext" -out "$WORK/leaf.crt" 2>/dev/null
+throwaway_tls "$WORK" pgo.example.test leaf
 
 # GeoDNS is trained too: code a profile never saw is laid out as cold.
 "$TARGET/instrumented/release/meridian" geoip build-test-world "$WORK/test-world.mmdb" >/dev/null

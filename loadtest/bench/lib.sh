@@ -29,3 +29,16 @@ ensure_tools() {
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   fi
 }
+
+# Writes a throwaway CA ($1/ca.crt, $1/ca.key) and a leaf for host $2 signed by it ($1/$3.crt,
+# $1/$3.key), made with openssl so a script needs nothing from the repo but the binaries.
+throwaway_tls() {
+  local dir=$1 host=$2 leaf=$3
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=$leaf CA" \
+    -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+  openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$host" \
+    -keyout "$dir/$leaf.key" -out "$dir/$leaf.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:%s\nbasicConstraints=CA:FALSE\n' "$host" >"$dir/$leaf.ext"
+  openssl x509 -req -in "$dir/$leaf.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+    -days 2 -extfile "$dir/$leaf.ext" -out "$dir/$leaf.crt" 2>/dev/null
+}

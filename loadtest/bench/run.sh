@@ -207,13 +207,7 @@ HAPROXY_PID=$!
 # --- Meridian: one region whose only upstream is the origin, one thread ---------------------------
 # TLS for the Meridian-only runs (h1/h2 over TLS, h3 over QUIC): a throwaway CA and a leaf for
 # bench.example.test, made with openssl so the script needs nothing from the repo but the binaries.
-openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 -subj "/CN=bench CA" \
-  -keyout "$WORK/ca.key" -out "$WORK/ca.crt" 2>/dev/null
-openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=bench.example.test" \
-  -keyout "$WORK/bench.key" -out "$WORK/bench.csr" 2>/dev/null
-printf 'subjectAltName=DNS:bench.example.test\nbasicConstraints=CA:FALSE\n' >"$WORK/leaf.ext"
-openssl x509 -req -in "$WORK/bench.csr" -CA "$WORK/ca.crt" -CAkey "$WORK/ca.key" -CAcreateserial \
-  -days 2 -extfile "$WORK/leaf.ext" -out "$WORK/bench.crt" 2>/dev/null
+throwaway_tls "$WORK" bench.example.test bench
 cat >"$WORK/meridian.toml" <<CONF
 schema = 1
 
