@@ -1068,16 +1068,16 @@ mod tests {
             uri: &uri,
             headers: &headers,
         };
-        let mut first = connector
-            .send(
+        let send = || {
+            connector.send(
                 origin,
                 get(),
                 UpstreamBody::full(Bytes::new()),
                 timeouts,
                 None,
             )
-            .await
-            .expect("first response");
+        };
+        let mut first = send().await.expect("first response");
         let held = first.next_chunk().await.expect("body").expect("a chunk");
         assert!(first.next_chunk().await.expect("end").is_none());
         assert_eq!(
@@ -1085,16 +1085,7 @@ mod tests {
             1,
             "released to the spares"
         );
-        let mut second = connector
-            .send(
-                origin,
-                get(),
-                UpstreamBody::full(Bytes::new()),
-                timeouts,
-                None,
-            )
-            .await
-            .expect("second response");
+        let mut second = send().await.expect("second response");
         assert_eq!(
             SPARE.with(|spare| spare.borrow().len()),
             0,

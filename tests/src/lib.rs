@@ -233,20 +233,7 @@ impl World {
 
     /// The admin listener's `/metrics` text.
     pub fn metrics(&self) -> String {
-        let reply = self
-            .runtime
-            .block_on(Client::new(self.edge.admin_addr).request(
-                Protocol::Http1,
-                IpAddr::V4(Ipv4Addr::LOCALHOST),
-                "GET",
-                "localhost",
-                "/metrics",
-                &[],
-                Vec::new(),
-            ))
-            .expect("metrics");
-        assert_eq!(reply.status, 200);
-        reply.text()
+        metrics_text(&self.runtime, &self.edge)
     }
 
     /// The value of `series` once it equals `expected`, or its last value after a bounded wait.
@@ -397,4 +384,21 @@ pub fn free_local_addr() -> SocketAddr {
     let ip = Ipv4Addr::new(127, 200, (salt >> 8) as u8, (salt as u8).max(1));
     let listener = std::net::TcpListener::bind((ip, 0)).expect("bind a free port");
     listener.local_addr().expect("local addr")
+}
+
+/// The `/metrics` text of a running edge's admin listener (asserting a 200).
+pub fn metrics_text(runtime: &tokio::runtime::Runtime, edge: &RunningEdge) -> String {
+    let reply = runtime
+        .block_on(Client::new(edge.admin_addr).request(
+            Protocol::Http1,
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            "GET",
+            "localhost",
+            "/metrics",
+            &[],
+            Vec::new(),
+        ))
+        .expect("metrics");
+    assert_eq!(reply.status, 200);
+    reply.text()
 }

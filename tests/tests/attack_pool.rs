@@ -195,25 +195,6 @@ async fn send(edge: SocketAddr, method: &str, host: &str, body: &[u8]) -> Reply 
         .expect("request completes")
 }
 
-fn metrics(
-    runtime: &tokio::runtime::Runtime,
-    edge: &meridian_gateway::edge::RunningEdge,
-) -> String {
-    let reply = runtime
-        .block_on(Client::new(edge.admin_addr).request(
-            Protocol::Http1,
-            std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-            "GET",
-            "localhost",
-            "/metrics",
-            &[],
-            Vec::new(),
-        ))
-        .expect("metrics");
-    assert_eq!(reply.status, 200);
-    reply.text()
-}
-
 /// Four connections pooled, every one of them closed by the origin once it has read the next
 /// request: a GET goes out on one of them and then once on a fresh connection — not once per
 /// pooled connection — and is answered.
@@ -293,7 +274,7 @@ fn a_closed_pooled_connection_is_never_charged_to_the_upstream() {
         failed, dropped_posts,
         "each 502 is a POST the origin dropped"
     );
-    let text = metrics(&runtime, &edge);
+    let text = meridian_tests::metrics_text(&runtime, &edge);
     assert_eq!(
         metric_value(&text, r#"meridian_upstream_ejections_total{region="pair"}"#),
         None,
