@@ -100,9 +100,10 @@ pub fn new_traceparent_value() -> HeaderValue {
 fn traceparent_bytes() -> [u8; 55] {
     let (a, b, c) = (random_u64(), random_u64(), random_u64());
     let mut out = *b"00-00000000000000000000000000000000-0000000000000000-01";
-    crate::pipeline::forward::put_hex(&mut out[3..19], a);
-    crate::pipeline::forward::put_hex(&mut out[19..35], b);
-    crate::pipeline::forward::put_hex(&mut out[36..52], c.max(1));
+    let hex16 = crate::pipeline::forward::hex16;
+    out[3..19].copy_from_slice(&hex16(a));
+    out[19..35].copy_from_slice(&hex16(b));
+    out[36..52].copy_from_slice(&hex16(c.max(1)));
     out
 }
 

@@ -300,7 +300,7 @@ impl Connector {
         body: UpstreamBody,
         timeouts: Timeouts,
         interim: Option<&InterimSink>,
-    ) -> Result<UpstreamResponse, UpstreamError> {
+    ) -> Result<Box<UpstreamResponse>, UpstreamError> {
         ensure_timer_floor();
         let (head, chunked) = encode_head(request, &body);
         let head_request = *request.method == Method::HEAD;
@@ -367,8 +367,11 @@ impl Connector {
         (head, framing, reusable): (http::response::Parts, Framing, bool),
         timeouts: Timeouts,
         connect: Duration,
-    ) -> UpstreamResponse {
-        UpstreamResponse {
+    ) -> Box<UpstreamResponse> {
+        // Boxed: the response passes through several futures' states on its way to the
+        // client (try loop, request, relay), and moving ~270 bytes each time cost more than one
+        // allocation.
+        Box::new(UpstreamResponse {
             head,
             addr,
             connect,
@@ -377,7 +380,7 @@ impl Connector {
             reusable,
             conn: Some(conn),
             max_idle: self.max_idle_per_upstream,
-        }
+        })
     }
 }
 
@@ -605,8 +608,8 @@ async fn write_body_chunk<W: tokio::io::AsyncWrite + Unpin>(
     }
 }
 
-/// `first` then `second` in as few writes as the socket allows (one `writev` usually): the head
-/// and a small body go out together without being copied into one buffer first.
+/// `first` then `second` in as few writes as the socket allows (one `writev` usually), within
+/// `limit` for the pair.
 async fn write_all_pair<W: tokio::io::AsyncWrite + Unpin>(
     w: &mut W,
     addr: SocketAddr,
@@ -614,18 +617,10 @@ async fn write_all_pair<W: tokio::io::AsyncWrite + Unpin>(
     second: &[u8],
     limit: Duration,
 ) -> Result<(), Attempt> {
-    let mut done = 0;
-    while done < first.len() {
-        let slices = [
-            std::io::IoSlice::new(&first[done..]),
-            std::io::IoSlice::new(second),
-        ];
-        done += written(addr, lazy_timeout(limit, w.write_vectored(&slices)).await)?;
-    }
-    match done.checked_sub(first.len()) {
-        Some(sent) if sent < second.len() => write_all(w, addr, &second[sent..], limit).await,
-        _ => Ok(()),
-    }
+    let pair = crate::write_pair::write_all_pair(w, first, second);
+    // A completed pair counts as one non-empty write for `written`.
+    let done = lazy_timeout(limit, pair).await.map(|r| r.map(|()| 1));
+    written(addr, done).map(drop)
 }
 
 /// A write that fails once it has been blocked for `limit` (the upstream stopped reading).

@@ -28,3 +28,4 @@ pub(crate) mod pipeline;
 pub(crate) mod reload;
 pub(crate) mod status_page;
 pub mod tls;
+pub(crate) mod write_pair;

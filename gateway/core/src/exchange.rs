@@ -182,7 +182,12 @@ pub fn check_head_limits(headers: &HeaderMap, limits: &Limits) -> Option<EdgeRep
 /// A declared body over `edge.limits.max_body_bytes`: checked once the route is known, because
 /// a model call is held to its inference route's own `inference.max_body_bytes` instead.
 pub fn check_body_limit(headers: &HeaderMap, limits: &Limits) -> Option<EdgeReply> {
-    declared_length(headers)
+    check_declared_length(declared_length(headers), limits)
+}
+
+/// [`check_body_limit`] for a length the caller has already read from the head.
+pub fn check_declared_length(declared: Option<u64>, limits: &Limits) -> Option<EdgeReply> {
+    declared
         .is_some_and(|len| len > limits.max_body_bytes)
         .then(|| EdgeReply::new(413, error_message(413)))
 }

@@ -165,6 +165,20 @@ impl<'a> UpstreamHeaders<'a> {
         }
     }
 
+    /// For each of `names`, whether a field of that name may be sent (`false`: [`Self::get`]
+    /// would say `None`). One pass over the client's names answers for all of them: the edge
+    /// asks about fields a client seldom sends (`X-Request-Id`, `traceparent`, …), and a miss
+    /// in the map still hashed the name.
+    pub fn may_send<const N: usize>(&self, names: [&HeaderName; N]) -> [bool; N] {
+        let mut found = self
+            .client
+            .map_or([false; N], |client| present(client, names));
+        for (found, name) in found.iter_mut().zip(names) {
+            *found |= self.edit(name).is_some();
+        }
+        found
+    }
+
     /// The client's map, when it sends fields named `name` that go upstream.
     fn client_sending(&self, name: &HeaderName) -> Option<&'a HeaderMap> {
         let client = self.client?;
@@ -257,6 +271,24 @@ mod tests {
             h.append(*n, HeaderValue::from_static(v));
         }
         h
+    }
+
+    #[test]
+    fn may_send_agrees_with_get() {
+        let client = map(&[("x-a", "1"), ("connection", "x-b"), ("x-b", "2")]);
+        let mut headers = UpstreamHeaders::from_client(&client);
+        headers.insert(
+            HeaderName::from_static("x-c"),
+            HeaderValue::from_static("3"),
+        );
+        headers.remove(HeaderName::from_static("x-a"));
+        let names = ["x-a", "x-b", "x-c", "x-d"].map(HeaderName::from_static);
+        let may = headers.may_send([&names[0], &names[1], &names[2], &names[3]]);
+        for (name, may) in names.iter().zip(may) {
+            // `may_send` may say yes to a field `get` then refuses, never the other way.
+            assert!(may || headers.get(name).is_none(), "{name}");
+        }
+        assert_eq!(may, [true, true, true, false]);
     }
 
     #[test]

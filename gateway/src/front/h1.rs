@@ -311,7 +311,7 @@ impl Request<'_> {
             protocol: Protocol::H1,
             tls: self.tls,
         };
-        exchange(front, io, buf, head, keep_alive, &conn.limits, arrival).await
+        exchange(front, io, buf, &head, keep_alive, &conn.limits, arrival).await
     }
 }
 
@@ -334,7 +334,8 @@ async fn exchange<T: Transport>(
     front: &Front,
     io: &mut T,
     buf: &mut BytesMut,
-    head: RequestHead,
+    // Borrowed from the request's state: moved in, the head (a few hundred bytes) was copied.
+    head: &RequestHead,
     keep_alive: bool,
     limits: &ConnLimits,
     arrival: Arrival,
@@ -344,7 +345,7 @@ async fn exchange<T: Transport>(
         buf,
         framing: head.framing,
         expect_continue: head.expect_continue,
-        head: &head,
+        head,
         keep_alive,
         broken: false,
         out: Vec::new(),
@@ -642,8 +643,10 @@ impl<T: Transport> Downstream for Exchange<'_, T> {
         let has_body = response_has_body(&self.head.method, status);
         let content_length = headers.get(http::header::CONTENT_LENGTH);
         let length_known = content_length.is_some();
-        // A body small enough to be coalesced behind the head gets room in the same buffer.
+        // A body small enough to be coalesced behind the head gets room in the same buffer,
+        // unless the socket takes the head and the body in one `writev` (see `send_body`).
         let coalesced_body = content_length
+            .filter(|_| !self.io.is_write_vectored())
             .and_then(|v| {
                 std::str::from_utf8(v.as_bytes())
                     .ok()?
@@ -732,6 +735,16 @@ impl<T: Transport> Downstream for Exchange<'_, T> {
                 self.out.extend_from_slice(&line[..len]);
                 self.write_chunk(&chunk).await?;
                 self.out.extend_from_slice(b"\r\n");
+            } else if !self.out.is_empty()
+                && self.out.len() + chunk.len() <= COALESCE
+                && self.io.is_write_vectored()
+            {
+                // The pending head and this chunk in one `writev`: the chunk is not copied
+                // behind the head first.
+                let pair = crate::write_pair::write_all_pair(self.io, &self.out, &chunk);
+                let result = within(self.limits.send_timeout(), pair).await;
+                self.out.clear();
+                self.failed(result)?;
             } else {
                 self.write_chunk(&chunk).await?;
             }

@@ -22,16 +22,17 @@ impl EdgeCache {
         &self.cache
     }
 
-    /// Looks the request up; `None` when route `route` does not cache.
-    pub(crate) async fn lookup(
-        &self,
-        loaded: &Arc<Loaded>,
+    /// The lookup of the request, to await; `None` when route `route` does not cache. Not an
+    /// async fn itself: a route without a cache then builds (and moves) no lookup future at all,
+    /// and one that caches builds it where its caller pins it.
+    pub(crate) fn lookup<'a>(
+        &'a self,
+        loaded: &'a Arc<Loaded>,
         route: usize,
-        view: &CacheRequest<'_>,
-    ) -> Option<Lookup> {
+        view: &'a CacheRequest<'_>,
+    ) -> Option<impl std::future::Future<Output = Lookup> + 'a> {
         let policy = loaded.cache_policy(route)?;
-        // Pinned where it is built: built and then awaited, the lookup's future was copied.
-        Some(std::pin::pin!(self.cache.lookup(view, policy, SystemTime::now())).await)
+        Some(self.cache.lookup(view, policy, SystemTime::now()))
     }
 
     /// Routing found no region able to serve now: a stored entry answers instead of the 503 —
@@ -42,7 +43,7 @@ impl EdgeCache {
         route: usize,
         view: &CacheRequest<'_>,
     ) -> Option<Served> {
-        match self.lookup(loaded, route, view).await? {
+        match std::pin::pin!(self.lookup(loaded, route, view)?).await {
             Lookup::Hit(served) | Lookup::Stale { served, .. } => Some(served),
             Lookup::Fetch(ticket) => ticket.stale_on_error(SystemTime::now()),
             Lookup::Bypass(_) => None,

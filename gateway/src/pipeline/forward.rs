@@ -3,6 +3,7 @@
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::access_log::TRACEPARENT;
 use crate::core::headers::UpstreamHeaders;
 use http::{HeaderName, HeaderValue};
 
@@ -43,7 +44,17 @@ pub fn set_forwarding_headers(headers: &mut UpstreamHeaders<'_>, forwarding: &Fo
     if !forwarding.trusted_peer {
         strip_spoofable(headers);
     }
-    if let Ok(value) = forwarded_for_chain(headers, forwarding.client) {
+    // Whether the client sent (and may pass on) the fields this hop extends or checks.
+    let [incoming_chain, incoming_id, incoming_trace] =
+        headers.may_send([&X_FORWARDED_FOR_HEADER, &X_REQUEST_ID, &TRACEPARENT]);
+    let chain = if incoming_chain {
+        forwarded_for_chain(headers, forwarding.client)
+    } else {
+        let mut ip = [0u8; 48];
+        let len = ip_text(forwarding.client, &mut ip);
+        HeaderValue::from_bytes(&ip[..len])
+    };
+    if let Ok(value) = chain {
         headers.insert(X_FORWARDED_FOR_HEADER, value);
     }
     if !(forwarding.trusted_peer && headers.contains_key(&X_FORWARDED_PROTO)) {
@@ -57,10 +68,19 @@ pub fn set_forwarding_headers(headers: &mut UpstreamHeaders<'_>, forwarding: &Fo
             headers.insert(FORWARDED, value);
         }
     }
-    if let Some(id) = replacement_request_id(headers) {
+    let request_id = if incoming_id {
+        replacement_request_id(headers)
+    } else {
+        Some(new_request_id())
+    };
+    if let Some(id) = request_id {
         headers.insert(X_REQUEST_ID, id);
     }
-    crate::access_log::propagate_traceparent(headers);
+    if incoming_trace {
+        crate::access_log::propagate_traceparent(headers);
+    } else {
+        headers.insert(TRACEPARENT, crate::access_log::new_traceparent_value());
+    }
 }
 
 /// Headers that carry a proxy's word about the client or the original request. Beyond the
@@ -242,24 +262,31 @@ fn new_request_id() -> HeaderValue {
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let high = splitmix(seed ^ n);
     let mut id = [0u8; 32];
-    put_hex(&mut id[..16], high);
-    put_hex(&mut id[16..], splitmix(high ^ seed));
+    id[..16].copy_from_slice(&hex16(high));
+    id[16..].copy_from_slice(&hex16(splitmix(high ^ seed)));
     // Hex digits are always a valid header value.
     HeaderValue::from_bytes(&id).unwrap_or(HeaderValue::from_static("0"))
 }
 
-/// Writes `x` as lowercase hex, zero-padded, into all of `out` (16 bytes for a `u64`).
-pub(crate) fn put_hex(out: &mut [u8], x: u64) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let len = out.len();
-    for (i, byte) in out.iter_mut().enumerate() {
-        let shift = 4 * (len - 1 - i);
-        *byte = if shift < 64 {
-            DIGITS[((x >> shift) & 0xf) as usize]
-        } else {
-            b'0'
-        };
-    }
+/// `x` as 16 lowercase hex digits, zero-padded. Every request carries two or three fresh ids, so
+/// the digits are made eight at a time in a word (each nibble spread into its own byte, then
+/// offset to `0`–`9` or `a`–`f`) rather than by a lookup per digit.
+pub(crate) fn hex16(x: u64) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out[..8].copy_from_slice(&hex8((x >> 32) as u32));
+    out[8..].copy_from_slice(&hex8(x as u32));
+    out
+}
+
+fn hex8(v: u32) -> [u8; 8] {
+    // Nibble k of `v` ends in byte k of `spread` (byte 0 the least significant).
+    let mut spread = u64::from(v);
+    spread = (spread | (spread << 16)) & 0x0000_ffff_0000_ffff;
+    spread = (spread | (spread << 8)) & 0x00ff_00ff_00ff_00ff;
+    spread = (spread | (spread << 4)) & 0x0f0f_0f0f_0f0f_0f0f;
+    // A byte is a letter when it is 10 or more: adding 6 carries into its bit 4.
+    let letters = ((spread + 0x0606_0606_0606_0606) >> 4) & 0x0101_0101_0101_0101;
+    (spread + 0x3030_3030_3030_3030 + letters * (b'a' - b'0' - 10) as u64).to_be_bytes()
 }
 
 /// SplitMix64: cheap, well-mixed ids from a seed and a counter (not cryptographic).
@@ -316,15 +343,13 @@ mod tests {
 
     #[test]
     fn hex_is_zero_padded_lowercase() {
-        let mut out = [0u8; 16];
-        put_hex(&mut out, 0xab);
-        assert_eq!(&out, b"00000000000000ab");
-        put_hex(&mut out, u64::MAX);
-        assert_eq!(&out, b"ffffffffffffffff");
-        assert_eq!(format!("{:016x}", 0x0123_4567_89ab_cdefu64).as_bytes(), {
-            put_hex(&mut out, 0x0123_4567_89ab_cdef);
-            &out
-        });
+        assert_eq!(&hex16(0xab), b"00000000000000ab");
+        assert_eq!(&hex16(u64::MAX), b"ffffffffffffffff");
+        let mut x = 0x0123_4567_89ab_cdefu64;
+        for _ in 0..1000 {
+            assert_eq!(format!("{x:016x}").as_bytes(), &hex16(x));
+            x = splitmix(x);
+        }
     }
 
     #[test]

@@ -50,8 +50,8 @@ use crate::clock;
 use crate::connector::{Connector, InterimSink, OutboundHead, Timeouts, UpstreamResponse};
 use crate::core::client::client_ip;
 use crate::core::exchange::{
-    check_body_limit, check_head_limits, declared_length, request_host, EdgeReply, Effects, Replay,
-    Tries, TryVerdict,
+    check_declared_length, check_head_limits, declared_length, request_host, EdgeReply, Effects,
+    Replay, Tries, TryVerdict,
 };
 use crate::core::headers::UpstreamHeaders;
 use crate::core::inference::replicas::CallPick;
@@ -122,7 +122,7 @@ struct Outbound<'a> {
 
 /// A response to relay, with the guard counting it against its upstream until it ends.
 struct Relayed {
-    response: UpstreamResponse,
+    response: Box<UpstreamResponse>,
     _inflight: InflightGuard,
 }
 
@@ -155,13 +155,13 @@ impl Pipeline {
         // Built in its own box: awaited inline, the exchange's future (several KiB) was built
         // and then copied whole into this one's state, once per request.
         let exchange =
-            boxed_in_place(|| self.exchange(&mut out, &loaded, arrival, &mut state, started));
+            boxed_in_place(|| self.exchange(&mut out, &loaded, &arrival, &mut state, started));
         let status = match exchange.await {
             Ok(status) | Err(status) => status,
         };
         state.bytes_sent = out.bytes_sent();
         state.cache = out.cache_status().or(state.cache);
-        self.finish(head, &loaded, arrival, state, status, started);
+        self.finish(head, &loaded, arrival, &mut state, status, started);
     }
 
     /// Returns the status sent (0: the client went away before a response).
@@ -169,7 +169,10 @@ impl Pipeline {
         &self,
         out: &mut respond::Writer<'_, D>,
         loaded: &Arc<Loaded>,
-        arrival: Arrival,
+        // By reference, as every argument here: an argument the body copies into a local of its
+        // own keeps a slot in the future's first state, and that slot was laid out behind the
+        // biggest later state, so building the future copied ~3 KiB instead of a few words.
+        arrival: &Arrival,
         state: &mut RequestState,
         started: Instant,
     ) -> Result<u16, u16> {
@@ -234,7 +237,9 @@ impl Pipeline {
 
         // --- model calls pick regions by the model in their body and are never cached; other
         // requests on cache-enabled routes go through the response cache ---
-        let mut ticket: Option<Ticket> = None;
+        // Boxed: a ticket is ~300 bytes, and the request's future moves it into the relay's
+        // state; most requests have none, and `None` of the unboxed type was copied whole too.
+        let mut ticket: Option<Box<Ticket>> = None;
         let mut model_call_body = None;
         let entry = (route.kind == RouteKind::Inference).then(|| {
             crate::inference::entry(
@@ -247,8 +252,9 @@ impl Pipeline {
         });
         // A model call is held to its route's `inference.max_body_bytes` below; everything
         // else to the edge's limit.
+        let declared = declared_length(head.headers);
         if !matches!(entry, Some(Entry::ModelCall { .. })) {
-            if let Some(reply) = check_body_limit(head.headers, &snapshot.limits) {
+            if let Some(reply) = check_declared_length(declared, &snapshot.limits) {
                 return out.reply(&reply).await;
             }
         }
@@ -272,7 +278,6 @@ impl Pipeline {
                 max_body_bytes,
             }) => {
                 self.inference.start_scraper(&self.store);
-                let declared = declared_length(head.headers);
                 let mut sniffer = crate::inference::sniff::Sniffer::new(PREFIX_BYTES);
                 let read = match declared {
                     Some(len) if len > max_body_bytes => Err(BodyError::TooLarge),
@@ -300,7 +305,7 @@ impl Pipeline {
                 };
                 let head = out.head();
                 let view = RequestView {
-                    host: request_host(head.uri, head.headers).unwrap_or_default(),
+                    host,
                     path: normalized.as_ref().unwrap_or(head.uri).path(),
                     client,
                 };
@@ -332,10 +337,12 @@ impl Pipeline {
                 model_call_body = Some(call_body);
             }
             Some(Entry::Pass { .. }) | None => {
-                let lookup = match &self.cache {
-                    Some(cache) => {
-                        std::pin::pin!(cache.lookup(loaded, decision.route, &cache_view)).await
-                    }
+                let lookup = match self
+                    .cache
+                    .as_ref()
+                    .and_then(|cache| cache.lookup(loaded, decision.route, &cache_view))
+                {
+                    Some(lookup) => Some(std::pin::pin!(lookup).await),
                     None => None,
                 };
                 match lookup {
@@ -348,14 +355,14 @@ impl Pipeline {
                                 decision,
                                 &cache_view,
                                 client,
-                                arrival,
+                                *arrival,
                             );
                         }
                         return out.served(&served).await;
                     }
                     Some(Lookup::Fetch(t)) => {
                         state.cache = Some(t.status());
-                        ticket = Some(t);
+                        ticket = Some(Box::new(t));
                     }
                     Some(Lookup::Bypass(_)) => state.cache = Some(CacheStatus::Bypass),
                     None => {}
@@ -381,7 +388,6 @@ impl Pipeline {
                 state.upgrade = Some(protocol.clone());
             }
         }
-        let host = request_host(head.uri, head.headers).unwrap_or_default();
         // Over HTTP/1.1 the client's `Host` is already the request's host (the head parser puts
         // an absolute-form target's authority there); HTTP/2 and HTTP/3 carry it as `:authority`.
         if headers.get(&http::header::HOST).map(HeaderValue::as_bytes) != Some(host.as_bytes()) {
@@ -421,7 +427,6 @@ impl Pipeline {
         }
         let method = head.method.clone();
         let uri = origin_form(normalized.as_ref().unwrap_or(head.uri));
-        let declared = declared_length(head.headers);
 
         let limit = snapshot.limits.max_body_bytes;
         let (body, pump) = match model_call_body {
@@ -825,7 +830,8 @@ impl Pipeline {
         head: Head<'_>,
         loaded: &Loaded,
         arrival: Arrival,
-        mut state: RequestState,
+        // Borrowed: the state is a few hundred bytes, and moving it here copied all of it.
+        state: &mut RequestState,
         status: u16,
         started: Instant,
     ) {

@@ -245,7 +245,7 @@ impl<'a, D: Downstream> Writer<'a, D> {
     /// connections are joined until either is done. A `101` nobody asked for is a broken upstream.
     async fn switch_protocols(
         &mut self,
-        mut response: UpstreamResponse,
+        mut response: Box<UpstreamResponse>,
         state: &RequestState,
     ) -> Result<u16, u16> {
         let Some(protocol) = state.upgrade.clone() else {
@@ -298,7 +298,7 @@ impl<'a, D: Downstream> Writer<'a, D> {
     pub(super) async fn relay(
         &mut self,
         edge_cache: Option<&EdgeCache>,
-        ticket: Option<Ticket>,
+        ticket: Option<Box<Ticket>>,
         relayed: Relayed,
         state: &mut RequestState,
     ) -> Result<u16, u16> {
@@ -337,7 +337,8 @@ impl<'a, D: Downstream> Writer<'a, D> {
                     if let Some(edge_cache) = edge_cache {
                         // Boxed: only a cacheable miss waits here.
                         let admission =
-                            Box::pin(edge_cache.cache().admit(ticket, status, &headers, now)).await;
+                            Box::pin(edge_cache.cache().admit(*ticket, status, &headers, now))
+                                .await;
                         let result = admission.status();
                         cache_status = Some(if result == CacheStatus::Miss && had_stale {
                             CacheStatus::Expired
@@ -419,7 +420,7 @@ impl<'a, D: Downstream> Writer<'a, D> {
     /// being stored the upstream connection is simply closed.
     async fn relay_range(
         &mut self,
-        mut response: UpstreamResponse,
+        mut response: Box<UpstreamResponse>,
         inflight: InflightGuard,
         mut headers: HeaderMap,
         mut writer: Option<Box<CacheWriter>>,
@@ -521,7 +522,7 @@ impl<'a, D: Downstream> Writer<'a, D> {
 
 /// Reads the rest of a response into the cache after its client was answered.
 fn fill_in_background(
-    mut response: UpstreamResponse,
+    mut response: Box<UpstreamResponse>,
     mut writer: Box<CacheWriter>,
     inflight: InflightGuard,
 ) {
