@@ -479,8 +479,28 @@ pub fn encode_response_head(
     connection: Option<&[u8]>,
     chunked: bool,
 ) {
+    encode_response_head_with(out, status, headers, &[], connection, chunked);
+}
+
+/// [`encode_response_head`] with `edge` fields after the map's, each replacing the map's fields
+/// of its name.
+pub fn encode_response_head_with(
+    out: &mut Vec<u8>,
+    status: u16,
+    headers: &HeaderMap,
+    edge: &[(&HeaderName, &HeaderValue)],
+    connection: Option<&[u8]>,
+    chunked: bool,
+) {
     push_status_line(out, status);
-    encode_header_lines(out, headers, &[]);
+    for (name, value) in headers {
+        if !edge.iter().any(|&(replaced, _)| replaced == name) {
+            push_field(out, name.as_str().as_bytes(), value.as_bytes());
+        }
+    }
+    for &(name, value) in edge {
+        push_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
     if chunked {
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }

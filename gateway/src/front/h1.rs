@@ -15,14 +15,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use http::{HeaderMap, HeaderValue, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use crate::core::exchange::EdgeReply;
 use crate::core::http1::{
-    connection_header, decode, encode_response_head, parse_request, response_has_body, Framing,
-    HeadError, RequestHead,
+    connection_header, decode, encode_response_head, encode_response_head_with, parse_request,
+    response_has_body, Framing, HeadError, RequestHead,
 };
 use crate::lazy_timeout::{lazy_timeout, lazy_timeout_at};
 use crate::metrics::Protocol;
@@ -634,10 +634,15 @@ impl<T: Transport> Downstream for Exchange<'_, T> {
         }
     }
 
-    async fn send_head(
+    async fn send_head(&mut self, status: u16, headers: HeaderMap, end: bool) -> io::Result<()> {
+        self.send_head_with(status, headers, &[], end).await
+    }
+
+    async fn send_head_with(
         &mut self,
         status: u16,
         mut headers: HeaderMap,
+        edge: &[(&HeaderName, &HeaderValue)],
         end: bool,
     ) -> io::Result<()> {
         let has_body = response_has_body(&self.head.method, status);
@@ -673,11 +678,13 @@ impl<T: Transport> Downstream for Exchange<'_, T> {
         // 1xx answers are not final (the client keeps waiting), but this edge sends none itself.
         // Room for the head and the coalesced body: growing the buffer for the body would copy
         // the head again.
-        self.out.reserve(256 + headers.len() * 48 + coalesced_body);
-        encode_response_head(
+        self.out
+            .reserve(256 + (headers.len() + edge.len()) * 48 + coalesced_body);
+        encode_response_head_with(
             &mut self.out,
             status,
             &headers,
+            edge,
             connection_header(self.head.version, self.keep_alive),
             chunked,
         );

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::net::IpAddr;
 
 use bytes::Bytes;
-use http::{HeaderMap, Method, Uri};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Uri};
 
 use crate::metrics::Protocol;
 
@@ -69,6 +69,22 @@ pub trait Downstream: Send {
         headers: HeaderMap,
         end: bool,
     ) -> impl Future<Output = std::io::Result<()>> + Send;
+
+    /// [`Downstream::send_head`] with the edge's own `edge` fields, each replacing any field of
+    /// its name in `headers`. A driver that encodes heads itself writes them after the map's
+    /// fields instead of inserting them (a hashed insert each, for fields every response gets).
+    fn send_head_with(
+        &mut self,
+        status: u16,
+        mut headers: HeaderMap,
+        edge: &[(&HeaderName, &HeaderValue)],
+        end: bool,
+    ) -> impl Future<Output = std::io::Result<()>> + Send {
+        for &(name, value) in edge {
+            headers.insert(name.clone(), value.clone());
+        }
+        self.send_head(status, headers, end)
+    }
 
     /// Whether [`Downstream::send_prepared_head`] can write this response's head (HTTP/1.1).
     fn writes_prepared_heads(&self) -> bool {

@@ -315,15 +315,19 @@ impl<'a, D: Downstream> Writer<'a, D> {
         }
         let mut headers = std::mem::take(&mut response.head.headers);
         crate::core::headers::strip_hop_by_hop(&mut headers);
-        if let Some(r) = state.region().and_then(|r| snapshot.regions.get(r)) {
-            headers.insert(HEADER_REGION, r.header.clone());
+        let region = state
+            .region()
+            .and_then(|r| snapshot.regions.get(r))
+            .map(|r| &r.header);
+        if let (Some(region), Some(_)) = (region, &ticket) {
+            // In the map before admission, so a stored entry remembers its region.
+            headers.insert(HEADER_REGION, region.clone());
         }
         let mut writer: Option<Box<CacheWriter>> = None;
         let mut cache_status = state.cache;
         let mut fill = None;
         if let Some(ticket) = ticket {
             fill = ticket.range_fill(status, &headers);
-            // After `x-meridian-region` is set, so the stored entry remembers its region.
             let now = SystemTime::now();
             let had_stale = ticket.status() == CacheStatus::Expired;
             match cache_on_response(status, had_stale) {
@@ -363,18 +367,38 @@ impl<'a, D: Downstream> Writer<'a, D> {
                 headers.remove(name);
             }
         }
-        if let Some(cache_status) = cache_status {
-            headers.insert(HEADER_CACHE_NAME, cache_status.header_value());
-        }
         state.cache = cache_status;
         if let Some(fill) = fill {
+            if let Some(cache_status) = cache_status {
+                headers.insert(HEADER_CACHE_NAME, cache_status.header_value());
+            }
             return Box::pin(self.relay_range(response, _inflight, headers, writer, fill)).await;
         }
-        let headers = self.edge_headers(headers);
+        // The edge's own fields go to the driver beside the map, not into it.
+        let cache_value = cache_status.map(CacheStatus::header_value);
+        let pop = &snapshot.pop_header;
+        let names = [
+            HEADER_REGION,
+            HEADER_CACHE_NAME,
+            HEADER_POP,
+            http::header::ALT_SVC,
+        ];
+        let edge = [
+            region.map(|value| (&names[0], value)),
+            cache_value.as_ref().map(|value| (&names[1], value)),
+            Some((&names[2], pop)),
+            self.alt_svc.map(|value| (&names[3], value)),
+        ];
+        let mut fields = [(&names[2], pop); 4];
+        let mut count = 0;
+        for field in edge.into_iter().flatten() {
+            fields[count] = field;
+            count += 1;
+        }
         let end = response.body_is_empty();
         if self
             .downstream
-            .send_head(status, headers, end)
+            .send_head_with(status, headers, &fields[..count], end)
             .await
             .is_err()
         {
