@@ -40,8 +40,6 @@ const READ_CHUNK: usize = 64 * 1024;
 /// body-sized buffer for every request in flight (thousands at once when many clients connect
 /// together).
 const HEAD_READ: usize = 8 * 1024;
-/// Most read buffers a worker thread keeps for reuse (see `SPARE`): 256 KiB.
-const SPARE_BUFFERS: usize = 32;
 /// Smallest body read worth a syscall.
 const MIN_BODY_READ: usize = 4 * 1024;
 /// Whole request bodies up to this size go out in the same write as the head.
@@ -216,11 +214,6 @@ thread_local! {
     /// Idle connections of this worker thread, per upstream address.
     static IDLE: RefCell<HashMap<SocketAddr, Vec<Conn>, FastBuildHasher>> =
         RefCell::new(HashMap::default());
-    /// Read buffers of connections that went back to the pool, for the next response read on
-    /// this thread: by then the body bytes cut from a buffer have been written and dropped, so
-    /// the next read reuses its memory instead of allocating (and later freeing) 8 KiB per
-    /// response. Bounded by [`SPARE_BUFFERS`]; idle connections themselves hold none.
-    static SPARE: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
     /// Whether this thread's runtime has its [`TIMER_FLOOR`] ticker.
     static TIMER_FLOOR_STARTED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
@@ -731,8 +724,8 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
             }));
         }
         if buf.capacity() == 0 {
-            if let Some(spare) = SPARE.with(|spare| spare.borrow_mut().pop()) {
-                *buf = spare;
+            if let Some(kept) = crate::read_buffers::take() {
+                *buf = kept;
             }
         }
         buf.reserve(HEAD_READ);
@@ -989,16 +982,8 @@ impl UpstreamResponse {
         if !self.reusable || !conn.buf.is_empty() {
             return;
         }
-        // An idle connection keeps no read buffer; a head-sized one goes to the thread's spares.
-        let buf = std::mem::take(&mut conn.buf);
-        if buf.capacity() <= HEAD_READ {
-            SPARE.with(|spare| {
-                let mut spare = spare.borrow_mut();
-                if spare.len() < SPARE_BUFFERS {
-                    spare.push(buf);
-                }
-            });
-        }
+        // An idle connection keeps no read buffer; the thread keeps it for the next read.
+        crate::read_buffers::give(std::mem::take(&mut conn.buf));
         let (addr, max_idle) = (self.addr, self.max_idle);
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
@@ -1049,7 +1034,7 @@ mod tests {
                 socket.write_all(&response).await.expect("write");
             }
         });
-        SPARE.with(|spare| spare.borrow_mut().clear());
+        crate::read_buffers::forget();
         let connector = Connector::default();
         let timeouts = Timeouts {
             connect: Duration::from_secs(5),
@@ -1075,17 +1060,9 @@ mod tests {
         let mut first = send().await.expect("first response");
         let held = first.next_chunk().await.expect("body").expect("a chunk");
         assert!(first.next_chunk().await.expect("end").is_none());
-        assert_eq!(
-            SPARE.with(|spare| spare.borrow().len()),
-            1,
-            "released to the spares"
-        );
+        assert_eq!(crate::read_buffers::kept(), 1, "released to the spares");
         let mut second = send().await.expect("second response");
-        assert_eq!(
-            SPARE.with(|spare| spare.borrow().len()),
-            0,
-            "the spare was taken"
-        );
+        assert_eq!(crate::read_buffers::kept(), 0, "the spare was taken");
         let mut read = Vec::new();
         while let Some(chunk) = second.next_chunk().await.expect("body") {
             read.extend_from_slice(&chunk);

@@ -25,6 +25,7 @@ pub(crate) mod inference;
 pub(crate) mod lazy_timeout;
 pub(crate) mod metrics;
 pub(crate) mod pipeline;
+pub(crate) mod read_buffers;
 pub(crate) mod reload;
 pub(crate) mod status_page;
 pub mod tls;

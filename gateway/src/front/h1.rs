@@ -226,8 +226,9 @@ pub fn serve<T: Transport>(
                 return;
             }
             if buf.is_empty() {
-                // Release the buffer while idle (a pipelined next request keeps it).
-                buf = BytesMut::new();
+                // No buffer while idle (a pipelined next request keeps it): the thread keeps it
+                // for whichever connection reads next.
+                crate::read_buffers::give(std::mem::take(&mut buf));
             }
         }
     }
@@ -451,7 +452,14 @@ async fn read_head<T: Transport>(
                 Err(e) => return HeadRead::Refused(e),
             }
         }
-        if buf.capacity() - buf.len() < 512 {
+        if buf.capacity() == 0 {
+            if let Some(kept) = crate::read_buffers::take() {
+                *buf = kept;
+            }
+        }
+        // A kept buffer smaller than the first read wanted (a client whose last request had a
+        // body) gives way to one that takes head and body in one read.
+        if buf.capacity() - buf.len() < 512 || (buf.is_empty() && buf.capacity() < read_size) {
             buf.reserve(read_size.max(buf.len()));
         }
         match lazy_timeout_at(deadline, io.read_buf(buf)).await {

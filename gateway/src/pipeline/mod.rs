@@ -21,9 +21,7 @@ pub(crate) mod downstream;
 /// Boxes the future `make` builds, constructed in its heap slot instead of on the stack and then
 /// copied: a request's future is several KiB, most of it room for states it has not reached yet,
 /// and `Box::pin(future)` (or spawning it) copies all of it once per request. Used where each
-/// request starts one: the HTTP/1.1 loop, the HTTP/2 and HTTP/3 stream tasks, and the pipeline's
-/// own exchange (awaited inline, its future was built and then copied into the caller's state).
-/// Smaller futures awaited once are pinned where they are built (`std::pin::pin!(call(..))`) for
+/// request starts one: the HTTP/1.1 loop and the HTTP/2 and HTTP/3 stream tasks. Smaller futures awaited once are pinned where they are built (`std::pin::pin!(call(..))`) for
 /// the same reason, without the allocation.
 #[inline(always)]
 pub(crate) fn boxed_in_place<F: Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
@@ -152,10 +150,9 @@ impl Pipeline {
         }
         let mut out =
             respond::Writer::new(downstream, head, &loaded, arrival, self.alt_svc.as_ref());
-        // Built in its own box: awaited inline, the exchange's future (several KiB) was built
-        // and then copied whole into this one's state, once per request.
-        let exchange =
-            boxed_in_place(|| self.exchange(&mut out, &loaded, &arrival, &mut state, started));
+        // Awaited inline: the driver already runs each request in a future of its own, and its
+        // arguments are all references, so building it here copies a few words.
+        let exchange = self.exchange(&mut out, &loaded, &arrival, &mut state, started);
         let status = match exchange.await {
             Ok(status) | Err(status) => status,
         };
