@@ -10,7 +10,10 @@
 #        of "nginx haproxy pingora meridian"), KEEP (a directory: the callgrind profiles are copied
 #        there, for `callgrind_annotate`), CACHE=1 (count cache hits instead: NGINX `proxy_cache`
 #        against Meridian's response cache, same path, every measured request a hit), POST=1
-#        (count proxied POSTs of a 16 KiB body instead of GETs: every proxy, same origin).
+#        (count proxied POSTs of a 16 KiB body instead of GETs: every proxy, same origin),
+#        CACHE_SIM=1 (valgrind's cache simulation too: data writes, L1 instruction misses and L1
+#        data read and write misses per request beside the instructions — how much code and
+#        memory a request touches, which instruction counts alone do not show).
 #
 # Traffic stays on 127.0.0.1; every process started here is stopped on exit.
 set -euo pipefail
@@ -151,7 +154,9 @@ measure() {
   local name=$1 port=$2; shift 2
   case " ${ONLY:-nginx haproxy pingora meridian} " in *" $name "*) ;; *) return 0 ;; esac
   local file="$WORK/callgrind.$name"
-  valgrind --tool=callgrind --callgrind-out-file="$file.%p" --instr-atstart=no \
+  local sim=()
+  if [ "${CACHE_SIM:-0}" = 1 ]; then sim=(--cache-sim=yes); fi
+  valgrind --tool=callgrind "${sim[@]}" --callgrind-out-file="$file.%p" --instr-atstart=no \
     --trace-children=no "$@" >"$WORK/$name.log" 2>&1 &
   local pid=$!
   PIDS+=($pid)
@@ -166,10 +171,13 @@ measure() {
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp "$file".* "$KEEP"/; fi
-  local total
-  total=$(cat "$file".* | awk '/^(summary|totals):/ {s += $2} END {print s + 0}')
-  local per=$(( total / REQUESTS ))
-  log "$name: $per instructions per request ($(head -1 "$WORK/$name.load"))"
+  # Per request, every event counted (Ir first; with the cache simulation also Dr Dw I1mr D1mr
+  # D1mw ILmr DLmr DLmw), summed over the dump's parts.
+  local per
+  per=$(cat "$file".* | awk -v n="$REQUESTS" '/^(summary|totals):/ {
+      for (i = 2; i <= NF; i++) s[i] += $i; if (NF > m) m = NF }
+    END { for (i = 2; i <= m; i++) printf "%d ", s[i] / n }')
+  log "$name: ${per%% *} instructions per request ($(head -1 "$WORK/$name.load"))"
   echo "$name $per" >>"$WORK/results"
 }
 
@@ -188,14 +196,25 @@ import sys
 path, out, requests, connections, cache, post = sys.argv[1:]
 what = ("cache hit (GET 1 KiB" if cache == "1" else
         "proxied POST (16 KiB request body, 1 KiB response" if post == "1" else "proxied GET (1 KiB body")
-rows = dict(line.split() for line in open(path) if line.strip())
-per = {k: int(v) for k, v in rows.items()}
+rows = {line.split()[0]: [int(v) for v in line.split()[1:]] for line in open(path) if line.strip()}
+per = {k: v[0] for k, v in rows.items()}
+# With the cache simulation: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw.
+sim = all(len(v) >= 6 for v in rows.values())
 best = min(per.get("nginx", 0) or per.get("haproxy", 0) or 1, per.get("haproxy", 0) or per.get("nginx", 0) or 1)
+head = "| proxy | instructions / request | ratio to the better of NGINX and HAProxy |"
+rule = "|---|---|---|"
+if sim:
+    head += " data writes | L1 instruction misses | L1 data read misses | L1 data write misses |"
+    rule += "---|---|---|---|"
 lines = [f"Instructions per {what}, keep-alive, {connections} connections, {requests} requests, callgrind):", "",
-         "| proxy | instructions / request | ratio to the better of NGINX and HAProxy |", "|---|---|---|"]
+         head, rule]
 for name in ["nginx", "haproxy", "pingora", "meridian"]:
     if name in per:
-        lines.append(f"| {name} | {per[name]:,} | {per[name] / best:.2f} |")
+        line = f"| {name} | {per[name]:,} | {per[name] / best:.2f} |"
+        if sim:
+            v = rows[name]
+            line += f" {v[2]:,} | {v[3]:,} | {v[4]:,} | {v[5]:,} |"
+        lines.append(line)
 open(out, "w").write("\n".join(lines) + "\n")
 print("\n".join(lines))
 PY
