@@ -4,7 +4,7 @@
 //! included) behind an edge whose `static` route caches.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -286,20 +286,8 @@ impl Rig {
     }
 
     fn metric(&self, series: &str) -> f64 {
-        let reply = self
-            .world
-            .runtime
-            .block_on(Client::new(self.edge.admin_addr).request(
-                Protocol::Http1,
-                IpAddr::from([127, 0, 0, 1]),
-                "GET",
-                "localhost",
-                "/metrics",
-                &[],
-                Vec::new(),
-            ))
-            .expect("metrics");
-        metric_value(&reply.text(), series).unwrap_or(0.0)
+        let text = meridian_tests::metrics_text(&self.world.runtime, &self.edge);
+        metric_value(&text, series).unwrap_or(0.0)
     }
 }
 

@@ -542,6 +542,15 @@ impl<T: Transport> Exchange<'_, T> {
         self.failed(result)
     }
 
+    /// Room to leave behind a response head in `out` for a body of `length` that follows it: a
+    /// small one is coalesced behind the head (one write), unless the socket takes the head and
+    /// the body in one `writev` (see `send_body`), when it is not copied there at all.
+    fn body_room(&self, body_follows: bool, length: Option<usize>) -> usize {
+        length
+            .filter(|&n| body_follows && n <= COALESCE && !self.io.is_write_vectored())
+            .unwrap_or(0)
+    }
+
     /// The answer comes before the whole request body was read: the rest of it must not be taken
     /// for the next request.
     fn close_if_body_unread(&mut self) {
@@ -656,18 +665,10 @@ impl<T: Transport> Downstream for Exchange<'_, T> {
         let has_body = response_has_body(&self.head.method, status);
         let content_length = headers.get(http::header::CONTENT_LENGTH);
         let length_known = content_length.is_some();
-        // A body small enough to be coalesced behind the head gets room in the same buffer,
-        // unless the socket takes the head and the body in one `writev` (see `send_body`).
-        let coalesced_body = content_length
-            .filter(|_| !self.io.is_write_vectored())
-            .and_then(|v| {
-                std::str::from_utf8(v.as_bytes())
-                    .ok()?
-                    .parse::<usize>()
-                    .ok()
-            })
-            .filter(|&n| has_body && !end && n <= COALESCE)
-            .unwrap_or(0);
+        let coalesced_body = self.body_room(
+            has_body && !end,
+            content_length.and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse().ok()),
+        );
         if has_body && end && !length_known {
             headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from_static("0"));
         }
@@ -714,10 +715,7 @@ impl<T: Transport> Downstream for Exchange<'_, T> {
         // The same framing as `send_head` with a known length (a `Date` is among the lines).
         let has_body = response_has_body(&self.head.method, status);
         self.close_if_body_unread();
-        let coalesced_body = usize::try_from(content_length)
-            .ok()
-            .filter(|&n| has_body && !end && n <= COALESCE)
-            .unwrap_or(0);
+        let coalesced_body = self.body_room(has_body && !end, usize::try_from(content_length).ok());
         self.out.reserve(160 + lines.len() + coalesced_body);
         crate::core::http1::encode_prepared_response_head(
             &mut self.out,

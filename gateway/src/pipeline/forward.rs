@@ -47,14 +47,7 @@ pub fn set_forwarding_headers(headers: &mut UpstreamHeaders<'_>, forwarding: &Fo
     // Whether the client sent (and may pass on) the fields this hop extends or checks.
     let [incoming_chain, incoming_id, incoming_trace] =
         headers.may_send([&X_FORWARDED_FOR_HEADER, &X_REQUEST_ID, &TRACEPARENT]);
-    let chain = if incoming_chain {
-        forwarded_for_chain(headers, forwarding.client)
-    } else {
-        let mut ip = [0u8; 48];
-        let len = ip_text(forwarding.client, &mut ip);
-        HeaderValue::from_bytes(&ip[..len])
-    };
-    if let Ok(value) = chain {
+    if let Ok(value) = forwarded_for_chain(headers, forwarding.client, incoming_chain) {
         headers.insert(X_FORWARDED_FOR_HEADER, value);
     }
     if !(forwarding.trusted_peer && headers.contains_key(&X_FORWARDED_PROTO)) {
@@ -207,17 +200,22 @@ fn ip_text(ip: IpAddr, out: &mut [u8; 48]) -> usize {
 }
 
 /// The `X-Forwarded-For` chain the client (or trusted proxies) sent, with `client` appended:
-/// `a, b, client`. Values that are not visible ASCII are skipped (as `to_str` would).
+/// `a, b, client`. Values that are not visible ASCII are skipped (as `to_str` would). `sent`:
+/// whether the client may have sent a chain ([`UpstreamHeaders::may_send`]); when not, the chain
+/// is `client` alone and nothing is looked up.
 pub fn forwarded_for_chain(
     headers: &UpstreamHeaders<'_>,
     client: IpAddr,
+    sent: bool,
 ) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
     // Room for the longest IPv6 text; usually the whole value (no incoming chain).
     let mut ip = [0u8; 48];
     let ip_len = ip_text(client, &mut ip);
     let ip = &ip[..ip_len];
-    let mut incoming = headers
-        .get_all(&X_FORWARDED_FOR_HEADER)
+    let mut incoming = sent
+        .then(|| headers.get_all(&X_FORWARDED_FOR_HEADER))
+        .into_iter()
+        .flatten()
         .filter(|v| v.to_str().is_ok())
         .peekable();
     if incoming.peek().is_none() {
@@ -357,7 +355,8 @@ mod tests {
         let client: IpAddr = "127.12.0.5".parse().expect("ip");
         let mut headers = http::HeaderMap::new();
         assert_eq!(
-            forwarded_for_chain(&UpstreamHeaders::from_client(&headers), client).expect("value"),
+            forwarded_for_chain(&UpstreamHeaders::from_client(&headers), client, true)
+                .expect("value"),
             "127.12.0.5"
         );
         headers.append(X_FORWARDED_FOR, HeaderValue::from_static("10.0.0.1"));
@@ -366,12 +365,13 @@ mod tests {
             HeaderValue::from_static("10.0.0.2, 10.0.0.3"),
         );
         assert_eq!(
-            forwarded_for_chain(&UpstreamHeaders::from_client(&headers), client).expect("value"),
+            forwarded_for_chain(&UpstreamHeaders::from_client(&headers), client, true)
+                .expect("value"),
             "10.0.0.1, 10.0.0.2, 10.0.0.3, 127.12.0.5"
         );
         let v6: IpAddr = "2001:db8::1".parse().expect("ip");
         assert_eq!(
-            forwarded_for_chain(&UpstreamHeaders::new(), v6).expect("value"),
+            forwarded_for_chain(&UpstreamHeaders::new(), v6, true).expect("value"),
             "2001:db8::1"
         );
     }
