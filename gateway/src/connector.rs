@@ -20,9 +20,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::coarse_timer;
 use crate::core::fast_hash::FastBuildHasher;
 use crate::core::headers::UpstreamHeaders;
-use crate::lazy_timeout::lazy_timeout;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -222,11 +222,13 @@ thread_local! {
 ///
 /// Why: tokio wakes its I/O driver (a write to an eventfd, and an early return from the next
 /// `epoll_wait`) whenever a timer is registered that is due before the driver's planned wake-up.
-/// Every proxied request registers its upstream read timeout, and when nothing else is due sooner
-/// that costs one extra syscall per request (measured with `strace -c`: one eventfd write per
-/// request on the worker thread). A ticker that is always due within this floor keeps the planned
-/// wake-up earlier than any request's timeout (seconds), so registering one wakes nobody; the
-/// ticker itself costs one wake-up per period.
+/// When each proxied request registered a tokio timer for its upstream read, with nothing else due
+/// sooner, that cost one extra syscall per request (measured with `strace -c`: one eventfd write
+/// per request on the worker thread). Request waits now go to [`crate::coarse_timer`]'s list,
+/// but a wait off a swept thread still takes a tokio timer; a ticker that is always due within
+/// this floor keeps the planned wake-up earlier than any such timeout (seconds), so registering
+/// one wakes nobody. The ticker itself costs one wake-up per period and runs the worker's
+/// housekeeping.
 const TIMER_FLOOR: Duration = Duration::from_millis(500);
 
 /// Starts the [`TIMER_FLOOR`] ticker on this thread's runtime, once per thread. Each tick also
@@ -612,7 +614,9 @@ async fn write_all_pair<W: tokio::io::AsyncWrite + Unpin>(
 ) -> Result<(), Attempt> {
     let pair = crate::write_pair::write_all_pair(w, first, second);
     // A completed pair counts as one non-empty write for `written`.
-    let done = lazy_timeout(limit, pair).await.map(|r| r.map(|()| 1));
+    let done = coarse_timer::timeout(limit, pair)
+        .await
+        .map(|r| r.map(|()| 1));
     written(addr, done).map(drop)
 }
 
@@ -625,7 +629,10 @@ async fn write_all<W: tokio::io::AsyncWrite + Unpin>(
 ) -> Result<(), Attempt> {
     let mut sent = 0;
     while sent < bytes.len() {
-        sent += written(addr, lazy_timeout(limit, w.write(&bytes[sent..])).await)?;
+        sent += written(
+            addr,
+            coarse_timer::timeout(limit, w.write(&bytes[sent..])).await,
+        )?;
     }
     Ok(())
 }
@@ -633,7 +640,7 @@ async fn write_all<W: tokio::io::AsyncWrite + Unpin>(
 /// What one write within the write timeout came to: bytes written, or why the request cannot go.
 fn written(
     addr: SocketAddr,
-    write: Result<std::io::Result<usize>, crate::lazy_timeout::Elapsed>,
+    write: Result<std::io::Result<usize>, crate::coarse_timer::Elapsed>,
 ) -> Result<usize, Attempt> {
     match write {
         Ok(Ok(0)) | Ok(Err(_)) => Err(Attempt::Failed(UpstreamError::Failed {
@@ -851,7 +858,7 @@ async fn within_read_timeout<F: Future>(
 ) -> Option<F::Output> {
     let mut last = progress.map(|p| p.sent.load(Ordering::Relaxed));
     loop {
-        match lazy_timeout(read, work.as_mut()).await {
+        match coarse_timer::timeout(read, work.as_mut()).await {
             Ok(output) => return Some(output),
             Err(_) => {
                 let now = progress.map(|p| p.sent.load(Ordering::Relaxed));
@@ -947,7 +954,7 @@ impl UpstreamResponse {
             _ => READ_CHUNK,
         };
         conn.buf.reserve(want);
-        let read = lazy_timeout(self.read_timeout, conn.stream.read_buf(&mut conn.buf))
+        let read = coarse_timer::timeout(self.read_timeout, conn.stream.read_buf(&mut conn.buf))
             .await
             .map_err(|_| UpstreamError::Timeout { addr })?;
         match read {

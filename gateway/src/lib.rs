@@ -12,6 +12,7 @@ pub(crate) mod clock;
 pub(crate) mod connector;
 /// The I/O-free core, under the name the gateway's modules use for it.
 pub use meridian_core as core;
+pub(crate) mod coarse_timer;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod dns;
@@ -22,7 +23,6 @@ pub(crate) mod health;
 pub mod housekeeping;
 pub mod httpd;
 pub(crate) mod inference;
-pub(crate) mod lazy_timeout;
 pub(crate) mod metrics;
 pub(crate) mod pipeline;
 pub(crate) mod read_buffers;

@@ -19,12 +19,12 @@ use http::{HeaderMap, HeaderName, HeaderValue, Version};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
+use crate::coarse_timer;
 use crate::core::exchange::EdgeReply;
 use crate::core::http1::{
     connection_header, decode, encode_response_head, encode_response_head_with, parse_request,
     response_has_body, Framing, HeadError, RequestHead,
 };
-use crate::lazy_timeout::{lazy_timeout, lazy_timeout_at};
 use crate::metrics::Protocol;
 use crate::pipeline::{Arrival, ClientBodyError, Downstream, Head};
 
@@ -53,7 +53,7 @@ async fn read_more<T: Transport>(
     deadline: Instant,
 ) -> Result<bool, ()> {
     buf.reserve(HEAD_READ);
-    match lazy_timeout_at(deadline, io.read_buf(buf)).await {
+    match coarse_timer::timeout_at(deadline, io.read_buf(buf)).await {
         Ok(Ok(n)) => Ok(n > 0),
         Ok(Err(_)) => Ok(false),
         Err(_) => Err(()),
@@ -172,14 +172,14 @@ pub fn serve<T: Transport>(
             // the header timeout of their first byte, after at most the keep-alive idle time.
             let first = served == 0;
             if buf.is_empty() {
-                // A plain timeout, not a lazy one: the next request rarely waits here already,
-                // and this wait is what an idle connection holds, so its state stays small.
-                let wait = if first {
-                    conn.accepted + conn.limits.header_timeout()
+                // A coarse bound: this wait is what an idle connection holds, and its slot
+                // handle is smaller than a timer entry.
+                let due = if first {
+                    coarse_timer::Due::At(conn.accepted + conn.limits.header_timeout())
                 } else {
-                    Instant::now() + conn.limits.keepalive_timeout()
+                    coarse_timer::Due::After(conn.limits.keepalive_timeout())
                 };
-                match tokio::time::timeout_at(wait, io.idle()).await {
+                match coarse_timer::within(due, io.idle()).await {
                     Ok(Ok(())) => {}
                     Ok(Err(_)) => return,
                     Err(_) => {
@@ -462,7 +462,7 @@ async fn read_head<T: Transport>(
         if buf.capacity() - buf.len() < 512 || (buf.is_empty() && buf.capacity() < read_size) {
             buf.reserve(read_size.max(buf.len()));
         }
-        match lazy_timeout_at(deadline, io.read_buf(buf)).await {
+        match coarse_timer::timeout_at(deadline, io.read_buf(buf)).await {
             Ok(Ok(0)) | Ok(Err(_)) => return HeadRead::Closed,
             Ok(Ok(_)) => {}
             Err(_) if buf.is_empty() => return HeadRead::Overdue,
@@ -578,7 +578,7 @@ impl<T: Transport> Exchange<'_, T> {
 }
 
 async fn within<F: Future<Output = io::Result<()>>>(limit: Duration, work: F) -> io::Result<()> {
-    match lazy_timeout(limit, work).await {
+    match coarse_timer::timeout(limit, work).await {
         Ok(result) => result,
         Err(_) => Err(io::Error::new(
             io::ErrorKind::TimedOut,

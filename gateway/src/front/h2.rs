@@ -227,7 +227,7 @@ impl Downstream for Stream {
         // holds back this stream (up to the send timeout), not the edge's memory.
         while !chunk.is_empty() {
             send.reserve_capacity(chunk.len());
-            let capacity = crate::lazy_timeout::lazy_timeout(
+            let capacity = crate::coarse_timer::timeout(
                 self.limits.send_timeout(),
                 std::future::poll_fn(|cx| send.poll_capacity(cx)),
             )

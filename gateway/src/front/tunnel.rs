@@ -79,7 +79,7 @@ pub async fn relay<C: AsyncRead + AsyncWrite + Unpin>(
 /// Writes all of `bytes` unless the peer stops reading for `limit`.
 async fn write<W: AsyncWrite + Unpin>(to: &mut W, bytes: &[u8], limit: Duration) -> bool {
     matches!(
-        crate::lazy_timeout::lazy_timeout(limit, to.write_all(bytes)).await,
+        crate::coarse_timer::timeout(limit, to.write_all(bytes)).await,
         Ok(Ok(()))
     )
 }

@@ -101,7 +101,7 @@ async fn next_chunk<D: Downstream>(
     downstream: &mut D,
     read_timeout: Duration,
 ) -> Result<Option<Bytes>, BodyError> {
-    match crate::lazy_timeout::lazy_timeout(read_timeout, downstream.read_body()).await {
+    match crate::coarse_timer::timeout(read_timeout, downstream.read_body()).await {
         Ok(Ok(chunk)) => Ok(chunk),
         Ok(Err(e)) => {
             tracing::debug!("request body: {e}");
