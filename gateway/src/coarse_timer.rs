@@ -201,35 +201,39 @@ fn register(due: Due, waker: &Waker) -> Registered {
 impl Slot {
     /// Whether the sweeper found this wait overdue; otherwise it will wake `waker` when it does.
     fn expired(&self, waker: &Waker) -> bool {
-        WHEEL
-            .try_with(|cell| {
-                if wheel_id(cell) != self.wheel {
-                    // Polled on another thread than it was registered on (a task moved between
-                    // runtimes): nothing would ever wake it here, so the bound ends now rather
-                    // than never.
-                    return true;
-                }
-                let mut wheel = cell.borrow_mut();
-                let Some(entry) = wheel.entries.get_mut(self.index as usize) else {
-                    return true;
-                };
-                if entry.generation != self.generation || entry.state != State::Waiting {
-                    return true;
-                }
-                if !entry.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
-                    entry.waker = Some(waker.clone());
-                }
-                false
-            })
-            .unwrap_or(true)
+        let seen = WHEEL.try_with(|cell| {
+            if wheel_id(cell) != self.wheel {
+                // Polled on another thread than it was registered on (a task moved between
+                // runtimes): nothing would ever wake it here, so the bound ends now rather than
+                // never.
+                return (true, None);
+            }
+            let mut wheel = cell.borrow_mut();
+            let Some(entry) = wheel.entries.get_mut(self.index as usize) else {
+                return (true, None);
+            };
+            if entry.generation != self.generation || entry.state != State::Waiting {
+                return (true, None);
+            }
+            if entry.waker.as_ref().is_some_and(|w| w.will_wake(waker)) {
+                return (false, None);
+            }
+            (false, entry.waker.replace(waker.clone()))
+        });
+        // A replaced waker is dropped here, outside the borrow: dropping the last one of a task
+        // frees it.
+        seen.map_or(true, |(expired, _replaced)| expired)
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let _ = WHEEL.try_with(|cell| {
+        // The waker is dropped outside the borrow, as in `expired`.
+        let _waker = WHEEL.try_with(|cell| {
             if wheel_id(cell) == self.wheel {
-                cell.borrow_mut().release(self.index, self.generation);
+                cell.borrow_mut().release(self.index, self.generation)
+            } else {
+                None
             }
         });
     }
@@ -276,20 +280,20 @@ impl Wheel {
         index
     }
 
-    fn release(&mut self, index: u32, generation: u32) {
-        let Some(entry) = self.entries.get_mut(index as usize) else {
-            return;
-        };
+    /// Frees a slot; returns its waker, to be dropped once the list is no longer borrowed.
+    fn release(&mut self, index: u32, generation: u32) -> Option<Waker> {
+        let entry = self.entries.get_mut(index as usize)?;
         if entry.generation != generation || entry.state == State::Free {
-            return;
+            return None;
         }
         if entry.state == State::Waiting {
             self.waiting -= 1;
         }
         entry.state = State::Free;
-        entry.waker = None;
         entry.generation = entry.generation.wrapping_add(1);
+        let waker = entry.waker.take();
         self.free.push(index);
+        waker
     }
 
     /// Marks every wait due by `now` as fired and moves its waker to `self.overdue`.
