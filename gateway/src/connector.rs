@@ -359,7 +359,7 @@ impl Connector {
         &self,
         conn: Conn,
         addr: SocketAddr,
-        (head, framing, reusable): (http::response::Parts, Framing, bool),
+        (head, fields, framing, reusable): Head,
         timeouts: Timeouts,
         connect: Duration,
     ) -> Box<UpstreamResponse> {
@@ -368,6 +368,8 @@ impl Connector {
         // allocation.
         Box::new(UpstreamResponse {
             head,
+            fields,
+            mapped: false,
             addr,
             connect,
             read_timeout: timeouts.read,
@@ -491,7 +493,7 @@ async fn exchange(
     head_request: bool,
     timeouts: Timeouts,
     interim: Option<&InterimSink>,
-) -> Result<(http::response::Parts, Framing, bool), Attempt> {
+) -> Result<Head, Attempt> {
     let progress = body.rest.clone();
     let Conn { stream, buf } = conn;
     let (mut reader, mut writer) = stream.split();
@@ -527,9 +529,9 @@ async fn exchange(
                     Err(_) => written = Some(false),
                 },
                 result = &mut read => {
-                    let (parts, framing, reusable) = result?;
+                    let (parts, fields, framing, reusable) = result?;
                     // A connection whose request was not fully written is never reused.
-                    return Ok((parts, framing, reusable && written == Some(true)));
+                    return Ok((parts, fields, framing, reusable && written == Some(true)));
                 }
             }
         }
@@ -702,7 +704,7 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
     addr: SocketAddr,
     head_request: bool,
     interim: Option<&InterimSink>,
-) -> Result<(http::response::Parts, Framing, bool), Attempt> {
+) -> Result<Head, Attempt> {
     let mut received_any = !buf.is_empty();
     loop {
         // Usually nothing is buffered yet when the head is first awaited.
@@ -711,18 +713,19 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
         } else {
             parse_head(buf, head_request, addr)?
         };
-        if let Some((parts, framing, reusable, used)) = parsed {
+        if let Some((mut parts, fields, framing, reusable, used)) = parsed {
             buf.advance(used);
             if parts.status.is_informational() && parts.status != StatusCode::SWITCHING_PROTOCOLS {
                 // A proxy forwards the 1xx it did not ask for (RFC 9110 §15.2): `102`, `103` and
                 // codes it does not know. `100 Continue` answers an `Expect` the edge handled
                 // itself (it never sends one upstream), so it ends here.
                 if let (Some(sink), true) = (interim, parts.status != StatusCode::CONTINUE) {
+                    parts.headers = fields.to_map();
                     sink.offer(parts);
                 }
                 continue;
             }
-            return Ok((parts, framing, reusable));
+            return Ok((parts, fields, framing, reusable));
         }
         if buf.len() >= MAX_RESPONSE_HEAD {
             return Err(Attempt::Failed(UpstreamError::Failed {
@@ -755,11 +758,72 @@ async fn read_head<R: tokio::io::AsyncRead + Unpin>(
     }
 }
 
-type ParsedHead = (http::response::Parts, Framing, bool, usize);
+type ParsedHead = (http::response::Parts, ResponseFields, Framing, bool, usize);
+/// A final response head as read: the head (its `headers` empty), its fields, the body's framing,
+/// whether the connection may be reused.
+type Head = (http::response::Parts, ResponseFields, Framing, bool);
 
-/// Response headers the edge may add to an upstream's (see [`parse_head`]).
+/// Response headers the edge may add to an upstream's (see [`ResponseFields::to_map`]).
 const RELAY_HEADROOM: usize = 4;
 
+/// An upstream response's fields as they arrived, kept as HTTP/1.1 lines rather than parsed into
+/// a map. Most answers go to an HTTP/1.1 client untouched, and for those the lines are written as
+/// they are ([`UpstreamResponse::verbatim`]): no name lookups, no value copies, no map to build
+/// and drop (that was a tenth of a proxied GET's instructions). Whatever needs a map (the cache,
+/// HTTP/2 and HTTP/3, a retry that reads `Retry-After`) asks for one and it is built then.
+#[derive(Debug, Default)]
+pub struct ResponseFields {
+    /// `name: value\r\n` per field in the upstream's order, names lower-cased; hop-by-hop
+    /// fields and `Content-Length` are left out (a `Connection` that names other fields stays, so
+    /// whoever builds the map can strip those too).
+    lines: Vec<u8>,
+    /// How many fields `lines` holds.
+    count: usize,
+    /// The body length the upstream declared (also on a HEAD or `304` answer, which has no body).
+    content_length: Option<u64>,
+    /// Whether the lines may go to a client as they are: the upstream sent a `Date`, no field
+    /// only the edge sets, and no `Connection` naming other fields.
+    verbatim: bool,
+}
+
+/// Response fields only this edge sets: an upstream's are replaced on the way out.
+const EDGE_FIELDS: [&str; 4] = [
+    "x-meridian-region",
+    "x-meridian-pop",
+    "x-meridian-cache",
+    "alt-svc",
+];
+
+impl ResponseFields {
+    /// The fields as a map (with `Content-Length` when one was declared).
+    fn to_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.count + 1 + RELAY_HEADROOM);
+        for line in self.lines.split(|&b| b == b'\n') {
+            let Some(line) = line.strip_suffix(b"\r") else {
+                continue;
+            };
+            let Some(colon) = line.iter().position(|&b| b == b':') else {
+                continue;
+            };
+            let value = line.get(colon + 2..).unwrap_or_default();
+            // The bytes passed the head parser's checks, which are the map's own.
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(&line[..colon]),
+                HeaderValue::from_bytes(value),
+            ) {
+                map.append(name, value);
+            }
+        }
+        if let Some(length) = self.content_length {
+            map.insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
+        }
+        map
+    }
+}
+
+/// Parses a response head at the start of `buf`: `None` while it is incomplete, else the head
+/// (its `headers` left empty: see [`ResponseFields`]), its fields, the body's framing, whether the
+/// connection may be reused, and the head's length.
 fn parse_head(
     buf: &[u8],
     head_request: bool,
@@ -784,36 +848,72 @@ fn parse_head(
         .code
         .and_then(|c| StatusCode::from_u16(c).ok())
         .ok_or_else(|| failed("invalid status".into()))?;
-    // Room for what the edge adds on the way back (`x-meridian-region`, `x-meridian-pop`,
-    // `x-meridian-cache`, `alt-svc`), so adding them does not grow and rehash the map.
-    let mut headers = HeaderMap::with_capacity(response.headers.len() + RELAY_HEADROOM);
-    // The framing fields are read as the map is built, not looked up in it afterwards.
+    // The lines are never longer than the head they come from.
+    let mut fields = ResponseFields {
+        lines: Vec::with_capacity(used),
+        ..ResponseFields::default()
+    };
+    let mut has_date = false;
+    let mut unusual = false;
+    // The framing fields are read as the lines are built, not looked up afterwards.
     let mut close = false;
     let mut chunked = false;
     // An invalid length matters only if the length frames the body (not after chunked, HEAD…).
     let mut length = ContentLength::default();
     for h in response.headers.iter() {
-        let name = HeaderName::from_bytes(h.name.as_bytes())
-            .map_err(|_| failed(format!("invalid header name {:?}", h.name)))?;
-        let value = HeaderValue::from_bytes(h.value)
-            .map_err(|_| failed(format!("invalid value of {name}")))?;
-        if name == http::header::CONTENT_LENGTH {
-            length.add(h.value);
-        } else if name == http::header::TRANSFER_ENCODING {
-            // The last coding of the last field decides (RFC 9112 §6.1).
-            if let Ok(text) = value.to_str() {
-                chunked = text
-                    .rsplit(',')
-                    .next()
-                    .is_some_and(|t| t.trim().eq_ignore_ascii_case("chunked"));
+        let start = fields.lines.len();
+        fields.lines.extend_from_slice(h.name.as_bytes());
+        fields.lines[start..].make_ascii_lowercase();
+        let keep = match &fields.lines[start..] {
+            b"content-length" => {
+                length.add(h.value);
+                false
             }
-        } else if name == http::header::CONNECTION {
-            close |= value.to_str().is_ok_and(|text| {
-                text.split(',')
-                    .any(|t| t.trim().eq_ignore_ascii_case("close"))
-            });
+            b"transfer-encoding" => {
+                // The last coding of the last field decides (RFC 9112 §6.1).
+                chunked = h
+                    .value
+                    .rsplit(|&b| b == b',')
+                    .next()
+                    .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+                false
+            }
+            b"connection" => {
+                let mut others = false;
+                for token in h.value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+                    if token.eq_ignore_ascii_case(b"close") {
+                        close = true;
+                    } else if !token.is_empty() && !token.eq_ignore_ascii_case(b"keep-alive") {
+                        others = true;
+                    }
+                }
+                unusual |= others;
+                others
+            }
+            b"keep-alive"
+            | b"proxy-connection"
+            | b"proxy-authenticate"
+            | b"proxy-authorization"
+            | b"te"
+            | b"trailer"
+            | b"upgrade" => false,
+            b"date" => {
+                has_date = true;
+                true
+            }
+            name => {
+                unusual |= EDGE_FIELDS.iter().any(|edge| edge.as_bytes() == name);
+                true
+            }
+        };
+        if keep {
+            fields.lines.extend_from_slice(b": ");
+            fields.lines.extend_from_slice(h.value);
+            fields.lines.extend_from_slice(b"\r\n");
+            fields.count += 1;
+        } else {
+            fields.lines.truncate(start);
         }
-        headers.append(name, value);
     }
     let http11 = response.version == Some(1);
     let framing = if head_request
@@ -833,6 +933,10 @@ fn parse_head(
     } else {
         Framing::UntilClose
     };
+    if !chunked {
+        fields.content_length = length.value().ok().flatten();
+    }
+    fields.verbatim = has_date && !unusual;
     // After a 101 the connection speaks another protocol: it is never pooled.
     let reusable = http11
         && !close
@@ -845,8 +949,7 @@ fn parse_head(
     } else {
         http::Version::HTTP_10
     };
-    parts.headers = headers;
-    Ok(Some((parts, framing, reusable, used)))
+    Ok(Some((parts, fields, framing, reusable, used)))
 }
 
 /// Waits for `work` until `read` passes without progress: a streamed request body that keeps
@@ -874,7 +977,12 @@ async fn within_read_timeout<F: Future>(
 /// A response head and its streaming body; the connection returns to this thread's pool once the
 /// body has been read to its end.
 pub struct UpstreamResponse {
-    pub head: http::response::Parts,
+    /// Status and version; its `headers` stay empty until [`UpstreamResponse::headers`] fills
+    /// them from `fields`.
+    head: http::response::Parts,
+    fields: ResponseFields,
+    /// Whether `head.headers` holds the fields.
+    mapped: bool,
     addr: SocketAddr,
     /// Time to establish the connection (zero for a pooled one).
     pub connect: Duration,
@@ -892,7 +1000,55 @@ pub struct Upgraded {
     pub buffered: BytesMut,
 }
 
+/// An upstream's header lines, ready to be written to an HTTP/1.1 client as they are (see
+/// [`UpstreamResponse::verbatim`]).
+pub struct VerbatimHead<'a> {
+    /// `name: value\r\n` lines, `Date` among them; no hop-by-hop field, no `Content-Length`,
+    /// none of the edge's own fields.
+    pub lines: &'a [u8],
+    pub content_length: u64,
+}
+
 impl UpstreamResponse {
+    pub fn status(&self) -> StatusCode {
+        self.head.status
+    }
+
+    /// The upstream's fields as a map, built on first use. Hop-by-hop fields are not in it
+    /// (except a `Connection` naming other fields, and those fields).
+    pub fn headers(&mut self) -> &mut HeaderMap {
+        if !self.mapped {
+            self.head.headers = self.fields.to_map();
+            self.mapped = true;
+        }
+        &mut self.head.headers
+    }
+
+    /// The fields, taken out (built into a map first if need be).
+    pub fn take_headers(&mut self) -> HeaderMap {
+        std::mem::take(self.headers())
+    }
+
+    /// The upstream's header lines, when they can go to a client untouched: the answer declared
+    /// its length and carries a body or is a HEAD answer (not `1xx`, `204` or `304`), sent a
+    /// `Date`, and none of its fields needs the edge's attention. `None`: build the map
+    /// ([`UpstreamResponse::headers`]).
+    pub fn verbatim(&self) -> Option<VerbatimHead<'_>> {
+        let status = self.head.status;
+        if self.mapped
+            || !self.fields.verbatim
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            return None;
+        }
+        Some(VerbatimHead {
+            lines: &self.fields.lines,
+            content_length: self.fields.content_length?,
+        })
+    }
+
     /// The connection of a `101 Switching Protocols`, for the caller to relay as it is.
     pub fn into_upgraded(mut self) -> Option<Upgraded> {
         if self.head.status != StatusCode::SWITCHING_PROTOCOLS {
@@ -1005,6 +1161,7 @@ impl UpstreamResponse {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::forward::{HEADER_POP_STR, HEADER_REGION};
 
     fn addr() -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], 1))
@@ -1127,7 +1284,7 @@ mod tests {
             parse_head(raw, head, addr())
                 .ok()
                 .flatten()
-                .map(|(p, f, reuse, used)| (p.status.as_u16(), f, reuse, used == raw.len()))
+                .map(|(p, _, f, reuse, used)| (p.status.as_u16(), f, reuse, used == raw.len()))
         };
         assert_eq!(
             parse(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\n", false),
@@ -1167,6 +1324,70 @@ mod tests {
             addr()
         )
         .is_err());
+    }
+
+    #[test]
+    fn response_fields_pass_on_verbatim_only_what_needs_no_attention() {
+        let fields = |raw: &[u8]| {
+            let (_, fields, ..) = parse_head(raw, false, addr())
+                .ok()
+                .flatten()
+                .expect("a whole head");
+            fields
+        };
+        let plain = fields(
+            b"HTTP/1.1 200 OK\r\nDate: Tue, 01 Dec 2026 20:00:00 GMT\r\nContent-Type: text/plain\r\n\
+              Keep-Alive: timeout=5\r\nContent-Length: 5\r\nConnection: keep-alive\r\n\
+              X-Custom:  a b \r\nTransfer-Encoding: identity\r\nTE: trailers\r\n\r\n",
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&plain.lines),
+            "date: Tue, 01 Dec 2026 20:00:00 GMT\r\ncontent-type: text/plain\r\nx-custom: a b\r\n",
+            "names lower-cased, hop-by-hop fields and Content-Length left out"
+        );
+        assert_eq!(plain.count, 3);
+        assert_eq!(plain.content_length, Some(5));
+        assert!(plain.verbatim);
+        let map = plain.to_map();
+        assert_eq!(map.len(), 4);
+        assert_eq!(map["x-custom"], "a b");
+        assert_eq!(map["content-length"], "5");
+        assert_eq!(map["date"], "Tue, 01 Dec 2026 20:00:00 GMT");
+
+        let no_date = fields(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+        assert!(!no_date.verbatim, "the edge adds a Date");
+        let edge_named = fields(
+            b"HTTP/1.1 200 OK\r\ndate: x\r\nX-Meridian-Pop: fake\r\ncontent-length: 0\r\n\r\n",
+        );
+        assert!(!edge_named.verbatim, "the edge replaces its own fields");
+        let nominating = fields(
+            b"HTTP/1.1 200 OK\r\ndate: x\r\nconnection: close, x-secret\r\nx-secret: 1\r\n\r\n",
+        );
+        assert!(!nominating.verbatim);
+        let mut map = nominating.to_map();
+        assert!(map.contains_key("connection") && map.contains_key("x-secret"));
+        crate::core::headers::strip_hop_by_hop(&mut map);
+        assert!(map.len() == 1 && map.contains_key("date"), "{map:?}");
+
+        let chunked = fields(
+            b"HTTP/1.1 200 OK\r\ndate: x\r\ncontent-length: 9\r\ntransfer-encoding: chunked\r\n\r\n",
+        );
+        assert_eq!(
+            chunked.content_length, None,
+            "a chunked body's length is not declared"
+        );
+        for name in EDGE_FIELDS {
+            assert!(
+                [
+                    HEADER_REGION.as_str(),
+                    HEADER_POP_STR,
+                    crate::cache::HEADER_CACHE_NAME.as_str(),
+                    "alt-svc"
+                ]
+                .contains(&name),
+                "{name} is one of the edge's own fields"
+            );
+        }
     }
 
     #[test]

@@ -614,7 +614,7 @@ impl Pipeline {
                 access.upstream = Some(pick.address);
             }
             let attempts = loaded.metrics.attempts.get(pick.region);
-            let result = self
+            let mut result = self
                 .connector
                 .send(pick.address, request, body, timeouts, outbound.interim)
                 .await;
@@ -623,7 +623,7 @@ impl Pipeline {
                 ..outbound.replay
             };
             let now = clock::now_ms();
-            let (verdict, effects) = match &result {
+            let (verdict, effects) = match &mut result {
                 Ok(response) => {
                     if let Some(access) = access.as_deref_mut() {
                         access.first_byte = Some(started.elapsed());
@@ -632,8 +632,16 @@ impl Pipeline {
                     if let Some(series) = attempts {
                         series.ok.inc();
                     }
-                    let head = &response.head;
-                    tries.on_response(snapshot, head.status.as_u16(), &head.headers, replay, now)
+                    let status = response.status().as_u16();
+                    // Only a refused model call reads the fields (its `Retry-After`): the map
+                    // is not built for the others.
+                    let no_fields = http::HeaderMap::new();
+                    let headers = if replay.model_call && matches!(status, 429 | 503) {
+                        response.headers()
+                    } else {
+                        &no_fields
+                    };
+                    tries.on_response(snapshot, status, headers, replay, now)
                 }
                 Err(e) if e.is_connect() => {
                     if let Some(series) = attempts {
@@ -780,13 +788,13 @@ impl Pipeline {
             let Ok(mut relayed) = forwarded else {
                 return; // dropping the ticket: the next request revalidates in line
             };
-            let head = &relayed.response.head;
+            let status = relayed.response.status().as_u16();
             let admission = cache
                 .cache()
                 .admit(
                     ticket,
-                    head.status.as_u16(),
-                    &head.headers,
+                    status,
+                    relayed.response.headers(),
                     SystemTime::now(),
                 )
                 .await;

@@ -5,7 +5,7 @@
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 
 use super::downstream::{Arrival, Downstream, Head};
 use super::forward::{HEADER_POP, HEADER_POP_STR, HEADER_REGION};
@@ -251,7 +251,7 @@ impl<'a, D: Downstream> Writer<'a, D> {
         let Some(protocol) = state.upgrade.clone() else {
             return Err(502);
         };
-        let mut headers = std::mem::take(&mut response.head.headers);
+        let mut headers = response.take_headers();
         crate::core::headers::strip_hop_by_hop(&mut headers);
         // The driver writes its own `Connection: upgrade` on the client's hop.
         headers.insert(http::header::UPGRADE, protocol);
@@ -307,18 +307,54 @@ impl<'a, D: Downstream> Writer<'a, D> {
             _inflight,
         } = relayed;
         let snapshot = &self.loaded.snapshot;
-        let status = response.head.status.as_u16();
+        let status = response.status().as_u16();
         if status == 101 {
             // Boxed: rare, and the relay's future (part of every request's) would otherwise be
             // as big as the tunnel's.
             return Box::pin(self.switch_protocols(response, state)).await;
         }
-        let mut headers = std::mem::take(&mut response.head.headers);
-        crate::core::headers::strip_hop_by_hop(&mut headers);
         let region = state
             .region()
             .and_then(|r| snapshot.regions.get(r))
             .map(|r| &r.header);
+        let cache_policy = state.route.and_then(|r| self.loaded.cache_policy(r));
+        if ticket.is_none() && cache_policy.is_none() && self.downstream.writes_prepared_heads() {
+            // The usual answer: nothing to store, no field to hide, an HTTP/1.1 client. The
+            // upstream's lines go out as they are, the edge's fields after them.
+            if let Some(head) = response.verbatim() {
+                let cache_value = state.cache.map(CacheStatus::header_value);
+                let (fields, count) = edge_fields(
+                    region,
+                    cache_value.as_ref(),
+                    &snapshot.pop_header,
+                    self.alt_svc,
+                );
+                let mut extra: [(&[u8], &[u8]); 4] = [(&[], &[]); 4];
+                for (slot, (name, value)) in extra.iter_mut().zip(&fields[..count]) {
+                    *slot = (name.as_str().as_bytes(), value.as_bytes());
+                }
+                let end = response.body_is_empty();
+                if self
+                    .downstream
+                    .send_prepared_head(
+                        status,
+                        head.lines,
+                        &extra[..count],
+                        head.content_length,
+                        end,
+                    )
+                    .await
+                    .is_err()
+                {
+                    return Err(0);
+                }
+                return self
+                    .relay_body(&mut response, None, end, status, state)
+                    .await;
+            }
+        }
+        let mut headers = response.take_headers();
+        crate::core::headers::strip_hop_by_hop(&mut headers);
         if let (Some(region), Some(_)) = (region, &ticket) {
             // In the map before admission, so a stored entry remembers its region.
             headers.insert(HEADER_REGION, region.clone());
@@ -360,7 +396,7 @@ impl<'a, D: Downstream> Writer<'a, D> {
                 }
             }
         }
-        if let Some(policy) = state.route.and_then(|r| self.loaded.cache_policy(r)) {
+        if let Some(policy) = cache_policy {
             // Fields only this edge obeys (targeted cache control) end here; the stored copy
             // keeps them for its own revalidations.
             for name in &policy.rules().hidden {
@@ -376,25 +412,12 @@ impl<'a, D: Downstream> Writer<'a, D> {
         }
         // The edge's own fields go to the driver beside the map, not into it.
         let cache_value = cache_status.map(CacheStatus::header_value);
-        let pop = &snapshot.pop_header;
-        let names = [
-            HEADER_REGION,
-            HEADER_CACHE_NAME,
-            HEADER_POP,
-            http::header::ALT_SVC,
-        ];
-        let edge = [
-            region.map(|value| (&names[0], value)),
-            cache_value.as_ref().map(|value| (&names[1], value)),
-            Some((&names[2], pop)),
-            self.alt_svc.map(|value| (&names[3], value)),
-        ];
-        let mut fields = [(&names[2], pop); 4];
-        let mut count = 0;
-        for field in edge.into_iter().flatten() {
-            fields[count] = field;
-            count += 1;
-        }
+        let (fields, count) = edge_fields(
+            region,
+            cache_value.as_ref(),
+            &snapshot.pop_header,
+            self.alt_svc,
+        );
         let end = response.body_is_empty();
         if self
             .downstream
@@ -404,6 +427,20 @@ impl<'a, D: Downstream> Writer<'a, D> {
         {
             return Err(0);
         }
+        self.relay_body(&mut response, writer, end, status, state)
+            .await
+    }
+
+    /// Streams the upstream's body to the client after its head (`end`: the head said there is
+    /// none), into the cache through `writer` when it is being stored.
+    async fn relay_body(
+        &mut self,
+        response: &mut UpstreamResponse,
+        mut writer: Option<Box<CacheWriter>>,
+        end: bool,
+        status: u16,
+        state: &mut RequestState,
+    ) -> Result<u16, u16> {
         loop {
             let chunk = match response.next_chunk().await {
                 Ok(Some(chunk)) => chunk,
@@ -572,4 +609,34 @@ fn fill_in_background(
             }
         }
     });
+}
+
+/// The edge's own response fields for an answer, in the order they are written:
+/// `x-meridian-region`, `x-meridian-cache`, `x-meridian-pop`, `alt-svc` (each when it applies); the
+/// first `count` of the array.
+fn edge_fields<'v>(
+    region: Option<&'v HeaderValue>,
+    cache: Option<&'v HeaderValue>,
+    pop: &'v HeaderValue,
+    alt_svc: Option<&'v HeaderValue>,
+) -> ([(&'static HeaderName, &'v HeaderValue); 4], usize) {
+    static NAMES: [HeaderName; 4] = [
+        HEADER_REGION,
+        HEADER_CACHE_NAME,
+        HEADER_POP,
+        http::header::ALT_SVC,
+    ];
+    let edge = [
+        region.map(|value| (&NAMES[0], value)),
+        cache.map(|value| (&NAMES[1], value)),
+        Some((&NAMES[2], pop)),
+        alt_svc.map(|value| (&NAMES[3], value)),
+    ];
+    let mut fields = [(&NAMES[2], pop); 4];
+    let mut count = 0;
+    for field in edge.into_iter().flatten() {
+        fields[count] = field;
+        count += 1;
+    }
+    (fields, count)
 }
