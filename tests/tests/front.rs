@@ -513,6 +513,114 @@ fn http2_connections_are_bounded_in_time_and_requests() {
     assert_timeouts_counted(&world.metrics(), 1.0, 1.0);
 }
 
+/// A world whose `api` route goes to one upstream only, `upstream` (a raw socket server of the
+/// test's own), pushed as a new config version (the harness gives every configured upstream a
+/// simulated origin first).
+fn world_with_raw_upstream(upstream: SocketAddr) -> World {
+    let mut config = local_config();
+    let route = config
+        .routes
+        .iter_mut()
+        .find(|r| r.name == "api")
+        .expect("api route");
+    route.regions = meridian_config::RegionSet::List(vec!["us-east".into()]);
+    route.default_region = Some("us-east".into());
+    let world = World::start_following(config);
+    let mut pushed = world.config.clone();
+    let region = pushed
+        .regions
+        .iter_mut()
+        .find(|r| r.name == "us-east")
+        .expect("us-east");
+    region.upstreams.truncate(1);
+    region.upstreams[0].address = upstream.to_string();
+    region.health.enabled = false;
+    let version = world.push(&pushed, "a raw upstream");
+    assert_eq!(world.wait_for_version(&world.edge, version), version);
+    world
+}
+
+/// An upstream's response head reaches an HTTP/1.1 client as its fields, whether the edge passes
+/// the lines on as they are or builds a map first: hop-by-hop fields dropped, the edge's own
+/// fields once and the edge's, the origin's `Date` kept (one added when it sent none).
+#[test]
+fn upstream_response_fields_pass_on_with_the_edges_own() {
+    let upstream = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the upstream");
+    let upstream_addr = upstream.local_addr().expect("upstream address");
+    std::thread::spawn(move || {
+        for conn in upstream.incoming() {
+            let Ok(mut conn) = conn else { return };
+            std::thread::spawn(move || loop {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if conn.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let head = String::from_utf8_lossy(&head).into_owned();
+                let mut answer = String::from("HTTP/1.1 200 OK\r\n");
+                if !head.starts_with("GET /no-date ") {
+                    answer.push_str("Date: Mon, 30 Nov 2026 10:00:00 GMT\r\n");
+                }
+                if head.starts_with("GET /edge-named ") {
+                    answer.push_str("X-Meridian-Pop: fake\r\nX-Meridian-Region: fake\r\n");
+                }
+                answer.push_str(
+                    "X-Custom: A b\r\nKeep-Alive: timeout=5\r\nProxy-Authenticate: Basic\r\n\
+                     Content-Length: 2\r\n\r\nok",
+                );
+                if conn.write_all(answer.as_bytes()).is_err() {
+                    return;
+                }
+            });
+        }
+    });
+    let world = world_with_raw_upstream(upstream_addr);
+    for path in ["/verbatim", "/edge-named", "/no-date"] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: api.example.test\r\n\r\n");
+        let mut client = connect(world.edge.http_addr);
+        client.write_all(request.as_bytes()).expect("send");
+        let mut pending = Vec::new();
+        let response = read_response(&mut client, &mut pending).expect("an answer");
+        assert_eq!(response.status, 200, "{path}: {}", response.head);
+        assert_eq!(response.body, b"ok", "{path}");
+        assert_eq!(response.header("content-length"), Some("2"), "{path}");
+        assert_eq!(response.header("x-custom"), Some("a b"), "{path}");
+        assert_eq!(
+            response.header("keep-alive"),
+            None,
+            "{path}: {}",
+            response.head
+        );
+        assert_eq!(response.header("proxy-authenticate"), None, "{path}");
+        assert_eq!(
+            response.header("x-meridian-region"),
+            Some("us-east"),
+            "{path}"
+        );
+        for own in ["x-meridian-pop:", "x-meridian-region:", "date:"] {
+            assert_eq!(
+                response.head.matches(own).count(),
+                1,
+                "{path}: one {own} {}",
+                response.head
+            );
+        }
+        assert_ne!(response.header("x-meridian-pop"), Some("fake"), "{path}");
+        let date = response.header("date").expect("a date");
+        if path == "/no-date" {
+            assert_ne!(date, "mon, 30 nov 2026 10:00:00 gmt", "the edge's own date");
+        } else {
+            assert_eq!(
+                date, "mon, 30 nov 2026 10:00:00 gmt",
+                "{path}: the origin's date"
+            );
+        }
+    }
+}
+
 /// A WebSocket handshake (HTTP/1.1 `Upgrade`) is passed on to the upstream, its `101` comes back,
 /// and from then on bytes flow both ways as they are, including what the client sent right
 /// behind its head, until one side closes.
@@ -558,28 +666,7 @@ fn websocket_upgrades_are_relayed_both_ways() {
             });
         }
     });
-    let mut config = local_config();
-    let route = config
-        .routes
-        .iter_mut()
-        .find(|r| r.name == "api")
-        .expect("api route");
-    route.regions = meridian_config::RegionSet::List(vec!["us-east".into()]);
-    route.default_region = Some("us-east".into());
-    // The harness gives every configured upstream a simulated origin; this route's one upstream
-    // becomes the raw WebSocket echo by a pushed version.
-    let world = World::start_following(config);
-    let mut pushed = world.config.clone();
-    let region = pushed
-        .regions
-        .iter_mut()
-        .find(|r| r.name == "us-east")
-        .expect("us-east");
-    region.upstreams.truncate(1);
-    region.upstreams[0].address = upstream_addr.to_string();
-    region.health.enabled = false;
-    let version = world.push(&pushed, "a WebSocket upstream");
-    assert_eq!(world.wait_for_version(&world.edge, version), version);
+    let world = world_with_raw_upstream(upstream_addr);
 
     let mut client = connect(world.edge.http_addr);
     client
