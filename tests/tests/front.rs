@@ -513,6 +513,20 @@ fn http2_connections_are_bounded_in_time_and_requests() {
     assert_timeouts_counted(&world.metrics(), 1.0, 1.0);
 }
 
+/// A raw upstream's read of one request head, byte by byte (so nothing behind it is consumed);
+/// `None` when the connection ends first.
+fn read_request_head(conn: &mut TcpStream) -> Option<String> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if conn.read(&mut byte).unwrap_or(0) == 0 {
+            return None;
+        }
+        head.push(byte[0]);
+    }
+    Some(String::from_utf8_lossy(&head).into_owned())
+}
+
 /// A world whose `api` route goes to one upstream only, `upstream` (a raw socket server of the
 /// test's own), pushed as a new config version (the harness gives every configured upstream a
 /// simulated origin first).
@@ -551,15 +565,9 @@ fn upstream_response_fields_pass_on_with_the_edges_own() {
         for conn in upstream.incoming() {
             let Ok(mut conn) = conn else { return };
             std::thread::spawn(move || loop {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if conn.read(&mut byte).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let head = String::from_utf8_lossy(&head).into_owned();
+                let Some(head) = read_request_head(&mut conn) else {
+                    return;
+                };
                 let mut answer = String::from("HTTP/1.1 200 OK\r\n");
                 if !head.starts_with("GET /no-date ") {
                     answer.push_str("Date: Mon, 30 Nov 2026 10:00:00 GMT\r\n");
@@ -632,15 +640,10 @@ fn websocket_upgrades_are_relayed_both_ways() {
         for conn in upstream.incoming() {
             let Ok(mut conn) = conn else { return };
             std::thread::spawn(move || {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while !head.ends_with(b"\r\n\r\n") {
-                    if conn.read(&mut byte).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    head.push(byte[0]);
-                }
-                let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+                let Some(head) = read_request_head(&mut conn) else {
+                    return;
+                };
+                let head = head.to_ascii_lowercase();
                 if !(head.contains("\r\nupgrade: websocket\r\n")
                     && head.contains("\r\nconnection: upgrade\r\n"))
                 {
