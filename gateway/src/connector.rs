@@ -769,7 +769,7 @@ const RELAY_HEADROOM: usize = 4;
 /// An upstream response's fields as they arrived, kept as HTTP/1.1 lines rather than parsed into
 /// a map. Most answers go to an HTTP/1.1 client untouched, and for those the lines are written as
 /// they are ([`UpstreamResponse::verbatim`]): no name lookups, no value copies, no map to build
-/// and drop (that was a tenth of a proxied GET's instructions). Whatever needs a map (the cache,
+/// and drop (about 8 % of a proxied GET's instructions). Whatever needs a map (the cache,
 /// HTTP/2 and HTTP/3, a retry that reads `Retry-After`) asks for one and it is built then.
 #[derive(Debug, Default)]
 pub struct ResponseFields {
