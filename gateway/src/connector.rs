@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use crate::coarse_timer;
 use crate::core::fast_hash::FastBuildHasher;
 use crate::core::headers::UpstreamHeaders;
+use crate::pipeline::forward::EDGE_RESPONSE_FIELDS;
 use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -786,14 +787,6 @@ pub struct ResponseFields {
     verbatim: bool,
 }
 
-/// Response fields only this edge sets: an upstream's are replaced on the way out.
-const EDGE_FIELDS: [&str; 4] = [
-    "x-meridian-region",
-    "x-meridian-pop",
-    "x-meridian-cache",
-    "alt-svc",
-];
-
 impl ResponseFields {
     /// The fields as a map (with `Content-Length` when one was declared).
     fn to_map(&self) -> HeaderMap {
@@ -890,19 +883,15 @@ fn parse_head(
                 unusual |= others;
                 others
             }
-            b"keep-alive"
-            | b"proxy-connection"
-            | b"proxy-authenticate"
-            | b"proxy-authorization"
-            | b"te"
-            | b"trailer"
-            | b"upgrade" => false,
+            name if crate::core::headers::is_hop_by_hop_name(name) => false,
             b"date" => {
                 has_date = true;
                 true
             }
             name => {
-                unusual |= EDGE_FIELDS.iter().any(|edge| edge.as_bytes() == name);
+                unusual |= EDGE_RESPONSE_FIELDS
+                    .iter()
+                    .any(|edge| edge.as_str().as_bytes() == name);
                 true
             }
         };
@@ -916,6 +905,7 @@ fn parse_head(
         }
     }
     let http11 = response.version == Some(1);
+    let declared = length.value();
     let framing = if head_request
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -924,7 +914,7 @@ fn parse_head(
         Framing::Done
     } else if chunked {
         Framing::Chunked(ChunkState::Size)
-    } else if let Some(length) = length.value().map_err(|m| failed(m.into()))? {
+    } else if let Some(length) = declared.map_err(|m| failed(m.into()))? {
         if length == 0 {
             Framing::Done
         } else {
@@ -934,7 +924,7 @@ fn parse_head(
         Framing::UntilClose
     };
     if !chunked {
-        fields.content_length = length.value().ok().flatten();
+        fields.content_length = declared.ok().flatten();
     }
     fields.verbatim = has_date && !unusual;
     // After a 101 the connection speaks another protocol: it is never pooled.
@@ -1376,7 +1366,7 @@ mod tests {
             chunked.content_length, None,
             "a chunked body's length is not declared"
         );
-        for name in EDGE_FIELDS {
+        for name in EDGE_RESPONSE_FIELDS.iter().map(HeaderName::as_str) {
             assert!(
                 [
                     HEADER_REGION.as_str(),

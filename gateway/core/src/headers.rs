@@ -31,19 +31,25 @@ pub fn present<const N: usize>(headers: &HeaderMap, names: [&HeaderName; N]) -> 
 }
 
 pub fn is_hop_by_hop(name: &HeaderName) -> bool {
+    is_hop_by_hop_name(name.as_str().as_bytes())
+}
+
+/// [`is_hop_by_hop`] for a lower-case name still in bytes (a head being read, before any
+/// `HeaderName` is made of it).
+pub fn is_hop_by_hop_name(name: &[u8]) -> bool {
     // A match on the text compiles to a switch on its length and one comparison; a search of
     // `HOP_BY_HOP` compared up to nine strings, for every field of every message.
     matches!(
-        name.as_str(),
-        "connection"
-            | "keep-alive"
-            | "proxy-connection"
-            | "proxy-authenticate"
-            | "proxy-authorization"
-            | "te"
-            | "trailer"
-            | "transfer-encoding"
-            | "upgrade"
+        name,
+        b"connection"
+            | b"keep-alive"
+            | b"proxy-connection"
+            | b"proxy-authenticate"
+            | b"proxy-authorization"
+            | b"te"
+            | b"trailer"
+            | b"transfer-encoding"
+            | b"upgrade"
     )
 }
 

@@ -13,6 +13,14 @@ pub(crate) const X_FORWARDED_FOR_HEADER: HeaderName = HeaderName::from_static(X_
 pub const HEADER_REGION: HeaderName = HeaderName::from_static("x-meridian-region");
 pub const HEADER_POP_STR: &str = "x-meridian-pop";
 pub const HEADER_POP: HeaderName = HeaderName::from_static(HEADER_POP_STR);
+/// Response fields only this edge sets, in the order it writes them: an upstream's fields of
+/// these names are replaced on the way out.
+pub static EDGE_RESPONSE_FIELDS: [HeaderName; 4] = [
+    HEADER_REGION,
+    crate::cache::HEADER_CACHE_NAME,
+    HEADER_POP,
+    http::header::ALT_SVC,
+];
 const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
 const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

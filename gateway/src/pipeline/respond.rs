@@ -620,12 +620,7 @@ fn edge_fields<'v>(
     pop: &'v HeaderValue,
     alt_svc: Option<&'v HeaderValue>,
 ) -> ([(&'static HeaderName, &'v HeaderValue); 4], usize) {
-    static NAMES: [HeaderName; 4] = [
-        HEADER_REGION,
-        HEADER_CACHE_NAME,
-        HEADER_POP,
-        http::header::ALT_SVC,
-    ];
+    const NAMES: &[HeaderName; 4] = &super::forward::EDGE_RESPONSE_FIELDS;
     let edge = [
         region.map(|value| (&NAMES[0], value)),
         cache.map(|value| (&NAMES[1], value)),
