@@ -68,7 +68,8 @@ fn forwarded_for_is_believed_only_from_trusted_proxies() {
         &[("x-forwarded-for", "127.12.0.9")],
     );
     assert_eq!(trusted.region(), Some("ap-southeast-1"));
-    assert_eq!(trusted.json()["x_forwarded_for"], "127.12.0.9, 127.12.0.9");
+    // The chain names every hop: the client the proxy vouched for, then the proxy itself.
+    assert_eq!(trusted.json()["x_forwarded_for"], "127.12.0.9, 127.0.0.1");
     // A German client cannot claim to be in Singapore.
     let spoofed = world.request(
         Protocol::Http1,

@@ -28,8 +28,12 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// Who sent a request and how, for the forwarding headers of its upstream request.
 #[derive(Clone, Copy, Debug)]
 pub struct Forwarding<'a> {
-    /// The client, resolved through trusted proxies.
-    pub client: IpAddr,
+    /// The connection's peer: the hop this edge adds to `X-Forwarded-For` and `Forwarded`. Each
+    /// proxy on the way appends the address it received the request from, so the chain names
+    /// every hop; from an untrusted peer (whose chain is dropped) it is the client itself. The
+    /// client resolved through trusted proxies is for geography, not for this chain: appending
+    /// it would repeat the rightmost untrusted address and lose the proxy that vouched for it.
+    pub peer: IpAddr,
     /// What the client used to reach the edge (`http`/`https`).
     pub scheme: &'static str,
     /// The host the request was routed by.
@@ -45,7 +49,7 @@ pub struct Forwarding<'a> {
 /// header an origin may take as the edge's word about the client — `X-Forwarded-*`,
 /// `Forwarded`, `X-Real-IP` and the like — is dropped first: they are not in the cache key, so
 /// one client's made-up `X-Forwarded-Host` would otherwise shape a response cached for everyone.
-/// Then `X-Forwarded-For` (the chain from trusted proxies plus the client), `X-Forwarded-Proto`,
+/// Then `X-Forwarded-For` (the chain from trusted proxies plus the peer), `X-Forwarded-Proto`,
 /// optionally `Forwarded`, `X-Request-Id` (the client's when well formed, else a new one) and
 /// `traceparent` (likewise).
 pub fn set_forwarding_headers(headers: &mut UpstreamHeaders<'_>, forwarding: &Forwarding<'_>) {
@@ -55,7 +59,7 @@ pub fn set_forwarding_headers(headers: &mut UpstreamHeaders<'_>, forwarding: &Fo
     // Whether the client sent (and may pass on) the fields this hop extends or checks.
     let [incoming_chain, incoming_id, incoming_trace] =
         headers.may_send([&X_FORWARDED_FOR_HEADER, &X_REQUEST_ID, &TRACEPARENT]);
-    if let Ok(value) = forwarded_for_chain(headers, forwarding.client, incoming_chain) {
+    if let Ok(value) = forwarded_for_chain(headers, forwarding.peer, incoming_chain) {
         headers.insert(X_FORWARDED_FOR_HEADER, value);
     }
     if !(forwarding.trusted_peer && headers.contains_key(&X_FORWARDED_PROTO)) {
@@ -144,7 +148,7 @@ fn forwarded_chain(
 
 /// This hop's `Forwarded` element.
 pub fn forwarded_element(forwarding: &Forwarding<'_>) -> String {
-    let for_ = match forwarding.client {
+    let for_ = match forwarding.peer {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => format!("\"[{v6}]\""),
     };
@@ -207,18 +211,18 @@ fn ip_text(ip: IpAddr, out: &mut [u8; 48]) -> usize {
     }
 }
 
-/// The `X-Forwarded-For` chain the client (or trusted proxies) sent, with `client` appended:
-/// `a, b, client`. Values that are not visible ASCII are skipped (as `to_str` would). `sent`:
+/// The `X-Forwarded-For` chain the client (or trusted proxies) sent, with `hop` appended:
+/// `a, b, hop`. Values that are not visible ASCII are skipped (as `to_str` would). `sent`:
 /// whether the client may have sent a chain ([`UpstreamHeaders::may_send`]); when not, the chain
-/// is `client` alone and nothing is looked up.
+/// is `hop` alone and nothing is looked up.
 pub fn forwarded_for_chain(
     headers: &UpstreamHeaders<'_>,
-    client: IpAddr,
+    hop: IpAddr,
     sent: bool,
 ) -> Result<HeaderValue, http::header::InvalidHeaderValue> {
     // Room for the longest IPv6 text; usually the whole value (no incoming chain).
     let mut ip = [0u8; 48];
-    let ip_len = ip_text(client, &mut ip);
+    let ip_len = ip_text(hop, &mut ip);
     let ip = &ip[..ip_len];
     let mut incoming = sent
         .then(|| headers.get_all(&X_FORWARDED_FOR_HEADER))
@@ -359,11 +363,11 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_for_appends_the_client() {
-        let client: IpAddr = "127.12.0.5".parse().expect("ip");
+    fn forwarded_for_appends_the_hop() {
+        let peer: IpAddr = "127.12.0.5".parse().expect("ip");
         let mut headers = http::HeaderMap::new();
         assert_eq!(
-            forwarded_for_chain(&UpstreamHeaders::from_client(&headers), client, true)
+            forwarded_for_chain(&UpstreamHeaders::from_client(&headers), peer, true)
                 .expect("value"),
             "127.12.0.5"
         );
@@ -373,7 +377,7 @@ mod tests {
             HeaderValue::from_static("10.0.0.2, 10.0.0.3"),
         );
         assert_eq!(
-            forwarded_for_chain(&UpstreamHeaders::from_client(&headers), client, true)
+            forwarded_for_chain(&UpstreamHeaders::from_client(&headers), peer, true)
                 .expect("value"),
             "10.0.0.1, 10.0.0.2, 10.0.0.3, 127.12.0.5"
         );
@@ -411,7 +415,7 @@ mod edge_owned {
 
     fn forwarding(trusted_peer: bool, rfc7239: bool) -> Forwarding<'static> {
         Forwarding {
-            client: "127.12.0.5".parse().expect("ip"),
+            peer: "127.12.0.5".parse().expect("ip"),
             scheme: "http",
             host: "static.example.test",
             trusted_peer,
@@ -460,7 +464,7 @@ mod edge_owned {
         );
         let mut upstream = UpstreamHeaders::new();
         let v6 = Forwarding {
-            client: "2001:db8::1".parse().expect("ip"),
+            peer: "2001:db8::1".parse().expect("ip"),
             host: "h.test:8443",
             ..forwarding(false, true)
         };

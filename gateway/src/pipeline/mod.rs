@@ -346,14 +346,7 @@ impl Pipeline {
                     Some(Lookup::Hit(served)) => return out.served(&served).await,
                     Some(Lookup::Stale { served, refresh }) => {
                         if let Some(ticket) = refresh {
-                            self.spawn_refresh(
-                                ticket,
-                                loaded,
-                                decision,
-                                &cache_view,
-                                client,
-                                *arrival,
-                            );
+                            self.spawn_refresh(ticket, loaded, decision, &cache_view, *arrival);
                         }
                         return out.served(&served).await;
                     }
@@ -395,7 +388,7 @@ impl Pipeline {
         forward::set_forwarding_headers(
             &mut headers,
             &forward::Forwarding {
-                client,
+                peer: arrival.peer,
                 scheme: arrival.scheme(),
                 host,
                 trusted_peer: is_trusted(snapshot, arrival.peer),
@@ -727,7 +720,6 @@ impl Pipeline {
         loaded: &Arc<Loaded>,
         decision: RouteDecision,
         request: &CacheRequest<'_>,
-        client: IpAddr,
         arrival: Arrival,
     ) {
         let Some(cache) = self.cache.clone() else {
@@ -740,7 +732,7 @@ impl Pipeline {
         forward::set_forwarding_headers(
             &mut headers,
             &forward::Forwarding {
-                client,
+                peer: arrival.peer,
                 scheme: arrival.scheme(),
                 host: request.host,
                 trusted_peer: is_trusted(&loaded.snapshot, arrival.peer),
