@@ -15,6 +15,8 @@ wait_port() {
 
 # User + system CPU ticks a process has used so far.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# User and system CPU ticks, apart: "USER SYSTEM".
+cpu_split() { awk '{print $14, $15}' "/proc/$1/stat"; }
 
 # Installs, from Debian's packages, every `command:package` pair whose command is missing (on PATH
 # or in /usr/sbin).

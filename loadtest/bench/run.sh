@@ -126,6 +126,7 @@ rm -f "$OUT"/*.json
 # --- origin --------------------------------------------------------------------------------------
 "$LOADTEST" origin --listen "127.0.0.1:$ORIGIN_PORT" --threads 1 --body-bytes 1024 >"$WORK/origin.log" 2>&1 &
 PIDS+=($!)
+ORIGIN_PID=$!
 wait_port "$ORIGIN_PORT"
 
 # --- NGINX: one worker, upstream keepalive; a second server block with proxy_cache ---------------
@@ -296,18 +297,27 @@ run_one() {
   local scenario=$1 proxy=$2 pid=$3 port=$4 round=$5
   shift 5
   local json="$OUT/$scenario.$proxy.r$round.json"
-  local before after
-  before=$(cpu_ticks "$pid")
+  local before after origin_before origin_after
+  # The proxy's and the origin's CPU (user and system apart); the generator reports its own.
+  before=$(cpu_split "$pid"); origin_before=$(cpu_split "$ORIGIN_PID")
   "$LOADTEST" "${SCHEME:-http}://127.0.0.1:$port$PATH_QUERY" --host bench.example.test --threads "$LOADGEN_THREADS" \
     --timeout 10s -q --json "$json" "$@" >"$WORK/last.txt"
-  after=$(cpu_ticks "$pid")
+  after=$(cpu_split "$pid"); origin_after=$(cpu_split "$ORIGIN_PID")
   local hz; hz=$(getconf CLK_TCK)
-  python3 - "$json" "$before" "$after" "$hz" "$(peak_rss_kb "$pid")" "$proxy" "$scenario" "$round" <<'PY'
+  python3 - "$json" "$before" "$after" "$hz" "$(peak_rss_kb "$pid")" "$proxy" "$scenario" "$round" \
+    "$origin_before" "$origin_after" <<'PY'
 import json, sys
-path, before, after, hz, rss, proxy, scenario, rnd = sys.argv[1:]
+path, before, after, hz, rss, proxy, scenario, rnd, o_before, o_after = sys.argv[1:]
+def spent(b, a):
+    (bu, bs), (au, as_) = map(int, b.split()), map(int, a.split())
+    return (au - bu) / int(hz), (as_ - bs) / int(hz)
+user, system = spent(before, after)
+o_user, o_system = spent(o_before, o_after)
 r = json.load(open(path))
 r["bench"] = {"proxy": proxy, "scenario": scenario, "round": int(rnd),
-              "cpu_s": (int(after) - int(before)) / int(hz), "peak_rss_kb": int(rss)}
+              "cpu_s": user + system, "cpu_user_s": user, "cpu_system_s": system,
+              "origin_cpu_user_s": o_user, "origin_cpu_system_s": o_system,
+              "peak_rss_kb": int(rss)}
 json.dump(r, open(path, "w"), indent=2)
 PY
   log "$scenario / $proxy / round $round: $(grep -E '^  (throughput|latency) ' "$WORK/last.txt" | tr -s ' ' | tr '\n' ';')"

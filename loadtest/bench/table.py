@@ -71,6 +71,61 @@ for scenario in scenarios:
         print(f"| {scenario} | {proxy} | {ratio(a['rps'], n['rps'])} | {ratio(a['p50'], n['p50'])} | "
               f"{ratio(a['p99'], n['p99'])} | {ratio(a['cpu10k'], n['cpu10k'])} | {ratio(a['rss'], n['rss'])} | "
               f"{a['failed']} | {vs_best} |")
+
+
+def budget(reports):
+    """CPU per answered request of the three processes that share the machine's cores, in seconds:
+    the proxy (user, system), the origin and the generator; None for reports written before run.sh
+    recorded them."""
+    b0 = reports[0]["bench"]
+    if "cpu_user_s" not in b0 or not reports[0].get("process_cpu_s"):
+        return None
+    responses = sum(r["requests"]["responses"] for r in reports)
+    if not responses:
+        return None
+    total = lambda f: sum(f(r) for r in reports) / responses
+    out = {
+        "user": total(lambda r: r["bench"]["cpu_user_s"]),
+        "system": total(lambda r: r["bench"]["cpu_system_s"]),
+        "origin": total(lambda r: r["bench"]["origin_cpu_user_s"] + r["bench"]["origin_cpu_system_s"]),
+        "generator": total(lambda r: r["process_cpu_s"]["user"] + r["process_cpu_s"]["system"]),
+        "busy": statistics.mean(
+            (r["bench"]["cpu_s"] + r["bench"]["origin_cpu_user_s"] + r["bench"]["origin_cpu_system_s"]
+             + r["process_cpu_s"]["user"] + r["process_cpu_s"]["system"]) / (int(cores) * r["elapsed_s"])
+            for r in reports),
+    }
+    out["machine"] = out["user"] + out["system"] + out["origin"] + out["generator"]
+    return out
+
+
+closed = [s for s in scenarios if s in ("get-1k", "get-64k", "post-16k") and (s, "nginx") in runs]
+if closed and budget(runs[(closed[0], "nginx")]):
+    print("\nWhere the machine's CPU goes: per answered request, the proxy's user and system time, the "
+          "origin's and the generator's CPU, and their sum (the machine), each relative to the same "
+          "scenario's NGINX run. In a closed loop on shared cores the machine's CPU per request bounds "
+          "requests/s, so a proxy's own CPU is only part of what it is measured by. `proxy share`: the "
+          "proxy's part of the machine's CPU per request. `busy`: CPU used by the three / (cores x "
+          "duration). `no proxy user time`: requests/s relative to NGINX that a proxy doing this one's "
+          "system work and none of its user-space work would reach if the machine's CPU is the bound "
+          "(NGINX's machine CPU / (this machine CPU - this proxy's user time)).\n")
+    print("| scenario | proxy | proxy user | proxy system | origin | generator | machine | proxy share | busy | no proxy user time |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for scenario in closed:
+        n = budget(runs[(scenario, "nginx")])
+        if not n:
+            continue
+        for proxy in ("nginx", "haproxy", "meridian", "meridian-base", "pingora"):
+            if (scenario, proxy) not in runs:
+                continue
+            a = budget(runs[(scenario, proxy)])
+            if not a:
+                continue
+            share = (a["user"] + a["system"]) / a["machine"]
+            print(f"| {scenario} | {proxy} | {ratio(a['user'], n['user'])} | {ratio(a['system'], n['system'])} | "
+                  f"{ratio(a['origin'], n['origin'])} | {ratio(a['generator'], n['generator'])} | "
+                  f"{ratio(a['machine'], n['machine'])} | {share:.0%} | {a['busy']:.0%} | "
+                  f"{ratio(n['machine'], a['machine'] - a['user'])} |")
+
 if ("cache-hit", "nginx-cache") in runs and ("cache-hit", "meridian-cache") in runs:
     c = agg(runs[("cache-hit", "nginx-cache")])
     m = agg(runs[("cache-hit", "meridian-cache")])

@@ -111,7 +111,22 @@ pub fn json(settings: &Settings, outcome: &Outcome) -> Value {
         "regions": stats.regions,
         "cache": stats.cache,
         "sse": sse,
+        "process_cpu_s": process_cpu_s(),
     })
+}
+
+/// The generator's own CPU time so far (user and system, all threads). On a machine whose cores
+/// the generator shares with the proxy and the origin, its CPU per request is part of the budget
+/// every proxy is measured within; `loadtest/bench/run.sh` puts it beside the others'.
+fn process_cpu_s() -> serde_json::Value {
+    use nix::sys::resource::{getrusage, UsageWho};
+    match getrusage(UsageWho::RUSAGE_SELF) {
+        Ok(usage) => {
+            let secs = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
+            json!({ "user": secs(usage.user_time()), "system": secs(usage.system_time()) })
+        }
+        Err(_) => serde_json::Value::Null,
+    }
 }
 
 /// `key=count` pairs (zero counts left out) joined by spaces; `-` when there are none.
