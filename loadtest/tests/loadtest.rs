@@ -102,6 +102,15 @@ fn closed_loop_counts_status_and_geo_are_exact() {
             "latency_ms lacks {q}"
         );
     }
+    // The generator's own CPU, for the side-by-side script's whole-machine budget: it sent 200
+    // requests, so some of it was spent.
+    let cpu = &report["process_cpu_s"];
+    let (user, system) = (cpu["user"].as_f64(), cpu["system"].as_f64());
+    assert!(
+        user.zip(system)
+            .is_some_and(|(u, s)| u >= 0.0 && s >= 0.0 && u + s > 0.0),
+        "process_cpu_s: {cpu}"
+    );
     assert_eq!(report["mode"], "closed");
     assert_eq!(report["protocol"], "h1");
     assert_eq!(u(&report, "/requests/issued"), 200);
