@@ -132,21 +132,7 @@ location = { lat = 50.1, lon = 8.68 }
 upstreams = [{ address = "127.0.0.1:$ORIGIN_PORT", weight = 1 }]
 [regions.health]
 enabled = false
-[[routes]]
-name = "bench"
-hosts = ["bench.example.test"]
-path_prefix = "/"
-kind = "api"
-regions = ["bench"]
-default_region = "bench"
-[[routes]]
-name = "bench-cache"
-hosts = ["bench.example.test"]
-path_prefix = "/cached"
-kind = "api"
-regions = ["bench"]
-default_region = "bench"
-cache = { enabled = true, default_ttl = "60s" }
+$(bench_routes)
 CONF
 
 # Runs one proxy under callgrind, counting only the measured requests: instructions per request.

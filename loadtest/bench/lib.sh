@@ -44,3 +44,27 @@ throwaway_tls() {
   openssl x509 -req -in "$dir/$leaf.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
     -days 2 -extfile "$dir/$leaf.ext" -out "$dir/$leaf.crt" 2>/dev/null
 }
+
+# The side-by-side scripts' Meridian routes, as TOML: `bench.example.test` to the region `bench`,
+# and the same under `/cached` with the response cache on (the cache-hit scenario; [edge.cache]
+# defaults). The scripts write the edge and the region around them.
+bench_routes() {
+  cat <<'TOML'
+[[routes]]
+name = "bench"
+hosts = ["bench.example.test"]
+path_prefix = "/"
+kind = "api"
+regions = ["bench"]
+default_region = "bench"
+
+[[routes]]
+name = "bench-cache"
+hosts = ["bench.example.test"]
+path_prefix = "/cached"
+kind = "api"
+regions = ["bench"]
+default_region = "bench"
+cache = { enabled = true, default_ttl = "60s" }
+TOML
+}

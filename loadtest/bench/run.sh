@@ -236,23 +236,7 @@ name = "bench"
 location = { lat = 50.1, lon = 8.68 }
 upstreams = [{ address = "127.0.0.1:$ORIGIN_PORT", weight = 1 }]
 
-[[routes]]
-name = "bench"
-hosts = ["bench.example.test"]
-path_prefix = "/"
-kind = "api"
-regions = ["bench"]
-default_region = "bench"
-
-# Cache-hit scenario: the same origin behind the response cache ([edge.cache] defaults).
-[[routes]]
-name = "bench-cache"
-hosts = ["bench.example.test"]
-path_prefix = "/cached"
-kind = "api"
-regions = ["bench"]
-default_region = "bench"
-cache = { enabled = true, default_ttl = "60s" }
+$(bench_routes)
 CONF
 "$MERIDIAN" config validate "$WORK/meridian.toml" >&2
 "$MERIDIAN" serve --config "$WORK/meridian.toml" >"$WORK/meridian.log" 2>&1 &
