@@ -224,12 +224,17 @@ fn standalone_dns_serves_metrics() {
     let reply = Message::from_vec(&buffer[..len]).expect("decode");
     assert!(!reply.answers.is_empty(), "{reply:?}");
 
-    let metrics = scrape("/metrics").expect("metrics");
-    assert!(
-        metrics
-            .contains(r#"meridian_dns_queries_total{qtype="A",rcode="NOERROR",transport="udp"} 1"#),
-        "{metrics}"
-    );
+    // A UDP worker publishes its counts within moments of answering: scrape until it has.
+    let counted = r#"meridian_dns_queries_total{qtype="A",rcode="NOERROR",transport="udp"} 1"#;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    let metrics = loop {
+        let metrics = scrape("/metrics").expect("metrics");
+        if metrics.contains(counted) || std::time::Instant::now() > deadline {
+            break metrics;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    };
+    assert!(metrics.contains(counted), "{metrics}");
     assert!(metrics.contains("meridian_pop_healthy{"), "{metrics}");
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])

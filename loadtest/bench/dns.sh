@@ -2,7 +2,8 @@
 # GeoDNS side by side: `meridian dns` vs gdnsd 3.8 (geoip plugin, city-auto mode) serving the same zone
 # from the same test-world MaxMind DB, measured with dnsperf and the same query file.
 # Prints the ratios meridian/gdnsd of queries/s and of average latency (same run, interleaved
-# rounds); writes loadtest/bench/results/dns.w<WORKERS>.md.
+# rounds), and where the machine's CPU goes per query (each server's user and system time, dnsperf's)
+# with what a server doing no user-space work could reach; writes loadtest/bench/results/dns.w<WORKERS>.md.
 #
 #   bash loadtest/bench/dns.sh                       # 10 s per run, 2 interleaved rounds, 2 workers
 #   WORKERS=1 DURATION=5 ROUNDS=1 bash loadtest/bench/dns.sh
@@ -290,9 +291,8 @@ run_one() {
   local before after client
   # CPU the server and dnsperf spent (user + system, all threads): on shared cores, every cycle the
   # server spends per query is one the load generator does not get.
-  before=$(cpu_ticks "$pid")
   local split_before perf_pid="" wrap=()
-  split_before=$(awk '{print $14, $15}' "/proc/$pid/stat")
+  split_before=$(cpu_split "$pid")
   if [ "$PERF" = 1 ]; then
     perf stat -x, -e "$PERF_EVENTS" -p "$pid" -o "$out.perf-server" &
     perf_pid=$!
@@ -301,7 +301,8 @@ run_one() {
   # shellcheck disable=SC2086
   client=$( { TIMEFORMAT='%U %S'; time "${wrap[@]}" dnsperf -s 127.0.0.1 -p "$port" -d "$WORK/queries.txt" -l "$DURATION" \
     -c "$CLIENTS" -q "$OUTSTANDING" ${SCEN_ARGS[$scen]} $PERF_EXTRA >"$out" 2>&1; } 2>&1 )
-  after=$(cpu_ticks "$pid")
+  local split_after
+  split_after=$(cpu_split "$pid")
   if [ -n "$perf_pid" ]; then
     kill -INT "$perf_pid"
     wait "$perf_pid" 2>/dev/null || true
@@ -311,20 +312,25 @@ run_one() {
   lost=$(awk '/Queries lost:/ {print $3}' "$out")
   latency=$(awk '/Average Latency/ {print $4}' "$out")
   completed=$(awk '/Queries completed:/ {print $3}' "$out")
-  local server_us client_us
-  server_us=$(awk -v t=$((after - before)) -v hz="$(getconf CLK_TCK)" -v n="${completed:-0}" \
-    'BEGIN { printf "%.2f", n ? t / hz * 1e6 / n : 0 }')
-  client_us=$(awk -v c="$client" -v n="${completed:-0}" \
-    'BEGIN { split(c, p, " "); printf "%.2f", n ? (p[1] + p[2]) * 1e6 / n : 0 }')
-  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scen" "$server" "$round" "$qps" "$lost" "$latency" \
-    "$server_us" "$client_us" >>"$RESULTS"
-  log "$scen / $server / round $round: $qps qps, average latency $latency s, lost $lost, CPU µs/query server $server_us dnsperf $client_us"
+  # Per answered query, in µs: the server's user and system time, and dnsperf's (user + system).
+  local server_user server_sys client_us
+  read -r server_user server_sys client_us < <(awk -v b="$split_before" -v a="$split_after" \
+    -v c="$client" -v hz="$(getconf CLK_TCK)" -v n="${completed:-0}" 'BEGIN {
+      split(b, sb, " "); split(a, sa, " "); split(c, p, " ")
+      if (!n) { print "0 0 0"; exit }
+      printf "%.2f %.2f %.2f\n", (sa[1] - sb[1]) / hz * 1e6 / n, (sa[2] - sb[2]) / hz * 1e6 / n,
+        (p[1] + p[2]) * 1e6 / n }')
+  local server_us
+  server_us=$(awk -v u="$server_user" -v s="$server_sys" 'BEGIN { printf "%.2f", u + s }')
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scen" "$server" "$round" "$qps" "$lost" "$latency" \
+    "$server_user" "$server_sys" "$client_us" >>"$RESULTS"
+  log "$scen / $server / round $round: $qps qps, average latency $latency s, lost $lost, CPU µs/query server $server_us (user $server_user) dnsperf $client_us"
   if [ "$PERF" = 1 ]; then
     # Per query: the server's user and system CPU, its context switches, its receive and send calls
     # (1 / calls = the average batch), and dnsperf's context switches.
     local perf_line
     perf_line=$(awk -v n="${completed:-0}" -v hz="$(getconf CLK_TCK)" -v sb="$split_before" \
-      -v sa="$(awk '{print $14, $15}' "/proc/$pid/stat")" -F, '
+      -v sa="$split_after" -F, '
       FNR == 1 { file++ }
       /^#/ || NF < 3 { next }
       file == 1 { server[$3] += $1 }
@@ -370,9 +376,11 @@ lat = collections.defaultdict(list)
 lost = collections.defaultdict(int)
 cpu = collections.defaultdict(list)
 for line in open(path):
-    scen, server, rnd, q, l, a, s_us, c_us = line.rstrip("\n").split("\t")
+    scen, server, rnd, q, l, a, s_user, s_sys, c_us = line.rstrip("\n").split("\t")
     qps[(scen, server)].append(float(q or 0))
-    cpu[(scen, server)].append((float(s_us or "nan"), float(c_us or "nan")))
+    # (server user + system, dnsperf, server user), µs per query
+    cpu[(scen, server)].append((float(s_user or "nan") + float(s_sys or "nan"), float(c_us or "nan"),
+                                float(s_user or "nan")))
     lat[(scen, server)].append(float(a or "nan"))
     lost[(scen, server)] += int((l or "0").split()[0])
 mean = lambda v: sum(v) / len(v) if v else float("nan")
@@ -391,6 +399,34 @@ for scen in ["plain", "resolver-kr", "ecs-de"]:
     mcpu = mean([c[0] for c in cpu[(scen, "meridian")]])
     gcpu = mean([c[0] for c in cpu[(scen, "gdnsd")]])
     print(f"| {scen}: {desc[scen]} | {ratio:.2f} | {lratio:.2f} | {mcpu:.2f} / {gcpu:.2f} | {lost[(scen, 'meridian')]} / {lost[(scen, 'gdnsd')]} |")
+print()
+print("Where the machine's CPU goes, µs per answered query (means over the rounds): the server's user and "
+      "system time, dnsperf's CPU, and their sum (the machine; nothing else runs). On shared cores the "
+      "machine's CPU per query bounds queries/s. `busy`: that CPU / (cores x run time). `no server user "
+      "time`: the meridian/gdnsd queries/s a server doing Meridian's system work and none of its user-space "
+      "work would reach, the machine as busy as in Meridian's runs (the measured ratio x Meridian's machine "
+      "/ (that machine - its user time)); `no server at all`: the same with the whole server free (the "
+      "measured ratio x Meridian's machine / dnsperf's CPU against it).")
+print()
+print("| scenario | server | user | system | dnsperf | machine | busy | no server user time | no server at all |")
+print("|---|---|---|---|---|---|---|---|---|")
+for scen in ["plain", "resolver-kr", "ecs-de"]:
+    rows = {}
+    for server in ("gdnsd", "meridian"):
+        c = cpu[(scen, server)]
+        if not c:
+            continue
+        user = mean([x[2] for x in c]); total = mean([x[0] for x in c]); client = mean([x[1] for x in c])
+        machine = total + client
+        busy = machine * mean(qps[(scen, server)]) / 1e6 / int(cpus)
+        rows[server] = (user, total - user, client, machine, busy)
+    if len(rows) < 2:
+        continue
+    measured = mean(qps[(scen, "meridian")]) / mean(qps[(scen, "gdnsd")])
+    for server, (user, system, client, machine, busy) in rows.items():
+        ceiling = f"{measured * machine / (machine - user):.2f}" if server == "meridian" else ""
+        free = f"{measured * machine / client:.2f}" if server == "meridian" else ""
+        print(f"| {scen} | {server} | {user:.2f} | {system:.2f} | {client:.2f} | {machine:.2f} | {busy:.0%} | {ceiling} | {free} |")
 print()
 print("raw qps and average latency per round (for the record, not a claim):")
 for (scen, server), v in sorted(qps.items()):

@@ -240,10 +240,19 @@ impl World {
     /// The edge records a request's metrics just after the response is written, so a scrape right
     /// after the reply can be a moment early.
     pub fn metric_eventually(&self, series: &str, expected: f64) -> Option<f64> {
+        self.metric_once(series, |value| value == expected)
+    }
+
+    /// The value of `series` once it is at least `least`, or its last value after a bounded wait.
+    pub fn metric_at_least(&self, series: &str, least: f64) -> Option<f64> {
+        self.metric_once(series, |value| value >= least)
+    }
+
+    fn metric_once(&self, series: &str, reached: impl Fn(f64) -> bool) -> Option<f64> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         loop {
             let value = metric_value(&self.metrics(), series);
-            if value == Some(expected) || std::time::Instant::now() > deadline {
+            if value.is_some_and(&reached) || std::time::Instant::now() > deadline {
                 return value;
             }
             std::thread::sleep(std::time::Duration::from_millis(5));

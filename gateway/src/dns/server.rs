@@ -408,11 +408,14 @@ pub(super) struct Scratch {
     /// Worker-local answer counters of each PoP of the serving version `answers_for`.
     answers: Vec<LocalIntCounter>,
     answers_for: u64,
+    /// Worker-local rate-limiting counters (slipped, dropped): a flood is when they count most.
+    held_back: Option<[LocalIntCounter; 2]>,
 }
 
 impl Scratch {
-    /// Publishes the local counts. Workers call it before sending what they counted, so a scrape
-    /// that follows an answer sees it.
+    /// Publishes the local counts: the TCP path after every answer, before sending it; a UDP
+    /// worker at most once a millisecond while busy and whenever it goes idle (its batches would
+    /// otherwise make every worker write the same shared counters once per batch).
     pub(super) fn flush(&mut self) {
         for (.., counter) in &self.counters.known {
             counter.flush();
@@ -423,6 +426,17 @@ impl Scratch {
         if let Some(duration) = &self.duration {
             duration.flush();
         }
+        for counter in self.held_back.iter().flatten() {
+            counter.flush();
+        }
+    }
+
+    /// Counts an answer that rate limiting slipped (sent empty with TC) or dropped.
+    pub(super) fn held_back(&mut self, metrics: &DnsMetrics, slipped: bool) {
+        let [slips, drops] = self.held_back.get_or_insert_with(|| {
+            ["slipped", "dropped"].map(|action| metrics.rrl.with_label_values(&[action]).local())
+        });
+        if slipped { slips } else { drops }.inc();
     }
 
     /// Readies the worker for a batch against `serving` at `now`: the answer cache is checked
