@@ -23,15 +23,8 @@ PROFDATA="$(command -v "llvm-profdata-$LLVM_MAJOR" || echo "/usr/lib/llvm-$LLVM_
 
 TARGET="${CARGO_TARGET_DIR:-$ROOT/target/pgo}"
 REQUESTS="${PGO_REQUESTS:-20000}"
-WORK="$(mktemp -d /tmp/meridian-pgo.XXXXXX)"
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
 source loadtest/bench/lib.sh
+bench_workdir meridian-pgo
 
 log "instrumented build"
 RUSTFLAGS="-Cprofile-generate=$WORK/profiles" CARGO_TARGET_DIR="$TARGET/instrumented" \

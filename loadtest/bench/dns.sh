@@ -33,15 +33,8 @@ DNSSEC="${DNSSEC:-0}"
 PERF="${PERF:-0}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 
-WORK="$(mktemp -d /tmp/meridian-dnsbench.XXXXXX)"
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
 source "$ROOT/loadtest/bench/lib.sh"
+bench_workdir meridian-dnsbench
 
 # --- tools ---------------------------------------------------------------------------------------
 missing=()

@@ -53,15 +53,8 @@ LONG_PORT=18112      # model server, 50 tokens 20 ms apart
 EDGE_PORT=18113
 EDGE_ADMIN_PORT=18114
 
-WORK="$(mktemp -d /tmp/meridian-infbench.XXXXXX)"
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
 source "$ROOT/loadtest/bench/lib.sh"
+bench_workdir meridian-infbench
 
 command -v cmake >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cmake >/dev/null; }
 if [ -n "${MERIDIAN_BIN:-}" ]; then

@@ -24,15 +24,8 @@ REQUESTS="${REQUESTS:-20000}"
 WARMUP=2000
 CONNECTIONS="${CONNECTIONS:-16}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
-WORK="$(mktemp -d /tmp/meridian-instr.XXXXXX)"
-PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
 source "$ROOT/loadtest/bench/lib.sh"
+bench_workdir meridian-instr
 
 ensure_tools valgrind:valgrind callgrind_control:valgrind nginx:nginx haproxy:haproxy
 NGINX="$(command -v nginx || echo /usr/sbin/nginx)"

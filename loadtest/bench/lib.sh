@@ -68,3 +68,16 @@ default_region = "bench"
 cache = { enabled = true, default_ttl = "60s" }
 TOML
 }
+
+# Makes a temporary work folder ($WORK, named after $1) and an empty $PIDS; on exit every process
+# whose pid the script added to $PIDS is stopped and the folder removed.
+bench_workdir() {
+  WORK="$(mktemp -d "/tmp/$1.XXXXXX")"
+  PIDS=()
+  trap bench_cleanup EXIT INT TERM
+}
+bench_cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$WORK"
+}

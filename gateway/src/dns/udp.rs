@@ -251,10 +251,10 @@ fn run(socket: &UdpSocket, shared: &Weak<Shared>, stop: &AtomicBool) {
         }
         drop(serving);
         scratch.observe(&shared.metrics, now.elapsed(), received);
-        let publish = now.saturating_duration_since(published) >= PUBLISH_EVERY;
-        if publish {
+        if now.saturating_duration_since(published) >= PUBLISH_EVERY {
             scratch.flush();
             published = now;
+            held = None;
         }
         sender.send(
             fd,
@@ -263,9 +263,6 @@ fn run(socket: &UdpSocket, shared: &Weak<Shared>, stop: &AtomicBool) {
             &destinations[..answers],
             &keys[..answers],
         );
-        if publish {
-            held = None;
-        }
     }
     scratch.flush();
 }
